@@ -1,0 +1,182 @@
+"""Model and MeteoRA hyper-parameters, and their construction from an HF `LlamaConfig`.
+
+The model modules take these frozen dataclasses (hashable, so Flax can hold them as attributes).
+User-facing configs are ml_collections files under `configs/`; `ModelConfig.from_config_dict`
+turns their `model` section into a `ModelConfig`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax.numpy as jnp
+
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+ALL_PROJECTIONS = ATTENTION_PROJECTIONS + MLP_PROJECTIONS
+
+REMAT_POLICIES = ("none", "full", "dots")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+class ConfigError(ValueError):
+    """A model configuration that cannot be built or does not match the weights."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """The llama3 `rope_scaling` variant (HF `rope_type="llama3"`)."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+
+@dataclasses.dataclass(frozen=True)
+class MeteoRAConfig:
+    """How many adapters each projection embeds and how tokens are routed to them.
+
+    num_adapters = 0 makes a plain LLaMA. `rank` is the padded (largest) rank of the adapters.
+    """
+
+    num_adapters: int = 0
+    rank: int = 8
+    top_k: int = 2
+    targets: tuple[str, ...] = ALL_PROJECTIONS
+    kernel_impl: str = "auto"
+
+    def __post_init__(self):
+        unknown = set(self.targets) - set(ALL_PROJECTIONS)
+        if unknown:
+            raise ConfigError(f"meteora.targets has unknown projections {sorted(unknown)}; known: {ALL_PROJECTIONS}")
+        if self.num_adapters < 0 or self.rank < 1:
+            raise ConfigError(f"meteora needs num_adapters >= 0 and rank >= 1, got {self.num_adapters}, {self.rank}")
+        if self.num_adapters and not 1 <= self.top_k <= self.num_adapters:
+            raise ConfigError(f"meteora.top_k={self.top_k} must be between 1 and num_adapters={self.num_adapters}")
+
+    def adapts(self, projection: str) -> bool:
+        return self.num_adapters > 0 and projection in self.targets
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """A LLaMA-architecture decoder with MeteoRA projections."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    dtype: str = "float32"  # compute dtype; softmax, norms and gate logits stay float32
+    param_dtype: str = "float32"  # storage of base weights and adapters; gates are always float32
+    remat: str = "none"  # "none" | "full" | "dots" (save matmul outputs)
+    meteora: MeteoRAConfig = MeteoRAConfig()
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if self.remat not in REMAT_POLICIES:
+            raise ConfigError(f"remat={self.remat!r}; choose one of {REMAT_POLICIES}")
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ConfigError(f"{name}={getattr(self, name)!r}; choose one of {tuple(DTYPES)}")
+
+    @property
+    def compute_dtype(self):
+        return DTYPES[self.dtype]
+
+    @property
+    def weight_dtype(self):
+        return DTYPES[self.param_dtype]
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict (stored in checkpoints)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "ModelConfig":
+        """Inverse of `to_dict`; also accepts an ml_collections `ConfigDict`. Unknown keys are errors."""
+        values = dict(values.to_dict() if hasattr(values, "to_dict") else values)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ConfigError(f"unknown model config keys {sorted(unknown)}; known: {sorted(known)}")
+        if values.get("rope_scaling"):
+            values["rope_scaling"] = RopeScaling(**dict(values["rope_scaling"]))
+        meteora = dict(values.get("meteora") or {})
+        unknown = set(meteora) - {f.name for f in dataclasses.fields(MeteoRAConfig)}
+        if unknown:
+            raise ConfigError(f"unknown model.meteora config keys {sorted(unknown)}")
+        if "targets" in meteora:
+            meteora["targets"] = tuple(meteora["targets"])
+        values["meteora"] = MeteoRAConfig(**meteora)
+        return cls(**values)
+
+    @classmethod
+    def from_hf(cls, hf_config, meteora: MeteoRAConfig = MeteoRAConfig(), **overrides) -> "ModelConfig":
+        """Maps a transformers `LlamaConfig` (or its dict) onto a `ModelConfig`.
+
+        Refuses configs that are not LLaMA-architecture: other model types, biased projections,
+        activations other than SiLU, and rope variants other than default/llama3.
+        """
+        hf = hf_config.to_dict() if hasattr(hf_config, "to_dict") else dict(hf_config)
+        model_type = hf.get("model_type")
+        if model_type != "llama":
+            raise ConfigError(f"model_type={model_type!r} is not supported; meteora-jax loads LLaMA-architecture models")
+        for flag in ("attention_bias", "mlp_bias"):
+            if hf.get(flag):
+                raise ConfigError(f"HF config has {flag}=True; LLaMA projections without bias are supported")
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ConfigError(f"hidden_act={hf.get('hidden_act')!r}; only 'silu' (SwiGLU) is supported")
+        rope_theta, rope_scaling = _rope_from_hf(hf)
+        num_heads = hf["num_attention_heads"]
+        values = dict(
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=num_heads,
+            num_kv_heads=hf.get("num_key_value_heads") or num_heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // num_heads,
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
+            max_position_embeddings=hf.get("max_position_embeddings", 2048),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            meteora=meteora,
+        )
+        values.update(overrides)
+        return cls(**values)
+
+
+def _rope_from_hf(hf: Mapping[str, Any]) -> tuple[float, RopeScaling | None]:
+    """Reads rope theta and scaling from either the transformers 4.x or 5.x config layout."""
+    params = dict(hf.get("rope_parameters") or {})  # transformers >= 5
+    legacy = dict(hf.get("rope_scaling") or {})  # transformers 4.x
+    params = {**legacy, **params}
+    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type in (None, "default"):
+        return float(theta), None
+    if rope_type != "llama3":
+        raise ConfigError(f"rope_type={rope_type!r} is not supported; supported: default, llama3")
+    return float(theta), RopeScaling(
+        factor=float(params["factor"]),
+        low_freq_factor=float(params["low_freq_factor"]),
+        high_freq_factor=float(params["high_freq_factor"]),
+        original_max_position_embeddings=int(params["original_max_position_embeddings"]),
+    )

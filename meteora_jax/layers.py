@@ -1,0 +1,274 @@
+"""Building blocks of the LLaMA decoder: RMSNorm, rotary embeddings, the MeteoRA projection,
+grouped-query attention with a KV cache, the SwiGLU MLP and one decoder layer.
+
+Every parameter carries logical axis names (`nn.with_logical_partitioning`); the rules that map
+them onto mesh axes live in `meteora_jax.sharding`, so sharding is configuration, not code.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from meteora_jax.config import ModelConfig, RopeScaling
+from meteora_jax.routing import Routing
+from pallas_kernels import grouped_lora
+
+# Logical axis names of each projection's kernel [d_in, d_out].
+PROJECTION_AXES = {
+    "q_proj": ("embed", "q_heads"),
+    "k_proj": ("embed", "kv_heads"),
+    "v_proj": ("embed", "kv_heads"),
+    "o_proj": ("q_heads", "embed"),
+    "gate_proj": ("embed", "mlp"),
+    "up_proj": ("embed", "mlp"),
+    "down_proj": ("mlp", "embed"),
+}
+
+_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)  # finite, so fully-masked rows stay NaN-free
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:  # x: [..., D]
+        scale = self.param(
+            "scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (x.shape[-1],), self.param_dtype
+        )
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        # As transformers: cast back to the input dtype before the scale.
+        return (scale.astype(self.dtype) * normed.astype(x.dtype)).astype(self.dtype)
+
+
+def rope_inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> np.ndarray:
+    """inv_freq [head_dim / 2] float32, with the llama3 frequency-dependent scaling if given."""
+    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+    if scaling is None:
+        return inv_freq.astype(np.float32)
+    old_len = scaling.original_max_position_embeddings
+    low_wavelen = old_len / scaling.low_freq_factor
+    high_wavelen = old_len / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    # Long wavelengths are stretched by `factor`, short ones kept, the band between interpolated.
+    scaled = np.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (old_len / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return np.where(is_medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rope(
+    x: jax.Array,  # [B, S, H, hd]
+    positions: jax.Array,  # [B, S] int
+    inv_freq: np.ndarray,  # [hd / 2]
+) -> jax.Array:  # [B, S, H, hd]
+    """Rotary embedding in the "rotate half" layout that HF LLaMA checkpoints use."""
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, S, hd/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    x32 = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+    return (x32 * cos + rotated * sin).astype(x.dtype)
+
+
+class MeteoRALinear(nn.Module):
+    """A frozen linear projection plus L routed low-rank adapters (DESIGN.md section 3).
+
+    y = x @ kernel + grouped_lora(x, lora_a, lora_b, lora_scaling, top_k(x @ gate))
+
+    With num_adapters = 0 it is a plain bias-free linear layer and returns no gate logits.
+    """
+
+    features: int
+    axes: tuple[str, str]  # logical names of [d_in, d_out]
+    num_adapters: int = 0
+    rank: int = 8
+    top_k: int = 2
+    kernel_impl: str = "auto"
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,  # [..., d_in]
+        routing: Routing,
+    ) -> tuple[jax.Array, Optional[jax.Array]]:  # y [..., d_out], gate_logits [..., L] float32 or None
+        d_in, in_axis, out_axis = x.shape[-1], self.axes[0], self.axes[1]
+        kernel = self.param(
+            "kernel",
+            nn.with_logical_partitioning(nn.initializers.lecun_normal(), self.axes),
+            (d_in, self.features),
+            self.param_dtype,
+        )
+        x = x.astype(self.dtype)
+        y = jnp.dot(x, kernel.astype(self.dtype))
+        if self.num_adapters == 0:
+            return y, None
+
+        L, r = self.num_adapters, self.rank
+        lora_a = self.param(
+            "lora_a",
+            nn.with_logical_partitioning(nn.initializers.normal(1.0 / math.sqrt(d_in)), ("adapters", in_axis, "lora_rank")),
+            (L, d_in, r),
+            self.param_dtype,
+        )
+        # Random (not zero) B so that a randomly initialised model exercises the adapters.
+        lora_b = self.param(
+            "lora_b",
+            nn.with_logical_partitioning(nn.initializers.normal(1.0 / math.sqrt(r)), ("adapters", "lora_rank", out_axis)),
+            (L, r, self.features),
+            self.param_dtype,
+        )
+        lora_scaling = self.param(
+            "lora_scaling", nn.with_logical_partitioning(nn.initializers.ones, ("adapters",)), (L,), jnp.float32
+        )
+        gate = self.param(
+            "gate",
+            nn.with_logical_partitioning(nn.initializers.lecun_normal(), (in_axis, "adapters")),
+            (d_in, L),
+            jnp.float32,
+        )
+        tokens = x.reshape(-1, d_in)  # [T, d_in]
+        gate_logits = jnp.dot(tokens.astype(jnp.float32), gate)  # [T, L], float32 as the loss needs
+        expert_idx, expert_weight = routing.select(gate_logits, self.top_k)
+        delta = grouped_lora(
+            tokens,
+            lora_a.astype(self.dtype),
+            lora_b.astype(self.dtype),
+            lora_scaling,
+            expert_idx,
+            expert_weight.astype(self.dtype),
+            impl=self.kernel_impl,
+        )
+        y = y + delta.reshape(y.shape).astype(y.dtype)
+        return y, gate_logits.reshape(*x.shape[:-1], L)
+
+
+def _projection(config: ModelConfig, name: str, features: int) -> MeteoRALinear:
+    meteora = config.meteora
+    return MeteoRALinear(
+        features=features,
+        axes=PROJECTION_AXES[name],
+        num_adapters=meteora.num_adapters if meteora.adapts(name) else 0,
+        rank=meteora.rank,
+        top_k=meteora.top_k,
+        kernel_impl=meteora.kernel_impl,
+        dtype=config.compute_dtype,
+        param_dtype=config.weight_dtype,
+        name=name,
+    )
+
+
+def attention_weights_mask(
+    query_slots: jax.Array,  # [S] int: cache slot of each query
+    key_valid: jax.Array,  # [B, S_kv] bool: the slot holds a real (non-padding) token
+) -> jax.Array:  # [B, 1, 1, S, S_kv] bool
+    """Causal (by slot) and padding mask for grouped-query attention scores."""
+    key_slots = jnp.arange(key_valid.shape[-1])
+    causal = key_slots[None, :] <= query_slots[:, None]  # [S, S_kv]
+    return (causal[None] & key_valid[:, None, :])[:, None, None]
+
+
+class Attention(nn.Module):
+    """Grouped-query attention (MHA when num_kv_heads == num_heads) with rotary embeddings."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,  # [B, S, D]
+        positions: jax.Array,  # [B, S]
+        query_slots: jax.Array,  # [S]
+        key_valid: jax.Array,  # [B, S_kv]
+        layer_cache: Optional[tuple[jax.Array, jax.Array]],  # k, v: [B, S_max, H_kv, hd]
+        cache_index: jax.Array,  # [] int32: first slot written by these tokens
+        routing: Routing,
+    ):
+        cfg = self.config
+        batch, seq, _ = x.shape
+        heads, kv_heads, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        gate_logits = {}
+
+        def project(name, inputs, features):
+            out, logits = _projection(cfg, name, features)(inputs, routing)
+            if logits is not None:
+                gate_logits[name] = logits
+            return out
+
+        q = project("q_proj", x, heads * hd).reshape(batch, seq, heads, hd)
+        k = project("k_proj", x, kv_heads * hd).reshape(batch, seq, kv_heads, hd)
+        v = project("v_proj", x, kv_heads * hd).reshape(batch, seq, kv_heads, hd)
+        inv_freq = rope_inverse_frequencies(hd, cfg.rope_theta, cfg.rope_scaling)
+        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+
+        new_cache = None
+        if layer_cache is not None:
+            k_cache, v_cache = layer_cache
+            start = (0, cache_index, 0, 0)
+            k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
+            v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
+            new_cache = (k, v)
+
+        groups = heads // kv_heads
+        q = q.reshape(batch, seq, kv_heads, groups, hd)
+        scores = jnp.einsum("bskgd,btkd->bkgst", q, k.astype(q.dtype), preferred_element_type=jnp.float32)
+        scores = scores / math.sqrt(hd)
+        scores = jnp.where(attention_weights_mask(query_slots, key_valid), scores, _MASK_VALUE)
+        probs = jax.nn.softmax(scores, axis=-1).astype(cfg.compute_dtype)
+        out = jnp.einsum("bkgst,btkd->bskgd", probs, v.astype(cfg.compute_dtype))
+        out = project("o_proj", out.reshape(batch, seq, heads * hd), cfg.hidden_size)
+        return out, new_cache, gate_logits
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, routing: Routing):  # x: [B, S, D]
+        cfg = self.config
+        gate_logits = {}
+
+        def project(name, inputs, features):
+            out, logits = _projection(cfg, name, features)(inputs, routing)
+            if logits is not None:
+                gate_logits[name] = logits
+            return out
+
+        hidden = jax.nn.silu(project("gate_proj", x, cfg.intermediate_size)) * project("up_proj", x, cfg.intermediate_size)
+        return project("down_proj", hidden, cfg.hidden_size), gate_logits
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm attention + pre-norm MLP with residuals. Shaped for `nn.scan`:
+    (carry=h, per-layer cache, broadcast inputs...) -> (h, (new per-layer cache, gate logits))."""
+
+    config: ModelConfig
+    collect_gate_logits: bool = True
+
+    @nn.compact
+    def __call__(self, h, layer_cache, positions, query_slots, key_valid, cache_index, routing):
+        cfg = self.config
+        norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, cfg.weight_dtype, name=name)
+        attn_out, new_cache, attn_logits = Attention(cfg, name="self_attn")(
+            norm("input_layernorm")(h), positions, query_slots, key_valid, layer_cache, cache_index, routing
+        )
+        h = h + attn_out
+        mlp_out, mlp_logits = MLP(cfg, name="mlp")(norm("post_attention_layernorm")(h), routing)
+        h = h + mlp_out
+        h = nn.with_logical_constraint(h, ("batch", "length", "embed"))
+        gate_logits = {**attn_logits, **mlp_logits} if self.collect_gate_logits else {}
+        return h, (new_cache, gate_logits)
