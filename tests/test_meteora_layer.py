@@ -1,0 +1,193 @@
+"""The MeteoRA layer against independent references.
+
+- Routing forced to adapter i equals transformers' LLaMA with W + s_i * A_i @ B_i merged into
+  every projection (fp32, relative error <= 1e-4).
+- Top-k / temperature routing equals a per-token numpy computation of the formula (<= 1e-5).
+- Zero-padding adapter ranks changes no output.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from meteora_jax import LlamaForCausalLM, MeteoRAConfig, ModelConfig, Routing, init_params
+from meteora_jax.config import ConfigError
+from meteora_jax.layers import MeteoRALinear
+from torch_reference import hf_logits, merged_hf_model, relative_error
+
+
+def _tiny_config(num_adapters=3, rank=4, top_k=2, targets=None, tie=False):
+    meteora = MeteoRAConfig(num_adapters=num_adapters, rank=rank, top_k=top_k)
+    if targets is not None:
+        meteora = MeteoRAConfig(num_adapters=num_adapters, rank=rank, top_k=top_k, targets=targets)
+    return ModelConfig(
+        vocab_size=97,
+        hidden_size=48,
+        intermediate_size=80,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=12,
+        tie_word_embeddings=tie,
+        meteora=meteora,
+    )
+
+
+def _randomise_scalings(params, rng):
+    """Scalings differ per layer and adapter, as converted PEFT adapters do (alpha / r varies)."""
+
+    def visit(tree):
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                visit(value)
+            elif key == "lora_scaling":
+                tree[key] = jnp.asarray(rng.uniform(0.5, 2.0, value.shape), jnp.float32)
+
+    visit(params)
+    return params
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+@pytest.mark.parametrize("targets", [None, ("q_proj", "v_proj", "down_proj")], ids=["all7", "subset"])
+def test_forced_adapter_equals_merged_weights(top_k, targets):
+    seed = int(np.random.SeedSequence().entropy % 2**31)
+    rng = np.random.default_rng(seed)
+    config = _tiny_config(top_k=top_k, targets=targets)
+    params = _randomise_scalings(jax.tree.map(np.asarray, init_params(config, jax.random.key(seed))), rng)
+    ids = rng.integers(0, config.vocab_size, (2, 11))
+    model = LlamaForCausalLM(config)
+    for adapter in range(config.meteora.num_adapters):
+        got = model.apply({"params": params}, jnp.asarray(ids), routing=Routing.force_adapter(adapter, 3)).logits
+        want = hf_logits(merged_hf_model(config, params, np.eye(3)[adapter]), ids)
+        err = relative_error(got, want)
+        assert err <= 1e-4, f"seed={seed} adapter={adapter}: relative error {err:.2e}"
+    # Sanity: the adapters matter, so the test above could fail.
+    base = hf_logits(merged_hf_model(config, params, None), ids)
+    assert relative_error(got, base) > 1e-2
+
+
+def test_forced_mixture_equals_weighted_merge():
+    rng = np.random.default_rng(7)
+    config = _tiny_config()
+    params = jax.tree.map(np.asarray, init_params(config, jax.random.key(7)))
+    ids = rng.integers(0, config.vocab_size, (2, 9))
+    mixture = np.array([0.3, 0.0, 0.7], np.float32)
+    got = LlamaForCausalLM(config).apply(
+        {"params": params}, jnp.asarray(ids), routing=Routing(forced_weights=jnp.asarray(mixture))
+    ).logits
+    want = hf_logits(merged_hf_model(config, params, mixture), ids)
+    assert relative_error(got, want) <= 1e-4
+
+
+def _layer_reference(x, kernel, lora_a, lora_b, lora_scaling, gate, top_k, temperature):
+    """Per-token numpy evaluation of DESIGN.md section 3, in float64."""
+    x, kernel, lora_a, lora_b, scaling, gate = (
+        np.asarray(a, np.float64) for a in (x, kernel, lora_a, lora_b, lora_scaling, gate)
+    )
+    out = x @ kernel
+    for t in range(x.shape[0]):
+        logits = x[t] @ gate
+        chosen = np.argsort(-logits, kind="stable")[:top_k]
+        weights = np.exp((logits[chosen] - logits[chosen].max()) / temperature)
+        weights /= weights.sum()
+        for e, w in zip(chosen, weights):
+            out[t] += w * scaling[e] * (x[t] @ lora_a[e]) @ lora_b[e]
+    return out
+
+
+@pytest.mark.parametrize("top_k,temperature", [(1, 1.0), (2, 1.0), (2, 15.0), (4, 3.0)])
+def test_routing_matches_hand_computation(top_k, temperature):
+    seed = int(np.random.SeedSequence().entropy % 2**31)
+    rng = np.random.default_rng(seed)
+    d_in, d_out, num_adapters, rank, tokens = 24, 40, 5, 6, 17
+    layer = MeteoRALinear(features=d_out, axes=("embed", "mlp"), num_adapters=num_adapters, rank=rank, top_k=top_k)
+    x = rng.normal(size=(tokens, d_in)).astype(np.float32)
+    params = {
+        "kernel": rng.normal(size=(d_in, d_out)).astype(np.float32) / 5,
+        "lora_a": rng.normal(size=(num_adapters, d_in, rank)).astype(np.float32) / 5,
+        "lora_b": rng.normal(size=(num_adapters, rank, d_out)).astype(np.float32) / 5,
+        "lora_scaling": rng.uniform(0.5, 2, num_adapters).astype(np.float32),
+        "gate": rng.normal(size=(d_in, num_adapters)).astype(np.float32),
+    }
+    y, gate_logits = layer.apply({"params": params}, jnp.asarray(x), Routing(temperature=temperature))
+    want = _layer_reference(x, top_k=top_k, temperature=temperature, **params)
+    err = relative_error(y, want)
+    assert err <= 1e-5, f"seed={seed}: relative error {err:.2e}"
+    np.testing.assert_allclose(gate_logits, x.astype(np.float64) @ params["gate"], rtol=1e-5, atol=1e-5)
+
+
+def test_k1_weight_is_one():
+    """k = 1: the chosen adapter's delta enters with weight exactly 1, whatever the temperature."""
+    rng = np.random.default_rng(0)
+    layer = MeteoRALinear(features=8, axes=("embed", "mlp"), num_adapters=3, rank=2, top_k=1)
+    x = jnp.asarray(rng.normal(size=(5, 6)), jnp.float32)
+    variables = layer.init(jax.random.key(0), x, Routing())
+    y_cold, _ = layer.apply(variables, x, Routing(temperature=0.01))
+    y_hot, _ = layer.apply(variables, x, Routing(temperature=100.0))
+    np.testing.assert_array_equal(y_cold, y_hot)
+
+
+def test_zero_padded_ranks_change_nothing():
+    rng = np.random.default_rng(11)
+    config = _tiny_config(rank=3)
+    params = jax.tree.map(np.asarray, init_params(config, jax.random.key(11)))
+    padded_config = config.replace(meteora=MeteoRAConfig(num_adapters=3, rank=8, top_k=2))
+
+    def pad(tree):
+        out = {}
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                out[key] = pad(value)
+            elif key == "lora_a":
+                out[key] = np.pad(value, [(0, 0)] * 3 + [(0, 5)])
+            elif key == "lora_b":
+                out[key] = np.pad(value, [(0, 0), (0, 0), (0, 5), (0, 0)])
+            else:
+                out[key] = value
+        return out
+
+    ids = jnp.asarray(rng.integers(0, config.vocab_size, (2, 10)))
+    want = LlamaForCausalLM(config).apply({"params": params}, ids)
+    got = LlamaForCausalLM(padded_config).apply({"params": pad(params)}, ids)
+    # Only float reassociation differs (the rank reduction is longer): fp32 rounding level.
+    assert relative_error(got.logits, want.logits) <= 1e-6
+    for name in want.gate_logits:
+        np.testing.assert_allclose(got.gate_logits[name], want.gate_logits[name], rtol=1e-5, atol=1e-5)
+
+
+def test_gate_logits_shapes_and_untargeted_projections():
+    config = _tiny_config(targets=("q_proj", "up_proj"))
+    params = init_params(config, jax.random.key(0))
+    assert "gate" not in params["layers"]["self_attn"]["k_proj"]
+    out = LlamaForCausalLM(config).apply({"params": params}, jnp.zeros((2, 5), jnp.int32) + 3)
+    assert set(out.gate_logits) == {"q_proj", "up_proj"}
+    assert out.gate_logits["q_proj"].shape == (config.num_layers, 2, 5, 3)
+    assert out.gate_logits["q_proj"].dtype == jnp.float32
+
+
+def test_no_adapters_is_plain_llama():
+    config = _tiny_config(num_adapters=0)
+    params = jax.tree.map(np.asarray, init_params(config, jax.random.key(4)))
+    assert all("lora_a" not in leaves for leaves in params["layers"]["mlp"].values())
+    ids = np.random.default_rng(4).integers(0, config.vocab_size, (2, 6))
+    got = LlamaForCausalLM(config).apply({"params": params}, jnp.asarray(ids)).logits
+    assert relative_error(got, hf_logits(merged_hf_model(config, params), ids)) <= 1e-4
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(num_adapters=2, top_k=3), "top_k=3"),
+        (dict(num_adapters=2, targets=("q_proj", "qkv")), "unknown projections"),
+        (dict(num_adapters=2, rank=0), "rank >= 1"),
+    ],
+)
+def test_bad_meteora_config(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        MeteoRAConfig(**kwargs)
+
+
+def test_unknown_config_key():
+    with pytest.raises(ConfigError, match="unknown model config keys"):
+        ModelConfig.from_dict({"vocab_size": 10, "hiden_size": 4})
