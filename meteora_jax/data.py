@@ -1,0 +1,559 @@
+"""Task datasets for gate training: JSONL files -> tokenised arrays -> balanced, resumable batches.
+
+Layout (DESIGN.md section 6)::
+
+    <root>/<task>/train.jsonl   one {"prompt": str, "response": str} per line
+    <root>/<task>/test.jsonl
+
+Tasks are matched to adapters by name and indexed in the adapter order of the checkpoint metadata,
+so `gate_labels` is the index of the task's adapter in that list.
+
+Per example, every array has the fixed sequence length S (right padding):
+
+    input_ids      [S] int32  tokens, then pad_token_id (eos if the tokenizer has no pad)
+    lm_labels      [S] int32  = input_ids (the loss shifts: logits[:, :-1] predict lm_labels[:, 1:])
+    lm_mask        [S] int32  1 where a token is an LM target: response (+ its end token) only, or
+                              prompt + response with `lm_on_prompt=True` (as the original)
+    gate_labels    [S] int32  the adapter index of the example's task, on every position
+    gate_mask      [S] int32  1 on every non-padding token
+    attention_mask [S] int32  1 on every non-padding token
+
+Validation (file, line, field; missing folders; empty files) happens before any tokenisation, and
+every problem is a `DataError`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import datasets
+import numpy as np
+
+__all__ = [
+    "ARRAY_KEYS",
+    "COMPOSITE_SEPARATOR",
+    "BalancedBatchIterator",
+    "DataError",
+    "build_composite",
+    "encode_example",
+    "eval_batches",
+    "find_task_dirs",
+    "load_task_datasets",
+    "read_composite_jsonl",
+    "read_jsonl",
+    "tokenize_records",
+    "write_jsonl",
+]
+
+ARRAY_KEYS = ("input_ids", "lm_labels", "lm_mask", "gate_labels", "gate_mask", "attention_mask")
+COMPOSITE_SEPARATOR = "@@@@\n"  # between sub-answers of a composite sample (DESIGN.md section 6)
+_MIXING = ("round_robin", "uniform")
+
+
+class DataError(ValueError):
+    """Bad task data or data settings: raised before any heavy work, with file/line where known."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading and validating JSONL
+
+
+def read_jsonl(
+    path: str | os.PathLike,
+    *,
+    extra_fields: Mapping[str, type] | None = None,
+    check: Callable[[dict], str | None] | None = None,
+) -> list[dict]:
+    """Reads `{"prompt": str, "response": str}` lines, validating each one.
+
+    `extra_fields` names further required fields and their types (e.g. `{"tasks": list}` for
+    composite files); `check(record)` may return a further complaint about a record.
+    Blank lines are skipped. Unknown fields are kept.
+    Raises `DataError` naming the file and the 1-based line number of the first bad line, and for
+    a file without any record.
+    """
+    path = os.fspath(path)
+    required = {"prompt": str, "response": str, **(extra_fields or {})}
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file")
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            for field, typ in required.items():
+                if field not in obj:
+                    raise DataError(f"{path}:{lineno}: missing field {field!r}")
+                if not isinstance(obj[field], typ):
+                    raise DataError(
+                        f"{path}:{lineno}: field {field!r} must be {typ.__name__}, "
+                        f"got {type(obj[field]).__name__}"
+                    )
+            problem = check(obj) if check is not None else None
+            if problem:
+                raise DataError(f"{path}:{lineno}: {problem}")
+            records.append(obj)
+    if not records:
+        raise DataError(f"{path}: empty dataset (no records)")
+    return records
+
+
+def write_jsonl(path: str | os.PathLike, records: Sequence[Mapping[str, Any]]) -> None:
+    """Writes one JSON object per line (UTF-8, non-ASCII kept as is)."""
+    with open(path, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def find_task_dirs(
+    root: str | os.PathLike, adapter_names: Sequence[str], *, split: str = "train"
+) -> dict[str, str]:
+    """Matches `<root>/<task>/<split>.jsonl` files to adapters.
+
+    Returns {task: path} in adapter order (only adapters that have a task folder). A task folder
+    with no adapter of that name is an error (its gate label would not exist); an adapter without a
+    task folder is a warning (its gate just gets no training signal).
+    """
+    root = os.fspath(root)
+    if not os.path.isdir(root):
+        raise DataError(f"task data root {root!r} is not a folder")
+    if len(set(adapter_names)) != len(adapter_names):
+        raise DataError(f"adapter names are not unique: {list(adapter_names)}")
+    folders = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
+    if not folders:
+        raise DataError(f"task data root {root!r} holds no task folders")
+    unknown = [d for d in folders if d not in adapter_names]
+    if unknown:
+        raise DataError(
+            f"task folder(s) {unknown} in {root!r} match no adapter; adapters are {list(adapter_names)}"
+        )
+    missing = [a for a in adapter_names if a not in folders]
+    if missing:
+        warnings.warn(f"adapter(s) {missing} have no task folder in {root!r}; their gates get no data")
+    out = {}
+    for name in adapter_names:
+        if name not in folders:
+            continue
+        path = os.path.join(root, name, f"{split}.jsonl")
+        if not os.path.isfile(path):
+            raise DataError(f"task folder {os.path.join(root, name)!r} has no {split}.jsonl")
+        out[name] = path
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenisation
+
+
+def _pad_id(tokenizer) -> int:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise DataError("tokenizer has neither a pad nor an eos token: cannot pad")
+    return int(pad)
+
+
+def _adds_bos(tokenizer) -> bool:
+    # "As appropriate": follow what the tokenizer itself does with special tokens on (LLaMA adds
+    # BOS, SmolLM2/Qwen do not).
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return len(ids) > 0 and ids[0] == bos
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _render(tokenizer, messages, **kwargs) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+
+
+def _encode_chat(tokenizer, prompt: str, response: str) -> tuple[list[int], int]:
+    """Returns (ids, n_prompt): the chat-formatted pair and how many leading tokens are prompt."""
+    user = [{"role": "user", "content": prompt}]
+    full = _render(tokenizer, user + [{"role": "assistant", "content": response}])
+    head = _render(tokenizer, user, add_generation_prompt=True)
+    if full.startswith(head):
+        boundary = len(head)
+    else:  # templates that rewrite earlier turns: find the response text itself
+        boundary = full.rfind(response)
+        if not response or boundary < 0:
+            raise DataError("chat template output starts neither with the prompt turn nor holds the response")
+    # The rendered text carries the template's special tokens already: no extra BOS/EOS.
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+        ids = list(enc["input_ids"])
+        # A token counts as response if any of its characters lies past the boundary.
+        n_prompt = sum(1 for _, end in enc["offset_mapping"] if end <= boundary)
+        return ids, n_prompt
+    ids, head_ids = _ids(tokenizer, full), _ids(tokenizer, full[:boundary])
+    if ids[: len(head_ids)] != head_ids:
+        raise DataError("prompt tokens are not a prefix of prompt+response tokens; use a fast tokenizer")
+    return ids, len(head_ids)
+
+
+def encode_example(
+    tokenizer,
+    prompt: str,
+    response: str,
+    *,
+    seq_len: int,
+    task_index: int,
+    chat_template: bool = False,
+    lm_on_prompt: bool = False,
+    add_bos: bool | None = None,
+) -> tuple[dict[str, np.ndarray], bool]:
+    """Tokenises one pair into the fixed-length arrays of the module docstring.
+
+    Without a chat template: [BOS if the tokenizer adds one] + prompt + response + [EOS], prompt
+    and response tokenised separately so the boundary is exact. With one: the template applied to
+    a user turn (prompt) and an assistant turn (response), as rendered. `add_bos=None` follows
+    the tokenizer's own habit (checked once per call; pass it when encoding many examples).
+    Returns (arrays each [S], truncated).
+    """
+    if chat_template:
+        ids, n_prompt = _encode_chat(tokenizer, prompt, response)
+    else:
+        if add_bos is None:
+            add_bos = _adds_bos(tokenizer)
+        head = [tokenizer.bos_token_id] if add_bos else []
+        p, r = _ids(tokenizer, prompt), _ids(tokenizer, response)
+        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        ids, n_prompt = head + p + r + eos, len(head) + len(p)
+    return _to_arrays(ids, n_prompt, _pad_id(tokenizer), seq_len, task_index, lm_on_prompt)
+
+
+def _to_arrays(ids, n_prompt, pad_id, seq_len, task_index, lm_on_prompt):
+    truncated = len(ids) > seq_len
+    ids = ids[:seq_len]  # keep the start: the prompt decides the task
+    n = len(ids)
+    input_ids = np.full(seq_len, pad_id, np.int32)
+    input_ids[:n] = ids
+    valid = np.zeros(seq_len, np.int32)
+    valid[:n] = 1
+    lm_mask = valid.copy()
+    if not lm_on_prompt:
+        lm_mask[: min(n_prompt, n)] = 0
+    arrays = {
+        "input_ids": input_ids,
+        "lm_labels": input_ids.copy(),
+        "lm_mask": lm_mask,
+        "gate_labels": np.full(seq_len, task_index, np.int32),
+        "gate_mask": valid,
+        "attention_mask": valid.copy(),
+    }
+    return arrays, truncated
+
+
+def _check_tokenizer(tokenizer, chat_template: bool, seq_len: int) -> None:
+    if seq_len < 2:
+        raise DataError(f"seq_len={seq_len}: need at least 2 tokens for a next-token loss")
+    _pad_id(tokenizer)
+    if chat_template and not getattr(tokenizer, "chat_template", None):
+        raise DataError("chat_template=True but the tokenizer has no chat template")
+    if not chat_template and tokenizer.eos_token_id is None:
+        raise DataError("tokenizer has no eos token: responses would have no end")
+
+
+def _fingerprint(*parts: Any) -> str:
+    # Passed to `datasets` so it never tries to hash the tokenizer object (slow, and noisy).
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(repr(p).encode())
+    return h.hexdigest()[:32]
+
+
+def tokenize_records(
+    records: Sequence[Mapping[str, str]],
+    tokenizer,
+    *,
+    seq_len: int,
+    task_index: int,
+    chat_template: bool = False,
+    lm_on_prompt: bool = False,
+) -> tuple[datasets.Dataset, int]:
+    """Validated records -> (`datasets.Dataset` of the ARRAY_KEYS columns, each [S]; n truncated)."""
+    _check_tokenizer(tokenizer, chat_template, seq_len)
+    if not records:
+        raise DataError("empty dataset (no records)")
+    kw = dict(
+        seq_len=seq_len,
+        task_index=task_index,
+        chat_template=chat_template,
+        lm_on_prompt=lm_on_prompt,
+        add_bos=_adds_bos(tokenizer),
+    )
+
+    def encode(batch):
+        out = {k: [] for k in (*ARRAY_KEYS, "truncated")}
+        for prompt, response in zip(batch["prompt"], batch["response"]):
+            arrays, truncated = encode_example(tokenizer, prompt, response, **kw)
+            for k, v in arrays.items():
+                out[k].append(v)
+            out["truncated"].append(truncated)
+        return out
+
+    ds = datasets.Dataset.from_list([{"prompt": r["prompt"], "response": r["response"]} for r in records])
+    fp = _fingerprint(
+        [(r["prompt"], r["response"]) for r in records],
+        getattr(tokenizer, "name_or_path", ""),
+        len(tokenizer),
+        getattr(tokenizer, "chat_template", None),
+        sorted(kw.items()),
+    )
+    features = datasets.Features(
+        {k: datasets.List(datasets.Value("int32"), length=seq_len) for k in ARRAY_KEYS}
+        | {"truncated": datasets.Value("bool")}
+    )
+    ds = ds.map(encode, batched=True, remove_columns=["prompt", "response"], features=features, new_fingerprint=fp)
+    n_truncated = int(sum(ds["truncated"]))
+    ds = ds.remove_columns("truncated").with_format("numpy", dtype=np.int32)
+    return ds, n_truncated
+
+
+def load_task_datasets(
+    root: str | os.PathLike,
+    adapter_names: Sequence[str],
+    tokenizer,
+    *,
+    split: str = "train",
+    seq_len: int,
+    chat_template: bool = False,
+    lm_on_prompt: bool = False,
+) -> dict[str, datasets.Dataset]:
+    """`<root>/<task>/<split>.jsonl` for every adapter -> {task: Dataset}, in adapter order.
+
+    Each Dataset has the ARRAY_KEYS columns as numpy [S] int32 rows; `gate_labels` holds the index
+    of the task in `adapter_names`. All files are validated before any tokenisation. Truncation to
+    `seq_len` is reported once, as a warning with counts per task.
+    """
+    _check_tokenizer(tokenizer, chat_template, seq_len)
+    paths = find_task_dirs(root, adapter_names, split=split)
+    records = {task: read_jsonl(path) for task, path in paths.items()}  # all validated first
+    out, truncated = {}, {}
+    for task, recs in records.items():
+        out[task], n = tokenize_records(
+            recs,
+            tokenizer,
+            seq_len=seq_len,
+            task_index=list(adapter_names).index(task),
+            chat_template=chat_template,
+            lm_on_prompt=lm_on_prompt,
+        )
+        if n:
+            truncated[task] = n
+    if truncated:
+        total = sum(len(r) for r in records.values())
+        warnings.warn(
+            f"{sum(truncated.values())} of {total} {split} examples longer than seq_len={seq_len} "
+            f"were truncated (per task: {truncated})"
+        )
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Batching
+
+
+def _as_task_list(task_datasets) -> list[datasets.Dataset]:
+    items = list(task_datasets.values()) if isinstance(task_datasets, Mapping) else list(task_datasets)
+    if not items:
+        raise DataError("no task datasets to batch from")
+    for i, ds in enumerate(items):
+        if len(ds) == 0:
+            raise DataError(f"task dataset {i} is empty")
+        missing = [k for k in ARRAY_KEYS if k not in ds.column_names]
+        if missing:
+            raise DataError(f"task dataset {i} lacks columns {missing}")
+    return [ds.with_format("numpy", dtype=np.int32) for ds in items]
+
+
+class BalancedBatchIterator:
+    """Endless batches `{key: np.ndarray [B, S]}` mixing tasks evenly, resumable exactly.
+
+    Task of each row (`mixing`):
+      - "round_robin" (default): row r of batch b takes task (b * B + r) % T, so every task gets
+        the same number of rows, whatever the dataset sizes (small tasks are repeated more often).
+      - "uniform": each row's task is drawn uniformly at random (seeded by (seed, b)).
+    Within a task, examples follow a permutation seeded by (seed, task, epoch); when a task runs
+    out, its epoch advances and it is reshuffled. Everything random is derived from plain ints, so
+    `state_dict()` (step, cursors, epochs) is all that resume needs.
+    """
+
+    def __init__(self, task_datasets, batch_size: int, *, seed: int = 0, mixing: str = "round_robin"):
+        if batch_size < 1:
+            raise DataError(f"batch_size={batch_size} must be >= 1")
+        if mixing not in _MIXING:
+            raise DataError(f"mixing={mixing!r} must be one of {_MIXING}")
+        self._data = _as_task_list(task_datasets)
+        self.task_names = list(task_datasets) if isinstance(task_datasets, Mapping) else None
+        self.batch_size, self.seed, self.mixing = int(batch_size), int(seed), mixing
+        self._sizes = [len(ds) for ds in self._data]
+        self._step = 0
+        self._cursors = [0] * len(self._data)
+        self._epochs = [0] * len(self._data)
+        self._perm_cache: dict[int, tuple[int, np.ndarray]] = {}
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return self
+
+    def _perm(self, t: int) -> np.ndarray:
+        epoch = self._epochs[t]
+        cached = self._perm_cache.get(t)
+        if cached is None or cached[0] != epoch:
+            perm = np.random.default_rng((self.seed, 0, t, epoch)).permutation(self._sizes[t])
+            self._perm_cache[t] = cached = (epoch, perm)
+        return cached[1]
+
+    def _row_tasks(self, step: int) -> np.ndarray:
+        n_tasks, b = len(self._data), self.batch_size
+        if self.mixing == "round_robin":
+            return (step * b + np.arange(b)) % n_tasks
+        return np.random.default_rng((self.seed, 1, step)).integers(0, n_tasks, size=b)
+
+    def _take(self, t: int, k: int) -> np.ndarray:
+        out = []
+        while k > 0:
+            if self._cursors[t] == self._sizes[t]:
+                self._cursors[t], self._epochs[t] = 0, self._epochs[t] + 1
+            c = self._cursors[t]
+            n = min(k, self._sizes[t] - c)
+            out.append(self._perm(t)[c : c + n])
+            self._cursors[t], k = c + n, k - n
+        return np.concatenate(out)
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        row_tasks = self._row_tasks(self._step)
+        batch = None
+        for t in np.unique(row_tasks):
+            rows = np.nonzero(row_tasks == t)[0]
+            idx = self._take(int(t), len(rows))
+            part = self._data[t][idx.tolist()]
+            if batch is None:
+                seq_len = part["input_ids"].shape[1]
+                batch = {k: np.zeros((self.batch_size, seq_len), np.int32) for k in ARRAY_KEYS}
+            for k in ARRAY_KEYS:
+                batch[k][rows] = part[k]
+        self._step += 1
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain ints (JSON-serialisable): everything needed to continue exactly from here."""
+        return {
+            "step": self._step,
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+            "cursors": list(self._cursors),
+            "epochs": list(self._epochs),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restores a position saved by `state_dict()` on an iterator over the same data."""
+        if int(state["seed"]) != self.seed or int(state["batch_size"]) != self.batch_size:
+            raise DataError(
+                f"data state was saved with seed={state['seed']}, batch_size={state['batch_size']}; "
+                f"this iterator has seed={self.seed}, batch_size={self.batch_size}"
+            )
+        cursors, epochs = [int(c) for c in state["cursors"]], [int(e) for e in state["epochs"]]
+        if len(cursors) != len(self._data) or len(epochs) != len(self._data):
+            raise DataError(f"data state has {len(cursors)} tasks, this iterator {len(self._data)}")
+        for t, c in enumerate(cursors):
+            if not 0 <= c <= self._sizes[t]:
+                raise DataError(f"data state cursor {c} out of range for task {t} of size {self._sizes[t]}")
+        self._step, self._cursors, self._epochs = int(state["step"]), cursors, epochs
+
+
+def eval_batches(task_datasets, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    """Every example once, tasks in order, as fixed-shape batches [B, S].
+
+    The last batch is filled with padding rows (all masks 0) so a jitted step sees one shape.
+    """
+    data = _as_task_list(task_datasets)
+    buf: dict[str, list[np.ndarray]] = {k: [] for k in ARRAY_KEYS}
+    n_buf = 0
+    for ds in data:
+        for start in range(0, len(ds), batch_size):
+            part = ds[start : start + batch_size]
+            for k in ARRAY_KEYS:
+                buf[k].append(part[k])
+            n_buf += len(part["input_ids"])
+            while n_buf >= batch_size:
+                cat = {k: np.concatenate(v) for k, v in buf.items()}
+                yield {k: v[:batch_size] for k, v in cat.items()}
+                buf = {k: [v[batch_size:]] for k, v in cat.items()}
+                n_buf -= batch_size
+    if n_buf:
+        cat = {k: np.concatenate(v) for k, v in buf.items()}
+        n_fill = batch_size - n_buf
+        filler = {k: np.repeat(cat[k][:1], n_fill, axis=0) for k in ARRAY_KEYS}
+        for k in ("lm_mask", "gate_mask", "attention_mask"):
+            filler[k][:] = 0
+        yield {k: np.concatenate([cat[k], filler[k]]) for k in ARRAY_KEYS}
+
+
+# ----------------------------------------------------------------------------------------------
+# Composite-n samples
+
+
+def build_composite(
+    test_sets: Mapping[str, Sequence[Mapping[str, str]]],
+    n: int,
+    num_samples: int,
+    *,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """Chains n single-task examples from n distinct tasks into one sample.
+
+    Returns records {"prompt": "1. p1\\n2. p2...", "response": "r1@@@@\\nr2...", "tasks": [t1, t2, ...]}:
+    sub-prompts numbered one per line, sub-responses joined by COMPOSITE_SEPARATOR, in the same
+    order as `tasks`. Deterministic for a given seed and `test_sets` (tasks in sorted order).
+    """
+    tasks = sorted(test_sets)
+    if n < 1:
+        raise DataError(f"n={n} must be >= 1")
+    if n > len(tasks):
+        raise DataError(f"composite-{n} needs {n} distinct tasks, only {len(tasks)} given: {tasks}")
+    if num_samples < 1:
+        raise DataError(f"num_samples={num_samples} must be >= 1")
+    for t in tasks:
+        if not test_sets[t]:
+            raise DataError(f"task {t!r} has an empty test set")
+    rng = np.random.default_rng(seed)
+    samples = []
+    for _ in range(num_samples):
+        chosen = [tasks[i] for i in rng.choice(len(tasks), size=n, replace=False)]
+        subs = [test_sets[t][int(rng.integers(len(test_sets[t])))] for t in chosen]
+        samples.append(
+            {
+                "prompt": "\n".join(f"{i + 1}. {s['prompt']}" for i, s in enumerate(subs)),
+                "response": COMPOSITE_SEPARATOR.join(s["response"] for s in subs),
+                "tasks": chosen,
+            }
+        )
+    return samples
+
+
+def read_composite_jsonl(path: str | os.PathLike) -> list[dict]:
+    """Reads composite records ({"prompt", "response", "tasks": [str, ...]}), validated."""
+
+    def check(r):
+        if not r["tasks"] or not all(isinstance(t, str) for t in r["tasks"]):
+            return "field 'tasks' must be a non-empty list of strings"
+        return None
+
+    return read_jsonl(path, extra_fields={"tasks": list}, check=check)
+
+

