@@ -134,3 +134,23 @@ def tiny_peft_adapters(tiny_hf_llama_dir, tmp_path_factory):
         (name, make_peft_adapter(tiny_hf_llama_dir, root / name, seed=10 + i, **kwargs))
         for i, (name, kwargs) in enumerate(TINY_PEFT_ADAPTERS.items())
     ]
+
+
+# --- Inference (tests/test_evaluate_loop.py, tests/test_notebook.py): the tiny default world. ---
+
+
+@pytest.fixture(scope="session")
+def tiny_inference_world(tmp_path_factory):
+    """`meteora_jax.tiny.build_tiny_world` for the model of configs/tiny.py, built in a temporary
+    folder: a `TinyWorld` with .tokenizer, .data_root, .model (checkpoint) and .adapter_names."""
+    import importlib.util
+    from pathlib import Path
+
+    from meteora_jax.config import ModelConfig
+    from meteora_jax.tiny import build_tiny_world
+
+    spec = importlib.util.spec_from_file_location("_tiny_config", Path(__file__).parents[1] / "configs" / "tiny.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model_config = ModelConfig.from_dict(module.get_config().model)
+    return build_tiny_world(tmp_path_factory.mktemp("tiny_inference") / "world", model_config)

@@ -1,0 +1,172 @@
+"""Orbax checkpoints of model parameters with their config and metadata.
+
+A checkpoint is one directory written by an Orbax `CompositeCheckpointHandler` with two items:
+
+    <dir>/params/     the parameter pytree (Orbax `StandardSave`, OCDBT/zarr arrays)
+    <dir>/metadata/   JSON (`JsonSave`): {"format", "version", "model_config", "param_shapes", ...}
+
+`model_config` is `ModelConfig.to_dict()`; `param_shapes` maps "path/to/leaf" to
+`[shape, dtype]`, so a restore can build abstract arrays (and `inspect` can describe the
+checkpoint) without reading any array. Everything else in the metadata is the caller's (the
+converters store adapter names in index order, ranks, alphas, rsLoRA flags, target modules,
+source paths and sha256 hashes).
+
+    save_checkpoint(path, params, config, metadata)            # atomic; overwrite=True to replace
+    params, config, metadata = restore_checkpoint(path)         # onto the first local device
+    params, config, metadata = restore_checkpoint(path, shardings=tree_of_shardings)
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from meteora_jax.config import ModelConfig
+
+FORMAT = "meteora-jax"
+VERSION = 1
+PARAMS_ITEM = "params"
+METADATA_ITEM = "metadata"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint path that is missing, exists already, or does not hold a meteora-jax checkpoint."""
+
+
+def _flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        path = f"{prefix}/{key}" if prefix else str(key)
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, path))
+        else:
+            flat[path] = value
+    return flat
+
+
+def _unflatten(flat: Mapping[str, Any]) -> dict:
+    tree: dict = {}
+    for path, value in flat.items():
+        node = tree
+        *parents, leaf = path.split("/")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return tree
+
+
+def _checkpointer() -> ocp.Checkpointer:
+    return ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+
+
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether `path` looks like a checkpoint written by `save_checkpoint`."""
+    path = Path(path)
+    return (path / PARAMS_ITEM).is_dir() and (path / METADATA_ITEM).is_dir()
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    params: Mapping,
+    config: ModelConfig,
+    metadata: Optional[Mapping[str, Any]] = None,
+    *,
+    overwrite: bool = False,
+) -> Path:
+    """Writes `params` (nested dicts of numpy or jax arrays), `config` and JSON `metadata`.
+
+    Atomic: written into a hidden temporary directory next to `path` and renamed into place at
+    the end, so a failure leaves nothing behind. An existing `path` is an error unless
+    `overwrite`, in which case it is replaced only once the new checkpoint is complete.
+    Returns the absolute path.
+    """
+    path = Path(path).absolute()
+    if jax.process_count() > 1:
+        raise CheckpointError("save_checkpoint is single-process (converters, tools); multi-host training saves "
+                              "through its Orbax CheckpointManager")
+    if path.exists() and not overwrite:
+        raise CheckpointError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
+    flat = _flatten(params)
+    meta = dict(metadata or {})
+    meta.update(
+        format=FORMAT,
+        version=VERSION,
+        model_config=config.to_dict(),
+        param_shapes={k: [list(np.shape(v)), np.dtype(v.dtype).name] for k, v in flat.items()},
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        staging.mkdir()
+        target = staging / "checkpoint"
+        _checkpointer().save(
+            target,
+            args=ocp.args.Composite(
+                **{PARAMS_ITEM: ocp.args.StandardSave(dict(params)), METADATA_ITEM: ocp.args.JsonSave(meta)}
+            ),
+        )
+        if path.exists():
+            if not overwrite:  # appeared while we were writing
+                raise CheckpointError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
+            old = staging / "previous"
+            os.replace(path, old)
+        os.replace(target, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return path
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    """The metadata JSON of a checkpoint (reads no arrays)."""
+    path = Path(path).absolute()
+    if not is_checkpoint(path):
+        raise CheckpointError(f"{path} is not a meteora-jax checkpoint (expected {PARAMS_ITEM}/ and {METADATA_ITEM}/)")
+    restored = _checkpointer().restore(path, args=ocp.args.Composite(**{METADATA_ITEM: ocp.args.JsonRestore()}))
+    meta = dict(restored[METADATA_ITEM])
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: metadata format is {meta.get('format')!r}, not {FORMAT!r}")
+    return meta
+
+
+def restore_checkpoint(
+    path: str | os.PathLike,
+    shardings: Any = None,
+) -> tuple[dict, ModelConfig, dict]:
+    """Restores `(params, config, metadata)`.
+
+    shardings: None puts every array on the first local device; a single `jax.sharding.Sharding`
+      applies to every leaf; or a pytree of shardings with the params' structure (e.g. built from a
+      Mesh and the logical axis rules). Each array is read straight into its sharding, shard by
+      shard, so a large model never has to sit whole on one device.
+    """
+    path = Path(path).absolute()
+    meta = read_metadata(path)
+    config = ModelConfig.from_dict(meta["model_config"])
+    shapes = meta["param_shapes"]
+    if shardings is None:
+        shardings = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    if isinstance(shardings, jax.sharding.Sharding):
+        flat_shardings = {key: shardings for key in shapes}
+    else:
+        flat_shardings = _flatten(shardings)
+        if set(flat_shardings) != set(shapes):
+            missing, extra = sorted(set(shapes) - set(flat_shardings)), sorted(set(flat_shardings) - set(shapes))
+            raise CheckpointError(f"{path}: shardings do not fit the params (missing {missing}, unexpected {extra})")
+    abstract = _unflatten(
+        {
+            key: jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype), sharding=flat_shardings[key])
+            for key, (shape, dtype) in shapes.items()
+        }
+    )
+    restored = _checkpointer().restore(
+        path, args=ocp.args.Composite(**{PARAMS_ITEM: ocp.args.StandardRestore(abstract)})
+    )
+    return dict(restored[PARAMS_ITEM]), config, meta

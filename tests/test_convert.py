@@ -1,0 +1,451 @@
+"""Conversion of PEFT adapters and reference MeteoRA checkpoints, through the real CLI.
+
+Oracles: PEFT's `PeftModel` (one adapter active) and transformers' LlamaForCausalLM with weights
+merged by hand from PEFT's own LoRA modules (mixtures, reference checkpoints). Tolerance: relative
+error (Frobenius, over all logits) <= 1e-4 in fp32.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+from meteora_jax import LlamaForCausalLM, Routing
+from meteora_jax.checkpoint import read_metadata, restore_checkpoint
+from meteora_jax.config import ALL_PROJECTIONS
+from meteora_jax.convert.cli import main
+from meteora_jax.convert.hf_base import hf_projection_name
+from conftest import TINY_PEFT_ADAPTERS, make_peft_adapter, make_tiny_hf_llama
+from torch_reference import hf_logits, relative_error
+
+TOL = 1e-4
+REPO = Path(__file__).resolve().parent.parent
+NAMES = list(TINY_PEFT_ADAPTERS)
+
+
+def _batch(vocab, seed=0, batch=2, seq=11):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, vocab, (batch, seq))
+    mask = np.ones((batch, seq), np.int64)
+    mask[1, :3] = 0  # left padding
+    positions = np.clip(np.cumsum(mask, -1) - 1, 0, None)
+    return ids, mask, positions
+
+
+@pytest.fixture(scope="module")
+def base_ckpt(tiny_hf_llama_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ckpt") / "base"
+    assert main(["base", str(tiny_hf_llama_dir), "-o", str(out), "--quiet"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def converted(base_ckpt, tiny_peft_adapters, tmp_path_factory):
+    """The three adapters converted in-process onto the base checkpoint: (params, config, metadata)."""
+    out = tmp_path_factory.mktemp("ckpt") / "loras"
+    pairs = [f"{name}={path}" for name, path in tiny_peft_adapters]
+    assert main(["loras", "--base", str(base_ckpt), "--adapters", *pairs, "-o", str(out), "--seed", "3", "--quiet"]) == 0
+    return restore_checkpoint(out)
+
+
+@pytest.fixture(scope="module")
+def peft_model(tiny_hf_llama_dir, tiny_peft_adapters):
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM as HFLlama
+
+    (first, first_dir), *rest = tiny_peft_adapters
+    model = PeftModel.from_pretrained(HFLlama.from_pretrained(tiny_hf_llama_dir), first_dir, adapter_name=first)
+    for name, path in rest:
+        model.load_adapter(path, adapter_name=name)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def apply_fn():
+    """Our model's logits, with fp32 matmuls at full precision (GPUs default to TF32, which alone
+    gives ~5e-4 relative error: the tests here are about the conversion being exact)."""
+    jitted = jax.jit(lambda config, params, ids, mask, pos, routing: LlamaForCausalLM(config).apply(
+        {"params": params}, ids, mask, pos, routing=routing).logits, static_argnums=0)
+
+    def apply(*args):
+        with jax.default_matmul_precision("highest"):
+            return jitted(*args)
+
+    return apply
+
+
+def _peft_merged_model(tiny_hf_llama_dir, peft_model, weights: dict[str, float]):
+    """transformers' LLaMA whose projections are W + sum_name weights[name] * scaling * B @ A, taken
+    from PEFT's own LoRA modules (its scalings, ranks and patterns), independent of our converter."""
+    from peft.tuners.lora import LoraLayer
+    from transformers import LlamaForCausalLM as HFLlama
+
+    merged = HFLlama.from_pretrained(tiny_hf_llama_dir).eval()
+    state = merged.state_dict()
+    for module_name, module in peft_model.base_model.model.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        weight = module.base_layer.weight.detach().double().clone()
+        for name, w in weights.items():
+            if name in module.lora_A:
+                a, b = module.lora_A[name].weight.double(), module.lora_B[name].weight.double()
+                weight += w * module.scaling[name] * (b @ a)
+        state[f"{module_name}.weight"] = weight.float()
+    merged.load_state_dict(state)
+    return merged
+
+
+# ---------------------------------------------------------------------------------------- PEFT
+
+
+@pytest.mark.parametrize("index", range(len(NAMES)), ids=NAMES)
+def test_forced_adapter_matches_peft(converted, peft_model, apply_fn, index):
+    params, config, _ = converted
+    ids, mask, positions = _batch(config.vocab_size, seed=index)
+    peft_model.set_adapter(NAMES[index])
+    want = hf_logits(peft_model, ids, mask, positions)
+    got = apply_fn(config, params, ids, mask, positions, Routing.force_adapter(index, len(NAMES)))
+    err = relative_error(got, want, mask)
+    print(f"adapter {NAMES[index]}: relative error {err:.2e}")
+    assert err <= TOL
+    # The adapter really changes the output (the comparison is not of two base models).
+    peft_model.set_adapter(NAMES[(index + 1) % len(NAMES)])
+    assert relative_error(hf_logits(peft_model, ids, mask, positions), want, mask) > 100 * TOL
+
+
+def test_two_adapter_mixture_matches_merged_weights(converted, peft_model, tiny_hf_llama_dir, apply_fn):
+    params, config, _ = converted
+    assert config.meteora.top_k == 2
+    weights = {"alpha": 0.3, "gamma": 0.7}
+    forced = np.array([weights.get(name, 0.0) for name in NAMES], np.float32)
+    ids, mask, positions = _batch(config.vocab_size, seed=7)
+    want = hf_logits(_peft_merged_model(tiny_hf_llama_dir, peft_model, weights), ids, mask, positions)
+    got = apply_fn(config, params, ids, mask, positions, Routing(forced_weights=forced))
+    err = relative_error(got, want, mask)
+    print(f"mixture 0.3*alpha + 0.7*gamma: relative error {err:.2e}")
+    assert err <= TOL
+
+
+def test_layout_config_and_metadata(converted, tiny_peft_adapters):
+    params, config, meta = converted
+    m = config.meteora
+    assert (m.num_adapters, m.rank, m.top_k, m.targets) == (3, 8, 2, ALL_PROJECTIONS)
+    assert [a["name"] for a in meta["adapters"]] == NAMES
+    by_name = {a["name"]: a for a in meta["adapters"]}
+    assert [by_name[n]["rank"] for n in NAMES] == [4, 8, 2]
+    assert [by_name[n]["max_rank"] for n in NAMES] == [4, 8, 6]
+    assert [by_name[n]["lora_alpha"] for n in NAMES] == [8.0, 16.0, 4.0]
+    assert [by_name[n]["use_rslora"] for n in NAMES] == [False, True, False]
+    assert by_name["alpha"]["target_modules"] == ["q_proj", "v_proj"]
+    assert by_name["gamma"]["target_modules"] == ["o_proj", "up_proj", "down_proj"]
+    for name, path in tiny_peft_adapters:
+        weights = Path(path) / "adapter_model.safetensors"
+        assert by_name[name]["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+        assert by_name[name]["source"] == str(Path(path).resolve())
+    assert meta["gates"] == {"init": "normal", "std": 0.02, "seed": 3}
+    layers = params["layers"]
+    # Scalings: alpha/r, alpha/sqrt(r) for rsLoRA, alpha_pattern for gamma's layer-1 up_proj.
+    np.testing.assert_array_equal(layers["self_attn"]["q_proj"]["lora_scaling"], np.float32([[2.0, 16 / np.sqrt(8), 0.0]] * 2))
+    np.testing.assert_allclose(layers["mlp"]["up_proj"]["lora_scaling"], [[0, 16 / np.sqrt(8), 2.0], [0, 16 / np.sqrt(8), 5.0]], rtol=1e-7)
+    np.testing.assert_array_equal(layers["mlp"]["down_proj"]["lora_scaling"][:, 2], np.float32([4 / 6, 4 / 6]))
+    # Zero padding beyond each adapter's rank, zeros where an adapter does not adapt a projection.
+    q_a, down_a = np.asarray(layers["self_attn"]["q_proj"]["lora_a"]), np.asarray(layers["mlp"]["down_proj"]["lora_a"])
+    assert not q_a[:, 0, :, 4:].any() and q_a[:, 0, :, :4].all() and not q_a[:, 2].any()
+    assert not down_a[:, 2, :, 6:].any() and down_a[:, 2, :, :6].all()
+    assert not np.asarray(layers["self_attn"]["k_proj"]["lora_b"])[:, [0, 2]].any()
+    gate = np.asarray(layers["self_attn"]["q_proj"]["gate"])
+    assert gate.dtype == np.float32 and 0.01 < gate.std() < 0.03
+
+
+def test_order_file_subprocess_and_plain_projections(base_ckpt, tiny_peft_adapters, tmp_path, apply_fn, peft_model):
+    """`python scripts/convert.py` with --adapter-dir + adapters.txt; alpha and gamma together leave
+    k_proj and gate_proj plain; the warnings name each adapter once."""
+    parent = tmp_path / "adapters"
+    parent.mkdir()
+    for name, path in tiny_peft_adapters:
+        if name != "beta":
+            shutil.copytree(path, parent / name)
+    (parent / "adapters.txt").write_text("# index order\ngamma\nalpha\n")
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts/convert.py"), "loras", "--base", str(base_ckpt), "--adapter-dir",
+         str(parent), "-o", str(out), "--top-k", "1", "--quiet"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    for name, missing in (("alpha", "o_proj, up_proj, down_proj"), ("gamma", "q_proj, v_proj")):
+        assert proc.stderr.count(f"adapter {name!r} does not adapt {missing}; it contributes zero there") == 1
+    params, config, meta = restore_checkpoint(out)
+    assert [a["name"] for a in meta["adapters"]] == ["gamma", "alpha"]
+    assert config.meteora.targets == ("q_proj", "v_proj", "o_proj", "up_proj", "down_proj")
+    assert config.meteora.top_k == 1 and config.meteora.rank == 6
+    assert set(params["layers"]["self_attn"]["k_proj"]) == {"kernel"}
+    assert set(params["layers"]["mlp"]["gate_proj"]) == {"kernel"}
+    ids, mask, positions = _batch(config.vocab_size, seed=11)
+    peft_model.set_adapter("alpha")
+    want = hf_logits(peft_model, ids, mask, positions)
+    got = apply_fn(config, params, ids, mask, positions, Routing.force_adapter(1, 2))
+    assert relative_error(got, want, mask) <= TOL
+    listing = subprocess.run([sys.executable, str(REPO / "scripts/convert.py"), "inspect", str(out)],
+                             capture_output=True, text=True, timeout=300)
+    assert listing.returncode == 0 and "[ 0] gamma" in listing.stdout and "layers/mlp/down_proj/lora_a" in listing.stdout
+
+
+def test_bf16_output_from_hf_base(tiny_hf_llama_dir, tiny_peft_adapters, tmp_path):
+    out = tmp_path / "bf16"
+    name, path = tiny_peft_adapters[0]
+    rc = main(["loras", "--base", str(tiny_hf_llama_dir), "--adapters", f"{name}={path}", "-o", str(out), "--dtype", "bf16", "--quiet"])
+    assert rc == 0
+    params, config, _ = restore_checkpoint(out)
+    assert config.param_dtype == config.dtype == "bfloat16" and config.meteora.top_k == 1
+    q = params["layers"]["self_attn"]["q_proj"]
+    assert q["kernel"].dtype == q["lora_a"].dtype == jax.numpy.bfloat16
+    assert q["gate"].dtype == q["lora_scaling"].dtype == np.float32
+
+
+def test_bin_weights_and_key_variants(converted, base_ckpt, tiny_peft_adapters, tmp_path):
+    """adapter_model.bin with keys lacking `base_model.model.` and carrying `.default` converts to
+    the same factors as the safetensors original."""
+    from safetensors.torch import load_file
+
+    _, source = tiny_peft_adapters[0]
+    variant = tmp_path / "alpha-bin"
+    variant.mkdir()
+    shutil.copy(Path(source) / "adapter_config.json", variant)
+    tensors = load_file(Path(source) / "adapter_model.safetensors")
+    renamed = {k.removeprefix("base_model.model.").replace(".weight", ".default.weight"): v for k, v in tensors.items()}
+    assert all(k.startswith("model.layers.") and k.endswith((".lora_A.default.weight", ".lora_B.default.weight")) for k in renamed)
+    torch.save(renamed, variant / "adapter_model.bin")
+    out = tmp_path / "out"
+    assert main(["loras", "--base", str(base_ckpt), "--adapters", str(variant), "-o", str(out), "--quiet"]) == 0
+    params, config, meta = restore_checkpoint(out)
+    assert meta["adapters"][0]["name"] == "alpha-bin" and meta["adapters"][0]["weights_file"] == "adapter_model.bin"
+    want = converted[0]["layers"]["self_attn"]
+    for projection in ("q_proj", "v_proj"):
+        got = params["layers"]["self_attn"][projection]
+        np.testing.assert_array_equal(got["lora_a"][:, 0], want[projection]["lora_a"][:, 0, :, :4])
+        np.testing.assert_array_equal(got["lora_b"][:, 0], want[projection]["lora_b"][:, 0, :4])
+        np.testing.assert_array_equal(got["lora_scaling"][:, 0], want[projection]["lora_scaling"][:, 0])
+
+
+# ----------------------------------------------------------------------------------- reference
+
+
+def _reference_state(config, num=3, rank=4, targets=("q_proj", "v_proj", "down_proj"), seed=0):
+    """Known stacked A [L*r, d_in], B [d_out, L*r] and gates [L, d_in] in the reference layout."""
+    from meteora_jax.convert.hf_base import projection_shape
+
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for layer in range(config.num_layers):
+        for projection in targets:
+            d_in, d_out = projection_shape(config, projection)
+            prefix = hf_projection_name(layer, projection)
+            state[f"{prefix}.lora_A.weight"] = 0.1 * torch.randn(num * rank, d_in, generator=gen)
+            state[f"{prefix}.lora_B.weight"] = 0.1 * torch.randn(d_out, num * rank, generator=gen)
+            state[f"{prefix}.moe_gate.weight"] = torch.randn(num, d_in, generator=gen)
+    return state
+
+
+def _reference_merged_model(tiny_hf_llama_dir, state, index, rank, scaling):
+    from transformers import LlamaForCausalLM as HFLlama
+
+    model = HFLlama.from_pretrained(tiny_hf_llama_dir).eval()
+    weights = model.state_dict()
+    for key, a in state.items():
+        if key.endswith(".lora_A.weight"):
+            prefix = key[: -len(".lora_A.weight")]
+            b = state[f"{prefix}.lora_B.weight"]
+            rows = slice(index * rank, (index + 1) * rank)
+            weights[f"{prefix}.weight"] = weights[f"{prefix}.weight"] + scaling * (b[:, rows].double() @ a[rows].double()).float()
+    model.load_state_dict(weights)
+    return model
+
+
+def test_reference_checkpoint_round_trip(base_ckpt, tiny_hf_llama_dir, tmp_path, apply_fn):
+    from safetensors.torch import save_file
+
+    _, base_config, _ = restore_checkpoint(base_ckpt)
+    state = _reference_state(base_config)
+    save_file(state, tmp_path / "meteora.safetensors")
+    # The same tensors as a wrapped torch pickle with base weights mixed in (skipped) and a prefix.
+    from transformers import LlamaForCausalLM as HFLlama
+
+    with_base = {f"base_model.model.{k}": v for k, v in state.items()}
+    with_base.update({f"base_model.model.{k}": v for k, v in HFLlama.from_pretrained(tiny_hf_llama_dir).state_dict().items()})
+    torch.save({"state_dict": with_base}, tmp_path / "meteora.pt")
+
+    outs = {}
+    for source in ("meteora.safetensors", "meteora.pt"):
+        out = tmp_path / f"out-{source}"
+        rc = main(["reference", "--base", str(base_ckpt), str(tmp_path / source), "--lora-alpha", "8",
+                   "--names", "x,y,z", "-o", str(out), "--quiet"])
+        assert rc == 0
+        outs[source] = restore_checkpoint(out)
+    (params, config, meta), (params_pt, _, _) = outs.values()
+    jax.tree.map(np.testing.assert_array_equal, params, params_pt)
+    assert [a["name"] for a in meta["adapters"]] == ["x", "y", "z"]
+    assert (config.meteora.num_adapters, config.meteora.rank, config.meteora.targets) == (3, 4, ("q_proj", "v_proj", "down_proj"))
+    assert meta["reference"]["files"][0]["sha256"] == hashlib.sha256((tmp_path / "meteora.safetensors").read_bytes()).hexdigest()
+    for layer in range(config.num_layers):  # trained gates kept exactly: gate = moe_gate.T
+        for projection, block in (("q_proj", "self_attn"), ("down_proj", "mlp")):
+            want = state[f"{hf_projection_name(layer, projection)}.moe_gate.weight"].numpy().T
+            np.testing.assert_array_equal(params["layers"][block][projection]["gate"][layer], want)
+    np.testing.assert_array_equal(params["layers"]["mlp"]["down_proj"]["lora_scaling"], np.full((2, 3), 2.0))
+    ids, mask, positions = _batch(config.vocab_size, seed=5)
+    for index in range(3):
+        want = hf_logits(_reference_merged_model(tiny_hf_llama_dir, state, index, rank=4, scaling=2.0), ids, mask, positions)
+        got = apply_fn(config, params, ids, mask, positions, Routing.force_adapter(index, 3))
+        err = relative_error(got, want, mask)
+        print(f"reference adapter {index}: relative error {err:.2e}")
+        assert err <= TOL
+
+
+@pytest.mark.parametrize(
+    "mutate,message",
+    [
+        (lambda s: s.pop("model.layers.1.self_attn.v_proj.moe_gate.weight"), "'model.layers.1.self_attn.v_proj.moe_gate.weight' is missing"),
+        (lambda s: s.__setitem__("model.layers.0.self_attn.q_proj.lora_A.weight", torch.zeros(13, 64)), "want [L*r, 64] with L=3"),
+        (lambda s: s.__setitem__("model.layers.0.self_attn.q_proj.weird.weight", torch.zeros(1)), "'model.layers.0.self_attn.q_proj.weird.weight' is not a MeteoRA tensor"),
+        (lambda s: s["model.layers.0.mlp.down_proj.lora_B.weight"].__setitem__((0, 0), float("inf")), "non-finite"),
+    ],
+    ids=["missing-key", "bad-shape", "unknown-key", "non-finite"],
+)
+def test_reference_bad_input(base_ckpt, tmp_path, capsys, mutate, message):
+    from safetensors.torch import save_file
+
+    _, base_config, _ = restore_checkpoint(base_ckpt)
+    state = _reference_state(base_config)
+    mutate(state)
+    save_file(state, tmp_path / "bad.safetensors")
+    outdir = tmp_path / "outdir"
+    outdir.mkdir()
+    assert main(["reference", "--base", str(base_ckpt), str(tmp_path / "bad.safetensors"), "--scaling", "1",
+                 "-o", str(outdir / "out"), "--quiet"]) == 1
+    assert message in capsys.readouterr().err
+    assert os.listdir(outdir) == []
+
+
+# ----------------------------------------------------------------------------------- bad input
+
+
+def _edit_config(path, **changes):
+    config_path = Path(path) / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config.update(changes)
+    config_path.write_text(json.dumps(config))
+
+
+def _edit_tensors(path, fn):
+    from safetensors.numpy import load_file, save_file
+
+    weights = Path(path) / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    fn(tensors)
+    save_file(tensors, weights)
+
+
+KEY = "base_model.model.model.layers.1.self_attn.v_proj.lora_A.weight"
+
+
+def _other_base_adapter(path, tmp_path):
+    base = tmp_path / "other-base"
+    make_tiny_hf_llama(base, seed=1, hidden=48)
+    shutil.rmtree(path)
+    make_peft_adapter(base, path, seed=0, **TINY_PEFT_ADAPTERS["alpha"])
+
+
+BAD_ADAPTERS = {
+    "missing-config": (lambda p, t: os.remove(p / "adapter_config.json"), ["adapter 'alpha'", "adapter_config.json is missing"]),
+    "missing-weights": (lambda p, t: os.remove(p / "adapter_model.safetensors"), ["adapter 'alpha'", "has no adapter_model.safetensors or adapter_model.bin"]),
+    "other-base": (_other_base_adapter, ["adapter 'alpha'", "'base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight' has shape (4, 48)", "different base"]),
+    "dora": (lambda p, t: _edit_config(p, use_dora=True), ["adapter 'alpha'", "key 'use_dora'", "DoRA"]),
+    "bias": (lambda p, t: _edit_config(p, bias="lora_only"), ["adapter 'alpha'", "key 'bias' is 'lora_only'"]),
+    "modules-to-save": (lambda p, t: _edit_config(p, modules_to_save=["lm_head"]), ["adapter 'alpha'", "key 'modules_to_save'"]),
+    "embedding-target": (lambda p, t: _edit_config(p, target_modules=["q_proj", "embed_tokens"]), ["key 'target_modules' lists 'embed_tokens'"]),
+    "rank-pattern-mismatch": (lambda p, t: _edit_config(p, rank_pattern={"v_proj": 2}), ["key 'base_model.model.model.layers.0.self_attn.v_proj.lora_A.weight' has shape (4, 64) but adapter_config.json implies rank 2"]),
+    "missing-key": (lambda p, t: _edit_tensors(p, lambda d: d.pop(KEY)), [f"{KEY!r} is missing"]),
+    "untargeted-key": (lambda p, t: _edit_config(p, target_modules=["q_proj"]), ["adapts model.layers.0.self_attn.v_proj, which adapter_config.json does not target"]),
+    "non-finite": (lambda p, t: _edit_tensors(p, lambda d: d[KEY].__setitem__((0, 3), np.nan)), ["adapter 'alpha'", f"tensor {KEY!r} has 1 non-finite values"]),
+    "truncated": (lambda p, t: _truncate(p / "adapter_model.safetensors"), ["adapter 'alpha'", "adapter_model.safetensors: cannot read weights, the file is truncated or corrupt"]),
+    "corrupt-header": (lambda p, t: _corrupt(p / "adapter_model.safetensors"), ["adapter 'alpha'", "truncated or corrupt"]),
+}
+
+
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _corrupt(path):
+    data = bytearray(path.read_bytes())
+    data[8:40] = b"\xff" * 32  # inside the JSON header
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("case", list(BAD_ADAPTERS))
+def test_bad_adapter_is_refused(case, base_ckpt, tiny_peft_adapters, tmp_path, capsys):
+    breaker, messages = BAD_ADAPTERS[case]
+    adapters = {}
+    for name, path in tiny_peft_adapters[:2]:
+        adapters[name] = tmp_path / name
+        shutil.copytree(path, adapters[name])
+    breaker(adapters["alpha"], tmp_path)
+    outdir = tmp_path / "outdir"
+    outdir.mkdir()
+    rc = main(["loras", "--base", str(base_ckpt), "--adapters", *(f"{n}={p}" for n, p in adapters.items()),
+               "-o", str(outdir / "out"), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 1, err
+    for message in messages:
+        assert message in err
+    assert os.listdir(outdir) == []
+
+
+def test_duplicate_names_and_missing_order(base_ckpt, tiny_peft_adapters, tmp_path, capsys):
+    (_, alpha), (_, beta) = tiny_peft_adapters[:2]
+    outdir = tmp_path / "outdir"
+    outdir.mkdir()
+    rc = main(["loras", "--base", str(base_ckpt), "--adapters", f"a={alpha}", f"a={beta}", "-o", str(outdir / "o")])
+    assert rc == 1 and "adapter name 'a' is given twice" in capsys.readouterr().err
+    rc = main(["loras", "--base", str(base_ckpt), "--adapter-dir", str(Path(alpha).parent), "-o", str(outdir / "o")])
+    assert rc == 1 and "the adapter order must be explicit" in capsys.readouterr().err
+    assert os.listdir(outdir) == []
+
+
+def test_existing_output_needs_overwrite(base_ckpt, tiny_peft_adapters, tmp_path, capsys):
+    name, path = tiny_peft_adapters[0]
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    args = ["loras", "--base", str(base_ckpt), "--adapters", f"{name}={path}", "-o", str(out), "--quiet"]
+    assert main(args) == 1
+    assert f"{out} exists; pass --overwrite" in capsys.readouterr().err
+    assert os.listdir(out) == ["keep.txt"] and os.listdir(tmp_path) == ["out"]
+    assert main([*args, "--overwrite"]) == 0
+    assert read_metadata(out)["adapters"][0]["name"] == name and os.listdir(tmp_path) == ["out"]
+
+
+def test_help_documents_everything(capsys):
+    for argv, words in (
+        ([], ["base", "loras", "reference", "inspect", "--overwrite"]),
+        (["loras"], ["--adapters", "--order-file", "--adapter-dir", "--seed", "--gate-std", "--dtype", "sqrt(r)", "DoRA"]),
+        (["reference"], ["lora_A.weight     [L*r, d_in]", "moe_gate.weight", "--lora-alpha", "--scaling", "--rslora"]),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*argv, "--help"])
+        assert exit_info.value.code == 0
+        out = capsys.readouterr().out
+        for word in words:
+            assert word in out, (argv, word)
