@@ -1,0 +1,705 @@
+"""Pallas kernels for the routed grouped low-rank product (DESIGN.md section 4), forward and backward.
+
+    out[t] = sum_j w[t, j] * scaling[e] * (x[t] @ lora_a[e]) @ lora_b[e],  e = expert_idx[t, j]
+
+Two forward algorithms, both written for Pallas's Triton lowering (GPU) and run with
+`interpret=True` on CPU:
+
+* "sorted" (prefill, training). The T*k (token, slot) pairs are laid out slot by slot; inside a
+  slot the tokens are sorted by adapter and every adapter's segment is padded to a multiple of the
+  token tile `block_t`, so each tile belongs to one adapter (`_routing_plan`, plain XLA: one sort
+  of T*k int32 keys and a few small fusions). Then
+    1. `_shrink`: one program per tile, a grouped GEMM x[rows] @ lora_a[e] -> xa [tiles*bt, R]
+       (float32, unscaled; R = rank padded to a power of two >= 16);
+    2. `_expand`, once per slot j: one program per (tile, block of d_out), (xa * w * scaling) @
+       lora_b[e], scattered by row into out[T, d_out]. In a slot every token occurs exactly once,
+       so a launch writes each output row once and no atomics are needed; slot j > 0 reads the
+       rows back and adds (the buffer is aliased from launch to launch).
+  Extra memory: O(T*k*R) for xa and the plan; no [T, k, d_in, r] gather, no [T*k, d_out] buffer.
+* "decode" (few tokens): no sort. `_shrink_decode` computes each pair's x[t] @ lora_a[e] as a
+  split-K vector product (grid: pairs x splits), `_expand_decode` sums the splits, applies the
+  weight and multiplies by the pair's rows of lora_b, summing the k slots in registers.
+
+Backward (custom VJP, always through the sorted plan): with g = d out,
+    gB   = g[rows] @ lora_b[e]^T                (`_shrink` with the weight read transposed)
+    dx   = sum_j (w s gB) @ lora_a[e]^T           (`_expand` with the weight read transposed)
+    dw   = s * <xa, gB>,  dscaling = sum w <xa, gB>   (XLA, on [T*k, R])
+    dA[e] = x[rows]^T (w s gB),  dB[e] = (w s xa)^T g[rows]   (`_tgmm`, per adapter and block)
+Each gradient is computed only when its input is perturbed: the VJP uses `symbolic_zeros=True`, so
+the forward rule knows which of x / lora_a / lora_b / scaling / expert_weight are being
+differentiated. In MeteoRA the LoRAs are frozen (not differentiated), so dA/dB are skipped; in
+MixLoRA, differentiating w.r.t. lora_a/lora_b makes them appear. `jax.lax.stop_gradient` on an
+input also switches its gradient off.
+
+Out-of-range handling: every load and store inside the kernels is masked, with integer-array
+indices (gather/scatter style) so that interpret mode drops out-of-range stores exactly like the
+GPU does; padding rows carry the sentinel token index T.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.custom_derivatives import SymbolicZero
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+_CompilerParams = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
+
+
+def _compiler_params(num_warps, num_stages):
+    return _CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def _cdiv(a, b):
+    return -(-a // b)
+
+
+def _pow2_at_least(n, floor=16):
+    return max(floor, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
+
+
+def _precision(dtype):
+    return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+
+
+def _load(ref, idx, mask):
+    return plgpu.load(ref.at[idx], mask=mask, other=0)
+
+
+def _store(ref, idx, val, mask):
+    plgpu.store(ref.at[idx], val, mask=mask)
+
+
+# ------------------------------------------------------------------------------------------------
+# Routing plan (plain XLA)
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Tile layout of the (token, slot) pairs; all arrays int32.
+
+    rows        [k*nts*bt]  token of each padded row (T for padding)
+    tile_expert [k*nts]     adapter of each tile (L for an empty tile)
+    tile_start  [k, L]      first tile (global index) of adapter e in slot j
+    num_tiles   [k, L]      number of tiles of adapter e in slot j
+    """
+
+    rows: jax.Array
+    tile_expert: jax.Array
+    tile_start: jax.Array
+    num_tiles: jax.Array
+
+
+jax.tree_util.register_dataclass(
+    Plan, data_fields=["rows", "tile_expert", "tile_start", "num_tiles"], meta_fields=[]
+)
+
+
+def tiles_per_slot(num_tokens, num_adapters, block_t):
+    """Static bound on the tiles one slot needs: sum_e ceil(n_e / bt) <= ceil(T / bt) + min(L, T)."""
+    return _cdiv(num_tokens, block_t) + min(num_adapters, num_tokens)
+
+
+def _routing_plan(expert_idx, num_adapters, block_t):  # expert_idx [T, k]
+    num_tokens, top_k = expert_idx.shape
+    nts = tiles_per_slot(num_tokens, num_adapters, block_t)
+    idx = expert_idx.T.astype(jnp.int32)  # [k, T]
+    adapters = jnp.arange(num_adapters, dtype=jnp.int32)
+    # Counting sort, no sort kernel: rank of each token among the earlier tokens of its adapter in
+    # its slot, from a cumulative sum of one-hots (an XLA sort of T*k keys cost ~30 us on an H100).
+    one_hot = (idx[:, :, None] == adapters).astype(jnp.int32)  # [k, T, L]
+    running = jnp.cumsum(one_hot, axis=1, dtype=jnp.int32)
+    sizes = running[:, -1, :]  # [k, L]
+    rank = jnp.take_along_axis(running, idx[:, :, None], axis=2)[:, :, 0] - 1  # [k, T]
+    num_tiles = (sizes + block_t - 1) // block_t
+    tile_end = jnp.cumsum(num_tiles, axis=1, dtype=jnp.int32)  # slot-local
+    tile_start = tile_end - num_tiles
+    slot = jnp.arange(top_k, dtype=jnp.int32)[:, None]
+    pos = (slot * nts + jnp.take_along_axis(tile_start, idx, axis=1)) * block_t + rank
+    tok = jnp.broadcast_to(jnp.arange(num_tokens, dtype=jnp.int32), (top_k, num_tokens))
+    rows = jnp.full((top_k * nts * block_t,), num_tokens, jnp.int32)
+    rows = rows.at[pos.reshape(-1)].set(tok.reshape(-1), unique_indices=True)
+    local = jnp.arange(nts, dtype=jnp.int32)
+    tile_expert = jnp.sum(tile_end[:, None, :] <= local[None, :, None], axis=-1, dtype=jnp.int32)
+    return Plan(rows, tile_expert.reshape(-1), tile_start + slot * nts, num_tiles)
+
+
+def _row_coef(plan, expert_weight, scaling, block_t):
+    """w[t, j] * scaling[e] for every padded row; 0 for padding rows. [k*nts*bt] float32."""
+    num_tokens, top_k = expert_weight.shape
+    num_rows = plan.rows.shape[0]
+    slot = jnp.arange(num_rows, dtype=jnp.int32) // (num_rows // top_k)
+    valid = plan.rows < num_tokens
+    tok = jnp.minimum(plan.rows, num_tokens - 1)
+    w = expert_weight.astype(jnp.float32)[tok, slot]
+    e = jnp.repeat(jnp.minimum(plan.tile_expert, scaling.shape[0] - 1), block_t)
+    return jnp.where(valid, w * scaling.astype(jnp.float32)[e], 0.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Sorted path kernels
+# ------------------------------------------------------------------------------------------------
+
+
+def _shrink_kernel(tile_expert_ref, rows_ref, x_ref, w_ref, out_ref, *, block_t, block_k, num_tokens,
+                   num_adapters, depth, rank, rank_p, transpose_w, precision):
+    i = pl.program_id(0)
+    e = tile_expert_ref[i]
+
+    @pl.when(e < num_adapters)
+    def _compute():
+        rows = rows_ref[pl.ds(i * block_t, block_t)]
+        valid = rows < num_tokens
+        rk = jnp.arange(rank_p, dtype=jnp.int32)
+
+        def body(kk, acc):
+            cols = kk * block_k + jnp.arange(block_k, dtype=jnp.int32)
+            in_k = cols < depth
+            xk = _load(x_ref, (rows[:, None], cols[None, :]), valid[:, None] & in_k[None, :])
+            wmask = in_k[:, None] & (rk < rank)[None, :]
+            if transpose_w:  # w_ref [L, r, depth]
+                wk = _load(w_ref, (e, rk[None, :], cols[:, None]), wmask)
+            else:  # w_ref [L, depth, r]
+                wk = _load(w_ref, (e, cols[:, None], rk[None, :]), wmask)
+            return acc + jnp.dot(xk, wk.astype(xk.dtype), preferred_element_type=jnp.float32,
+                                 precision=precision)
+
+        acc = lax.fori_loop(0, _cdiv(depth, block_k), body, jnp.zeros((block_t, rank_p), jnp.float32))
+        out_ref[pl.ds(i * block_t, block_t), :] = acc
+
+    @pl.when(e >= num_adapters)
+    def _empty():
+        out_ref[pl.ds(i * block_t, block_t), :] = jnp.zeros((block_t, rank_p), jnp.float32)
+
+
+def _shrink(plan, x, w, *, rank, transpose_w, block_t, block_k, interpret, num_warps=4, num_stages=3):
+    """x [T, D] and w [L, D, r] (or [L, r, D] with transpose_w) -> [k*nts*bt, R] float32."""
+    num_tokens, depth = x.shape
+    num_adapters = w.shape[0]
+    rank_p = _pow2_at_least(rank)
+    num_rows = plan.rows.shape[0]
+    kernel = functools.partial(
+        _shrink_kernel, block_t=block_t, block_k=block_k, num_tokens=num_tokens,
+        num_adapters=num_adapters, depth=depth, rank=rank, rank_p=rank_p, transpose_w=transpose_w,
+        precision=_precision(x.dtype))
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((num_rows, rank_p), jnp.float32),
+        grid=(num_rows // block_t,),
+        interpret=interpret,
+        compiler_params=_compiler_params(num_warps, num_stages),
+        name="grouped_lora_shrink",
+    )(plan.tile_expert, plan.rows, x, w)
+
+
+def _expand_kernel(tile_expert_ref, rows_ref, coef_ref, xa_ref, w_ref, *rest, slot, tiles_slot,
+                   block_t, block_n, num_tokens, num_adapters, width, rank, rank_p, transpose_w,
+                   accumulate, precision):
+    out_ref = rest[-1]
+    prev_ref = rest[0] if accumulate else None
+    tile = slot * tiles_slot + pl.program_id(0)
+    n = pl.program_id(1)  # program ids are read outside pl.when (interpret mode needs that)
+    e = tile_expert_ref[tile]
+
+    @pl.when(e < num_adapters)
+    def _compute():
+        rows = rows_ref[pl.ds(tile * block_t, block_t)]
+        valid = rows < num_tokens
+        coef = coef_ref[pl.ds(tile * block_t, block_t)]
+        xa = (xa_ref[pl.ds(tile * block_t, block_t), :] * coef[:, None]).astype(w_ref.dtype)
+        rk = jnp.arange(rank_p, dtype=jnp.int32)
+        cols = n * block_n + jnp.arange(block_n, dtype=jnp.int32)
+        in_n = cols < width
+        wmask = (rk < rank)[:, None] & in_n[None, :]
+        if transpose_w:  # w_ref [L, width, r]
+            wt = _load(w_ref, (e, cols[None, :], rk[:, None]), wmask)
+        else:  # w_ref [L, r, width]
+            wt = _load(w_ref, (e, rk[:, None], cols[None, :]), wmask)
+        y = jnp.dot(xa, wt, preferred_element_type=jnp.float32, precision=precision)
+        idx = (rows[:, None], cols[None, :])
+        mask = valid[:, None] & in_n[None, :]
+        if accumulate:
+            y = y + _load(prev_ref, idx, mask).astype(jnp.float32)
+        _store(out_ref, idx, y.astype(out_ref.dtype), mask)
+
+
+def _expand(plan, coef, xa, w, *, num_tokens, width, rank, transpose_w, out_dtype, block_t, block_n,
+            interpret, base=None, poison=False, num_warps=4, num_stages=2):
+    """[base +] sum over slots of (xa * coef) @ w[e] scattered to rows -> [T, width]; a launch per slot."""
+    num_adapters = w.shape[0]
+    rank_p = xa.shape[1]
+    top_k = plan.tile_start.shape[0]
+    tiles_slot = plan.tile_expert.shape[0] // top_k
+    out = base
+    if poison and base is None:
+        out = jnp.full((num_tokens, width), jnp.nan, out_dtype)
+    for slot in range(top_k):
+        accumulate = slot > 0 or base is not None
+        kernel = functools.partial(
+            _expand_kernel, slot=slot, tiles_slot=tiles_slot, block_t=block_t, block_n=block_n,
+            num_tokens=num_tokens, num_adapters=num_adapters, width=width, rank=rank, rank_p=rank_p,
+            transpose_w=transpose_w, accumulate=accumulate, precision=_precision(w.dtype))
+        args = [plan.tile_expert, plan.rows, coef, xa, w]
+        aliases = {}
+        if out is not None:  # previous slot's sum (read when accumulating), or the poisoned buffer
+            args.append(out)
+            aliases = {len(args) - 1: 0}
+            if not accumulate:
+                kernel = _drop_arg(kernel)
+        out = pl.pallas_call(
+            kernel,
+            out_shape=jax.ShapeDtypeStruct((num_tokens, width), out_dtype),
+            grid=(tiles_slot, _cdiv(width, block_n)),
+            input_output_aliases=aliases,
+            interpret=interpret,
+            compiler_params=_compiler_params(num_warps, num_stages),
+            name="grouped_lora_expand",
+        )(*args)
+    return out
+
+
+def _drop_arg(kernel):
+    """Kernel wrapper ignoring the aliased (poisoned) input of a non-accumulating launch."""
+
+    def wrapped(*refs):
+        return kernel(*refs[:-2], refs[-1])
+
+    return wrapped
+
+
+def _tgmm_kernel(tile_start_ref, num_tiles_ref, rows_ref, mat_ref, cmp_ref, out_ref, *, top_k, block_t,
+                 block_n, num_tokens, width, rank, rank_p, precision):
+    e = pl.program_id(0)
+    cols = pl.program_id(1) * block_n + jnp.arange(block_n, dtype=jnp.int32)
+    in_n = cols < width
+    rk = jnp.arange(rank_p, dtype=jnp.int32)
+    acc = jnp.zeros((block_n, rank_p), jnp.float32)
+    for slot in range(top_k):
+        first = tile_start_ref[slot, e]
+
+        def body(t, acc):
+            tile = first + t
+            rows = rows_ref[pl.ds(tile * block_t, block_t)]
+            valid = rows < num_tokens
+            m = _load(mat_ref, (rows[None, :], cols[:, None]), valid[None, :] & in_n[:, None])  # [bn, bt]
+            c = cmp_ref[pl.ds(tile * block_t, block_t), :].astype(m.dtype)  # [bt, R]
+            return acc + jnp.dot(m, c, preferred_element_type=jnp.float32, precision=precision)
+
+        acc = lax.fori_loop(0, num_tiles_ref[slot, e], body, acc)
+    _store(out_ref, (e, cols[:, None], rk[None, :]), acc.astype(out_ref.dtype),
+           in_n[:, None] & (rk < rank)[None, :])
+
+
+def _tgmm(plan, mat, cmp, *, num_adapters, rank, out_dtype, block_t, block_n, interpret, poison=False,
+          num_warps=4, num_stages=2):
+    """out[e] = mat[rows of e]^T @ cmp[rows of e]: mat [T, W], cmp [k*nts*bt, R] -> [L, W, r]."""
+    num_tokens, width = mat.shape
+    top_k = plan.tile_start.shape[0]
+    kernel = functools.partial(
+        _tgmm_kernel, top_k=top_k, block_t=block_t, block_n=block_n, num_tokens=num_tokens, width=width,
+        rank=rank, rank_p=cmp.shape[1], precision=_precision(mat.dtype))
+    args = [plan.tile_start, plan.num_tiles, plan.rows, mat, cmp]
+    aliases = {}
+    if poison:
+        args.append(jnp.full((num_adapters, width, rank), jnp.nan, out_dtype))
+        aliases = {len(args) - 1: 0}
+        kernel = _drop_arg(kernel)
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((num_adapters, width, rank), out_dtype),
+        grid=(num_adapters, _cdiv(width, block_n)),
+        input_output_aliases=aliases,
+        interpret=interpret,
+        compiler_params=_compiler_params(num_warps, num_stages),
+        name="grouped_lora_tgmm",
+    )(*args)
+
+
+# ------------------------------------------------------------------------------------------------
+# Decode path kernels
+# ------------------------------------------------------------------------------------------------
+
+
+def _shrink_decode_kernel(idx_ref, x_ref, a_ref, out_ref, *, top_k, block_k, chunks, depth, rank, rank_p):
+    p = pl.program_id(0)
+    split = pl.program_id(1)
+    e = idx_ref[p]
+    t = p // top_k
+    rk = jnp.arange(rank_p, dtype=jnp.int32)
+
+    def body(c, acc):
+        cols = (split * chunks + c) * block_k + jnp.arange(block_k, dtype=jnp.int32)
+        in_k = cols < depth
+        xk = _load(x_ref, (t, cols), in_k).astype(jnp.float32)
+        ak = _load(a_ref, (e, cols[:, None], rk[None, :]), in_k[:, None] & (rk < rank)[None, :])
+        return acc + jnp.sum(xk[:, None] * ak.astype(jnp.float32), axis=0)
+
+    acc = lax.fori_loop(0, chunks, body, jnp.zeros((rank_p,), jnp.float32))
+    out_ref[split, p, :] = acc
+
+
+def _expand_decode_kernel(idx_ref, w_ref, s_ref, part_ref, b_ref, *rest, top_k, block_n, width, rank,
+                          rank_p, has_base):
+    out_ref = rest[-1]
+    t = pl.program_id(0)
+    cols = pl.program_id(1) * block_n + jnp.arange(block_n, dtype=jnp.int32)
+    in_n = cols < width
+    rk = jnp.arange(rank_p, dtype=jnp.int32)
+    acc = jnp.zeros((block_n,), jnp.float32)
+    for slot in range(top_k):
+        p = t * top_k + slot
+        e = idx_ref[p]
+        coef = w_ref[p].astype(jnp.float32) * s_ref[e].astype(jnp.float32)
+        xa = jnp.sum(part_ref[:, p, :], axis=0) * coef
+        xa = xa.astype(b_ref.dtype).astype(jnp.float32)
+        bt = _load(b_ref, (e, rk[:, None], cols[None, :]), (rk < rank)[:, None] & in_n[None, :])
+        acc = acc + jnp.sum(xa[:, None] * bt.astype(jnp.float32), axis=0)
+    if has_base:
+        acc = acc + _load(rest[0], (t, cols), in_n).astype(jnp.float32)
+    _store(out_ref, (t, cols), acc.astype(out_ref.dtype), in_n)
+
+
+def _forward_decode(x, lora_a, lora_b, scaling, expert_idx, expert_weight, *, block_k, block_n, interpret,
+                    base=None, poison=False):
+    num_tokens, depth = x.shape
+    top_k = expert_idx.shape[1]
+    num_adapters, _, rank = lora_a.shape
+    width = lora_b.shape[2]
+    rank_p = _pow2_at_least(rank)
+    pairs = num_tokens * top_k
+    total_chunks = _cdiv(depth, block_k)
+    # Enough programs to cover the GPU (~128) while keeping each split at least one chunk long.
+    splits = 1
+    while splits * 2 <= total_chunks and pairs * splits < 128:
+        splits *= 2
+    chunks = _cdiv(total_chunks, splits)
+    idx_flat = expert_idx.reshape(-1).astype(jnp.int32)
+    part = pl.pallas_call(
+        functools.partial(_shrink_decode_kernel, top_k=top_k, block_k=block_k, chunks=chunks,
+                          depth=depth, rank=rank, rank_p=rank_p),
+        out_shape=jax.ShapeDtypeStruct((splits, pairs, rank_p), jnp.float32),
+        grid=(pairs, splits),
+        interpret=interpret,
+        compiler_params=_compiler_params(4, 2),
+        name="grouped_lora_shrink_decode",
+    )(idx_flat, x, lora_a)
+    kernel = functools.partial(_expand_decode_kernel, top_k=top_k, block_n=block_n, width=width, rank=rank,
+                               rank_p=rank_p, has_base=base is not None)
+    args = [idx_flat, expert_weight.reshape(-1), scaling, part, lora_b]
+    aliases = {}
+    if base is not None:
+        args.append(base)
+        aliases = {len(args) - 1: 0}
+    elif poison:
+        args.append(jnp.full((num_tokens, width), jnp.nan, x.dtype))
+        aliases = {len(args) - 1: 0}
+        kernel = _drop_arg(kernel)
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((num_tokens, width), x.dtype),
+        grid=(num_tokens, _cdiv(width, block_n)),
+        input_output_aliases=aliases,
+        interpret=interpret,
+        compiler_params=_compiler_params(4, 2),
+        name="grouped_lora_expand_decode",
+    )(*args)
+
+
+# ------------------------------------------------------------------------------------------------
+# Dense path kernels (no sort: every token against every adapter, masked by the routing)
+# ------------------------------------------------------------------------------------------------
+
+
+def _dense_shrink_kernel(idx_ref, w_ref, s_ref, x_ref, a_ref, out_ref, *, top_k, block_t, block_c, block_k,
+                         num_tokens, depth, rank, num_adapters, precision):
+    rows = pl.program_id(0) * block_t + jnp.arange(block_t, dtype=jnp.int32)
+    cols = pl.program_id(1) * block_c + jnp.arange(block_c, dtype=jnp.int32)  # over L*r
+    in_t = rows < num_tokens
+    in_c = cols < num_adapters * rank
+    adapter, rr = cols // rank, cols % rank
+
+    def body(kk, acc):
+        ks = kk * block_k + jnp.arange(block_k, dtype=jnp.int32)
+        in_k = ks < depth
+        xk = _load(x_ref, (rows[:, None], ks[None, :]), in_t[:, None] & in_k[None, :])
+        ak = _load(a_ref, (adapter[None, :], ks[:, None], rr[None, :]), in_k[:, None] & in_c[None, :])
+        return acc + jnp.dot(xk, ak, preferred_element_type=jnp.float32, precision=precision)
+
+    acc = lax.fori_loop(0, _cdiv(depth, block_k), body, jnp.zeros((block_t, block_c), jnp.float32))
+    coef = jnp.zeros((block_t, block_c), jnp.float32)
+    for slot in range(top_k):
+        e = _load(idx_ref, (rows * top_k + slot,), in_t)
+        w = _load(w_ref, (rows * top_k + slot,), in_t).astype(jnp.float32)
+        coef = coef + jnp.where((e[:, None] == adapter[None, :]) & in_t[:, None], w[:, None], 0.0)
+    coef = coef * _load(s_ref, (adapter,), in_c).astype(jnp.float32)[None, :]
+    _store(out_ref, (rows[:, None], cols[None, :]), (acc * coef).astype(out_ref.dtype),
+           in_t[:, None] & in_c[None, :])
+
+
+def _dense_expand_kernel(xa_ref, b_ref, *rest, block_t, block_n, block_k, num_tokens, depth, width,
+                         has_base, precision):
+    out_ref = rest[-1]
+    rows = pl.program_id(0) * block_t + jnp.arange(block_t, dtype=jnp.int32)
+    cols = pl.program_id(1) * block_n + jnp.arange(block_n, dtype=jnp.int32)
+    in_t = rows < num_tokens
+    in_n = cols < width
+
+    def body(kk, acc):
+        ks = kk * block_k + jnp.arange(block_k, dtype=jnp.int32)
+        in_k = ks < depth
+        xk = _load(xa_ref, (rows[:, None], ks[None, :]), in_t[:, None] & in_k[None, :])
+        bk = _load(b_ref, (ks[:, None], cols[None, :]), in_k[:, None] & in_n[None, :])
+        return acc + jnp.dot(xk, bk, preferred_element_type=jnp.float32, precision=precision)
+
+    acc = lax.fori_loop(0, _cdiv(depth, block_k), body, jnp.zeros((block_t, block_n), jnp.float32))
+    idx = (rows[:, None], cols[None, :])
+    mask = in_t[:, None] & in_n[None, :]
+    if has_base:
+        acc = acc + _load(rest[0], idx, mask).astype(jnp.float32)
+    _store(out_ref, idx, acc.astype(out_ref.dtype), mask)
+
+
+def _forward_dense(x, lora_a, lora_b, scaling, expert_idx, expert_weight, *, block_t, block_c, block_k,
+                   block_n, interpret, base=None, poison=False):
+    num_tokens, depth = x.shape
+    num_adapters, _, rank = lora_a.shape
+    width = lora_b.shape[2]
+    top_k = expert_idx.shape[1]
+    cat = num_adapters * rank
+    xa = pl.pallas_call(
+        functools.partial(_dense_shrink_kernel, top_k=top_k, block_t=block_t, block_c=block_c,
+                          block_k=block_k, num_tokens=num_tokens, depth=depth, rank=rank,
+                          num_adapters=num_adapters, precision=_precision(x.dtype)),
+        out_shape=jax.ShapeDtypeStruct((num_tokens, cat), x.dtype),
+        grid=(_cdiv(num_tokens, block_t), _cdiv(cat, block_c)),
+        interpret=interpret,
+        compiler_params=_compiler_params(4, 3),
+        name="grouped_lora_dense_shrink",
+    )(expert_idx.reshape(-1), expert_weight.reshape(-1), scaling, x, lora_a)
+    kernel = functools.partial(_dense_expand_kernel, block_t=block_t, block_n=block_n, block_k=block_c,
+                               num_tokens=num_tokens, depth=cat, width=width, has_base=base is not None,
+                               precision=_precision(x.dtype))
+    args = [xa, lora_b.reshape(cat, width)]
+    aliases = {}
+    if base is not None:
+        args.append(base)
+        aliases = {len(args) - 1: 0}
+    elif poison:
+        args.append(jnp.full((num_tokens, width), jnp.nan, x.dtype))
+        aliases = {len(args) - 1: 0}
+        kernel = _drop_arg(kernel)
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((num_tokens, width), x.dtype),
+        grid=(_cdiv(num_tokens, block_t), _cdiv(width, block_n)),
+        input_output_aliases=aliases,
+        interpret=interpret,
+        compiler_params=_compiler_params(4, 3),
+        name="grouped_lora_dense_expand",
+    )(*args)
+
+
+# ------------------------------------------------------------------------------------------------
+# Forward / backward with custom VJP
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Static kernel choices (hashable; a `nondiff_argnums` argument of the custom VJP)."""
+
+    path: str  # "sorted", "dense" or "decode" (forward only; the backward always uses the sorted plan)
+    block_t: int
+    block_k: int
+    block_n: int
+    block_n_tgmm: int
+    block_k_decode: int
+    block_n_decode: int
+    block_t_dense: int
+    block_c_dense: int
+    interpret: bool
+    poison: bool
+    has_base: bool
+
+
+def _sorted_forward(x, lora_a, lora_b, scaling, expert_idx, expert_weight, base, cfg):
+    num_tokens = x.shape[0]
+    num_adapters, _, rank = lora_a.shape
+    plan = _routing_plan(expert_idx, num_adapters, cfg.block_t)
+    coef = _row_coef(plan, expert_weight, scaling, cfg.block_t)
+    xa = _shrink(plan, x, lora_a, rank=rank, transpose_w=False, block_t=cfg.block_t, block_k=cfg.block_k,
+                 interpret=cfg.interpret)
+    out = _expand(plan, coef, xa, lora_b, num_tokens=num_tokens, width=lora_b.shape[2], rank=rank,
+                  transpose_w=False, out_dtype=x.dtype, block_t=cfg.block_t, block_n=cfg.block_n,
+                  interpret=cfg.interpret, base=base if cfg.has_base else None, poison=cfg.poison)
+    return out, plan, coef, xa
+
+
+def _primal(x, lora_a, lora_b, scaling, expert_idx, expert_weight, base, cfg):
+    kw = dict(interpret=cfg.interpret, base=base if cfg.has_base else None, poison=cfg.poison)
+    if cfg.path == "decode":
+        return _forward_decode(x, lora_a, lora_b, scaling, expert_idx, expert_weight,
+                               block_k=cfg.block_k_decode, block_n=cfg.block_n_decode, **kw)
+    if cfg.path == "dense":
+        return _forward_dense(x, lora_a, lora_b, scaling, expert_idx, expert_weight, block_t=cfg.block_t_dense,
+                              block_c=cfg.block_c_dense, block_k=cfg.block_k, block_n=cfg.block_n, **kw)
+    return _sorted_forward(x, lora_a, lora_b, scaling, expert_idx, expert_weight, base, cfg)[0]
+
+
+_grouped_lora = jax.custom_vjp(_primal, nondiff_argnums=(7,))
+
+
+def _fwd(x, lora_a, lora_b, scaling, expert_idx, expert_weight, base, cfg):
+    # symbolic_zeros=True: every argument arrives as CustomVJPPrimal(value, perturbed). Which
+    # gradients are needed is kept in the residuals' tree structure (dict keys), not as data.
+    perturbed = {"x": x.perturbed, "a": lora_a.perturbed, "b": lora_b.perturbed,
+                 "s": scaling.perturbed, "w": expert_weight.perturbed,
+                 "base": base.perturbed and cfg.has_base}
+    xv, av, bv, sv, iv, wv, basev = (arg.value for arg in
+                                     (x, lora_a, lora_b, scaling, expert_idx, expert_weight, base))
+    out, plan, coef, xa = _sorted_forward(xv, av, bv, sv, iv, wv, basev, cfg)
+    res = dict(plan=plan, coef=coef, xa=xa, a=av, b=bv, s=sv, idx=iv, w=wv,
+               need={name: None for name, p in perturbed.items() if p})
+    if perturbed["a"]:
+        res["x"] = xv
+    return out, res
+
+
+def _bwd(cfg, res, g):
+    need = set(res["need"])
+    lora_a, lora_b, scaling, expert_idx, expert_weight = res["a"], res["b"], res["s"], res["idx"], res["w"]
+    plan, coef, xa = res["plan"], res["coef"], res["xa"]
+    num_adapters, depth, rank = lora_a.shape
+    num_tokens, top_k = expert_idx.shape
+    if isinstance(g, SymbolicZero) or not need:
+        return (None,) * 7
+    dtype = lora_a.dtype  # == x.dtype (the wrapper casts the LoRAs to x's dtype)
+    g = g.astype(dtype)
+    dx = da = db = ds = dw = None
+    if need & {"x", "a", "s", "w"}:
+        gb = _shrink(plan, g, lora_b, rank=rank, transpose_w=True, block_t=cfg.block_t, block_k=cfg.block_k,
+                     interpret=cfg.interpret)  # [rows, R] f32: g[rows] @ B[e]^T
+        if "x" in need:
+            dx = _expand(plan, coef, gb, lora_a, num_tokens=num_tokens, width=depth, rank=rank,
+                         transpose_w=True, out_dtype=dtype, block_t=cfg.block_t, block_n=cfg.block_n,
+                         interpret=cfg.interpret, poison=cfg.poison)
+        if "a" in need:
+            da = _tgmm(plan, res["x"], gb * coef[:, None], num_adapters=num_adapters, rank=rank,
+                       out_dtype=dtype, block_t=cfg.block_t, block_n=cfg.block_n_tgmm,
+                       interpret=cfg.interpret, poison=cfg.poison)
+        if need & {"s", "w"}:
+            raw = jnp.sum(xa * gb, axis=-1)  # [rows]: <xa, gB> per padded row
+            num_rows = plan.rows.shape[0]
+            slot = jnp.arange(num_rows, dtype=jnp.int32) // (num_rows // top_k)
+            raw = jnp.zeros((num_tokens, top_k), jnp.float32).at[plan.rows, slot].set(raw, mode="drop")
+            if "w" in need:
+                dw = (raw * scaling.astype(jnp.float32)[expert_idx]).astype(expert_weight.dtype)
+            if "s" in need:
+                ds = jnp.zeros((num_adapters,), jnp.float32).at[expert_idx].add(
+                    raw * expert_weight.astype(jnp.float32)).astype(scaling.dtype)
+    if "b" in need:
+        dbt = _tgmm(plan, g, xa * coef[:, None], num_adapters=num_adapters, rank=rank, out_dtype=dtype,
+                    block_t=cfg.block_t, block_n=cfg.block_n_tgmm, interpret=cfg.interpret,
+                    poison=cfg.poison)  # [L, d_out, r]
+        db = jnp.swapaxes(dbt, 1, 2)
+    dbase = g if "base" in need else None
+    return dx, da, db, ds, None, dw, dbase
+
+
+_grouped_lora.defvjp(_fwd, _bwd, symbolic_zeros=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Public entry point
+# ------------------------------------------------------------------------------------------------
+
+# Forward path by token count. Measured on an H100 (docs/benchmarks.md, d 4096 -> 4096, L = 28,
+# k = 2, bf16, layer with the base fused; d_out 4096 and 14336): decode beats sorted 1.4-2.0x at
+# T = 1 and 16; at T = 256 sorted is 1.05-1.7x faster than decode; at T >= 4096 sorted beats decode
+# 2.5-4.8x and the dense path 1.2-2.7x (dense is never the fastest: too few programs at small T,
+# L x the flops at large T), so "dense" is available but never chosen. 32 lies between measured T.
+DECODE_MAX_TOKENS = 32
+
+
+def auto_path(num_tokens, rank):
+    del rank  # no measured dependence of the best path on the rank
+    return "decode" if num_tokens <= DECODE_MAX_TOKENS else "sorted"
+
+
+def default_config(num_tokens, top_k, num_adapters, rank, *, path="auto", interpret=None, poison=False,
+                   has_base=False, **blocks):
+    if interpret is None:
+        interpret = jax.default_backend() == "cpu"
+    if path == "auto":
+        path = auto_path(num_tokens, rank)
+    if path not in ("sorted", "decode", "dense"):
+        raise ValueError(f"path must be 'auto', 'sorted', 'dense' or 'decode', got {path!r}")
+    # Token tile: 64 when adapters average >= 64 pairs, else smaller to cut padding (>= 16 for dots).
+    per_adapter = num_tokens * top_k / max(num_adapters, 1)
+    block_t = 64 if per_adapter >= 64 else (32 if per_adapter >= 24 else 16)
+    cfg = dict(path=path, block_t=block_t, block_k=64, block_n=128, block_n_tgmm=64, block_k_decode=128,
+               block_n_decode=256, block_t_dense=64, block_c_dense=64, interpret=bool(interpret),
+               poison=bool(poison), has_base=bool(has_base))
+    unknown = set(blocks) - set(cfg)
+    if unknown:
+        raise ValueError(f"unknown kernel options {sorted(unknown)}")
+    cfg.update(blocks)
+    for name in ("block_t", "block_k", "block_n", "block_n_tgmm", "block_t_dense", "block_c_dense"):
+        if cfg[name] < 16 or cfg[name] & (cfg[name] - 1):
+            raise ValueError(f"{name}={cfg[name]} must be a power of two >= 16 (Triton dot tiles)")
+    return Config(**cfg)
+
+
+def grouped_lora_pallas(
+    x: jax.Array,  # [T, d_in]
+    lora_a: jax.Array,  # [L, d_in, r]
+    lora_b: jax.Array,  # [L, r, d_out]
+    scaling: jax.Array,  # [L]
+    expert_idx: jax.Array,  # [T, k] int32
+    expert_weight: jax.Array,  # [T, k]
+    *,
+    path: str = "auto",
+    base: jax.Array | None = None,  # [T, d_out]
+    interpret: bool | None = None,
+    poison: bool = False,
+    **blocks,
+) -> jax.Array:  # [T, d_out], x.dtype
+    """Pallas routed grouped low-rank product; differentiable (custom VJP, see module docstring).
+
+    base: optional [T, d_out] added in the kernel's epilogue (out = base + delta; the layer's
+    x @ kernel), which saves a separate read-add-write pass over the output.
+    path: "sorted", "dense", "decode" or "auto" (`auto_path`). interpret: defaults to True on
+    CPU. poison (tests): outputs start as NaN so unwritten elements show. blocks: block_t, block_k,
+    block_n, block_n_tgmm, block_k_decode, block_n_decode, block_t_dense, block_c_dense.
+    """
+    num_tokens = x.shape[0]
+    num_adapters, _, rank = lora_a.shape
+    if not 1 <= rank <= 128:
+        raise ValueError(f"rank r={rank} must be in [1, 128]")
+    if num_tokens == 0 or num_adapters == 0 or expert_idx.shape[1] == 0:
+        delta = jnp.zeros((num_tokens, lora_b.shape[2]), x.dtype)
+        return delta if base is None else (base + delta).astype(x.dtype)
+    if base is not None and base.shape != (num_tokens, lora_b.shape[2]):
+        raise ValueError(f"base must be [T, d_out]=[{num_tokens}, {lora_b.shape[2]}], got {base.shape}")
+    lora_a = lora_a.astype(x.dtype)
+    lora_b = lora_b.astype(x.dtype)
+    cfg = default_config(num_tokens, expert_idx.shape[1], num_adapters, rank, path=path, interpret=interpret,
+                         poison=poison, has_base=base is not None, **blocks)
+    base_arg = jnp.zeros((0,), x.dtype) if base is None else base.astype(x.dtype)
+    return _grouped_lora(x, lora_a, lora_b, scaling, expert_idx.astype(jnp.int32), expert_weight, base_arg, cfg)
+
+
+@jax.jit
+def grouped_lora_reference(x, lora_a, lora_b, scaling, expert_idx, expert_weight):
+    """Plain-jnp reference (the dense-masked XLA formulation)."""
+    from pallas_kernels.grouped_lora_xla import grouped_lora_dense
+
+    return grouped_lora_dense(x, lora_a, lora_b, scaling, expert_idx, expert_weight)

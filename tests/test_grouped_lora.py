@@ -1,0 +1,167 @@
+"""Pallas grouped_lora kernels (interpret mode on CPU) vs the plain-XLA reference.
+
+Fresh random inputs every run: the seed comes from np.random.SeedSequence() and is printed in every
+assertion message, so a failure can be replayed by setting SEED below.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import IMPLS, grouped_lora, grouped_lora_dense
+from pallas_kernels.grouped_lora_pallas import grouped_lora_pallas
+
+SEED = np.random.SeedSequence().entropy
+SMALL = dict(block_t=16, block_k=16, block_n=16, block_n_tgmm=16, block_k_decode=16, block_n_decode=16,
+             block_t_dense=16, block_c_dense=16)
+TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
+
+
+def _rng(*salt):
+    return np.random.default_rng([SEED % 2**63, *salt])
+
+
+def _inputs(salt, t, d_in, d_out, num_adapters, rank, k, dtype, routing="random"):
+    rng = _rng(*salt)
+    x = jnp.asarray(rng.standard_normal((t, d_in)), dtype)
+    a = jnp.asarray(rng.standard_normal((num_adapters, d_in, rank)) / np.sqrt(d_in), dtype)
+    b = jnp.asarray(rng.standard_normal((num_adapters, rank, d_out)) / np.sqrt(rank), dtype)
+    s = jnp.asarray(rng.uniform(0.5, 2.0, num_adapters), jnp.float32)
+    if routing == "random":
+        idx = np.stack([rng.permutation(num_adapters)[:k] for _ in range(t)])
+    elif routing == "one":  # every token's first choice on adapter 0, others elsewhere
+        idx = np.stack([np.r_[0, 1 + rng.permutation(num_adapters - 1)[: k - 1]] for _ in range(t)])
+    else:  # "few": only adapters 0..k used, most adapters get no token
+        idx = np.stack([rng.permutation(k + 1)[:k] for _ in range(t)])
+    w = jnp.asarray(rng.uniform(0.1, 1.0, (t, k)), jnp.float32)
+    base = jnp.asarray(rng.standard_normal((t, d_out)), dtype)
+    return x, a, b, s, jnp.asarray(idx, jnp.int32), w, base
+
+
+def _rel(got, want):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    assert np.all(np.isfinite(got)), "non-finite output (unwritten poisoned elements?)"
+    return np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30)
+
+
+def _reference(x, a, b, s, idx, w):
+    f32 = lambda v: v.astype(jnp.float32)  # noqa: E731
+    with jax.default_matmul_precision("highest"):
+        return grouped_lora_dense(f32(x), f32(a), f32(b), s, idx, w)
+
+
+# (T, d_in, d_out, L, r, k, routing): T, d_in and d_out not multiples of the 16-wide blocks.
+CASES = [
+    (37, 50, 70, 5, 3, 2, "random"),
+    (1, 33, 20, 4, 8, 2, "random"),  # decode-sized, one token
+    (23, 40, 17, 6, 1, 1, "random"),  # r = 1, k = 1
+    (19, 24, 30, 4, 5, 4, "random"),  # k = L
+    (29, 18, 21, 3, 128, 2, "random"),  # r = 128
+    (45, 30, 26, 9, 4, 2, "few"),  # adapters with no token
+    (40, 30, 26, 5, 6, 2, "one"),  # all tokens' first choice on one adapter
+]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("path", ["sorted", "decode", "dense"])
+@pytest.mark.parametrize("case", CASES, ids=[f"T{c[0]}_L{c[3]}_r{c[4]}_k{c[5]}_{c[6]}" for c in CASES])
+def test_forward_matches_reference(case, path, dtype):
+    t, d_in, d_out, num_adapters, rank, k, routing = case
+    x, a, b, s, idx, w, base = _inputs((hash(case) % 2**31, 0), t, d_in, d_out, num_adapters, rank, k, dtype,
+                                       routing)
+    ref = _reference(x, a, b, s, idx, w)
+    fn = jax.jit(lambda *v: grouped_lora_pallas(*v, path=path, poison=True, interpret=True, **SMALL))
+    err = _rel(fn(x, a, b, s, idx, w), ref)
+    assert err <= TOL[dtype], f"seed={SEED} case={case} path={path}: rel err {err:.2e}"
+    fused = jax.jit(lambda *v: grouped_lora_pallas(*v[:-1], base=v[-1], path=path, interpret=True, **SMALL))
+    err = _rel(fused(x, a, b, s, idx, w, base), ref + base.astype(jnp.float32))
+    assert err <= TOL[dtype], f"seed={SEED} case={case} path={path} (base fused): rel err {err:.2e}"
+
+
+GRAD_CASES = [CASES[0], CASES[2], CASES[3], CASES[5], CASES[6]]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("case", GRAD_CASES, ids=[f"T{c[0]}_L{c[3]}_r{c[4]}_k{c[5]}_{c[6]}" for c in GRAD_CASES])
+def test_gradients_match_autodiff_of_reference(case, dtype):
+    t, d_in, d_out, num_adapters, rank, k, routing = case
+    x, a, b, s, idx, w, base = _inputs((hash(case) % 2**31, 1), t, d_in, d_out, num_adapters, rank, k, dtype,
+                                       routing)
+    g = jnp.asarray(_rng(hash(case) % 2**31, 2).standard_normal((t, d_out)), jnp.float32)
+    f32 = lambda v: v.astype(jnp.float32)  # noqa: E731
+
+    def loss(fn, cast):
+        return lambda x, a, b, s, w, base: jnp.sum(f32(fn(cast(x), cast(a), cast(b), s, idx, w, cast(base))) * g)
+
+    def ref_fn(x, a, b, s, idx, w, base):
+        return grouped_lora_dense(x, a, b, s, idx, w) + base
+
+    def pallas_fn(x, a, b, s, idx, w, base):
+        return grouped_lora_pallas(x, a, b, s, idx, w, base=base, path="sorted", poison=True, interpret=True,
+                                   **SMALL)
+
+    argnums = (0, 1, 2, 3, 4, 5)
+    with jax.default_matmul_precision("highest"):
+        want = jax.grad(loss(ref_fn, f32), argnums)(f32(x), f32(a), f32(b), s, w, f32(base))
+    got = jax.jit(jax.grad(loss(pallas_fn, lambda v: v), argnums))(x, a, b, s, w, base)
+    for name, u, v in zip(("x", "lora_a", "lora_b", "scaling", "expert_weight", "base"), want, got):
+        err = _rel(v, u)
+        assert err <= TOL[dtype], f"seed={SEED} case={case}: d{name} rel err {err:.2e}"
+
+
+def test_lora_gradients_only_when_asked():
+    x, a, b, s, idx, w, _ = _inputs((7,), 21, 20, 18, 4, 3, 2, jnp.float32)
+
+    def loss(x, w, a, b):
+        return jnp.sum(grouped_lora_pallas(x, a, b, s, idx, w, path="sorted", interpret=True, **SMALL) ** 2)
+
+    gate_only = str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(x, w, a, b))
+    mixlora = str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2, 3)))(x, w, a, b))
+    assert "grouped_lora_tgmm" not in gate_only  # frozen LoRAs: no dA / dB kernels
+    assert "grouped_lora_tgmm" in mixlora
+    frozen = str(jax.make_jaxpr(jax.grad(
+        lambda x, w, a, b: loss(x, w, jax.lax.stop_gradient(a), b), argnums=(0, 1, 2, 3)))(x, w, a, b))
+    assert 0 < frozen.count("grouped_lora_tgmm") < mixlora.count("grouped_lora_tgmm")  # dB only
+
+
+def test_under_scan_and_remat():
+    """The model calls the kernel inside nn.scan and remat: grads through lax.scan + checkpoint."""
+    x, a, b, s, idx, w, _ = _inputs((11,), 26, 24, 24, 5, 4, 2, jnp.float32)
+    stack = lambda v: jnp.stack([v, v * 0.5])  # noqa: E731
+
+    def model(impl, x, w):
+        def layer(h, params):
+            a_l, b_l = params
+            return h + grouped_lora(h, a_l, b_l, s, idx, w, impl=impl), None
+
+        def run(x, w):
+            return jnp.sum(jax.lax.scan(jax.checkpoint(layer), x, (stack(a), stack(b)))[0] ** 2)
+
+        return run(x, w)
+
+    with jax.default_matmul_precision("highest"):
+        want = jax.grad(lambda x, w: model("xla", x, w), argnums=(0, 1))(x, w)
+    got = jax.jit(jax.grad(lambda x, w: model("pallas", x, w), argnums=(0, 1)))(x, w)
+    for u, v in zip(want, got):
+        assert _rel(v, u) <= 1e-5, f"seed={SEED}"
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_dispatcher(impl):
+    x, a, b, s, idx, w, base = _inputs((3,), 9, 16, 12, 4, 2, 2, jnp.float32)
+    ref = _reference(x, a, b, s, idx, w)
+    assert _rel(grouped_lora(x, a, b, s, idx, w, impl=impl), ref) <= 1e-5
+    assert _rel(grouped_lora(x, a, b, s, idx, w, impl=impl, base=base), ref + base) <= 1e-5
+
+
+def test_rejects_bad_arguments():
+    x, a, b, s, idx, w, _ = _inputs((5,), 4, 16, 12, 3, 2, 2, jnp.float32)
+    with pytest.raises(ValueError, match="impl"):
+        grouped_lora(x, a, b, s, idx, w, impl="cuda")
+    with pytest.raises(ValueError, match="power of two"):
+        grouped_lora_pallas(x, a, b, s, idx, w, block_t=24)
+    with pytest.raises(ValueError, match="rank"):
+        grouped_lora_pallas(x, jnp.zeros((3, 16, 129)), jnp.zeros((3, 129, 12)), s, idx, w)
