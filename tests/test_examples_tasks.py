@@ -1,0 +1,225 @@
+"""examples/: the task generator (deterministic, valid, disjoint splits, distinct formats) and the
+PEFT adapter trainer at toy size on a tiny random LLaMA (adapters load back with PEFT and moved)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+from meteora_jax.data import read_jsonl
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def _load(name):
+    if str(EXAMPLES) not in sys.path:
+        sys.path.insert(0, str(EXAMPLES))
+    spec = importlib.util.spec_from_file_location(f"examples_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+make_tasks = _load("make_tasks")
+DATA_PACKAGES = ("pycountry", "periodictable", "num2words", "babel", "pint")
+_missing = [p for p in DATA_PACKAGES if importlib.util.find_spec(p) is None]
+needs_data = pytest.mark.skipif(bool(_missing), reason=f"needs the `examples` extra (missing {_missing})")
+
+TRAIN, TEST = 60, 20
+
+
+@pytest.fixture(scope="module")
+def task_roots(tmp_path_factory):
+    if _missing:
+        pytest.skip(f"needs the `examples` extra (missing {_missing})")
+    roots = []
+    for i, seed in enumerate((0, 0, 1)):
+        root = tmp_path_factory.mktemp(f"tasks{i}")
+        make_tasks.main(["--out", str(root), "--seed", str(seed), "--train-size", str(TRAIN), "--test-size", str(TEST)])
+        roots.append(root)
+    return roots
+
+
+def _files(root):
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@needs_data
+def test_deterministic_by_seed(task_roots):
+    a, b, c = (_files(r) for r in task_roots)
+    assert a == b
+    assert a.keys() == c.keys()
+    assert any(a[k] != c[k] for k in a if k.endswith(".jsonl"))
+
+
+@needs_data
+def test_layout_manifest_and_splits(task_roots):
+    root = task_roots[0]
+    manifest = json.loads((root / "tasks.json").read_text())
+    metrics = json.loads((root / "metrics.json").read_text())
+    assert list(manifest) == list(make_tasks.TASKS) and len(manifest) >= 8
+    assert metrics == {t: m["metric"] for t, m in manifest.items()}
+    real = [t for t, m in manifest.items() if m["source"] != "procedural"]
+    assert len(real) * 2 >= len(manifest)
+    for task, info in manifest.items():
+        assert info["metric"] in ("accuracy", "accuracy_contains", "rougeL", "bleu") and info["description"]
+        train = read_jsonl(root / task / "train.jsonl")
+        test = read_jsonl(root / task / "test.jsonl")
+        assert (len(train), len(test)) == (TRAIN, TEST) == (info["train"], info["test"])
+        prompts_train = {r["prompt"] for r in train}
+        prompts_test = {r["prompt"] for r in test}
+        assert len(prompts_train) == TRAIN and len(prompts_test) == TEST
+        assert not prompts_train & prompts_test, task
+        assert all(r["response"].strip() == r["response"] and r["response"] for r in train + test)
+
+
+@needs_data
+def test_test_split_does_not_depend_on_train_size(task_roots, tmp_path):
+    make_tasks.main(["--out", str(tmp_path), "--train-size", "7", "--test-size", str(TEST), "--tasks", "arithmetic"])
+    want = (task_roots[0] / "arithmetic" / "test.jsonl").read_bytes()
+    assert (tmp_path / "arithmetic" / "test.jsonl").read_bytes() == want
+
+
+def _shape(text):
+    # The format of a string: digits, letters and the rest collapsed to classes.
+    return re.sub(r"[^\W\d_]+", "a", re.sub(r"\d+", "0", text))
+
+
+@needs_data
+def test_tasks_have_distinct_formats(task_roots):
+    root = task_roots[0]
+    prompt_heads, response_shapes = {}, {}
+    for task in make_tasks.TASKS:
+        records = read_jsonl(root / task / "train.jsonl")
+        prompt_heads[task] = {r["prompt"][:12] for r in records}
+        response_shapes[task] = {_shape(r["response"]) for r in records}
+    tasks = list(make_tasks.TASKS)
+    for i, a in enumerate(tasks):
+        for b in tasks[i + 1 :]:
+            assert not prompt_heads[a] & prompt_heads[b], (a, b)
+            assert not response_shapes[a] & response_shapes[b], (a, b)
+
+
+def test_procedural_tasks_answers_are_right(tmp_path):
+    make_tasks.main(["--out", str(tmp_path), "--train-size", "30", "--test-size", "5",
+                     "--tasks", "arithmetic,sort_numbers,reverse_words"])
+    for r in read_jsonl(tmp_path / "arithmetic" / "train.jsonl"):
+        a, op, b = re.fullmatch(r"What is (\d+) (plus|minus) (\d+)\?", r["prompt"]).groups()
+        assert r["response"] == f"Answer: {int(a) + int(b) if op == 'plus' else int(a) - int(b)}"
+    for r in read_jsonl(tmp_path / "sort_numbers" / "train.jsonl"):
+        xs = [int(x) for x in r["prompt"].split(": ")[1].split(", ")]
+        assert r["response"] == " < ".join(map(str, sorted(xs)))
+    for r in read_jsonl(tmp_path / "reverse_words" / "train.jsonl"):
+        assert r["response"].split(" / ") == r["prompt"].split(": ")[1].split()[::-1]
+
+
+# ----------------------------------------------------------------------------------------------
+# The adapter trainer on a tiny random LLaMA (CPU)
+
+
+@pytest.fixture(scope="module")
+def tiny_base_dir(tmp_path_factory):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from conftest import make_tiny_tokenizer
+
+    tokenizer = make_tiny_tokenizer()
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny_base")
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_train_adapters_toy(tiny_base_dir, tmp_path, capsys):
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    train_adapters = _load("train_adapters")
+    tasks_root, out = tmp_path / "tasks", tmp_path / "adapters"
+    make_tasks.main(["--out", str(tasks_root), "--train-size", "8", "--test-size", "2",
+                     "--tasks", "arithmetic,sort_numbers"])
+    common = ["--tasks-root", str(tasks_root), "--out", str(out), "--base-dir", str(tiny_base_dir), "--device", "cpu",
+              "--steps", "2", "--batch-size", "4", "--rank", "4", "--alpha", "8", "--max-len", "64", "--lr", "1e-2",
+              "--mixed", "--mixed-steps", "2", "--save-dtype", "float32"]
+    # Split over two runs: the second resumes by skipping the finished adapters.
+    assert train_adapters.main(common + ["--max-tasks-per-run", "2"]) == 0
+    assert (out / "adapters.txt").read_text().split() == ["arithmetic", "sort_numbers"]  # both task adapters exist
+    assert not (out / "lora_b").exists()
+    assert train_adapters.main(common) == 0
+    log = capsys.readouterr().out
+    assert "already done" in log and "remaining: none" in log
+    assert (out / "adapters.txt").read_text().split() == ["arithmetic", "sort_numbers"]
+    assert (out / "base" / "config.json").is_file()
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_base_dir)
+    ids = torch.tensor([[1, 5, 9, 20, 33]])
+    with torch.no_grad():
+        want = base(ids).logits
+    for name in ("arithmetic", "sort_numbers", "lora_b"):
+        d = out / name
+        assert (d / "adapter_config.json").is_file() and (d / "adapter_model.safetensors").is_file()
+        cfg = json.loads((d / "adapter_config.json").read_text())
+        assert cfg["r"] == 4 and cfg["lora_alpha"] == 8
+        assert set(cfg["target_modules"]) == set(train_adapters.ALL_PROJECTIONS.split(","))
+        weights = load_file(d / "adapter_model.safetensors")
+        b_keys = [k for k in weights if "lora_B" in k]
+        assert b_keys and len(b_keys) == 2 * 7  # 2 layers x 7 projections
+        assert any(weights[k].abs().max() > 0 for k in b_keys)  # PEFT inits B at zero: training moved it
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base_dir), d).eval()
+        with torch.no_grad():
+            got = model(ids).logits
+        assert not torch.allclose(got, want)
+
+    # The HF-side evaluation runs over the same folders: base, own adapters and LoRA-B.
+    baseline_eval = _load("baseline_eval")
+    args = ["--tasks-root", str(tasks_root), "--adapters", str(out), "--base-dir", str(tiny_base_dir),
+            "--device", "cpu", "--limit", "2", "--out", str(tmp_path / "eval.json")]
+    assert baseline_eval.main(args) == 0
+    results = json.loads((tmp_path / "eval.json").read_text())["results"]
+    assert set(results) == {"base", "own", "lora_b"}
+    assert all(set(r) == {"arithmetic", "sort_numbers"} for r in results.values())
+
+
+def test_greedy_generate_left_padding_matches_one_by_one(tiny_base_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hf_common = _load("hf_common")
+    model = AutoModelForCausalLM.from_pretrained(tiny_base_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base_dir)
+    prompts = ["What is 12 plus 30?", "Sort ascending: 5, 3", "hello world, a much longer prompt than the others"]
+    batched = hf_common.greedy_generate(model, tokenizer, prompts, max_new_tokens=6, batch_size=3)
+    single = [hf_common.greedy_generate(model, tokenizer, [p], max_new_tokens=6)[0] for p in prompts]
+    assert batched == single
+
+
+def test_scores():
+    hf_common = _load("hf_common")
+    assert hf_common.score("accuracy", ["Answer: 3 ", "x"], ["answer: 3", "y"]) == 0.5
+    assert hf_common.score("accuracy_contains", ["so: Answer: 3."], ["Answer: 3"]) == 1.0
+    assert hf_common.rouge_l("a b c d", "a b c d") == 1.0
+    assert abs(hf_common.rouge_l("a x c", "a b c") - 2 / 3) < 1e-9
+    try:
+        from rouge_score import rouge_scorer
+    except ImportError:
+        return
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    pairs = [
+        ("Paris is a city of France, code FR-75.", "Paris is a metropolitan department of France, with code FR-75."),
+        ("nothing alike", "Bulgan is a province of Mongolia."),
+    ]
+    for p, r in pairs:
+        assert abs(hf_common.rouge_l(p, r) - scorer.score(r, p)["rougeL"].fmeasure) < 1e-9
