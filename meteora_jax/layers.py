@@ -142,7 +142,8 @@ class MeteoRALinear(nn.Module):
         tokens = x.reshape(-1, d_in)  # [T, d_in]
         gate_logits = jnp.dot(tokens.astype(jnp.float32), gate)  # [T, L], float32 as the loss needs
         expert_idx, expert_weight = routing.select(gate_logits, self.top_k)
-        delta = grouped_lora(
+        # The base output goes in as `base=` so the kernel adds it in its epilogue (one pass less).
+        y = grouped_lora(
             tokens,
             lora_a.astype(self.dtype),
             lora_b.astype(self.dtype),
@@ -150,9 +151,9 @@ class MeteoRALinear(nn.Module):
             expert_idx,
             expert_weight.astype(self.dtype),
             impl=self.kernel_impl,
+            base=y.reshape(-1, self.features),
         )
-        y = y + delta.reshape(y.shape).astype(y.dtype)
-        return y, gate_logits.reshape(*x.shape[:-1], L)
+        return y.reshape(*x.shape[:-1], self.features), gate_logits.reshape(*x.shape[:-1], L)
 
 
 def _projection(config: ModelConfig, name: str, features: int) -> MeteoRALinear:
