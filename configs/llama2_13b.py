@@ -18,4 +18,14 @@ def get_config():
         tie_word_embeddings=False,
     )
     config.model.meteora.update(num_adapters=28, rank=8, top_k=2)
+    # Gate training (scripts/train.py): point these at your converted checkpoint and task data,
+    # e.g. --config.model_checkpoint=... --config.data.root=... on the command line.
+    config.model_checkpoint = "checkpoints/llama2_13b_meteora"  # scripts/convert.py output (base + adapters)
+    config.tokenizer = "models/llama2_13b"  # the base model's HF folder (tokenizer files)
+    config.data.root = "data/tasks"  # <root>/<adapter name>/{train,test}.jsonl
+    config.data.seq_len = 2048
+    config.workdir = "runs/llama2_13b"
+    config.train.update(steps=2000, batch_size=8, grad_accum_steps=4, eval_every=500, eval_batch_size=8, eval_max_batches=50)
+    config.schedule.update(kind="cosine", warmup_steps=100)
+    config.checkpoint.update(every=500, keep=3)
     return config

@@ -21,4 +21,14 @@ def get_config():
         factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192
     )
     config.model.meteora.update(num_adapters=28, rank=8, top_k=2)
+    # Gate training (scripts/train.py): point these at your converted checkpoint and task data,
+    # e.g. --config.model_checkpoint=... --config.data.root=... on the command line.
+    config.model_checkpoint = "checkpoints/llama3_8b_meteora"  # scripts/convert.py output (base + adapters)
+    config.tokenizer = "models/llama3_8b"  # the base model's HF folder (tokenizer files)
+    config.data.root = "data/tasks"  # <root>/<adapter name>/{train,test}.jsonl
+    config.data.seq_len = 2048
+    config.workdir = "runs/llama3_8b"
+    config.train.update(steps=2000, batch_size=8, grad_accum_steps=4, eval_every=500, eval_batch_size=8, eval_max_batches=50)
+    config.schedule.update(kind="cosine", warmup_steps=100)
+    config.checkpoint.update(every=500, keep=3)
     return config

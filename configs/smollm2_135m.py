@@ -21,4 +21,14 @@ def get_config():
         remat="none",
     )
     config.model.meteora.update(num_adapters=8, rank=16, top_k=2)
+    # Gate training (scripts/train.py): point these at your converted checkpoint and task data,
+    # e.g. --config.model_checkpoint=... --config.data.root=... on the command line.
+    config.model_checkpoint = "checkpoints/smollm2_135m_meteora"  # scripts/convert.py output (base + adapters)
+    config.tokenizer = "models/smollm2_135m"  # the base model's HF folder (tokenizer files)
+    config.data.root = "data/tasks"  # <root>/<adapter name>/{train,test}.jsonl
+    config.data.seq_len = 1024
+    config.workdir = "runs/smollm2_135m"
+    config.train.update(steps=2000, batch_size=16, grad_accum_steps=1, eval_every=500, eval_batch_size=16, eval_max_batches=50)
+    config.schedule.update(kind="cosine", warmup_steps=100)
+    config.checkpoint.update(every=500, keep=3)
     return config

@@ -1,6 +1,13 @@
-"""A randomly initialised tiny LLaMA with a few adapters: the CPU default for demos and tests."""
+"""A randomly initialised tiny LLaMA with a few adapters: the CPU default for demos and tests.
+
+`python scripts/train.py --config configs/tiny.py` builds (or finds) the embedded tiny world in
+runs/tiny_world (tokenizer, 3 generated tasks, a random model with 3 random adapters; see
+meteora_jax/tiny.py) and trains the gates on a CPU in a minute or two.
+"""
 
 from meteora_jax.defaults import base_config
+
+TINY_WORLD = "runs/tiny_world"
 
 
 def get_config():
@@ -19,4 +26,15 @@ def get_config():
         remat="none",
     )
     config.model.meteora.update(num_adapters=3, rank=4, top_k=2)
+
+    config.tiny_world = TINY_WORLD
+    config.model_checkpoint = f"{TINY_WORLD}/model"
+    config.tokenizer = f"{TINY_WORLD}/tokenizer"
+    config.workdir = "runs/tiny"
+    config.data.update(root=f"{TINY_WORLD}/data", seq_len=32)
+    config.train.update(steps=300, batch_size=16, eval_every=100, eval_batch_size=16, eval_max_batches=0)
+    config.optimizer.update(learning_rate=3e-3, weight_decay=0.0)
+    config.schedule.update(kind="cosine", warmup_steps=20, end_factor=0.1)
+    config.checkpoint.update(every=100, keep=2)
+    config.logging.update(every=10)
     return config

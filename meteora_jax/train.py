@@ -1,0 +1,714 @@
+"""Gate training: train state, optimizer, sharded train/eval steps, the loop, checkpoints, metrics.
+
+    result = train(config)        # config: an ml_collections ConfigDict (configs/*.py)
+
+Only the MeteoRA gates (`params[...]["gate"]`, `[n_layers, d_in, L]` float32) are trained. Params
+are split into a trainable tree (gates) and a frozen tree (base weights, LoRAs, scalings); only
+the trainable tree is differentiated and has optimizer state. Compute runs in `model.dtype`
+(bf16 on the big configs); gates, gradients and AdamW moments stay float32.
+
+The step is `jax.jit`ted with explicit in/out shardings over a named mesh (`meteora_jax.sharding`):
+frozen params FSDP-sharded by the logical rules, gates and optimizer state sharded alike, batches
+over the data axes. Gradient accumulation scans over micro-batches inside the step.
+
+Everything the config asks for is checked (`prepare`) before any compute, and errors are
+`TrainError`, `DataError` or `ConfigError` (all `ValueError`s) with a readable message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import signal
+import time
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import traverse_util
+
+from meteora_jax import checkpoint as model_ckpt
+from meteora_jax import data as data_lib
+from meteora_jax import sharding as sharding_lib
+from meteora_jax.config import ConfigError, ModelConfig
+from meteora_jax.loss import joint_loss, per_task_accuracy
+from meteora_jax.model import LlamaForCausalLM, param_logical_axes
+
+__all__ = [
+    "NonFiniteLossError",
+    "Setup",
+    "TrainError",
+    "TrainState",
+    "Trainer",
+    "export_gates",
+    "is_trainable",
+    "load_gates",
+    "make_optimizer",
+    "make_schedule",
+    "merge_params",
+    "prepare",
+    "split_params",
+    "train",
+]
+
+TRAINABLE_LEAF = "gate"
+_SUMMED_METRICS = ("gate_task_correct", "gate_task_count", "lm_tokens", "gate_tokens")
+_SCHEDULES = ("cosine", "linear", "constant")
+
+
+class TrainError(ValueError):
+    """A training config or input that cannot work; raised before any compute."""
+
+
+class NonFiniteLossError(TrainError):
+    """The loss became nan/inf; the last good checkpoint is kept."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Params: trainable (gates) vs frozen
+
+
+def is_trainable(path: tuple[str, ...]) -> bool:
+    """A param is trainable iff its leaf name is "gate" (MeteoRA routers)."""
+    return path[-1] == TRAINABLE_LEAF
+
+
+def split_params(params: Mapping) -> tuple[dict, dict]:
+    """params -> (trainable, frozen): two nested dicts holding disjoint leaves."""
+    flat = traverse_util.flatten_dict(params)
+    trainable = {k: v for k, v in flat.items() if is_trainable(k)}
+    frozen = {k: v for k, v in flat.items() if not is_trainable(k)}
+    return traverse_util.unflatten_dict(trainable), traverse_util.unflatten_dict(frozen)
+
+
+def merge_params(trainable: Mapping, frozen: Mapping) -> dict:
+    """Inverse of `split_params`."""
+    return traverse_util.unflatten_dict({**traverse_util.flatten_dict(frozen), **traverse_util.flatten_dict(trainable)})
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimizer
+
+
+def make_schedule(schedule_cfg, optimizer_cfg, total_steps: int) -> optax.Schedule:
+    """Linear warmup to optimizer.learning_rate, then cosine / linear decay to end_factor * lr."""
+    kind, peak = schedule_cfg.kind, float(optimizer_cfg.learning_rate)
+    warmup = min(int(schedule_cfg.warmup_steps), total_steps)
+    end = peak * float(schedule_cfg.end_factor)
+    if kind == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(total_steps, warmup + 1), end)
+    if kind == "linear":
+        return optax.join_schedules(
+            [optax.linear_schedule(0.0, peak, max(warmup, 1)), optax.linear_schedule(peak, end, max(total_steps - warmup, 1))],
+            [warmup],
+        )
+    if kind == "constant":
+        return optax.join_schedules([optax.linear_schedule(0.0, peak, max(warmup, 1)), optax.constant_schedule(peak)], [warmup])
+    raise TrainError(f"schedule.kind={kind!r}; choose one of {_SCHEDULES}")
+
+
+def make_optimizer(optimizer_cfg, schedule: optax.Schedule) -> optax.GradientTransformation:
+    """Global-norm clipping then AdamW (moments in float32, as the gates)."""
+    parts = []
+    if optimizer_cfg.clip_norm and optimizer_cfg.clip_norm > 0:
+        parts.append(optax.clip_by_global_norm(float(optimizer_cfg.clip_norm)))
+    parts.append(
+        optax.adamw(
+            schedule,
+            b1=float(optimizer_cfg.b1),
+            b2=float(optimizer_cfg.b2),
+            eps=float(optimizer_cfg.eps),
+            weight_decay=float(optimizer_cfg.weight_decay),
+            mu_dtype=jnp.float32,
+        )
+    )
+    return optax.chain(*parts)
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # [] int32: optimizer steps taken
+    gates: Any  # trainable params (nested dict of float32 [n_layers, d_in, L])
+    opt_state: Any  # optax state of `gates` only
+    rng: jax.Array  # [2] uint32, split every step (for stochastic extensions; resumed exactly)
+
+
+# ----------------------------------------------------------------------------------------------
+# Preparation: every check before any compute
+
+
+@dataclasses.dataclass
+class Setup:
+    """What `prepare` checked and loaded: enough to build a `Trainer`."""
+
+    config: Any  # the ml_collections ConfigDict
+    model_config: ModelConfig
+    params: Any  # full params (host or default device)
+    adapter_names: list[str]
+    train_data: dict  # {task: datasets.Dataset}
+    eval_data: dict | None
+    mesh: jax.sharding.Mesh
+    rules: tuple
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise TrainError(message)
+
+
+def _check_train_config(config) -> None:
+    t = config.train
+    _check(t.steps >= 1, f"train.steps={t.steps} must be >= 1")
+    _check(t.batch_size >= 1, f"train.batch_size={t.batch_size} must be >= 1")
+    _check(t.grad_accum_steps >= 1, f"train.grad_accum_steps={t.grad_accum_steps} must be >= 1")
+    _check(
+        t.batch_size % t.grad_accum_steps == 0,
+        f"train.batch_size={t.batch_size} is not a multiple of train.grad_accum_steps={t.grad_accum_steps}",
+    )
+    _check(t.eval_batch_size >= 1, f"train.eval_batch_size={t.eval_batch_size} must be >= 1")
+    _check(config.schedule.kind in _SCHEDULES, f"schedule.kind={config.schedule.kind!r}; choose one of {_SCHEDULES}")
+    _check(config.optimizer.learning_rate > 0, f"optimizer.learning_rate={config.optimizer.learning_rate} must be > 0")
+    _check(config.checkpoint.every >= 0, f"checkpoint.every={config.checkpoint.every} must be >= 0 (0: only at the end)")
+    _check(config.checkpoint.keep >= 1, f"checkpoint.keep={config.checkpoint.keep} must be >= 1")
+    _check(config.logging.every >= 1, f"logging.every={config.logging.every} must be >= 1")
+    _check(config.data.seq_len >= 2, f"data.seq_len={config.data.seq_len} must be >= 2")
+
+
+def _runtime_model_config(stored: ModelConfig, model_section) -> ModelConfig:
+    """The checkpoint's architecture with the config's run-time choices (dtype, remat, routing)."""
+    meteora = dataclasses.replace(
+        stored.meteora, top_k=int(model_section.meteora.top_k), kernel_impl=str(model_section.meteora.kernel_impl)
+    )
+    return stored.replace(dtype=str(model_section.dtype), remat=str(model_section.remat), meteora=meteora)
+
+
+def _load_tokenizer(path: str):
+    _check(bool(path), "config.tokenizer is empty: give the base model's HF tokenizer folder")
+    _check(os.path.isdir(path), f"tokenizer folder {path!r} does not exist")
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # transformers raises many kinds
+        raise TrainError(f"cannot load the tokenizer from {path!r}: {e}") from None
+
+
+def prepare(config) -> Setup:
+    """Validates the config and inputs and loads model, tokenizer and data; no compute.
+
+    Order: config values, mesh, model checkpoint (+ architecture vs. seq_len/top_k), tokenizer,
+    task data (all JSONL files validated before tokenising).
+    """
+    _check_train_config(config)
+    if config.tiny_world:
+        from meteora_jax.tiny import build_tiny_world
+
+        build_tiny_world(config.tiny_world, ModelConfig.from_dict(config.model))
+
+    try:
+        mesh = sharding_lib.make_mesh(dict(config.mesh.shape))
+        rules = sharding_lib.logical_rules(config.mesh.rules, mesh)
+    except sharding_lib.ShardingError as e:
+        raise TrainError(str(e)) from None
+    dp = sharding_lib.data_parallel_size(mesh, rules)
+    micro = config.train.batch_size // config.train.grad_accum_steps
+    _check(
+        micro % dp == 0,
+        f"micro-batch {micro} (train.batch_size / grad_accum_steps) is not a multiple of the {dp} data-parallel devices",
+    )
+    _check(
+        config.train.eval_batch_size % dp == 0,
+        f"train.eval_batch_size={config.train.eval_batch_size} is not a multiple of the {dp} data-parallel devices",
+    )
+
+    path = config.model_checkpoint
+    _check(bool(path), "config.model_checkpoint is empty: give a converted model checkpoint (scripts/convert.py)")
+    _check(os.path.exists(path), f"model checkpoint {path!r} does not exist")
+    metadata = model_ckpt.read_metadata(path)  # no arrays read yet
+    stored_config = ModelConfig.from_dict(metadata["model_config"])
+    names = list(metadata.get("adapter_names") or [])
+    L = stored_config.meteora.num_adapters
+    _check(L > 0, f"model checkpoint {path!r} has no adapters (num_adapters=0): there are no gates to train")
+    _check(len(names) == L, f"model checkpoint {path!r}: metadata adapter_names has {len(names)} names for {L} adapters")
+    top_k = int(config.model.meteora.top_k)
+    _check(1 <= top_k <= L, f"model.meteora.top_k={top_k} exceeds the checkpoint's {L} adapters (need 1 <= top_k <= {L})")
+    try:
+        model_config = _runtime_model_config(stored_config, config.model)
+    except ConfigError as e:
+        raise TrainError(str(e)) from None
+    seq_len = int(config.data.seq_len)
+    _check(
+        seq_len <= model_config.max_position_embeddings,
+        f"data.seq_len={seq_len} exceeds the model's max_position_embeddings={model_config.max_position_embeddings}",
+    )
+
+    tokenizer = _load_tokenizer(config.tokenizer)
+    _check(
+        len(tokenizer) <= model_config.vocab_size,
+        f"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {model_config.vocab_size}",
+    )
+    kw = dict(seq_len=seq_len, chat_template=bool(config.data.chat_template), lm_on_prompt=bool(config.data.lm_on_prompt))
+    _check(bool(config.data.root), "data.root is empty: give the folder of <task>/{train,test}.jsonl")
+    # Validate every file of both splits before tokenising any.
+    for split in ["train"] + ([config.data.eval_split] if config.train.eval_every >= 0 else []):
+        for p in data_lib.find_task_dirs(config.data.root, names, split=split).values():
+            data_lib.read_jsonl(p)
+    train_data = data_lib.load_task_datasets(config.data.root, names, tokenizer, split="train", **kw)
+    eval_data = None
+    if config.train.eval_every >= 0:
+        eval_data = data_lib.load_task_datasets(config.data.root, names, tokenizer, split=config.data.eval_split, **kw)
+    data_lib.BalancedBatchIterator(train_data, config.train.batch_size, seed=config.seed, mixing=config.data.mixing)
+
+    # Last: read the weights straight into their shardings (I/O only).
+    abstract = {
+        k: jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype)) for k, (shape, dtype) in metadata["param_shapes"].items()
+    }
+    abstract = traverse_util.unflatten_dict(abstract, sep="/")
+    shardings = sharding_lib.param_shardings(param_logical_axes(model_config), abstract, mesh, rules)
+    params, _, _ = model_ckpt.restore_checkpoint(path, shardings=shardings)
+    return Setup(config, model_config, params, names, train_data, eval_data, mesh, rules)
+
+
+# ----------------------------------------------------------------------------------------------
+# Steps
+
+
+def _loss_fn(model, coef: float, top_k: int):
+    def loss_fn(gates, frozen, batch):
+        out = model.apply({"params": merge_params(gates, frozen)}, batch["input_ids"], batch["attention_mask"])
+        return joint_loss(out.logits, out.gate_logits, batch, coef=coef, top_k=top_k)
+
+    return loss_fn
+
+
+def _combine_metrics(metrics: Mapping[str, jax.Array], n: int) -> dict:
+    """Micro-batch metric sums -> step metrics (means of means; counts stay sums)."""
+    return {k: (v if k in _SUMMED_METRICS else v / n) for k, v in metrics.items()}
+
+
+def make_train_step(model, tx, *, coef: float, top_k: int, grad_accum_steps: int, batch_spec=None):
+    """(state, frozen, batch [B, S]) -> (state, metrics). Pure; jit it with shardings."""
+    grad_fn = jax.value_and_grad(_loss_fn(model, coef, top_k), has_aux=True)
+
+    def step(state: TrainState, frozen, batch):
+        if grad_accum_steps == 1:
+            (_, metrics), grads = grad_fn(state.gates, frozen, batch)
+        else:
+            A = grad_accum_steps
+
+            def split(x):  # [B, S] -> [A, B/A, S]: micro-batch a = rows a, a+A, ... (stays spread)
+                x = x.reshape(x.shape[0] // A, A, *x.shape[1:]).swapaxes(0, 1)
+                if batch_spec is not None:
+                    x = jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(None, *batch_spec))
+                return x
+
+            micro = jax.tree.map(split, batch)
+            first = jax.tree.map(lambda x: x[0], micro)
+            (_, m_shape), g_shape = jax.eval_shape(grad_fn, state.gates, frozen, first)
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (m_shape, g_shape))
+
+            def body(acc, mb):
+                (_, m), g = grad_fn(state.gates, frozen, mb)
+                return jax.tree.map(jnp.add, acc, (m, g)), None
+
+            (metrics, grads), _ = jax.lax.scan(body, zeros, micro)
+            grads = jax.tree.map(lambda g: g / A, grads)
+            metrics = _combine_metrics(metrics, A)
+        updates, opt_state = tx.update(grads, state.opt_state, state.gates)
+        gates = optax.apply_updates(state.gates, updates)
+        metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
+        rng, _ = jax.random.split(state.rng)
+        return TrainState(step=state.step + 1, gates=gates, opt_state=opt_state, rng=rng), metrics
+
+    return step
+
+
+def make_eval_step(model, *, coef: float, top_k: int):
+    """(gates, frozen, batch) -> metrics of the batch (loss terms, gate accuracy sums per task)."""
+    loss_fn = _loss_fn(model, coef, top_k)
+
+    def step(gates, frozen, batch):
+        _, metrics = loss_fn(gates, frozen, batch)
+        return metrics
+
+    return step
+
+
+# ----------------------------------------------------------------------------------------------
+# Gates on their own
+
+
+def export_gates(path, gates, adapter_names) -> str:
+    """Saves only the gates (Orbax, replacing an older export) plus `adapter_names.json`.
+
+    Every process calls it (Orbax writes sharded arrays cooperatively); returns the folder.
+    """
+    path = os.path.abspath(os.fspath(path))
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(os.path.join(path, "gates"), gates, force=True)
+    if jax.process_index() == 0:
+        with open(os.path.join(path, "adapter_names.json"), "w") as f:
+            json.dump(list(adapter_names), f)
+    return path
+
+
+def load_gates(path) -> tuple[dict, list[str]]:
+    """-> (gates tree as `split_params(params)[0]`, adapter names). Merge with `merge_params`."""
+    path = os.path.abspath(os.fspath(path))
+    with ocp.StandardCheckpointer() as ckptr:
+        gates = ckptr.restore(os.path.join(path, "gates"))
+    with open(os.path.join(path, "adapter_names.json")) as f:
+        return gates, json.load(f)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loop helpers
+
+
+class _StopRequest:
+    """SIGTERM/SIGINT set a flag; the loop finishes its step, saves and returns."""
+
+    def __init__(self):
+        self.signum = None
+        self._old = {}
+
+    def __enter__(self):
+        try:
+            for s in (signal.SIGTERM, signal.SIGINT):
+                self._old[s] = signal.signal(s, self._handle)
+        except ValueError:  # not the main thread: no signal handling
+            self._old = {}
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:  # second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+class _MetricLog:
+    """JSONL + TensorBoard (tensorboardX, when installed) writers, on process 0 only."""
+
+    def __init__(self, workdir: str, logging_cfg):
+        self.lead = jax.process_index() == 0
+        self.jsonl = self.tb = None
+        if not self.lead:
+            return
+        if logging_cfg.jsonl:
+            self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        if logging_cfg.tensorboard:
+            try:
+                from tensorboardX import SummaryWriter
+
+                self.tb = SummaryWriter(os.path.join(workdir, "tb"))
+            except ImportError:
+                warnings.warn("tensorboardX is not installed: no TensorBoard events (metrics.jsonl is written)")
+
+    def write(self, step: int, split: str, scalars: Mapping[str, float]) -> None:
+        if self.jsonl is not None:
+            self.jsonl.write(json.dumps({"step": step, "split": split, **scalars}) + "\n")
+            self.jsonl.flush()
+        if self.tb is not None:
+            for k, v in scalars.items():
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    self.tb.add_scalar(f"{split}/{k}", v, step)
+            self.tb.flush()
+
+    def close(self):
+        if self.jsonl is not None:
+            self.jsonl.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# Trainer
+
+
+class Trainer:
+    """Holds the mesh, shardings, jitted steps, frozen params and the checkpoint manager."""
+
+    def __init__(self, setup: Setup):
+        self.setup = setup
+        cfg = self.config = setup.config
+        self.mesh, self.rules = setup.mesh, setup.rules
+        self.model = LlamaForCausalLM(setup.model_config)
+        self.schedule = make_schedule(cfg.schedule, cfg.optimizer, int(cfg.train.steps))
+        self.tx = make_optimizer(cfg.optimizer, self.schedule)
+
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), setup.params)
+        shardings = sharding_lib.param_shardings(param_logical_axes(setup.model_config), abstract, self.mesh, self.rules)
+        self.gate_shardings, self.frozen_shardings = split_params(shardings)
+        gates, frozen = split_params(setup.params)
+        self.frozen = jax.device_put(frozen, self.frozen_shardings)
+        setup.params = None  # the host copy is no longer needed
+        gates = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), gates)
+        gates = jax.device_put(gates, self.gate_shardings)
+
+        rep = sharding_lib.replicated(self.mesh)
+        opt_abstract = jax.eval_shape(self.tx.init, gates)
+        opt_shardings = optax.tree_map_params(
+            self.tx, lambda _, s: s, opt_abstract, self.gate_shardings, transform_non_params=lambda _: rep
+        )
+        self.state_shardings = TrainState(step=rep, gates=self.gate_shardings, opt_state=opt_shardings, rng=rep)
+        self.batch_sharding = sharding_lib.batch_sharding(self.mesh, self.rules)
+        batch_shardings = {k: self.batch_sharding for k in data_lib.ARRAY_KEYS}
+
+        init = jax.jit(
+            lambda g, key: TrainState(step=jnp.zeros((), jnp.int32), gates=g, opt_state=self.tx.init(g), rng=key),
+            out_shardings=self.state_shardings,
+        )
+        self.state = init(gates, jax.random.PRNGKey(int(cfg.seed)))
+
+        top_k = setup.model_config.meteora.top_k
+        coef = float(cfg.train.loss_coef)
+        batch_spec = tuple(self.batch_sharding.spec)
+        step = make_train_step(
+            self.model, self.tx, coef=coef, top_k=top_k, grad_accum_steps=int(cfg.train.grad_accum_steps), batch_spec=batch_spec
+        )
+        with self._context():
+            self.train_step = jax.jit(
+                step,
+                in_shardings=(self.state_shardings, self.frozen_shardings, batch_shardings),
+                out_shardings=(self.state_shardings, rep),
+                donate_argnums=(0,) if jax.default_backend() != "cpu" else (),
+            )
+            self.eval_step = jax.jit(
+                make_eval_step(self.model, coef=coef, top_k=top_k),
+                in_shardings=(self.gate_shardings, self.frozen_shardings, batch_shardings),
+                out_shardings=rep,
+            )
+        self.iterator = data_lib.BalancedBatchIterator(
+            setup.train_data, int(cfg.train.batch_size), seed=int(cfg.seed), mixing=cfg.data.mixing
+        )
+        self.workdir = os.path.abspath(cfg.workdir)
+        os.makedirs(self.workdir, exist_ok=True)
+        self.manager = ocp.CheckpointManager(
+            os.path.join(self.workdir, "checkpoints"),
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=int(cfg.checkpoint.keep),
+                create=True,
+                enable_async_checkpointing=bool(cfg.checkpoint.async_save),
+                cleanup_tmp_directories=True,
+            ),
+        )
+
+    @contextlib.contextmanager
+    def _context(self):
+        """Mesh + logical rules for tracing (activation sharding constraints in the model)."""
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            yield
+
+    # -- checkpoints -----------------------------------------------------------------------------
+
+    def _meta(self) -> dict:
+        return {"adapter_names": self.setup.adapter_names, "model_checkpoint": self.config.model_checkpoint}
+
+    def save(self, step: int) -> None:
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(self.state),
+                data=ocp.args.JsonSave(self.iterator.state_dict()),
+                meta=ocp.args.JsonSave(self._meta()),
+            ),
+            force=True,
+        )
+
+    def maybe_restore(self) -> int | None:
+        """Restores the latest complete train checkpoint (if resuming); returns its step."""
+        if not self.config.checkpoint.resume:
+            return None
+        step = self.manager.latest_step()
+        if step is None:
+            return None
+        abstract = jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), self.state, self.state_shardings
+        )
+        restored = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()
+            ),
+        )
+        if restored.meta.get("adapter_names") != self.setup.adapter_names:
+            raise TrainError(
+                f"checkpoint in {self.workdir} was trained with adapters {restored.meta.get('adapter_names')}, "
+                f"this run has {self.setup.adapter_names}; use another workdir"
+            )
+        self.state = restored.state
+        self.iterator.load_state_dict(restored.data)
+        return int(step)
+
+    # -- eval ------------------------------------------------------------------------------------
+
+    def evaluate(self) -> dict[str, float]:
+        """Loss and gate accuracy (overall and per task) on the eval split."""
+        cfg = self.config
+        totals, weight, correct, count = {}, 0.0, 0.0, 0.0
+        for i, batch in enumerate(data_lib.eval_batches(self.setup.eval_data, int(cfg.train.eval_batch_size))):
+            if cfg.train.eval_max_batches and i >= cfg.train.eval_max_batches:
+                break
+            with self._context():
+                m = jax.device_get(self.eval_step(self.state.gates, self.frozen, sharding_lib.put_batch(batch, self.batch_sharding)))
+            w = float(m["gate_tokens"])
+            for k in ("loss", "lm_loss", "gate_loss", "gate_acc_top1", "gate_acc_topk"):
+                totals[k] = totals.get(k, 0.0) + float(m[k]) * w
+            weight += w
+            correct, count = correct + m["gate_task_correct"], count + m["gate_task_count"]
+        out = {k: v / max(weight, 1.0) for k, v in totals.items()}
+        per_task = np.asarray(per_task_accuracy(jnp.asarray(correct), jnp.asarray(count)))
+        for name, acc in zip(self.setup.adapter_names, np.atleast_1d(per_task)):
+            out[f"gate_acc/{name}"] = float(acc)
+        return out
+
+    # -- loop ------------------------------------------------------------------------------------
+
+    def run(self) -> dict:
+        """Trains to train.steps (resuming if a checkpoint exists). Returns a summary dict.
+
+        summary: status ("done" | "interrupted"), step, train (last logged scalars), eval (last
+        eval), history (every logged train/eval record), gates_dir (exported gates or None).
+        """
+        cfg = self.config
+        total = int(cfg.train.steps)
+        start = self.maybe_restore() or 0
+        metric_log = _MetricLog(self.workdir, cfg.logging)
+        history, last_train, last_eval = [], {}, {}
+        eval_every, ckpt_every, log_every = int(cfg.train.eval_every), int(cfg.checkpoint.every), int(cfg.logging.every)
+        saved_step = start if start else None
+        status = "done"
+
+        bar = None
+        if cfg.logging.progress and jax.process_index() == 0:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True)
+
+        window: list[dict] = []
+        t_window = time.perf_counter()
+        pending: tuple[int, Any] | None = None  # (step, device metrics) not yet checked
+
+        def check(step_metrics) -> dict:
+            step_no, m = step_metrics
+            m = jax.device_get(m)
+            if not np.isfinite(m["loss"]):
+                last = self.manager.latest_step()
+                raise NonFiniteLossError(
+                    f"loss is {float(m['loss'])} at step {step_no}; stopping. Last good checkpoint: "
+                    f"{'step ' + str(last) if last is not None else 'none'} in {self.manager.directory}"
+                )
+            return m
+
+        def flush_window(step_no: int) -> None:
+            nonlocal window, t_window, last_train
+            if not window:
+                return
+            now = time.perf_counter()
+            scal = {k: float(np.mean([w[k] for w in window])) for k in window[0] if np.ndim(window[0][k]) == 0}
+            scal["tokens_per_s"] = float(sum(w["gate_tokens"] for w in window)) / max(now - t_window, 1e-9)
+            scal["lr"] = float(self.schedule(step_no - 1))
+            for k in ("lm_tokens", "gate_tokens"):
+                scal.pop(k, None)
+            last_train = scal
+            history.append({"step": step_no, "split": "train", **scal})
+            metric_log.write(step_no, "train", scal)
+            if bar is not None:
+                bar.set_postfix(
+                    loss=f"{scal['loss']:.3f}", gate_acc=f"{scal['gate_acc_top1']:.3f}", tok_s=f"{scal['tokens_per_s']:.0f}"
+                )
+            window, t_window = [], now
+
+        def run_eval(step_no: int) -> None:
+            nonlocal last_eval
+            if self.setup.eval_data is None:
+                return
+            last_eval = self.evaluate()
+            history.append({"step": step_no, "split": "eval", **last_eval})
+            metric_log.write(step_no, "eval", last_eval)
+            msg = " ".join(f"{k}={v:.3f}" for k, v in last_eval.items() if k.startswith("gate_acc") or k == "loss")
+            (bar.write if bar is not None else print)(f"eval step {step_no}: {msg}")
+
+        try:
+            with _StopRequest() as stop:
+                step = start
+                while step < total:
+                    batch = sharding_lib.put_batch(next(self.iterator), self.batch_sharding)
+                    with self._context():
+                        self.state, metrics = self.train_step(self.state, self.frozen, batch)
+                    step += 1
+                    if pending is not None:
+                        window.append(check(pending))
+                    pending = (step, metrics)
+                    at_end = step == total
+                    due_log = step % log_every == 0 or at_end
+                    due_ckpt = (ckpt_every and step % ckpt_every == 0) or at_end or stop.signum is not None
+                    due_eval = (eval_every > 0 and step % eval_every == 0) or (at_end and eval_every >= 0)
+                    if due_log or due_ckpt or due_eval:
+                        window.append(check(pending))
+                        pending = None
+                    if bar is not None:
+                        bar.update(1)
+                    if due_log:
+                        flush_window(step)
+                    if due_ckpt:
+                        self.save(step)
+                        saved_step = step
+                    if due_eval:
+                        run_eval(step)
+                    if stop.signum is not None and not at_end:
+                        status = "interrupted"
+                        flush_window(step)
+                        msg = f"signal {signal.Signals(stop.signum).name}: saved step {step} in {self.manager.directory}"
+                        (bar.write if bar is not None else print)(msg)
+                        break
+                if pending is not None:
+                    window.append(check(pending))
+                flush_window(step)
+        finally:
+            self.manager.wait_until_finished()
+            if bar is not None:
+                bar.close()
+            metric_log.close()
+
+        gates_dir = None
+        if status == "done" and cfg.checkpoint.export_gates:
+            gates_dir = export_gates(os.path.join(self.workdir, "gates"), self.state.gates, self.setup.adapter_names)
+        return {
+            "status": status,
+            "step": step,
+            "saved_step": saved_step,
+            "train": last_train,
+            "eval": last_eval,
+            "history": history,
+            "gates_dir": gates_dir,
+        }
+
+    def close(self):
+        self.manager.close()
+
+
+def train(config) -> dict:
+    """prepare + Trainer.run: the whole job of `scripts/train.py`. Returns `Trainer.run`'s summary."""
+    if config.distributed:
+        jax.distributed.initialize()
+    setup = prepare(config)
+    trainer = Trainer(setup)
+    try:
+        return trainer.run()
+    finally:
+        trainer.close()

@@ -1,0 +1,219 @@
+"""Gate-training throughput vs. a base-model forward+backward, at LLaMA-3-8B shapes, one device.
+
+    python scripts/bench_train.py                      # all modes, each in its own process
+    python scripts/bench_train.py --layers 16 --batch 4 --seq 2048 --steps 5
+    python scripts/bench_train.py --mode gate          # one mode, prints one JSON line
+
+Random weights (bf16), configs/llama3_8b.py shapes, 28 adapters of rank 8, top-2, remat "full".
+Modes (each runs in a fresh process so that its peak memory is its own):
+
+  gate       the real jitted train step of meteora_jax.train (joint loss, grads of the gates only,
+             AdamW update of the gates) on the MeteoRA model.
+  base_full  plain LLaMA (no adapters), LM loss, gradients of ALL parameters (no optimizer
+             update): the usual "base-model forward+backward".
+  base_acts  plain LLaMA, LM loss, gradients of the RMSNorm scales only: the full backward
+             through the activations of every layer without weight gradients, which is the
+             work gate training has to do on top of its adapters.
+
+tokens/s = batch * seq / median step time; peak = the device's peak_bytes_in_use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+MODES = ("gate", "base_full", "base_acts")
+
+
+def _model_config(path: str, layers: int, adapters: int):
+    import importlib.util
+
+    from meteora_jax.config import ModelConfig
+
+    spec = importlib.util.spec_from_file_location("bench_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    config.model.num_layers = layers
+    config.model.meteora.num_adapters = adapters
+    return config, ModelConfig.from_dict(config.model)
+
+
+def run_mode(mode: str, args) -> dict:
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from meteora_jax import train as train_lib
+    from meteora_jax.loss import lm_loss
+    from meteora_jax.model import LlamaForCausalLM
+
+    config, model_config = _model_config(args.config, args.layers, args.adapters if mode == "gate" else 0)
+    if mode == "gate":
+        import dataclasses
+
+        meteora = dataclasses.replace(model_config.meteora, kernel_impl=args.kernel_impl)
+        model_config = model_config.replace(meteora=meteora)
+    model = LlamaForCausalLM(model_config)
+    B, S = args.batch, args.seq
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, model_config.vocab_size, (B, S), dtype=np.int32)
+    ones = np.ones((B, S), np.int32)
+    batch = {
+        "input_ids": ids,
+        "lm_labels": ids,
+        "lm_mask": ones,
+        "gate_labels": np.repeat(rng.integers(0, max(args.adapters, 1), (B, 1), dtype=np.int32), S, 1),
+        "gate_mask": ones,
+        "attention_mask": ones,
+    }
+    batch = jax.device_put(batch)
+
+    @jax.jit
+    def init(key):
+        return nn.unbox(model.init(key, jnp.zeros((1, 8), jnp.int32))["params"])
+
+    params = init(jax.random.key(0))
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+
+    if mode == "gate":
+        schedule = train_lib.make_schedule(config.schedule, config.optimizer, 1000)
+        tx = train_lib.make_optimizer(config.optimizer, schedule)
+        gates, frozen = train_lib.split_params(params)
+        del params
+        state = jax.jit(
+            lambda g: train_lib.TrainState(jnp.zeros((), jnp.int32), g, tx.init(g), jax.random.PRNGKey(0))
+        )(gates)
+        step_fn = jax.jit(
+            train_lib.make_train_step(model, tx, coef=50.0, top_k=model_config.meteora.top_k, grad_accum_steps=1),
+            donate_argnums=(0,),
+        )
+
+        def step(carry):
+            new_state, metrics = step_fn(carry, frozen, batch)
+            return new_state, metrics["loss"]
+
+        carry = state
+    else:
+        is_norm = lambda path: path[-1] == "scale"  # RMSNorm scales
+        from flax import traverse_util
+
+        flat = traverse_util.flatten_dict(params)
+        wrt = traverse_util.unflatten_dict({k: v for k, v in flat.items() if mode == "base_full" or is_norm(k)})
+        rest = traverse_util.unflatten_dict({k: v for k, v in flat.items() if not (mode == "base_full" or is_norm(k))})
+        del params, flat
+
+        def loss_fn(w, r):
+            out = model.apply({"params": train_lib.merge_params(w, r)}, batch["input_ids"], batch["attention_mask"])
+            return lm_loss(out.logits, batch["lm_labels"], batch["lm_mask"])
+
+        grad_fn = jax.jit(jax.value_and_grad(loss_fn))
+
+        def step(carry):
+            loss, grads = grad_fn(wrt, rest)
+            return grads, loss  # keep the grads alive like an optimizer would read them
+
+        carry = None
+
+    t0 = time.perf_counter()
+    carry, loss = step(carry)
+    jax.block_until_ready((carry, loss))
+    compile_s = time.perf_counter() - t0
+    times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        carry, loss = step(carry)
+        jax.block_until_ready((carry, loss))
+        times.append(time.perf_counter() - t0)
+    stats = jax.devices()[0].memory_stats() or {}
+    median = float(np.median(times))
+    return {
+        "mode": mode,
+        "device": jax.devices()[0].device_kind,
+        "layers": args.layers,
+        "adapters": args.adapters if mode == "gate" else 0,
+        "batch": B,
+        "seq": S,
+        "params_b": n_params / 1e9,
+        "kernel_impl": model_config.meteora.kernel_impl,
+        "compile_s": compile_s,
+        "step_s": median,
+        "tokens_per_s": B * S / median,
+        "peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30,
+        "loss": float(loss),
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mode", choices=MODES + ("all",), default="all")
+    parser.add_argument("--config", default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "llama3_8b.py"))
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--adapters", type=int, default=28)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--kernel-impl", default="xla", help="grouped_lora impl of --mode gate")
+    parser.add_argument("--gate-impls", default="xla,auto", help="--mode all: gate runs, one per impl")
+    parser.add_argument("--timeout", type=int, default=240, help="--mode all: seconds per mode")
+    parser.add_argument("--json", default="", help="also write the results to this file")
+    args = parser.parse_args()
+
+    if args.mode != "all":
+        print("RESULT " + json.dumps(run_mode(args.mode, args)), flush=True)
+        return
+    impls = [i for i in args.gate_impls.split(",") if i]
+    runs = [("gate", impls[0])] + [("base_full", None), ("base_acts", None)] + [("gate", i) for i in impls[1:]]
+    results = []
+    for mode, impl in runs:
+        cmd = [sys.executable, os.path.abspath(__file__), "--mode", mode] + [
+            f"--{k}={getattr(args, k)}" for k in ("config", "layers", "adapters", "batch", "seq", "steps")
+        ]
+        if impl:
+            cmd.append(f"--kernel-impl={impl}")
+        name = f"gate[{impl}]" if impl else mode
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+            out, err, code = proc.stdout, proc.stderr, proc.returncode
+        except subprocess.TimeoutExpired as e:
+            out, err, code = "", f"timed out after {args.timeout} s", -1
+        lines = [l for l in out.splitlines() if l.startswith("RESULT ")]
+        if code or not lines:
+            tail = (err or out)[-1500:]
+            print(f"{name}: failed (exit {code})\n{tail}", flush=True)
+            results.append({"mode": name, "error": tail.strip().splitlines()[-1] if tail.strip() else "failed"})
+            continue
+        results.append(dict(json.loads(lines[-1][len("RESULT ") :]), mode=name))
+        print(json.dumps(results[-1]), flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=1)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    ok = {r["mode"]: r for r in results if "error" not in r}
+    print(f"\n| run | layers | adapters | B x S | step s | tokens/s | peak GiB | vs base_full | vs base_acts |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        if "error" in r:
+            print(f"| {r['mode']} | failed: {r['error'][:80]} |")
+            continue
+        ratios = [
+            f"{r['tokens_per_s'] / ok[b]['tokens_per_s']:.2f}" if b in ok else "-" for b in ("base_full", "base_acts")
+        ]
+        print(
+            f"| {r['mode']} | {r['layers']} | {r['adapters']} | {r['batch']} x {r['seq']} | {r['step_s']:.3f} | "
+            f"{r['tokens_per_s']:.0f} | {r['peak_gib']:.1f} | {ratios[0]} | {ratios[1]} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

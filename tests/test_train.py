@@ -1,0 +1,387 @@
+"""Gate training on the embedded tiny world (CPU): learning, the loss value, frozen params,
+optimizer state, resume, 4 fake devices, bad inputs."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from meteora_jax import checkpoint as model_ckpt
+from meteora_jax import data as data_lib
+from meteora_jax import sharding as sharding_lib
+from meteora_jax import train as train_lib
+from meteora_jax.config import ModelConfig
+from meteora_jax.model import LlamaForCausalLM
+from meteora_jax.tiny import build_tiny_world
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _tiny_config_module():
+    spec = importlib.util.spec_from_file_location("tiny_config", os.path.join(REPO, "configs", "tiny.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+    config = _tiny_config_module().get_config()
+    return build_tiny_world(tmp_path_factory.mktemp("tiny") / "world", ModelConfig.from_dict(config.model))
+
+
+@pytest.fixture
+def make_config(world, tmp_path):
+    """Tiny config on the session's world, writing into tmp_path; overrides as keyword sections."""
+
+    def make(workdir="run", **sections):
+        config = _tiny_config_module().get_config()
+        config.tiny_world = ""
+        config.model_checkpoint = world.model
+        config.tokenizer = world.tokenizer
+        config.data.root = world.data_root
+        config.workdir = str(tmp_path / workdir)
+        config.logging.update(progress=False, tensorboard=False, every=1)
+        config.train.update(steps=6, eval_every=-1)
+        config.checkpoint.update(every=0, export_gates=False)
+        for section, values in sections.items():
+            if isinstance(values, dict):
+                config[section].update(**values)
+            else:
+                config[section] = values
+        return config
+
+    return make
+
+
+def _leaves(tree):
+    return traverse_util.flatten_dict(jax.device_get(tree))
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def test_tiny_config_trains(make_config):
+    config = make_config(train=dict(steps=60, eval_every=0), logging=dict(every=5), checkpoint=dict(export_gates=True))
+    summary = train_lib.train(config)
+    train_hist = [h for h in summary["history"] if h["split"] == "train"]
+    first, last = train_hist[0], train_hist[-1]
+    assert last["loss"] < 0.7 * first["loss"]
+    assert summary["eval"]["gate_acc_top1"] > 0.6  # chance is 1/3
+    for task in ("arith", "reverse", "shout"):
+        assert summary["eval"][f"gate_acc/{task}"] > 0.5
+    assert summary["status"] == "done" and summary["step"] == 60
+    lines = [json.loads(l) for l in open(os.path.join(config.workdir, "metrics.jsonl"))]
+    assert {l["split"] for l in lines} == {"train", "eval"}
+    assert "tokens_per_s" in lines[0]
+    gates, names = train_lib.load_gates(summary["gates_dir"])
+    assert names == ["arith", "reverse", "shout"]
+    assert all(k[-1] == "gate" for k in traverse_util.flatten_dict(gates))
+
+
+def _log_softmax(x):
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def test_step_loss_matches_hand_computation(make_config):
+    config = make_config(train=dict(batch_size=4, loss_coef=7.0))
+    trainer = train_lib.Trainer(train_lib.prepare(config))
+    batch = next(trainer.iterator)
+    # Extra padding: row 3 becomes all padding, row 1 loses its LM targets.
+    for k in ("lm_mask", "gate_mask", "attention_mask"):
+        batch[k][3] = 0
+    batch["lm_mask"][1] = 0
+    assert (batch["gate_mask"][:3] == 0).any(), "want padded positions in the real rows too"
+    params = jax.device_get(train_lib.merge_params(trainer.state.gates, trainer.frozen))
+    out = LlamaForCausalLM(trainer.setup.model_config).apply(
+        {"params": params}, batch["input_ids"], batch["attention_mask"]
+    )
+    logits = np.asarray(out.logits, np.float64)
+    lm_lp = _log_softmax(logits[:, :-1])
+    lm_ce = -np.take_along_axis(lm_lp, batch["lm_labels"][:, 1:, None], -1)[..., 0]
+    lm_m = batch["lm_mask"][:, 1:]
+    lm = (lm_ce * lm_m).sum() / lm_m.sum()
+    gm = batch["gate_mask"]
+    per_gate = []
+    for proj in sorted(out.gate_logits):
+        g = np.asarray(out.gate_logits[proj], np.float64)  # [layers, B, S, L]
+        ce = -np.take_along_axis(_log_softmax(g), np.broadcast_to(batch["gate_labels"], g.shape[:-1])[..., None], -1)[..., 0]
+        per_gate += list((ce * gm).sum((1, 2)) / gm.sum())
+    expected = lm + 7.0 * np.mean(per_gate)
+
+    state, metrics = trainer.train_step(trainer.state, trainer.frozen, sharding_lib.put_batch(batch, trainer.batch_sharding))
+    np.testing.assert_allclose(float(metrics["lm_loss"]), lm, rtol=1e-5)
+    np.testing.assert_allclose(float(metrics["gate_loss"]), np.mean(per_gate), rtol=1e-5)
+    np.testing.assert_allclose(float(metrics["loss"]), expected, rtol=1e-5)
+    trainer.close()
+
+
+def test_frozen_params_untouched_and_optimizer_state_only_for_gates(make_config, world):
+    config = make_config(train=dict(steps=5))
+    trainer = train_lib.Trainer(train_lib.prepare(config))
+    before_gates = _leaves(trainer.state.gates)
+    trainer.run()
+    original, _, _ = model_ckpt.restore_checkpoint(world.model)
+    orig_gates, orig_frozen = train_lib.split_params(jax.device_get(original))
+    frozen = _leaves(trainer.frozen)
+    assert set(frozen) == set(traverse_util.flatten_dict(orig_frozen))
+    for k, v in traverse_util.flatten_dict(orig_frozen).items():
+        assert np.array_equal(np.asarray(frozen[k]), np.asarray(v)), k  # bit-identical
+        assert frozen[k].dtype == v.dtype
+    gates = _leaves(trainer.state.gates)
+    assert len(gates) == 7 and all(v.shape[0] == 2 for v in gates.values())  # 7 projections, layers stacked
+    assert all(k[-1] == "gate" and v.dtype == np.float32 for k, v in gates.items())
+    assert any(not np.array_equal(gates[k], before_gates[k]) for k in gates)
+
+    gate_size = sum(v.size for v in gates.values())
+    opt_leaves = jax.tree.leaves(trainer.state.opt_state)
+    big = [x for x in opt_leaves if x.ndim > 0]
+    assert len(big) == 2 * len(gates)  # Adam mu and nu, gates only
+    assert sum(x.size for x in opt_leaves) == 2 * gate_size + sum(1 for x in opt_leaves if x.ndim == 0)
+    assert all(x.dtype == np.float32 for x in big)
+    frozen_size = sum(v.size for v in frozen.values())
+    assert frozen_size > 40 * gate_size
+    trainer.close()
+
+
+class _SignalAfter:
+    """Wraps the batch iterator: raises SIGTERM at the process after `n` batches were drawn."""
+
+    def __init__(self, inner, n):
+        self.inner, self.n, self.drawn = inner, n, 0
+
+    def __next__(self):
+        self.drawn += 1
+        if self.drawn == self.n:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return next(self.inner)
+
+    def state_dict(self):
+        return self.inner.state_dict()
+
+    def load_state_dict(self, s):
+        self.inner.load_state_dict(s)
+
+
+def test_resume_equals_uninterrupted(make_config):
+    n = 4
+    full = make_config("full", train=dict(steps=2 * n))
+    t_full = train_lib.Trainer(train_lib.prepare(full))
+    assert t_full.run()["status"] == "done"
+    want = _leaves(t_full.state.gates)
+    want_opt = jax.device_get(jax.tree.leaves(t_full.state.opt_state))
+    t_full.close()
+
+    parts = make_config("parts", train=dict(steps=2 * n), checkpoint=dict(every=1, keep=2))
+    t1 = train_lib.Trainer(train_lib.prepare(parts))
+    t1.iterator = _SignalAfter(t1.iterator, n)
+    summary = t1.run()  # SIGTERM during step n: finish it, save, return
+    assert summary["status"] == "interrupted" and summary["step"] == n
+    assert t1.manager.latest_step() == n and sorted(t1.manager.all_steps()) == [n - 1, n]  # keep=2
+    ckpt_dir = t1.manager.directory
+    t1.close()
+
+    # A run killed mid-save leaves an unfinished temporary step folder: resume must skip it.
+    partial = os.path.join(str(ckpt_dir), f"{n + 1}.orbax-checkpoint-tmp-1234567")
+    shutil.copytree(os.path.join(str(ckpt_dir), str(n)), partial)
+    for root, _, files in os.walk(partial):
+        for f in files:
+            open(os.path.join(root, f), "w").close()  # truncated files
+
+    t2 = train_lib.Trainer(train_lib.prepare(parts))
+    summary = t2.run()
+    assert summary["status"] == "done" and summary["step"] == 2 * n
+    assert summary["history"][0]["step"] == n + 1
+    got = _leaves(t2.state.gates)
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k])
+    for a, b in zip(jax.device_get(jax.tree.leaves(t2.state.opt_state)), want_opt):
+        np.testing.assert_array_equal(a, b)
+    assert t2.iterator.state_dict() == t_full.iterator.state_dict()
+    t2.close()
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(make_config):
+    good = make_config("nan", train=dict(steps=3), checkpoint=dict(every=1))
+    train_lib.train(good)
+    bad = make_config("nan", train=dict(steps=6, loss_coef=float("inf")), checkpoint=dict(every=1))
+    with pytest.raises(train_lib.NonFiniteLossError, match=r"at step 4.*Last good checkpoint: step 3"):
+        train_lib.train(bad)
+    trainer = train_lib.Trainer(train_lib.prepare(good))
+    assert trainer.manager.latest_step() == 3
+    trainer.close()
+
+
+_MULTI_DEVICE = textwrap.dedent(
+    """
+    import json, os, sys
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    import jax
+    from jax.sharding import PartitionSpec as P
+    sys.path.insert(0, {repo!r})
+    from meteora_jax import train as train_lib
+    import ml_collections
+    config = ml_collections.ConfigDict(json.loads({config!r}))
+    config.mesh.shape = dict(data=2, fsdp=2, tensor=1)
+    trainer = train_lib.Trainer(train_lib.prepare(config))
+    summary = trainer.run()
+    embed = trainer.frozen["embed_tokens"]["embedding"]
+    q = trainer.frozen["layers"]["self_attn"]["q_proj"]["kernel"]
+    gate = trainer.state.gates["layers"]["self_attn"]["q_proj"]["gate"]
+    spec = lambda a: [x if x is None or isinstance(x, str) else list(x) for x in a.sharding.spec]
+    out = dict(
+        devices=jax.device_count(),
+        losses=[h["loss"] for h in summary["history"] if h["split"] == "train"],
+        embed_spec=spec(embed), embed_shard=list(embed.addressable_shards[0].data.shape),
+        embed_shape=list(embed.shape), q_spec=spec(q), gate_spec=spec(gate),
+        mu_spec=spec(trainer.state.opt_state[1][0].mu["layers"]["self_attn"]["q_proj"]["gate"]),
+    )
+    print("RESULT" + json.dumps(out))
+    """
+)
+
+
+def test_four_fake_devices_match_one(make_config):
+    single = make_config("single", train=dict(steps=4, batch_size=8, grad_accum_steps=2))
+    multi = make_config("multi", train=dict(steps=4, batch_size=8, grad_accum_steps=2))
+    code = _MULTI_DEVICE.format(repo=REPO, config=multi.to_json())
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.split("RESULT")[-1])
+    assert out["devices"] == 4
+    # FSDP: the embedding's model dim is split over fsdp; each device holds half of it.
+    assert out["embed_spec"] == ["tensor", "fsdp"]  # [vocab, embed]
+    assert out["embed_shard"] == [out["embed_shape"][0], out["embed_shape"][1] // 2]
+    assert out["q_spec"] == [None, "fsdp", "tensor"]  # [layers, embed, q_heads]
+    assert out["gate_spec"] == out["mu_spec"] == [None, "fsdp", None]  # [layers, embed, adapters]
+
+    summary = train_lib.train(single)
+    losses = [h["loss"] for h in summary["history"] if h["split"] == "train"]
+    np.testing.assert_allclose(out["losses"], losses, rtol=2e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad inputs: each fails in `prepare`, before any compute, with a clear message.
+
+
+@pytest.fixture
+def no_compute(monkeypatch):
+    def fail(*a, **k):
+        raise AssertionError("compute started before the bad input was reported")
+
+    monkeypatch.setattr(train_lib.Trainer, "__init__", fail)
+
+
+@pytest.fixture
+def data_copy(world, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(world.data_root, root)
+    return root
+
+
+def _expect(config, error, match):
+    with pytest.raises(error, match=match):
+        train_lib.train(config)
+
+
+def test_bad_missing_data_root(make_config, no_compute, tmp_path):
+    _expect(make_config(data=dict(root=str(tmp_path / "nope"))), data_lib.DataError, "is not a folder")
+
+
+def test_bad_task_folder_without_adapter(make_config, no_compute, data_copy):
+    shutil.copytree(data_copy / "arith", data_copy / "poetry")
+    _expect(make_config(data=dict(root=str(data_copy))), data_lib.DataError, r"\['poetry'\].*match no adapter")
+
+
+def test_adapter_without_task_folder_warns(make_config, data_copy):
+    shutil.rmtree(data_copy / "shout")
+    with pytest.warns(UserWarning, match=r"\['shout'\] have no task folder"):
+        setup = train_lib.prepare(make_config(data=dict(root=str(data_copy))))
+    assert list(setup.train_data) == ["arith", "reverse"]
+
+
+def test_bad_task_folder_without_split_file(make_config, no_compute, data_copy):
+    os.remove(data_copy / "reverse" / "test.jsonl")
+    _expect(make_config(data=dict(root=str(data_copy)), train=dict(eval_every=0)), data_lib.DataError, "no test.jsonl")
+
+
+def test_bad_malformed_jsonl_line(make_config, no_compute, data_copy):
+    path = data_copy / "shout" / "train.jsonl"
+    lines = path.read_text().splitlines()
+    lines[6] = '{"prompt": "SHOUT A", "response": '
+    path.write_text("\n".join(lines) + "\n")
+    _expect(make_config(data=dict(root=str(data_copy))), data_lib.DataError, r"shout/train.jsonl:7: malformed JSON")
+
+
+def test_bad_missing_field(make_config, no_compute, data_copy):
+    path = data_copy / "arith" / "test.jsonl"
+    lines = path.read_text().splitlines()
+    lines[2] = json.dumps({"prompt": "1+2="})
+    path.write_text("\n".join(lines) + "\n")
+    config = make_config(data=dict(root=str(data_copy)), train=dict(eval_every=0))
+    _expect(config, data_lib.DataError, r"arith/test.jsonl:3: missing field 'response'")
+
+
+def test_bad_empty_dataset(make_config, no_compute, data_copy):
+    (data_copy / "reverse" / "train.jsonl").write_text("\n")
+    _expect(make_config(data=dict(root=str(data_copy))), data_lib.DataError, "reverse/train.jsonl: empty dataset")
+
+
+def test_bad_seq_len_too_long(make_config, no_compute):
+    _expect(make_config(data=dict(seq_len=4096)), train_lib.TrainError, "seq_len=4096 exceeds .*max_position_embeddings=512")
+
+
+def test_bad_top_k_above_adapters(make_config, no_compute):
+    config = make_config()
+    config.model.meteora.top_k = 4
+    _expect(config, train_lib.TrainError, "top_k=4 exceeds the checkpoint's 3 adapters")
+
+
+def test_bad_batch_vs_mesh_and_missing_checkpoint(make_config, no_compute, tmp_path):
+    _expect(make_config(train=dict(batch_size=6, grad_accum_steps=4)), train_lib.TrainError, "not a multiple of train.grad_accum_steps")
+    _expect(make_config(model_checkpoint=str(tmp_path / "none")), train_lib.TrainError, "does not exist")
+    _expect(make_config(mesh=dict(shape=dict(data=3, fsdp=1, tensor=1))), train_lib.TrainError, "needs 3 devices")
+
+
+def test_script_bad_input_exit_code_and_unknown_key(world, tmp_path):
+    base = [
+        sys.executable,
+        os.path.join(REPO, "scripts", "train.py"),
+        f"--config={os.path.join(REPO, 'configs', 'tiny.py')}",
+        "--config.tiny_world=",
+        f"--config.model_checkpoint={world.model}",
+        f"--config.tokenizer={world.tokenizer}",
+        f"--config.data.root={world.data_root}",
+        f"--config.workdir={tmp_path / 'w'}",
+    ]
+    proc = subprocess.run(base + ["--config.data.seq_len=100000"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "error: data.seq_len=100000 exceeds the model's max_position_embeddings=512" in proc.stderr
+    assert not os.path.exists(tmp_path / "w")  # stopped before the trainer made its workdir
+    proc = subprocess.run(base + ["--config.train.stepz=3"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "stepz" in proc.stderr
+
+
+@pytest.mark.parametrize("name", ["tiny", "smollm2_135m", "llama3_8b", "llama2_13b"])
+def test_configs_have_training_sections(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "configs", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    ModelConfig.from_dict(config.model)
+    assert config.model_checkpoint and config.tokenizer and config.data.root and config.workdir
+    assert config.data.seq_len <= config.model.max_position_embeddings
+    assert config.train.batch_size % config.train.grad_accum_steps == 0
+    sharding_lib.logical_rules(config.mesh.rules)
