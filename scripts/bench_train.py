@@ -3,6 +3,7 @@
     python scripts/bench_train.py                      # all modes, each in its own process
     python scripts/bench_train.py --layers 16 --batch 4 --seq 2048 --steps 5
     python scripts/bench_train.py --mode gate          # one mode, prints one JSON line
+    python scripts/bench_train.py --mode gate --mesh data=1,fsdp=2,tensor=1 --batch 8   # 2 GPUs
 
 Random weights (bf16), configs/llama3_8b.py shapes, 28 adapters of rank 8, top-2, remat "full".
 Modes (each runs in a fresh process so that its peak memory is its own):
@@ -84,7 +85,15 @@ def run_mode(mode: str, args) -> dict:
     params = init(jax.random.key(0))
     n_params = sum(x.size for x in jax.tree.leaves(params))
 
-    if mode == "gate":
+    if mode == "gate" and args.mesh:
+        step_fn, carry, frozen, batch = _sharded_gate_step(args, config, model, model_config, params, batch)
+        del params
+
+        def step(carry):
+            new_state, metrics = step_fn(carry, frozen, batch)
+            return new_state, metrics["loss"]
+
+    elif mode == "gate":
         schedule = train_lib.make_schedule(config.schedule, config.optimizer, 1000)
         tx = train_lib.make_optimizer(config.optimizer, schedule)
         gates, frozen = train_lib.split_params(params)
@@ -133,7 +142,8 @@ def run_mode(mode: str, args) -> dict:
         carry, loss = step(carry)
         jax.block_until_ready((carry, loss))
         times.append(time.perf_counter() - t0)
-    stats = jax.devices()[0].memory_stats() or {}
+    devices = jax.devices()[: _mesh_size(args.mesh)] if args.mesh else jax.devices()[:1]
+    peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use", 0) / 2**30 for d in devices]
     median = float(np.median(times))
     return {
         "mode": mode,
@@ -147,9 +157,68 @@ def run_mode(mode: str, args) -> dict:
         "compile_s": compile_s,
         "step_s": median,
         "tokens_per_s": B * S / median,
-        "peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30,
+        "peak_gib": max(peaks),  # per device
+        "devices": len(devices),
+        "mesh": args.mesh or "-",
         "loss": float(loss),
     }
+
+
+def _mesh_size(mesh: str) -> int:
+    size = 1
+    for part in mesh.split(","):
+        size *= int(part.split("=")[1])
+    return size
+
+
+def _sharded_gate_step(args, config, model, model_config, params, batch):
+    """The gate train step over a (data, fsdp, tensor) mesh, jitted with explicit shardings, as
+    `meteora_jax.train.Trainer` builds it (FSDP over base weights, batch over data x fsdp)."""
+    import contextlib
+
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from meteora_jax import sharding as sharding_lib
+    from meteora_jax import train as train_lib
+    from meteora_jax.model import param_logical_axes
+
+    shape = {k: int(v) for k, v in (part.split("=") for part in args.mesh.split(","))}
+    mesh = sharding_lib.make_mesh(shape, jax.devices()[: _mesh_size(args.mesh)])
+    rules = sharding_lib.logical_rules(sharding_lib.DEFAULT_RULES, mesh)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    shardings = sharding_lib.param_shardings(param_logical_axes(model_config), abstract, mesh, rules)
+    gate_sh, frozen_sh = train_lib.split_params(shardings)
+    gates, frozen = train_lib.split_params(params)
+    frozen = jax.device_put(frozen, frozen_sh)
+    gates = jax.device_put(jax.tree.map(lambda x: x.astype(jnp.float32), gates), gate_sh)
+    tx = train_lib.make_optimizer(config.optimizer, train_lib.make_schedule(config.schedule, config.optimizer, 1000))
+    rep = sharding_lib.replicated(mesh)
+    opt_sh = optax.tree_map_params(
+        tx, lambda _, s: s, jax.eval_shape(tx.init, gates), gate_sh, transform_non_params=lambda _: rep
+    )
+    state_sh = train_lib.TrainState(step=rep, gates=gate_sh, opt_state=opt_sh, rng=rep)
+    state = jax.jit(
+        lambda g: train_lib.TrainState(jnp.zeros((), jnp.int32), g, tx.init(g), jax.random.PRNGKey(0)),
+        out_shardings=state_sh,
+    )(gates)
+    batch_sh = sharding_lib.batch_sharding(mesh, rules)
+    batch = sharding_lib.put_batch(jax.device_get(batch), batch_sh)
+    step = train_lib.make_train_step(model, tx, coef=50.0, top_k=model_config.meteora.top_k, grad_accum_steps=1)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(jax.set_mesh(mesh))
+        stack.enter_context(nn.logical_axis_rules(rules))
+        step_fn = jax.jit(
+            step,
+            in_shardings=(state_sh, frozen_sh, {k: batch_sh for k in batch}),
+            out_shardings=(state_sh, rep),
+            donate_argnums=(0,),
+        )
+        # Trace under the mesh and rules so the model's activation constraints apply.
+        step_fn = step_fn.lower(state, frozen, batch).compile()
+    return step_fn, state, frozen, batch
 
 
 def main():
@@ -165,6 +234,9 @@ def main():
     parser.add_argument("--gate-impls", default="xla,auto", help="--mode all: gate runs, one per impl")
     parser.add_argument("--timeout", type=int, default=240, help="--mode all: seconds per mode")
     parser.add_argument("--json", default="", help="also write the results to this file")
+    parser.add_argument(
+        "--mesh", default="", help="--mode gate over a mesh, e.g. data=1,fsdp=2,tensor=1 (batch = global batch); default: one device"
+    )
     args = parser.parse_args()
 
     if args.mode != "all":
