@@ -1,4 +1,8 @@
-"""Task and composite-n metrics (issue 6 point 3): pure Python over strings, no model, no jax.
+"""Task and composite-n metrics (issue 6 point 3), and the generation-driven evaluation loop.
+
+The metric functions are pure Python over strings (no model, no jax). The loop at the bottom
+(`run_evaluation`, `evaluate_records`, `evaluate_composite_records`, `build_composite_file`)
+generates answers with a `meteora_jax.generate.Generator` and scores them with those metrics.
 
 Scales are the libraries' own: accuracy and ROUGE in [0, 1], BLEU in [0, 100] (sacrebleu).
 Results are plain dicts of str/float/int (JSON-serialisable):
@@ -25,9 +29,17 @@ __all__ = [
     "bleu",
     "contains_match",
     "corpus_bleu",
+    "COMPOSITE_TEMPERATURES",
+    "build_composite_file",
+    "evaluate_composite_records",
+    "evaluate_records",
     "evaluate_task",
     "exact_match",
+    "format_results",
     "format_table",
+    "generate_texts",
+    "parse_metric_spec",
+    "run_evaluation",
     "rouge",
     "score_composite",
     "sentence_bleu",
@@ -195,3 +207,249 @@ def format_table(results: Mapping[str, Any]) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Generation-driven evaluation (the model side; jax and the data module are imported lazily so the
+# metric functions above stay importable without them).
+
+# Routing temperatures the original uses for composite-n prompts (n -> T).
+COMPOSITE_TEMPERATURES = {3: 15.0, 5: 20.0, 10: 30.0}
+
+
+def parse_metric_spec(spec: str | Mapping[str, str] | None) -> dict[str, str]:
+    """A task -> metric mapping from a dict, a JSON string, or the path of a JSON file.
+
+    Every metric must be a key of METRICS; "" or None gives {}.
+    """
+    import json
+    import os
+
+    if not spec:
+        return {}
+    if isinstance(spec, Mapping):
+        mapping = dict(spec)
+    elif os.path.isfile(spec):
+        with open(spec, encoding="utf-8") as f:
+            mapping = json.load(f)
+    else:
+        try:
+            mapping = json.loads(spec)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"metric spec {spec!r} is neither a JSON object nor a JSON file: {e.msg}") from None
+    if not isinstance(mapping, dict) or not all(isinstance(v, str) for v in mapping.values()):
+        raise ValueError(f"metric spec must map task names to metric names, got {mapping!r}")
+    unknown = {t: m for t, m in mapping.items() if m not in METRICS}
+    if unknown:
+        raise ValueError(f"unknown metric(s) {unknown}; known: {sorted(METRICS)}")
+    return mapping
+
+
+def generate_texts(
+    generator,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    batch_size: int = 8,
+    max_new_tokens: int = 64,
+    chat_template: bool | None = None,
+    routing_temperature: float = 1.0,
+    force_adapter: int | None = None,
+) -> list[str]:
+    """Greedy answers (decoded, special tokens skipped, stripped) to text prompts, in order.
+
+    `generator` is a `meteora_jax.generate.Generator`. Prompts are sorted by token length into
+    batches of exactly `batch_size` (the last one filled with repeats), so one compiled program
+    per prompt-length bucket serves the whole set.
+    """
+    from meteora_jax.generate import encode_prompt
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be >= 1")
+    encoded = [encode_prompt(tokenizer, p, chat_template=chat_template) for p in prompts]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    answers: list[str] = [""] * len(encoded)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        batch = [encoded[i] for i in chunk]
+        batch += [batch[0]] * (batch_size - len(batch))
+        out = generator.generate(
+            batch,
+            max_new_tokens=max_new_tokens,
+            routing_temperature=routing_temperature,
+            force_adapter=force_adapter,
+        )
+        for i, seq in zip(chunk, out.sequences()):
+            answers[i] = tokenizer.decode(seq, skip_special_tokens=True).strip()
+    return answers
+
+
+def _auto_max_new_tokens(tokenizer, references: Sequence[str], margin: int = 8) -> int:
+    longest = max((len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in references), default=0)
+    return longest + margin
+
+
+def evaluate_records(
+    generator,
+    tokenizer,
+    records: Sequence[Mapping[str, Any]],
+    metric: str,
+    *,
+    max_new_tokens: int | None = None,
+    num_examples: int = 3,
+    **generate_kw,
+) -> dict[str, Any]:
+    """Generates answers to single-task records {"prompt", "response"} and scores them.
+
+    Returns evaluate_task's {"metric", "score", "count"} plus "examples" (the first
+    `num_examples` prompt / reference / prediction triples). max_new_tokens None: the longest
+    reference in tokens + 8.
+    """
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; known: {sorted(METRICS)}")
+    refs = [r["response"] for r in records]
+    n_new = max_new_tokens or _auto_max_new_tokens(tokenizer, refs)
+    preds = generate_texts(generator, tokenizer, [r["prompt"] for r in records], max_new_tokens=n_new, **generate_kw)
+    result = evaluate_task(preds, refs, metric)
+    result["examples"] = [
+        {"prompt": r["prompt"], "reference": r["response"], "prediction": p}
+        for r, p in zip(records[:num_examples], preds[:num_examples])
+    ]
+    return result
+
+
+def evaluate_composite_records(
+    generator,
+    tokenizer,
+    records: Sequence[Mapping[str, Any]],
+    metric_for_task: Mapping[str, str] | Callable[[str], str],
+    *,
+    max_new_tokens: int | None = None,
+    num_examples: int = 3,
+    **generate_kw,
+) -> dict[str, Any]:
+    """Generates answers to composite records {"prompt", "response", "tasks"} and scores each
+    sub-task (score_composite), plus "examples"."""
+    refs = [r["response"] for r in records]
+    n_new = max_new_tokens or _auto_max_new_tokens(tokenizer, refs)
+    preds = generate_texts(generator, tokenizer, [r["prompt"] for r in records], max_new_tokens=n_new, **generate_kw)
+    result = score_composite(preds, refs, [r["tasks"] for r in records], metric_for_task)
+    result["examples"] = [
+        {"prompt": r["prompt"], "reference": r["response"], "prediction": p, "tasks": list(r["tasks"])}
+        for r, p in zip(records[:num_examples], preds[:num_examples])
+    ]
+    return result
+
+
+def build_composite_file(
+    data_root: str,
+    tasks: Sequence[str],
+    n: int,
+    num_samples: int,
+    path: str,
+    *,
+    seed: int = 0,
+    split: str = "test",
+) -> list[dict]:
+    """Writes a composite-n test set (JSONL {"prompt", "response", "tasks"}) built from the
+    single-task `<data_root>/<task>/<split>.jsonl` files; returns its records."""
+    import os
+
+    from meteora_jax.data import build_composite, find_task_dirs, read_jsonl, write_jsonl
+
+    files = find_task_dirs(data_root, list(tasks), split=split)
+    records = build_composite({t: read_jsonl(p) for t, p in files.items()}, n, num_samples, seed=seed)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    write_jsonl(path, records)
+    return records
+
+
+def run_evaluation(
+    generator,
+    tokenizer,
+    *,
+    data_root: str | None = None,
+    tasks: Sequence[str] | None = None,
+    split: str = "test",
+    composite_files: Sequence[str] = (),
+    metrics: Mapping[str, str] | None = None,
+    default_metric: str = "accuracy",
+    max_samples: int | None = None,
+    batch_size: int = 8,
+    max_new_tokens: int | None = None,
+    chat_template: bool | None = None,
+    routing_temperature: float = 1.0,
+    composite_temperature: float | None = None,
+    force_adapter: int | None = None,
+    output: str | None = None,
+) -> dict[str, Any]:
+    """Per-task and composite-n evaluation; returns (and writes to `output` as JSON)
+
+        {"tasks": {task: {"metric", "score", "count", "examples"}},
+         "composite": {name: score_composite result + "routing_temperature", "file", "examples"},
+         "settings": {...}}
+
+    tasks: the task folders of `data_root` to evaluate on `<task>/<split>.jsonl` (None: all).
+    composite_files: composite JSONL files; the routing temperature of a composite-n file is
+    `composite_temperature`, else the original's (COMPOSITE_TEMPERATURES) for n in {3, 5, 10},
+    else `routing_temperature`. Metrics: `metrics[task]`, else `default_metric`.
+    """
+    import json
+    import os
+
+    from meteora_jax.data import read_composite_jsonl, read_jsonl
+
+    metrics = dict(metrics or {})
+    for name in [default_metric, *metrics.values()]:
+        if name not in METRICS:
+            raise ValueError(f"unknown metric {name!r}; known: {sorted(METRICS)}")
+    metric_for = lambda task: metrics.get(task, default_metric)  # noqa: E731
+    common = dict(batch_size=batch_size, max_new_tokens=max_new_tokens, chat_template=chat_template, force_adapter=force_adapter)
+    results: dict[str, Any] = {"tasks": {}, "composite": {}}
+    if data_root:
+        names = list(tasks) if tasks else sorted(
+            d for d in os.listdir(data_root) if os.path.isfile(os.path.join(data_root, d, f"{split}.jsonl"))
+        )
+        for task in names:
+            records = read_jsonl(os.path.join(data_root, task, f"{split}.jsonl"))[:max_samples]
+            results["tasks"][task] = evaluate_records(
+                generator, tokenizer, records, metric_for(task), routing_temperature=routing_temperature, **common
+            )
+    for path in composite_files:
+        records = read_composite_jsonl(path)[:max_samples]
+        sizes = {len(r["tasks"]) for r in records}
+        n = sizes.pop() if len(sizes) == 1 else None
+        temp = composite_temperature or COMPOSITE_TEMPERATURES.get(n, routing_temperature)
+        name = f"composite-{n}" if n is not None else os.path.splitext(os.path.basename(path))[0]
+        if name in results["composite"]:
+            name = f"{name}:{os.path.basename(path)}"
+        res = evaluate_composite_records(generator, tokenizer, records, metric_for, routing_temperature=temp, **common)
+        res.update(routing_temperature=temp, file=os.path.abspath(path))
+        results["composite"][name] = res
+    results["settings"] = dict(
+        split=split,
+        metrics={**{t: metric_for(t) for t in results["tasks"]}},
+        default_metric=default_metric,
+        max_samples=max_samples,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        routing_temperature=routing_temperature,
+        force_adapter=force_adapter,
+    )
+    if output:
+        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+        with open(output, "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=1, ensure_ascii=False, allow_nan=True)
+    return results
+
+
+def format_results(results: Mapping[str, Any]) -> str:
+    """The printed form of `run_evaluation`'s result: one table for the tasks, one per composite."""
+    parts = []
+    if results.get("tasks"):
+        parts.append("single tasks\n" + format_table(results["tasks"]))
+    for name, res in results.get("composite", {}).items():
+        temp = res.get("routing_temperature")
+        head = f"{name} (routing temperature {temp:g})" if isinstance(temp, (int, float)) else name
+        parts.append(head + "\n" + format_table(res))
+    return "\n\n".join(parts)

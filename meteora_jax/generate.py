@@ -1,0 +1,471 @@
+"""Batched KV-cache generation: left-padded prompts, one prefill, then a jitted decode loop.
+
+    gen = Generator(config, params, eos_token_ids=[tokenizer.eos_token_id], pad_token_id=0)
+    out = gen.generate([[1, 17, 42], [1, 5]], max_new_tokens=32)               # greedy
+    out = gen.generate(prompts, max_new_tokens=32, temperature=0.8, top_p=0.9, seed=1)
+    out = gen.generate(prompts, routing_temperature=15.0)                       # composite prompts
+    out = gen.generate(prompts, force_adapter=2)                                # PEFT-style baseline
+    out = gen.generate(prompts, return_routing=True)                            # for routing pictures
+    out.sequences()   # [[generated ids, EOS excluded], ...]
+    out.routing[b]    # [P_b + n_b, num_layers, num_projections] top-1 adapter of every token
+
+Shapes are bucketed (batch and prompt length to powers of two, `max_new_tokens` to a power of two
+up to 256 and to multiples of 128 beyond; see `bucket_length`), and prefill plus the whole decode
+loop (`jax.lax.while_loop`) live in one `jax.jit`: a new prompt length, a new `max_new_tokens`,
+temperature, top-p, seed, routing temperature or forced adapter within a bucket reuses the
+compiled program. `Generator.num_traces` counts the traces (= compilations).
+
+Padding: prompts are left-padded into [B, P]; a prompt's positions are `cumsum(mask) - 1`, so a
+left-padded row sees exactly the positions it would alone. Rows stop independently at any EOS id
+(the EOS is kept in `tokens`, later slots hold `pad_token_id`); the loop ends when every row has
+stopped or after `max_new_tokens`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from meteora_jax.config import ALL_PROJECTIONS, ModelConfig
+from meteora_jax.model import KVCache, LlamaForCausalLM
+from meteora_jax.routing import Routing
+
+__all__ = [
+    "GenerationOutput",
+    "Generator",
+    "bucket_length",
+    "encode_prompt",
+    "load_for_inference",
+    "sample_token",
+    "token_routing",
+]
+
+
+def bucket_length(n: int, minimum: int = 16) -> int:
+    """The compiled length for `n`: the next power of two >= max(n, minimum) up to 256, then the
+    next multiple of 128 (so long prompts waste at most 127 slots)."""
+    n = max(int(n), int(minimum), 1)
+    if n <= 256:
+        return 1 << (n - 1).bit_length()
+    return -(-n // 128) * 128
+
+
+def sample_token(
+    logits: jax.Array,  # [B, V] float32
+    rng: jax.Array,  # a PRNG key
+    temperature: jax.Array,  # [] > 0
+    top_p: jax.Array,  # [] in (0, 1]
+) -> jax.Array:  # [B] int32
+    """Samples from softmax(logits / temperature) restricted to the top-p nucleus.
+
+    The nucleus is the smallest set of most likely tokens whose probability reaches `top_p` (the
+    most likely token is always in it, so top_p -> 0 is greedy).
+    """
+    scaled = logits.astype(jnp.float32) / jnp.maximum(temperature, 1e-6)
+    sorted_logits = jnp.sort(scaled, axis=-1)[:, ::-1]  # descending
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep = mass_before < top_p
+    keep = keep.at[:, 0].set(True)
+    # The smallest kept logit is the cut-off (ties with it stay in).
+    cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+    masked = jnp.where(scaled >= cutoff, scaled, -jnp.inf)
+    return jax.random.categorical(rng, masked, axis=-1).astype(jnp.int32)
+
+
+def _projections(config: ModelConfig) -> tuple[str, ...]:
+    return tuple(p for p in ALL_PROJECTIONS if config.meteora.adapts(p))
+
+
+def _top1(gate_logits: dict, projections: tuple[str, ...]) -> jax.Array:
+    """{proj: [n_layers, B, S, L]} -> [B, S, n_layers, n_proj] int32 top-1 adapter."""
+    stacked = jnp.stack([jnp.argmax(gate_logits[p], axis=-1) for p in projections], axis=-1)
+    return jnp.transpose(stacked, (1, 2, 0, 3)).astype(jnp.int32)
+
+
+@dataclasses.dataclass
+class GenerationOutput:
+    """What `Generator.generate` returns (numpy, one row per prompt)."""
+
+    tokens: np.ndarray  # [B, N] int32 generated ids; after a row's EOS (kept) or N: pad_token_id
+    lengths: np.ndarray  # [B] generated tokens per row, EOS included
+    finished: np.ndarray  # [B] bool: the row stopped at an EOS
+    prompt_lengths: np.ndarray  # [B]
+    logits: Optional[np.ndarray] = None  # [B, N, V] float32: the logits each token was chosen from
+    routing: Optional[list[np.ndarray]] = None  # per row [P_b + n_b, n_layers, n_proj] top-1 adapter
+    projections: tuple[str, ...] = ()  # names of the last routing axis
+
+    def sequences(self, include_eos: bool = False) -> list[list[int]]:
+        """Generated ids of each row, without padding (and without the EOS unless asked)."""
+        out = []
+        for row, n, fin in zip(self.tokens, self.lengths, self.finished):
+            keep = int(n) if (include_eos or not fin) else int(n) - 1
+            out.append([int(t) for t in row[:keep]])
+        return out
+
+
+class Generator:
+    """Jitted batched generation for one model (config + params)."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        params: Any,
+        *,
+        eos_token_ids: Sequence[int] = (),
+        pad_token_id: int = 0,
+        min_prompt_bucket: int = 16,
+        min_new_tokens_bucket: int = 16,
+        max_prefill_logits_bytes: int = 1 << 30,
+    ):
+        """max_prefill_logits_bytes: when the prefill's [B, P, V] float32 logits would exceed it,
+        the prompt is prefilled in two calls (all but the last token, whose logits XLA then never
+        computes, and the last token), so a long batched prefill does not hold all vocabulary logits."""
+        self.config = config
+        self.params = params
+        self.eos_token_ids = tuple(int(t) for t in eos_token_ids if t is not None)
+        self.pad_token_id = int(pad_token_id)
+        self.min_prompt_bucket = int(min_prompt_bucket)
+        self.min_new_tokens_bucket = int(min_new_tokens_bucket)
+        self.max_prefill_logits_bytes = int(max_prefill_logits_bytes)
+        self.projections = _projections(config)
+        self.num_traces = 0
+        self._fast = LlamaForCausalLM(config, collect_gate_logits=False)
+        self._routed = LlamaForCausalLM(config, collect_gate_logits=True)
+        self._jitted = jax.jit(
+            self._generate,
+            static_argnames=("max_new_bucket", "do_sample", "collect_routing", "return_logits", "split_prefill"),
+        )
+
+    # ------------------------------------------------------------------------------------------
+    # The traced program
+
+    def _generate(
+        self,
+        params,
+        input_ids,  # [B, P] int32, left-padded
+        attention_mask,  # [B, P] bool
+        max_new_tokens,  # [] int32 <= max_new_bucket
+        temperature,  # [] float32
+        top_p,  # [] float32
+        rng,  # PRNG key
+        routing: Routing,
+        eos_ids,  # [E] int32
+        *,
+        max_new_bucket: int,
+        do_sample: bool,
+        collect_routing: bool,
+        return_logits: bool,
+        split_prefill: bool,
+    ):
+        self.num_traces += 1  # Python side effect: runs once per trace, never per call
+        cfg = self.config
+        model = self._routed if collect_routing else self._fast
+        variables = {"params": params}
+        batch, prompt_len = input_ids.shape
+        pad = jnp.int32(self.pad_token_id)
+        mask = attention_mask.astype(bool)
+        positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0).astype(jnp.int32)
+        n_prompt = jnp.sum(mask, axis=-1).astype(jnp.int32)
+        cache = KVCache.init(cfg, batch, prompt_len + max_new_bucket)
+
+        def is_eos(tok):
+            return jnp.any(tok[:, None] == eos_ids[None, :], axis=-1)
+
+        def choose(logits, key):
+            if do_sample:
+                return sample_token(logits, key, temperature, top_p)
+            return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+        # Prefill.
+        if split_prefill and prompt_len > 1:
+            head = model.apply(
+                variables, input_ids[:, :-1], mask[:, :-1], positions[:, :-1], cache, routing=routing
+            )
+            last = model.apply(
+                variables, input_ids[:, -1:], mask[:, -1:], positions[:, -1:], head.cache, routing=routing
+            )
+            gate_logits = jax.tree.map(lambda a, b: jnp.concatenate([a, b], axis=2), head.gate_logits, last.gate_logits)
+            cache, last_logits = last.cache, last.logits[:, -1]
+        else:
+            out = model.apply(variables, input_ids, mask, positions, cache, routing=routing)
+            gate_logits, cache, last_logits = out.gate_logits, out.cache, out.logits[:, -1]
+
+        rng, key = jax.random.split(rng)
+        first = choose(last_logits, key)
+        n_buf = max_new_bucket + 1  # slot N takes the token sampled after the last one (dropped)
+        tokens = jnp.full((batch, n_buf), pad, jnp.int32).at[:, 0].set(first)
+        state = dict(i=jnp.int32(0), tok=first, done=jnp.zeros((batch,), bool), cache=cache, tokens=tokens, rng=rng)
+        if return_logits:
+            state["logits"] = jnp.zeros((batch, n_buf, cfg.vocab_size), jnp.float32).at[:, 0].set(last_logits)
+        if collect_routing:
+            prompt_routing = jnp.where(mask[:, :, None, None], _top1(gate_logits, self.projections), -1)
+            state["routing"] = jnp.full((batch, n_buf, cfg.num_layers, len(self.projections)), -1, jnp.int32)
+
+        # With routing pictures every generated token is also fed once (its routing is recorded);
+        # otherwise the last one never needs a forward pass.
+        limit = max_new_tokens - 1 + int(collect_routing)
+
+        def cond(s):
+            stopped = s["done"] if collect_routing else s["done"] | is_eos(s["tok"])
+            return (s["i"] < limit) & ~jnp.all(stopped)
+
+        def body(s):
+            i, tok = s["i"], s["tok"]
+            out = model.apply(
+                variables,
+                tok[:, None],
+                jnp.ones((batch, 1), bool),
+                (n_prompt + i)[:, None],
+                s["cache"],
+                routing=routing,
+            )
+            new = dict(s)
+            if collect_routing:
+                top1 = jnp.where(s["done"][:, None, None], -1, _top1(out.gate_logits, self.projections)[:, 0])
+                new["routing"] = jax.lax.dynamic_update_index_in_dim(s["routing"], top1, i, axis=1)
+            done = s["done"] | is_eos(tok)
+            rng, key = jax.random.split(s["rng"])
+            nxt = jnp.where(done, pad, choose(out.logits[:, 0], key))
+            new["tokens"] = jax.lax.dynamic_update_index_in_dim(s["tokens"], nxt, i + 1, axis=1)
+            if return_logits:
+                new["logits"] = jax.lax.dynamic_update_index_in_dim(s["logits"], out.logits[:, 0], i + 1, axis=1)
+            new.update(i=i + 1, tok=nxt, done=done, cache=out.cache, rng=rng)
+            return new
+
+        state = jax.lax.while_loop(cond, body, state)
+        in_range = jnp.arange(max_new_bucket) < max_new_tokens
+        result = {"tokens": jnp.where(in_range[None], state["tokens"][:, :max_new_bucket], pad)}
+        if return_logits:
+            result["logits"] = state["logits"][:, :max_new_bucket]
+        if collect_routing:
+            result["prompt_routing"] = prompt_routing
+            result["routing"] = state["routing"][:, :max_new_bucket]
+        return result
+
+    # ------------------------------------------------------------------------------------------
+    # Host side
+
+    def _pack(self, prompts) -> tuple[np.ndarray, np.ndarray, list[list[int]]]:
+        """Prompts (lists of ids, or (ids [B, P], mask [B, P]) padded either side) -> left-padded
+        bucketed arrays and the unpadded rows."""
+        if isinstance(prompts, tuple) and len(prompts) == 2 and np.ndim(prompts[0]) == 2:
+            ids, mask = np.asarray(prompts[0]), np.asarray(prompts[1]).astype(bool)
+            rows = [[int(t) for t in r[m]] for r, m in zip(ids, mask)]
+        else:
+            rows = [[int(t) for t in p] for p in prompts]
+        if not rows:
+            raise ValueError("no prompts given")
+        if any(len(r) == 0 for r in rows):
+            raise ValueError("every prompt needs at least one token")
+        batch = bucket_length(len(rows), minimum=1)
+        length = bucket_length(max(len(r) for r in rows), self.min_prompt_bucket)
+        ids = np.full((batch, length), self.pad_token_id, np.int32)
+        mask = np.zeros((batch, length), bool)
+        for b in range(batch):
+            r = rows[b] if b < len(rows) else rows[0]  # filler rows repeat the first prompt
+            ids[b, length - len(r) :] = r
+            mask[b, length - len(r) :] = True
+        return ids, mask, rows
+
+    def device_call(
+        self,
+        prompts,
+        *,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | jax.Array = 0,
+        routing_temperature: float = 1.0,
+        force_adapter: Optional[int] = None,
+        return_routing: bool = False,
+        return_logits: bool = False,
+        eos_token_ids: Optional[Sequence[int]] = None,
+    ):
+        """The compiled program bound to its (device-resident) inputs: returns `(run, rows, eos)`
+        where `run()` executes prefill + decode and returns the device outputs without waiting or
+        copying them to the host (for benchmarks: `jax.block_until_ready(run())`). Arguments as
+        `generate`."""
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+        if not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p={top_p} must be in (0, 1]")
+        if temperature < 0:
+            raise ValueError(f"temperature={temperature} must be >= 0")
+        L = self.config.meteora.num_adapters
+        if return_routing and L == 0:
+            raise ValueError("return_routing needs a model with adapters (num_adapters > 0)")
+        eos = self.eos_token_ids if eos_token_ids is None else tuple(int(t) for t in eos_token_ids)
+        ids, mask, rows = self._pack(prompts)
+        longest = max(len(r) for r in rows)
+        if longest + max_new_tokens > self.config.max_position_embeddings:
+            raise ValueError(
+                f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds the model's "
+                f"max_position_embeddings={self.config.max_position_embeddings}"
+            )
+        forced = None if force_adapter is None else Routing.force_adapter(force_adapter, L).forced_weights
+        routing = Routing(temperature=jnp.float32(routing_temperature), forced_weights=forced)
+        rng = jax.random.key(seed) if isinstance(seed, (int, np.integer)) else seed
+        batch, plen = ids.shape
+        split = batch * plen * self.config.vocab_size * 4 > self.max_prefill_logits_bytes
+        args = (
+            self.params,
+            jnp.asarray(ids),
+            jnp.asarray(mask),
+            jnp.int32(max_new_tokens),
+            jnp.float32(max(temperature, 0.0)),
+            jnp.float32(top_p),
+            rng,
+            routing,
+            jnp.asarray(eos or (-1,), jnp.int32),
+        )
+        static = dict(
+            max_new_bucket=bucket_length(max_new_tokens, self.min_new_tokens_bucket),
+            do_sample=temperature > 0,
+            collect_routing=bool(return_routing),
+            return_logits=bool(return_logits),
+            split_prefill=bool(split),
+        )
+        return (lambda: self._jitted(*args, **static)), rows, eos
+
+    def generate(self, prompts, *, max_new_tokens: int = 64, **options) -> GenerationOutput:
+        """Generates up to `max_new_tokens` for each prompt.
+
+        prompts: a list of token-id lists (any lengths), or `(input_ids [B, P], attention_mask
+          [B, P])` padded on either side.
+        temperature (0.0): 0 is greedy; > 0 samples (with the `top_p` (1.0) nucleus) from a PRNG
+          key made from `seed` (an int or a key).
+        routing_temperature (1.0): the gate softmax temperature (MeteoRA); force_adapter (None):
+          route every token to that adapter with weight 1.
+        return_routing (False): also return the gate's top-1 adapter of every prompt and generated
+          token per layer and projection (computed even when routing is forced).
+        return_logits (False): also return the logits each generated token was chosen from.
+        eos_token_ids (None): overrides the generator's EOS ids for this call (same count: no
+          recompilation).
+        """
+        run, rows, eos = self.device_call(prompts, max_new_tokens=max_new_tokens, **options)
+        result = jax.device_get(run())
+        n = len(rows)
+        tokens = np.asarray(result["tokens"][:n, :max_new_tokens])
+        is_eos = np.isin(tokens, eos) if eos else np.zeros_like(tokens, bool)
+        finished = is_eos.any(axis=1)
+        lengths = np.where(finished, is_eos.argmax(axis=1) + 1, max_new_tokens).astype(np.int32)
+        out = GenerationOutput(
+            tokens=tokens,
+            lengths=lengths,
+            finished=finished,
+            prompt_lengths=np.array([len(r) for r in rows], np.int32),
+            projections=self.projections,
+        )
+        if "logits" in result:
+            out.logits = np.asarray(result["logits"][:n, :max_new_tokens])
+        if "routing" in result:
+            plen = result["prompt_routing"].shape[1]
+            out.routing = [
+                np.concatenate([result["prompt_routing"][b, plen - len(rows[b]) :], result["routing"][b, : lengths[b]]])
+                for b in range(n)
+            ]
+        return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers shared by the CLIs, evaluation and pictures
+
+
+@functools.lru_cache(maxsize=8)
+def _routing_forward(config: ModelConfig):
+    model = LlamaForCausalLM(config, collect_gate_logits=True)
+    projections = _projections(config)
+
+    @jax.jit
+    def forward(params, ids, routing):
+        out = model.apply({"params": params}, ids, routing=routing)
+        return _top1(out.gate_logits, projections)[0]
+
+    return forward
+
+
+def token_routing(
+    config: ModelConfig,
+    params: Any,
+    token_ids: Sequence[int],
+    routing: Routing = Routing(),
+) -> np.ndarray:  # [T, n_layers, n_proj] int32
+    """Top-1 adapter of every token of one sequence (e.g. a prompt + a reference answer) per layer
+    and projection, from one full forward pass. Projections in `ALL_PROJECTIONS` order."""
+    if config.meteora.num_adapters == 0:
+        raise ValueError("token_routing needs a model with adapters (num_adapters > 0)")
+    ids = jnp.asarray([list(token_ids)], jnp.int32)
+    routing = Routing(temperature=jnp.float32(routing.temperature), forced_weights=routing.forced_weights)
+    return np.asarray(_routing_forward(config)(params, ids, routing))
+
+
+def _adds_bos(tokenizer) -> bool:
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return len(ids) > 0 and ids[0] == bos
+
+
+def encode_prompt(tokenizer, prompt: str, *, chat_template: bool | None = None) -> list[int]:
+    """Token ids that a model trained on `meteora_jax.data` examples continues with the response.
+
+    chat_template: True renders a user turn plus the generation prompt (as training with
+    `data.chat_template`); False is [BOS if the tokenizer adds one] + prompt; None uses the
+    template when the tokenizer has one.
+    """
+    if chat_template is None:
+        chat_template = bool(getattr(tokenizer, "chat_template", None))
+    if chat_template:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("chat_template=True but the tokenizer has no chat template")
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    head = [tokenizer.bos_token_id] if _adds_bos(tokenizer) else []
+    return head + list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+
+
+def eos_ids_of(tokenizer) -> list[int]:
+    """The tokenizer's EOS id plus, for chat templates, the end-of-turn token if it has one."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    for name in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>"):
+        tid = tokenizer.convert_tokens_to_ids(name)
+        if isinstance(tid, int) and tid >= 0 and tid != tokenizer.unk_token_id and tid not in ids:
+            ids.append(tid)
+    return ids
+
+
+def load_for_inference(
+    checkpoint: str,
+    gates: Optional[str] = None,
+    *,
+    dtype: Optional[str] = None,
+    top_k: Optional[int] = None,
+) -> tuple[Any, ModelConfig, list[str]]:
+    """(params, config, adapter_names) from a model checkpoint (`meteora_jax.checkpoint`), with
+    trained gates (a `gates/` folder written by training) merged in when given."""
+    from meteora_jax.checkpoint import restore_checkpoint
+
+    params, config, metadata = restore_checkpoint(checkpoint)
+    names = list(metadata.get("adapter_names") or [])
+    if gates:
+        from meteora_jax.train import load_gates, merge_params
+
+        gate_tree, gate_names = load_gates(gates)
+        if names and list(gate_names) != names:
+            raise ValueError(f"gates in {gates!r} are for adapters {gate_names}, the checkpoint has {names}")
+        params = merge_params(gate_tree, params)
+    if dtype is not None:
+        config = config.replace(dtype=dtype)
+    if top_k is not None:
+        config = config.replace(meteora=dataclasses.replace(config.meteora, top_k=int(top_k)))
+    return params, config, names

@@ -1,0 +1,210 @@
+"""Routing pictures: which adapter each token of a prompt + answer used (the original's Figure 4).
+
+Input everywhere is a token's top-1 adapter per layer and projection, `routing [T, n_layers,
+n_proj]` int (-1: not routed), as `Generator.generate(..., return_routing=True).routing[b]` or
+`generate.token_routing(config, params, ids)` give it.
+
+    shares = routing_shares(routing, L)            # [T, L]: fraction of (layer, projection) picks
+    save_routing_png(path, pieces, routing, names)  # heatmaps: shares, and per-layer majority
+    save_routing_html(path, pieces, routing, names) # tokens coloured by their dominant adapter
+
+`pieces` are the tokens' surface strings (`token_pieces(tokenizer, ids)`).
+"""
+
+from __future__ import annotations
+
+import html
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+__all__ = [
+    "adapter_colors",
+    "dominant_adapter",
+    "layer_majority",
+    "routing_html",
+    "routing_shares",
+    "save_routing_html",
+    "save_routing_png",
+    "token_pieces",
+]
+
+
+def routing_shares(routing: np.ndarray, num_adapters: int) -> np.ndarray:
+    """[T, n_layers, n_proj] top-1 indices -> [T, L] share of each adapter among the token's
+    (layer, projection) picks (rows of unrouted tokens are 0)."""
+    routing = np.asarray(routing)
+    flat = routing.reshape(routing.shape[0], -1)
+    counts = np.stack([(flat == a).sum(axis=1) for a in range(num_adapters)], axis=1).astype(np.float64)
+    total = np.maximum((flat >= 0).sum(axis=1, keepdims=True), 1)
+    return counts / total
+
+
+def dominant_adapter(routing: np.ndarray, num_adapters: int) -> np.ndarray:
+    """[T] the adapter with the largest share per token (lowest index on ties; -1 if unrouted)."""
+    shares = routing_shares(routing, num_adapters)
+    return np.where(shares.sum(axis=1) > 0, shares.argmax(axis=1), -1)
+
+
+def layer_majority(routing: np.ndarray, num_adapters: int) -> np.ndarray:
+    """[n_layers, T] the most picked adapter over a layer's projections, per token (-1: unrouted)."""
+    routing = np.asarray(routing)
+    counts = np.stack([(routing == a).sum(axis=2) for a in range(num_adapters)], axis=-1)  # [T, n_layers, L]
+    out = counts.argmax(axis=-1)
+    return np.where(counts.sum(axis=-1) > 0, out, -1).T
+
+
+def adapter_colors(num_adapters: int) -> list[str]:
+    """One distinct hex colour per adapter (tab10/tab20, then evenly spaced hues)."""
+    import matplotlib
+
+    if num_adapters <= 10:
+        cmap = matplotlib.colormaps["tab10"]
+        return [matplotlib.colors.to_hex(cmap(i)) for i in range(num_adapters)]
+    if num_adapters <= 20:
+        cmap = matplotlib.colormaps["tab20"]
+        return [matplotlib.colors.to_hex(cmap(i)) for i in range(num_adapters)]
+    cmap = matplotlib.colormaps["hsv"]
+    return [matplotlib.colors.to_hex(cmap(i / num_adapters)) for i in range(num_adapters)]
+
+
+def token_pieces(tokenizer, token_ids: Sequence[int]) -> list[str]:
+    """The surface text of each token: decode(ids[:i+1]) minus decode(ids[:i]), special tokens
+    kept; falls back to the token's own decoding where a prefix does not extend."""
+    ids = [int(t) for t in token_ids]
+    pieces, prev = [], ""
+    for i in range(len(ids)):
+        text = tokenizer.decode(ids[: i + 1], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        if text.startswith(prev) and len(text) > len(prev):
+            pieces.append(text[len(prev) :])
+        else:
+            pieces.append(tokenizer.decode([ids[i]], skip_special_tokens=False) or tokenizer.convert_ids_to_tokens(ids[i]))
+        prev = text
+    return pieces
+
+
+def _check(pieces, routing, adapter_names):
+    routing = np.asarray(routing)
+    if routing.ndim != 3:
+        raise ValueError(f"routing must be [T, n_layers, n_proj], got shape {routing.shape}")
+    if len(pieces) != routing.shape[0]:
+        raise ValueError(f"{len(pieces)} token pieces but routing covers {routing.shape[0]} tokens")
+    if routing.max(initial=-1) >= len(adapter_names):
+        raise ValueError(f"routing names adapter {routing.max()} but only {len(adapter_names)} names given")
+    return routing
+
+
+def _label(piece: str) -> str:
+    return piece.replace("\n", "\\n").replace("\t", "\\t").replace("$", r"\$") or "''"
+
+
+def save_routing_png(
+    path: str | os.PathLike,
+    pieces: Sequence[str],
+    routing: np.ndarray,  # [T, n_layers, n_proj]
+    adapter_names: Sequence[str],
+    *,
+    prompt_length: int | None = None,
+    title: str | None = None,
+    dpi: int = 100,
+) -> str:
+    """Writes a PNG with two heatmaps over the tokens: top, each adapter's share of the token's
+    top-1 picks across layers and projections; bottom, each layer's majority adapter. A dashed
+    line marks where the prompt ends. Returns the path."""
+    # The object API with the Agg canvas: no pyplot state, works under any backend.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.colors import ListedColormap
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+
+    routing = _check(pieces, routing, adapter_names)
+    T, n_layers, _ = routing.shape
+    L = len(adapter_names)
+    shares = routing_shares(routing, L)  # [T, L]
+    layers = layer_majority(routing, L)  # [n_layers, T]
+    width = min(max(6.0, 0.28 * T + 2.5), 60.0)
+    height = 2.0 + 0.3 * L + 0.25 * n_layers + 1.0
+    fig = Figure(figsize=(width, height), dpi=dpi)
+    FigureCanvasAgg(fig)
+    ax_share, ax_layer = fig.subplots(2, 1, gridspec_kw={"height_ratios": [max(L, 1), max(n_layers, 1)]})
+    im = ax_share.imshow(shares.T, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
+    ax_share.set_yticks(range(L), list(adapter_names))
+    ax_share.set_xticks([])
+    ax_share.set_title(title or "top-1 adapter share across layers and projections")
+    fig.colorbar(im, ax=ax_share, fraction=0.02, pad=0.01)
+
+    colors = ["#ffffff"] + adapter_colors(L)  # -1 (unrouted) is white
+    ax_layer.imshow(
+        layers + 1, aspect="auto", cmap=ListedColormap(colors), vmin=-0.5, vmax=L + 0.5, interpolation="nearest"
+    )
+    ax_layer.set_yticks(range(n_layers), [f"layer {i}" for i in range(n_layers)])
+    ax_layer.set_xticks(range(T), [_label(p) for p in pieces], rotation=90, fontsize=7)
+    ax_layer.set_title("majority adapter per layer")
+    handles = [Rectangle((0, 0), 1, 1, color=c) for c in colors[1:]]
+    ax_layer.legend(handles, list(adapter_names), loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7)
+    if prompt_length is not None and 0 < prompt_length < T:
+        for ax in (ax_share, ax_layer):
+            ax.axvline(prompt_length - 0.5, color="red", linestyle="--", linewidth=1)
+    fig.tight_layout()
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    return path
+
+
+def routing_html(
+    pieces: Sequence[str],
+    routing: np.ndarray,  # [T, n_layers, n_proj]
+    adapter_names: Sequence[str],
+    *,
+    prompt_length: int | None = None,
+    title: str = "MeteoRA routing",
+) -> str:
+    """A self-contained HTML page (inline CSS, no scripts or external files): every token in the
+    colour of its dominant adapter, its per-adapter shares in a tooltip, and a legend."""
+    routing = _check(pieces, routing, adapter_names)
+    L = len(adapter_names)
+    shares = routing_shares(routing, L)
+    dominant = dominant_adapter(routing, L)
+    colors = adapter_colors(L)
+    spans = []
+    for t, piece in enumerate(pieces):
+        if prompt_length is not None and t == prompt_length:
+            spans.append('<span class="sep" title="answer starts here">&#9654;</span>')
+        a = int(dominant[t])
+        tip = ", ".join(f"{adapter_names[i]} {shares[t, i]:.0%}" for i in np.argsort(-shares[t]) if shares[t, i] > 0)
+        style = f"background:{colors[a]}55;border-bottom:3px solid {colors[a]}" if a >= 0 else "background:#eee"
+        text = html.escape(piece).replace("\n", "&#8629;<br>")
+        spans.append(f'<span class="tok" style="{style}" title="{html.escape(tip or "not routed")}">{text}</span>')
+    legend = "".join(
+        f'<span class="key"><span class="swatch" style="background:{c}"></span>{html.escape(n)}</span>'
+        for n, c in zip(adapter_names, colors)
+    )
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>
+body {{ font-family: sans-serif; margin: 2em; }}
+.text {{ font-family: monospace; font-size: 15px; line-height: 2.1; white-space: pre-wrap; }}
+.tok {{ padding: 2px 0; border-radius: 2px; }}
+.sep {{ color: #c00; padding: 0 4px; }}
+.legend {{ margin: 1em 0; }}
+.key {{ margin-right: 1.2em; white-space: nowrap; }}
+.swatch {{ display: inline-block; width: 0.9em; height: 0.9em; margin-right: 0.3em; vertical-align: middle; }}
+</style></head><body>
+<h2>{html.escape(title)}</h2>
+<p>Each token is coloured by its dominant adapter: the one picked most often as top-1 across all
+layers and projections (hover for the shares).</p>
+<div class="legend">{legend}</div>
+<div class="text">{"".join(spans)}</div>
+</body></html>
+"""
+
+
+def save_routing_html(path: str | os.PathLike, pieces, routing, adapter_names, **kwargs) -> str:
+    """Writes `routing_html(...)` to `path`; returns the path."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(routing_html(pieces, routing, adapter_names, **kwargs))
+    return path

@@ -1,0 +1,280 @@
+"""Generation benchmark (issue 6 point 6): prefill and decode tokens/s of the base model, the base
++ one LoRA and MeteoRA, at LLaMA-3-8B shapes with random weights, all in one run.
+
+    python scripts/bench_generate.py [--out PATH] [--num-layers 32] [--batches 1,32]
+        [--prompt-len 512] [--new-tokens 128] [--reps 5] [--tiny]
+
+Models (bf16 weights and compute, rank 8 adapters on all 7 projections):
+  base       plain LLaMA-3-8B (num_adapters = 0)
+  1 LoRA     MeteoRA layers with L = 1 adapter, routing forced to it with weight 1
+             (`force_adapter=0`): x @ W + s (x @ A) @ B per projection, the gate skipped from the
+             mixture (its [d, 1] logits are still computed, as in every MeteoRA layer)
+  MeteoRA    L = 28 adapters, top-2 routing by the gates (random gates: tokens spread over adapters)
+The three share the same base weights on the device.
+
+Timing: `Generator.device_call` binds the one compiled program (prefill + `while_loop` decode) to
+device-resident inputs; each run is one dispatch followed by `block_until_ready`, after a
+warm-up run (compilation). Median of --reps runs. Prompts are random ids of exactly --prompt-len
+tokens (no padding), EOS disabled, greedy.
+  prefill time  = T(max_new_tokens = 1): prefill + the first token
+  decode time   = T(max_new_tokens = N) - T(1): N - 1 decode steps (same compiled program: the
+                  new-token bucket is fixed to N, so both runs use the same cache length)
+  prefill tok/s = B * prompt_len / prefill time;  decode tok/s = B * (N - 1) / decode time
+Targets (issue 6): MeteoRA prefill >= 0.85x base, decode >= 0.75x base.
+Prints a compact table last and writes JSON (--out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from meteora_jax.config import MeteoRAConfig, ModelConfig, RopeScaling  # noqa: E402
+from meteora_jax.generate import Generator  # noqa: E402
+from meteora_jax.model import init_params  # noqa: E402
+
+TARGETS = {"prefill": 0.85, "decode": 0.75}
+
+
+def llama3_8b(num_layers: int, meteora: MeteoRAConfig) -> ModelConfig:
+    return ModelConfig(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_layers=num_layers,
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=128,
+        rope_theta=500000.0,
+        rope_scaling=RopeScaling(8.0, 1.0, 4.0, 8192),
+        max_position_embeddings=8192,
+        dtype="bfloat16",
+        param_dtype="bfloat16",
+        meteora=meteora,
+    )
+
+
+def tiny(num_layers: int, meteora: MeteoRAConfig) -> ModelConfig:
+    return ModelConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=num_layers, num_heads=4,
+        num_kv_heads=2, head_dim=16, dtype="bfloat16", param_dtype="bfloat16", meteora=meteora,
+    )
+
+
+def random_params(config: ModelConfig, seed: int = 0) -> dict:
+    """Random parameters with init-like scales, made leaf by leaf on the device (no full-model init)."""
+    abstract = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+
+    def make(path, leaf, key):
+        name = path[-1].key
+        shape, dtype = leaf.shape, leaf.dtype
+        if name in ("scale", "lora_scaling"):
+            return jnp.ones(shape, dtype)
+        if name == "embedding":
+            std = 0.02
+        elif name == "lora_b":
+            std = 0.01
+        else:  # kernel [.., d_in, d_out], lora_a [.., d_in, r], gate [.., d_in, L]
+            std = 1.0 / np.sqrt(shape[-2])
+        return (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+    out = jax.jit(lambda ks: [make(path, leaf, k) for (path, leaf), k in zip(leaves, ks)])(keys)
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def derived_params(meteora_params: dict, keep_adapters: int | None) -> dict:
+    """The same base arrays with no adapters (None) or with the first `keep_adapters` adapters."""
+
+    def walk(node):
+        if "kernel" in node and "lora_a" in node:
+            if keep_adapters is None:
+                return {"kernel": node["kernel"]}
+            k = keep_adapters
+            return {
+                "kernel": node["kernel"],
+                "lora_a": node["lora_a"][:, :k],
+                "lora_b": node["lora_b"][:, :k],
+                "lora_scaling": node["lora_scaling"][:, :k],
+                "gate": node["gate"][..., :k],
+            }
+        return {key: walk(v) if isinstance(v, dict) else v for key, v in node.items()}
+
+    return walk(meteora_params)
+
+
+def _median_time(run, reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(run())
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bench_model(name, config, params, batches, prompt_len, new_tokens, reps, force_adapter=None) -> list[dict]:
+    gen = Generator(config, params, min_prompt_bucket=prompt_len, min_new_tokens_bucket=new_tokens)
+    rows = []
+    rng = np.random.default_rng(0)
+    for batch in batches:
+        prompts = rng.integers(3, config.vocab_size, (batch, prompt_len)).tolist()
+        kw = dict(eos_token_ids=[], force_adapter=force_adapter)
+        run_1, _, _ = gen.device_call(prompts, max_new_tokens=1, **kw)
+        run_n, _, _ = gen.device_call(prompts, max_new_tokens=new_tokens, **kw)
+        t0 = time.perf_counter()
+        jax.block_until_ready(run_1())  # compiles
+        compile_s = time.perf_counter() - t0
+        jax.block_until_ready(run_n())  # same program
+        assert gen.num_traces == len(rows) + 1, "prefill and decode runs must share one compiled program"
+        t_prefill = _median_time(run_1, reps)
+        t_total = _median_time(run_n, reps)
+        t_decode = max(t_total - t_prefill, 1e-9)
+        row = dict(
+            model=name,
+            batch=batch,
+            prompt_len=prompt_len,
+            new_tokens=new_tokens,
+            prefill_s=t_prefill,
+            decode_s=t_decode,
+            prefill_tok_s=batch * prompt_len / t_prefill,
+            decode_tok_s=batch * (new_tokens - 1) / t_decode,
+            decode_ms_per_step=1e3 * t_decode / (new_tokens - 1),
+            compile_s=compile_s,
+        )
+        print(
+            f"{name:10} B={batch:<3} prefill {row['prefill_tok_s']:10.0f} tok/s ({1e3 * t_prefill:7.1f} ms)  "
+            f"decode {row['decode_tok_s']:9.0f} tok/s ({row['decode_ms_per_step']:.2f} ms/step)  "
+            f"compile {compile_s:.1f} s",
+            flush=True,
+        )
+        rows.append(row)
+    return rows
+
+
+def decode_step_ms(config, params, batch, cache_len, reps, force_adapter=None) -> float:
+    """One decode step (model.apply of one token per row on a KV cache of `cache_len` slots, half
+    full), jitted on its own: the per-token cost of the model without the generation loop."""
+    from meteora_jax.model import KVCache, LlamaForCausalLM
+    from meteora_jax.routing import Routing
+
+    model = LlamaForCausalLM(config, collect_gate_logits=False)
+    routing = Routing(temperature=jnp.float32(1.0))
+    if force_adapter is not None:
+        routing = Routing(temperature=jnp.float32(1.0), forced_weights=Routing.force_adapter(force_adapter, config.meteora.num_adapters).forced_weights)
+    cache = KVCache.init(config, batch, cache_len)
+    cache = cache.replace(index=jnp.int32(cache_len // 2), valid=cache.valid.at[:, : cache_len // 2].set(True))
+    ids = jnp.ones((batch, 1), jnp.int32)
+    step = jax.jit(lambda p, c: model.apply({"params": p}, ids, jnp.ones((batch, 1), bool), None, c, routing=routing).logits)
+    jax.block_until_ready(step(params, cache))
+    return 1e3 * _median_time(lambda: step(params, cache), max(reps, 3))
+
+
+def table(rows: list[dict]) -> str:
+    base = {r["batch"]: r for r in rows if r["model"] == "base"}
+    head = ("model", "batch", "prefill tok/s", "decode tok/s", "ms/step", "prefill x base", "decode x base")
+    lines = [head]
+    for r in rows:
+        b = base.get(r["batch"])
+        lines.append(
+            (
+                r["model"],
+                str(r["batch"]),
+                f"{r['prefill_tok_s']:.0f}",
+                f"{r['decode_tok_s']:.0f}",
+                f"{r['decode_ms_per_step']:.2f}",
+                f"{r['prefill_tok_s'] / b['prefill_tok_s']:.3f}" if b else "",
+                f"{r['decode_tok_s'] / b['decode_tok_s']:.3f}" if b else "",
+            )
+        )
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    fmt = lambda line: "| " + " | ".join(c.ljust(w) for c, w in zip(line, widths)) + " |"  # noqa: E731
+    return "\n".join([fmt(lines[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [fmt(x) for x in lines[1:]])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "runs"), "bench_generate.json"))
+    p.add_argument("--num-layers", type=int, default=32)
+    p.add_argument("--batches", default="1,32")
+    p.add_argument("--prompt-len", type=int, default=512)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--models", default="base,1lora,meteora", help="subset of base,1lora,meteora")
+    p.add_argument("--step-diagnostic", action="store_true",
+                   help="also time one jitted decode step (model.apply with a KV cache) outside the loop")
+    p.add_argument("--tiny", action="store_true", help="tiny shapes, for a CPU dry run of the script")
+    args = p.parse_args(argv)
+    batches = [int(b) for b in args.batches.split(",")]
+    make = tiny if args.tiny else llama3_8b
+
+    dev = jax.devices()[0]
+    print(f"jax {jax.__version__}, device {dev.device_kind} ({dev.platform}), {args.num_layers} layers", flush=True)
+    meteora_cfg = make(args.num_layers, MeteoRAConfig(num_adapters=28, rank=args.rank, top_k=2))
+    t0 = time.perf_counter()
+    meteora_params = random_params(meteora_cfg)
+    jax.block_until_ready(meteora_params)
+    print(f"random weights in {time.perf_counter() - t0:.1f} s", flush=True)
+    models = [
+        m for m in [
+        ("base", make(args.num_layers, MeteoRAConfig(num_adapters=0)), derived_params(meteora_params, None), None),
+        ("1 LoRA", make(args.num_layers, MeteoRAConfig(num_adapters=1, rank=args.rank, top_k=1)),
+         derived_params(meteora_params, 1), 0),
+        ("MeteoRA", meteora_cfg, meteora_params, None),
+        ] if m[0].replace(" ", "").lower() in args.models.split(",")
+    ]
+    rows = []
+    for name, cfg, params, force in models:
+        rows += bench_model(name, cfg, params, batches, args.prompt_len, args.new_tokens, args.reps, force)
+        if args.step_diagnostic:
+            for batch in batches:
+                ms = decode_step_ms(cfg, params, batch, args.prompt_len + args.new_tokens, args.reps, force)
+                print(f"{name:10} B={batch:<3} one jitted decode step outside the loop: {ms:.2f} ms", flush=True)
+                rows[-len(batches) + batches.index(batch)]["single_step_ms"] = ms
+
+    result = dict(
+        device=dev.device_kind,
+        jax=jax.__version__,
+        shapes="tiny" if args.tiny else "llama3-8b",
+        num_layers=args.num_layers,
+        rank=args.rank,
+        meteora=dict(num_adapters=28, top_k=2),
+        prompt_len=args.prompt_len,
+        new_tokens=args.new_tokens,
+        reps=args.reps,
+        rows=rows,
+        targets=TARGETS,
+    )
+    base = {r["batch"]: r for r in rows if r["model"] == "base"}
+    checks = []
+    for r in rows:
+        if r["model"] == "MeteoRA":
+            for kind in ("prefill", "decode"):
+                ratio = r[f"{kind}_tok_s"] / base[r["batch"]][f"{kind}_tok_s"]
+                checks.append(dict(batch=r["batch"], kind=kind, ratio=ratio, target=TARGETS[kind], met=ratio >= TARGETS[kind]))
+    result["checks"] = checks
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"\nwrote {args.out}")
+    for c in checks:
+        print(f"MeteoRA {c['kind']} B={c['batch']}: {c['ratio']:.3f}x base (target >= {c['target']}) "
+              f"{'met' if c['met'] else 'MISSED'}")
+    print(f"\n{dev.device_kind}, {args.num_layers} layers, prompt {args.prompt_len}, {args.new_tokens} new tokens")
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""Per-task and composite-n evaluation of a meteora-jax checkpoint; writes JSON, prints tables.
+
+    # every task folder of the data root, metric per task, composite-3 built on the fly
+    python scripts/evaluate.py --checkpoint runs/tiny_world/model --tokenizer runs/tiny_world/tokenizer \
+        --gates runs/tiny/gates --data-root runs/tiny_world/data \
+        --metrics '{"arith": "accuracy", "reverse": "bleu", "shout": "rougeL"}' \
+        --build-composite 3 --composite-samples 32 --output runs/eval/tiny.json
+
+    # only build a composite-n test set (no model needed)
+    python scripts/evaluate.py --data-root DATA --build-composite 5 --composite-samples 200 \
+        --composite-seed 0 --composite-out data/composite_5.jsonl --build-only
+
+Metrics (--metrics: JSON object or JSON file, task -> metric; others get --default-metric):
+accuracy, accuracy_contains, bleu, rouge1, rouge2, rougeL. Composite-n answers are split on "@@@@"
+and scored per sub-task; their routing temperature defaults to the original's (T = 15/20/30 for
+n = 3/5/10), --composite-temperature overrides it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", help="model checkpoint folder (meteora_jax.checkpoint)")
+    p.add_argument("--tokenizer", help="HF tokenizer folder")
+    p.add_argument("--gates", default=None, help="trained gates folder (<workdir>/gates) to merge in")
+    p.add_argument("--data-root", default=None, help="<root>/<task>/<split>.jsonl")
+    p.add_argument("--tasks", default=None, help="comma-separated task names (default: all with a split file)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--composite", action="append", default=[], help="composite JSONL file (repeatable)")
+    p.add_argument("--build-composite", type=int, action="append", default=[], metavar="N",
+                   help="build a composite-N test set from the data root's split files (repeatable)")
+    p.add_argument("--composite-samples", type=int, default=100)
+    p.add_argument("--composite-seed", type=int, default=0)
+    p.add_argument("--composite-out", default=None,
+                   help="where built sets go: a .jsonl path (one N) or a folder (default: next to --output)")
+    p.add_argument("--build-only", action="store_true", help="build the composite sets and stop")
+    p.add_argument("--no-single", action="store_true", help="skip the single-task evaluation")
+    p.add_argument("--metrics", default=None, help="task -> metric: a JSON object or a JSON file")
+    p.add_argument("--default-metric", default="accuracy")
+    p.add_argument("--max-samples", type=int, default=None, help="first N records of each file")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: longest reference + 8 tokens")
+    p.add_argument("--routing-temperature", type=float, default=1.0)
+    p.add_argument("--composite-temperature", type=float, default=None)
+    p.add_argument("--force-adapter", default=None, help="adapter name or index: route every token to it")
+    p.add_argument("--chat-template", choices=("auto", "yes", "no"), default="auto")
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--output", default="runs/eval/results.json")
+    args = p.parse_args(argv)
+
+    from meteora_jax import evaluate as ev
+
+    try:
+        metrics = ev.parse_metric_spec(args.metrics)
+    except ValueError as e:
+        p.error(str(e))
+    tasks = args.tasks.split(",") if args.tasks else None
+
+    composite_files = list(args.composite)
+    if args.build_composite:
+        if not args.data_root:
+            p.error("--build-composite needs --data-root")
+        names = tasks or sorted(
+            d for d in os.listdir(args.data_root) if os.path.isfile(os.path.join(args.data_root, d, f"{args.split}.jsonl"))
+        )
+        for n in args.build_composite:
+            out = args.composite_out
+            if out is None or not out.endswith(".jsonl") or len(args.build_composite) > 1:
+                folder = out if out and not out.endswith(".jsonl") else os.path.dirname(os.path.abspath(args.output))
+                out = os.path.join(folder, f"composite_{n}.jsonl")
+            ev.build_composite_file(
+                args.data_root, names, n, args.composite_samples, out, seed=args.composite_seed, split=args.split
+            )
+            print(f"composite-{n}: {args.composite_samples} samples -> {out}")
+            composite_files.append(out)
+    if args.build_only:
+        return 0
+    if not args.checkpoint or not args.tokenizer:
+        p.error("--checkpoint and --tokenizer are required to evaluate")
+
+    from transformers import AutoTokenizer
+
+    from meteora_jax.generate import Generator, eos_ids_of, load_for_inference
+
+    params, config, names = load_for_inference(args.checkpoint, args.gates, dtype=args.dtype)
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    force = None
+    if args.force_adapter is not None:
+        force = int(args.force_adapter) if args.force_adapter.isdigit() else names.index(args.force_adapter)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    generator = Generator(config, params, eos_token_ids=eos_ids_of(tokenizer), pad_token_id=pad)
+    results = ev.run_evaluation(
+        generator,
+        tokenizer,
+        data_root=None if args.no_single else args.data_root,
+        tasks=tasks,
+        split=args.split,
+        composite_files=composite_files,
+        metrics=metrics,
+        default_metric=args.default_metric,
+        max_samples=args.max_samples,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        chat_template={"auto": None, "yes": True, "no": False}[args.chat_template],
+        routing_temperature=args.routing_temperature,
+        composite_temperature=args.composite_temperature,
+        force_adapter=force,
+        output=args.output,
+    )
+    print(ev.format_results(results))
+    print(f"\nresults: {os.path.abspath(args.output)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

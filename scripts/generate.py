@@ -1,0 +1,110 @@
+"""Generate text with a meteora-jax checkpoint (greedy by default).
+
+    python scripts/generate.py --checkpoint runs/tiny_world/model --tokenizer runs/tiny_world/tokenizer \
+        --gates runs/tiny/gates --prompt "417+26=" --prompt "reverse lamp dog"
+    python scripts/generate.py --checkpoint CKPT --tokenizer TOK --prompts-file prompts.txt \
+        --max-new-tokens 128 --temperature 0.7 --top-p 0.9 --routing-temperature 15 --json out.jsonl
+    python scripts/generate.py ... --force-adapter arith          # one adapter, PEFT-style
+    python scripts/generate.py ... --routing-pictures pics/       # PNG + HTML per prompt
+
+--prompts-file: one prompt per line, or a JSONL file whose lines hold {"prompt": ...}. The chat
+template is used when the tokenizer has one (--chat-template yes/no to force).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+def _read_prompts(args) -> list[str]:
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        with open(args.prompts_file, encoding="utf-8") as f:
+            for line in f:
+                if not line.strip():
+                    continue
+                if args.prompts_file.endswith(".jsonl"):
+                    prompts.append(json.loads(line)["prompt"])
+                else:
+                    prompts.append(line.rstrip("\n").replace("\\n", "\n"))
+    return prompts
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="model checkpoint folder (meteora_jax.checkpoint)")
+    p.add_argument("--tokenizer", required=True, help="HF tokenizer folder")
+    p.add_argument("--gates", default=None, help="trained gates folder (<workdir>/gates) to merge in")
+    p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    p.add_argument("--prompts-file", default=None, help="text file (one prompt per line) or JSONL with 'prompt'")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--routing-temperature", type=float, default=1.0)
+    p.add_argument("--force-adapter", default=None, help="adapter name or index: route every token to it")
+    p.add_argument("--chat-template", choices=("auto", "yes", "no"), default="auto")
+    p.add_argument("--dtype", default=None, help="compute dtype override (float32, bfloat16)")
+    p.add_argument("--json", default=None, help="also write {prompt, output} lines to this JSONL file")
+    p.add_argument("--routing-pictures", default=None, help="folder for a PNG + HTML routing picture per prompt")
+    args = p.parse_args(argv)
+
+    prompts = _read_prompts(args)
+    if not prompts:
+        p.error("give --prompt and/or --prompts-file")
+
+    from transformers import AutoTokenizer
+
+    from meteora_jax import viz
+    from meteora_jax.generate import Generator, encode_prompt, eos_ids_of, load_for_inference
+
+    params, config, names = load_for_inference(args.checkpoint, args.gates, dtype=args.dtype)
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    force = None
+    if args.force_adapter is not None:
+        force = int(args.force_adapter) if args.force_adapter.isdigit() else names.index(args.force_adapter)
+    chat = {"auto": None, "yes": True, "no": False}[args.chat_template]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    generator = Generator(config, params, eos_token_ids=eos_ids_of(tokenizer), pad_token_id=pad)
+    pictures = bool(args.routing_pictures) and config.meteora.num_adapters > 0
+
+    records = []
+    for start in range(0, len(prompts), args.batch_size):
+        chunk = prompts[start : start + args.batch_size]
+        ids = [encode_prompt(tokenizer, q, chat_template=chat) for q in chunk]
+        out = generator.generate(
+            ids,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            seed=args.seed + start,
+            routing_temperature=args.routing_temperature,
+            force_adapter=force,
+            return_routing=pictures,
+        )
+        for j, (q, seq) in enumerate(zip(chunk, out.sequences())):
+            text = tokenizer.decode(seq, skip_special_tokens=True)
+            records.append({"prompt": q, "output": text})
+            print(f"### prompt {start + j}\n{q}\n### output\n{text}\n", flush=True)
+            if pictures:
+                full = ids[j] + [int(t) for t in out.tokens[j, : out.lengths[j]]]
+                pieces = viz.token_pieces(tokenizer, full)
+                stem = os.path.join(args.routing_pictures, f"prompt_{start + j:03d}")
+                kw = dict(prompt_length=len(ids[j]))
+                viz.save_routing_png(stem + ".png", pieces, out.routing[j], names, **kw)
+                viz.save_routing_html(stem + ".html", pieces, out.routing[j], names, **kw)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            for r in records:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

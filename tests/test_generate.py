@@ -1,0 +1,232 @@
+"""meteora_jax.generate against independent references: full (uncached, unpadded) forward passes,
+one-prompt-at-a-time runs, a plain LLaMA with one adapter merged into its weights in numpy, a
+numpy nucleus, and a count of compilations."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from meteora_jax import LlamaForCausalLM, MeteoRAConfig, ModelConfig, init_params
+from meteora_jax.generate import Generator, bucket_length, encode_prompt, sample_token, token_routing
+
+CONFIG = ModelConfig(
+    vocab_size=97,
+    hidden_size=32,
+    intermediate_size=48,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    meteora=MeteoRAConfig(num_adapters=3, rank=4, top_k=2),
+)
+# Lengths 4, 8, 13: alone (with min_prompt_bucket=1) the first two need no padding at all, in a
+# batch they are left-padded by 12 and 8 slots.
+PROMPTS = [[5, 17, 3, 40], [9, 8, 7, 6, 5, 4, 3, 2], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]]
+NEW = 10
+
+
+def _params(seed=0):
+    params = init_params(CONFIG, jax.random.key(seed))
+    # Distinct, non-unit adapter scalings so that the scaling is exercised.
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    scales = np.array([0.5, 1.5, 2.5], np.float32)
+    out = {}
+    for path, leaf in flat:
+        keys = tuple(p.key for p in path)
+        if keys[-1] == "lora_scaling":
+            leaf = jnp.broadcast_to(jnp.asarray(scales), leaf.shape)
+        out[keys] = leaf
+    from flax import traverse_util
+
+    return traverse_util.unflatten_dict(out)
+
+
+@pytest.fixture(scope="module")
+def params():
+    return _params()
+
+
+@pytest.fixture(scope="module")
+def generator(params):
+    return Generator(CONFIG, params, pad_token_id=0)
+
+
+@pytest.fixture(scope="module")
+def batch_out(generator):
+    return generator.generate(PROMPTS, max_new_tokens=NEW, return_logits=True)
+
+
+def _full_logits(config, params, rows, length=32):
+    """Uncached forward of each row alone (right-padded to `length`: causal, so the padding never
+    reaches a real position) -> list of [len(row), V]."""
+    model = LlamaForCausalLM(config, collect_gate_logits=False)
+    ids = np.zeros((len(rows), length), np.int32)
+    for b, r in enumerate(rows):
+        ids[b, : len(r)] = r
+    logits = jax.jit(lambda p, x: model.apply({"params": p}, x).logits)(params, jnp.asarray(ids))
+    return [np.asarray(logits[b, : len(r)]) for b, r in enumerate(rows)]
+
+
+def test_bucket_length():
+    assert [bucket_length(n) for n in (1, 16, 17, 100, 256, 257, 300, 385)] == [16, 16, 32, 128, 256, 384, 384, 512]
+    assert bucket_length(3, minimum=1) == 4
+
+
+def test_cached_decoding_matches_full_recompute(params, batch_out):
+    # Step j's logits must be those of the full sequence prompt + tokens[:j], recomputed from scratch.
+    rows = [p + list(batch_out.tokens[b]) for b, p in enumerate(PROMPTS)]
+    full = _full_logits(CONFIG, params, rows)
+    for b, p in enumerate(PROMPTS):
+        want = full[b][len(p) - 1 : len(p) - 1 + NEW]
+        np.testing.assert_allclose(batch_out.logits[b], want, rtol=2e-4, atol=2e-4)
+        np.testing.assert_array_equal(batch_out.tokens[b], want.argmax(-1))
+
+
+def test_padded_batch_equals_one_by_one(params, generator, batch_out):
+    single = Generator(CONFIG, params, pad_token_id=0, min_prompt_bucket=1)
+    for b, p in enumerate(PROMPTS):
+        alone = single.generate([p], max_new_tokens=NEW, return_logits=True)
+        np.testing.assert_array_equal(alone.tokens[0], batch_out.tokens[b])
+        np.testing.assert_allclose(alone.logits[0], batch_out.logits[b], rtol=1e-4, atol=1e-4)
+    # The same prompts right-padded in arrays give the same result.
+    ids = np.zeros((3, 14), np.int32)
+    mask = np.zeros((3, 14), np.int32)
+    for b, p in enumerate(PROMPTS):
+        ids[b, : len(p)], mask[b, : len(p)] = p, 1
+    right = generator.generate((ids, mask), max_new_tokens=NEW)
+    np.testing.assert_array_equal(right.tokens, batch_out.tokens)
+
+
+def test_greedy_is_deterministic(generator, batch_out):
+    again = generator.generate(PROMPTS, max_new_tokens=NEW, return_logits=True)
+    np.testing.assert_array_equal(again.tokens, batch_out.tokens)
+    np.testing.assert_array_equal(again.logits, batch_out.logits)
+
+
+def test_split_prefill_equals_single_prefill(params, batch_out):
+    split = Generator(CONFIG, params, max_prefill_logits_bytes=0)  # always prefill in two calls
+    out = split.generate(PROMPTS, max_new_tokens=NEW, return_logits=True)
+    np.testing.assert_array_equal(out.tokens, batch_out.tokens)
+    np.testing.assert_allclose(out.logits, batch_out.logits, rtol=1e-4, atol=1e-4)
+
+
+def _merged_plain_params(params, adapter: int):
+    """numpy: kernel + s_i * A_i @ B_i for every adapted projection; no adapter or gate leaves."""
+    def merge(node):
+        if "kernel" in node and "lora_a" in node:
+            a = np.asarray(node["lora_a"])[:, adapter]  # [n_layers, d_in, r]
+            b = np.asarray(node["lora_b"])[:, adapter]  # [n_layers, r, d_out]
+            s = np.asarray(node["lora_scaling"])[:, adapter]  # [n_layers]
+            return {"kernel": np.asarray(node["kernel"]) + s[:, None, None] * np.einsum("lir,lro->lio", a, b)}
+        return {k: merge(v) if isinstance(v, dict) else np.asarray(v) for k, v in node.items()}
+
+    return merge(params)
+
+
+def test_forced_adapter_equals_merged_weights(generator, params):
+    plain_config = CONFIG.replace(meteora=MeteoRAConfig(num_adapters=0))
+    results = []
+    for adapter in (0, 2):
+        plain = Generator(plain_config, _merged_plain_params(params, adapter), pad_token_id=0)
+        want = plain.generate(PROMPTS, max_new_tokens=NEW, return_logits=True)
+        got = generator.generate(PROMPTS, max_new_tokens=NEW, return_logits=True, force_adapter=adapter)
+        np.testing.assert_array_equal(got.tokens, want.tokens)
+        np.testing.assert_allclose(got.logits, want.logits, rtol=1e-3, atol=1e-3)
+        results.append(got.tokens)
+    assert not np.array_equal(results[0], results[1]), "the adapters should change the generation"
+
+
+def test_sample_token_matches_numpy_nucleus():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, 12)).astype(np.float32) * 2
+    temperature, top_p = 0.7, 0.6
+    keys = jax.random.split(jax.random.key(1), 4000)
+    draws = np.asarray(
+        jax.jit(jax.vmap(lambda k: sample_token(jnp.asarray(logits), k, jnp.float32(temperature), jnp.float32(top_p))))(keys)
+    )  # [4000, 2]
+    for b in range(2):
+        z = logits[b] / temperature
+        p = np.exp(z - z.max())
+        p /= p.sum()
+        order = np.argsort(-p)
+        cum = np.cumsum(p[order])
+        n_keep = int(np.searchsorted(cum, top_p) + 1)  # smallest prefix with mass >= top_p
+        nucleus = order[:n_keep]
+        want = np.zeros_like(p)
+        want[nucleus] = p[nucleus] / p[nucleus].sum()
+        freq = np.bincount(draws[:, b], minlength=12) / len(draws)
+        assert set(np.flatnonzero(freq)) <= set(nucleus.tolist())
+        np.testing.assert_allclose(freq, want, atol=0.03)
+
+
+def test_top_p_to_zero_is_greedy_and_seeds_reproduce(generator, batch_out):
+    for seed in (0, 1):
+        out = generator.generate(PROMPTS, max_new_tokens=NEW, temperature=1.0, top_p=1e-6, seed=seed)
+        np.testing.assert_array_equal(out.tokens, batch_out.tokens)
+    a = generator.generate(PROMPTS, max_new_tokens=NEW, temperature=5.0, top_p=1.0, seed=7)
+    b = generator.generate(PROMPTS, max_new_tokens=NEW, temperature=5.0, top_p=1.0, seed=7)
+    c = generator.generate(PROMPTS, max_new_tokens=NEW, temperature=5.0, top_p=1.0, seed=8)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    assert not np.array_equal(a.tokens, c.tokens)
+    assert not np.array_equal(a.tokens, batch_out.tokens)
+
+
+def test_eos_stops_each_row(generator, batch_out):
+    eos = int(batch_out.tokens[0, 3])  # row 0 emits it at step 3 at the latest
+    out = generator.generate(PROMPTS, max_new_tokens=NEW, eos_token_ids=[eos])
+    for b in range(len(PROMPTS)):
+        hits = np.flatnonzero(batch_out.tokens[b] == eos)
+        if len(hits):
+            stop = hits[0] + 1
+            assert out.finished[b] and out.lengths[b] == stop
+            np.testing.assert_array_equal(out.tokens[b, :stop], batch_out.tokens[b, :stop])
+            assert (out.tokens[b, stop:] == 0).all()  # padding after the EOS
+            assert out.sequences()[b] == list(batch_out.tokens[b, : stop - 1])
+        else:
+            assert not out.finished[b] and out.lengths[b] == NEW
+            np.testing.assert_array_equal(out.tokens[b], batch_out.tokens[b])
+    assert out.finished[0] and out.lengths[0] <= 4
+
+
+def test_no_recompilation_within_a_bucket(params):
+    gen = Generator(CONFIG, params, pad_token_id=0)
+    # Prompt lengths 1..16 share the prompt bucket 16, max_new_tokens 1..16 the bucket 16, batches
+    # of 3 and 4 the batch bucket 4; the sampling, routing and EOS settings are traced values.
+    gen.generate([[1, 2, 3]] * 3, max_new_tokens=5)
+    assert gen.num_traces == 1 and gen._jitted._cache_size() == 1
+    gen.generate([list(range(1, 17))] * 4, max_new_tokens=16)
+    gen.generate([[7]] * 3, max_new_tokens=1, routing_temperature=20.0, eos_token_ids=[4])
+    gen.generate([[4, 5, 6, 7, 8, 9, 10]] * 4, max_new_tokens=9, eos_token_ids=[3])
+    assert gen.num_traces == 1 and gen._jitted._cache_size() == 1
+    gen.generate([[1, 2, 3]] * 3, max_new_tokens=5, force_adapter=0)
+    gen.generate([[1, 2, 3, 4]] * 3, max_new_tokens=7, force_adapter=2)  # another adapter: same program
+    assert gen.num_traces == 2
+    gen.generate([list(range(1, 18))] * 3, max_new_tokens=5)  # prompt length 17: the next bucket
+    assert gen.num_traces == 3 and gen._jitted._cache_size() == 3
+
+
+def test_returned_routing_equals_a_full_forward(generator, params):
+    out = generator.generate(PROMPTS[:2], max_new_tokens=6, return_routing=True, eos_token_ids=[-5])
+    for b, p in enumerate(PROMPTS[:2]):
+        seq = p + list(out.tokens[b])
+        want = token_routing(CONFIG, params, seq)  # [T, n_layers, n_proj]
+        assert out.routing[b].shape == (len(seq), CONFIG.num_layers, 7)
+        np.testing.assert_array_equal(out.routing[b], want)
+    assert len(set(np.unique(np.concatenate([r.ravel() for r in out.routing])))) > 1
+
+
+def test_encode_prompt_is_the_training_prefix(tiny_tokenizer):
+    from meteora_jax.data import encode_example
+
+    for chat in (False, True):
+        ids = encode_prompt(tiny_tokenizer, "what is 12 + 30?", chat_template=chat)
+        arrays, _ = encode_example(
+            tiny_tokenizer, "what is 12 + 30?", "42", seq_len=64, task_index=0, chat_template=chat
+        )
+        n_prompt = int((arrays["lm_mask"] == 0).sum() - (arrays["attention_mask"] == 0).sum())
+        assert list(arrays["input_ids"][: len(ids)]) == ids
+        assert len(ids) == n_prompt
+    assert encode_prompt(tiny_tokenizer, "hi", chat_template=False)[0] == tiny_tokenizer.bos_token_id

@@ -1,0 +1,101 @@
+"""Routing pictures: share/majority arithmetic by hand, a PNG of the stated size holding the adapter
+colours, and an HTML page with every token in its dominant adapter's colour."""
+
+from __future__ import annotations
+
+import html
+import re
+from html.parser import HTMLParser
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from meteora_jax import viz
+
+NAMES = ["arith", "reverse", "shout"]
+# 4 tokens x 2 layers x 3 projections of top-1 adapter picks (-1: not routed).
+ROUTING = np.array(
+    [
+        [[0, 0, 1], [0, 2, 0]],  # adapter 0: 4/6
+        [[1, 1, 1], [2, 2, 1]],  # adapter 1: 4/6
+        [[2, 2, 0], [0, 2, 2]],  # adapter 2: 4/6
+        [[1, 2, 0], [2, 1, 0]],  # a tie 2/2/2 -> lowest index 0
+    ]
+)
+
+
+def test_shares_dominant_and_layer_majority_by_hand():
+    shares = viz.routing_shares(ROUTING, 3)
+    np.testing.assert_allclose(shares[0], [4 / 6, 1 / 6, 1 / 6])
+    np.testing.assert_allclose(shares[1], [0, 4 / 6, 2 / 6])
+    np.testing.assert_allclose(shares.sum(1), 1.0)
+    np.testing.assert_array_equal(viz.dominant_adapter(ROUTING, 3), [0, 1, 2, 0])
+    # layer 0 majorities: [0,0,1]->0, [1,1,1]->1, [2,2,0]->2, [1,2,0]->0 (tie); layer 1: 0, 2, 2, 0
+    np.testing.assert_array_equal(viz.layer_majority(ROUTING, 3), [[0, 1, 2, 0], [0, 2, 2, 0]])
+    unrouted = np.full((1, 2, 3), -1)
+    assert viz.dominant_adapter(unrouted, 3)[0] == -1 and viz.routing_shares(unrouted, 3).sum() == 0
+
+
+def test_png_has_the_stated_size_and_the_adapter_colours(tmp_path):
+    pieces = ["<s>", "12", "+", "30="]
+    path = viz.save_routing_png(tmp_path / "r.png", pieces, ROUTING, NAMES, prompt_length=3, dpi=80)
+    img = Image.open(path)
+    assert img.format == "PNG"
+    width_in = min(max(6.0, 0.28 * len(pieces) + 2.5), 60.0)
+    height_in = 2.0 + 0.3 * len(NAMES) + 0.25 * ROUTING.shape[1] + 1.0
+    assert img.size == (round(width_in * 80), round(height_in * 80))
+    pixels = {tuple(p[:3]) for p in np.asarray(img.convert("RGB")).reshape(-1, 3)}
+    for color in viz.adapter_colors(3):  # the per-layer heatmap and the legend use all three
+        rgb = tuple(int(color[i : i + 2], 16) for i in (1, 3, 5))
+        assert rgb in pixels, color
+
+
+class _Spans(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.tokens, self._style = [], None
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "span" and attrs.get("class") == "tok":
+            self._style = attrs["style"]
+            self.tokens.append([self._style, ""])
+
+    def handle_endtag(self, tag):
+        self._style = None
+
+    def handle_data(self, data):
+        if self._style is not None:
+            self.tokens[-1][1] += data
+
+
+def test_html_colours_every_token_by_its_dominant_adapter(tmp_path):
+    pieces = ["<s>", " a<b", " & c", "\n\"d\""]
+    path = viz.save_routing_html(tmp_path / "r.html", pieces, ROUTING, NAMES, prompt_length=2)
+    page = open(path, encoding="utf-8").read()
+    assert page.startswith("<!DOCTYPE html>") and "<script" not in page and "http" not in page
+    parser = _Spans()
+    parser.feed(page)
+    assert len(parser.tokens) == len(pieces)
+    colors = viz.adapter_colors(3)
+    for (style, text), piece, dom in zip(parser.tokens, pieces, [0, 1, 2, 0]):
+        assert text.replace("\u21b5", "") == piece.replace("\n", "")
+        assert re.search(rf"border-bottom:3px solid {colors[dom]}", style)
+    for name, color in zip(NAMES, colors):
+        assert html.escape(name) in page and color in page
+
+
+def test_token_pieces_rebuild_the_text(tiny_tokenizer):
+    text = "Question: what is 12 + 30? Answer: 42"
+    ids = tiny_tokenizer(text)["input_ids"]  # with <s>
+    pieces = viz.token_pieces(tiny_tokenizer, ids)
+    assert len(pieces) == len(ids) and pieces[0] == "<s>"
+    assert "".join(pieces) == tiny_tokenizer.decode(ids, skip_special_tokens=False)
+
+
+def test_mismatched_inputs_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="3 token pieces but routing covers 4"):
+        viz.routing_html(["a", "b", "c"], ROUTING, NAMES)
+    with pytest.raises(ValueError, match="only 2 names"):
+        viz.routing_html(["a", "b", "c", "d"], ROUTING, NAMES[:2])
