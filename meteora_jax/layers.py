@@ -193,7 +193,8 @@ class Attention(nn.Module):
         positions: jax.Array,  # [B, S]
         query_slots: jax.Array,  # [S]
         key_valid: jax.Array,  # [B, S_kv]
-        layer_cache: Optional[tuple[jax.Array, jax.Array]],  # k, v: [B, S_max, H_kv, hd]
+        cache: Optional[tuple[jax.Array, jax.Array]],  # k, v of all layers: [n_layers, B, S_max, H_kv, hd]
+        layer_index: jax.Array,  # [] int32: this layer's row of the cache
         cache_index: jax.Array,  # [] int32: first slot written by these tokens
         routing: Routing,
     ):
@@ -214,13 +215,14 @@ class Attention(nn.Module):
         inv_freq = rope_inverse_frequencies(hd, cfg.rope_theta, cfg.rope_scaling)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
 
-        new_cache = None
-        if layer_cache is not None:
-            k_cache, v_cache = layer_cache
-            start = (0, cache_index, 0, 0)
-            k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
-            v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
-            new_cache = (k, v)
+        if cache is not None:
+            # The stacked cache travels in the scan carry and is updated in place: a scan output
+            # would be a fresh [n_layers, ...] buffer, rewritten whole at every decode step.
+            start = (layer_index, 0, cache_index, 0, 0)
+            cache = tuple(
+                jax.lax.dynamic_update_slice(c, new[None].astype(c.dtype), start) for c, new in zip(cache, (k, v))
+            )
+            k, v = (jax.lax.dynamic_index_in_dim(c, layer_index, keepdims=False) for c in cache)
 
         groups = heads // kv_heads
         q = q.reshape(batch, seq, kv_heads, groups, hd)
@@ -230,7 +232,7 @@ class Attention(nn.Module):
         probs = jax.nn.softmax(scores, axis=-1).astype(cfg.compute_dtype)
         out = jnp.einsum("bkgst,btkd->bskgd", probs, v.astype(cfg.compute_dtype))
         out = project("o_proj", out.reshape(batch, seq, heads * hd), cfg.hidden_size)
-        return out, new_cache, gate_logits
+        return out, cache, gate_logits
 
 
 class MLP(nn.Module):
@@ -255,21 +257,22 @@ class MLP(nn.Module):
 
 class DecoderLayer(nn.Module):
     """Pre-norm attention + pre-norm MLP with residuals. Shaped for `nn.scan`:
-    (carry=h, per-layer cache, broadcast inputs...) -> (h, (new per-layer cache, gate logits))."""
+    (carry=(h, cache), layer index, broadcast inputs...) -> ((h, cache), gate logits)."""
 
     config: ModelConfig
     collect_gate_logits: bool = True
 
     @nn.compact
-    def __call__(self, h, layer_cache, positions, query_slots, key_valid, cache_index, routing):
+    def __call__(self, carry, layer_index, positions, query_slots, key_valid, cache_index, routing):
         cfg = self.config
+        h, cache = carry
         norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, cfg.weight_dtype, name=name)
-        attn_out, new_cache, attn_logits = Attention(cfg, name="self_attn")(
-            norm("input_layernorm")(h), positions, query_slots, key_valid, layer_cache, cache_index, routing
+        attn_out, cache, attn_logits = Attention(cfg, name="self_attn")(
+            norm("input_layernorm")(h), positions, query_slots, key_valid, cache, layer_index, cache_index, routing
         )
         h = h + attn_out
         mlp_out, mlp_logits = MLP(cfg, name="mlp")(norm("post_attention_layernorm")(h), routing)
         h = h + mlp_out
         h = nn.with_logical_constraint(h, ("batch", "length", "embed"))
         gate_logits = {**attn_logits, **mlp_logits} if self.collect_gate_logits else {}
-        return h, (new_cache, gate_logits)
+        return (h, cache), gate_logits

@@ -112,8 +112,9 @@ class LlamaForCausalLM(nn.Module):
             length=cfg.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(cfg, self.collect_gate_logits, name="layers")
-        h, (new_layer_caches, gate_logits) = layers(
-            h, layer_caches, positions, query_slots, key_valid, cache_index, routing
+        layer_indices = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+        (h, new_layer_caches), gate_logits = layers(
+            (h, layer_caches), layer_indices, positions, query_slots, key_valid, cache_index, routing
         )
 
         h = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, cfg.weight_dtype, name="norm")(h)
