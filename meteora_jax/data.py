@@ -163,7 +163,7 @@ def _pad_id(tokenizer) -> int:
     return int(pad)
 
 
-def _adds_bos(tokenizer) -> bool:
+def tokenizertokenizer_adds_bos(tokenizer) -> bool:
     # "As appropriate": follow what the tokenizer itself does with special tokens on (LLaMA adds
     # BOS, SmolLM2/Qwen do not).
     bos = tokenizer.bos_token_id
@@ -228,7 +228,7 @@ def encode_example(
         ids, n_prompt = _encode_chat(tokenizer, prompt, response)
     else:
         if add_bos is None:
-            add_bos = _adds_bos(tokenizer)
+            add_bos = tokenizer_adds_bos(tokenizer)
         head = [tokenizer.bos_token_id] if add_bos else []
         p, r = _ids(tokenizer, prompt), _ids(tokenizer, response)
         eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
@@ -294,7 +294,7 @@ def tokenize_records(
         task_index=task_index,
         chat_template=chat_template,
         lm_on_prompt=lm_on_prompt,
-        add_bos=_adds_bos(tokenizer),
+        add_bos=tokenizer_adds_bos(tokenizer),
     )
 
     def encode(batch):

@@ -406,14 +406,6 @@ def token_routing(
     return np.asarray(_routing_forward(config)(params, ids, routing))
 
 
-def _adds_bos(tokenizer) -> bool:
-    bos = tokenizer.bos_token_id
-    if bos is None:
-        return False
-    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
-    return len(ids) > 0 and ids[0] == bos
-
-
 def encode_prompt(tokenizer, prompt: str, *, chat_template: bool | None = None) -> list[int]:
     """Token ids that a model trained on `meteora_jax.data` examples continues with the response.
 
@@ -430,7 +422,9 @@ def encode_prompt(tokenizer, prompt: str, *, chat_template: bool | None = None) 
             [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
         )
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    head = [tokenizer.bos_token_id] if _adds_bos(tokenizer) else []
+    from meteora_jax.data import tokenizer_adds_bos  # imports `datasets`: kept off the benchmark path
+
+    head = [tokenizer.bos_token_id] if tokenizer_adds_bos(tokenizer) else []
     return head + list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
 
 

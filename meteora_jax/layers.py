@@ -7,6 +7,7 @@ them onto mesh axes live in `meteora_jax.sharding`, so sharding is configuration
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -156,9 +157,11 @@ class MeteoRALinear(nn.Module):
         return y.reshape(*x.shape[:-1], self.features), gate_logits.reshape(*x.shape[:-1], L)
 
 
-def _projection(config: ModelConfig, name: str, features: int) -> MeteoRALinear:
+def _project(config: ModelConfig, routing: Routing, gate_logits: dict, name: str, x: jax.Array, features: int):
+    """Applies the projection `name` (a submodule of the calling module) to x: [B, S, d_in] and
+    records its gate logits in `gate_logits` when it carries adapters. Returns [B, S, features]."""
     meteora = config.meteora
-    return MeteoRALinear(
+    layer = MeteoRALinear(
         features=features,
         axes=PROJECTION_AXES[name],
         num_adapters=meteora.num_adapters if meteora.adapts(name) else 0,
@@ -169,6 +172,10 @@ def _projection(config: ModelConfig, name: str, features: int) -> MeteoRALinear:
         param_dtype=config.weight_dtype,
         name=name,
     )
+    out, logits = layer(x, routing)
+    if logits is not None:
+        gate_logits[name] = logits
+    return out
 
 
 def attention_weights_mask(
@@ -202,12 +209,7 @@ class Attention(nn.Module):
         batch, seq, _ = x.shape
         heads, kv_heads, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         gate_logits = {}
-
-        def project(name, inputs, features):
-            out, logits = _projection(cfg, name, features)(inputs, routing)
-            if logits is not None:
-                gate_logits[name] = logits
-            return out
+        project = functools.partial(_project, cfg, routing, gate_logits)
 
         q = project("q_proj", x, heads * hd).reshape(batch, seq, heads, hd)
         k = project("k_proj", x, kv_heads * hd).reshape(batch, seq, kv_heads, hd)
@@ -244,12 +246,7 @@ class MLP(nn.Module):
     def __call__(self, x: jax.Array, routing: Routing):  # x: [B, S, D]
         cfg = self.config
         gate_logits = {}
-
-        def project(name, inputs, features):
-            out, logits = _projection(cfg, name, features)(inputs, routing)
-            if logits is not None:
-                gate_logits[name] = logits
-            return out
+        project = functools.partial(_project, cfg, routing, gate_logits)
 
         hidden = jax.nn.silu(project("gate_proj", x, cfg.intermediate_size)) * project("up_proj", x, cfg.intermediate_size)
         return project("down_proj", hidden, cfg.hidden_size), gate_logits
