@@ -163,7 +163,7 @@ def _pad_id(tokenizer) -> int:
     return int(pad)
 
 
-def tokenizertokenizer_adds_bos(tokenizer) -> bool:
+def tokenizer_adds_bos(tokenizer) -> bool:
     # "As appropriate": follow what the tokenizer itself does with special tokens on (LLaMA adds
     # BOS, SmolLM2/Qwen do not).
     bos = tokenizer.bos_token_id
