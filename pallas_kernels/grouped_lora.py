@@ -67,13 +67,18 @@ def _auto_impl(num_tokens: int) -> str:
 
     CPU: the Pallas kernels only run in interpret mode there, so the XLA dense formulation.
     GPU (H100, bf16, L = 28, k = 2, d 4096 -> 4096 / 14336, r 8-64; layer = base + delta, ms):
-      T <= 32: Pallas decode path, e.g. T = 16, d_out 4096: 0.026-0.031 vs XLA best 0.024-0.030,
-        d_out 14336: 0.056-0.069 vs 0.057-0.074; T = 1: 0.021-0.023 vs 0.024-0.034.
-      32 < T < 1024: XLA dense. At T = 256 it beat the kernel: d_out 4096: 0.053-0.062 vs
-        0.062-0.074; d_out 14336: 0.084-0.128 vs 0.103-0.136 (the sorted plan's fixed cost).
-      T >= 1024: Pallas sorted path. T = 4096: 0.286-0.311 vs XLA best 0.290-0.447 (d_out 4096),
-        0.966-1.019 vs 0.940-1.32 (d_out 14336); T = 16384: 1.03-1.08 vs 1.05-1.58 and 3.67-3.81
-        vs 3.66-5.17. Crossover between 256 and 4096 not measured; 1024 is a guess between them.
+      T <= 32: Pallas (decode forward; under differentiation the dense Pallas path for L*r <= 256,
+        else the sorted one: `grouped_lora_pallas.auto_grad_path`). v1 run, T = 16, d_out 4096:
+        0.026-0.031 vs XLA best 0.024-0.030, d_out 14336: 0.056-0.069 vs 0.057-0.074; T = 1:
+        0.021-0.023 vs 0.024-0.034.
+      32 < T < 1024: XLA dense. At T = 256 it beat every Pallas path in both runs: v2 run, d_out
+        4096: 0.054 (r 8) / 0.059 (r 16) / 0.061 (r 64) vs Pallas best 0.064 / 0.065 / 0.077; d_out
+        14336: 0.085 / 0.129 vs 0.103 / 0.132 (r 8 / 64). (XLA gather was faster still at r = 8,
+        0.039 / 0.084, but it materialises [T, k, d_in, r], which the contract rules out.)
+      T >= 1024: Pallas sorted path. v1 run, T = 4096: 0.286-0.311 vs XLA best 0.290-0.447 (d_out
+        4096), 0.966-1.019 vs 0.940-1.32 (d_out 14336); T = 16384: 1.03-1.08 vs 1.05-1.58 and
+        3.67-3.81 vs 3.66-5.17; the v2 run repeated T = 4096 within 2%. The 1024 crossover lies
+        between measured points (256 and 4096).
     """
     if jax.default_backend() != "gpu":
         return "xla"

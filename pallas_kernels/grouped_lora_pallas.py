@@ -2,7 +2,7 @@
 
     out[t] = sum_j w[t, j] * scaling[e] * (x[t] @ lora_a[e]) @ lora_b[e],  e = expert_idx[t, j]
 
-Two forward algorithms, both written for Pallas's Triton lowering (GPU) and run with
+Three forward algorithms, all written for Pallas's Triton lowering (GPU) and run with
 `interpret=True` on CPU:
 
 * "sorted" (prefill, training). The T*k (token, slot) pairs are laid out slot by slot; inside a
@@ -19,12 +19,24 @@ Two forward algorithms, both written for Pallas's Triton lowering (GPU) and run 
 * "decode" (few tokens): no sort. `_shrink_decode` computes each pair's x[t] @ lora_a[e] as a
   split-K vector product (grid: pairs x splits), `_expand_decode` sums the splits, applies the
   weight and multiplies by the pair's rows of lora_b, summing the k slots in registers.
+* "dense" (token order, no plan): `_dense_shrink` computes x @ A_flat over all L*r flat adapter
+  columns (x read once for every slot; split-K with float32 atomics when there are few tokens), and
+  `_dense_expand` combines all k slots of a token tile in one pass over the output: the routing
+  coefficients are built in the kernel from expert_idx / expert_weight / scaling. L/k times the
+  sorted path's flops; it wins only where that is cheap and the plan's fixed cost dominates (few
+  tokens, small L*r, under differentiation: see `auto_grad_path`).
 
-Backward (custom VJP, always through the sorted plan): with g = d out,
+Which path runs is chosen twice (`Config.path`, `Config.grad_path`): the primal path when the call is
+not differentiated, and the path whose forward saves residuals for the backward when it is.
+
+Backward of the sorted/decode paths (custom VJP, through the sorted plan): with g = d out,
     gB   = g[rows] @ lora_b[e]^T                (`_shrink` with the weight read transposed)
     dx   = sum_j (w s gB) @ lora_a[e]^T           (`_expand` with the weight read transposed)
     dw   = s * <xa, gB>,  dscaling = sum w <xa, gB>   (XLA, on [T*k, R])
     dA[e] = x[rows]^T (w s gB),  dB[e] = (w s xa)^T g[rows]   (`_tgmm`, per adapter and block)
+Backward of the dense path (`_dense_backward`): gB = g @ B_flat^T (dense shrink, transposed weight),
+dx = (coef gB) @ A_flat^T (dense expand), dw / dscaling from <xa, gB> per selected adapter (XLA, with
+the forward's saved xa), dA / dB as two XLA GEMMs when asked for.
 Each gradient is computed only when its input is perturbed: the VJP uses `symbolic_zeros=True`, so
 the forward rule knows which of x / lora_a / lora_b / scaling / expert_weight are being
 differentiated. In MeteoRA the LoRAs are frozen (not differentiated), so dA/dB are skipped; in
@@ -414,52 +426,119 @@ def _forward_decode(x, lora_a, lora_b, scaling, expert_idx, expert_weight, *, bl
 
 
 # ------------------------------------------------------------------------------------------------
-# Dense path kernels (no sort: every token against every adapter, masked by the routing)
+# Dense path kernels (token order, no sort: every token against the flat [L*r] adapter axis)
 # ------------------------------------------------------------------------------------------------
+#
+# C = L*r flat adapter columns; column c is rank row c % r of adapter c // r.
+#   shrink:  xa[T, C] = x @ A_flat  (A_flat[d, c] = lora_a[c // r, d, c % r]), x read once for all k
+#            slots; float32, unscaled (the backward reuses it for d expert_weight). Split-K over the
+#            depth with float32 atomics when the token/column tiles alone cannot fill the GPU.
+#   expand:  out[T, W] = base + (xa * coef[t, c // r]).astype(dtype) @ B_flat  (B_flat[c, n] =
+#            lora_b[c // r, c % r, n]), coef[t, e] = sum_j w[t, j] [idx[t, j] = e] scaling[e]: all k
+#            slots combined in one pass that reads base and writes the output once.
+# Costs T*d*L*r flops per product (L/k times the sorted path's): cheap for small L*r, and at small T
+# (where reading every adapter once is the floor anyway since k*T pairs touch most adapters).
 
 
-def _dense_shrink_kernel(idx_ref, w_ref, s_ref, x_ref, a_ref, out_ref, *, top_k, block_t, block_c, block_k,
-                         num_tokens, depth, rank, num_adapters, precision):
+def _flat_w_index(w_is_b, adapter, rr, depth_idx):
+    """Index tuple into lora_a [L, D, r] (w_is_b=False) or lora_b [L, r, D] (w_is_b=True)."""
+    if w_is_b:
+        return (adapter, rr, depth_idx)
+    return (adapter, depth_idx, rr)
+
+
+def _dense_shrink_kernel(x_ref, w_ref, *rest, block_t, block_c, block_k, chunks, num_tokens, depth, rank,
+                         cat, w_is_b, atomic, precision):
+    out_ref = rest[-1]
     rows = pl.program_id(0) * block_t + jnp.arange(block_t, dtype=jnp.int32)
-    cols = pl.program_id(1) * block_c + jnp.arange(block_c, dtype=jnp.int32)  # over L*r
+    cols = pl.program_id(1) * block_c + jnp.arange(block_c, dtype=jnp.int32)  # over C = L*r
+    split = pl.program_id(2)
     in_t = rows < num_tokens
-    in_c = cols < num_adapters * rank
+    in_c = cols < cat
     adapter, rr = cols // rank, cols % rank
 
-    def body(kk, acc):
-        ks = kk * block_k + jnp.arange(block_k, dtype=jnp.int32)
+    def body(c, acc):
+        ks = (split * chunks + c) * block_k + jnp.arange(block_k, dtype=jnp.int32)
         in_k = ks < depth
         xk = _load(x_ref, (rows[:, None], ks[None, :]), in_t[:, None] & in_k[None, :])
-        ak = _load(a_ref, (adapter[None, :], ks[:, None], rr[None, :]), in_k[:, None] & in_c[None, :])
-        return acc + jnp.dot(xk, ak, preferred_element_type=jnp.float32, precision=precision)
+        wk = _load(w_ref, _flat_w_index(w_is_b, adapter[None, :], rr[None, :], ks[:, None]),
+                   in_k[:, None] & in_c[None, :])
+        return acc + jnp.dot(xk, wk.astype(xk.dtype), preferred_element_type=jnp.float32, precision=precision)
 
-    acc = lax.fori_loop(0, _cdiv(depth, block_k), body, jnp.zeros((block_t, block_c), jnp.float32))
-    coef = jnp.zeros((block_t, block_c), jnp.float32)
-    for slot in range(top_k):
-        e = _load(idx_ref, (rows * top_k + slot,), in_t)
-        w = _load(w_ref, (rows * top_k + slot,), in_t).astype(jnp.float32)
-        coef = coef + jnp.where((e[:, None] == adapter[None, :]) & in_t[:, None], w[:, None], 0.0)
-    coef = coef * _load(s_ref, (adapter,), in_c).astype(jnp.float32)[None, :]
-    _store(out_ref, (rows[:, None], cols[None, :]), (acc * coef).astype(out_ref.dtype),
-           in_t[:, None] & in_c[None, :])
+    acc = lax.fori_loop(0, chunks, body, jnp.zeros((block_t, block_c), jnp.float32))
+    # The output is padded to whole tiles (rows/columns past T / C get zeros), so whole-tile,
+    # unmasked stores: interpret mode implements atomics only for unmasked slices.
+    tile = (pl.ds(pl.program_id(0) * block_t, block_t), pl.ds(pl.program_id(1) * block_c, block_c))
+    if atomic:
+        plgpu.atomic_add(out_ref, tile, acc)
+    else:
+        out_ref[tile] = acc
 
 
-def _dense_expand_kernel(xa_ref, b_ref, *rest, block_t, block_n, block_k, num_tokens, depth, width,
-                         has_base, precision):
+def _dense_shrink(x, w, *, w_is_b, block_t, block_c, block_k, interpret, min_programs=264):
+    """x [T, D] @ flat adapters of w (lora_a [L, D, r], or lora_b [L, r, D] transposed) -> [T, L*r] f32,
+    padded to whole tiles: [cdiv(T, bt) * bt, cdiv(L*r, bc) * bc] (the padding holds zeros)."""
+    num_tokens, depth = x.shape
+    num_adapters = w.shape[0]
+    rank = w.shape[1] if w_is_b else w.shape[2]
+    cat = num_adapters * rank
+    block_c = min(block_c, _pow2_at_least(cat))
+    tiles = _cdiv(num_tokens, block_t) * _cdiv(cat, block_c)
+    total = _cdiv(depth, block_k)
+    splits = 1
+    while splits * 2 <= total and tiles * splits < min_programs:
+        splits *= 2
+    chunks = _cdiv(total, splits)
+    splits = _cdiv(total, chunks)
+    padded = (_cdiv(num_tokens, block_t) * block_t, _cdiv(cat, block_c) * block_c)
+    kernel = functools.partial(
+        _dense_shrink_kernel, block_t=block_t, block_c=block_c, block_k=block_k, chunks=chunks,
+        num_tokens=num_tokens, depth=depth, rank=rank, cat=cat, w_is_b=w_is_b, atomic=splits > 1,
+        precision=_precision(x.dtype))
+    args = [x, w]
+    aliases = {}
+    if splits > 1:  # float32 atomics into a zeroed buffer
+        args.append(jnp.zeros(padded, jnp.float32))
+        aliases = {2: 0}
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct(padded, jnp.float32),
+        grid=(padded[0] // block_t, padded[1] // block_c, splits),
+        input_output_aliases=aliases,
+        interpret=interpret,
+        compiler_params=_compiler_params(8 if block_t * block_c >= 16384 else 4, 3),
+        name="grouped_lora_dense_shrink",
+    )(*args)
+
+
+def _dense_expand_kernel(idx_ref, wt_ref, s_ref, xa_ref, w_ref, *rest, top_k, block_t, block_n, block_k,
+                         num_tokens, num_adapters, rank, cat, width, w_is_b, has_base, precision):
     out_ref = rest[-1]
     rows = pl.program_id(0) * block_t + jnp.arange(block_t, dtype=jnp.int32)
     cols = pl.program_id(1) * block_n + jnp.arange(block_n, dtype=jnp.int32)
     in_t = rows < num_tokens
     in_n = cols < width
+    # The tile's routing, read once: adapter and weight of each (token, slot).
+    sel = [(_load(idx_ref, (rows * top_k + j,), in_t),
+            _load(wt_ref, (rows * top_k + j,), in_t).astype(jnp.float32)) for j in range(top_k)]
 
     def body(kk, acc):
-        ks = kk * block_k + jnp.arange(block_k, dtype=jnp.int32)
-        in_k = ks < depth
-        xk = _load(xa_ref, (rows[:, None], ks[None, :]), in_t[:, None] & in_k[None, :])
-        bk = _load(b_ref, (ks[:, None], cols[None, :]), in_k[:, None] & in_n[None, :])
-        return acc + jnp.dot(xk, bk, preferred_element_type=jnp.float32, precision=precision)
+        ks = kk * block_k + jnp.arange(block_k, dtype=jnp.int32)  # over C = L*r
+        in_k = ks < cat
+        adapter, rr = ks // rank, ks % rank
+        coef = jnp.zeros((block_t, block_k), jnp.float32)
+        for e, w in sel:  # coef[t, c] = scaling[e] * sum_j w[t, j] [idx[t, j] = c // r]
+            coef = coef + jnp.where(e[:, None] == adapter[None, :], w[:, None], 0.0)
+        coef = coef * _load(s_ref, (adapter,), in_k).astype(jnp.float32)[None, :]
+        xa = _load(xa_ref, (rows[:, None], ks[None, :]), in_t[:, None] & in_k[None, :])
+        xa = (xa * coef).astype(w_ref.dtype)
+        if w_is_b:  # B_flat [C, W]
+            wk = _load(w_ref, (adapter[:, None], rr[:, None], cols[None, :]), in_k[:, None] & in_n[None, :])
+        else:  # A_flat^T [C, W]: lora_a [L, W, r]
+            wk = _load(w_ref, (adapter[:, None], cols[None, :], rr[:, None]), in_k[:, None] & in_n[None, :])
+        return acc + jnp.dot(xa, wk, preferred_element_type=jnp.float32, precision=precision)
 
-    acc = lax.fori_loop(0, _cdiv(depth, block_k), body, jnp.zeros((block_t, block_n), jnp.float32))
+    acc = lax.fori_loop(0, _cdiv(cat, block_k), body, jnp.zeros((block_t, block_n), jnp.float32))
     idx = (rows[:, None], cols[None, :])
     mask = in_t[:, None] & in_n[None, :]
     if has_base:
@@ -467,44 +546,103 @@ def _dense_expand_kernel(xa_ref, b_ref, *rest, block_t, block_n, block_k, num_to
     _store(out_ref, idx, acc.astype(out_ref.dtype), mask)
 
 
-def _forward_dense(x, lora_a, lora_b, scaling, expert_idx, expert_weight, *, block_t, block_c, block_k,
-                   block_n, interpret, base=None, poison=False):
-    num_tokens, depth = x.shape
-    num_adapters, _, rank = lora_a.shape
-    width = lora_b.shape[2]
-    top_k = expert_idx.shape[1]
+def _dense_expand(expert_idx, expert_weight, scaling, xa, w, *, w_is_b, out_dtype, block_t, block_n, block_k,
+                  interpret, base=None, poison=False):
+    """[base +] (xa * coef) @ flat adapters of w (lora_b [L, r, W], or lora_a [L, W, r] transposed) -> [T, W];
+    coef[t, c] = scaling[e] sum_j w[t, j] [idx[t, j] = e], e = c // r, computed in the kernel.
+    xa [>= T, >= L*r] float32 (padding ignored)."""
+    num_tokens, top_k = expert_idx.shape
+    num_adapters = w.shape[0]
+    rank = w.shape[1] if w_is_b else w.shape[2]
     cat = num_adapters * rank
-    xa = pl.pallas_call(
-        functools.partial(_dense_shrink_kernel, top_k=top_k, block_t=block_t, block_c=block_c,
-                          block_k=block_k, num_tokens=num_tokens, depth=depth, rank=rank,
-                          num_adapters=num_adapters, precision=_precision(x.dtype)),
-        out_shape=jax.ShapeDtypeStruct((num_tokens, cat), x.dtype),
-        grid=(_cdiv(num_tokens, block_t), _cdiv(cat, block_c)),
-        interpret=interpret,
-        compiler_params=_compiler_params(4, 3),
-        name="grouped_lora_dense_shrink",
-    )(expert_idx.reshape(-1), expert_weight.reshape(-1), scaling, x, lora_a)
-    kernel = functools.partial(_dense_expand_kernel, block_t=block_t, block_n=block_n, block_k=block_c,
-                               num_tokens=num_tokens, depth=cat, width=width, has_base=base is not None,
-                               precision=_precision(x.dtype))
-    args = [xa, lora_b.reshape(cat, width)]
+    width = w.shape[2] if w_is_b else w.shape[1]
+    block_k = min(block_k, _pow2_at_least(cat))
+    # Small T: narrower output tiles for enough programs.
+    while block_n > 32 and _cdiv(num_tokens, block_t) * _cdiv(width, block_n) < 132:
+        block_n //= 2
+    kernel = functools.partial(
+        _dense_expand_kernel, top_k=top_k, block_t=block_t, block_n=block_n, block_k=block_k,
+        num_tokens=num_tokens, num_adapters=num_adapters, rank=rank, cat=cat, width=width, w_is_b=w_is_b,
+        has_base=base is not None, precision=_precision(w.dtype))
+    args = [expert_idx.reshape(-1), expert_weight.reshape(-1), scaling, xa, w]
     aliases = {}
     if base is not None:
         args.append(base)
-        aliases = {len(args) - 1: 0}
+        aliases = {5: 0}
     elif poison:
-        args.append(jnp.full((num_tokens, width), jnp.nan, x.dtype))
-        aliases = {len(args) - 1: 0}
+        args.append(jnp.full((num_tokens, width), jnp.nan, out_dtype))
+        aliases = {5: 0}
         kernel = _drop_arg(kernel)
     return pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((num_tokens, width), x.dtype),
+        out_shape=jax.ShapeDtypeStruct((num_tokens, width), out_dtype),
         grid=(_cdiv(num_tokens, block_t), _cdiv(width, block_n)),
         input_output_aliases=aliases,
         interpret=interpret,
         compiler_params=_compiler_params(4, 3),
         name="grouped_lora_dense_expand",
     )(*args)
+
+
+def _dense_coef(expert_idx, expert_weight, scaling):
+    """coef[t, e] = scaling[e] * sum_j w[t, j] [idx[t, j] = e]: [T, L] float32."""
+    num_adapters = scaling.shape[0]
+    one_hot = expert_idx[:, :, None] == jnp.arange(num_adapters, dtype=jnp.int32)
+    dense = jnp.sum(jnp.where(one_hot, expert_weight.astype(jnp.float32)[:, :, None], 0.0), axis=1)
+    return dense * scaling.astype(jnp.float32)[None, :]
+
+
+def _dense_block_t(num_tokens, cfg):
+    return min(cfg.block_t_dense, _pow2_at_least(num_tokens))
+
+
+def _dense_forward(x, lora_a, lora_b, scaling, expert_idx, expert_weight, base, cfg):
+    block_t = _dense_block_t(x.shape[0], cfg)
+    xa = _dense_shrink(x, lora_a, w_is_b=False, block_t=block_t, block_c=cfg.block_c_dense,
+                       block_k=cfg.block_k, interpret=cfg.interpret)
+    out = _dense_expand(expert_idx, expert_weight, scaling, xa, lora_b, w_is_b=True, out_dtype=x.dtype,
+                        block_t=block_t, block_n=cfg.block_n,
+                        block_k=cfg.block_k_dense, interpret=cfg.interpret,
+                        base=base if cfg.has_base else None, poison=cfg.poison)
+    return out, xa
+
+
+def _dense_backward(cfg, res, g, need):
+    lora_a, lora_b, scaling, expert_idx, expert_weight = res["a"], res["b"], res["s"], res["idx"], res["w"]
+    num_adapters, depth, rank = lora_a.shape
+    num_tokens = expert_idx.shape[0]
+    xa = res["xa"][:num_tokens, :num_adapters * rank]
+    block_t = _dense_block_t(num_tokens, cfg)
+    dtype = lora_a.dtype
+    dx = da = db = ds = dw = None
+    if need & {"x", "a", "s", "w"}:
+        gb = _dense_shrink(g, lora_b, w_is_b=True, block_t=block_t, block_c=cfg.block_c_dense,
+                           block_k=cfg.block_k, interpret=cfg.interpret)  # g @ B_flat^T (padded) f32
+        if "x" in need:
+            dx = _dense_expand(expert_idx, expert_weight, scaling, gb, lora_a, w_is_b=False, out_dtype=dtype,
+                               block_t=block_t,
+                               block_n=cfg.block_n, block_k=cfg.block_k_dense, interpret=cfg.interpret,
+                               poison=cfg.poison)
+        gb = gb[:num_tokens, :num_adapters * rank]
+        if "a" in need:
+            coef = _dense_coef(expert_idx, expert_weight, scaling)
+            gbs = (gb.reshape(num_tokens, num_adapters, rank) * coef[:, :, None]).astype(dtype)
+            da = jnp.einsum("td,tlr->ldr", res["x"], gbs, preferred_element_type=jnp.float32,
+                            precision=_precision(dtype)).astype(dtype)
+        if need & {"s", "w"}:
+            raw_all = jnp.sum((xa * gb).reshape(num_tokens, num_adapters, rank), axis=-1)  # [T, L]
+            raw = jnp.take_along_axis(raw_all, expert_idx, axis=1)  # [T, k]
+            if "w" in need:
+                dw = (raw * scaling.astype(jnp.float32)[expert_idx]).astype(expert_weight.dtype)
+            if "s" in need:
+                ds = jnp.zeros((num_adapters,), jnp.float32).at[expert_idx].add(
+                    raw * expert_weight.astype(jnp.float32)).astype(scaling.dtype)
+    if "b" in need:
+        coef = _dense_coef(expert_idx, expert_weight, scaling)
+        xas = (xa.reshape(num_tokens, num_adapters, rank) * coef[:, :, None]).astype(dtype)
+        db = jnp.einsum("tlr,to->lro", xas, g, preferred_element_type=jnp.float32,
+                        precision=_precision(dtype)).astype(dtype)
+    return dx, da, db, ds, dw
 
 
 # ------------------------------------------------------------------------------------------------
@@ -516,7 +654,8 @@ def _forward_dense(x, lora_a, lora_b, scaling, expert_idx, expert_weight, *, blo
 class Config:
     """Static kernel choices (hashable; a `nondiff_argnums` argument of the custom VJP)."""
 
-    path: str  # "sorted", "dense" or "decode" (forward only; the backward always uses the sorted plan)
+    path: str  # forward path when not differentiated: "sorted", "dense" or "decode"
+    grad_path: str  # forward + backward path under differentiation: "sorted" or "dense"
     block_t: int
     block_k: int
     block_n: int
@@ -525,6 +664,7 @@ class Config:
     block_n_decode: int
     block_t_dense: int
     block_c_dense: int
+    block_k_dense: int
     interpret: bool
     poison: bool
     has_base: bool
@@ -549,8 +689,7 @@ def _primal(x, lora_a, lora_b, scaling, expert_idx, expert_weight, base, cfg):
         return _forward_decode(x, lora_a, lora_b, scaling, expert_idx, expert_weight,
                                block_k=cfg.block_k_decode, block_n=cfg.block_n_decode, **kw)
     if cfg.path == "dense":
-        return _forward_dense(x, lora_a, lora_b, scaling, expert_idx, expert_weight, block_t=cfg.block_t_dense,
-                              block_c=cfg.block_c_dense, block_k=cfg.block_k, block_n=cfg.block_n, **kw)
+        return _dense_forward(x, lora_a, lora_b, scaling, expert_idx, expert_weight, base, cfg)[0]
     return _sorted_forward(x, lora_a, lora_b, scaling, expert_idx, expert_weight, base, cfg)[0]
 
 
@@ -565,9 +704,13 @@ def _fwd(x, lora_a, lora_b, scaling, expert_idx, expert_weight, base, cfg):
                  "base": base.perturbed and cfg.has_base}
     xv, av, bv, sv, iv, wv, basev = (arg.value for arg in
                                      (x, lora_a, lora_b, scaling, expert_idx, expert_weight, base))
-    out, plan, coef, xa = _sorted_forward(xv, av, bv, sv, iv, wv, basev, cfg)
-    res = dict(plan=plan, coef=coef, xa=xa, a=av, b=bv, s=sv, idx=iv, w=wv,
-               need={name: None for name, p in perturbed.items() if p})
+    need = {name: None for name, p in perturbed.items() if p}
+    if cfg.grad_path == "dense":
+        out, xa = _dense_forward(xv, av, bv, sv, iv, wv, basev, cfg)
+        res = dict(xa=xa, a=av, b=bv, s=sv, idx=iv, w=wv, need=need)
+    else:
+        out, plan, coef, xa = _sorted_forward(xv, av, bv, sv, iv, wv, basev, cfg)
+        res = dict(plan=plan, coef=coef, xa=xa, a=av, b=bv, s=sv, idx=iv, w=wv, need=need)
     if perturbed["a"]:
         res["x"] = xv
     return out, res
@@ -575,14 +718,17 @@ def _fwd(x, lora_a, lora_b, scaling, expert_idx, expert_weight, base, cfg):
 
 def _bwd(cfg, res, g):
     need = set(res["need"])
+    if isinstance(g, SymbolicZero) or not need:
+        return (None,) * 7
+    dtype = res["a"].dtype  # == x.dtype (the wrapper casts the LoRAs to x's dtype)
+    g = g.astype(dtype)
+    if cfg.grad_path == "dense":
+        dx, da, db, ds, dw = _dense_backward(cfg, res, g, need)
+        return dx, da, db, ds, None, dw, (g if "base" in need else None)
     lora_a, lora_b, scaling, expert_idx, expert_weight = res["a"], res["b"], res["s"], res["idx"], res["w"]
     plan, coef, xa = res["plan"], res["coef"], res["xa"]
     num_adapters, depth, rank = lora_a.shape
     num_tokens, top_k = expert_idx.shape
-    if isinstance(g, SymbolicZero) or not need:
-        return (None,) * 7
-    dtype = lora_a.dtype  # == x.dtype (the wrapper casts the LoRAs to x's dtype)
-    g = g.astype(dtype)
     dx = da = db = ds = dw = None
     if need & {"x", "a", "s", "w"}:
         gb = _shrink(plan, g, lora_b, rank=rank, transpose_w=True, block_t=cfg.block_t, block_k=cfg.block_k,
@@ -621,17 +767,34 @@ _grouped_lora.defvjp(_fwd, _bwd, symbolic_zeros=True)
 # Public entry point
 # ------------------------------------------------------------------------------------------------
 
-# Forward path by token count. Measured on an H100 (docs/benchmarks.md, d 4096 -> 4096, L = 28,
-# k = 2, bf16, layer with the base fused; d_out 4096 and 14336): decode beats sorted 1.4-2.0x at
-# T = 1 and 16; at T = 256 sorted is 1.05-1.7x faster than decode; at T >= 4096 sorted beats decode
-# 2.5-4.8x and the dense path 1.2-2.7x (dense is never the fastest: too few programs at small T,
-# L x the flops at large T), so "dense" is available but never chosen. 32 lies between measured T.
+# Path choice, measured on an H100 (docs/benchmarks.md, "## grouped_lora kernel": bf16, L = 28, k = 2,
+# d 4096 -> 4096 and 4096 -> 14336; v1 run and the v2 run of the dense path).
+# * Forward (layer with the base fused, not differentiated): decode for T <= 32, sorted above.
+#   v2 run, T = 16: decode 0.0259 / 0.0312 / 0.0554 / 0.0686 ms vs dense 0.0306 / 0.0541 / 0.0602 /
+#   0.0917 vs sorted 0.0483 / 0.0560 / 0.0796 / 0.0939 (d_out 4096 r 8, 4096 r 64, 14336 r 8,
+#   14336 r 64). T = 256: sorted 0.0643 / 0.0765 / 0.1028 / 0.1317 vs dense 0.0660 / 0.1514 / 0.1044 /
+#   0.2147 vs decode 0.0672 / 0.1074 / 0.1264 / 0.2257. T >= 4096: sorted, dense 1.2-4.2x slower.
+# * Under differentiation (forward + backward): dense for T <= 32 when L*r <= 256, else sorted.
+#   v2 run, T = 16, r = 8: dense 0.0277 / 0.0326 vs sorted 0.0440 / 0.0736 (d_out 4096 / 14336);
+#   r = 64: dense 0.1033 / 0.1285 vs sorted 0.0683 / 0.1268. T = 256: sorted 0.0629-0.1871 vs
+#   dense 0.0819-0.3225; T >= 4096: sorted 0.171-0.474 vs dense 0.56-3.45. 32 and 256 lie between
+#   measured points (T 16/256; L*r 224/1792; L*r = 448, r = 16, was not measured at T = 16).
 DECODE_MAX_TOKENS = 32
+DENSE_GRAD_MAX_TOKENS = 32
+DENSE_GRAD_MAX_COLUMNS = 256  # L * r
 
 
-def auto_path(num_tokens, rank):
-    del rank  # no measured dependence of the best path on the rank
+def auto_path(num_tokens, rank, num_adapters=28):
+    """Forward path when not differentiated."""
+    del rank, num_adapters  # no measured dependence on them
     return "decode" if num_tokens <= DECODE_MAX_TOKENS else "sorted"
+
+
+def auto_grad_path(num_tokens, rank, num_adapters=28):
+    """Forward + backward path under differentiation."""
+    if num_tokens <= DENSE_GRAD_MAX_TOKENS and num_adapters * rank <= DENSE_GRAD_MAX_COLUMNS:
+        return "dense"
+    return "sorted"
 
 
 def default_config(num_tokens, top_k, num_adapters, rank, *, path="auto", interpret=None, poison=False,
@@ -639,20 +802,25 @@ def default_config(num_tokens, top_k, num_adapters, rank, *, path="auto", interp
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
     if path == "auto":
-        path = auto_path(num_tokens, rank)
-    if path not in ("sorted", "decode", "dense"):
+        path, grad_path = auto_path(num_tokens, rank, num_adapters), auto_grad_path(num_tokens, rank, num_adapters)
+    elif path not in ("sorted", "decode", "dense"):
         raise ValueError(f"path must be 'auto', 'sorted', 'dense' or 'decode', got {path!r}")
+    else:  # an explicit path: "dense" differentiates through the dense kernels, the others the sorted plan
+        grad_path = "dense" if path == "dense" else "sorted"
     # Token tile: 64 when adapters average >= 64 pairs, else smaller to cut padding (>= 16 for dots).
     per_adapter = num_tokens * top_k / max(num_adapters, 1)
     block_t = 64 if per_adapter >= 64 else (32 if per_adapter >= 24 else 16)
-    cfg = dict(path=path, block_t=block_t, block_k=64, block_n=128, block_n_tgmm=64, block_k_decode=128,
-               block_n_decode=256, block_t_dense=64, block_c_dense=64, interpret=bool(interpret),
+    cfg = dict(path=path, grad_path=grad_path, block_t=block_t, block_k=64, block_n=128, block_n_tgmm=64,
+               block_k_decode=128,
+               block_n_decode=256, block_t_dense=64, block_c_dense=256, block_k_dense=64,
+               interpret=bool(interpret),
                poison=bool(poison), has_base=bool(has_base))
     unknown = set(blocks) - set(cfg)
     if unknown:
         raise ValueError(f"unknown kernel options {sorted(unknown)}")
     cfg.update(blocks)
-    for name in ("block_t", "block_k", "block_n", "block_n_tgmm", "block_t_dense", "block_c_dense"):
+    for name in ("block_t", "block_k", "block_n", "block_n_tgmm", "block_t_dense", "block_c_dense",
+                 "block_k_dense"):
         if cfg[name] < 16 or cfg[name] & (cfg[name] - 1):
             raise ValueError(f"{name}={cfg[name]} must be a power of two >= 16 (Triton dot tiles)")
     return Config(**cfg)
@@ -676,9 +844,11 @@ def grouped_lora_pallas(
 
     base: optional [T, d_out] added in the kernel's epilogue (out = base + delta; the layer's
     x @ kernel), which saves a separate read-add-write pass over the output.
-    path: "sorted", "dense", "decode" or "auto" (`auto_path`). interpret: defaults to True on
+    path: "sorted", "dense", "decode" or "auto" (`auto_path` when not differentiated, `auto_grad_path`
+    under differentiation); an explicit "dense" is also differentiated densely, "sorted"/"decode" through
+    the sorted plan. interpret: defaults to True on
     CPU. poison (tests): outputs start as NaN so unwritten elements show. blocks: block_t, block_k,
-    block_n, block_n_tgmm, block_k_decode, block_n_decode, block_t_dense, block_c_dense.
+    block_n, block_n_tgmm, block_k_decode, block_n_decode, block_t_dense, block_c_dense, block_k_dense.
     """
     num_tokens = x.shape[0]
     num_adapters, _, rank = lora_a.shape

@@ -226,7 +226,14 @@ def columns(variants=False):
         if os.environ.get("BENCH_DENSE", "1") == "1":
             cols["pallas_dense"] = pallas_layer(path="dense")
         cols["pallas_decode"] = pallas_layer(path="decode")
+        cols["pallas_fb_sorted"] = routed_fwd_bwd(pallas_delta(path="sorted"))
+        cols["pallas_fb_dense"] = routed_fwd_bwd(pallas_delta(path="dense"))
     return cols
+
+
+# Paths the auto rule chooses among; the "best" column of the compact table is the fastest of these.
+LAYER_PATHS = ("pallas_sorted", "pallas_dense", "pallas_decode")
+FB_PATHS = ("pallas_fb_sorted", "pallas_fb_dense")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -246,6 +253,10 @@ def check(log):
         (37, 130, 90, 128, 28, jnp.bfloat16, "sorted"),
         (300, 4096, 4096, 16, 2, jnp.bfloat16, "dense"),
         (77, 200, 333, 5, 3, jnp.float32, "dense"),
+        (16, 4096, 4096, 64, 2, jnp.bfloat16, "dense"),
+        (256, 4096, 14336, 8, 2, jnp.bfloat16, "dense"),
+        (4096, 4096, 4096, 16, 2, jnp.bfloat16, "dense"),
+        (1000, 200, 333, 7, 28, jnp.float32, "dense"),
     ]
     for case in cases:
         try:
@@ -306,6 +317,9 @@ def main():
     parser.add_argument("--dout", type=int, default=0, help="only rows with this d_out")
     parser.add_argument("--iters", type=int, default=30)
     parser.add_argument("--only", default="", help="comma-separated column names")
+    parser.add_argument("--rows", default="", help="explicit rows 'd_out:r:T,...' (overrides --quick/--dout)")
+    parser.add_argument("--skip", default="", help="comma-separated column names to leave out")
+    parser.add_argument("--decode-max-t", type=int, default=1 << 30, help="time the decode path only up to this T")
     args = parser.parse_args()
 
     lines = []
@@ -328,9 +342,13 @@ def main():
         rows = [(4096, r, t, False) for r in (8, 64) for t in (1, 16, 256, 4096, 16384)] + [(4096, 16, 4096, True)]
     if args.dout:
         rows = [row for row in rows if row[0] == args.dout]
+    if args.rows:
+        rows = [tuple(int(v) for v in spec.split(":")) + (False,) for spec in args.rows.split(",")]
     cols = columns(args.variants)
     if args.only:
         cols = {k: v for k, v in cols.items() if k in args.only.split(",")}
+    if args.skip:
+        cols = {k: v for k, v in cols.items() if k not in args.skip.split(",")}
     elif MGPU is not None:
         # jax's Mosaic GPU kernel can fault the CUDA context (seen: misaligned address on the
         # skewed row), so it runs in its own process and its numbers are merged afterwards.
@@ -357,6 +375,9 @@ def main():
             if name == "mgpu_ragged" and skew:
                 row["ms"][name] = "n/a"
                 row.setdefault("errors", {})[name] = "skipped: faulted the CUDA context on this row"
+                continue
+            if name == "pallas_decode" and t > args.decode_max_t:
+                row["ms"][name] = "skip"
                 continue
             if name == "xla_gather" and t * K * (d_in * r + r * d_out) * 2 > GATHER_LIMIT:
                 row["ms"][name] = "oom-skip"
@@ -392,11 +413,18 @@ def main():
         def ratio(a, b):
             return ms[a] / ms[b] if isinstance(ms.get(a), float) and isinstance(ms.get(b), float) else float("nan")
 
-        row["layer_ratio"] = ratio("pallas", "lora1")
-        row["fb_ratio"] = ratio("pallas_fb", "lora1_fb")
+        for tag, paths in (("best", LAYER_PATHS), ("best_fb", FB_PATHS)):
+            timed = {p: ms[p] for p in paths if isinstance(ms.get(p), float)}
+            if timed:
+                row[tag] = min(timed, key=timed.get)
+                ms[tag] = timed[row[tag]]
+        main_col = "pallas" if isinstance(ms.get("pallas"), float) else "best"
+        fb_col = "pallas_fb" if isinstance(ms.get("pallas_fb"), float) else "best_fb"
+        row["layer_ratio"] = ratio(main_col, "lora1")
+        row["fb_ratio"] = ratio(fb_col, "lora1_fb")
         xla = [ms[c] for c in ("xla_dense", "xla_gather", "xla_ragged") if isinstance(ms.get(c), float)]
-        row["xla_best_ratio"] = (ms["pallas"] / min(xla)) if xla and isinstance(ms.get("pallas"), float) else float("nan")
-        row["faster_than_xla"] = bool(xla) and isinstance(ms.get("pallas"), float) and ms["pallas"] < min(xla)
+        row["xla_best_ratio"] = (ms[main_col] / min(xla)) if xla and isinstance(ms.get(main_col), float) else float("nan")
+        row["faster_than_xla"] = bool(xla) and isinstance(ms.get(main_col), float) and ms[main_col] < min(xla)
         results.append(row)
         log(json.dumps(row))
         with open(args.out, "w") as f:
@@ -428,17 +456,20 @@ def main():
     # compact table last
     names = list(cols)
     short = {"xla_dense": "dense", "xla_gather": "gather", "xla_ragged": "ragged", "mgpu_ragged": "mgpu",
-             "lora1_fb": "lora1FB", "xla_dense_fb": "denseFB", "pallas_fb": "palFB", "pallas_fb_lora": "palFB+AB"}
+             "lora1_fb": "lora1FB", "xla_dense_fb": "denseFB", "pallas_fb": "palFB", "pallas_fb_lora": "palFB+AB",
+             "pallas_sorted": "p_sorted", "pallas_dense": "p_dense", "pallas_decode": "p_decode",
+             "pallas_fb_sorted": "pFB_sort", "pallas_fb_dense": "pFB_dens"}
     hdr = f"{'d_out':>5} {'r':>3} {'T':>6} " + " ".join(f"{short.get(n, n)[:9]:>9}" for n in names)
-    hdr += "  lay/l1  fb/l1  memMiB(pal/dense/gather)"
+    hdr += "  lay/l1  fb/l1  memMiB(pal/p_sorted/p_dense/dense/gather)"
     table = [f"device: {dev.device_kind}; ms (CUPTI kernel time, median of {args.iters}); bf16, L={L}, k={K}", hdr]
     for row in results:
         cells = []
         for n in names:
             v = row["ms"].get(n, "")
             cells.append(f"{v:9.4f}" if isinstance(v, float) else f"{str(v):>9}")
-        mem = "/".join(f"{row['temp_mib'].get(c, float('nan')):.1f}" for c in ("pallas", "xla_dense", "xla_gather"))
-        tag = " skew" if row["skew"] else ""
+        mem = "/".join(f"{row['temp_mib'].get(c, float('nan')):.1f}"
+                       for c in ("pallas", "pallas_sorted", "pallas_dense", "xla_dense", "xla_gather"))
+        tag = (" skew" if row["skew"] else "") + f" best={row.get('best', '-')}/{row.get('best_fb', '-')}"
         table.append(f"{row['d_out']:>5} {row['r']:>3} {row['T']:>6} " + " ".join(cells)
                      + f"  {row['layer_ratio']:6.3f} {row['fb_ratio']:6.3f}  {mem}{tag}")
     for line in table:

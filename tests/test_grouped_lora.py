@@ -16,7 +16,7 @@ from pallas_kernels.grouped_lora_pallas import grouped_lora_pallas
 
 SEED = np.random.SeedSequence().entropy
 SMALL = dict(block_t=16, block_k=16, block_n=16, block_n_tgmm=16, block_k_decode=16, block_n_decode=16,
-             block_t_dense=16, block_c_dense=16)
+             block_t_dense=16, block_c_dense=16, block_k_dense=16)
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
 
 
@@ -85,8 +85,9 @@ GRAD_CASES = [CASES[0], CASES[2], CASES[3], CASES[5], CASES[6]]
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("path", ["sorted", "dense", "auto"])  # auto: T < 32 here, so decode / dense
 @pytest.mark.parametrize("case", GRAD_CASES, ids=[f"T{c[0]}_L{c[3]}_r{c[4]}_k{c[5]}_{c[6]}" for c in GRAD_CASES])
-def test_gradients_match_autodiff_of_reference(case, dtype):
+def test_gradients_match_autodiff_of_reference(case, path, dtype):
     t, d_in, d_out, num_adapters, rank, k, routing = case
     x, a, b, s, idx, w, base = _inputs((hash(case) % 2**31, 1), t, d_in, d_out, num_adapters, rank, k, dtype,
                                        routing)
@@ -100,7 +101,7 @@ def test_gradients_match_autodiff_of_reference(case, dtype):
         return grouped_lora_dense(x, a, b, s, idx, w) + base
 
     def pallas_fn(x, a, b, s, idx, w, base):
-        return grouped_lora_pallas(x, a, b, s, idx, w, base=base, path="sorted", poison=True, interpret=True,
+        return grouped_lora_pallas(x, a, b, s, idx, w, base=base, path=path, poison=True, interpret=True,
                                    **SMALL)
 
     argnums = (0, 1, 2, 3, 4, 5)
@@ -109,14 +110,14 @@ def test_gradients_match_autodiff_of_reference(case, dtype):
     got = jax.jit(jax.grad(loss(pallas_fn, lambda v: v), argnums))(x, a, b, s, w, base)
     for name, u, v in zip(("x", "lora_a", "lora_b", "scaling", "expert_weight", "base"), want, got):
         err = _rel(v, u)
-        assert err <= TOL[dtype], f"seed={SEED} case={case}: d{name} rel err {err:.2e}"
+        assert err <= TOL[dtype], f"seed={SEED} case={case} path={path}: d{name} rel err {err:.2e}"
 
 
 def test_lora_gradients_only_when_asked():
     x, a, b, s, idx, w, _ = _inputs((7,), 21, 20, 18, 4, 3, 2, jnp.float32)
 
-    def loss(x, w, a, b):
-        return jnp.sum(grouped_lora_pallas(x, a, b, s, idx, w, path="sorted", interpret=True, **SMALL) ** 2)
+    def loss(x, w, a, b, path="sorted"):
+        return jnp.sum(grouped_lora_pallas(x, a, b, s, idx, w, path=path, interpret=True, **SMALL) ** 2)
 
     gate_only = str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(x, w, a, b))
     mixlora = str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2, 3)))(x, w, a, b))
@@ -125,6 +126,22 @@ def test_lora_gradients_only_when_asked():
     frozen = str(jax.make_jaxpr(jax.grad(
         lambda x, w, a, b: loss(x, w, jax.lax.stop_gradient(a), b), argnums=(0, 1, 2, 3)))(x, w, a, b))
     assert 0 < frozen.count("grouped_lora_tgmm") < mixlora.count("grouped_lora_tgmm")  # dB only
+    # Dense path: dA / dB are two extra XLA dot_generals outside the kernels.
+    dense = lambda *v: loss(*v, path="dense")  # noqa: E731
+    gate_only = str(jax.make_jaxpr(jax.grad(dense, argnums=(0, 1)))(x, w, a, b)).count("dot_general")
+    mixlora = str(jax.make_jaxpr(jax.grad(dense, argnums=(0, 1, 2, 3)))(x, w, a, b)).count("dot_general")
+    assert mixlora == gate_only + 2
+
+
+def test_auto_paths():
+    from pallas_kernels.grouped_lora_pallas import default_config
+
+    paths = {(t, r): (c.path, c.grad_path) for t, r in [(16, 8), (16, 64), (256, 8), (4096, 8)]
+             for c in [default_config(t, 2, 28, r)]}
+    assert paths == {(16, 8): ("decode", "dense"), (16, 64): ("decode", "sorted"),
+                     (256, 8): ("sorted", "sorted"), (4096, 8): ("sorted", "sorted")}
+    assert default_config(4096, 2, 28, 8, path="dense").grad_path == "dense"
+    assert default_config(16, 2, 28, 8, path="decode").grad_path == "sorted"
 
 
 def test_under_scan_and_remat():
