@@ -23,10 +23,13 @@ def get_config():
     config.model.meteora.update(num_adapters=8, rank=16, top_k=2)
     # Gate training (scripts/train.py): point these at your converted checkpoint and task data,
     # e.g. --config.model_checkpoint=... --config.data.root=... on the command line.
-    config.model_checkpoint = "checkpoints/smollm2_135m_meteora"  # scripts/convert.py output (base + adapters)
-    config.tokenizer = "models/smollm2_135m"  # the base model's HF folder (tokenizer files)
+    # Defaults follow examples/README.md: tasks in data/tasks, adapters and the exported base
+    # (tokenizer included) in runs/adapters, the converted checkpoint in runs/smollm2_meteora.
+    config.model_checkpoint = "runs/smollm2_meteora"  # scripts/convert.py output (base + adapters)
+    config.tokenizer = "runs/adapters/base"  # the base model's HF folder (tokenizer files)
     config.data.root = "data/tasks"  # <root>/<adapter name>/{train,test}.jsonl
-    config.data.seq_len = 1024
+    config.data.seq_len = 192  # the example tasks' longest sample is 147 tokens with the chat template
+    config.data.chat_template = True  # as the example adapters were trained
     config.workdir = "runs/smollm2_135m"
     config.train.update(steps=2000, batch_size=16, grad_accum_steps=1, eval_every=500, eval_batch_size=16, eval_max_batches=50)
     config.schedule.update(kind="cosine", warmup_steps=100)

@@ -136,6 +136,15 @@ def read_metadata(path: str | os.PathLike) -> dict:
     return meta
 
 
+def adapter_names(metadata: Mapping) -> list[str]:
+    """The adapter names of a checkpoint's metadata, in index order (gate column i = adapter i).
+
+    Converted checkpoints list their adapters under `metadata["adapters"]` (one dict each, with
+    its "name", rank, alpha, source, ...).
+    """
+    return [str(entry["name"]) for entry in metadata.get("adapters") or []]
+
+
 def restore_checkpoint(
     path: str | os.PathLike,
     shardings: Any = None,

@@ -49,7 +49,7 @@ def base_config() -> ml_collections.ConfigDict:
 def _add_training_sections(config: ml_collections.ConfigDict) -> None:
     config.seed = 0
     # Converted model checkpoint (meteora_jax.checkpoint: base params + stacked adapters + gates,
-    # metadata["adapter_names"] in adapter order). Its architecture wins over `model`; from `model`
+    # its metadata lists the adapters in order). Its architecture wins over `model`; from `model`
     # only dtype, remat, meteora.top_k and meteora.kernel_impl apply.
     config.model_checkpoint = ""
     config.tokenizer = ""  # the base model's HF tokenizer folder (transformers AutoTokenizer)

@@ -447,10 +447,10 @@ def load_for_inference(
 ) -> tuple[Any, ModelConfig, list[str]]:
     """(params, config, adapter_names) from a model checkpoint (`meteora_jax.checkpoint`), with
     trained gates (a `gates/` folder written by training) merged in when given."""
-    from meteora_jax.checkpoint import restore_checkpoint
+    from meteora_jax.checkpoint import adapter_names, restore_checkpoint
 
     params, config, metadata = restore_checkpoint(checkpoint)
-    names = list(metadata.get("adapter_names") or [])
+    names = adapter_names(metadata)
     if gates:
         from meteora_jax.train import load_gates, merge_params
 

@@ -159,7 +159,7 @@ def build_tiny_world(
             raise ValueError(f"tiny tokenizer has {len(tokenizer)} tokens > vocab_size={model_config.vocab_size}")
         tokenizer.save_pretrained(world.tokenizer)
         params = init_params(model_config, jax.random.key(seed))
-        save_checkpoint(world.model, params, model_config, {"adapter_names": list(TASKS)})
+        save_checkpoint(world.model, params, model_config, {"adapters": [{"name": task} for task in TASKS]})
         with open(os.path.join(tmp, "WORLD.json"), "w") as f:
             json.dump({"digest": digest, "spec": spec}, f, indent=1)
         if os.path.isdir(root):  # a stale world (other spec): replace it

@@ -236,10 +236,10 @@ def prepare(config) -> Setup:
     _check(os.path.exists(path), f"model checkpoint {path!r} does not exist")
     metadata = model_ckpt.read_metadata(path)  # no arrays read yet
     stored_config = ModelConfig.from_dict(metadata["model_config"])
-    names = list(metadata.get("adapter_names") or [])
+    names = model_ckpt.adapter_names(metadata)
     L = stored_config.meteora.num_adapters
     _check(L > 0, f"model checkpoint {path!r} has no adapters (num_adapters=0): there are no gates to train")
-    _check(len(names) == L, f"model checkpoint {path!r}: metadata adapter_names has {len(names)} names for {L} adapters")
+    _check(len(names) == L, f"model checkpoint {path!r}: metadata names {len(names)} adapters but it holds {L}")
     top_k = int(config.model.meteora.top_k)
     _check(1 <= top_k <= L, f"model.meteora.top_k={top_k} exceeds the checkpoint's {L} adapters (need 1 <= top_k <= {L})")
     try:

@@ -136,6 +136,34 @@ def tiny_peft_adapters(tiny_hf_llama_dir, tmp_path_factory):
     ]
 
 
+@pytest.fixture(scope="session")
+def tiny_hf_base_with_tokenizer(tmp_path_factory):
+    """A folder holding a random tiny HF LlamaForCausalLM (tied embeddings) and the tiny byte-level
+    tokenizer with its chat template: what examples/ and the pipeline test use as "the base model"."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = make_tiny_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny_base")
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 # --- Inference (tests/test_evaluate_loop.py, tests/test_notebook.py): the tiny default world. ---
 
 

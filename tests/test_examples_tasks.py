@@ -123,26 +123,8 @@ def test_procedural_tasks_answers_are_right(tmp_path):
 # The adapter trainer on a tiny random LLaMA (CPU)
 
 
-@pytest.fixture(scope="module")
-def tiny_base_dir(tmp_path_factory):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from conftest import make_tiny_tokenizer
-
-    tokenizer = make_tiny_tokenizer()
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny_base")
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-def test_train_adapters_toy(tiny_base_dir, tmp_path, capsys):
+def test_train_adapters_toy(tiny_hf_base_with_tokenizer, tmp_path, capsys):
+    tiny_base_dir = tiny_hf_base_with_tokenizer
     import torch
     from peft import PeftModel
     from safetensors.torch import load_file
@@ -194,7 +176,8 @@ def test_train_adapters_toy(tiny_base_dir, tmp_path, capsys):
     assert all(set(r) == {"arithmetic", "sort_numbers"} for r in results.values())
 
 
-def test_greedy_generate_left_padding_matches_one_by_one(tiny_base_dir):
+def test_greedy_generate_left_padding_matches_one_by_one(tiny_hf_base_with_tokenizer):
+    tiny_base_dir = tiny_hf_base_with_tokenizer
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     hf_common = _load("hf_common")
