@@ -259,7 +259,7 @@ def main(argv=None) -> int:
     base = {r["batch"]: r for r in rows if r["model"] == "base"}
     checks = []
     for r in rows:
-        if r["model"] == "MeteoRA":
+        if r["model"] == "MeteoRA" and r["batch"] in base:  # ratios need the base row of the same run
             for kind in ("prefill", "decode"):
                 ratio = r[f"{kind}_tok_s"] / base[r["batch"]][f"{kind}_tok_s"]
                 checks.append(dict(batch=r["batch"], kind=kind, ratio=ratio, target=TARGETS[kind], met=ratio >= TARGETS[kind]))
