@@ -116,9 +116,15 @@ def save_checkpoint(
         if path.exists():
             if not overwrite:  # appeared while we were writing
                 raise CheckpointError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
-            old = staging / "previous"
-            os.replace(path, old)
-        os.replace(target, path)
+            previous = staging / "previous"
+            os.replace(path, previous)
+            try:
+                os.replace(target, path)
+            except BaseException:
+                os.replace(previous, path)  # put the old checkpoint back before the cleanup below
+                raise
+        else:
+            os.replace(target, path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return path

@@ -17,6 +17,9 @@ MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 ALL_PROJECTIONS = ATTENTION_PROJECTIONS + MLP_PROJECTIONS
 
 REMAT_POLICIES = ("none", "full", "dots")
+# grouped_lora implementations the model may use ("xla_gather" materialises [T, k, d_in, r]: it
+# exists as a benchmark baseline only).
+MODEL_KERNEL_IMPLS = ("auto", "xla", "pallas", "xla_dense", "xla_ragged")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -53,6 +56,8 @@ class MeteoRAConfig:
             raise ConfigError(f"meteora.targets has unknown projections {sorted(unknown)}; known: {ALL_PROJECTIONS}")
         if self.num_adapters < 0 or self.rank < 1:
             raise ConfigError(f"meteora needs num_adapters >= 0 and rank >= 1, got {self.num_adapters}, {self.rank}")
+        if self.kernel_impl not in MODEL_KERNEL_IMPLS:
+            raise ConfigError(f"meteora.kernel_impl={self.kernel_impl!r}; choose one of {MODEL_KERNEL_IMPLS}")
         if self.num_adapters and not 1 <= self.top_k <= self.num_adapters:
             raise ConfigError(f"meteora.top_k={self.top_k} must be between 1 and num_adapters={self.num_adapters}")
 

@@ -11,6 +11,7 @@ from typing import Optional
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def top_k_routing(
@@ -34,12 +35,24 @@ class Routing:
     temperature: divides the top-k logits before the softmax (the original uses 15-30 for
       composite prompts).
     forced_weights: [L] fixed mixture used for every token instead of the gate (one-hot forces a
-      single adapter, as a PEFT model with that adapter active). At most `top_k` entries may be
-      non-zero; gate logits are still computed and returned.
+      single adapter, as a PEFT model with that adapter active). Every non-zero entry is used,
+      whatever the layer's top_k; gate logits are still computed and returned.
     """
 
     temperature: jax.Array | float = 1.0
     forced_weights: Optional[jax.Array] = None
+    # How many adapters the forced mixture uses (static, so it survives jit). Counted from concrete
+    # forced_weights; 0 means "the layer's top_k" (traced weights, whose zeros cannot be counted).
+    forced_top_k: int = flax.struct.field(pytree_node=False, default=0)
+
+    def __post_init__(self):
+        weights = self.forced_weights
+        if weights is None or self.forced_top_k or isinstance(weights, jax.core.Tracer):
+            return
+        weights = np.asarray(weights)
+        if weights.ndim != 1 or not np.count_nonzero(weights):
+            raise ValueError(f"forced_weights must be [L] with a non-zero entry, got {weights!r}")
+        object.__setattr__(self, "forced_top_k", int(np.count_nonzero(weights)))
 
     @classmethod
     def force_adapter(cls, index: int, num_adapters: int) -> "Routing":
@@ -58,9 +71,10 @@ class Routing:
         weights = jnp.asarray(self.forced_weights, jnp.float32)
         if weights.shape != gate_logits.shape[-1:]:
             raise ValueError(f"forced_weights has shape {weights.shape}, want [L]={gate_logits.shape[-1:]}")
-        forced_weight, forced_idx = jax.lax.top_k(weights, top_k)
+        k = self.forced_top_k or top_k
+        forced_weight, forced_idx = jax.lax.top_k(weights, k)
         num_tokens = gate_logits.shape[0]
         return (
-            jnp.broadcast_to(forced_idx.astype(jnp.int32), (num_tokens, top_k)),
-            jnp.broadcast_to(forced_weight, (num_tokens, top_k)),
+            jnp.broadcast_to(forced_idx.astype(jnp.int32), (num_tokens, k)),
+            jnp.broadcast_to(forced_weight, (num_tokens, k)),
         )

@@ -15,6 +15,7 @@ activations `("batch", "length", "embed")` keep `fsdp` for the batch.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -89,7 +90,9 @@ def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = N
         from jax.experimental import mesh_utils
 
         grid = mesh_utils.create_device_mesh(sizes, devices=devices)
-    except Exception:  # odd topologies (e.g. CPU subsets): plain order is fine
+    except (ValueError, NotImplementedError, AssertionError) as err:
+        # Odd topologies (e.g. a CPU subset): plain device order works, but may be slower on GPUs.
+        warnings.warn(f"mesh_utils could not lay out mesh {dict(zip(names, sizes))} ({err}); using device order")
         grid = np.asarray(devices, dtype=object).reshape(sizes)
     return Mesh(grid, names)
 

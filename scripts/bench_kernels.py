@@ -223,8 +223,7 @@ def columns(variants=False):
     }
     if variants:
         cols["pallas_sorted"] = pallas_layer(path="sorted")
-        if os.environ.get("BENCH_DENSE", "1") == "1":
-            cols["pallas_dense"] = pallas_layer(path="dense")
+        cols["pallas_dense"] = pallas_layer(path="dense")  # --skip pallas_dense leaves it out
         cols["pallas_decode"] = pallas_layer(path="decode")
         cols["pallas_fb_sorted"] = routed_fwd_bwd(pallas_delta(path="sorted"))
         cols["pallas_fb_dense"] = routed_fwd_bwd(pallas_delta(path="dense"))
@@ -334,7 +333,7 @@ def main():
     ok = True if args.no_check else check(log)
     log(f"gpu check {'passed' if ok else 'FAILED'} in {time.time() - t0:.0f}s")
     if args.check_only:
-        return
+        return 0 if ok else 1
 
     rows = [(d_out, r, t, False) for d_out in (4096, 14336) for r in (8, 16, 64) for t in (1, 16, 256, 4096, 16384)]
     rows.append((4096, 16, 4096, True))
@@ -475,8 +474,9 @@ def main():
     for line in table:
         log(line)
     with open(os.path.splitext(args.out)[0] + "_table.txt", "w") as f:
-        f.write("\n".join(lines) + "\n")
+        f.write("\n".join(table) + "\n")
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

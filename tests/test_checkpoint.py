@@ -156,3 +156,28 @@ def test_failed_save_leaves_nothing(saved, tmp_path, monkeypatch):
 def test_not_a_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="is not a meteora-jax checkpoint"):
         restore_checkpoint(tmp_path)
+
+
+def test_failed_overwrite_keeps_the_old_checkpoint(tmp_path, monkeypatch):
+    """If the final rename fails, the checkpoint that was there before is still there, intact."""
+    from meteora_jax import checkpoint as ckpt
+
+    config = _config()
+    params = jax.tree.map(np.asarray, init_params(config, jax.random.key(1)))
+    path = tmp_path / "ckpt"
+    ckpt.save_checkpoint(path, params, config, {"run": "first"})
+    real_replace = os.replace
+    calls = []
+
+    def flaky_replace(src, dst):
+        calls.append((src, dst))
+        if len(calls) == 2:  # 1: old -> staging/previous, 2: new -> path (fails), 3: restore
+            raise OSError("disk full")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(ckpt.os, "replace", flaky_replace)
+    with pytest.raises(OSError, match="disk full"):
+        ckpt.save_checkpoint(path, params, config, {"run": "second"}, overwrite=True)
+    monkeypatch.setattr(ckpt.os, "replace", real_replace)
+    assert ckpt.read_metadata(path)["run"] == "first"
+    assert not list(tmp_path.glob(".ckpt.tmp-*"))  # no staging left behind
