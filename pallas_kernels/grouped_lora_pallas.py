@@ -62,6 +62,8 @@ from jax.custom_derivatives import SymbolicZero
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.grouped_lora_xla import dense_routing_weights
+
 _CompilerParams = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
 
 
@@ -584,14 +586,6 @@ def _dense_expand(expert_idx, expert_weight, scaling, xa, w, *, w_is_b, out_dtyp
     )(*args)
 
 
-def _dense_coef(expert_idx, expert_weight, scaling):
-    """coef[t, e] = scaling[e] * sum_j w[t, j] [idx[t, j] = e]: [T, L] float32."""
-    num_adapters = scaling.shape[0]
-    one_hot = expert_idx[:, :, None] == jnp.arange(num_adapters, dtype=jnp.int32)
-    dense = jnp.sum(jnp.where(one_hot, expert_weight.astype(jnp.float32)[:, :, None], 0.0), axis=1)
-    return dense * scaling.astype(jnp.float32)[None, :]
-
-
 def _dense_block_t(num_tokens, cfg):
     return min(cfg.block_t_dense, _pow2_at_least(num_tokens))
 
@@ -625,7 +619,7 @@ def _dense_backward(cfg, res, g, need):
                                poison=cfg.poison)
         gb = gb[:num_tokens, :num_adapters * rank]
         if "a" in need:
-            coef = _dense_coef(expert_idx, expert_weight, scaling)
+            coef = dense_routing_weights(expert_idx, expert_weight, scaling)
             gbs = (gb.reshape(num_tokens, num_adapters, rank) * coef[:, :, None]).astype(dtype)
             da = jnp.einsum("td,tlr->ldr", res["x"], gbs, preferred_element_type=jnp.float32,
                             precision=_precision(dtype)).astype(dtype)
@@ -638,7 +632,7 @@ def _dense_backward(cfg, res, g, need):
                 ds = jnp.zeros((num_adapters,), jnp.float32).at[expert_idx].add(
                     raw * expert_weight.astype(jnp.float32)).astype(scaling.dtype)
     if "b" in need:
-        coef = _dense_coef(expert_idx, expert_weight, scaling)
+        coef = dense_routing_weights(expert_idx, expert_weight, scaling)
         xas = (xa.reshape(num_tokens, num_adapters, rank) * coef[:, :, None]).astype(dtype)
         db = jnp.einsum("tlr,to->lro", xas, g, preferred_element_type=jnp.float32,
                         precision=_precision(dtype)).astype(dtype)
@@ -865,11 +859,3 @@ def grouped_lora_pallas(
                          poison=poison, has_base=base is not None, **blocks)
     base_arg = jnp.zeros((0,), x.dtype) if base is None else base.astype(x.dtype)
     return _grouped_lora(x, lora_a, lora_b, scaling, expert_idx.astype(jnp.int32), expert_weight, base_arg, cfg)
-
-
-@jax.jit
-def grouped_lora_reference(x, lora_a, lora_b, scaling, expert_idx, expert_weight):
-    """Plain-jnp reference (the dense-masked XLA formulation)."""
-    from pallas_kernels.grouped_lora_xla import grouped_lora_dense
-
-    return grouped_lora_dense(x, lora_a, lora_b, scaling, expert_idx, expert_weight)

@@ -24,11 +24,12 @@ def dense_routing_weights(
 ) -> jax.Array:
     """Scatters the top-k weights into a dense `[T, L]` float32 matrix, times the adapter scaling.
 
-    Written as a sum of one-hots so that it is differentiable in `expert_weight`.
+    A masked sum over the k slots (no scatter), so it is differentiable in `expert_weight` and
+    fuses into one elementwise-reduce kernel.
     """
     num_adapters = scaling.shape[0]
-    one_hot = jax.nn.one_hot(expert_idx, num_adapters, dtype=jnp.float32)  # [T, k, L]
-    dense = jnp.einsum("tk,tkl->tl", expert_weight.astype(jnp.float32), one_hot)
+    hit = expert_idx[:, :, None] == jnp.arange(num_adapters, dtype=expert_idx.dtype)  # [T, k, L]
+    dense = jnp.sum(jnp.where(hit, expert_weight.astype(jnp.float32)[:, :, None], 0.0), axis=1)
     return dense * scaling.astype(jnp.float32)[None, :]
 
 
