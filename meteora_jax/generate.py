@@ -37,11 +37,14 @@ from meteora_jax.model import KVCache, LlamaForCausalLM
 from meteora_jax.routing import Routing
 
 __all__ = [
+    "CliOptions",
     "GenerationOutput",
     "Generator",
     "bucket_length",
+    "cli_options",
     "encode_prompt",
     "load_for_inference",
+    "resolve_force_adapter",
     "sample_token",
     "token_routing",
 ]
@@ -446,20 +449,88 @@ def load_for_inference(
     top_k: Optional[int] = None,
 ) -> tuple[Any, ModelConfig, list[str]]:
     """(params, config, adapter_names) from a model checkpoint (`meteora_jax.checkpoint`), with
-    trained gates (a `gates/` folder written by training) merged in when given."""
+    trained gates (a `gates/` folder written by training) merged in when given.
+
+    With gates, the config routes as the training run did: its top_k and compute dtype (recorded
+    with the gates, see `meteora_jax.train.run_settings`) replace the checkpoint's. Explicit
+    `dtype` / `top_k` arguments win over both.
+    """
     from meteora_jax.checkpoint import adapter_names, restore_checkpoint
 
     params, config, metadata = restore_checkpoint(checkpoint)
     names = adapter_names(metadata)
     if gates:
-        from meteora_jax.train import load_gates, merge_params
+        from meteora_jax.train import load_gate_settings, load_gates, merge_params
 
         gate_tree, gate_names = load_gates(gates)
         if names and list(gate_names) != names:
             raise ValueError(f"gates in {gates!r} are for adapters {gate_names}, the checkpoint has {names}")
         params = merge_params(gate_tree, params)
+        settings = load_gate_settings(gates)
+        if dtype is None:
+            dtype = settings.get("dtype")
+        if top_k is None:
+            top_k = settings.get("top_k")
     if dtype is not None:
         config = config.replace(dtype=dtype)
     if top_k is not None:
         config = config.replace(meteora=dataclasses.replace(config.meteora, top_k=int(top_k)))
     return params, config, names
+
+
+_CHAT_FLAGS = {"auto": None, "yes": True, "no": False}
+
+
+@dataclasses.dataclass(frozen=True)
+class CliOptions:
+    """Inference options the CLIs (scripts/generate.py, scripts/evaluate.py) resolve alike."""
+
+    force_adapter: Optional[int]  # adapter index or None (learned routing)
+    chat_template: Optional[bool]  # for `encode_prompt`: None = the tokenizer decides
+    pad_token_id: int
+
+
+def resolve_force_adapter(force_adapter: Optional[str | int], names: Sequence[str]) -> Optional[int]:
+    """An adapter name or index (as a CLI gives it) -> its index; ValueError naming the adapters."""
+    if force_adapter is None:
+        return None
+    names = list(names)
+    choices = ", ".join(f"{i}={n}" for i, n in enumerate(names)) or "none: the model has no adapters"
+    text = str(force_adapter).strip()
+    if text.lstrip("-").isdigit():
+        index = int(text)
+        if not 0 <= index < len(names):
+            raise ValueError(f"--force-adapter {index} is out of range; adapters: {choices}")
+        return index
+    if text not in names:
+        raise ValueError(f"--force-adapter {text!r} is not an adapter of this model; adapters: {choices}")
+    return names.index(text)
+
+
+def cli_options(
+    tokenizer,
+    names: Sequence[str],
+    *,
+    force_adapter: Optional[str] = None,
+    chat_template: Optional[str] = None,
+    gates: Optional[str] = None,
+) -> CliOptions:
+    """Force-adapter index, chat-template flag and pad id for the CLIs.
+
+    chat_template: "yes" / "no" force it; "auto" lets the tokenizer decide (template if it has
+    one); None (the CLI default) uses what the training run recorded with `gates`, and "auto" when
+    no gates (or gates without recorded settings) are given.
+    """
+    if chat_template is None:
+        recorded = None
+        if gates:
+            from meteora_jax.train import load_gate_settings
+
+            recorded = load_gate_settings(gates).get("chat_template")
+        chat = None if recorded is None else bool(recorded)
+    elif chat_template in _CHAT_FLAGS:
+        chat = _CHAT_FLAGS[chat_template]
+    else:
+        raise ValueError(f"chat_template={chat_template!r}; choose one of {sorted(_CHAT_FLAGS)} or None")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    return CliOptions(resolve_force_adapter(force_adapter, names), chat, int(pad))

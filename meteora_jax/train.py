@@ -52,11 +52,13 @@ __all__ = [
     "Trainer",
     "export_gates",
     "is_trainable",
+    "load_gate_settings",
     "load_gates",
     "make_optimizer",
     "make_schedule",
     "merge_params",
     "prepare",
+    "run_settings",
     "split_params",
     "train",
 ]
@@ -291,20 +293,64 @@ def _loss_fn(model, coef: float, top_k: int):
     return loss_fn
 
 
-def _combine_metrics(metrics: Mapping[str, jax.Array], n: int) -> dict:
-    """Micro-batch metric sums -> step metrics (means of means; counts stay sums)."""
-    return {k: (v if k in _SUMMED_METRICS else v / n) for k, v in metrics.items()}
+_WEIGHTED_BY_LM = ("lm_loss",)
+_WEIGHTED_BY_GATE = ("gate_loss", "gate_acc_top1", "gate_acc_topk")
+
+
+def _token_totals(batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """(LM targets, gate tokens) of a batch, counted exactly as `joint_loss` counts them."""
+    lm = jnp.sum(batch["lm_mask"][:, 1:].astype(jnp.float32))
+    gate = jnp.sum(batch["gate_mask"].astype(jnp.float32))
+    return lm, gate
+
+
+def _token_weights(metrics: Mapping[str, jax.Array], lm_total: jax.Array, gate_total: jax.Array):
+    """A part's share of the whole: (its lm_tokens / lm_total, its gate_tokens / gate_total)."""
+    return metrics["lm_tokens"] / jnp.maximum(lm_total, 1.0), metrics["gate_tokens"] / jnp.maximum(gate_total, 1.0)
+
+
+def _weighted_metrics(metrics: Mapping[str, jax.Array], w_lm: jax.Array, w_gate: jax.Array) -> dict:
+    """Per-part metrics scaled so that summing them over the parts gives the whole's metrics
+    (token-weighted means; counts stay sums). `loss` is left out: rebuild it with `_with_loss`."""
+    out = {}
+    for k, v in metrics.items():
+        if k in _WEIGHTED_BY_LM:
+            out[k] = v * w_lm
+        elif k in _WEIGHTED_BY_GATE:
+            out[k] = v * w_gate
+        elif k in _SUMMED_METRICS:
+            out[k] = v
+    return out
+
+
+def _with_loss(metrics: Mapping, coef: float) -> dict:
+    return dict(metrics, loss=metrics["lm_loss"] + coef * metrics["gate_loss"])
 
 
 def make_train_step(model, tx, *, coef: float, top_k: int, grad_accum_steps: int, batch_spec=None):
-    """(state, frozen, batch [B, S]) -> (state, metrics). Pure; jit it with shardings."""
-    grad_fn = jax.value_and_grad(_loss_fn(model, coef, top_k), has_aux=True)
+    """(state, frozen, batch [B, S]) -> (state, metrics). Pure; jit it with shardings.
+
+    With grad_accum_steps = A > 1 the batch is split into A micro-batches and the step optimises the
+    same objective as A = 1: lm is the masked mean over all LM targets of the batch and gate the
+    masked mean over all its gate tokens. Each micro-batch's lm (gate) loss is weighted by its share
+    of the batch's LM targets (gate tokens), and the weighted gradients are summed.
+    """
+    loss_fn = _loss_fn(model, coef, top_k)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def weighted_loss(gates, frozen, mb, lm_total, gate_total):
+        _, m = loss_fn(gates, frozen, mb)
+        w_lm, w_gate = _token_weights(m, lm_total, gate_total)
+        return m["lm_loss"] * w_lm + coef * m["gate_loss"] * w_gate, _weighted_metrics(m, w_lm, w_gate)
+
+    weighted_grad_fn = jax.value_and_grad(weighted_loss, has_aux=True)
 
     def step(state: TrainState, frozen, batch):
         if grad_accum_steps == 1:
             (_, metrics), grads = grad_fn(state.gates, frozen, batch)
         else:
             A = grad_accum_steps
+            lm_total, gate_total = _token_totals(batch)  # of the whole batch, before splitting
 
             def split(x):  # [B, S] -> [A, B/A, S]: micro-batch a = rows a, a+A, ... (stays spread)
                 x = x.reshape(x.shape[0] // A, A, *x.shape[1:]).swapaxes(0, 1)
@@ -314,16 +360,15 @@ def make_train_step(model, tx, *, coef: float, top_k: int, grad_accum_steps: int
 
             micro = jax.tree.map(split, batch)
             first = jax.tree.map(lambda x: x[0], micro)
-            (_, m_shape), g_shape = jax.eval_shape(grad_fn, state.gates, frozen, first)
+            (_, m_shape), g_shape = jax.eval_shape(weighted_grad_fn, state.gates, frozen, first, lm_total, gate_total)
             zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (m_shape, g_shape))
 
             def body(acc, mb):
-                (_, m), g = grad_fn(state.gates, frozen, mb)
+                (_, m), g = weighted_grad_fn(state.gates, frozen, mb, lm_total, gate_total)
                 return jax.tree.map(jnp.add, acc, (m, g)), None
 
             (metrics, grads), _ = jax.lax.scan(body, zeros, micro)
-            grads = jax.tree.map(lambda g: g / A, grads)
-            metrics = _combine_metrics(metrics, A)
+            metrics = _with_loss(metrics, coef)
         updates, opt_state = tx.update(grads, state.opt_state, state.gates)
         gates = optax.apply_updates(state.gates, updates)
         metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
@@ -348,8 +393,24 @@ def make_eval_step(model, *, coef: float, top_k: int):
 # Gates on their own
 
 
-def export_gates(path, gates, adapter_names) -> str:
-    """Saves only the gates (Orbax, replacing an older export) plus `adapter_names.json`.
+GATE_SETTINGS_FILE = "settings.json"
+
+
+def run_settings(config) -> dict:
+    """What inference needs to route and prompt as training did: the run-time top_k, kernel_impl
+    and compute dtype (config.model), and data.chat_template / data.lm_on_prompt."""
+    return {
+        "top_k": int(config.model.meteora.top_k),
+        "kernel_impl": str(config.model.meteora.kernel_impl),
+        "dtype": str(config.model.dtype),
+        "chat_template": bool(config.data.chat_template),
+        "lm_on_prompt": bool(config.data.lm_on_prompt),
+    }
+
+
+def export_gates(path, gates, adapter_names, settings: Mapping[str, Any] | None = None) -> str:
+    """Saves only the gates (Orbax, replacing an older export) plus `adapter_names.json` and, when
+    given, `settings.json` (the run's `run_settings`: read back by `load_gate_settings`).
 
     Every process calls it (Orbax writes sharded arrays cooperatively); returns the folder.
     """
@@ -359,6 +420,12 @@ def export_gates(path, gates, adapter_names) -> str:
     if jax.process_index() == 0:
         with open(os.path.join(path, "adapter_names.json"), "w") as f:
             json.dump(list(adapter_names), f)
+        settings_path = os.path.join(path, GATE_SETTINGS_FILE)
+        if settings is not None:
+            with open(settings_path, "w") as f:
+                json.dump(dict(settings), f, indent=1)
+        elif os.path.exists(settings_path):  # not those of an older export
+            os.remove(settings_path)
     return path
 
 
@@ -369,6 +436,16 @@ def load_gates(path) -> tuple[dict, list[str]]:
         gates = ckptr.restore(os.path.join(path, "gates"))
     with open(os.path.join(path, "adapter_names.json")) as f:
         return gates, json.load(f)
+
+
+def load_gate_settings(path) -> dict:
+    """The training run's settings exported with the gates (see `run_settings`); {} for an export
+    that has none."""
+    settings_path = os.path.join(os.path.abspath(os.fspath(path)), GATE_SETTINGS_FILE)
+    if not os.path.exists(settings_path):
+        return {}
+    with open(settings_path) as f:
+        return json.load(f)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -400,16 +477,43 @@ class _StopRequest:
             signal.signal(s, h)
 
 
+def _truncate_jsonl(path: str, keep_up_to: int) -> None:
+    """Rewrites metrics.jsonl without the records of steps > keep_up_to (and any torn last line)."""
+    if not os.path.exists(path):
+        return
+    kept, dropped = [], False
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+                keep = int(record["step"]) <= keep_up_to
+            except (ValueError, KeyError, TypeError):
+                keep = False
+            if keep:
+                kept.append(line if line.endswith("\n") else line + "\n")
+            else:
+                dropped = True
+    if dropped:
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+        os.replace(tmp, path)
+
+
 class _MetricLog:
     """JSONL + TensorBoard (tensorboardX, when installed) writers, on process 0 only."""
 
-    def __init__(self, workdir: str, logging_cfg):
+    def __init__(self, workdir: str, logging_cfg, keep_up_to: int = 0):
+        """keep_up_to: the step the run starts from; older records of later steps (written by a run
+        that went past the checkpoint resumed from) are dropped, so each step is logged once."""
         self.lead = jax.process_index() == 0
         self.jsonl = self.tb = None
         if not self.lead:
             return
         if logging_cfg.jsonl:
-            self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+            path = os.path.join(workdir, "metrics.jsonl")
+            _truncate_jsonl(path, keep_up_to)
+            self.jsonl = open(path, "a")
         if logging_cfg.tensorboard:
             try:
                 from tensorboardX import SummaryWriter
@@ -559,18 +663,22 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """Loss and gate accuracy (overall and per task) on the eval split."""
         cfg = self.config
-        totals, weight, correct, count = {}, 0.0, 0.0, 0.0
+        # Token-weighted: lm_loss over all LM targets, gate metrics over all gate tokens, and
+        # loss = lm + coef * gate of those (as one batch holding the whole eval set would give).
+        sums = dict.fromkeys(_WEIGHTED_BY_LM + _WEIGHTED_BY_GATE, 0.0)
+        lm_total, gate_total, correct, count = 0.0, 0.0, 0.0, 0.0
         for i, batch in enumerate(data_lib.eval_batches(self.setup.eval_data, int(cfg.train.eval_batch_size))):
             if cfg.train.eval_max_batches and i >= cfg.train.eval_max_batches:
                 break
             with self._context():
                 m = jax.device_get(self.eval_step(self.state.gates, self.frozen, sharding_lib.put_batch(batch, self.batch_sharding)))
-            w = float(m["gate_tokens"])
-            for k in ("loss", "lm_loss", "gate_loss", "gate_acc_top1", "gate_acc_topk"):
-                totals[k] = totals.get(k, 0.0) + float(m[k]) * w
-            weight += w
+            n_lm, n_gate = float(m["lm_tokens"]), float(m["gate_tokens"])
+            for k in sums:
+                sums[k] += float(m[k]) * (n_lm if k in _WEIGHTED_BY_LM else n_gate)
+            lm_total, gate_total = lm_total + n_lm, gate_total + n_gate
             correct, count = correct + m["gate_task_correct"], count + m["gate_task_count"]
-        out = {k: v / max(weight, 1.0) for k, v in totals.items()}
+        out = {k: v / max(lm_total if k in _WEIGHTED_BY_LM else gate_total, 1.0) for k, v in sums.items()}
+        out = _with_loss(out, float(cfg.train.loss_coef))
         per_task = np.asarray(per_task_accuracy(jnp.asarray(correct), jnp.asarray(count)))
         for name, acc in zip(self.setup.adapter_names, np.atleast_1d(per_task)):
             out[f"gate_acc/{name}"] = float(acc)
@@ -587,7 +695,7 @@ class Trainer:
         cfg = self.config
         total = int(cfg.train.steps)
         start = self.maybe_restore() or 0
-        metric_log = _MetricLog(self.workdir, cfg.logging)
+        metric_log = _MetricLog(self.workdir, cfg.logging, keep_up_to=start)
         history, last_train, last_eval = [], {}, {}
         eval_every, ckpt_every, log_every = int(cfg.train.eval_every), int(cfg.checkpoint.every), int(cfg.logging.every)
         saved_step = start if start else None
@@ -606,10 +714,12 @@ class Trainer:
         def check(step_metrics) -> dict:
             step_no, m = step_metrics
             m = jax.device_get(m)
-            if not np.isfinite(m["loss"]):
+            # A finite loss can come with an inf gradient (clipping then makes the update nan).
+            if not (np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"])):
                 last = self.manager.latest_step()
                 raise NonFiniteLossError(
-                    f"loss is {float(m['loss'])} at step {step_no}; stopping. Last good checkpoint: "
+                    f"loss is {float(m['loss'])}, grad_norm is {float(m['grad_norm'])} at step {step_no}; "
+                    f"stopping. Last good checkpoint: "
                     f"{'step ' + str(last) if last is not None else 'none'} in {self.manager.directory}"
                 )
             return m
@@ -687,7 +797,9 @@ class Trainer:
 
         gates_dir = None
         if status == "done" and cfg.checkpoint.export_gates:
-            gates_dir = export_gates(os.path.join(self.workdir, "gates"), self.state.gates, self.setup.adapter_names)
+            gates_dir = export_gates(
+                os.path.join(self.workdir, "gates"), self.state.gates, self.setup.adapter_names, run_settings(cfg)
+            )
         return {
             "status": status,
             "step": step,

@@ -13,7 +13,8 @@
 Metrics (--metrics: JSON object or JSON file, task -> metric; others get --default-metric):
 accuracy, accuracy_contains, bleu, rouge1, rouge2, rougeL. Composite-n answers are split on "@@@@"
 and scored per sub-task; their routing temperature defaults to the original's (T = 15/20/30 for
-n = 3/5/10), --composite-temperature overrides it.
+n = 3/5/10), --composite-temperature overrides it. With --gates, the chat template, top_k and compute
+dtype default to the training run's (recorded with the gates).
 """
 
 from __future__ import annotations
@@ -50,8 +51,11 @@ def main(argv=None) -> int:
     p.add_argument("--routing-temperature", type=float, default=1.0)
     p.add_argument("--composite-temperature", type=float, default=None)
     p.add_argument("--force-adapter", default=None, help="adapter name or index: route every token to it")
-    p.add_argument("--chat-template", choices=("auto", "yes", "no"), default="auto")
-    p.add_argument("--dtype", default=None)
+    p.add_argument("--chat-template", choices=("auto", "yes", "no"), default=None,
+                   help="default: as the training run recorded with --gates; auto (the tokenizer's template "
+                   "if it has one) without gates")
+    p.add_argument("--dtype", default=None, help="compute dtype override (default: the gates' run, else the checkpoint's)")
+    p.add_argument("--top-k", type=int, default=None, help="routing top-k override (default: the gates' run)")
     p.add_argument("--output", default="runs/eval/results.json")
     args = p.parse_args(argv)
 
@@ -87,15 +91,17 @@ def main(argv=None) -> int:
 
     from transformers import AutoTokenizer
 
-    from meteora_jax.generate import Generator, eos_ids_of, load_for_inference
+    from meteora_jax.generate import Generator, cli_options, eos_ids_of, load_for_inference
 
-    params, config, names = load_for_inference(args.checkpoint, args.gates, dtype=args.dtype)
+    params, config, names = load_for_inference(args.checkpoint, args.gates, dtype=args.dtype, top_k=args.top_k)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-    force = None
-    if args.force_adapter is not None:
-        force = int(args.force_adapter) if args.force_adapter.isdigit() else names.index(args.force_adapter)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    generator = Generator(config, params, eos_token_ids=eos_ids_of(tokenizer), pad_token_id=pad)
+    try:
+        opts = cli_options(
+            tokenizer, names, force_adapter=args.force_adapter, chat_template=args.chat_template, gates=args.gates
+        )
+    except ValueError as e:
+        p.error(str(e))
+    generator = Generator(config, params, eos_token_ids=eos_ids_of(tokenizer), pad_token_id=opts.pad_token_id)
     results = ev.run_evaluation(
         generator,
         tokenizer,
@@ -108,10 +114,10 @@ def main(argv=None) -> int:
         max_samples=args.max_samples,
         batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens,
-        chat_template={"auto": None, "yes": True, "no": False}[args.chat_template],
+        chat_template=opts.chat_template,
         routing_temperature=args.routing_temperature,
         composite_temperature=args.composite_temperature,
-        force_adapter=force,
+        force_adapter=opts.force_adapter,
         output=args.output,
     )
     print(ev.format_results(results))

@@ -8,7 +8,9 @@
     python scripts/generate.py ... --routing-pictures pics/       # PNG + HTML per prompt
 
 --prompts-file: one prompt per line, or a JSONL file whose lines hold {"prompt": ...}. The chat
-template is used when the tokenizer has one (--chat-template yes/no to force).
+template follows the training run recorded with --gates (data.chat_template); without gates it is used
+when the tokenizer has one (--chat-template auto/yes/no to choose). With --gates, top_k and the compute
+dtype are also the training run's (--top-k / --dtype override).
 """
 
 from __future__ import annotations
@@ -49,8 +51,11 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--routing-temperature", type=float, default=1.0)
     p.add_argument("--force-adapter", default=None, help="adapter name or index: route every token to it")
-    p.add_argument("--chat-template", choices=("auto", "yes", "no"), default="auto")
+    p.add_argument("--chat-template", choices=("auto", "yes", "no"), default=None,
+                   help="default: as the training run recorded with --gates; auto (the tokenizer's template "
+                   "if it has one) without gates")
     p.add_argument("--dtype", default=None, help="compute dtype override (float32, bfloat16)")
+    p.add_argument("--top-k", type=int, default=None, help="routing top-k override (default: the gates' run)")
     p.add_argument("--json", default=None, help="also write {prompt, output} lines to this JSONL file")
     p.add_argument("--routing-pictures", default=None, help="folder for a PNG + HTML routing picture per prompt")
     args = p.parse_args(argv)
@@ -62,16 +67,18 @@ def main(argv=None) -> int:
     from transformers import AutoTokenizer
 
     from meteora_jax import viz
-    from meteora_jax.generate import Generator, encode_prompt, eos_ids_of, load_for_inference
+    from meteora_jax.generate import Generator, cli_options, encode_prompt, eos_ids_of, load_for_inference
 
-    params, config, names = load_for_inference(args.checkpoint, args.gates, dtype=args.dtype)
+    params, config, names = load_for_inference(args.checkpoint, args.gates, dtype=args.dtype, top_k=args.top_k)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-    force = None
-    if args.force_adapter is not None:
-        force = int(args.force_adapter) if args.force_adapter.isdigit() else names.index(args.force_adapter)
-    chat = {"auto": None, "yes": True, "no": False}[args.chat_template]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    generator = Generator(config, params, eos_token_ids=eos_ids_of(tokenizer), pad_token_id=pad)
+    try:
+        opts = cli_options(
+            tokenizer, names, force_adapter=args.force_adapter, chat_template=args.chat_template, gates=args.gates
+        )
+    except ValueError as e:
+        p.error(str(e))
+    force, chat = opts.force_adapter, opts.chat_template
+    generator = Generator(config, params, eos_token_ids=eos_ids_of(tokenizer), pad_token_id=opts.pad_token_id)
     pictures = bool(args.routing_pictures) and config.meteora.num_adapters > 0
 
     records = []

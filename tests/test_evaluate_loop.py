@@ -89,3 +89,17 @@ def test_evaluate_script_scores_independent_predictions(world, tmp_path, capsys)
     assert "single tasks" in printed and "composite-2" in printed
     assert f"arith    accuracy  {0.5:.4f}  {N}" in printed
     assert str(out) in printed
+
+
+@pytest.mark.parametrize("script_name", ["evaluate.py", "generate.py"])
+def test_scripts_reject_unknown_force_adapter(tiny_inference_world, tmp_path, capsys, script_name):
+    w = tiny_inference_world
+    script = runpy.run_path(os.path.join(REPO, "scripts", script_name), run_name="cli_script")
+    argv = ["--checkpoint", w.model, "--tokenizer", w.tokenizer, "--force-adapter", "poetry"]
+    argv += ["--prompt", "1+2="] if script_name == "generate.py" else ["--data-root", w.data_root, "--output", str(tmp_path / "r.json")]
+    with pytest.raises(SystemExit) as e:
+        script["main"](argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "'poetry' is not an adapter" in err
+    assert all(name in err for name in w.adapter_names)

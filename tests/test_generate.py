@@ -230,3 +230,24 @@ def test_encode_prompt_is_the_training_prefix(tiny_tokenizer):
         assert list(arrays["input_ids"][: len(ids)]) == ids
         assert len(ids) == n_prompt
     assert encode_prompt(tiny_tokenizer, "hi", chat_template=False)[0] == tiny_tokenizer.bos_token_id
+
+
+def test_force_adapter_lookup_and_unknown_name():
+    from types import SimpleNamespace
+
+    from meteora_jax.generate import cli_options, resolve_force_adapter
+
+    names = ["arith", "reverse", "shout"]
+    assert resolve_force_adapter(None, names) is None
+    assert resolve_force_adapter("reverse", names) == 1
+    assert resolve_force_adapter("2", names) == 2 and resolve_force_adapter(0, names) == 0
+    with pytest.raises(ValueError, match=r"'poetry' is not an adapter.*0=arith, 1=reverse, 2=shout"):
+        resolve_force_adapter("poetry", names)
+    with pytest.raises(ValueError, match=r"3 is out of range.*0=arith, 1=reverse, 2=shout"):
+        resolve_force_adapter("3", names)
+    tok = SimpleNamespace(pad_token_id=None, eos_token_id=None)
+    opts = cli_options(tok, names, force_adapter="shout", chat_template="no")
+    assert (opts.force_adapter, opts.chat_template, opts.pad_token_id) == (2, False, 0)
+    assert cli_options(SimpleNamespace(pad_token_id=5, eos_token_id=2), names).pad_token_id == 5
+    with pytest.raises(ValueError, match="chat_template='maybe'"):
+        cli_options(tok, names, chat_template="maybe")

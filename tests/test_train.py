@@ -13,7 +13,9 @@ import sys
 import textwrap
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import traverse_util
 
@@ -154,6 +156,157 @@ def test_frozen_params_untouched_and_optimizer_state_only_for_gates(make_config,
     frozen_size = sum(v.size for v in frozen.values())
     assert frozen_size > 40 * gate_size
     trainer.close()
+
+
+def _uneven(batch):
+    """Padding concentrated in rows 1 and 3 (micro-batch 1 of 2, micro-batches 1 and 3 of 4); row 3
+    keeps no LM target at all."""
+    batch = {k: np.array(v) for k, v in batch.items()}
+    for k in ("lm_mask", "gate_mask", "attention_mask"):
+        batch[k][1, 6:] = 0
+        batch[k][3, 3:] = 0
+    batch["lm_mask"][3] = 0
+    return batch
+
+
+def test_grad_accum_is_the_full_batch_objective(make_config):
+    """grad_accum_steps=A optimises lm (mean over ALL the batch's LM targets) + coef * gate (mean over
+    ALL its gate tokens), as A=1 does, whatever the micro-batches' token counts. Tolerance: fp32
+    summation order only, rtol 1e-5 on the metrics and 1e-4 (atol 1e-6 * max|grad|) on gradients."""
+    config = make_config(train=dict(batch_size=4, loss_coef=7.0))
+    trainer = train_lib.Trainer(train_lib.prepare(config))
+    batch = _uneven(next(trainer.iterator))
+    gate_rows = batch["gate_mask"].sum(1)
+    assert gate_rows[0] + gate_rows[2] > 2 * (gate_rows[1] + gate_rows[3])  # micro-batches very uneven
+    sgd = optax.sgd(1.0)  # new gates = gates - grad: the gradient itself is compared
+    gates0 = trainer.state.gates
+
+    def run(A):
+        step = jax.jit(train_lib.make_train_step(trainer.model, sgd, coef=7.0, top_k=2, grad_accum_steps=A))
+        state = train_lib.TrainState(
+            step=jnp.zeros((), jnp.int32), gates=gates0, opt_state=sgd.init(gates0), rng=trainer.state.rng
+        )
+        new, m = step(state, trainer.frozen, {k: jnp.asarray(v) for k, v in batch.items()})
+        grads = jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), gates0, new.gates)
+        return traverse_util.flatten_dict(grads), jax.device_get(m)
+
+    g1, m1 = run(1)
+    scale = max(np.abs(v).max() for v in g1.values())
+    assert scale > 0
+    for A in (2,):
+        gA, mA = run(A)
+        for k in ("loss", "lm_loss", "gate_loss", "gate_acc_top1", "gate_acc_topk", "grad_norm"):
+            np.testing.assert_allclose(mA[k], m1[k], rtol=1e-5, err_msg=f"A={A} {k}")
+        for k in ("lm_tokens", "gate_tokens", "gate_task_correct", "gate_task_count"):
+            np.testing.assert_array_equal(mA[k], m1[k])
+        for k in g1:
+            np.testing.assert_allclose(gA[k], g1[k], rtol=1e-4, atol=1e-6 * scale, err_msg=f"A={A} {k}")
+
+    # The jitted, sharded trainer step with Adam: the same gates after one step (fp32, atol 1e-6).
+    acc = train_lib.Trainer(train_lib.prepare(make_config("acc", train=dict(batch_size=4, loss_coef=7.0, grad_accum_steps=2))))
+    s1, n1 = trainer.train_step(trainer.state, trainer.frozen, sharding_lib.put_batch(batch, trainer.batch_sharding))
+    with acc._context():  # mesh for the micro-batch sharding constraints
+        s2, n2 = acc.train_step(acc.state, acc.frozen, sharding_lib.put_batch(batch, acc.batch_sharding))
+    np.testing.assert_allclose(float(n2["loss"]), float(n1["loss"]), rtol=1e-5)
+    a, b = _leaves(s1.gates), _leaves(s2.gates)
+    for k in a:
+        np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-6)
+    trainer.close()
+    acc.close()
+
+
+def test_eval_metrics_are_token_weighted(make_config, monkeypatch):
+    config = make_config(train=dict(eval_every=0, eval_batch_size=4, eval_max_batches=0, loss_coef=7.0))
+    trainer = train_lib.Trainer(train_lib.prepare(config))
+    real = list(data_lib.eval_batches(trainer.setup.eval_data, 4))
+    batches = [real[0], _uneven(real[len(real) // 2]), real[-1]]  # different LM / gate token ratios
+    monkeypatch.setattr(train_lib.data_lib, "eval_batches", lambda data, bs: iter(batches))
+    got = trainer.evaluate()
+
+    whole = {k: jnp.asarray(np.concatenate([b[k] for b in batches])) for k in data_lib.ARRAY_KEYS}
+    step = jax.jit(train_lib.make_eval_step(trainer.model, coef=7.0, top_k=2))
+    want = jax.device_get(step(trainer.state.gates, trainer.frozen, whole))  # one batch: exact masked means
+    for k in ("loss", "lm_loss", "gate_loss", "gate_acc_top1", "gate_acc_topk"):
+        np.testing.assert_allclose(got[k], float(want[k]), rtol=1e-5, err_msg=k)
+    np.testing.assert_allclose(got["loss"], got["lm_loss"] + 7.0 * got["gate_loss"], rtol=1e-6)
+    per_task = want["gate_task_correct"] / want["gate_task_count"]
+    for name, acc in zip(trainer.setup.adapter_names, per_task):
+        np.testing.assert_allclose(got[f"gate_acc/{name}"], acc, rtol=1e-6)
+    trainer.close()
+
+
+def test_non_finite_grad_norm_stops_before_saving(make_config):
+    trainer = train_lib.Trainer(train_lib.prepare(make_config("inf_grad", train=dict(steps=5), checkpoint=dict(every=1))))
+    real, calls = trainer.train_step, []
+
+    def poisoned(state, frozen, batch):  # step 3: an inf gradient under a finite loss
+        state, metrics = real(state, frozen, batch)
+        calls.append(None)
+        if len(calls) == 3:
+            metrics = dict(metrics, grad_norm=jnp.float32(np.inf))
+        return state, metrics
+
+    trainer.train_step = poisoned
+    with pytest.raises(train_lib.NonFiniteLossError, match=r"grad_norm is inf at step 3.*Last good checkpoint: step 2"):
+        trainer.run()
+    assert trainer.manager.latest_step() == 2 and len(calls) == 3
+    trainer.close()
+
+
+def test_resume_from_earlier_checkpoint_logs_each_step_once(make_config):
+    first = make_config("relog", train=dict(steps=4), checkpoint=dict(every=1, keep=10))
+    train_lib.train(first)
+    ckpts = os.path.join(first.workdir, "checkpoints")
+    for step in (3, 4):  # resume from step 2: the log already holds steps 3 and 4
+        shutil.rmtree(os.path.join(ckpts, str(step)))
+    summary = train_lib.train(make_config("relog", train=dict(steps=5), checkpoint=dict(every=1, keep=10)))
+    assert summary["history"][0]["step"] == 3
+    records = [json.loads(l) for l in open(os.path.join(first.workdir, "metrics.jsonl"))]
+    steps = [r["step"] for r in records if r["split"] == "train"]
+    assert steps == [1, 2, 3, 4, 5]
+
+
+def test_exported_gates_carry_the_run_settings(make_config, world, monkeypatch, capsys):
+    from meteora_jax.generate import cli_options, load_for_inference
+
+    config = make_config("settings", train=dict(steps=2), checkpoint=dict(export_gates=True))
+    config.model.meteora.top_k = 1  # the checkpoint says 2
+    gates_dir = train_lib.train(config)["gates_dir"]
+    settings = train_lib.load_gate_settings(gates_dir)
+    assert settings == dict(top_k=1, kernel_impl=config.model.meteora.kernel_impl, dtype="float32",
+                            chat_template=False, lm_on_prompt=False)
+    _, stored, _ = load_for_inference(world.model)
+    assert stored.meteora.top_k == 2
+    _, cfg, names = load_for_inference(world.model, gates_dir)
+    assert cfg.meteora.top_k == 1 and cfg.dtype == "float32"
+    _, cfg, _ = load_for_inference(world.model, gates_dir, top_k=3, dtype="bfloat16")  # explicit wins
+    assert cfg.meteora.top_k == 3 and cfg.dtype == "bfloat16"
+
+    tok = type("Tok", (), dict(pad_token_id=None, eos_token_id=2))()
+    assert cli_options(tok, names, gates=gates_dir).chat_template is False  # recorded
+    assert cli_options(tok, names, gates=gates_dir, chat_template="yes").chat_template is True
+    assert cli_options(tok, names, gates=gates_dir, chat_template="auto").chat_template is None
+    assert cli_options(tok, names).chat_template is None  # no gates: auto
+    assert cli_options(tok, names).pad_token_id == 2
+
+    # scripts/generate.py encodes prompts with the recorded flag by default.
+    import runpy
+
+    from meteora_jax import generate as gen_lib
+
+    seen, real_encode = [], gen_lib.encode_prompt
+
+    def encode(tokenizer, prompt, *, chat_template=None):
+        seen.append(chat_template)
+        return real_encode(tokenizer, prompt, chat_template=chat_template)
+
+    monkeypatch.setattr(gen_lib, "encode_prompt", encode)
+    script = runpy.run_path(os.path.join(REPO, "scripts", "generate.py"), run_name="generate_script")
+    argv = ["--checkpoint", world.model, "--tokenizer", world.tokenizer, "--gates", gates_dir,
+            "--prompt", "1+2=", "--max-new-tokens", "2"]
+    assert script["main"](argv) == 0
+    assert seen == [False]
+    capsys.readouterr()
 
 
 class _SignalAfter:
