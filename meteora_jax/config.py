@@ -16,6 +16,13 @@ ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 ALL_PROJECTIONS = ATTENTION_PROJECTIONS + MLP_PROJECTIONS
 
+
+
+def block_of(projection: str) -> str:
+    """"self_attn" or "mlp": the decoder block (HF module and our param subtree) of a projection."""
+    return "self_attn" if projection in ATTENTION_PROJECTIONS else "mlp"
+
+
 REMAT_POLICIES = ("none", "full", "dots")
 # grouped_lora implementations the model may use ("xla_gather" materialises [T, k, d_in, r]: it
 # exists as a benchmark baseline only).

@@ -8,7 +8,7 @@ import torch
 from transformers import LlamaConfig
 from transformers import LlamaForCausalLM as HFLlama
 
-from meteora_jax.config import ALL_PROJECTIONS, ModelConfig
+from meteora_jax.config import ALL_PROJECTIONS, ModelConfig, block_of
 from meteora_jax.convert.hf_base import hf_projection_name
 
 
@@ -85,7 +85,7 @@ def merged_hf_model(config: ModelConfig, params: dict, adapter_weights: np.ndarr
         for norm in ("input_layernorm", "post_attention_layernorm"):
             state[f"model.layers.{i}.{norm}.weight"] = f64(layers[norm]["scale"][i])
         for projection in ALL_PROJECTIONS:
-            block = layers["self_attn" if projection in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"]
+            block = layers[block_of(projection)]
             leaves = block[projection]
             kernel = f64(leaves["kernel"][i])
             if adapter_weights is not None and "lora_a" in leaves:

@@ -10,19 +10,12 @@ from typing import Callable, Mapping, Optional
 
 import numpy as np
 
-from meteora_jax.config import ALL_PROJECTIONS, ModelConfig
-from meteora_jax.convert.hf_base import projection_shape
-
-ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+from meteora_jax.config import ALL_PROJECTIONS, ModelConfig, block_of
+from meteora_jax.convert.hf_base import projection_shape, tensor_to_numpy
 
 
 class ConversionError(ValueError):
     """Input that cannot be converted; the message names the adapter or file and the key."""
-
-
-def block_of(projection: str) -> str:
-    """"self_attn" or "mlp": where a projection lives in the parameter tree."""
-    return "self_attn" if projection in ATTENTION else "mlp"
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -31,16 +24,6 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := handle.read(chunk):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _torch_to_numpy(tensor) -> np.ndarray:
-    import torch
-
-    if tensor.dtype == torch.bfloat16:
-        import ml_dtypes
-
-        return tensor.detach().float().numpy().astype(ml_dtypes.bfloat16)
-    return tensor.detach().cpu().numpy()
 
 
 def read_tensor_file(
@@ -85,7 +68,7 @@ def read_tensor_file(
                     continue
                 if not hasattr(value, "detach"):
                     raise ConversionError(f"{prefix}{path}: entry {key!r} is a {type(value).__name__}, not a tensor")
-                tensors[key] = _torch_to_numpy(value)
+                tensors[key] = tensor_to_numpy(value)
     except ConversionError:
         raise
     except Exception as err:  # truncated files, bad headers, unpickling errors

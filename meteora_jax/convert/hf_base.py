@@ -17,14 +17,13 @@ from typing import Callable, Optional
 import numpy as np
 from tqdm.auto import tqdm
 
-from meteora_jax.config import ALL_PROJECTIONS, ConfigError, MeteoRAConfig, ModelConfig
+from meteora_jax.config import ALL_PROJECTIONS, ConfigError, MeteoRAConfig, ModelConfig, block_of
 
 log = logging.getLogger(__name__)
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
 
-_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 class WeightsError(ValueError):
@@ -33,8 +32,7 @@ class WeightsError(ValueError):
 
 def hf_projection_name(layer: int, projection: str) -> str:
     """HF state-dict prefix of one projection, e.g. `model.layers.3.self_attn.q_proj`."""
-    block = "self_attn" if projection in _ATTENTION else "mlp"
-    return f"model.layers.{layer}.{block}.{projection}"
+    return f"model.layers.{layer}.{block_of(projection)}.{projection}"
 
 
 def projection_shape(config: ModelConfig, projection: str) -> tuple[int, int]:
@@ -51,7 +49,8 @@ def projection_shape(config: ModelConfig, projection: str) -> tuple[int, int]:
     }[projection]
 
 
-def _to_numpy(tensor) -> np.ndarray:
+def tensor_to_numpy(tensor) -> np.ndarray:
+    """A torch (bf16 included, via ml_dtypes) or array-like tensor as a numpy array."""
     if hasattr(tensor, "detach"):  # torch: bf16 has no numpy view, go through float32
         import torch
 
@@ -125,7 +124,7 @@ class HFCheckpointReader:
             tensor = handle.get_tensor(name) if path.suffix == ".safetensors" else handle[name]
         except Exception as err:
             raise WeightsError(f"{path}: cannot read tensor {name!r} ({type(err).__name__}: {err})") from err
-        return _to_numpy(tensor)
+        return tensor_to_numpy(tensor)
 
 
 def read_hf_config(model_dir: str | os.PathLike) -> dict:
@@ -160,7 +159,7 @@ def _gguf_state_dict(gguf_path: Path) -> tuple[dict, Callable[[str], np.ndarray]
     def get(name: str) -> np.ndarray:
         if name not in state:
             raise WeightsError(f"{gguf_path}: tensor {name!r} is missing")
-        return _to_numpy(state[name])
+        return tensor_to_numpy(state[name])
 
     return hf_config, get
 
@@ -201,7 +200,7 @@ def hf_tensors_to_params(
     for norm in ("input_layernorm", "post_attention_layernorm"):
         layers[norm] = {"scale": stacked(lambda i: f"model.layers.{i}.{norm}.weight", (d,), transpose=False)}
     for projection in tqdm(ALL_PROJECTIONS, desc=f"import {Path(source).name}", disable=not progress, leave=False):
-        block = "self_attn" if projection in _ATTENTION else "mlp"
+        block = block_of(projection)
         kernel = stacked(
             lambda i: f"{hf_projection_name(i, projection)}.weight", projection_shape(config, projection), transpose=True
         )

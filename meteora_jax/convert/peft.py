@@ -38,10 +38,9 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from meteora_jax.config import ALL_PROJECTIONS, MeteoRAConfig, ModelConfig
+from meteora_jax.config import ALL_PROJECTIONS, MeteoRAConfig, ModelConfig, block_of
 from meteora_jax.convert.common import (
     ConversionError,
-    block_of,
     check_finite,
     read_tensor_file,
     sha256_file,
