@@ -534,3 +534,25 @@ def cli_options(
         raise ValueError(f"chat_template={chat_template!r}; choose one of {sorted(_CHAT_FLAGS)} or None")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     return CliOptions(resolve_force_adapter(force_adapter, names), chat, int(pad))
+
+
+def generator_for_cli(
+    checkpoint: str,
+    tokenizer_dir: str,
+    *,
+    gates: Optional[str] = None,
+    dtype: Optional[str] = None,
+    top_k: Optional[int] = None,
+    force_adapter: Optional[str] = None,
+    chat_template: Optional[str] = None,
+):
+    """What scripts/generate.py and scripts/evaluate.py both start from: the checkpoint (with trained
+    gates and their recorded settings), its tokenizer, a `Generator`, the adapter names and the
+    resolved `CliOptions`. Bad options raise ValueError with a message for the user."""
+    from transformers import AutoTokenizer
+
+    params, config, names = load_for_inference(checkpoint, gates, dtype=dtype, top_k=top_k)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    opts = cli_options(tokenizer, names, force_adapter=force_adapter, chat_template=chat_template, gates=gates)
+    generator = Generator(config, params, eos_token_ids=eos_ids_of(tokenizer), pad_token_id=opts.pad_token_id)
+    return generator, tokenizer, names, opts

@@ -89,19 +89,20 @@ def main(argv=None) -> int:
     if not args.checkpoint or not args.tokenizer:
         p.error("--checkpoint and --tokenizer are required to evaluate")
 
-    from transformers import AutoTokenizer
+    from meteora_jax.generate import generator_for_cli
 
-    from meteora_jax.generate import Generator, cli_options, eos_ids_of, load_for_inference
-
-    params, config, names = load_for_inference(args.checkpoint, args.gates, dtype=args.dtype, top_k=args.top_k)
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     try:
-        opts = cli_options(
-            tokenizer, names, force_adapter=args.force_adapter, chat_template=args.chat_template, gates=args.gates
+        generator, tokenizer, _, opts = generator_for_cli(
+            args.checkpoint,
+            args.tokenizer,
+            gates=args.gates,
+            dtype=args.dtype,
+            top_k=args.top_k,
+            force_adapter=args.force_adapter,
+            chat_template=args.chat_template,
         )
     except ValueError as e:
         p.error(str(e))
-    generator = Generator(config, params, eos_token_ids=eos_ids_of(tokenizer), pad_token_id=opts.pad_token_id)
     results = ev.run_evaluation(
         generator,
         tokenizer,

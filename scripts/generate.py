@@ -64,22 +64,23 @@ def main(argv=None) -> int:
     if not prompts:
         p.error("give --prompt and/or --prompts-file")
 
-    from transformers import AutoTokenizer
-
     from meteora_jax import viz
-    from meteora_jax.generate import Generator, cli_options, encode_prompt, eos_ids_of, load_for_inference
+    from meteora_jax.generate import encode_prompt, generator_for_cli
 
-    params, config, names = load_for_inference(args.checkpoint, args.gates, dtype=args.dtype, top_k=args.top_k)
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     try:
-        opts = cli_options(
-            tokenizer, names, force_adapter=args.force_adapter, chat_template=args.chat_template, gates=args.gates
+        generator, tokenizer, names, opts = generator_for_cli(
+            args.checkpoint,
+            args.tokenizer,
+            gates=args.gates,
+            dtype=args.dtype,
+            top_k=args.top_k,
+            force_adapter=args.force_adapter,
+            chat_template=args.chat_template,
         )
     except ValueError as e:
         p.error(str(e))
     force, chat = opts.force_adapter, opts.chat_template
-    generator = Generator(config, params, eos_token_ids=eos_ids_of(tokenizer), pad_token_id=opts.pad_token_id)
-    pictures = bool(args.routing_pictures) and config.meteora.num_adapters > 0
+    pictures = bool(args.routing_pictures) and generator.config.meteora.num_adapters > 0
 
     records = []
     for start in range(0, len(prompts), args.batch_size):
