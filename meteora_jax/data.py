@@ -517,9 +517,11 @@ def build_composite(
 ) -> list[dict[str, Any]]:
     """Chains n single-task examples from n distinct tasks into one sample.
 
-    Returns records {"prompt": "1. p1\\n2. p2...", "response": "r1@@@@\\nr2...", "tasks": [t1, t2, ...]}:
-    sub-prompts numbered one per line, sub-responses joined by COMPOSITE_SEPARATOR, in the same
-    order as `tasks`. Deterministic for a given seed and `test_sets` (tasks in sorted order).
+    Returns records {"prompt": "1. p1\\n2. p2...", "response": "r1@@@@\\nr2...", "tasks": [t1, t2, ...],
+    "prompts": [p1, p2, ...]}: sub-prompts numbered one per line, sub-responses joined by
+    COMPOSITE_SEPARATOR, in the same order as `tasks`; "prompts" keeps the sub-prompts apart for the
+    chained-turns evaluation (`meteora_jax.evaluate`). Deterministic for a given seed and `test_sets`
+    (tasks in sorted order).
     """
     tasks = sorted(test_sets)
     if n < 1:
@@ -541,17 +543,24 @@ def build_composite(
                 "prompt": "\n".join(f"{i + 1}. {s['prompt']}" for i, s in enumerate(subs)),
                 "response": COMPOSITE_SEPARATOR.join(s["response"] for s in subs),
                 "tasks": chosen,
+                "prompts": [s["prompt"] for s in subs],
             }
         )
     return samples
 
 
 def read_composite_jsonl(path: str | os.PathLike) -> list[dict]:
-    """Reads composite records ({"prompt", "response", "tasks": [str, ...]}), validated."""
+    """Reads composite records ({"prompt", "response", "tasks": [str, ...]}, optionally "prompts":
+    [str, ...], one sub-prompt per task), validated."""
 
     def check(r):
         if not r["tasks"] or not all(isinstance(t, str) for t in r["tasks"]):
             return "field 'tasks' must be a non-empty list of strings"
+        subs = r.get("prompts")
+        if subs is not None and (
+            not isinstance(subs, list) or len(subs) != len(r["tasks"]) or not all(isinstance(x, str) for x in subs)
+        ):
+            return f"field 'prompts' must be a list of {len(r['tasks'])} strings (one per task)"
         return None
 
     return read_jsonl(path, extra_fields={"tasks": list}, check=check)

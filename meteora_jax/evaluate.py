@@ -34,9 +34,11 @@ __all__ = [
     "evaluate_composite_records",
     "evaluate_records",
     "evaluate_task",
+    "encode_turns",
     "exact_match",
     "format_results",
     "format_table",
+    "generate_chained",
     "generate_texts",
     "parse_metric_spec",
     "run_evaluation",
@@ -245,6 +247,40 @@ def parse_metric_spec(spec: str | Mapping[str, str] | None) -> dict[str, str]:
     return mapping
 
 
+def _generate_batched(
+    generator,
+    tokenizer,
+    encoded: Sequence[Sequence[int]],
+    *,
+    batch_size: int,
+    max_new_tokens: int,
+    routing_temperature: float = 1.0,
+    force_adapter: int | None = None,
+) -> list[str]:
+    """Greedy answers (decoded, special tokens skipped, stripped) to token-id prompts, in order.
+
+    Prompts are sorted by length into batches of exactly `batch_size` (the last one filled with
+    repeats), so one compiled program per prompt-length bucket serves the whole set.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be >= 1")
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    answers: list[str] = [""] * len(encoded)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        batch = [list(encoded[i]) for i in chunk]
+        batch += [batch[0]] * (batch_size - len(batch))
+        out = generator.generate(
+            batch,
+            max_new_tokens=max_new_tokens,
+            routing_temperature=routing_temperature,
+            force_adapter=force_adapter,
+        )
+        for i, seq in zip(chunk, out.sequences()):
+            answers[i] = tokenizer.decode(seq, skip_special_tokens=True).strip()
+    return answers
+
+
 def generate_texts(
     generator,
     tokenizer,
@@ -256,32 +292,94 @@ def generate_texts(
     routing_temperature: float = 1.0,
     force_adapter: int | None = None,
 ) -> list[str]:
-    """Greedy answers (decoded, special tokens skipped, stripped) to text prompts, in order.
+    """Greedy answers to text prompts, in order (`generator`: a `meteora_jax.generate.Generator`)."""
+    from meteora_jax.generate import encode_prompt
 
-    `generator` is a `meteora_jax.generate.Generator`. Prompts are sorted by token length into
-    batches of exactly `batch_size` (the last one filled with repeats), so one compiled program
-    per prompt-length bucket serves the whole set.
+    encoded = [encode_prompt(tokenizer, p, chat_template=chat_template) for p in prompts]
+    return _generate_batched(
+        generator,
+        tokenizer,
+        encoded,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        routing_temperature=routing_temperature,
+        force_adapter=force_adapter,
+    )
+
+
+def encode_turns(
+    tokenizer, prompts: Sequence[str], answers: Sequence[str], *, chat_template: bool | None = None
+) -> list[int]:
+    """Token ids of one conversation: prompts[i] answered by answers[i] for every earlier turn, then
+    the last prompt awaiting its answer (len(answers) == len(prompts) - 1).
+
+    With a chat template: alternating user / assistant turns plus the generation prompt. Without
+    one: the turns as training examples would be, back to back ([BOS] p1 a1 EOS p2 a2 EOS ... pn).
     """
     from meteora_jax.generate import encode_prompt
 
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be >= 1")
-    encoded = [encode_prompt(tokenizer, p, chat_template=chat_template) for p in prompts]
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-    answers: list[str] = [""] * len(encoded)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        batch = [encoded[i] for i in chunk]
-        batch += [batch[0]] * (batch_size - len(batch))
-        out = generator.generate(
-            batch,
-            max_new_tokens=max_new_tokens,
-            routing_temperature=routing_temperature,
-            force_adapter=force_adapter,
-        )
-        for i, seq in zip(chunk, out.sequences()):
-            answers[i] = tokenizer.decode(seq, skip_special_tokens=True).strip()
-    return answers
+    if len(answers) != len(prompts) - 1:
+        raise ValueError(f"{len(prompts)} prompts need {len(prompts) - 1} earlier answers, got {len(answers)}")
+    if chat_template is None:
+        chat_template = bool(getattr(tokenizer, "chat_template", None))
+    if chat_template:
+        messages = []
+        for p, a in zip(prompts, answers):
+            messages += [{"role": "user", "content": p}, {"role": "assistant", "content": a}]
+        messages.append({"role": "user", "content": prompts[-1]})
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    ids = encode_prompt(tokenizer, prompts[0], chat_template=False)
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    for a, p in zip(answers, prompts[1:]):
+        ids += tokenizer(a, add_special_tokens=False)["input_ids"] + eos + tokenizer(p, add_special_tokens=False)["input_ids"]
+    return ids
+
+
+def generate_chained(
+    generator,
+    tokenizer,
+    sub_prompts: Sequence[Sequence[str]],
+    *,
+    batch_size: int = 8,
+    max_new_tokens: int = 64,
+    chat_template: bool | None = None,
+    routing_temperature: float = 1.0,
+    force_adapter: int | None = None,
+    force_adapters: Sequence[Sequence[int]] | None = None,
+) -> list[str]:
+    """Composite answers by chained turns: sample j's sub-prompts are asked one after another in one
+    conversation, each answered (greedy, up to `max_new_tokens`) with every earlier prompt and the
+    model's own earlier answers in context, so routing must switch adapters inside one sequence.
+    Returns per sample the answers joined by COMPOSITE_SEPARATOR.
+
+    force_adapters[j][i]: the adapter that answers turn i of sample j (oracle routing per
+    segment; the whole conversation is re-read with it); overrides `force_adapter`.
+    """
+    from meteora_jax.data import COMPOSITE_SEPARATOR
+
+    answers: list[list[str]] = [[] for _ in sub_prompts]
+    for turn in range(max((len(s) for s in sub_prompts), default=0)):
+        active = [j for j, s in enumerate(sub_prompts) if turn < len(s)]
+        groups: dict[int | None, list[int]] = {}
+        for j in active:
+            groups.setdefault(force_adapters[j][turn] if force_adapters else force_adapter, []).append(j)
+        for forced, members in groups.items():
+            encoded = [
+                encode_turns(tokenizer, sub_prompts[j][: turn + 1], answers[j], chat_template=chat_template) for j in members
+            ]
+            texts = _generate_batched(
+                generator,
+                tokenizer,
+                encoded,
+                batch_size=batch_size,
+                max_new_tokens=max_new_tokens,
+                routing_temperature=routing_temperature,
+                force_adapter=forced,
+            )
+            for j, text in zip(members, texts):
+                answers[j].append(text)
+    return [COMPOSITE_SEPARATOR.join(a) for a in answers]
 
 
 def _auto_max_new_tokens(tokenizer, references: Sequence[str], margin: int = 8) -> int:
@@ -318,22 +416,59 @@ def evaluate_records(
     return result
 
 
+COMPOSITE_MODES = ("turns", "joint")
+
+
 def evaluate_composite_records(
     generator,
     tokenizer,
     records: Sequence[Mapping[str, Any]],
     metric_for_task: Mapping[str, str] | Callable[[str], str],
     *,
+    mode: str = "turns",
     max_new_tokens: int | None = None,
     num_examples: int = 3,
+    adapter_for_task: Mapping[str, int] | None = None,
     **generate_kw,
 ) -> dict[str, Any]:
-    """Generates answers to composite records {"prompt", "response", "tasks"} and scores each
-    sub-task (score_composite), plus "examples"."""
+    """Generates answers to composite records {"prompt", "response", "tasks"[, "prompts"]} and scores
+    each sub-task (score_composite), plus "examples".
+
+    mode "turns": the sub-prompts ("prompts") are chained turns of one conversation
+    (`generate_chained`); max_new_tokens applies per turn (default: longest sub-answer + 8).
+    mode "joint": the numbered "prompt" is asked at once and the model must separate its answers
+    with "@@@@" itself (the original's format; max_new_tokens default: longest answer + 8).
+    adapter_for_task (turns mode): oracle routing, each turn answered by its task's adapter.
+    """
+    if mode not in COMPOSITE_MODES:
+        raise ValueError(f"composite mode {mode!r}; choose one of {COMPOSITE_MODES}")
     refs = [r["response"] for r in records]
-    n_new = max_new_tokens or _auto_max_new_tokens(tokenizer, refs)
-    preds = generate_texts(generator, tokenizer, [r["prompt"] for r in records], max_new_tokens=n_new, **generate_kw)
+    if mode == "turns":
+        missing = next((i for i, r in enumerate(records) if not r.get("prompts")), None)
+        if missing is not None:
+            raise ValueError(
+                f"composite record {missing + 1} has no 'prompts' list (sub-prompts): the 'turns' mode needs it; "
+                "rebuild the set with build_composite_file or use mode 'joint'"
+            )
+        parts = [p for r in refs for p in split_composite(r)]
+        forced = None
+        if adapter_for_task is not None:
+            forced = [[adapter_for_task[t] for t in r["tasks"]] for r in records]
+        preds = generate_chained(
+            generator,
+            tokenizer,
+            [r["prompts"] for r in records],
+            max_new_tokens=max_new_tokens or _auto_max_new_tokens(tokenizer, parts),
+            force_adapters=forced,
+            **generate_kw,
+        )
+    else:
+        if adapter_for_task is not None:
+            raise ValueError("oracle routing per segment needs mode 'turns'")
+        n_new = max_new_tokens or _auto_max_new_tokens(tokenizer, refs)
+        preds = generate_texts(generator, tokenizer, [r["prompt"] for r in records], max_new_tokens=n_new, **generate_kw)
     result = score_composite(preds, refs, [r["tasks"] for r in records], metric_for_task)
+    result["mode"] = mode
     result["examples"] = [
         {"prompt": r["prompt"], "reference": r["response"], "prediction": p, "tasks": list(r["tasks"])}
         for r, p in zip(records[:num_examples], preds[:num_examples])
@@ -381,6 +516,8 @@ def run_evaluation(
     routing_temperature: float = 1.0,
     composite_temperature: float | None = None,
     force_adapter: int | None = None,
+    adapter_for_task: Mapping[str, int] | None = None,
+    composite_mode: str = "turns",
     output: str | None = None,
 ) -> dict[str, Any]:
     """Per-task and composite-n evaluation; returns (and writes to `output` as JSON)
@@ -393,6 +530,10 @@ def run_evaluation(
     composite_files: composite JSONL files; the routing temperature of a composite-n file is
     `composite_temperature`, else the original's (COMPOSITE_TEMPERATURES) for n in {3, 5, 10},
     else `routing_temperature`. Metrics: `metrics[task]`, else `default_metric`.
+    composite_mode: "turns" or "joint" (see `evaluate_composite_records`).
+    adapter_for_task: oracle routing, task name -> adapter index: each single task's records, and
+    each turn of a composite sample, are answered by that task's own adapter (excludes
+    `force_adapter`; every evaluated task must be in it).
     """
     import json
     import os
@@ -404,26 +545,41 @@ def run_evaluation(
         if name not in METRICS:
             raise ValueError(f"unknown metric {name!r}; known: {sorted(METRICS)}")
     metric_for = lambda task: metrics.get(task, default_metric)  # noqa: E731
-    common = dict(batch_size=batch_size, max_new_tokens=max_new_tokens, chat_template=chat_template, force_adapter=force_adapter)
+    if adapter_for_task is not None and force_adapter is not None:
+        raise ValueError("force_adapter and adapter_for_task (oracle routing) exclude each other")
+
+    def check_oracle(task_names):  # fails before any generation
+        unknown = sorted(set(task_names) - set(adapter_for_task or task_names))
+        if unknown:
+            raise ValueError(f"oracle routing: no adapter named after task(s) {unknown}; adapters: {sorted(adapter_for_task)}")
+
+    common = dict(batch_size=batch_size, max_new_tokens=max_new_tokens, chat_template=chat_template)
     results: dict[str, Any] = {"tasks": {}, "composite": {}}
     if data_root:
         names = list(tasks) if tasks else sorted(
             d for d in os.listdir(data_root) if os.path.isfile(os.path.join(data_root, d, f"{split}.jsonl"))
         )
+        check_oracle(names)
         for task in names:
             records = read_jsonl(os.path.join(data_root, task, f"{split}.jsonl"))[:max_samples]
+            force = adapter_for_task[task] if adapter_for_task is not None else force_adapter
             results["tasks"][task] = evaluate_records(
-                generator, tokenizer, records, metric_for(task), routing_temperature=routing_temperature, **common
+                generator, tokenizer, records, metric_for(task), routing_temperature=routing_temperature,
+                force_adapter=force, **common
             )
     for path in composite_files:
         records = read_composite_jsonl(path)[:max_samples]
+        check_oracle([t for r in records for t in r["tasks"]])
         sizes = {len(r["tasks"]) for r in records}
         n = sizes.pop() if len(sizes) == 1 else None
         temp = composite_temperature or COMPOSITE_TEMPERATURES.get(n, routing_temperature)
         name = f"composite-{n}" if n is not None else os.path.splitext(os.path.basename(path))[0]
         if name in results["composite"]:
             name = f"{name}:{os.path.basename(path)}"
-        res = evaluate_composite_records(generator, tokenizer, records, metric_for, routing_temperature=temp, **common)
+        res = evaluate_composite_records(
+            generator, tokenizer, records, metric_for, mode=composite_mode, routing_temperature=temp,
+            force_adapter=force_adapter, adapter_for_task=adapter_for_task, **common
+        )
         res.update(routing_temperature=temp, file=os.path.abspath(path))
         results["composite"][name] = res
     results["settings"] = dict(
@@ -435,6 +591,8 @@ def run_evaluation(
         max_new_tokens=max_new_tokens,
         routing_temperature=routing_temperature,
         force_adapter=force_adapter,
+        oracle=adapter_for_task is not None,
+        composite_mode=composite_mode,
     )
     if output:
         os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)

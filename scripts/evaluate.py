@@ -10,10 +10,17 @@
     python scripts/evaluate.py --data-root DATA --build-composite 5 --composite-samples 200 \
         --composite-seed 0 --composite-out data/composite_5.jsonl --build-only
 
+    # oracle routing (each task answered by the adapter named after it), or one adapter for all
+    python scripts/evaluate.py ... --oracle
+    python scripts/evaluate.py ... --force-adapter lora_b
+
 Metrics (--metrics: JSON object or JSON file, task -> metric; others get --default-metric):
-accuracy, accuracy_contains, bleu, rouge1, rouge2, rougeL. Composite-n answers are split on "@@@@"
-and scored per sub-task; their routing temperature defaults to the original's (T = 15/20/30 for
-n = 3/5/10), --composite-temperature overrides it. With --gates, the chat template, top_k and compute
+accuracy, accuracy_contains, bleu, rouge1, rouge2, rougeL. Composite-n samples are asked as chained
+turns by default (sub-prompt 1, the model's answer, sub-prompt 2, ... in one conversation, so the
+routing must switch adapters inside one sequence); --composite-mode joint asks the numbered prompt
+at once and leaves the "@@@@" separators to the model. Answers are split on "@@@@" and scored per
+sub-task; the routing temperature defaults to the original's (T = 15/20/30 for n = 3/5/10),
+--composite-temperature overrides it. With --gates, the chat template, top_k and compute
 dtype default to the training run's (recorded with the gates).
 """
 
@@ -51,6 +58,12 @@ def main(argv=None) -> int:
     p.add_argument("--routing-temperature", type=float, default=1.0)
     p.add_argument("--composite-temperature", type=float, default=None)
     p.add_argument("--force-adapter", default=None, help="adapter name or index: route every token to it")
+    p.add_argument("--oracle", action="store_true",
+                   help="oracle routing: every task (and every composite turn) answered by the adapter named "
+                   "after its task")
+    p.add_argument("--composite-mode", choices=("turns", "joint"), default="turns",
+                   help="turns (default): a composite sample's sub-prompts are chained turns of one "
+                   "conversation; joint: the numbered prompt at once, the model separates its answers with @@@@")
     p.add_argument("--chat-template", choices=("auto", "yes", "no"), default=None,
                    help="default: as the training run recorded with --gates; auto (the tokenizer's template "
                    "if it has one) without gates")
@@ -88,11 +101,13 @@ def main(argv=None) -> int:
         return 0
     if not args.checkpoint or not args.tokenizer:
         p.error("--checkpoint and --tokenizer are required to evaluate")
+    if args.oracle and args.force_adapter is not None:
+        p.error("--oracle and --force-adapter exclude each other")
 
     from meteora_jax.generate import generator_for_cli
 
     try:
-        generator, tokenizer, _, opts = generator_for_cli(
+        generator, tokenizer, adapter_names, opts = generator_for_cli(
             args.checkpoint,
             args.tokenizer,
             gates=args.gates,
@@ -103,24 +118,29 @@ def main(argv=None) -> int:
         )
     except ValueError as e:
         p.error(str(e))
-    results = ev.run_evaluation(
-        generator,
-        tokenizer,
-        data_root=None if args.no_single else args.data_root,
-        tasks=tasks,
-        split=args.split,
-        composite_files=composite_files,
-        metrics=metrics,
-        default_metric=args.default_metric,
-        max_samples=args.max_samples,
-        batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens,
-        chat_template=opts.chat_template,
-        routing_temperature=args.routing_temperature,
-        composite_temperature=args.composite_temperature,
-        force_adapter=opts.force_adapter,
-        output=args.output,
-    )
+    try:
+        results = ev.run_evaluation(
+            generator,
+            tokenizer,
+            data_root=None if args.no_single else args.data_root,
+            tasks=tasks,
+            split=args.split,
+            composite_files=composite_files,
+            metrics=metrics,
+            default_metric=args.default_metric,
+            max_samples=args.max_samples,
+            batch_size=args.batch_size,
+            max_new_tokens=args.max_new_tokens,
+            chat_template=opts.chat_template,
+            routing_temperature=args.routing_temperature,
+            composite_temperature=args.composite_temperature,
+            force_adapter=opts.force_adapter,
+            adapter_for_task={n: i for i, n in enumerate(adapter_names)} if args.oracle else None,
+            composite_mode=args.composite_mode,
+            output=args.output,
+        )
+    except ValueError as e:
+        p.error(str(e))
     print(ev.format_results(results))
     print(f"\nresults: {os.path.abspath(args.output)}")
     return 0

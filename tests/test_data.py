@@ -288,10 +288,12 @@ def test_composite_builder(tmp_path):
         subs = s["response"].split("@@@@\n")
         assert len(subs) == 3
         lines = s["prompt"].split("\n")
-        for i, (task, sub, line) in enumerate(zip(s["tasks"], subs, lines)):
+        assert len(s["prompts"]) == 3
+        for i, (task, sub, line, sub_prompt) in enumerate(zip(s["tasks"], subs, lines, s["prompts"])):
             assert line.startswith(f"{i + 1}. ")
             j = [r["response"] for r in sets[task]].index(sub)  # response of that very task
             assert line == f"{i + 1}. {sets[task][j]['prompt']}"
+            assert sub_prompt == sets[task][j]["prompt"]
     assert data.build_composite(sets, 3, 20, seed=11) == samples
     assert data.build_composite(sets, 3, 20, seed=12) != samples
     path = tmp_path / "composite_3.jsonl"
@@ -308,6 +310,9 @@ def test_composite_reader_checks_tasks(tmp_path):
         '{"prompt": "p", "response": "r", "tasks": [1]}\n'
     )
     with pytest.raises(DataError, match=r"c\.jsonl:2: field 'tasks'"):
+        data.read_composite_jsonl(path)
+    path.write_text('{"prompt": "1. a", "response": "b", "tasks": ["qa", "mt"], "prompts": ["a"]}\n')
+    with pytest.raises(DataError, match=r"c\.jsonl:1: field 'prompts' must be a list of 2 strings"):
         data.read_composite_jsonl(path)
 
 

@@ -103,3 +103,94 @@ def test_scripts_reject_unknown_force_adapter(tiny_inference_world, tmp_path, ca
     err = capsys.readouterr().err
     assert "'poetry' is not an adapter" in err
     assert all(name in err for name in w.adapter_names)
+
+
+# ------------------------------------------------------------------------------------------------
+# Composite samples as chained turns, and oracle routing
+
+
+def _chain_alone(world, sub_prompts, max_new_tokens, chat, forced=None):
+    """One sample's turns generated one at a time (batch 1), the conversation encoded by hand."""
+    _, params, config, _, tok = world
+    gen = Generator(config, params, eos_token_ids=eos_ids_of(tok), pad_token_id=tok.pad_token_id)
+    answers = []
+    for turn, prompt in enumerate(sub_prompts):
+        if chat:
+            messages = []
+            for p, a in zip(sub_prompts, answers):
+                messages += [{"role": "user", "content": p}, {"role": "assistant", "content": a}]
+            messages.append({"role": "user", "content": prompt})
+            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+        else:
+            ids = [tok.bos_token_id] + tok(sub_prompts[0], add_special_tokens=False)["input_ids"]
+            for p, a in zip(sub_prompts[1 : turn + 1], answers):
+                ids += tok(a, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+                ids += tok(p, add_special_tokens=False)["input_ids"]
+        force = None if forced is None else forced[turn]
+        seq = gen.generate([ids], max_new_tokens=max_new_tokens, force_adapter=force).sequences()[0]
+        answers.append(tok.decode(seq, skip_special_tokens=True).strip())
+    return "@@@@\n".join(answers)
+
+
+@pytest.mark.parametrize("chat", [False, True])
+@pytest.mark.parametrize("oracle", [False, True])
+def test_composite_turns_equal_turn_by_turn_generation(world, chat, oracle):
+    w, params, config, names, tok = world
+    assert tok.chat_template  # the tiny world's tokenizer has one (ChatML style)
+    from meteora_jax.evaluate import build_composite_file, evaluate_composite_records
+
+    records = build_composite_file(w.data_root, names, 2, 4, os.path.join(w.data_root, "..", f"c2_{chat}.jsonl"), seed=5)
+    gen = Generator(config, params, eos_token_ids=eos_ids_of(tok), pad_token_id=tok.pad_token_id)
+    adapter_for_task = {n: i for i, n in enumerate(names)} if oracle else None
+    res = evaluate_composite_records(
+        gen, tok, records, lambda t: "accuracy", max_new_tokens=6, batch_size=3, chat_template=chat,
+        adapter_for_task=adapter_for_task, num_examples=len(records),
+    )
+    assert res["mode"] == "turns" and res["num_samples"] == 4
+    for r, ex in zip(records, res["examples"]):
+        forced = [names.index(t) for t in r["tasks"]] if oracle else None
+        assert ex["prediction"] == _chain_alone(world, r["prompts"], 6, chat, forced)
+        assert ex["prediction"].count("@@@@") == 1
+
+
+def test_oracle_single_tasks_equal_forcing_each_task(world):
+    w, params, config, names, tok = world
+    from meteora_jax.evaluate import run_evaluation
+
+    gen = Generator(config, params, eos_token_ids=eos_ids_of(tok), pad_token_id=tok.pad_token_id)
+    kw = dict(data_root=w.data_root, max_samples=4, batch_size=4, max_new_tokens=6, metrics={t: "bleu" for t in names})
+    oracle = run_evaluation(gen, tok, adapter_for_task={n: i for i, n in enumerate(names)}, **kw)
+    assert oracle["settings"]["oracle"] is True
+    for i, task in enumerate(names):
+        alone = run_evaluation(gen, tok, tasks=[task], force_adapter=i, **kw)["tasks"][task]
+        assert oracle["tasks"][task]["score"] == pytest.approx(alone["score"])
+        assert [e["prediction"] for e in oracle["tasks"][task]["examples"]] == [
+            e["prediction"] for e in alone["examples"]
+        ]
+    with pytest.raises(ValueError, match="no adapter named after task"):
+        run_evaluation(gen, tok, adapter_for_task={names[0]: 0}, **kw)
+
+
+def test_turns_mode_needs_sub_prompts(world):
+    _, params, config, _, tok = world
+    from meteora_jax.evaluate import evaluate_composite_records
+
+    gen = Generator(config, params, eos_token_ids=eos_ids_of(tok), pad_token_id=tok.pad_token_id)
+    old_format = [{"prompt": "1. a\n2. b", "response": "x@@@@\ny", "tasks": ["arith", "reverse"]}]
+    with pytest.raises(ValueError, match="record 1 has no 'prompts'"):
+        evaluate_composite_records(gen, tok, old_format, lambda t: "accuracy")
+    res = evaluate_composite_records(gen, tok, old_format, lambda t: "accuracy", mode="joint", max_new_tokens=4)
+    assert res["mode"] == "joint" and res["num_samples"] == 1
+
+
+def test_evaluate_script_rejects_oracle_with_force(tiny_inference_world, tmp_path, capsys):
+    w = tiny_inference_world
+    script = runpy.run_path(os.path.join(REPO, "scripts", "evaluate.py"), run_name="cli_script")
+    argv = ["--checkpoint", w.model, "--tokenizer", w.tokenizer, "--data-root", w.data_root, "--oracle",
+            "--force-adapter", "0", "--output", str(tmp_path / "r.json")]
+    with pytest.raises(SystemExit) as e:
+        script["main"](argv)
+    assert e.value.code == 2
+    assert "--oracle and --force-adapter exclude each other" in capsys.readouterr().err
+    assert not (tmp_path / "r.json").exists()
