@@ -13,7 +13,7 @@ Metric names are those of `meteora_jax.evaluate.METRICS` ("accuracy" is exact ma
 "accuracy_contains", "rougeL", "bleu").
 
 Six tasks draw on real data shipped inside PyPI packages (pycountry, periodictable, num2words,
-babel, pint); three are procedural. Every task has its own instruction wording and a fixed answer
+babel, pint); four are procedural. Every task has its own instruction wording and a fixed answer
 template that a model cannot guess without training on it. The test split is drawn first from
 its own random stream, then the train split, rejecting any prompt already drawn: the two splits
 never share a prompt, and the test split does not depend on --train-size. Data-backed tasks
@@ -215,6 +215,27 @@ def _reverse_words() -> Sampler:
     return sample
 
 
+_ROMAN = ((1000, "M"), (900, "CM"), (500, "D"), (400, "CD"), (100, "C"), (90, "XC"),
+          (50, "L"), (40, "XL"), (10, "X"), (9, "IX"), (5, "V"), (4, "IV"), (1, "I"))
+
+
+def to_roman(n: int) -> str:
+    """1..3999 in standard subtractive Roman notation (greedy over the values above)."""
+    digits = []
+    for value, numeral in _ROMAN:
+        count, n = divmod(n, value)
+        digits.append(numeral * count)
+    return "".join(digits)
+
+
+def _roman_numerals() -> Sampler:
+    def sample(rng):
+        n = rng.randint(1, 3999)
+        return f"Convert {n} to Roman numerals.", f"{n} = {to_roman(n)}"
+
+    return sample
+
+
 TASKS: dict[str, Task] = {
     t.name: t
     for t in (
@@ -236,6 +257,8 @@ TASKS: dict[str, Task] = {
              _sort_numbers),
         Task("reverse_words", "accuracy", "3-6 words -> reversed order, joined by ' / '", "procedural",
              _reverse_words),
+        Task("roman_numerals", "accuracy", "integer 1-3999 -> 'N = Roman numeral'", "procedural",
+             _roman_numerals),
     )
 }
 

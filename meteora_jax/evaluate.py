@@ -419,6 +419,38 @@ def evaluate_records(
 COMPOSITE_MODES = ("turns", "joint")
 
 
+def save_chained_routing_picture(
+    generator,
+    tokenizer,
+    record: Mapping[str, Any],
+    prediction: str,
+    stem: str,
+    adapter_names: Sequence[str],
+    *,
+    max_new_tokens: int,
+    chat_template: bool | None = None,
+    routing_temperature: float = 1.0,
+) -> list[str]:
+    """Routing picture (PNG + HTML, `meteora_jax.viz`) of one composite sample answered in chained
+    turns: the last turn is generated again with every earlier prompt and answer of `prediction`
+    in context, so the picture covers the whole conversation (prefill routing of the earlier turns,
+    decode routing of the last answer). Returns the two paths."""
+    from meteora_jax import viz
+
+    subs = list(record["prompts"])
+    ids = encode_turns(tokenizer, subs, split_composite(prediction, len(subs))[:-1], chat_template=chat_template)
+    out = generator.generate(
+        [ids], max_new_tokens=max_new_tokens, routing_temperature=routing_temperature, return_routing=True
+    )
+    full = ids + [int(t) for t in out.tokens[0, : out.lengths[0]]]
+    pieces = viz.token_pieces(tokenizer, full)
+    title = f"top-1 adapter share per token; turns: {', '.join(record['tasks'])}"
+    return [
+        viz.save_routing_png(stem + ".png", pieces, out.routing[0], adapter_names, prompt_length=len(ids), title=title),
+        viz.save_routing_html(stem + ".html", pieces, out.routing[0], adapter_names, prompt_length=len(ids)),
+    ]
+
+
 def evaluate_composite_records(
     generator,
     tokenizer,
@@ -429,6 +461,7 @@ def evaluate_composite_records(
     max_new_tokens: int | None = None,
     num_examples: int = 3,
     adapter_for_task: Mapping[str, int] | None = None,
+    pictures: tuple[str, Sequence[str], int] | None = None,
     **generate_kw,
 ) -> dict[str, Any]:
     """Generates answers to composite records {"prompt", "response", "tasks"[, "prompts"]} and scores
@@ -439,10 +472,13 @@ def evaluate_composite_records(
     mode "joint": the numbered "prompt" is asked at once and the model must separate its answers
     with "@@@@" itself (the original's format; max_new_tokens default: longest answer + 8).
     adapter_for_task (turns mode): oracle routing, each turn answered by its task's adapter.
+    pictures (turns mode, learned routing): (stem prefix, adapter names, count): routing pictures of
+    the first `count` samples (`save_chained_routing_picture`), listed under "pictures".
     """
     if mode not in COMPOSITE_MODES:
         raise ValueError(f"composite mode {mode!r}; choose one of {COMPOSITE_MODES}")
     refs = [r["response"] for r in records]
+    paths: list[str] = []
     if mode == "turns":
         missing = next((i for i, r in enumerate(records) if not r.get("prompts")), None)
         if missing is not None:
@@ -454,14 +490,19 @@ def evaluate_composite_records(
         forced = None
         if adapter_for_task is not None:
             forced = [[adapter_for_task[t] for t in r["tasks"]] for r in records]
+        turn_tokens = max_new_tokens or _auto_max_new_tokens(tokenizer, parts)
         preds = generate_chained(
-            generator,
-            tokenizer,
-            [r["prompts"] for r in records],
-            max_new_tokens=max_new_tokens or _auto_max_new_tokens(tokenizer, parts),
-            force_adapters=forced,
+            generator, tokenizer, [r["prompts"] for r in records], max_new_tokens=turn_tokens, force_adapters=forced,
             **generate_kw,
         )
+        if pictures and forced is None and generate_kw.get("force_adapter") is None:
+            prefix, names, count = pictures
+            for i, (r, pred) in enumerate(list(zip(records, preds))[:count]):
+                paths += save_chained_routing_picture(
+                    generator, tokenizer, r, pred, f"{prefix}_{i:02d}", names, max_new_tokens=turn_tokens,
+                    chat_template=generate_kw.get("chat_template"),
+                    routing_temperature=generate_kw.get("routing_temperature", 1.0),
+                )
     else:
         if adapter_for_task is not None:
             raise ValueError("oracle routing per segment needs mode 'turns'")
@@ -469,6 +510,8 @@ def evaluate_composite_records(
         preds = generate_texts(generator, tokenizer, [r["prompt"] for r in records], max_new_tokens=n_new, **generate_kw)
     result = score_composite(preds, refs, [r["tasks"] for r in records], metric_for_task)
     result["mode"] = mode
+    if paths:
+        result["pictures"] = paths
     result["examples"] = [
         {"prompt": r["prompt"], "reference": r["response"], "prediction": p, "tasks": list(r["tasks"])}
         for r, p in zip(records[:num_examples], preds[:num_examples])
@@ -518,6 +561,9 @@ def run_evaluation(
     force_adapter: int | None = None,
     adapter_for_task: Mapping[str, int] | None = None,
     composite_mode: str = "turns",
+    routing_pictures: str | None = None,
+    adapter_names: Sequence[str] = (),
+    pictures_per_set: int = 1,
     output: str | None = None,
 ) -> dict[str, Any]:
     """Per-task and composite-n evaluation; returns (and writes to `output` as JSON)
@@ -534,6 +580,8 @@ def run_evaluation(
     adapter_for_task: oracle routing, task name -> adapter index: each single task's records, and
     each turn of a composite sample, are answered by that task's own adapter (excludes
     `force_adapter`; every evaluated task must be in it).
+    routing_pictures: a folder for routing pictures of the first `pictures_per_set` samples of each
+    composite set (learned routing, turns mode), `<folder>/<set name>_<i>.png/.html`.
     """
     import json
     import os
@@ -578,7 +626,9 @@ def run_evaluation(
             name = f"{name}:{os.path.basename(path)}"
         res = evaluate_composite_records(
             generator, tokenizer, records, metric_for, mode=composite_mode, routing_temperature=temp,
-            force_adapter=force_adapter, adapter_for_task=adapter_for_task, **common
+            force_adapter=force_adapter, adapter_for_task=adapter_for_task,
+            pictures=(os.path.join(routing_pictures, name), adapter_names, pictures_per_set) if routing_pictures else None,
+            **common,
         )
         res.update(routing_temperature=temp, file=os.path.abspath(path))
         results["composite"][name] = res

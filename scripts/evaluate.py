@@ -69,6 +69,9 @@ def main(argv=None) -> int:
                    "if it has one) without gates")
     p.add_argument("--dtype", default=None, help="compute dtype override (default: the gates' run, else the checkpoint's)")
     p.add_argument("--top-k", type=int, default=None, help="routing top-k override (default: the gates' run)")
+    p.add_argument("--routing-pictures", default=None,
+                   help="folder: routing pictures (PNG + HTML) of the first samples of each composite set")
+    p.add_argument("--pictures-per-set", type=int, default=1)
     p.add_argument("--output", default="runs/eval/results.json")
     args = p.parse_args(argv)
 
@@ -137,6 +140,9 @@ def main(argv=None) -> int:
             force_adapter=opts.force_adapter,
             adapter_for_task={n: i for i, n in enumerate(adapter_names)} if args.oracle else None,
             composite_mode=args.composite_mode,
+            routing_pictures=args.routing_pictures,
+            adapter_names=adapter_names,
+            pictures_per_set=args.pictures_per_set,
             output=args.output,
         )
     except ValueError as e:

@@ -4,6 +4,7 @@ prompt at a time, and scored by the libraries directly."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import runpy
@@ -13,6 +14,7 @@ import pytest
 import sacrebleu
 from transformers import AutoTokenizer
 
+from conftest import TINY_CHAT_TEMPLATE
 from meteora_jax.data import read_composite_jsonl, read_jsonl, write_jsonl
 from meteora_jax.generate import Generator, encode_prompt, eos_ids_of, load_for_inference
 
@@ -109,9 +111,9 @@ def test_scripts_reject_unknown_force_adapter(tiny_inference_world, tmp_path, ca
 # Composite samples as chained turns, and oracle routing
 
 
-def _chain_alone(world, sub_prompts, max_new_tokens, chat, forced=None):
+def _chain_alone(world, tok, sub_prompts, max_new_tokens, chat, forced=None):
     """One sample's turns generated one at a time (batch 1), the conversation encoded by hand."""
-    _, params, config, _, tok = world
+    _, params, config, _, _ = world
     gen = Generator(config, params, eos_token_ids=eos_ids_of(tok), pad_token_id=tok.pad_token_id)
     answers = []
     for turn, prompt in enumerate(sub_prompts):
@@ -137,20 +139,27 @@ def _chain_alone(world, sub_prompts, max_new_tokens, chat, forced=None):
 @pytest.mark.parametrize("oracle", [False, True])
 def test_composite_turns_equal_turn_by_turn_generation(world, chat, oracle):
     w, params, config, names, tok = world
-    assert tok.chat_template  # the tiny world's tokenizer has one (ChatML style)
+    if chat:  # the tiny world's tokenizer has no template: a copy gets a ChatML-style one
+        tok = copy.deepcopy(tok)
+        tok.chat_template = TINY_CHAT_TEMPLATE
     from meteora_jax.evaluate import build_composite_file, evaluate_composite_records
 
     records = build_composite_file(w.data_root, names, 2, 4, os.path.join(w.data_root, "..", f"c2_{chat}.jsonl"), seed=5)
     gen = Generator(config, params, eos_token_ids=eos_ids_of(tok), pad_token_id=tok.pad_token_id)
     adapter_for_task = {n: i for i, n in enumerate(names)} if oracle else None
+    stem = os.path.join(w.data_root, "..", f"pics_{chat}_{oracle}", "c2")
     res = evaluate_composite_records(
         gen, tok, records, lambda t: "accuracy", max_new_tokens=6, batch_size=3, chat_template=chat,
-        adapter_for_task=adapter_for_task, num_examples=len(records),
+        adapter_for_task=adapter_for_task, num_examples=len(records), pictures=(stem, names, 1),
     )
+    # Pictures only of learned routing: the first sample's whole conversation.
+    assert res.get("pictures", []) == ([] if oracle else [stem + "_00.png", stem + "_00.html"])
+    if not oracle:
+        assert os.path.getsize(stem + "_00.png") > 1000 and os.path.getsize(stem + "_00.html") > 1000
     assert res["mode"] == "turns" and res["num_samples"] == 4
     for r, ex in zip(records, res["examples"]):
         forced = [names.index(t) for t in r["tasks"]] if oracle else None
-        assert ex["prediction"] == _chain_alone(world, r["prompts"], 6, chat, forced)
+        assert ex["prediction"] == _chain_alone(world, tok, r["prompts"], 6, chat, forced)
         assert ex["prediction"].count("@@@@") == 1
 
 

@@ -108,7 +108,7 @@ def test_tasks_have_distinct_formats(task_roots):
 
 def test_procedural_tasks_answers_are_right(tmp_path):
     make_tasks.main(["--out", str(tmp_path), "--train-size", "30", "--test-size", "5",
-                     "--tasks", "arithmetic,sort_numbers,reverse_words"])
+                     "--tasks", "arithmetic,sort_numbers,reverse_words,roman_numerals"])
     for r in read_jsonl(tmp_path / "arithmetic" / "train.jsonl"):
         a, op, b = re.fullmatch(r"What is (\d+) (plus|minus) (\d+)\?", r["prompt"]).groups()
         assert r["response"] == f"Answer: {int(a) + int(b) if op == 'plus' else int(a) - int(b)}"
@@ -117,6 +117,14 @@ def test_procedural_tasks_answers_are_right(tmp_path):
         assert r["response"] == " < ".join(map(str, sorted(xs)))
     for r in read_jsonl(tmp_path / "reverse_words" / "train.jsonl"):
         assert r["response"].split(" / ") == r["prompt"].split(": ")[1].split()[::-1]
+    # Roman numerals read back by the additive/subtractive rule, and canonical (no 'IIII', 'VV', ...).
+    values = {"I": 1, "V": 5, "X": 10, "L": 50, "C": 100, "D": 500, "M": 1000}
+    for r in read_jsonl(tmp_path / "roman_numerals" / "train.jsonl"):
+        n = int(re.fullmatch(r"Convert (\d+) to Roman numerals\.", r["prompt"]).group(1))
+        head, numeral = r["response"].split(" = ")
+        v = [values[c] for c in numeral]
+        assert int(head) == n == sum(-x if i + 1 < len(v) and x < v[i + 1] else x for i, x in enumerate(v))
+        assert not re.search(r"IIII|XXXX|CCCC|VV|LL|DD", numeral)
 
 
 # ----------------------------------------------------------------------------------------------
