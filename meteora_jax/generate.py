@@ -15,6 +15,11 @@ loop (`jax.lax.while_loop`) live in one `jax.jit`: a new prompt length, a new `m
 temperature, top-p, seed, routing temperature or forced adapter within a bucket reuses the
 compiled program. `Generator.num_traces` counts the traces (= compilations).
 
+Layout: the generator takes params in the scanned (checkpoint) layout and, by default, converts
+them once to the unrolled one (`meteora_jax.model.unstack_layers`), where every layer's weights are
+separate arguments that XLA reads in place instead of slicing them out of stacked arrays at every
+decode step; `Generator(..., scan_layers=True)` keeps the scanned model.
+
 Padding: prompts are left-padded into [B, P]; a prompt's positions are `cumsum(mask) - 1`, so a
 left-padded row sees exactly the positions it would alone. Rows stop independently at any EOS id
 (the EOS is kept in `tokens`, later slots hold `pad_token_id`); the loop ends when every row has
@@ -33,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from meteora_jax.config import ALL_PROJECTIONS, ModelConfig
-from meteora_jax.model import KVCache, LlamaForCausalLM
+from meteora_jax.model import KVCache, LlamaForCausalLM, unstack_layers
 from meteora_jax.routing import Routing
 
 __all__ = [
@@ -126,11 +131,20 @@ class Generator:
         min_prompt_bucket: int = 16,
         min_new_tokens_bucket: int = 16,
         max_prefill_logits_bytes: int = 1 << 30,
+        scan_layers: bool = False,
     ):
-        """max_prefill_logits_bytes: when the prefill's [B, P, V] float32 logits would exceed it,
+        """params: the scanned layout (as checkpoints and training hold them).
+
+        max_prefill_logits_bytes: when the prefill's [B, P, V] float32 logits would exceed it,
         the prompt is prefilled in two calls (all but the last token, whose logits XLA then never
-        computes, and the last token), so a long batched prefill does not hold all vocabulary logits."""
+        computes, and the last token), so a long batched prefill does not hold all vocabulary logits.
+        scan_layers: False (default) converts `params` once, on the device, to the unrolled layout
+        and keeps only that copy (`self.params`); True runs the scanned model on `params` as given.
+        """
         self.config = config
+        self.scan_layers = bool(scan_layers)
+        if not self.scan_layers:
+            params = jax.jit(unstack_layers, static_argnums=1)(params, config.num_layers)
         self.params = params
         self.eos_token_ids = tuple(int(t) for t in eos_token_ids if t is not None)
         self.pad_token_id = int(pad_token_id)
@@ -139,8 +153,8 @@ class Generator:
         self.max_prefill_logits_bytes = int(max_prefill_logits_bytes)
         self.projections = _projections(config)
         self.num_traces = 0
-        self._fast = LlamaForCausalLM(config, collect_gate_logits=False)
-        self._routed = LlamaForCausalLM(config, collect_gate_logits=True)
+        self._fast = LlamaForCausalLM(config, collect_gate_logits=False, scan_layers=self.scan_layers)
+        self._routed = LlamaForCausalLM(config, collect_gate_logits=True, scan_layers=self.scan_layers)
         self._jitted = jax.jit(
             self._generate,
             static_argnames=("max_new_bucket", "do_sample", "collect_routing", "return_logits", "split_prefill"),
@@ -449,7 +463,8 @@ def load_for_inference(
     top_k: Optional[int] = None,
 ) -> tuple[Any, ModelConfig, list[str]]:
     """(params, config, adapter_names) from a model checkpoint (`meteora_jax.checkpoint`), with
-    trained gates (a `gates/` folder written by training) merged in when given.
+    trained gates (a `gates/` folder written by training) merged in when given. The params keep
+    the scanned layout; `Generator` converts them for generation.
 
     With gates, the config routes as the training run did: its top_k and compute dtype (recorded
     with the gates, see `meteora_jax.train.run_settings`) replace the checkpoint's. Explicit
@@ -545,14 +560,18 @@ def generator_for_cli(
     top_k: Optional[int] = None,
     force_adapter: Optional[str] = None,
     chat_template: Optional[str] = None,
+    scan_layers: bool = False,
 ):
     """What scripts/generate.py and scripts/evaluate.py both start from: the checkpoint (with trained
-    gates and their recorded settings), its tokenizer, a `Generator`, the adapter names and the
-    resolved `CliOptions`. Bad options raise ValueError with a message for the user."""
+    gates and their recorded settings), its tokenizer, a `Generator` (unrolled layout unless
+    `scan_layers`), the adapter names and the resolved `CliOptions`. Bad options raise ValueError
+    with a message for the user."""
     from transformers import AutoTokenizer
 
     params, config, names = load_for_inference(checkpoint, gates, dtype=dtype, top_k=top_k)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     opts = cli_options(tokenizer, names, force_adapter=force_adapter, chat_template=chat_template, gates=gates)
-    generator = Generator(config, params, eos_token_ids=eos_ids_of(tokenizer), pad_token_id=opts.pad_token_id)
+    generator = Generator(
+        config, params, eos_token_ids=eos_ids_of(tokenizer), pad_token_id=opts.pad_token_id, scan_layers=scan_layers
+    )
     return generator, tokenizer, names, opts

@@ -201,7 +201,7 @@ class Attention(nn.Module):
         query_slots: jax.Array,  # [S]
         key_valid: jax.Array,  # [B, S_kv]
         cache: Optional[tuple[jax.Array, jax.Array]],  # k, v of all layers: [n_layers, B, S_max, H_kv, hd]
-        layer_index: jax.Array,  # [] int32: this layer's row of the cache
+        layer_index: int | jax.Array,  # this layer's row of the cache: [] int32 (scanned) or a static int
         cache_index: jax.Array,  # [] int32: first slot written by these tokens
         routing: Routing,
     ):
@@ -253,7 +253,8 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm attention + pre-norm MLP with residuals. Shaped for `nn.scan`:
+    """Pre-norm attention + pre-norm MLP with residuals. Shaped for `nn.scan` (and called the same
+    way, with a static int layer index, when unrolled):
     (carry=(h, cache), layer index, broadcast inputs...) -> ((h, cache), gate logits)."""
 
     config: ModelConfig

@@ -1,6 +1,7 @@
-"""The LLaMA causal language model with MeteoRA projections, scanned over decoder layers.
+"""The LLaMA causal language model with MeteoRA projections, its decoder layers scanned or unrolled.
 
-    model = LlamaForCausalLM(config)
+    model = LlamaForCausalLM(config)                     # scanned: params["layers"] stacked
+    model = LlamaForCausalLM(config, scan_layers=False)  # unrolled: params["layers_0"], ... (inference)
     out = model.apply({"params": params}, input_ids, attention_mask)
     out.logits       # [B, S, V] float32
     out.gate_logits  # {projection: [num_layers, B, S, L] float32}, for the gate loss
@@ -9,16 +10,26 @@
 A KV cache holds `S_max` slots per sequence. A call writes its `S` tokens into slots
 `cache.index .. cache.index + S - 1`; each query attends to the valid slots at or before its own.
 Prefill is a call with the prompt, decode a call with one token.
+
+Two parameter layouts hold the same weights. The scanned one (training, checkpoints) stacks every
+decoder-layer leaf on a leading [num_layers] axis under "layers"; the unrolled one keeps each
+layer's leaves whole under "layers_<i>" and applies the layers in a Python loop. Under `nn.scan`
+XLA copies each layer's slice out of every stacked weight before using it (an H100 decode step
+read about 3x the weight bytes, and MeteoRA added a copy kernel per adapter tensor); unrolled,
+each weight is its own jit argument, read in place. `unstack_layers` / `stack_layers` convert between the two.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
 from typing import Optional
 
 import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from meteora_jax.config import ModelConfig
 from meteora_jax.layers import DecoderLayer, RMSNorm
@@ -65,6 +76,8 @@ class ModelOutput:
 class LlamaForCausalLM(nn.Module):
     config: ModelConfig
     collect_gate_logits: bool = True
+    # False: one submodule per decoder layer ("layers_<i>", unrolled), the inference layout.
+    scan_layers: bool = True
 
     @nn.compact
     def __call__(
@@ -101,21 +114,11 @@ class LlamaForCausalLM(nn.Module):
         )
         h = embed(input_ids)
 
-        block = DecoderLayer
-        if cfg.remat != "none":
-            block = nn.remat(block, prevent_cse=False, policy=_REMAT_POLICIES[cfg.remat])
-        layers = nn.scan(
-            block,
-            variable_axes={"params": 0},
-            split_rngs={"params": True},
-            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
-            length=cfg.num_layers,
-            metadata_params={nn.PARTITION_NAME: "layers"},
-        )(cfg, self.collect_gate_logits, name="layers")
-        layer_indices = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-        (h, new_layer_caches), gate_logits = layers(
-            (h, layer_caches), layer_indices, positions, query_slots, key_valid, cache_index, routing
-        )
+        broadcast = (positions, query_slots, key_valid, cache_index, routing)
+        if self.scan_layers:
+            h, new_layer_caches, gate_logits = self._scanned_layers(h, layer_caches, broadcast)
+        else:
+            h, new_layer_caches, gate_logits = self._unrolled_layers(h, layer_caches, broadcast)
 
         h = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, cfg.weight_dtype, name="norm")(h)
         if cfg.tie_word_embeddings:
@@ -137,16 +140,88 @@ class LlamaForCausalLM(nn.Module):
             )
         return ModelOutput(logits=logits.astype(jnp.float32), gate_logits=gate_logits, cache=new_cache)
 
+    def _scanned_layers(self, h, layer_caches, broadcast):
+        """One traced layer body scanned over params["layers"] (leaves [num_layers, ...])."""
+        cfg = self.config
+        block = DecoderLayer
+        if cfg.remat != "none":
+            # Inside a scan XLA cannot CSE the recomputation away, so no barrier is needed.
+            block = nn.remat(block, prevent_cse=False, policy=_REMAT_POLICIES[cfg.remat])
+        layers = nn.scan(
+            block,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+            length=cfg.num_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )(cfg, self.collect_gate_logits, name="layers")
+        layer_indices = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+        (h, layer_caches), gate_logits = layers((h, layer_caches), layer_indices, *broadcast)
+        return h, layer_caches, gate_logits
+
+    def _unrolled_layers(self, h, layer_caches, broadcast):
+        """params["layers_<i>"] applied in a Python loop; gate logits stacked as the scan stacks them."""
+        cfg = self.config
+        block = DecoderLayer
+        if cfg.remat != "none":
+            # The layer index (argument 2, counting the module) stays a Python int: static slices.
+            block = nn.remat(block, static_argnums=(2,), policy=_REMAT_POLICIES[cfg.remat])
+        per_layer = []
+        for i in range(cfg.num_layers):
+            # A static index: the cache row is written (dynamic_update_slice) and read in place.
+            (h, layer_caches), logits = block(cfg, self.collect_gate_logits, name=f"layers_{i}")(
+                (h, layer_caches), i, *broadcast
+            )
+            per_layer.append(logits)
+        gate_logits = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)  # {proj: [num_layers, B, S, L]}
+        return h, layer_caches, gate_logits
+
 
 def init_params(config: ModelConfig, rng: jax.Array, batch: int = 1, seq: int = 8) -> dict:
-    """Randomly initialised parameters (unboxed arrays; `param_specs` gives their logical axes)."""
+    """Randomly initialised parameters in the scanned layout (unboxed arrays;
+    `param_logical_axes` gives their logical axes)."""
     model = LlamaForCausalLM(config)
     variables = model.init(rng, jnp.zeros((batch, seq), jnp.int32))
     return nn.unbox(variables["params"])
 
 
-def param_logical_axes(config: ModelConfig) -> dict:
-    """The logical axis names of every parameter, as a pytree of `PartitionSpec`s."""
-    model = LlamaForCausalLM(config)
+def param_logical_axes(config: ModelConfig, scan_layers: bool = True) -> dict:
+    """The logical axis names of every parameter, as a pytree of `PartitionSpec`s, in the scanned
+    (leading "layers" axis) or the unrolled layout."""
+    model = LlamaForCausalLM(config, scan_layers=scan_layers)
     abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))
     return nn.get_partition_spec(abstract)["params"]
+
+
+_UNROLLED_LAYER = re.compile(r"layers_(\d+)")
+
+
+def unstack_layers(params: Mapping, num_layers: int) -> dict:
+    """Scanned layout -> unrolled layout: params["layers"] (every leaf [num_layers, ...]) becomes
+    params["layers_0"] .. params[f"layers_{num_layers - 1}"] (leaves [...]); the other entries are
+    kept. Numpy leaves give numpy views, jax leaves jax slices (jit it to convert in one program)."""
+    params = dict(params)
+    layers = params.pop("layers")
+    for path, leaf in jax.tree_util.tree_flatten_with_path(layers)[0]:
+        if np.shape(leaf)[:1] != (num_layers,):
+            raise ValueError(f"layers{jax.tree_util.keystr(path)} has shape {np.shape(leaf)}, want [{num_layers}, ...]")
+    for i in range(num_layers):
+        params[f"layers_{i}"] = jax.tree.map(lambda x: x[i], layers)
+    return params
+
+
+def stack_layers(params: Mapping) -> dict:
+    """Unrolled layout -> scanned layout (the inverse of `unstack_layers`): params["layers_<i>"],
+    i = 0 .. N-1, become params["layers"] with every leaf stacked to [N, ...]. Numpy leaves stay
+    numpy."""
+    params = dict(params)
+    indices = sorted(int(m.group(1)) for k in params if (m := _UNROLLED_LAYER.fullmatch(k)))
+    if not indices or indices != list(range(len(indices))) or "layers" in params:
+        raise ValueError(f"want layers_0 .. layers_<N-1> and no 'layers' entry, got {sorted(params)}")
+    per_layer = [params.pop(f"layers_{i}") for i in indices]
+
+    def stack(*xs):
+        return np.stack(xs) if all(isinstance(x, np.ndarray) for x in xs) else jnp.stack(xs)
+
+    params["layers"] = jax.tree.map(stack, *per_layer)
+    return params

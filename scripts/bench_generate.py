@@ -1,8 +1,9 @@
 """Generation benchmark (issue 6 point 6): prefill and decode tokens/s of the base model, the base
-+ one LoRA and MeteoRA, at LLaMA-3-8B shapes with random weights, all in one run.
++ one LoRA and MeteoRA, at LLaMA-3-8B shapes with random weights, in both decoder-layer layouts,
+all in one run.
 
     python scripts/bench_generate.py [--out PATH] [--num-layers 32] [--batches 1,32]
-        [--prompt-len 512] [--new-tokens 128] [--reps 5] [--tiny]
+        [--prompt-len 512] [--new-tokens 128] [--reps 5] [--layouts scan,unrolled] [--tiny]
 
 Models (bf16 weights and compute, rank 8 adapters on all 7 projections):
   base       plain LLaMA-3-8B (num_adapters = 0)
@@ -11,6 +12,10 @@ Models (bf16 weights and compute, rank 8 adapters on all 7 projections):
              mixture (its [d, 1] logits are still computed, as in every MeteoRA layer)
   MeteoRA    L = 28 adapters, top-2 routing by the gates (random gates: tokens spread over adapters)
 The three share the same base weights on the device.
+
+Layouts (`Generator(scan_layers=...)`): "scan" runs the decoder layers with `nn.scan` over stacked
+weights (the training/checkpoint layout); "unrolled" (the generator's default) converts them once to
+one set of weights per layer, applied in a Python loop. Ratios to base are taken within a layout.
 
 Timing: `Generator.device_call` binds the one compiled program (prefill + `while_loop` decode) to
 device-resident inputs; each run is one dispatch followed by `block_until_ready`, after a
@@ -27,6 +32,7 @@ Prints a compact table last and writes JSON (--out).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -41,9 +47,10 @@ import numpy as np  # noqa: E402
 
 from meteora_jax.config import MeteoRAConfig, ModelConfig, RopeScaling  # noqa: E402
 from meteora_jax.generate import Generator  # noqa: E402
-from meteora_jax.model import init_params  # noqa: E402
+from meteora_jax.model import init_params, unstack_layers  # noqa: E402
 
 TARGETS = {"prefill": 0.85, "decode": 0.75}
+LAYOUTS = ("scan", "unrolled")
 
 
 def llama3_8b(num_layers: int, meteora: MeteoRAConfig) -> ModelConfig:
@@ -123,8 +130,10 @@ def _median_time(run, reps: int) -> float:
     return statistics.median(times)
 
 
-def bench_model(name, config, params, batches, prompt_len, new_tokens, reps, force_adapter=None) -> list[dict]:
-    gen = Generator(config, params, min_prompt_bucket=prompt_len, min_new_tokens_bucket=new_tokens)
+def bench_model(name, layout, config, params, batches, prompt_len, new_tokens, reps, force_adapter=None) -> list[dict]:
+    gen = Generator(
+        config, params, min_prompt_bucket=prompt_len, min_new_tokens_bucket=new_tokens, scan_layers=layout == "scan"
+    )
     rows = []
     rng = np.random.default_rng(0)
     for batch in batches:
@@ -142,6 +151,7 @@ def bench_model(name, config, params, batches, prompt_len, new_tokens, reps, for
         t_decode = max(t_total - t_prefill, 1e-9)
         row = dict(
             model=name,
+            layout=layout,
             batch=batch,
             prompt_len=prompt_len,
             new_tokens=new_tokens,
@@ -153,7 +163,8 @@ def bench_model(name, config, params, batches, prompt_len, new_tokens, reps, for
             compile_s=compile_s,
         )
         print(
-            f"{name:10} B={batch:<3} prefill {row['prefill_tok_s']:10.0f} tok/s ({1e3 * t_prefill:7.1f} ms)  "
+            f"{name:10} {layout:8} B={batch:<3} "
+            f"prefill {row['prefill_tok_s']:10.0f} tok/s ({1e3 * t_prefill:7.1f} ms)  "
             f"decode {row['decode_tok_s']:9.0f} tok/s ({row['decode_ms_per_step']:.2f} ms/step)  "
             f"compile {compile_s:.1f} s",
             flush=True,
@@ -162,13 +173,15 @@ def bench_model(name, config, params, batches, prompt_len, new_tokens, reps, for
     return rows
 
 
-def decode_step_ms(config, params, batch, cache_len, reps, force_adapter=None) -> float:
+def decode_step_ms(config, params, layout, batch, cache_len, reps, force_adapter=None) -> float:
     """One decode step (model.apply of one token per row on a KV cache of `cache_len` slots, half
     full), jitted on its own: the per-token cost of the model without the generation loop."""
     from meteora_jax.model import KVCache, LlamaForCausalLM
     from meteora_jax.routing import Routing
 
-    model = LlamaForCausalLM(config, collect_gate_logits=False)
+    model = LlamaForCausalLM(config, collect_gate_logits=False, scan_layers=layout == "scan")
+    if layout != "scan":
+        params = jax.jit(unstack_layers, static_argnums=1)(params, config.num_layers)
     routing = Routing(temperature=jnp.float32(1.0))
     if force_adapter is not None:
         routing = Routing(temperature=jnp.float32(1.0), forced_weights=Routing.force_adapter(force_adapter, config.meteora.num_adapters).forced_weights)
@@ -180,15 +193,21 @@ def decode_step_ms(config, params, batch, cache_len, reps, force_adapter=None) -
     return 1e3 * _median_time(lambda: step(params, cache), max(reps, 3))
 
 
+def _base_rows(rows: list[dict]) -> dict:
+    """(layout, batch) -> the base model's row: ratios compare models within one layout."""
+    return {(r["layout"], r["batch"]): r for r in rows if r["model"] == "base"}
+
+
 def table(rows: list[dict]) -> str:
-    base = {r["batch"]: r for r in rows if r["model"] == "base"}
-    head = ("model", "batch", "prefill tok/s", "decode tok/s", "ms/step", "prefill x base", "decode x base")
+    base = _base_rows(rows)
+    head = ("model", "layout", "batch", "prefill tok/s", "decode tok/s", "ms/step", "prefill x base", "decode x base")
     lines = [head]
     for r in rows:
-        b = base.get(r["batch"])
+        b = base.get((r["layout"], r["batch"]))
         lines.append(
             (
                 r["model"],
+                r["layout"],
                 str(r["batch"]),
                 f"{r['prefill_tok_s']:.0f}",
                 f"{r['decode_tok_s']:.0f}",
@@ -212,11 +231,15 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--models", default="base,1lora,meteora", help="subset of base,1lora,meteora")
+    p.add_argument("--layouts", default=",".join(LAYOUTS), help="subset of scan,unrolled (decoder-layer layouts)")
     p.add_argument("--step-diagnostic", action="store_true",
                    help="also time one jitted decode step (model.apply with a KV cache) outside the loop")
     p.add_argument("--tiny", action="store_true", help="tiny shapes, for a CPU dry run of the script")
     args = p.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
+    layouts = [x for x in args.layouts.split(",") if x]
+    if not layouts or set(layouts) - set(LAYOUTS):
+        p.error(f"--layouts {args.layouts!r}: choose from {','.join(LAYOUTS)}")
     make = tiny if args.tiny else llama3_8b
 
     dev = jax.devices()[0]
@@ -235,13 +258,18 @@ def main(argv=None) -> int:
         ] if m[0].replace(" ", "").lower() in args.models.split(",")
     ]
     rows = []
-    for name, cfg, params, force in models:
-        rows += bench_model(name, cfg, params, batches, args.prompt_len, args.new_tokens, args.reps, force)
-        if args.step_diagnostic:
-            for batch in batches:
-                ms = decode_step_ms(cfg, params, batch, args.prompt_len + args.new_tokens, args.reps, force)
-                print(f"{name:10} B={batch:<3} one jitted decode step outside the loop: {ms:.2f} ms", flush=True)
-                rows[-len(batches) + batches.index(batch)]["single_step_ms"] = ms
+    for layout in layouts:
+        for name, cfg, params, force in models:
+            rows += bench_model(name, layout, cfg, params, batches, args.prompt_len, args.new_tokens, args.reps, force)
+            # A Generator is a reference cycle (its jitted method): collect it now, so that its
+            # unrolled copy of the weights leaves the device before the next one is made.
+            gc.collect()
+            if args.step_diagnostic:
+                for batch in batches:
+                    ms = decode_step_ms(cfg, params, layout, batch, args.prompt_len + args.new_tokens, args.reps, force)
+                    print(f"{name:10} {layout:8} B={batch:<3} one jitted decode step outside the loop: {ms:.2f} ms",
+                          flush=True)
+                    rows[-len(batches) + batches.index(batch)]["single_step_ms"] = ms
 
     result = dict(
         device=dev.device_kind,
@@ -253,24 +281,33 @@ def main(argv=None) -> int:
         prompt_len=args.prompt_len,
         new_tokens=args.new_tokens,
         reps=args.reps,
+        layouts=layouts,
         rows=rows,
         targets=TARGETS,
     )
-    base = {r["batch"]: r for r in rows if r["model"] == "base"}
+    base = _base_rows(rows)
     checks = []
     for r in rows:
-        if r["model"] == "MeteoRA" and r["batch"] in base:  # ratios need the base row of the same run
+        b = base.get((r["layout"], r["batch"]))  # ratios need the base row of the same run and layout
+        if r["model"] == "MeteoRA" and b:
             for kind in ("prefill", "decode"):
-                ratio = r[f"{kind}_tok_s"] / base[r["batch"]][f"{kind}_tok_s"]
-                checks.append(dict(batch=r["batch"], kind=kind, ratio=ratio, target=TARGETS[kind], met=ratio >= TARGETS[kind]))
+                ratio = r[f"{kind}_tok_s"] / b[f"{kind}_tok_s"]
+                checks.append(dict(layout=r["layout"], batch=r["batch"], kind=kind, ratio=ratio,
+                                   target=TARGETS[kind], met=ratio >= TARGETS[kind]))
     result["checks"] = checks
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     print(f"\nwrote {args.out}")
     for c in checks:
-        print(f"MeteoRA {c['kind']} B={c['batch']}: {c['ratio']:.3f}x base (target >= {c['target']}) "
-              f"{'met' if c['met'] else 'MISSED'}")
+        print(f"MeteoRA {c['layout']:8} {c['kind']:7} B={c['batch']}: {c['ratio']:.3f}x base "
+              f"(target >= {c['target']}) {'met' if c['met'] else 'MISSED'}")
+    by_key = {(r["model"], r["layout"], r["batch"]): r for r in rows}
+    for (name, layout, batch), r in by_key.items():
+        scan = by_key.get((name, "scan", batch))
+        if layout == "unrolled" and scan:
+            print(f"{name:10} B={batch:<3} unrolled / scan: prefill {r['prefill_tok_s'] / scan['prefill_tok_s']:.3f}x, "
+                  f"decode {r['decode_tok_s'] / scan['decode_tok_s']:.3f}x")
     print(f"\n{dev.device_kind}, {args.num_layers} layers, prompt {args.prompt_len}, {args.new_tokens} new tokens")
     print(table(rows))
     return 0

@@ -55,6 +55,9 @@ def main(argv=None) -> int:
                    help="default: as the training run recorded with --gates; auto (the tokenizer's template "
                    "if it has one) without gates")
     p.add_argument("--dtype", default=None, help="compute dtype override (float32, bfloat16)")
+    p.add_argument("--layer-layout", choices=("unrolled", "scan"), default="unrolled",
+                   help="unrolled (default): per-layer weights, fastest decoding; scan: one scanned layer, "
+                   "much shorter compiles (better when many prompt-length buckets meet a small model)")
     p.add_argument("--top-k", type=int, default=None, help="routing top-k override (default: the gates' run)")
     p.add_argument("--json", default=None, help="also write {prompt, output} lines to this JSONL file")
     p.add_argument("--routing-pictures", default=None, help="folder for a PNG + HTML routing picture per prompt")
@@ -76,6 +79,7 @@ def main(argv=None) -> int:
             top_k=args.top_k,
             force_adapter=args.force_adapter,
             chat_template=args.chat_template,
+            scan_layers=args.layer_layout == "scan",
         )
     except ValueError as e:
         p.error(str(e))
