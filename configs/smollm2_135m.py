@@ -20,7 +20,7 @@ def get_config():
         param_dtype="float32",
         remat="none",
     )
-    config.model.meteora.update(num_adapters=8, rank=16, top_k=2)
+    config.model.meteora.update(num_adapters=10, rank=16, top_k=2)
     # Gate training (scripts/train.py): point these at your converted checkpoint and task data,
     # e.g. --config.model_checkpoint=... --config.data.root=... on the command line.
     # Defaults follow examples/README.md: tasks in data/tasks, adapters and the exported base
@@ -30,8 +30,13 @@ def get_config():
     config.data.root = "data/tasks"  # <root>/<adapter name>/{train,test}.jsonl
     config.data.seq_len = 192  # the example tasks' longest sample is 147 tokens with the chat template
     config.data.chat_template = True  # as the example adapters were trained
+    # SmolLM2's template puts the same system prompt (~20 tokens) before every user turn: no gate
+    # can tell the task there, so the gate loss starts at the prompt text.
+    config.data.gate_scope = "task"
     config.workdir = "runs/smollm2_135m"
-    config.train.update(steps=2000, batch_size=16, grad_accum_steps=1, eval_every=500, eval_batch_size=16, eval_max_batches=50)
+    # eval_max_batches=0: every eval (and the final one, reported per task) covers the whole test split.
+    config.train.update(steps=3000, batch_size=16, grad_accum_steps=1, eval_every=500, eval_batch_size=64, eval_max_batches=0)
+    config.optimizer.update(learning_rate=1e-3)
     config.schedule.update(kind="cosine", warmup_steps=100)
     config.checkpoint.update(every=500, keep=3)
     return config

@@ -15,7 +15,10 @@ Per example, every array has the fixed sequence length S (right padding):
     lm_mask        [S] int32  1 where a token is an LM target: response (+ its end token) only, or
                               prompt + response with `lm_on_prompt=True` (as the original)
     gate_labels    [S] int32  the adapter index of the example's task, on every position
-    gate_mask      [S] int32  1 on every non-padding token
+    gate_mask      [S] int32  1 on every non-padding token (`gate_scope="all"`), or from the first
+                              token of the prompt text on (`gate_scope="task"`: not on the BOS or
+                              the chat template's head, e.g. a default system prompt, which are
+                              the same for every task and so carry no task to route by)
     attention_mask [S] int32  1 on every non-padding token
 
 Validation (file, line, field; missing folders; empty files) happens before any tokenisation, and
@@ -51,6 +54,7 @@ __all__ = [
 ]
 
 ARRAY_KEYS = ("input_ids", "lm_labels", "lm_mask", "gate_labels", "gate_mask", "attention_mask")
+GATE_SCOPES = ("all", "task")  # which tokens the gate loss (and gate accuracy) covers
 COMPOSITE_SEPARATOR = "@@@@\n"  # between sub-answers of a composite sample (DESIGN.md section 6)
 _MIXING = ("round_robin", "uniform")
 
@@ -181,8 +185,9 @@ def _render(tokenizer, messages, **kwargs) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
 
 
-def _encode_chat(tokenizer, prompt: str, response: str) -> tuple[list[int], int]:
-    """Returns (ids, n_prompt): the chat-formatted pair and how many leading tokens are prompt."""
+def _encode_chat(tokenizer, prompt: str, response: str) -> tuple[list[int], int, int]:
+    """Returns (ids, n_head, n_prompt): the chat-formatted pair, how many leading tokens come
+    before the prompt text (the template's head) and how many are prompt (head included)."""
     user = [{"role": "user", "content": prompt}]
     full = _render(tokenizer, user + [{"role": "assistant", "content": response}])
     head = _render(tokenizer, user, add_generation_prompt=True)
@@ -192,17 +197,21 @@ def _encode_chat(tokenizer, prompt: str, response: str) -> tuple[list[int], int]
         boundary = full.rfind(response)
         if not response or boundary < 0:
             raise DataError("chat template output starts neither with the prompt turn nor holds the response")
+    prompt_start = full.rfind(prompt, 0, boundary) if prompt else boundary
+    if prompt_start < 0:
+        raise DataError("chat template output does not hold the prompt text")
     # The rendered text carries the template's special tokens already: no extra BOS/EOS.
     if getattr(tokenizer, "is_fast", False):
         enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
         ids = list(enc["input_ids"])
-        # A token counts as response if any of its characters lies past the boundary.
+        # A token counts as response (prompt text) if any of its characters lies past the boundary.
         n_prompt = sum(1 for _, end in enc["offset_mapping"] if end <= boundary)
-        return ids, n_prompt
+        n_head = sum(1 for _, end in enc["offset_mapping"] if end <= prompt_start)
+        return ids, n_head, n_prompt
     ids, head_ids = _ids(tokenizer, full), _ids(tokenizer, full[:boundary])
     if ids[: len(head_ids)] != head_ids:
         raise DataError("prompt tokens are not a prefix of prompt+response tokens; use a fast tokenizer")
-    return ids, len(head_ids)
+    return ids, len(_ids(tokenizer, full[:prompt_start])), len(head_ids)
 
 
 def encode_example(
@@ -214,6 +223,7 @@ def encode_example(
     task_index: int,
     chat_template: bool = False,
     lm_on_prompt: bool = False,
+    gate_scope: str = "all",
     add_bos: bool | None = None,
 ) -> tuple[dict[str, np.ndarray], bool]:
     """Tokenises one pair into the fixed-length arrays of the module docstring.
@@ -222,21 +232,25 @@ def encode_example(
     and response tokenised separately so the boundary is exact. With one: the template applied to
     a user turn (prompt) and an assistant turn (response), as rendered. `add_bos=None` follows
     the tokenizer's own habit (checked once per call; pass it when encoding many examples).
+    gate_scope: "all" or "task" (see the module docstring's gate_mask).
     Returns (arrays each [S], truncated).
     """
+    if gate_scope not in GATE_SCOPES:
+        raise DataError(f"gate_scope={gate_scope!r}; choose one of {GATE_SCOPES}")
     if chat_template:
-        ids, n_prompt = _encode_chat(tokenizer, prompt, response)
+        ids, n_head, n_prompt = _encode_chat(tokenizer, prompt, response)
     else:
         if add_bos is None:
             add_bos = tokenizer_adds_bos(tokenizer)
         head = [tokenizer.bos_token_id] if add_bos else []
         p, r = _ids(tokenizer, prompt), _ids(tokenizer, response)
         eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-        ids, n_prompt = head + p + r + eos, len(head) + len(p)
-    return _to_arrays(ids, n_prompt, _pad_id(tokenizer), seq_len, task_index, lm_on_prompt)
+        ids, n_head, n_prompt = head + p + r + eos, len(head), len(head) + len(p)
+    n_head = n_head if gate_scope == "task" else 0
+    return _to_arrays(ids, n_head, n_prompt, _pad_id(tokenizer), seq_len, task_index, lm_on_prompt)
 
 
-def _to_arrays(ids, n_prompt, pad_id, seq_len, task_index, lm_on_prompt):
+def _to_arrays(ids, n_head, n_prompt, pad_id, seq_len, task_index, lm_on_prompt):
     truncated = len(ids) > seq_len
     ids = ids[:seq_len]  # keep the start: the prompt decides the task
     n = len(ids)
@@ -247,12 +261,14 @@ def _to_arrays(ids, n_prompt, pad_id, seq_len, task_index, lm_on_prompt):
     lm_mask = valid.copy()
     if not lm_on_prompt:
         lm_mask[: min(n_prompt, n)] = 0
+    gate_mask = valid.copy()
+    gate_mask[: min(n_head, n)] = 0
     arrays = {
         "input_ids": input_ids,
         "lm_labels": input_ids.copy(),
         "lm_mask": lm_mask,
         "gate_labels": np.full(seq_len, task_index, np.int32),
-        "gate_mask": valid,
+        "gate_mask": gate_mask,
         "attention_mask": valid.copy(),
     }
     return arrays, truncated
@@ -284,6 +300,7 @@ def tokenize_records(
     task_index: int,
     chat_template: bool = False,
     lm_on_prompt: bool = False,
+    gate_scope: str = "all",
 ) -> tuple[datasets.Dataset, int]:
     """Validated records -> (`datasets.Dataset` of the ARRAY_KEYS columns, each [S]; n truncated)."""
     _check_tokenizer(tokenizer, chat_template, seq_len)
@@ -294,6 +311,7 @@ def tokenize_records(
         task_index=task_index,
         chat_template=chat_template,
         lm_on_prompt=lm_on_prompt,
+        gate_scope=gate_scope,
         add_bos=tokenizer_adds_bos(tokenizer),
     )
 
@@ -333,6 +351,7 @@ def load_task_datasets(
     seq_len: int,
     chat_template: bool = False,
     lm_on_prompt: bool = False,
+    gate_scope: str = "all",
 ) -> dict[str, datasets.Dataset]:
     """`<root>/<task>/<split>.jsonl` for every adapter -> {task: Dataset}, in adapter order.
 
@@ -341,6 +360,8 @@ def load_task_datasets(
     `seq_len` is reported once, as a warning with counts per task.
     """
     _check_tokenizer(tokenizer, chat_template, seq_len)
+    if gate_scope not in GATE_SCOPES:
+        raise DataError(f"gate_scope={gate_scope!r}; choose one of {GATE_SCOPES}")
     paths = find_task_dirs(root, adapter_names, split=split)
     records = {task: read_jsonl(path) for task, path in paths.items()}  # all validated first
     out, truncated = {}, {}
@@ -352,6 +373,7 @@ def load_task_datasets(
             task_index=list(adapter_names).index(task),
             chat_template=chat_template,
             lm_on_prompt=lm_on_prompt,
+            gate_scope=gate_scope,
         )
         if n:
             truncated[task] = n

@@ -184,6 +184,10 @@ def _check_train_config(config) -> None:
     _check(config.checkpoint.keep >= 1, f"checkpoint.keep={config.checkpoint.keep} must be >= 1")
     _check(config.logging.every >= 1, f"logging.every={config.logging.every} must be >= 1")
     _check(config.data.seq_len >= 2, f"data.seq_len={config.data.seq_len} must be >= 2")
+    _check(
+        config.data.gate_scope in data_lib.GATE_SCOPES,
+        f"data.gate_scope={config.data.gate_scope!r}; choose one of {data_lib.GATE_SCOPES}",
+    )
 
 
 def _runtime_model_config(stored: ModelConfig, model_section) -> ModelConfig:
@@ -259,7 +263,12 @@ def prepare(config) -> Setup:
         len(tokenizer) <= model_config.vocab_size,
         f"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {model_config.vocab_size}",
     )
-    kw = dict(seq_len=seq_len, chat_template=bool(config.data.chat_template), lm_on_prompt=bool(config.data.lm_on_prompt))
+    kw = dict(
+        seq_len=seq_len,
+        chat_template=bool(config.data.chat_template),
+        lm_on_prompt=bool(config.data.lm_on_prompt),
+        gate_scope=str(config.data.gate_scope),
+    )
     _check(bool(config.data.root), "data.root is empty: give the folder of <task>/{train,test}.jsonl")
     # Validate every file of both splits before tokenising any.
     for split in ["train"] + ([config.data.eval_split] if config.train.eval_every >= 0 else []):
@@ -405,6 +414,7 @@ def run_settings(config) -> dict:
         "dtype": str(config.model.dtype),
         "chat_template": bool(config.data.chat_template),
         "lm_on_prompt": bool(config.data.lm_on_prompt),
+        "gate_scope": str(config.data.gate_scope),
     }
 
 

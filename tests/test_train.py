@@ -274,7 +274,7 @@ def test_exported_gates_carry_the_run_settings(make_config, world, monkeypatch, 
     gates_dir = train_lib.train(config)["gates_dir"]
     settings = train_lib.load_gate_settings(gates_dir)
     assert settings == dict(top_k=1, kernel_impl=config.model.meteora.kernel_impl, dtype="float32",
-                            chat_template=False, lm_on_prompt=False)
+                            chat_template=False, lm_on_prompt=False, gate_scope="all")
     _, stored, _ = load_for_inference(world.model)
     assert stored.meteora.top_k == 2
     _, cfg, names = load_for_inference(world.model, gates_dir)
