@@ -216,8 +216,10 @@ def main(argv=None) -> int:
         "",
         "Greedy decoding; `oracle adapter` routes every token to the task's own adapter (the PEFT "
         "baseline, through our model); `MeteoRA` routes by the trained gates (top-2). Gate top-1: share "
-        "of the task's test tokens (prompt and answer, teacher-forced) whose top-1 gate choice is the "
-        "task's adapter, averaged over every gate of every layer (the gate training's final eval).",
+        "of the task's test tokens (teacher-forced; the tokens the gate loss covers, `data.gate_scope`: "
+        "for configs/smollm2_135m.py from the prompt text on, without the chat template's shared system "
+        "prompt) whose top-1 gate choice is the task's adapter, averaged over every gate of every layer "
+        "(the gate training's final eval).",
         "",
         single,
         *composite_parts,
