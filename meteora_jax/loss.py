@@ -60,6 +60,8 @@ def gate_loss(
       gate_acc_top1, gate_acc_topk: scalars; `topk` = label among the `top_k` largest logits.
       gate_task_correct [L], gate_task_count [L]: top-1 hits and (gate x token) counts per label,
         to sum across batches; `per_task_accuracy` turns them into rates.
+      gate_layer_correct [n_layers], gate_layer_count [n_layers]: the same per decoder layer (over
+        the projections gated at that layer), to see where in depth the routing goes wrong.
     """
     batch, seq = gate_labels.shape
     mask = gate_mask.astype(jnp.float32)
@@ -67,7 +69,7 @@ def gate_loss(
         zero = jnp.zeros((), jnp.float32)
         empty = jnp.zeros((0,), jnp.float32)
         metrics = {"gate_acc_top1": zero, "gate_acc_topk": zero}
-        return zero, metrics | {"gate_task_correct": empty, "gate_task_count": empty}
+        return zero, metrics | {k: empty for k in _GATE_SUMS}
     logits = _stack_gates(gate_logits, batch, seq)  # [G, B, S, L]
     n_gates, n_adapters = logits.shape[0], logits.shape[-1]
     labels = jnp.broadcast_to(gate_labels, logits.shape[:-1])  # [G, B, S]
@@ -81,13 +83,33 @@ def gate_loss(
     hit_topk = jnp.any(top_idx == labels[..., None], axis=-1).astype(jnp.float32)
     denom = jnp.maximum(jnp.sum(mask) * n_gates, 1.0)
     onehot = jax.nn.one_hot(gate_labels, n_adapters, dtype=jnp.float32)  # [B, S, L]
+    layer_correct, layer_count = _per_layer(hit_top1, mask, [gate_logits[p].shape[0] for p in sorted(gate_logits)])
     metrics = {
         "gate_acc_top1": jnp.sum(hit_top1 * mask) / denom,
         "gate_acc_topk": jnp.sum(hit_topk * mask) / denom,
         "gate_task_correct": jnp.einsum("bs,bsl->l", jnp.sum(hit_top1, axis=0) * mask, onehot),
         "gate_task_count": jnp.einsum("bs,bsl->l", mask, onehot) * n_gates,
+        "gate_layer_correct": layer_correct,
+        "gate_layer_count": layer_count,
     }
     return loss, metrics
+
+
+_GATE_SUMS = ("gate_task_correct", "gate_task_count", "gate_layer_correct", "gate_layer_count")
+
+
+def _per_layer(hits: jax.Array, mask: jax.Array, layers_per_proj: list[int]) -> tuple[jax.Array, jax.Array]:
+    """hits [G, B, S] (projection-major, as `_stack_gates`), mask [B, S] -> masked hit sums and
+    (gate x token) counts per decoder layer, [max layers] each."""
+    n_layers = max(layers_per_proj)
+    correct = jnp.zeros((n_layers,), jnp.float32)
+    count = jnp.zeros((n_layers,), jnp.float32)
+    start = 0
+    for n in layers_per_proj:
+        correct = correct.at[:n].add(jnp.sum(hits[start : start + n] * mask, axis=(1, 2)))
+        count = count.at[:n].add(jnp.sum(mask))
+        start += n
+    return correct, count
 
 
 def per_task_accuracy(correct: jax.Array, count: jax.Array) -> jax.Array:

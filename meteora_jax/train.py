@@ -671,12 +671,12 @@ class Trainer:
     # -- eval ------------------------------------------------------------------------------------
 
     def evaluate(self) -> dict[str, float]:
-        """Loss and gate accuracy (overall and per task) on the eval split."""
+        """Loss and gate accuracy (overall, per task and per decoder layer) on the eval split."""
         cfg = self.config
         # Token-weighted: lm_loss over all LM targets, gate metrics over all gate tokens, and
         # loss = lm + coef * gate of those (as one batch holding the whole eval set would give).
         sums = dict.fromkeys(_WEIGHTED_BY_LM + _WEIGHTED_BY_GATE, 0.0)
-        lm_total, gate_total, correct, count = 0.0, 0.0, 0.0, 0.0
+        lm_total, gate_total, correct, count, layer_correct, layer_count = 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
         for i, batch in enumerate(data_lib.eval_batches(self.setup.eval_data, int(cfg.train.eval_batch_size))):
             if cfg.train.eval_max_batches and i >= cfg.train.eval_max_batches:
                 break
@@ -687,11 +687,15 @@ class Trainer:
                 sums[k] += float(m[k]) * (n_lm if k in _WEIGHTED_BY_LM else n_gate)
             lm_total, gate_total = lm_total + n_lm, gate_total + n_gate
             correct, count = correct + m["gate_task_correct"], count + m["gate_task_count"]
+            layer_correct, layer_count = layer_correct + m["gate_layer_correct"], layer_count + m["gate_layer_count"]
         out = {k: v / max(lm_total if k in _WEIGHTED_BY_LM else gate_total, 1.0) for k, v in sums.items()}
         out = _with_loss(out, float(cfg.train.loss_coef))
         per_task = np.asarray(per_task_accuracy(jnp.asarray(correct), jnp.asarray(count)))
         for name, acc in zip(self.setup.adapter_names, np.atleast_1d(per_task)):
             out[f"gate_acc/{name}"] = float(acc)
+        per_layer = np.asarray(per_task_accuracy(jnp.asarray(layer_correct), jnp.asarray(layer_count)))
+        for i, acc in enumerate(np.atleast_1d(per_layer)):
+            out[f"gate_acc_layer/{i}"] = float(acc)
         return out
 
     # -- loop ------------------------------------------------------------------------------------
@@ -760,7 +764,11 @@ class Trainer:
             last_eval = self.evaluate()
             history.append({"step": step_no, "split": "eval", **last_eval})
             metric_log.write(step_no, "eval", last_eval)
-            msg = " ".join(f"{k}={v:.3f}" for k, v in last_eval.items() if k.startswith("gate_acc") or k == "loss")
+            shown = [k for k in last_eval if (k.startswith("gate_acc") and "layer/" not in k) or k == "loss"]
+            layers = [v for k, v in last_eval.items() if k.startswith("gate_acc_layer/")]
+            msg = " ".join(f"{k}={last_eval[k]:.3f}" for k in shown)
+            if layers:  # per-layer values go to the metric log; the line shows their range
+                msg += f" gate_acc_layer=[{min(layers):.3f}..{max(layers):.3f}]"
             (bar.write if bar is not None else print)(f"eval step {step_no}: {msg}")
 
         try:

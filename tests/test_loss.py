@@ -47,6 +47,8 @@ def _reference(logits, gates, batch, coef, top_k):
 
     per_gate, top1, topk = [], [], []
     task_correct, task_count = np.zeros(N_ADAPTERS), np.zeros(N_ADAPTERS)
+    n_layers = max(g.shape[0] for g in gates.values())
+    layer_correct, layer_count = np.zeros(n_layers), np.zeros(n_layers)
     for proj in sorted(gates):
         for layer in range(gates[proj].shape[0]):
             terms = []
@@ -61,6 +63,8 @@ def _reference(logits, gates, batch, coef, top_k):
                     topk.append(y in order[:top_k])
                     task_correct[y] += order[0] == y
                     task_count[y] += 1
+                    layer_correct[layer] += order[0] == y
+                    layer_count[layer] += 1
             per_gate.append(np.mean(terms))
     gate = np.mean(per_gate)
     return {
@@ -71,6 +75,8 @@ def _reference(logits, gates, batch, coef, top_k):
         "gate_acc_topk": np.mean(topk),
         "gate_task_correct": task_correct,
         "gate_task_count": task_count,
+        "gate_layer_correct": layer_correct,
+        "gate_layer_count": layer_count,
         "lm_tokens": len(lm_terms),
         "gate_tokens": batch["gate_mask"].sum(),
     }

@@ -232,6 +232,12 @@ def test_eval_metrics_are_token_weighted(make_config, monkeypatch):
     per_task = want["gate_task_correct"] / want["gate_task_count"]
     for name, acc in zip(trainer.setup.adapter_names, per_task):
         np.testing.assert_allclose(got[f"gate_acc/{name}"], acc, rtol=1e-6)
+    per_layer = want["gate_layer_correct"] / want["gate_layer_count"]
+    assert len(per_layer) == trainer.setup.model_config.num_layers
+    for i, acc in enumerate(per_layer):
+        np.testing.assert_allclose(got[f"gate_acc_layer/{i}"], acc, rtol=1e-6)
+    # Every gate sits in one layer: the token-weighted mean over layers is the overall top-1.
+    np.testing.assert_allclose(want["gate_layer_correct"].sum() / want["gate_layer_count"].sum(), got["gate_acc_top1"], rtol=1e-5)
     trainer.close()
 
 
