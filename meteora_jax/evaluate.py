@@ -34,7 +34,6 @@ __all__ = [
     "evaluate_composite_records",
     "evaluate_records",
     "evaluate_task",
-    "encode_turns",
     "exact_match",
     "format_results",
     "format_table",
@@ -307,35 +306,6 @@ def generate_texts(
     )
 
 
-def encode_turns(
-    tokenizer, prompts: Sequence[str], answers: Sequence[str], *, chat_template: bool | None = None
-) -> list[int]:
-    """Token ids of one conversation: prompts[i] answered by answers[i] for every earlier turn, then
-    the last prompt awaiting its answer (len(answers) == len(prompts) - 1).
-
-    With a chat template: alternating user / assistant turns plus the generation prompt. Without
-    one: the turns as training examples would be, back to back ([BOS] p1 a1 EOS p2 a2 EOS ... pn).
-    """
-    from meteora_jax.generate import encode_prompt
-
-    if len(answers) != len(prompts) - 1:
-        raise ValueError(f"{len(prompts)} prompts need {len(prompts) - 1} earlier answers, got {len(answers)}")
-    if chat_template is None:
-        chat_template = bool(getattr(tokenizer, "chat_template", None))
-    if chat_template:
-        messages = []
-        for p, a in zip(prompts, answers):
-            messages += [{"role": "user", "content": p}, {"role": "assistant", "content": a}]
-        messages.append({"role": "user", "content": prompts[-1]})
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    ids = encode_prompt(tokenizer, prompts[0], chat_template=False)
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    for a, p in zip(answers, prompts[1:]):
-        ids += tokenizer(a, add_special_tokens=False)["input_ids"] + eos + tokenizer(p, add_special_tokens=False)["input_ids"]
-    return ids
-
-
 def generate_chained(
     generator,
     tokenizer,
@@ -357,6 +327,7 @@ def generate_chained(
     segment; the whole conversation is re-read with it); overrides `force_adapter`.
     """
     from meteora_jax.data import COMPOSITE_SEPARATOR
+    from meteora_jax.generate import encode_turns
 
     answers: list[list[str]] = [[] for _ in sub_prompts]
     for turn in range(max((len(s) for s in sub_prompts), default=0)):
@@ -436,6 +407,7 @@ def save_chained_routing_picture(
     in context, so the picture covers the whole conversation (prefill routing of the earlier turns,
     decode routing of the last answer). Returns the two paths."""
     from meteora_jax import viz
+    from meteora_jax.generate import encode_turns
 
     subs = list(record["prompts"])
     ids = encode_turns(tokenizer, subs, split_composite(prediction, len(subs))[:-1], chat_template=chat_template)

@@ -45,9 +45,13 @@ __all__ = [
     "CliOptions",
     "GenerationOutput",
     "Generator",
+    "add_inference_arguments",
     "bucket_length",
     "cli_options",
     "encode_prompt",
+    "encode_turns",
+    "generator_for_cli",
+    "generator_from_args",
     "load_for_inference",
     "resolve_force_adapter",
     "sample_token",
@@ -430,19 +434,42 @@ def encode_prompt(tokenizer, prompt: str, *, chat_template: bool | None = None) 
     `data.chat_template`); False is [BOS if the tokenizer adds one] + prompt; None uses the
     template when the tokenizer has one.
     """
+    return encode_turns(tokenizer, [prompt], [], chat_template=chat_template)
+
+
+def encode_turns(
+    tokenizer, prompts: Sequence[str], answers: Sequence[str], *, chat_template: bool | None = None
+) -> list[int]:
+    """Token ids of one conversation: prompts[i] answered by answers[i] for every earlier turn, then
+    the last prompt awaiting its answer (len(answers) == len(prompts) - 1; one prompt and no answers
+    is `encode_prompt`).
+
+    With a chat template: alternating user / assistant turns plus the generation prompt. Without
+    one: the turns as training examples would be, back to back ([BOS] p1 a1 EOS p2 a2 EOS ... pn).
+    """
+    if len(answers) != len(prompts) - 1:
+        raise ValueError(f"{len(prompts)} prompts need {len(prompts) - 1} earlier answers, got {len(answers)}")
     if chat_template is None:
         chat_template = bool(getattr(tokenizer, "chat_template", None))
     if chat_template:
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("chat_template=True but the tokenizer has no chat template")
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
+        messages = []
+        for p, a in zip(prompts, answers):
+            messages += [{"role": "user", "content": p}, {"role": "assistant", "content": a}]
+        messages.append({"role": "user", "content": prompts[-1]})
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
     from meteora_jax.data import tokenizer_adds_bos  # imports `datasets`: kept off the benchmark path
 
-    head = [tokenizer.bos_token_id] if tokenizer_adds_bos(tokenizer) else []
-    return head + list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    def ids(text):
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    out = ([tokenizer.bos_token_id] if tokenizer_adds_bos(tokenizer) else []) + ids(prompts[0])
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    for a, p in zip(answers, prompts[1:]):
+        out += ids(a) + eos + ids(p)
+    return out
 
 
 def eos_ids_of(tokenizer) -> list[int]:
@@ -549,6 +576,37 @@ def cli_options(
         raise ValueError(f"chat_template={chat_template!r}; choose one of {sorted(_CHAT_FLAGS)} or None")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     return CliOptions(resolve_force_adapter(force_adapter, names), chat, int(pad))
+
+
+def add_inference_arguments(parser) -> None:
+    """The options scripts/generate.py and scripts/evaluate.py share: how the checkpoint is loaded
+    and routed (`generator_from_args` reads them back)."""
+    parser.add_argument("--gates", default=None, help="trained gates folder (<workdir>/gates) to merge in")
+    parser.add_argument("--force-adapter", default=None, help="adapter name or index: route every token to it")
+    parser.add_argument("--chat-template", choices=("auto", "yes", "no"), default=None,
+                        help="default: as the training run recorded with --gates; auto (the tokenizer's template "
+                        "if it has one) without gates")
+    parser.add_argument("--dtype", default=None,
+                        help="compute dtype override, float32 or bfloat16 (default: the gates' run, else the checkpoint's)")
+    parser.add_argument("--layer-layout", choices=("unrolled", "scan"), default="unrolled",
+                        help="unrolled (default): per-layer weights, fastest decoding; scan: one scanned layer, "
+                        "much shorter compiles (better when many prompt-length buckets meet a small model)")
+    parser.add_argument("--top-k", type=int, default=None, help="routing top-k override (default: the gates' run)")
+
+
+def generator_from_args(args):
+    """`generator_for_cli` with `args.checkpoint`, `args.tokenizer` and the options of
+    `add_inference_arguments`."""
+    return generator_for_cli(
+        args.checkpoint,
+        args.tokenizer,
+        gates=args.gates,
+        dtype=args.dtype,
+        top_k=args.top_k,
+        force_adapter=args.force_adapter,
+        chat_template=args.chat_template,
+        scan_layers=args.layer_layout == "scan",
+    )
 
 
 def generator_for_cli(

@@ -34,10 +34,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 
 def main(argv=None) -> int:
+    from meteora_jax.generate import add_inference_arguments
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", help="model checkpoint folder (meteora_jax.checkpoint)")
     p.add_argument("--tokenizer", help="HF tokenizer folder")
-    p.add_argument("--gates", default=None, help="trained gates folder (<workdir>/gates) to merge in")
     p.add_argument("--data-root", default=None, help="<root>/<task>/<split>.jsonl")
     p.add_argument("--tasks", default=None, help="comma-separated task names (default: all with a split file)")
     p.add_argument("--split", default="test")
@@ -57,25 +58,17 @@ def main(argv=None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: longest reference + 8 tokens")
     p.add_argument("--routing-temperature", type=float, default=1.0)
     p.add_argument("--composite-temperature", type=float, default=None)
-    p.add_argument("--force-adapter", default=None, help="adapter name or index: route every token to it")
     p.add_argument("--oracle", action="store_true",
                    help="oracle routing: every task (and every composite turn) answered by the adapter named "
                    "after its task")
     p.add_argument("--composite-mode", choices=("turns", "joint"), default="turns",
                    help="turns (default): a composite sample's sub-prompts are chained turns of one "
                    "conversation; joint: the numbered prompt at once, the model separates its answers with @@@@")
-    p.add_argument("--chat-template", choices=("auto", "yes", "no"), default=None,
-                   help="default: as the training run recorded with --gates; auto (the tokenizer's template "
-                   "if it has one) without gates")
-    p.add_argument("--dtype", default=None, help="compute dtype override (default: the gates' run, else the checkpoint's)")
-    p.add_argument("--layer-layout", choices=("unrolled", "scan"), default="unrolled",
-                   help="unrolled (default): per-layer weights, fastest decoding; scan: one scanned layer, "
-                   "much shorter compiles (better when many prompt-length buckets meet a small model)")
-    p.add_argument("--top-k", type=int, default=None, help="routing top-k override (default: the gates' run)")
     p.add_argument("--routing-pictures", default=None,
                    help="folder: routing pictures (PNG + HTML) of the first samples of each composite set")
     p.add_argument("--pictures-per-set", type=int, default=1)
     p.add_argument("--output", default="runs/eval/results.json")
+    add_inference_arguments(p)
     args = p.parse_args(argv)
 
     from meteora_jax import evaluate as ev
@@ -110,19 +103,10 @@ def main(argv=None) -> int:
     if args.oracle and args.force_adapter is not None:
         p.error("--oracle and --force-adapter exclude each other")
 
-    from meteora_jax.generate import generator_for_cli
+    from meteora_jax.generate import generator_from_args
 
     try:
-        generator, tokenizer, adapter_names, opts = generator_for_cli(
-            args.checkpoint,
-            args.tokenizer,
-            gates=args.gates,
-            dtype=args.dtype,
-            top_k=args.top_k,
-            force_adapter=args.force_adapter,
-            chat_template=args.chat_template,
-            scan_layers=args.layer_layout == "scan",
-        )
+        generator, tokenizer, adapter_names, opts = generator_from_args(args)
     except ValueError as e:
         p.error(str(e))
     try:

@@ -38,10 +38,11 @@ def _read_prompts(args) -> list[str]:
 
 
 def main(argv=None) -> int:
+    from meteora_jax.generate import add_inference_arguments
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="model checkpoint folder (meteora_jax.checkpoint)")
     p.add_argument("--tokenizer", required=True, help="HF tokenizer folder")
-    p.add_argument("--gates", default=None, help="trained gates folder (<workdir>/gates) to merge in")
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     p.add_argument("--prompts-file", default=None, help="text file (one prompt per line) or JSONL with 'prompt'")
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -50,17 +51,9 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--routing-temperature", type=float, default=1.0)
-    p.add_argument("--force-adapter", default=None, help="adapter name or index: route every token to it")
-    p.add_argument("--chat-template", choices=("auto", "yes", "no"), default=None,
-                   help="default: as the training run recorded with --gates; auto (the tokenizer's template "
-                   "if it has one) without gates")
-    p.add_argument("--dtype", default=None, help="compute dtype override (float32, bfloat16)")
-    p.add_argument("--layer-layout", choices=("unrolled", "scan"), default="unrolled",
-                   help="unrolled (default): per-layer weights, fastest decoding; scan: one scanned layer, "
-                   "much shorter compiles (better when many prompt-length buckets meet a small model)")
-    p.add_argument("--top-k", type=int, default=None, help="routing top-k override (default: the gates' run)")
     p.add_argument("--json", default=None, help="also write {prompt, output} lines to this JSONL file")
     p.add_argument("--routing-pictures", default=None, help="folder for a PNG + HTML routing picture per prompt")
+    add_inference_arguments(p)
     args = p.parse_args(argv)
 
     prompts = _read_prompts(args)
@@ -68,19 +61,10 @@ def main(argv=None) -> int:
         p.error("give --prompt and/or --prompts-file")
 
     from meteora_jax import viz
-    from meteora_jax.generate import encode_prompt, generator_for_cli
+    from meteora_jax.generate import encode_prompt, generator_from_args
 
     try:
-        generator, tokenizer, names, opts = generator_for_cli(
-            args.checkpoint,
-            args.tokenizer,
-            gates=args.gates,
-            dtype=args.dtype,
-            top_k=args.top_k,
-            force_adapter=args.force_adapter,
-            chat_template=args.chat_template,
-            scan_layers=args.layer_layout == "scan",
-        )
+        generator, tokenizer, names, opts = generator_from_args(args)
     except ValueError as e:
         p.error(str(e))
     force, chat = opts.force_adapter, opts.chat_template
