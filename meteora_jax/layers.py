@@ -18,7 +18,7 @@ import numpy as np
 
 from meteora_jax.config import ModelConfig, RopeScaling
 from meteora_jax.routing import Routing
-from pallas_kernels import grouped_lora
+from pallas_kernels import grouped_lora, routed_lora
 
 # Logical axis names of each projection's kernel [d_in, d_out].
 PROJECTION_AXES = {
@@ -87,6 +87,9 @@ class MeteoRALinear(nn.Module):
 
     y = x @ kernel + grouped_lora(x, lora_a, lora_b, lora_scaling, top_k(x @ gate))
 
+    computed by `routed_lora` (routing and product as one op), or, when the routing is forced,
+    by `Routing.select` and `grouped_lora`.
+
     With num_adapters = 0 it is a plain bias-free linear layer and returns no gate logits.
     """
 
@@ -141,19 +144,18 @@ class MeteoRALinear(nn.Module):
             jnp.float32,
         )
         tokens = x.reshape(-1, d_in)  # [T, d_in]
-        gate_logits = jnp.dot(tokens.astype(jnp.float32), gate)  # [T, L], float32 as the loss needs
-        expert_idx, expert_weight = routing.select(gate_logits, self.top_k)
-        # The base output goes in as `base=` so the kernel adds it in its epilogue (one pass less).
-        y = grouped_lora(
-            tokens,
-            lora_a.astype(self.dtype),
-            lora_b.astype(self.dtype),
-            lora_scaling,
-            expert_idx,
-            expert_weight.astype(self.dtype),
-            impl=self.kernel_impl,
-            base=y.reshape(-1, self.features),
-        )
+        lora_a, lora_b = lora_a.astype(self.dtype), lora_b.astype(self.dtype)
+        # The base output goes in as `base=` so the kernels add it in their epilogue (one pass less).
+        base = y.reshape(-1, self.features)
+        if routing.forced_weights is None:
+            # Gate logits, top-k and the routed product in one op (two launches when decoding).
+            y, gate_logits = routed_lora(tokens, gate, lora_a, lora_b, lora_scaling, routing.temperature,
+                                         top_k=self.top_k, impl=self.kernel_impl, base=base)
+        else:
+            gate_logits = jnp.dot(tokens.astype(jnp.float32), gate)  # [T, L], float32 as the loss needs
+            expert_idx, expert_weight = routing.select(gate_logits, self.top_k)
+            y = grouped_lora(tokens, lora_a, lora_b, lora_scaling, expert_idx, expert_weight.astype(self.dtype),
+                             impl=self.kernel_impl, base=base)
         return y.reshape(*x.shape[:-1], self.features), gate_logits.reshape(*x.shape[:-1], L)
 
 

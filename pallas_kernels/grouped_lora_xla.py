@@ -17,6 +17,20 @@ import jax
 import jax.numpy as jnp
 
 
+def top_k_routing(
+    gate_logits: jax.Array,  # [T, L] float32
+    top_k: int,
+    temperature: jax.Array | float = 1.0,
+) -> tuple[jax.Array, jax.Array]:  # expert_idx [T, k] int32, expert_weight [T, k] float32
+    """Top-k adapters per token, weighted by softmax(top-k logits / temperature).
+
+    With k = 1 the softmax of one logit is 1, which is the original's "weight 1" rule.
+    """
+    top_logits, expert_idx = jax.lax.top_k(gate_logits.astype(jnp.float32), top_k)
+    expert_weight = jax.nn.softmax(top_logits / temperature, axis=-1)
+    return expert_idx.astype(jnp.int32), expert_weight
+
+
 def dense_routing_weights(
     expert_idx: jax.Array,  # [T, k] int32
     expert_weight: jax.Array,  # [T, k]

@@ -100,11 +100,13 @@ def _layer_reference(x, kernel, lora_a, lora_b, lora_scaling, gate, top_k, tempe
 
 
 @pytest.mark.parametrize("top_k,temperature", [(1, 1.0), (2, 1.0), (2, 15.0), (4, 3.0)])
-def test_routing_matches_hand_computation(top_k, temperature):
+@pytest.mark.parametrize("impl", ["auto", "pallas"])  # on CPU: the op-by-op XLA path / the fused routed kernel
+def test_routing_matches_hand_computation(top_k, temperature, impl):
     seed = int(np.random.SeedSequence().entropy % 2**31)
     rng = np.random.default_rng(seed)
     d_in, d_out, num_adapters, rank, tokens = 24, 40, 5, 6, 17
-    layer = MeteoRALinear(features=d_out, axes=("embed", "mlp"), num_adapters=num_adapters, rank=rank, top_k=top_k)
+    layer = MeteoRALinear(features=d_out, axes=("embed", "mlp"), num_adapters=num_adapters, rank=rank, top_k=top_k,
+                          kernel_impl=impl)
     x = rng.normal(size=(tokens, d_in)).astype(np.float32)
     params = {
         "kernel": rng.normal(size=(d_in, d_out)).astype(np.float32) / 5,

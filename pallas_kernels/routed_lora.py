@@ -1,0 +1,84 @@
+"""`routed_lora`: a MeteoRA projection's routing and routed low-rank product as one op.
+
+    gate_logits = x @ gate  (float32)
+    idx, w      = top-k of gate_logits, softmax(top-k logits / temperature)   (k = 1: w = 1)
+    y           = base + grouped_lora(x, lora_a, lora_b, scaling, idx, w)
+
+`routed_lora_xla` is that composition, op by op (the reference, and the path for prefill and
+training, where `grouped_lora` picks its own kernel). For decoding, `routed_lora_pallas` does the
+same in two launches (see its module). `routed_lora(impl="auto")` picks between them.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.grouped_lora import IMPLS, grouped_lora
+from pallas_kernels.grouped_lora_xla import top_k_routing
+from pallas_kernels.routed_lora_pallas import routed_lora_pallas
+
+# The fused path's range (measured on an H100 by scripts/profile_decode.py, docs/benchmarks.md):
+# decode-sized token counts, and adapters small enough that reading all of lora_a is cheap.
+ROUTED_MAX_TOKENS = 32
+ROUTED_MAX_COLUMNS = 1024  # L * r
+
+
+def routed_lora_xla(
+    x: jax.Array,  # [T, d_in]
+    gate: jax.Array,  # [d_in, L] float32
+    lora_a: jax.Array,  # [L, d_in, r]
+    lora_b: jax.Array,  # [L, r, d_out]
+    scaling: jax.Array,  # [L]
+    temperature: jax.Array | float,
+    *,
+    top_k: int,
+    impl: str = "xla",
+    base: jax.Array | None = None,  # [T, d_out]
+) -> tuple[jax.Array, jax.Array]:  # y [T, d_out] x.dtype, gate_logits [T, L] float32
+    """The op-by-op composition; `impl` is the `grouped_lora` implementation of the product."""
+    gate_logits = jnp.dot(x.astype(jnp.float32), gate.astype(jnp.float32))
+    expert_idx, expert_weight = top_k_routing(gate_logits, top_k, temperature)
+    y = grouped_lora(x, lora_a, lora_b, scaling, expert_idx, expert_weight.astype(x.dtype), impl=impl, base=base)
+    return y, gate_logits
+
+
+def use_fused(impl: str, num_tokens: int, num_adapters: int, rank: int) -> bool:
+    """Whether `routed_lora(impl=...)` takes the fused Pallas path for these sizes."""
+    if impl not in ("auto", "pallas"):
+        return False
+    if impl == "auto" and jax.default_backend() != "gpu":
+        return False  # on CPU the Pallas kernels only run in interpret mode
+    return num_tokens <= ROUTED_MAX_TOKENS and num_adapters * rank <= ROUTED_MAX_COLUMNS
+
+
+@functools.partial(jax.named_call, name="routed_lora")
+def routed_lora(
+    x: jax.Array,  # [T, d_in]
+    gate: jax.Array,  # [d_in, L] float32
+    lora_a: jax.Array,  # [L, d_in, r]
+    lora_b: jax.Array,  # [L, r, d_out]
+    scaling: jax.Array,  # [L]
+    temperature: jax.Array | float = 1.0,
+    *,
+    top_k: int,
+    impl: str = "auto",
+    base: jax.Array | None = None,  # [T, d_out]
+) -> tuple[jax.Array, jax.Array]:  # y [T, d_out] x.dtype, gate_logits [T, L] float32
+    """Routes every token to its top-k adapters and returns `base + routed delta` and the logits.
+
+    impl: a `grouped_lora` impl. "auto" and "pallas" take the fused two-launch kernel for decode sizes
+    (T <= ROUTED_MAX_TOKENS, L * r <= ROUTED_MAX_COLUMNS; "auto" only on GPU) and otherwise the
+    composition with `grouped_lora(impl=...)`; the "xla*" impls always take the composition.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"unknown grouped_lora impl {impl!r}; choose one of {IMPLS}")
+    if x.ndim != 2 or gate.shape != (x.shape[1], lora_a.shape[0]):
+        raise ValueError(f"x {x.shape} and gate {gate.shape} must be [T, d_in] and [d_in, L={lora_a.shape[0]}]")
+    num_adapters, _, rank = lora_a.shape
+    if use_fused(impl, x.shape[0], num_adapters, rank):
+        return routed_lora_pallas(x, gate, lora_a, lora_b, scaling, temperature, top_k=top_k, base=base,
+                                  grouped_impl=impl)
+    return routed_lora_xla(x, gate, lora_a, lora_b, scaling, temperature, top_k=top_k, impl=impl, base=base)

@@ -1,0 +1,293 @@
+"""Pallas kernels for a MeteoRA projection's routing and routed low-rank product together, for
+decoding (few tokens). Contract: `pallas_kernels.routed_lora.routed_lora_xla`.
+
+    logits = x @ gate (float32);  e_j, w_j = top-k of logits, softmax(top-k logits / temperature)
+    y[t] = base[t] + sum_j w_j * scaling[e_j] * (x[t] @ lora_a[e_j]) @ lora_b[e_j]
+
+Done op by op, a decoded token pays ~10 launches per projection for this (the f32 gate GEMV, a sort
+for top-k, the softmax, index copies, two product kernels), ~18 us on an H100 against a 0.1 us
+weight read (docs/benchmarks.md, "Where a decode step goes"). Here it is two launches:
+
+1. `_routed_shrink`, grid (token blocks, splits of d_in, L + 1): program (i, s, e < L) computes
+   x[tile, K_s] @ lora_a[e, K_s, :], program (i, s, L) the gate logits x[tile, K_s] @ gate[K_s, :].
+   Every adapter's x @ A is computed (L/k times the flops of the chosen ones), so no program waits
+   for the routing: at decode sizes that costs reading all of lora_a once (L*d_in*r*2 bytes, 1.8 MB
+   at L = 28, r = 8, d_in = 4096), less than one launch. Partial sums per split go to a float32
+   buffer (no atomics, no zero-fill launch).
+2. `_routed_expand`, grid (tokens, blocks of d_out): each program sums its token's split partials
+   of the logits, picks the top k by k rounds of max (lowest index first on ties, as lax.top_k),
+   takes the softmax with the temperature, sums the chosen adapters' x @ A partials, scales, and
+   multiplies by their rows of lora_b for its output block, adding `base` (the layer's x @ kernel)
+   in the epilogue. The programs of the first output block also write the summed logits.
+
+Differentiable through a custom VJP that re-runs the op-by-op composition (`routed_lora_xla`) under
+`jax.vjp`, only for the inputs being differentiated: decode is the fast path, gradients at these
+sizes are a convenience.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.custom_derivatives import SymbolicZero
+from jax.experimental import pallas as pl
+
+from pallas_kernels.grouped_lora_pallas import _cdiv, _compiler_params, _load, _pow2_at_least, _precision, _store
+
+_NEG = -3.0e38  # below any real logit, finite so max - max stays NaN-free
+
+
+@dataclasses.dataclass(frozen=True)
+class RoutedConfig:
+    """Static choices (a `nondiff_argnums` argument of the custom VJP)."""
+
+    top_k: int
+    block_t: int  # token tile of the shrink (a power of two >= 16: Triton dot tiles)
+    block_k: int  # d_in chunk of the shrink
+    block_n: int  # widest output block of the expand
+    min_programs: int  # the shrink splits d_in until it has this many programs
+    num_warps: int  # of the shrink
+    num_stages: int  # of the shrink
+    interpret: bool
+    has_base: bool
+    grouped_impl: str  # grouped_lora impl of the composition the VJP differentiates
+
+
+_GATE_COLUMNS = 16  # gate columns per gate program: as many bytes per program as an adapter's
+
+
+def _routed_shrink_kernel(x_ref, gate_ref, a_ref, logit_ref, xa_ref, *, num_tokens, depth, num_adapters,
+                          rank, rank_p, block_t, block_k, chunks, precision, split_gate):
+    i, split, e = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    rows = i * block_t + jnp.arange(block_t, dtype=jnp.int32)
+    in_t = rows < num_tokens
+
+    def x_chunk(c):
+        cols = (split * chunks + c) * block_k + jnp.arange(block_k, dtype=jnp.int32)
+        in_k = cols < depth
+        return cols, in_k, _load(x_ref, (rows[:, None], cols[None, :]), in_t[:, None] & in_k[None, :])
+
+    @pl.when(e < num_adapters)
+    def _adapter():
+        rk = jnp.arange(rank_p, dtype=jnp.int32)
+
+        def body(c, acc):
+            cols, in_k, xk = x_chunk(c)
+            ak = _load(a_ref, (e, cols[:, None], rk[None, :]), in_k[:, None] & (rk < rank)[None, :])
+            return acc + jnp.dot(xk, ak.astype(xk.dtype), preferred_element_type=jnp.float32, precision=precision)
+
+        acc = lax.fori_loop(0, chunks, body, jnp.zeros((block_t, rank_p), jnp.float32))
+        # Only the real tokens' rows are written (at T = 1 the tile is 1 row of 16).
+        _store(xa_ref, (split, e, rows[:, None], rk[None, :]), acc, in_t[:, None] & (rk >= 0)[None, :])
+
+    @pl.when(e >= num_adapters)
+    def _gate():  # gate columns (e - L) * 16 ... + 15
+        lk = (e - num_adapters) * _GATE_COLUMNS + jnp.arange(_GATE_COLUMNS, dtype=jnp.int32)
+
+        def body(c, acc):
+            cols, in_k, xk = x_chunk(c)
+            gk = _load(gate_ref, (cols[:, None], lk[None, :]), in_k[:, None] & (lk < num_adapters)[None, :])
+            if split_gate:
+                # x is bf16, so x @ gate = x @ hi + x @ lo with gate = hi + lo (two bf16 halves) is
+                # float32-accurate (error ~2^-17 of |gate|) on the tensor cores; a float32 FMA dot
+                # was the slowest part of this kernel.
+                hi = gk.astype(jnp.bfloat16)
+                lo = (gk - hi.astype(jnp.float32)).astype(jnp.bfloat16)
+                return (acc + jnp.dot(xk, hi, preferred_element_type=jnp.float32)
+                        + jnp.dot(xk, lo, preferred_element_type=jnp.float32))
+            # float32 x float32 at full precision: the logits decide the routing.
+            return acc + jnp.dot(xk.astype(jnp.float32), gk.astype(jnp.float32),
+                                 preferred_element_type=jnp.float32, precision=lax.Precision.HIGHEST)
+
+        acc = lax.fori_loop(0, chunks, body, jnp.zeros((block_t, _GATE_COLUMNS), jnp.float32))
+        _store(logit_ref, (split, rows[:, None], lk[None, :]), acc, in_t[:, None] & (lk >= 0)[None, :])
+
+
+def _routed_shrink(x, gate, lora_a, cfg):
+    """-> logit_part [S, Tp, Lp], xa_part [S, L, Tp, R] float32: per-split partial sums of x @ gate
+    and of every adapter's x @ lora_a (Tp, Lp, R: T, L, r padded to the tiles; rows >= T unwritten)."""
+    num_tokens, depth = x.shape
+    num_adapters, _, rank = lora_a.shape
+    block_t = cfg.block_t
+    token_tiles = _cdiv(num_tokens, block_t)
+    adapters_p, rank_p = _pow2_at_least(num_adapters), _pow2_at_least(rank)
+    programs = num_adapters + adapters_p // _GATE_COLUMNS  # per token tile and split
+    total = _cdiv(depth, cfg.block_k)
+    # Split d_in until the grid fills the GPU: fewer chunks per program, fewer dependent loads in a
+    # row. The number of splits stays a power of two (the expand loads the [splits, ...] partials
+    # as one Triton block); trailing splits may be empty (zeros).
+    splits = 1
+    while splits * 2 <= total and token_tiles * splits * programs < cfg.min_programs:
+        splits *= 2
+    chunks = _cdiv(total, splits)
+    kernel = functools.partial(
+        _routed_shrink_kernel, num_tokens=num_tokens, depth=depth, num_adapters=num_adapters, rank=rank,
+        rank_p=rank_p, block_t=block_t, block_k=cfg.block_k, chunks=chunks, precision=_precision(x.dtype),
+        split_gate=x.dtype == jnp.bfloat16)
+    padded_t = token_tiles * block_t
+    return pl.pallas_call(
+        kernel,
+        out_shape=(jax.ShapeDtypeStruct((splits, padded_t, adapters_p), jnp.float32),
+                   jax.ShapeDtypeStruct((splits, num_adapters, padded_t, rank_p), jnp.float32)),
+        grid=(token_tiles, splits, programs),
+        interpret=cfg.interpret,
+        compiler_params=_compiler_params(cfg.num_warps, cfg.num_stages),
+        name="routed_lora_shrink",
+    )(x, gate, lora_a)
+
+
+def _routed_expand_kernel(temp_ref, s_ref, logit_ref, xa_ref, b_ref, *rest, top_k, num_adapters, adapters_p,
+                          rank, rank_p, block_n, width, has_base):
+    out_ref, logits_out_ref = rest[-2:]
+    t = pl.program_id(0)
+    cols = pl.program_id(1) * block_n + jnp.arange(block_n, dtype=jnp.int32)
+    in_n = cols < width
+    lk = jnp.arange(adapters_p, dtype=jnp.int32)
+    rk = jnp.arange(rank_p, dtype=jnp.int32)
+    logits = jnp.sum(logit_ref[:, t, :], axis=0)  # [Lp]: the splits' partial sums
+
+    @pl.when(pl.program_id(1) == 0)
+    def _write_logits():  # the layer returns them (gate loss, routing pictures)
+        _store(logits_out_ref, (t, lk), logits, lk < num_adapters)
+
+    logits = jnp.where(lk < num_adapters, logits, _NEG)
+    chosen = []
+    for _ in range(top_k):  # k rounds of max; the lowest index wins a tie, as in lax.top_k
+        best = jnp.max(logits)
+        e = jnp.min(jnp.where(logits == best, lk, adapters_p))
+        chosen.append((best, e))
+        logits = jnp.where(lk == e, _NEG, logits)
+    temperature = temp_ref[0]
+    unnorm = [jnp.exp((best - chosen[0][0]) / temperature) for best, _ in chosen]
+    total = sum(unnorm)
+    acc = jnp.zeros((block_n,), jnp.float32)
+    for (_, e), u in zip(chosen, unnorm):
+        # The weight is rounded to the compute dtype, as the op-by-op layer passes it to grouped_lora.
+        w = (u / total).astype(b_ref.dtype).astype(jnp.float32)
+        xa = jnp.sum(xa_ref[:, e, t, :], axis=0) * (w * s_ref[e])  # [R]
+        xa = xa.astype(b_ref.dtype).astype(jnp.float32)
+        bt = _load(b_ref, (e, rk[:, None], cols[None, :]), (rk < rank)[:, None] & in_n[None, :])
+        acc = acc + jnp.sum(xa[:, None] * bt.astype(jnp.float32), axis=0)
+    if has_base:
+        acc = acc + _load(rest[0], (t, cols), in_n).astype(jnp.float32)
+    _store(out_ref, (t, cols), acc.astype(out_ref.dtype), in_n)
+
+
+def _routed_expand(temperature, scaling, logit_part, xa_part, lora_b, base, cfg, *, num_tokens, out_dtype):
+    """-> y [T, d_out] (base + routed delta), gate logits [T, L] float32."""
+    num_adapters, rank, width = lora_b.shape
+    block_n = cfg.block_n
+    while block_n > 32 and num_tokens * _cdiv(width, block_n) < 132:  # enough programs for the GPU
+        block_n //= 2
+    kernel = functools.partial(
+        _routed_expand_kernel, top_k=cfg.top_k, num_adapters=num_adapters, adapters_p=logit_part.shape[2],
+        rank=rank, rank_p=xa_part.shape[3], block_n=block_n, width=width, has_base=base is not None)
+    args = [temperature, scaling, logit_part, xa_part, lora_b]
+    aliases = {}
+    if base is not None:
+        args.append(base)
+        aliases = {len(args) - 1: 0}
+    return pl.pallas_call(
+        kernel,
+        out_shape=(jax.ShapeDtypeStruct((num_tokens, width), out_dtype),
+                   jax.ShapeDtypeStruct((num_tokens, num_adapters), jnp.float32)),
+        grid=(num_tokens, _cdiv(width, block_n)),
+        input_output_aliases=aliases,
+        interpret=cfg.interpret,
+        compiler_params=_compiler_params(4, 2),
+        name="routed_lora_expand",
+    )(*args)
+
+
+def _primal(x, gate, lora_a, lora_b, scaling, temperature, base, cfg):
+    num_tokens = x.shape[0]
+    logit_part, xa_part = _routed_shrink(x, gate, lora_a, cfg)
+    return _routed_expand(temperature, scaling, logit_part, xa_part, lora_b, base if cfg.has_base else None, cfg,
+                          num_tokens=num_tokens, out_dtype=x.dtype)
+
+
+_routed_lora = jax.custom_vjp(_primal, nondiff_argnums=(7,))
+_ARG_NAMES = ("x", "gate", "lora_a", "lora_b", "scaling", "temperature", "base")
+
+
+def _fwd(x, gate, lora_a, lora_b, scaling, temperature, base, cfg):
+    args = (x, gate, lora_a, lora_b, scaling, temperature, base)
+    values = tuple(arg.value for arg in args)
+    # Which inputs are differentiated lives in the residuals' tree structure (dict keys), not as data.
+    need = {name: None for name, arg in zip(_ARG_NAMES, args) if arg.perturbed}
+    if not cfg.has_base:
+        need.pop("base", None)
+    return _primal(*values, cfg), dict(values=values, need=need)
+
+
+def _bwd(cfg, res, g):
+    from pallas_kernels.routed_lora import routed_lora_xla  # the composition; it imports this module
+
+    values, need = res["values"], [name for name in _ARG_NAMES if name in res["need"]]
+    if not need:
+        return (None,) * 7
+    x, gate = values[0], values[1]
+    gy, glogits = g
+    if isinstance(gy, SymbolicZero):
+        gy = jnp.zeros((x.shape[0], values[3].shape[2]), x.dtype)
+    if isinstance(glogits, SymbolicZero):
+        glogits = jnp.zeros((x.shape[0], gate.shape[1]), jnp.float32)
+
+    def composition(*needed):
+        full = dict(zip(_ARG_NAMES, values))
+        full.update(zip(need, needed))
+        return routed_lora_xla(full["x"], full["gate"], full["lora_a"], full["lora_b"], full["scaling"],
+                               full["temperature"], top_k=cfg.top_k, impl=cfg.grouped_impl,
+                               base=full["base"] if cfg.has_base else None)
+
+    _, vjp = jax.vjp(composition, *(values[_ARG_NAMES.index(name)] for name in need))
+    grads = dict(zip(need, vjp((gy.astype(x.dtype), glogits.astype(jnp.float32)))))
+    return tuple(grads.get(name) for name in _ARG_NAMES)
+
+
+_routed_lora.defvjp(_fwd, _bwd, symbolic_zeros=True)
+
+
+# Block options, measured on an H100 in LLaMA-3-8B decode steps (docs/benchmarks.md).
+DEFAULT_BLOCKS = dict(block_k=64, block_n=256, min_programs=1024, num_warps=2, num_stages=2)
+
+
+def routed_lora_pallas(
+    x: jax.Array,  # [T, d_in]
+    gate: jax.Array,  # [d_in, L] float32
+    lora_a: jax.Array,  # [L, d_in, r]
+    lora_b: jax.Array,  # [L, r, d_out]
+    scaling: jax.Array,  # [L]
+    temperature: jax.Array | float,  # [] routing temperature
+    *,
+    top_k: int,
+    base: jax.Array | None = None,  # [T, d_out]
+    interpret: bool | None = None,
+    grouped_impl: str = "auto",
+    **blocks,
+) -> tuple[jax.Array, jax.Array]:  # y [T, d_out] x.dtype, gate_logits [T, L] float32
+    """The two-launch routed product (module docstring). Any T works; it is meant for T <= 32.
+
+    blocks: overrides of DEFAULT_BLOCKS (block_k: d_in chunk of the shrink; block_n: widest output
+    block of the expand; min_programs: the shrink splits d_in until its grid has this many programs;
+    num_warps / num_stages: of the shrink).
+    """
+    num_tokens, _ = x.shape
+    num_adapters = lora_a.shape[0]
+    unknown = set(blocks) - set(DEFAULT_BLOCKS)
+    if unknown:
+        raise ValueError(f"unknown routed_lora block options {sorted(unknown)}; choose from {sorted(DEFAULT_BLOCKS)}")
+    if not 1 <= top_k <= num_adapters:
+        raise ValueError(f"top_k={top_k} must be in [1, L={num_adapters}]")
+    if interpret is None:
+        interpret = jax.default_backend() == "cpu"
+    cfg = RoutedConfig(top_k=top_k, block_t=min(32, _pow2_at_least(num_tokens)), interpret=bool(interpret),
+                       has_base=base is not None, grouped_impl=grouped_impl, **{**DEFAULT_BLOCKS, **blocks})
+    temperature = jnp.asarray(temperature, jnp.float32).reshape(1)
+    base_arg = jnp.zeros((0,), x.dtype) if base is None else base.astype(x.dtype)
+    return _routed_lora(x, gate.astype(jnp.float32), lora_a.astype(x.dtype), lora_b.astype(x.dtype),
+                        scaling.astype(jnp.float32), temperature, base_arg, cfg)

@@ -1,0 +1,135 @@
+"""The fused routed kernel (`routed_lora_pallas`, interpret mode on CPU) against the op-by-op
+composition (`routed_lora_xla`: f32 gate matmul, lax.top_k, softmax, dense-masked product) computed
+in float32 at highest precision.
+
+Fresh random inputs every run (the seed is printed in every assertion message). Tolerances: relative
+error <= 1e-5 in fp32 and <= 1e-2 in bf16 for outputs and gradients; gate logits <= 1e-5 (they are
+float32 in both).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import routed_lora, routed_lora_xla
+from pallas_kernels.routed_lora import ROUTED_MAX_COLUMNS, ROUTED_MAX_TOKENS, use_fused
+from pallas_kernels.routed_lora_pallas import routed_lora_pallas
+
+SEED = np.random.SeedSequence().entropy
+SMALL = dict(block_k=16, block_n=16)  # several d_in chunks and output blocks at test sizes
+TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
+
+
+def _inputs(case, dtype, *, t, d_in, d_out, num_adapters, rank):
+    rng = np.random.default_rng([SEED % 2**63, *case])
+    x = jnp.asarray(rng.standard_normal((t, d_in)), dtype)
+    gate = jnp.asarray(rng.standard_normal((d_in, num_adapters)), jnp.float32)
+    a = jnp.asarray(rng.standard_normal((num_adapters, d_in, rank)) / np.sqrt(d_in), dtype)
+    b = jnp.asarray(rng.standard_normal((num_adapters, rank, d_out)) / np.sqrt(rank), dtype)
+    s = jnp.asarray(rng.uniform(0.5, 2.0, num_adapters), jnp.float32)
+    base = jnp.asarray(rng.standard_normal((t, d_out)), dtype)
+    return x, gate, a, b, s, base
+
+
+def _rel(got, want):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    assert np.all(np.isfinite(got)), "non-finite output"
+    return np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30)
+
+
+def _reference(x, gate, a, b, s, temperature, top_k, base):
+    """The composition in float32 at highest precision, cast back to x's dtype."""
+    f32 = lambda v: None if v is None else v.astype(jnp.float32)  # noqa: E731
+    with jax.default_matmul_precision("highest"):
+        y, logits = routed_lora_xla(f32(x), gate, f32(a), f32(b), s, temperature, top_k=top_k, base=f32(base))
+    return y, logits
+
+
+# (tokens, d_in, d_out, L, r, k): one token, a few, two token tiles; d not multiples of the blocks;
+# k = 1 (weight 1), k = L (every adapter); r = 1.
+CASES = [
+    (1, 72, 40, 6, 4, 2),
+    (5, 50, 33, 5, 8, 1),
+    (17, 40, 24, 4, 1, 4),
+    (40, 48, 20, 7, 3, 2),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "T{}_d{}x{}_L{}_r{}_k{}".format(*c))
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("with_base", [True, False], ids=["base", "nobase"])
+def test_forward_matches_composition(case, dtype, with_base):
+    t, d_in, d_out, num_adapters, rank, k = case
+    x, gate, a, b, s, base = _inputs(case, dtype, t=t, d_in=d_in, d_out=d_out, num_adapters=num_adapters, rank=rank)
+    base = base if with_base else None
+    temperature = 1.7
+    y, logits = routed_lora_pallas(x, gate, a, b, s, temperature, top_k=k, base=base, **SMALL)
+    want_y, want_logits = _reference(x, gate, a, b, s, temperature, k, base)
+    assert y.shape == (t, d_out) and y.dtype == dtype and logits.dtype == jnp.float32
+    assert _rel(logits, want_logits) <= 1e-5, f"seed={SEED}: gate logits"
+    err = _rel(y, want_y)
+    assert err <= TOL[dtype], f"seed={SEED}: relative error {err:.2e}"
+
+
+def test_ties_go_to_the_lower_index_as_lax_top_k():
+    """Two identical gate columns give bit-equal logits; both paths must pick the same adapters."""
+    x, gate, a, b, s, base = _inputs((7,), jnp.float32, t=6, d_in=40, d_out=24, num_adapters=5, rank=4)
+    gate = gate.at[:, 3].set(gate[:, 1]).at[:, 4].set(gate[:, 1])  # adapters 1, 3, 4 tie everywhere
+    for k in (1, 2):
+        y, _ = routed_lora_pallas(x, gate, a, b, s, 1.0, top_k=k, base=base, **SMALL)
+        want, _ = _reference(x, gate, a, b, s, 1.0, k, base)
+        assert _rel(y, want) <= 1e-5, f"seed={SEED}, k={k}"
+
+
+def test_temperature_is_traced_and_changes_the_mixture():
+    x, gate, a, b, s, base = _inputs((8,), jnp.float32, t=3, d_in=32, d_out=16, num_adapters=4, rank=4)
+    fused = jax.jit(lambda temp: routed_lora_pallas(x, gate, a, b, s, temp, top_k=2, **SMALL)[0])
+    for temperature in (1.0, 15.0):
+        want, _ = _reference(x, gate, a, b, s, temperature, 2, None)
+        assert _rel(fused(jnp.float32(temperature)), want) <= 1e-5, f"seed={SEED}, T={temperature}"
+    assert _rel(fused(jnp.float32(1.0)), fused(jnp.float32(15.0))) > 1e-3
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_gradients_match_autodiff_of_composition(dtype):
+    x, gate, a, b, s, base = _inputs((9,), dtype, t=5, d_in=40, d_out=24, num_adapters=5, rank=4)
+    probe_y = jnp.asarray(np.random.default_rng([SEED % 2**63, 10]).standard_normal((5, 24)), jnp.float32)
+
+    def loss(fn):
+        def f(x, gate, a, b, s, base, temperature):
+            y, logits = fn(x, gate, a, b, s, temperature, base)
+            return jnp.sum(y.astype(jnp.float32) * probe_y) + 0.1 * jnp.sum(logits**2)
+        return f
+
+    fused = loss(lambda x, g, a, b, s, temp, base: routed_lora_pallas(x, g, a, b, s, temp, top_k=2, base=base, **SMALL))
+    ref = loss(lambda x, g, a, b, s, temp, base: routed_lora_xla(x, g, a, b, s, temp, top_k=2, base=base))
+    args = (x, gate, a, b, s, base, jnp.float32(2.0))
+    with jax.default_matmul_precision("highest"):
+        got = jax.grad(fused, argnums=tuple(range(7)))(*args)
+        want = jax.grad(ref, argnums=tuple(range(7)))(*args)
+    for name, g, w in zip(("x", "gate", "lora_a", "lora_b", "scaling", "base", "temperature"), got, want):
+        assert g.shape == w.shape, name
+        assert _rel(g, w) <= TOL[dtype], f"seed={SEED}: d{name} relative error {_rel(g, w):.2e}"
+
+
+def test_dispatcher_choices_and_errors():
+    assert use_fused("pallas", ROUTED_MAX_TOKENS, 4, 8)
+    assert not use_fused("pallas", ROUTED_MAX_TOKENS + 1, 4, 8)
+    assert not use_fused("pallas", 1, ROUTED_MAX_COLUMNS + 1, 1)
+    assert not use_fused("xla", 1, 4, 8)
+    assert use_fused("auto", 1, 4, 8) == (jax.default_backend() == "gpu")
+    x, gate, a, b, s, base = _inputs((11,), jnp.float32, t=4, d_in=24, d_out=16, num_adapters=3, rank=2)
+    want, want_logits = _reference(x, gate, a, b, s, 1.0, 2, base)
+    for impl in ("auto", "pallas", "xla", "xla_gather"):
+        with jax.default_matmul_precision("highest"):
+            y, logits = routed_lora(x, gate, a, b, s, top_k=2, impl=impl, base=base)
+        assert _rel(y, want) <= 1e-5 and _rel(logits, want_logits) <= 1e-5, f"seed={SEED}, impl={impl}"
+    with pytest.raises(ValueError, match="unknown grouped_lora impl 'fast'"):
+        routed_lora(x, gate, a, b, s, top_k=2, impl="fast")
+    with pytest.raises(ValueError, match=r"gate \(24, 4\)"):
+        routed_lora(x, jnp.zeros((24, 4)), a, b, s, top_k=2)
+    with pytest.raises(ValueError, match="top_k=4 must be in"):
+        routed_lora_pallas(x, gate, a, b, s, 1.0, top_k=4)
