@@ -198,7 +198,7 @@ def _routed_expand(temperature, scaling, logit_part, xa_part, lora_b, base, cfg,
         grid=(num_tokens, _cdiv(width, block_n)),
         input_output_aliases=aliases,
         interpret=cfg.interpret,
-        compiler_params=_compiler_params(4, 2),
+        compiler_params=_compiler_params(4 if block_n <= 256 else 8, 2),  # wide blocks: more warps
         name="routed_lora_expand",
     )(*args)
 
@@ -253,7 +253,7 @@ _routed_lora.defvjp(_fwd, _bwd, symbolic_zeros=True)
 
 
 # Block options, measured on an H100 in LLaMA-3-8B decode steps (docs/benchmarks.md).
-DEFAULT_BLOCKS = dict(block_k=64, block_n=256, min_programs=1024, num_warps=2, num_stages=2)
+DEFAULT_BLOCKS = dict(block_k=64, block_n=1024, min_programs=1024, num_warps=2, num_stages=2)
 
 
 def routed_lora_pallas(

@@ -10,7 +10,7 @@ rank-8 adapters, MeteoRA L = 28 top-2), in the unrolled layer layout that `Gener
 `grouped_lora` as separate ops, the path before `routed_lora`). --compare checks that the two give
 the same next-token logits.
 
-Step time: the jitted step (one token per row on a half-full KV cache of --cache-len slots, the
+Step time: the jitted step (--tokens tokens per row, default 1, on a half-full KV cache of --cache-len slots, the
 cache donated and updated in place, as inside the generation loop) run --reps times back to back,
 total time / reps after a warm-up. Kernel table (--trace): `jax.profiler` trace of 3 steps, the
 events of the GPU plane's stream lines, names with trailing numbers folded together ("loop_fusion_7"
@@ -93,9 +93,9 @@ def apply_fn(config, force_adapter):
 def make_step(config, force_adapter):
     apply = apply_fn(config, force_adapter)
 
-    def step(params, cache, ids):  # ids: [B, 1]
+    def step(params, cache, ids):  # ids: [B, S]; the next call gets S copies of the argmax
         logits, cache = apply(params, cache, ids)
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)[:, None], cache
+        return jnp.broadcast_to(jnp.argmax(logits, axis=-1).astype(jnp.int32)[:, None], ids.shape), cache
 
     return jax.jit(step, donate_argnums=1)
 
@@ -148,6 +148,7 @@ def main(argv=None) -> int:
     p.add_argument("--batches", default="1,32")
     p.add_argument("--models", default="base,1lora,meteora")
     p.add_argument("--cache-len", type=int, default=640)
+    p.add_argument("--tokens", type=int, default=1, help="tokens per row and step (> 1: a prefill chunk)")
     p.add_argument("--reps", type=int, default=50)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--trace", action="store_true")
@@ -182,8 +183,8 @@ def main(argv=None) -> int:
         params = jax.jit(unstack_layers, static_argnums=1)(params, config.num_layers)
         step = make_step(config, force)
         for batch in batches:
-            ids = jnp.ones((batch, 1), jnp.int32)
-            cache = half_full_cache(config, batch, args.cache_len)
+            ids = jnp.ones((batch, args.tokens), jnp.int32)
+            cache = half_full_cache(config, batch, max(args.cache_len, 2 * args.tokens))
             t0 = time.perf_counter()
             with fused_routing(name != "opbyop", blocks):  # compiles
                 ids, cache = step(params, cache, ids)
@@ -197,7 +198,7 @@ def main(argv=None) -> int:
                 ids, cache = step(params, cache, ids)
             jax.block_until_ready(ids)
             step_ms = 1e3 * (time.perf_counter() - t0) / args.reps
-            row = dict(model=name, batch=batch, step_ms=step_ms, compile_s=compile_s)
+            row = dict(model=name, batch=batch, tokens=args.tokens, step_ms=step_ms, compile_s=compile_s)
             if args.trace:
                 with tempfile.TemporaryDirectory() as trace_dir:
                     with jax.profiler.trace(trace_dir):
