@@ -372,12 +372,22 @@ def _expand_decode_kernel(idx_ref, w_ref, s_ref, part_ref, b_ref, *rest, top_k, 
         p = t * top_k + slot
         e = idx_ref[p]
         coef = w_ref[p].astype(jnp.float32) * s_ref[e].astype(jnp.float32)
-        xa = jnp.sum(part_ref[:, p, :], axis=0) * coef
-        xa = xa.astype(b_ref.dtype).astype(jnp.float32)
-        bt = _load(b_ref, (e, rk[:, None], cols[None, :]), (rk < rank)[:, None] & in_n[None, :])
-        acc = acc + jnp.sum(xa[:, None] * bt.astype(jnp.float32), axis=0)
-    if has_base:
-        acc = acc + _load(rest[0], (t, cols), in_n).astype(jnp.float32)
+        acc = add_adapter_row(acc, jnp.sum(part_ref[:, p, :], axis=0) * coef, b_ref, e, rk, rank, cols, in_n)
+    store_row(out_ref, rest[0] if has_base else None, t, cols, in_n, acc)
+
+
+def add_adapter_row(acc, xa, b_ref, e, rk, rank, cols, in_n):
+    """acc [bn] + xa [R] @ lora_b[e][:, cols] for one token (decode expands). xa is rounded to
+    lora_b's dtype first, as the XLA reference rounds the scaled x @ A before its second product."""
+    xa = xa.astype(b_ref.dtype).astype(jnp.float32)
+    bt = _load(b_ref, (e, rk[:, None], cols[None, :]), (rk < rank)[:, None] & in_n[None, :])
+    return acc + jnp.sum(xa[:, None] * bt.astype(jnp.float32), axis=0)
+
+
+def store_row(out_ref, base_ref, t, cols, in_n, acc):
+    """Writes acc [bn] (+ base[t, cols] when base_ref is given) to out[t, cols] in out's dtype."""
+    if base_ref is not None:
+        acc = acc + _load(base_ref, (t, cols), in_n).astype(jnp.float32)
     _store(out_ref, (t, cols), acc.astype(out_ref.dtype), in_n)
 
 

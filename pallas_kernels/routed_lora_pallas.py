@@ -36,7 +36,16 @@ from jax import lax
 from jax.custom_derivatives import SymbolicZero
 from jax.experimental import pallas as pl
 
-from pallas_kernels.grouped_lora_pallas import _cdiv, _compiler_params, _load, _pow2_at_least, _precision, _store
+from pallas_kernels.grouped_lora_pallas import (
+    _cdiv,
+    _compiler_params,
+    _load,
+    _pow2_at_least,
+    _precision,
+    _store,
+    add_adapter_row,
+    store_row,
+)
 
 _NEG = -3.0e38  # below any real logit, finite so max - max stays NaN-free
 
@@ -169,12 +178,8 @@ def _routed_expand_kernel(temp_ref, s_ref, logit_ref, xa_ref, b_ref, *rest, top_
         # The weight is rounded to the compute dtype, as the op-by-op layer passes it to grouped_lora.
         w = (u / total).astype(b_ref.dtype).astype(jnp.float32)
         xa = jnp.sum(xa_ref[:, e, t, :], axis=0) * (w * s_ref[e])  # [R]
-        xa = xa.astype(b_ref.dtype).astype(jnp.float32)
-        bt = _load(b_ref, (e, rk[:, None], cols[None, :]), (rk < rank)[:, None] & in_n[None, :])
-        acc = acc + jnp.sum(xa[:, None] * bt.astype(jnp.float32), axis=0)
-    if has_base:
-        acc = acc + _load(rest[0], (t, cols), in_n).astype(jnp.float32)
-    _store(out_ref, (t, cols), acc.astype(out_ref.dtype), in_n)
+        acc = add_adapter_row(acc, xa, b_ref, e, rk, rank, cols, in_n)
+    store_row(out_ref, rest[0] if has_base else None, t, cols, in_n, acc)
 
 
 def _routed_expand(temperature, scaling, logit_part, xa_part, lora_b, base, cfg, *, num_tokens, out_dtype):
