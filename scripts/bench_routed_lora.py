@@ -1,7 +1,9 @@
 """One MeteoRA projection at decode sizes: the fused routed kernel (`routed_lora_pallas`, with a grid
-of block options) against the op-by-op composition and the base GEMV alone, all in one run.
+of block options) against the op-by-op composition (`grouped_lora` impl "auto" and "pallas") and the
+base GEMV alone, all in one run.
 
-    python scripts/bench_routed_lora.py [--tokens 1,32] [--rank 8] [--iters 200] [--out PATH]
+    python scripts/bench_routed_lora.py [--tokens 1,32] [--rank 8] [--iters 200] [--trace]
+        [--no-block-sweep] [--out PATH]
 
 Shapes: LLaMA-3-8B projections (d_in -> d_out) 4096 -> 4096, 4096 -> 1024, 4096 -> 14336 and
 14336 -> 4096; L = 28 adapters, top-2, bf16, random gate (uneven loads).
@@ -43,7 +45,7 @@ BLOCKS = [
 
 
 def variant_name(blocks):
-    return "fused " + " ".join(f"{k.split('_')[-1][0]}{v}" for k, v in blocks.items())
+    return "fused " + (" ".join(f"{k.split('_')[-1][0]}{v}" for k, v in blocks.items()) or "default")
 
 
 def time_loop(layer, x, iters, trace=False):
@@ -78,6 +80,8 @@ def main(argv=None) -> int:
     p.add_argument("--adapters", type=int, default=28)
     p.add_argument("--iters", type=int, default=200)
     p.add_argument("--trace", action="store_true", help="also time each kernel (us per call) from a profile")
+    p.add_argument("--no-block-sweep", dest="block_sweep", action="store_false",
+                   help="the fused kernel with its default blocks only")
     p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "runs"), "bench_routed_lora.json"))
     args = p.parse_args(argv)
     dev = jax.devices()[0]
@@ -96,8 +100,10 @@ def main(argv=None) -> int:
                 "base": lambda x: x @ kernel,
                 "opbyop": lambda x: routed_lora_xla(x, gate, lora_a, lora_b, scaling, 1.0, top_k=2, impl="auto",
                                                     base=x @ kernel)[0],
+                "opbyop pallas": lambda x: routed_lora_xla(x, gate, lora_a, lora_b, scaling, 1.0, top_k=2,
+                                                           impl="pallas", base=x @ kernel)[0],
             }
-            for blocks in BLOCKS:
+            for blocks in BLOCKS if args.block_sweep else [{}]:
                 variants[variant_name(blocks)] = (
                     lambda x, blocks=blocks: routed_lora_pallas(x, gate, lora_a, lora_b, scaling, 1.0, top_k=2,
                                                                 base=x @ kernel, **blocks)[0])
