@@ -12,7 +12,8 @@ from pallas_kernels.grouped_lora_xla import XLA_FORMULATIONS, grouped_lora_dense
 IMPLS = ("auto", "xla", "pallas", *(f"xla_{name}" for name in XLA_FORMULATIONS))
 
 
-def _check_shapes(x, lora_a, lora_b, scaling, expert_idx, expert_weight):
+def check_adapter_shapes(x, lora_a, lora_b, scaling):
+    """x [T, d_in], lora_a [L, d_in, r], lora_b [L, r, d_out], scaling [L], or a ValueError."""
     if x.ndim != 2:
         raise ValueError(f"x must be [T, d_in], got shape {x.shape}")
     num_adapters, d_in, rank = lora_a.shape
@@ -22,6 +23,10 @@ def _check_shapes(x, lora_a, lora_b, scaling, expert_idx, expert_weight):
         raise ValueError(f"lora_b {lora_b.shape} does not match lora_a {lora_a.shape}: want [L, r, d_out]")
     if scaling.shape != (num_adapters,):
         raise ValueError(f"scaling must be [L]=[{num_adapters}], got {scaling.shape}")
+
+
+def _check_shapes(x, lora_a, lora_b, scaling, expert_idx, expert_weight):
+    check_adapter_shapes(x, lora_a, lora_b, scaling)
     if expert_idx.shape != expert_weight.shape or expert_idx.shape[0] != x.shape[0]:
         raise ValueError(
             f"expert_idx {expert_idx.shape} and expert_weight {expert_weight.shape} must both be [T, k] "

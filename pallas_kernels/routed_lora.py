@@ -16,7 +16,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.grouped_lora import IMPLS, grouped_lora
+from pallas_kernels.grouped_lora import IMPLS, check_adapter_shapes, grouped_lora
 from pallas_kernels.grouped_lora_xla import top_k_routing
 from pallas_kernels.routed_lora_pallas import routed_lora_pallas
 
@@ -78,8 +78,9 @@ def routed_lora(
     """
     if impl not in IMPLS:
         raise ValueError(f"unknown grouped_lora impl {impl!r}; choose one of {IMPLS}")
-    if x.ndim != 2 or gate.shape != (x.shape[1], lora_a.shape[0]):
-        raise ValueError(f"x {x.shape} and gate {gate.shape} must be [T, d_in] and [d_in, L={lora_a.shape[0]}]")
+    check_adapter_shapes(x, lora_a, lora_b, scaling)
+    if gate.shape != (x.shape[1], lora_a.shape[0]):
+        raise ValueError(f"gate must be [d_in, L]=[{x.shape[1]}, {lora_a.shape[0]}], got {gate.shape}")
     num_adapters, _, rank = lora_a.shape
     if use_fused(impl, x.shape[0], num_adapters, rank):
         return routed_lora_pallas(x, gate, lora_a, lora_b, scaling, temperature, top_k=top_k, base=base,

@@ -8,12 +8,14 @@ Done op by op, a decoded token pays ~10 launches per projection for this (the f3
 for top-k, the softmax, index copies, two product kernels), ~18 us on an H100 against a 0.1 us
 weight read (docs/benchmarks.md, "Where a decode step goes"). Here it is two launches:
 
-1. `_routed_shrink`, grid (token blocks, splits of d_in, L + 1): program (i, s, e < L) computes
-   x[tile, K_s] @ lora_a[e, K_s, :], program (i, s, L) the gate logits x[tile, K_s] @ gate[K_s, :].
+1. `_routed_shrink`, grid (token tiles, splits of d_in, L + G): program (i, s, e < L) computes
+   x[tile, K_s] @ lora_a[e, K_s, :], program (i, s, L + g) 16 columns of the gate logits
+   x[tile, K_s] @ gate[K_s, 16g:16g+16] (bf16 x as two bf16 dots of the gate's hi/lo halves).
    Every adapter's x @ A is computed (L/k times the flops of the chosen ones), so no program waits
    for the routing: at decode sizes that costs reading all of lora_a once (L*d_in*r*2 bytes, 1.8 MB
-   at L = 28, r = 8, d_in = 4096), less than one launch. Partial sums per split go to a float32
-   buffer (no atomics, no zero-fill launch).
+   at L = 28, r = 8, d_in = 4096), less than one launch. d_in is split until the grid has ~1000
+   programs: a program's loads in a row, not bytes, bound this kernel. Partial sums per split go to
+   a float32 buffer (no atomics, no zero-fill launch).
 2. `_routed_expand`, grid (tokens, blocks of d_out): each program sums its token's split partials
    of the logits, picks the top k by k rounds of max (lowest index first on ties, as lax.top_k),
    takes the softmax with the temperature, sums the chosen adapters' x @ A partials, scales, and
@@ -167,7 +169,8 @@ def _routed_expand_kernel(temp_ref, s_ref, logit_ref, xa_ref, b_ref, *rest, top_
     chosen = []
     for _ in range(top_k):  # k rounds of max; the lowest index wins a tie, as in lax.top_k
         best = jnp.max(logits)
-        e = jnp.min(jnp.where(logits == best, lk, adapters_p))
+        # Clamped so that NaN logits (no index equals the max) still read inside lora_b.
+        e = jnp.minimum(jnp.min(jnp.where(logits == best, lk, adapters_p)), num_adapters - 1)
         chosen.append((best, e))
         logits = jnp.where(lk == e, _NEG, logits)
     temperature = temp_ref[0]

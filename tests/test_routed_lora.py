@@ -129,7 +129,20 @@ def test_dispatcher_choices_and_errors():
         assert _rel(y, want) <= 1e-5 and _rel(logits, want_logits) <= 1e-5, f"seed={SEED}, impl={impl}"
     with pytest.raises(ValueError, match="unknown grouped_lora impl 'fast'"):
         routed_lora(x, gate, a, b, s, top_k=2, impl="fast")
-    with pytest.raises(ValueError, match=r"gate \(24, 4\)"):
+    with pytest.raises(ValueError, match=r"gate must be \[d_in, L\]=\[24, 3\], got \(24, 4\)"):
         routed_lora(x, jnp.zeros((24, 4)), a, b, s, top_k=2)
+    with pytest.raises(ValueError, match="lora_b .* does not match lora_a"):
+        routed_lora(x, gate, a, b[:, :1], s, top_k=2)
     with pytest.raises(ValueError, match="top_k=4 must be in"):
         routed_lora_pallas(x, gate, a, b, s, 1.0, top_k=4)
+
+
+def test_a_nan_token_leaves_the_other_tokens_alone():
+    """A token whose logits are NaN (e.g. overflowed activations) gets a NaN row, and only that row."""
+    x, gate, a, b, s, base = _inputs((12,), jnp.float32, t=4, d_in=32, d_out=16, num_adapters=5, rank=4)
+    x = x.at[2, 3].set(jnp.nan)
+    y, logits = routed_lora_pallas(x, gate, a, b, s, 1.0, top_k=2, base=base, **SMALL)
+    want, _ = _reference(x, gate, a, b, s, 1.0, 2, base)
+    assert np.all(np.isnan(np.asarray(y[2]))) and np.all(np.isnan(np.asarray(logits[2])))
+    keep = np.array([0, 1, 3])
+    assert _rel(y[keep], want[keep]) <= 1e-5, f"seed={SEED}"
