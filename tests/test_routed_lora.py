@@ -146,3 +146,44 @@ def test_a_nan_token_leaves_the_other_tokens_alone():
     assert np.all(np.isnan(np.asarray(y[2]))) and np.all(np.isnan(np.asarray(logits[2])))
     keep = np.array([0, 1, 3])
     assert _rel(y[keep], want[keep]) <= 1e-5, f"seed={SEED}"
+
+
+def test_model_prefill_and_decode_with_the_fused_kernel_equal_the_xla_model():
+    """A 2-layer MeteoRA model (unrolled, as the Generator runs it) with kernel_impl="pallas", so the
+    layers take the fused kernel (every call here has T <= 32), against the same weights with
+    kernel_impl="xla": logits, gate logits and KV cache at the padded prefill and each decode step."""
+    from meteora_jax import KVCache, LlamaForCausalLM, MeteoRAConfig, ModelConfig, init_params
+    from meteora_jax.model import unstack_layers
+    from torch_reference import relative_error
+
+    def config(impl):
+        return ModelConfig(vocab_size=61, hidden_size=40, intermediate_size=56, num_layers=2, num_heads=4,
+                           num_kv_heads=2, head_dim=10,
+                           meteora=MeteoRAConfig(num_adapters=5, rank=3, top_k=2, kernel_impl=impl))
+
+    rng = np.random.default_rng([SEED % 2**63, 13])
+    params = unstack_layers(init_params(config("xla"), jax.random.key(int(rng.integers(2**31)))), 2)
+    batch, prompt_len, total = 2, 6, 9
+    ids = jnp.asarray(rng.integers(0, 61, (batch, total)))
+    mask = np.ones((batch, total), bool)
+    mask[1, :2] = False  # left padding
+    positions = jnp.asarray(np.clip(np.cumsum(mask, -1) - 1, 0, None))
+    apply = {impl: jax.jit(lambda p, *a, m=LlamaForCausalLM(config(impl), scan_layers=False): m.apply({"params": p}, *a))
+             for impl in ("pallas", "xla")}
+    caches = {impl: KVCache.init(config(impl), batch, max_length=12) for impl in apply}
+    fused_jaxpr = str(jax.make_jaxpr(apply["pallas"])(params, ids[:, :1], jnp.asarray(mask[:, :1]),
+                                                      positions[:, :1], caches["pallas"]))
+    assert "routed_lora_expand" in fused_jaxpr, "the pallas model must take the fused kernel here"
+    for step, sl in enumerate([slice(0, prompt_len)] + [slice(t, t + 1) for t in range(prompt_len, total)]):
+        args = (ids[:, sl], jnp.asarray(mask[:, sl]), positions[:, sl])
+        with jax.default_matmul_precision("highest"):
+            out = {impl: fn(params, *args, caches[impl]) for impl, fn in apply.items()}
+        got, want = out["pallas"], out["xla"]
+        context = f"seed={SEED} step={step}"
+        assert relative_error(got.logits, want.logits, mask[:, sl]) <= 1e-5, context
+        for name, w in want.gate_logits.items():
+            valid = np.broadcast_to(mask[:, sl][None, :, :, None], w.shape)
+            assert relative_error(got.gate_logits[name], w, valid) <= 1e-5, (context, name)
+        caches = {impl: o.cache for impl, o in out.items()}
+    for g, w in ((caches["pallas"].k, caches["xla"].k), (caches["pallas"].v, caches["xla"].v)):
+        assert relative_error(g, w) <= 1e-5, f"seed={SEED}"
