@@ -47,7 +47,8 @@ import numpy as np  # noqa: E402
 
 from meteora_jax.config import MeteoRAConfig, ModelConfig, RopeScaling  # noqa: E402
 from meteora_jax.generate import Generator  # noqa: E402
-from meteora_jax.model import init_params, unstack_layers  # noqa: E402
+from meteora_jax.model import KVCache, LlamaForCausalLM, init_params, unstack_layers  # noqa: E402
+from meteora_jax.routing import Routing  # noqa: E402
 
 TARGETS = {"prefill": 0.85, "decode": 0.75}
 LAYOUTS = ("scan", "unrolled")
@@ -173,24 +174,68 @@ def bench_model(name, layout, config, params, batches, prompt_len, new_tokens, r
     return rows
 
 
-def decode_step_ms(config, params, layout, batch, cache_len, reps, force_adapter=None) -> float:
-    """One decode step (model.apply of one token per row on a KV cache of `cache_len` slots, half
-    full), jitted on its own: the per-token cost of the model without the generation loop."""
-    from meteora_jax.model import KVCache, LlamaForCausalLM
-    from meteora_jax.routing import Routing
+def benchmark_models(make, num_layers: int, rank: int) -> dict:
+    """name -> (config, params, force_adapter) of the three benchmark models, sharing base weights."""
+    meteora_cfg = make(num_layers, MeteoRAConfig(num_adapters=28, rank=rank, top_k=2))
+    t0 = time.perf_counter()
+    meteora_params = random_params(meteora_cfg)
+    jax.block_until_ready(meteora_params)
+    print(f"random weights in {time.perf_counter() - t0:.1f} s", flush=True)
+    return {
+        "base": (make(num_layers, MeteoRAConfig(num_adapters=0)), derived_params(meteora_params, None), None),
+        "1 LoRA": (make(num_layers, MeteoRAConfig(num_adapters=1, rank=rank, top_k=1)),
+                   derived_params(meteora_params, 1), 0),
+        "MeteoRA": (meteora_cfg, meteora_params, None),
+    }
 
-    model = LlamaForCausalLM(config, collect_gate_logits=False, scan_layers=layout == "scan")
-    if layout != "scan":
-        params = jax.jit(unstack_layers, static_argnums=1)(params, config.num_layers)
+
+def half_full_cache(config, batch, cache_len):
+    """A KV cache of `cache_len` slots whose first half holds (zero) valid entries."""
+    cache = KVCache.init(config, batch, cache_len)
+    return cache.replace(index=jnp.int32(cache_len // 2), valid=cache.valid.at[:, : cache_len // 2].set(True))
+
+
+def step_apply_fn(config, force_adapter, scan_layers=False):
+    """(params, cache, ids [B, S]) -> (next-token logits [B, V], updated cache with its index kept),
+    so that the same step can run again on the same slots."""
+    model = LlamaForCausalLM(config, collect_gate_logits=False, scan_layers=scan_layers)
     routing = Routing(temperature=jnp.float32(1.0))
     if force_adapter is not None:
-        routing = Routing(temperature=jnp.float32(1.0), forced_weights=Routing.force_adapter(force_adapter, config.meteora.num_adapters).forced_weights)
-    cache = KVCache.init(config, batch, cache_len)
-    cache = cache.replace(index=jnp.int32(cache_len // 2), valid=cache.valid.at[:, : cache_len // 2].set(True))
-    ids = jnp.ones((batch, 1), jnp.int32)
-    step = jax.jit(lambda p, c: model.apply({"params": p}, ids, jnp.ones((batch, 1), bool), None, c, routing=routing).logits)
-    jax.block_until_ready(step(params, cache))
-    return 1e3 * _median_time(lambda: step(params, cache), max(reps, 3))
+        routing = Routing.force_adapter(force_adapter, config.meteora.num_adapters)
+
+    def apply(params, cache, ids):
+        out = model.apply({"params": params}, ids, jnp.ones(ids.shape, bool), None, cache, routing=routing)
+        return out.logits[:, -1], out.cache.replace(index=cache.index)
+
+    return apply
+
+
+def make_step(config, force_adapter, scan_layers=False):
+    """Jitted (params, cache, ids [B, S]) -> (S copies of the argmax [B, S], cache); the cache is
+    donated and updated in place, as inside the generation loop."""
+    apply = step_apply_fn(config, force_adapter, scan_layers)
+
+    def step(params, cache, ids):
+        logits, cache = apply(params, cache, ids)
+        return jnp.broadcast_to(jnp.argmax(logits, axis=-1).astype(jnp.int32)[:, None], ids.shape), cache
+
+    return jax.jit(step, donate_argnums=1)
+
+
+def decode_step_ms(config, params, layout, batch, cache_len, reps, force_adapter=None) -> float:
+    """One decode step (one token per row on a half-full KV cache of `cache_len` slots), jitted on
+    its own: the per-token cost of the model without the generation loop. Median of single steps."""
+    if layout != "scan":
+        params = jax.jit(unstack_layers, static_argnums=1)(params, config.num_layers)
+    step = make_step(config, force_adapter, scan_layers=layout == "scan")
+    state = [jnp.ones((batch, 1), jnp.int32), half_full_cache(config, batch, cache_len)]
+
+    def run():
+        state[0], state[1] = step(params, state[1], state[0])
+        return state[0]
+
+    jax.block_until_ready(run())
+    return 1e3 * _median_time(run, max(reps, 3))
 
 
 def _base_rows(rows: list[dict]) -> dict:
@@ -244,19 +289,8 @@ def main(argv=None) -> int:
 
     dev = jax.devices()[0]
     print(f"jax {jax.__version__}, device {dev.device_kind} ({dev.platform}), {args.num_layers} layers", flush=True)
-    meteora_cfg = make(args.num_layers, MeteoRAConfig(num_adapters=28, rank=args.rank, top_k=2))
-    t0 = time.perf_counter()
-    meteora_params = random_params(meteora_cfg)
-    jax.block_until_ready(meteora_params)
-    print(f"random weights in {time.perf_counter() - t0:.1f} s", flush=True)
-    models = [
-        m for m in [
-        ("base", make(args.num_layers, MeteoRAConfig(num_adapters=0)), derived_params(meteora_params, None), None),
-        ("1 LoRA", make(args.num_layers, MeteoRAConfig(num_adapters=1, rank=args.rank, top_k=1)),
-         derived_params(meteora_params, 1), 0),
-        ("MeteoRA", meteora_cfg, meteora_params, None),
-        ] if m[0].replace(" ", "").lower() in args.models.split(",")
-    ]
+    models = [(name, *model) for name, model in benchmark_models(make, args.num_layers, args.rank).items()
+              if name.replace(" ", "").lower() in args.models.split(",")]
     rows = []
     for layout in layouts:
         for name, cfg, params, force in models:

@@ -39,10 +39,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from bench_generate import derived_params, llama3_8b, random_params, tiny  # noqa: E402
-from meteora_jax.config import MeteoRAConfig  # noqa: E402
-from meteora_jax.model import KVCache, LlamaForCausalLM, unstack_layers  # noqa: E402
-from meteora_jax.routing import Routing  # noqa: E402
+from bench_generate import benchmark_models, half_full_cache, llama3_8b, make_step, step_apply_fn, tiny  # noqa: E402
+from meteora_jax.model import unstack_layers  # noqa: E402
 routed_lora_module = importlib.import_module("pallas_kernels.routed_lora")  # the module, not the function
 routed_kernel_module = importlib.import_module("pallas_kernels.routed_lora_pallas")
 
@@ -76,46 +74,17 @@ def parse_blocks(text: str) -> list[dict]:
     return settings
 
 
-def apply_fn(config, force_adapter):
-    """(params, cache, ids [B, 1]) -> (next-token logits [B, V], updated cache)."""
-    model = LlamaForCausalLM(config, collect_gate_logits=False, scan_layers=False)
-    routing = Routing(temperature=jnp.float32(1.0))
-    if force_adapter is not None:
-        routing = Routing.force_adapter(force_adapter, config.meteora.num_adapters)
-
-    def apply(params, cache, ids):
-        out = model.apply({"params": params}, ids, jnp.ones(ids.shape, bool), None, cache, routing=routing)
-        return out.logits[:, -1], out.cache.replace(index=cache.index)
-
-    return apply
-
-
-def make_step(config, force_adapter):
-    apply = apply_fn(config, force_adapter)
-
-    def step(params, cache, ids):  # ids: [B, S]; the next call gets S copies of the argmax
-        logits, cache = apply(params, cache, ids)
-        return jnp.broadcast_to(jnp.argmax(logits, axis=-1).astype(jnp.int32)[:, None], ids.shape), cache
-
-    return jax.jit(step, donate_argnums=1)
-
-
 def compare_fused(config, params, batch, cache_len) -> dict:
     """Next-token logits of MeteoRA with and without the fused routed kernel, same inputs."""
     ids = jax.random.randint(jax.random.key(batch), (batch, 1), 3, config.vocab_size)
     got = {}
     for fused in (True, False):
-        apply = jax.jit(apply_fn(config, None))  # a fresh function: no trace shared between the two
+        apply = jax.jit(step_apply_fn(config, None))  # a fresh function: no trace shared between the two
         with fused_routing(fused):
             got[fused] = apply(params, half_full_cache(config, batch, cache_len), ids)[0].astype(jnp.float32)
     diff = float(jnp.linalg.norm(got[True] - got[False]) / jnp.linalg.norm(got[False]))
     agree = float(jnp.mean(jnp.argmax(got[True], -1) == jnp.argmax(got[False], -1)))
     return dict(batch=batch, logits_rel_diff=diff, top1_agreement=agree)
-
-
-def half_full_cache(config, batch, cache_len):
-    cache = KVCache.init(config, batch, cache_len)
-    return cache.replace(index=jnp.int32(cache_len // 2), valid=cache.valid.at[:, : cache_len // 2].set(True))
 
 
 def kernel_events(trace_dir: str) -> tuple[list[tuple[str, float]], dict]:
@@ -165,15 +134,9 @@ def main(argv=None) -> int:
     flags = os.environ.get("XLA_FLAGS", "")
     print(f"jax {jax.__version__}, {dev.device_kind}, {args.num_layers} layers, XLA_FLAGS={flags!r}", flush=True)
 
-    meteora_cfg = make(args.num_layers, MeteoRAConfig(num_adapters=28, rank=args.rank, top_k=2))
-    meteora_params = random_params(meteora_cfg)
-    models = {
-        "base": (make(args.num_layers, MeteoRAConfig(num_adapters=0)), derived_params(meteora_params, None), None),
-        "1lora": (make(args.num_layers, MeteoRAConfig(num_adapters=1, rank=args.rank, top_k=1)),
-                  derived_params(meteora_params, 1), 0),
-        "meteora": (meteora_cfg, meteora_params, None),
-        "opbyop": (meteora_cfg, meteora_params, None),
-    }
+    models = {name.replace(" ", "").lower(): model for name, model in
+              benchmark_models(make, args.num_layers, args.rank).items()}
+    models["opbyop"] = models["meteora"]
     runs = [(name, name, {}) for name in args.models.split(",")]
     for blocks in parse_blocks(args.routed_blocks):
         runs.append(("meteora", "meteora[" + ",".join(f"{k}={v}" for k, v in blocks.items()) + "]", blocks))
