@@ -4,9 +4,12 @@
     idx, w      = top-k of gate_logits, softmax(top-k logits / temperature)   (k = 1: w = 1)
     y           = base + grouped_lora(x, lora_a, lora_b, scaling, idx, w)
 
-`routed_lora_xla` is that composition, op by op (the reference, and the path for prefill and
-training, where `grouped_lora` picks its own kernel). For decoding, `routed_lora_pallas` does the
-same in two launches (see its module). `routed_lora(impl="auto")` picks between them.
+`routed_lora_xla` is that composition, op by op (the reference, and the path that gradients take,
+where `grouped_lora` picks its own kernel). Two faster paths compute the same:
+- decode (T <= 32): `routed_lora_pallas`, two Pallas launches (see its module);
+- prefill (T > 32): `routed_lora_prefill`, two plain GEMMs (x @ [A_flat | gate] and the weighted
+  x @ A_flat @ B_flat) around the top-k.
+`routed_lora(impl="auto")` picks among the three (`routed_path`).
 """
 
 from __future__ import annotations
@@ -16,45 +19,34 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.grouped_lora import IMPLS, check_adapter_shapes, grouped_lora
-from pallas_kernels.grouped_lora_xla import top_k_routing
+from pallas_kernels.grouped_lora import IMPLS, check_adapter_shapes
 from pallas_kernels.routed_lora_pallas import routed_lora_pallas
+from pallas_kernels.routed_lora_prefill import routed_lora_prefill
+from pallas_kernels.routed_lora_xla import routed_lora_xla
 
-# The fused path's range. Tokens: decode steps up to batch 32, where it beat the op-by-op path on
-# an H100 (LLaMA-3-8B shapes, L = 28, r = 8: decode step 9.08 vs 11.12 ms at B = 1, 12.14 vs 16.40
-# ms at B = 32; docs/benchmarks.md, "Fused routing for decode"). Columns: the shrink reads every
-# adapter's lora_a (L * r * d_in * 2 bytes), only measured at L * r = 224; 1024 is an estimate (8 MB
-# at d_in = 4096, ~3 us of H100 bandwidth, about the op-by-op routing's cost per projection).
+# The decode kernel's range (above ROUTED_MAX_TOKENS: the prefill path). Tokens: decode steps up to
+# batch 32, where it beat the op-by-op path on an H100 (LLaMA-3-8B shapes, L = 28, r = 8: decode step
+# 9.08 vs 11.12 ms at B = 1, 12.14 vs 16.40 ms at B = 32; docs/benchmarks.md, "Fused routing for
+# decode"). Columns: the shrink reads every adapter's lora_a (L * r * d_in * 2 bytes), only measured
+# at L * r = 224; 1024 is an estimate (8 MB at d_in = 4096, ~3 us of H100 bandwidth, about the
+# op-by-op routing's cost per projection).
 ROUTED_MAX_TOKENS = 32
 ROUTED_MAX_COLUMNS = 1024  # L * r
 
 
-def routed_lora_xla(
-    x: jax.Array,  # [T, d_in]
-    gate: jax.Array,  # [d_in, L] float32
-    lora_a: jax.Array,  # [L, d_in, r]
-    lora_b: jax.Array,  # [L, r, d_out]
-    scaling: jax.Array,  # [L]
-    temperature: jax.Array | float,
-    *,
-    top_k: int,
-    impl: str = "xla",
-    base: jax.Array | None = None,  # [T, d_out]
-) -> tuple[jax.Array, jax.Array]:  # y [T, d_out] x.dtype, gate_logits [T, L] float32
-    """The op-by-op composition; `impl` is the `grouped_lora` implementation of the product."""
-    gate_logits = jnp.dot(x.astype(jnp.float32), gate.astype(jnp.float32))
-    expert_idx, expert_weight = top_k_routing(gate_logits, top_k, temperature)
-    y = grouped_lora(x, lora_a, lora_b, scaling, expert_idx, expert_weight.astype(x.dtype), impl=impl, base=base)
-    return y, gate_logits
+def routed_path(impl: str, num_tokens: int, num_adapters: int, rank: int) -> str:
+    """Which path `routed_lora(impl=...)` takes: "decode", "prefill" or "composition".
 
-
-def use_fused(impl: str, num_tokens: int, num_adapters: int, rank: int) -> bool:
-    """Whether `routed_lora(impl=...)` takes the fused Pallas path for these sizes."""
+    The prefill path beat the composition at every measured size above 32 tokens on an H100
+    (LLaMA-3-8B projections, L = 28, r = 8, T = 64 / 512 / 16384; docs/benchmarks.md, "Prefill").
+    """
     if impl not in ("auto", "pallas"):
-        return False
+        return "composition"
     if impl == "auto" and jax.default_backend() != "gpu":
-        return False  # on CPU the Pallas kernels only run in interpret mode
-    return num_tokens <= ROUTED_MAX_TOKENS and num_adapters * rank <= ROUTED_MAX_COLUMNS
+        return "composition"  # on CPU the Pallas kernels only run in interpret mode
+    if num_tokens > ROUTED_MAX_TOKENS:
+        return "prefill"
+    return "decode" if num_adapters * rank <= ROUTED_MAX_COLUMNS else "composition"
 
 
 @functools.partial(jax.named_call, name="routed_lora")
@@ -72,9 +64,10 @@ def routed_lora(
 ) -> tuple[jax.Array, jax.Array]:  # y [T, d_out] x.dtype, gate_logits [T, L] float32
     """Routes every token to its top-k adapters and returns `base + routed delta` and the logits.
 
-    impl: a `grouped_lora` impl. "auto" and "pallas" take the fused two-launch kernel for decode sizes
-    (T <= ROUTED_MAX_TOKENS, L * r <= ROUTED_MAX_COLUMNS; "auto" only on GPU) and otherwise the
-    composition with `grouped_lora(impl=...)`; the "xla*" impls always take the composition.
+    impl: a `grouped_lora` impl. "auto" and "pallas" take the decode kernel for T <= ROUTED_MAX_TOKENS
+    (when L * r <= ROUTED_MAX_COLUMNS) and the prefill path above ("auto" only on GPU; on CPU the
+    composition); the "xla*" impls always take the composition. Under differentiation every path
+    returns the composition's value and gradients (`with_composition_vjp`), with `grouped_lora(impl)`.
     """
     if impl not in IMPLS:
         raise ValueError(f"unknown grouped_lora impl {impl!r}; choose one of {IMPLS}")
@@ -82,7 +75,11 @@ def routed_lora(
     if gate.shape != (x.shape[1], lora_a.shape[0]):
         raise ValueError(f"gate must be [d_in, L]=[{x.shape[1]}, {lora_a.shape[0]}], got {gate.shape}")
     num_adapters, _, rank = lora_a.shape
-    if use_fused(impl, x.shape[0], num_adapters, rank):
+    path = routed_path(impl, x.shape[0], num_adapters, rank)
+    if path == "decode":
         return routed_lora_pallas(x, gate, lora_a, lora_b, scaling, temperature, top_k=top_k, base=base,
                                   grouped_impl=impl)
+    if path == "prefill":
+        return routed_lora_prefill(x, gate, lora_a, lora_b, scaling, temperature, top_k=top_k, base=base,
+                                   grouped_impl=impl)
     return routed_lora_xla(x, gate, lora_a, lora_b, scaling, temperature, top_k=top_k, impl=impl, base=base)

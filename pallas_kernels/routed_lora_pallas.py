@@ -22,9 +22,8 @@ weight read (docs/benchmarks.md, "Where a decode step goes"). Here it is two lau
    multiplies by their rows of lora_b for its output block, adding `base` (the layer's x @ kernel)
    in the epilogue. The programs of the first output block also write the summed logits.
 
-Differentiable through a custom VJP that re-runs the op-by-op composition (`routed_lora_xla`) under
-`jax.vjp`, only for the inputs being differentiated: decode is the fast path, gradients at these
-sizes are a convenience.
+Differentiable through the op-by-op composition (`routed_lora_xla.with_composition_vjp`): decode is
+the fast path, gradients at these sizes are a convenience.
 """
 
 from __future__ import annotations
@@ -35,7 +34,6 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.custom_derivatives import SymbolicZero
 from jax.experimental import pallas as pl
 
 from pallas_kernels.grouped_lora_pallas import (
@@ -48,6 +46,7 @@ from pallas_kernels.grouped_lora_pallas import (
     add_adapter_row,
     store_row,
 )
+from pallas_kernels.routed_lora_xla import with_composition_vjp
 
 _NEG = -3.0e38  # below any real logit, finite so max - max stays NaN-free
 
@@ -218,46 +217,7 @@ def _primal(x, gate, lora_a, lora_b, scaling, temperature, base, cfg):
                           num_tokens=num_tokens, out_dtype=x.dtype)
 
 
-_routed_lora = jax.custom_vjp(_primal, nondiff_argnums=(7,))
-_ARG_NAMES = ("x", "gate", "lora_a", "lora_b", "scaling", "temperature", "base")
-
-
-def _fwd(x, gate, lora_a, lora_b, scaling, temperature, base, cfg):
-    args = (x, gate, lora_a, lora_b, scaling, temperature, base)
-    values = tuple(arg.value for arg in args)
-    # Which inputs are differentiated lives in the residuals' tree structure (dict keys), not as data.
-    need = {name: None for name, arg in zip(_ARG_NAMES, args) if arg.perturbed}
-    if not cfg.has_base:
-        need.pop("base", None)
-    return _primal(*values, cfg), dict(values=values, need=need)
-
-
-def _bwd(cfg, res, g):
-    from pallas_kernels.routed_lora import routed_lora_xla  # the composition; it imports this module
-
-    values, need = res["values"], [name for name in _ARG_NAMES if name in res["need"]]
-    if not need:
-        return (None,) * 7
-    x, gate = values[0], values[1]
-    gy, glogits = g
-    if isinstance(gy, SymbolicZero):
-        gy = jnp.zeros((x.shape[0], values[3].shape[2]), x.dtype)
-    if isinstance(glogits, SymbolicZero):
-        glogits = jnp.zeros((x.shape[0], gate.shape[1]), jnp.float32)
-
-    def composition(*needed):
-        full = dict(zip(_ARG_NAMES, values))
-        full.update(zip(need, needed))
-        return routed_lora_xla(full["x"], full["gate"], full["lora_a"], full["lora_b"], full["scaling"],
-                               full["temperature"], top_k=cfg.top_k, impl=cfg.grouped_impl,
-                               base=full["base"] if cfg.has_base else None)
-
-    _, vjp = jax.vjp(composition, *(values[_ARG_NAMES.index(name)] for name in need))
-    grads = dict(zip(need, vjp((gy.astype(x.dtype), glogits.astype(jnp.float32)))))
-    return tuple(grads.get(name) for name in _ARG_NAMES)
-
-
-_routed_lora.defvjp(_fwd, _bwd, symbolic_zeros=True)
+_routed_lora = with_composition_vjp(_primal)
 
 
 # Block options, measured on an H100 in LLaMA-3-8B decode steps (docs/benchmarks.md).

@@ -1,16 +1,19 @@
-"""One MeteoRA projection at decode sizes: the fused routed kernel (`routed_lora_pallas`, with a grid
-of block options) against the op-by-op composition (`grouped_lora` impl "auto" and "pallas") and the
-base GEMV alone, all in one run.
+"""One MeteoRA projection: the fused routed paths (`routed_lora_pallas` for T <= 32, with a grid of block
+options; `routed_lora_prefill` above) against the op-by-op composition (`grouped_lora` impl "auto",
+and "pallas" at decode sizes) and the base GEMM alone, all in one run.
 
-    python scripts/bench_routed_lora.py [--tokens 1,32] [--rank 8] [--iters 200] [--trace]
-        [--no-block-sweep] [--out PATH]
+    python scripts/bench_routed_lora.py [--tokens 1,32,512,16384] [--rank 8] [--iters 200] [--trace]
+        [--no-block-sweep] [--sweep-tokens 1,32] [--shapes 4096x4096,...] [--out PATH]
 
 Shapes: LLaMA-3-8B projections (d_in -> d_out) 4096 -> 4096, 4096 -> 1024, 4096 -> 14336 and
 14336 -> 4096; L = 28 adapters, top-2, bf16, random gate (uneven loads).
-Timing: each variant runs --iters times inside one jitted `fori_loop` whose next input depends on
-the previous output (so calls cannot overlap), after a warm-up; median of 5 such runs, divided by
---iters. Every column carries the same small loop overhead (an add and a slice); "delta" columns
-subtract the base GEMV's time measured the same way. Prints a table last and writes JSON.
+Timing: each variant runs --iters times (fewer above T = 256: --iters x 256 / T, at least 8)
+inside one jitted `fori_loop` whose next input depends on the previous output (so calls cannot
+overlap), after a warm-up; median of 5 such runs, divided by the count. Every column carries the same
+small loop overhead (an add and a slice); "delta" columns subtract the base GEMM's time measured the
+same way. The "err" column: the fused path's (default blocks) largest relative row error against
+the composition in float32 at highest precision, and how many rows exceed 2e-2. Prints a table last
+and writes JSON.
 """
 
 from __future__ import annotations
@@ -30,12 +33,13 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from pallas_kernels.routed_lora import routed_lora_xla  # noqa: E402
+from pallas_kernels.routed_lora import ROUTED_MAX_TOKENS, routed_lora_xla  # noqa: E402
 from pallas_kernels.routed_lora_pallas import routed_lora_pallas  # noqa: E402
+from pallas_kernels.routed_lora_prefill import routed_lora_prefill  # noqa: E402
 from profile_decode import fold, kernel_events  # noqa: E402
 
-SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]
-BLOCKS = [
+SHAPES = "4096x4096,4096x1024,4096x14336,14336x4096"
+DECODE_BLOCKS = [
     dict(block_k=128, min_programs=128),
     dict(block_k=128, min_programs=512),
     dict(block_k=64, min_programs=1024),
@@ -45,7 +49,17 @@ BLOCKS = [
 
 
 def variant_name(blocks):
-    return "fused " + (" ".join(f"{k.split('_')[-1][0]}{v}" for k, v in blocks.items()) or "default")
+    short = {"block_t": "t", "block_n": "n", "block_r": "r", "block_k": "k", "min_programs": "p",
+             "num_warps": "w", "num_stages": "s"}
+    return "fused " + (" ".join(f"{short[k]}{v}" for k, v in blocks.items()) or "default")
+
+
+def row_errors(got, want):
+    """(largest relative L2 error over rows, rows above 2e-2): a token routed to other adapters
+    (a near-tie that float32 rounding decides differently) shows as one bad row."""
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    err = np.linalg.norm(got - want, axis=1) / np.maximum(np.linalg.norm(want, axis=1), 1e-30)
+    return float(np.max(err)), int(np.sum(err > 2e-2))
 
 
 def time_loop(layer, x, iters, trace=False):
@@ -75,7 +89,9 @@ def time_loop(layer, x, iters, trace=False):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tokens", default="1,32")
+    p.add_argument("--tokens", default="1,32,512,16384")
+    p.add_argument("--shapes", default=SHAPES, help="d_in x d_out of each projection")
+    p.add_argument("--sweep-tokens", default="1,32", help="token counts that get the decode kernel's block sweep")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--adapters", type=int, default=28)
     p.add_argument("--iters", type=int, default=200)
@@ -87,7 +103,7 @@ def main(argv=None) -> int:
     dev = jax.devices()[0]
     L, r, dtype = args.adapters, args.rank, jnp.bfloat16
     rows = []
-    for d_in, d_out in SHAPES:
+    for d_in, d_out in (map(int, shape.split("x")) for shape in args.shapes.split(",")):
         keys = jax.random.split(jax.random.key(d_in * 7 + d_out), 5)
         kernel = (jax.random.normal(keys[0], (d_in, d_out)) / np.sqrt(d_in)).astype(dtype)
         gate = jax.random.normal(keys[1], (d_in, L), jnp.float32) / np.sqrt(d_in)
@@ -96,31 +112,43 @@ def main(argv=None) -> int:
         scaling = jnp.full((L,), 2.0, jnp.float32)
         for t in (int(v) for v in args.tokens.split(",")):
             x = jax.random.normal(keys[4], (t, d_in)).astype(dtype)
+            decode = t <= ROUTED_MAX_TOKENS
+            fused, sweep = (routed_lora_pallas, DECODE_BLOCKS) if decode else (routed_lora_prefill, [])
             variants = {
                 "base": lambda x: x @ kernel,
                 "opbyop": lambda x: routed_lora_xla(x, gate, lora_a, lora_b, scaling, 1.0, top_k=2, impl="auto",
                                                     base=x @ kernel)[0],
-                "opbyop pallas": lambda x: routed_lora_xla(x, gate, lora_a, lora_b, scaling, 1.0, top_k=2,
-                                                           impl="pallas", base=x @ kernel)[0],
             }
-            for blocks in BLOCKS if args.block_sweep else [{}]:
+            if decode:
+                variants["opbyop pallas"] = lambda x: routed_lora_xla(x, gate, lora_a, lora_b, scaling, 1.0, top_k=2,
+                                                                      impl="pallas", base=x @ kernel)[0]
+            swept = args.block_sweep and str(t) in args.sweep_tokens.split(",")
+            for blocks in [{}] + (sweep if swept else []):
                 variants[variant_name(blocks)] = (
-                    lambda x, blocks=blocks: routed_lora_pallas(x, gate, lora_a, lora_b, scaling, 1.0, top_k=2,
-                                                                base=x @ kernel, **blocks)[0])
+                    lambda x, blocks=blocks: fused(x, gate, lora_a, lora_b, scaling, 1.0, top_k=2, base=x @ kernel,
+                                                   **blocks)[0])
+            with jax.default_matmul_precision("highest"):
+                want = routed_lora_xla(*(v.astype(jnp.float32) for v in (x, gate, lora_a, lora_b)), scaling, 1.0,
+                                       top_k=2, impl="xla", base=(x @ kernel).astype(jnp.float32))[0]
+            err, bad_rows = row_errors(jax.jit(variants["fused default"])(x), want)
+            iters = max(8, args.iters * 256 // max(t, 256))
             us, kernels = {}, {}
             for name, fn in variants.items():
                 try:
-                    seconds, kernels[name] = time_loop(fn, x, args.iters, args.trace)
+                    seconds, kernels[name] = time_loop(fn, x, iters, args.trace)
                     us[name] = 1e6 * seconds
                 except Exception as err:  # e.g. a block option that exceeds shared memory: report, go on
                     us[name] = float("nan")
                     print(f"{d_in}->{d_out} T={t} {name}: {type(err).__name__}: {str(err)[:120]}", flush=True)
-            row = dict(d_in=d_in, d_out=d_out, tokens=t, us=us, kernels=kernels)
+            row = dict(d_in=d_in, d_out=d_out, tokens=t, us=us, kernels=kernels, err=err, bad_rows=bad_rows,
+                       iters=iters)
             rows.append(row)
-            fused = [k for k in us if k.startswith("fused") and us[k] == us[k]]
-            best = min(fused, key=us.get) if fused else None
+            print(f"   {d_in}->{d_out} T={t}: " + ", ".join(f"{n} {v:.1f}" for n, v in us.items()), flush=True)
+            fused_names = [k for k in us if k.startswith("fused") and us[k] == us[k]]
+            best = min(fused_names, key=us.get) if fused_names else None
             print(f"{d_in}->{d_out} T={t}: base {us['base']:.1f} us, op-by-op {us['opbyop']:.1f}, "
-                  f"best fused {us.get(best, float('nan')):.1f} ({best})", flush=True)
+                  f"best fused {us.get(best, float('nan')):.1f} ({best}), err {err:.1e} ({bad_rows} rows > 2e-2)",
+                  flush=True)
             if args.trace:
                 for name in kernels:
                     top = sorted(kernels[name].items(), key=lambda kv: -kv[1])[:6]
@@ -130,12 +158,18 @@ def main(argv=None) -> int:
         json.dump(dict(device=dev.device_kind, jax=jax.__version__, adapters=L, rank=r, iters=args.iters,
                        rows=rows), f, indent=1)
     print(f"wrote {args.out}\n\n{dev.device_kind}, L = {L}, r = {r}, top-2, bf16; us per call (delta = minus base)")
-    names = list(rows[0]["us"])
-    print("| d_in -> d_out | T | " + " | ".join(names) + " |")
-    print("|---|---|" + "---|" * len(names))
-    for row in rows:
-        cells = [f"{row['us'][n]:.1f}" if n == "base" else f"{row['us'][n] - row['us']['base']:+.1f}" for n in names]
-        print(f"| {row['d_in']} -> {row['d_out']} | {row['tokens']} | " + " | ".join(cells) + " |")
+    for decode in (True, False):  # one table per kernel: their block options differ
+        part = [row for row in rows if (row["tokens"] <= ROUTED_MAX_TOKENS) == decode]
+        names = list(dict.fromkeys(n for row in part for n in row["us"]))
+        if not part:
+            continue
+        print("\n| d_in -> d_out | T | err (rows > 2e-2) | " + " | ".join(names) + " |")
+        print("|---|---|---|" + "---|" * len(names))
+        for row in part:
+            cells = [f"{row['us'][n]:.1f}" if n == "base" else f"{row['us'][n] - row['us']['base']:+.1f}"
+                     if n in row["us"] else "" for n in names]
+            error = f"{row['err']:.0e} ({row['bad_rows']})"
+            print(f"| {row['d_in']} -> {row['d_out']} | {row['tokens']} | {error} | " + " | ".join(cells) + " |")
     return 0
 
 

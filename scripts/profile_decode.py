@@ -6,7 +6,7 @@ lists the GPU kernels it launches (count and time per step, grouped by kernel na
 
 Models and weights are those of scripts/bench_generate.py (LLaMA-3-8B shapes, random bf16 weights,
 rank-8 adapters, MeteoRA L = 28 top-2), in the unrolled layer layout that `Generator` uses; model
-"opbyop" is MeteoRA with the fused routed kernel switched off (gate matmul, top-k, softmax and
+"opbyop" is MeteoRA with the fused routed paths switched off (gate matmul, top-k, softmax and
 `grouped_lora` as separate ops, the path before `routed_lora`). --compare checks that the two give
 the same next-token logits.
 
@@ -47,14 +47,15 @@ routed_kernel_module = importlib.import_module("pallas_kernels.routed_lora_palla
 
 @contextlib.contextmanager
 def fused_routing(enabled: bool, blocks: dict | None = None):
-    """While tracing: take (or not) the fused routed kernel at decode sizes, with these block options."""
-    saved = routed_lora_module.ROUTED_MAX_TOKENS, dict(routed_kernel_module.DEFAULT_BLOCKS)
-    routed_lora_module.ROUTED_MAX_TOKENS = saved[0] if enabled else 0
+    """While tracing: take (or not) the fused routed paths, with these decode-kernel block options."""
+    saved = routed_lora_module.routed_path, dict(routed_kernel_module.DEFAULT_BLOCKS)
+    if not enabled:
+        routed_lora_module.routed_path = lambda *args: "composition"
     routed_kernel_module.DEFAULT_BLOCKS.update(blocks or {})
     try:
         yield
     finally:
-        routed_lora_module.ROUTED_MAX_TOKENS = saved[0]
+        routed_lora_module.routed_path = saved[0]
         routed_kernel_module.DEFAULT_BLOCKS.clear()
         routed_kernel_module.DEFAULT_BLOCKS.update(saved[1])
 

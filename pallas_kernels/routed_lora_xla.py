@@ -1,0 +1,79 @@
+"""The op-by-op composition of `routed_lora` (the reference), and the VJP its kernels share.
+
+    gate_logits = x @ gate  (float32)
+    idx, w      = top-k of gate_logits, softmax(top-k logits / temperature)   (k = 1: w = 1)
+    y           = base + grouped_lora(x, lora_a, lora_b, scaling, idx, w)
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
+
+from pallas_kernels.grouped_lora import grouped_lora
+from pallas_kernels.grouped_lora_xla import top_k_routing
+
+
+def routed_lora_xla(
+    x: jax.Array,  # [T, d_in]
+    gate: jax.Array,  # [d_in, L] float32
+    lora_a: jax.Array,  # [L, d_in, r]
+    lora_b: jax.Array,  # [L, r, d_out]
+    scaling: jax.Array,  # [L]
+    temperature: jax.Array | float,
+    *,
+    top_k: int,
+    impl: str = "xla",
+    base: jax.Array | None = None,  # [T, d_out]
+) -> tuple[jax.Array, jax.Array]:  # y [T, d_out] x.dtype, gate_logits [T, L] float32
+    """The op-by-op composition; `impl` is the `grouped_lora` implementation of the product."""
+    gate_logits = jnp.dot(x.astype(jnp.float32), gate.astype(jnp.float32))
+    expert_idx, expert_weight = top_k_routing(gate_logits, top_k, temperature)
+    y = grouped_lora(x, lora_a, lora_b, scaling, expert_idx, expert_weight.astype(x.dtype), impl=impl, base=base)
+    return y, gate_logits
+
+
+ARG_NAMES = ("x", "gate", "lora_a", "lora_b", "scaling", "temperature", "base")
+
+
+def with_composition_vjp(primal):
+    """Makes a routed kernel differentiable through the composition.
+
+    primal(x, gate, lora_a, lora_b, scaling, temperature, base, cfg) -> (y, gate_logits), where cfg
+    (static) has `top_k`, `has_base` (False: `base` is a placeholder) and `grouped_impl`.
+    Undifferentiated calls run `primal`. A differentiated call runs `routed_lora_xla` under
+    `jax.vjp` instead, only for the inputs being differentiated, and keeps its residuals: a gradient
+    costs what the composition's costs, with no second forward pass. The value then is the
+    composition's (equal to the kernel's within the tested tolerances).
+    """
+    fn = jax.custom_vjp(primal, nondiff_argnums=(7,))
+
+    def fwd(x, gate, lora_a, lora_b, scaling, temperature, base, cfg):
+        args = (x, gate, lora_a, lora_b, scaling, temperature, base)
+        values = tuple(arg.value for arg in args)
+        need = [name for name, arg in zip(ARG_NAMES, args) if arg.perturbed and (name != "base" or cfg.has_base)]
+        if not need:
+            return primal(*values, cfg), {}
+
+        def composition(*needed):
+            full = dict(zip(ARG_NAMES, values))
+            full.update(zip(need, needed))
+            return routed_lora_xla(full["x"], full["gate"], full["lora_a"], full["lora_b"], full["scaling"],
+                                   full["temperature"], top_k=cfg.top_k, impl=cfg.grouped_impl,
+                                   base=full["base"] if cfg.has_base else None)
+
+        out, vjp = jax.vjp(composition, *(values[ARG_NAMES.index(name)] for name in need))
+        # Which inputs are differentiated lives in the residuals' tree structure (dict keys).
+        return out, dict(vjp=vjp, need={name: None for name in need})
+
+    def bwd(cfg, res, g):
+        if not res:
+            return (None,) * len(ARG_NAMES)
+        gy, glogits = (jnp.zeros(c.shape, c.dtype) if isinstance(c, SymbolicZero) else c for c in g)
+        need = [name for name in ARG_NAMES if name in res["need"]]
+        grads = dict(zip(need, res["vjp"]((gy, glogits.astype(jnp.float32)))))
+        return tuple(grads.get(name) for name in ARG_NAMES)
+
+    fn.defvjp(fwd, bwd, symbolic_zeros=True)
+    return fn
