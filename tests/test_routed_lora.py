@@ -208,3 +208,48 @@ def test_model_prefill_and_decode_with_the_fused_kernel_equal_the_xla_model():
         caches = {impl: o.cache for impl, o in out.items()}
     for g, w in ((caches["pallas"].k, caches["xla"].k), (caches["pallas"].v, caches["xla"].v)):
         assert relative_error(g, w) <= 1e-5, f"seed={SEED}"
+
+
+def test_gate_training_gradients_through_the_fused_paths_equal_the_xla_model():
+    """Gate training as train.py runs it (scanned layers, remat "full", joint loss, gradients for the
+    gates only) with kernel_impl="pallas", whose 2 x 24-token forward takes the prefill path under the
+    composition's VJP, against kernel_impl="xla": loss (1e-5) and every gate gradient (5e-5: the
+    differentiated composition runs the Pallas product, whose f32 sums differ in order from XLA's;
+    seen up to 1.2e-5 through these two layers), f32."""
+    from meteora_jax import LlamaForCausalLM, MeteoRAConfig, ModelConfig, init_params
+    from meteora_jax.loss import joint_loss
+    from meteora_jax.train import merge_params, split_params
+
+    def model(impl):
+        return LlamaForCausalLM(ModelConfig(
+            vocab_size=53, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2,
+            head_dim=8, remat="full", meteora=MeteoRAConfig(num_adapters=5, rank=3, top_k=2, kernel_impl=impl)))
+
+    rng = np.random.default_rng([SEED % 2**63, 14])
+    params = init_params(model("xla").config, jax.random.key(int(rng.integers(2**31))))
+    gates, frozen = split_params(params)
+    gates = jax.tree.map(lambda g: g + jnp.asarray(rng.standard_normal(g.shape), g.dtype), gates)  # not all-zero
+    batch_size, seq = 2, 24
+    mask = np.ones((batch_size, seq), bool)
+    mask[1, :5] = False
+    batch = dict(
+        input_ids=jnp.asarray(rng.integers(0, 53, (batch_size, seq))), attention_mask=jnp.asarray(mask),
+        lm_labels=jnp.asarray(rng.integers(0, 53, (batch_size, seq))), lm_mask=jnp.asarray(mask),
+        gate_labels=jnp.asarray(rng.integers(0, 5, (batch_size, seq))), gate_mask=jnp.asarray(mask))
+
+    def loss(impl):
+        def f(gates):
+            out = model(impl).apply({"params": merge_params(gates, frozen)}, batch["input_ids"],
+                                    batch["attention_mask"])
+            return joint_loss(out.logits, out.gate_logits, batch, coef=50.0, top_k=2)[0]
+        return f
+
+    assert "name=_prefill_two_gemms" in str(jax.make_jaxpr(loss("pallas"))(gates)), "the prefill path"
+    with jax.default_matmul_precision("highest"):
+        got_loss, got = jax.value_and_grad(loss("pallas"))(gates)
+        want_loss, want = jax.value_and_grad(loss("xla"))(gates)
+    assert abs(float(got_loss) - float(want_loss)) <= 1e-5 * abs(float(want_loss)), f"seed={SEED}"
+    for path, g in jax.tree_util.tree_leaves_with_path(got):
+        w = jax.tree_util.tree_leaves_with_path(want)
+        w = dict((jax.tree_util.keystr(p), v) for p, v in w)[jax.tree_util.keystr(path)]
+        assert _rel(g, w) <= 5e-5, f"seed={SEED}: {jax.tree_util.keystr(path)} relative error {_rel(g, w):.2e}"
