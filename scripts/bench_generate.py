@@ -19,7 +19,7 @@ one set of weights per layer, applied in a Python loop. Ratios to base are taken
 
 Timing: `Generator.device_call` binds the one compiled program (prefill + `while_loop` decode) to
 device-resident inputs; each run is one dispatch followed by `block_until_ready`, after a
-warm-up run (compilation). Median of --reps runs. Prompts are random ids of exactly --prompt-len
+warm-up run (compilation) and 1 s of untimed runs. Median of --reps runs. Prompts are random ids of exactly --prompt-len
 tokens (no padding), EOS disabled, greedy.
   prefill time  = T(max_new_tokens = 1): prefill + the first token
   decode time   = T(max_new_tokens = N) - T(1): N - 1 decode steps (same compiled program: the
@@ -122,7 +122,12 @@ def derived_params(meteora_params: dict, keep_adapters: int | None) -> dict:
     return walk(meteora_params)
 
 
-def _median_time(run, reps: int) -> float:
+def _median_time(run, reps: int, warmup_s: float = 1.0) -> float:
+    """Median seconds of `reps` runs, after `warmup_s` of untimed ones (the GPU idles through the
+    compilation before; the B = 1 prefill, ~20 ms, is the measurement most exposed to that)."""
+    t_end = time.perf_counter() + warmup_s
+    while time.perf_counter() < t_end:
+        jax.block_until_ready(run())
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
