@@ -244,18 +244,11 @@ def routed_lora_pallas(
     block of the expand; min_programs: the shrink splits d_in until its grid has this many programs;
     num_warps / num_stages: of the shrink).
     """
-    num_tokens, _ = x.shape
-    num_adapters = lora_a.shape[0]
     unknown = set(blocks) - set(DEFAULT_BLOCKS)
     if unknown:
         raise ValueError(f"unknown routed_lora block options {sorted(unknown)}; choose from {sorted(DEFAULT_BLOCKS)}")
-    if not 1 <= top_k <= num_adapters:
-        raise ValueError(f"top_k={top_k} must be in [1, L={num_adapters}]")
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
-    cfg = RoutedConfig(top_k=top_k, block_t=min(32, _pow2_at_least(num_tokens)), interpret=bool(interpret),
+    cfg = RoutedConfig(top_k=top_k, block_t=min(32, _pow2_at_least(x.shape[0])), interpret=bool(interpret),
                        has_base=base is not None, grouped_impl=grouped_impl, **{**DEFAULT_BLOCKS, **blocks})
-    temperature = jnp.asarray(temperature, jnp.float32).reshape(1)
-    base_arg = jnp.zeros((0,), x.dtype) if base is None else base.astype(x.dtype)
-    return _routed_lora(x, gate.astype(jnp.float32), lora_a.astype(x.dtype), lora_b.astype(x.dtype),
-                        scaling.astype(jnp.float32), temperature, base_arg, cfg)
+    return _routed_lora(x, gate, lora_a, lora_b, scaling, temperature, base, cfg)

@@ -91,11 +91,5 @@ def routed_lora_prefill(
     grouped_impl: str = "auto",
 ) -> tuple[jax.Array, jax.Array]:  # y [T, d_out] x.dtype, gate_logits [T, L] float32
     """The two-GEMM routed product (module docstring). Any T works; it is meant for prefill."""
-    num_adapters = lora_a.shape[0]
-    if not 1 <= top_k <= num_adapters:
-        raise ValueError(f"top_k={top_k} must be in [1, L={num_adapters}]")
     cfg = PrefillConfig(top_k=top_k, has_base=base is not None, grouped_impl=grouped_impl)
-    temperature = jnp.asarray(temperature, jnp.float32).reshape(1)
-    base_arg = jnp.zeros((0,), x.dtype) if base is None else base.astype(x.dtype)
-    return _routed_lora_prefill(x, gate.astype(jnp.float32), lora_a.astype(x.dtype), lora_b.astype(x.dtype),
-                                scaling.astype(jnp.float32), temperature, base_arg, cfg)
+    return _routed_lora_prefill(x, gate, lora_a, lora_b, scaling, temperature, base, cfg)

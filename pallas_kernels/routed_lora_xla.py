@@ -46,6 +46,10 @@ def with_composition_vjp(primal):
     `jax.vjp` instead, only for the inputs being differentiated, and keeps its residuals: a gradient
     costs what the composition's costs, with no second forward pass. The value then is the
     composition's (equal to the kernel's within the tested tolerances).
+
+    Returns `call(x, gate, lora_a, lora_b, scaling, temperature, base, cfg)`, which checks top_k,
+    takes base None (with cfg.has_base False) and a float or [] temperature, and casts the inputs as
+    the primal expects: gate, scaling and temperature [1] float32, lora_a / lora_b to x's dtype.
     """
     fn = jax.custom_vjp(primal, nondiff_argnums=(7,))
 
@@ -76,4 +80,14 @@ def with_composition_vjp(primal):
         return tuple(grads.get(name) for name in ARG_NAMES)
 
     fn.defvjp(fwd, bwd, symbolic_zeros=True)
-    return fn
+
+    def call(x, gate, lora_a, lora_b, scaling, temperature, base, cfg):
+        num_adapters = lora_a.shape[0]
+        if not 1 <= cfg.top_k <= num_adapters:
+            raise ValueError(f"top_k={cfg.top_k} must be in [1, L={num_adapters}]")
+        temperature = jnp.asarray(temperature, jnp.float32).reshape(1)
+        base = jnp.zeros((0,), x.dtype) if base is None else base.astype(x.dtype)
+        return fn(x, gate.astype(jnp.float32), lora_a.astype(x.dtype), lora_b.astype(x.dtype),
+                  scaling.astype(jnp.float32), temperature, base, cfg)
+
+    return call
