@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels.grouped_lora_pallas import _precision  # float32 inputs: float32 products, not TF32
 from pallas_kernels.grouped_lora_xla import dense_routing_weights, top_k_routing
 from pallas_kernels.routed_lora_xla import with_composition_vjp
 
@@ -55,11 +56,6 @@ def side_products(x: jax.Array, gate: jax.Array, lora_a: jax.Array) -> tuple[jax
         return side[:, :columns], side[:, columns:columns + num_adapters] + side[:, columns + num_adapters:]
     xa = jnp.dot(x, a_flat, preferred_element_type=jnp.float32, precision=_precision(x.dtype))
     return xa, jnp.dot(x.astype(jnp.float32), gate, precision=lax.Precision.HIGHEST)
-
-
-def _precision(dtype):
-    """float32 inputs get float32 products (a GPU's default would round them to TF32)."""
-    return lax.Precision.HIGHEST if dtype == jnp.float32 else None
 
 
 def _prefill_two_gemms(x, gate, lora_a, lora_b, scaling, temperature, base, cfg):

@@ -19,8 +19,8 @@ one set of weights per layer, applied in a Python loop. Ratios to base are taken
 
 Timing: `Generator.device_call` binds the one compiled program (prefill + `while_loop` decode) to
 device-resident inputs; each run is one dispatch followed by `block_until_ready`, after a
-warm-up run (compilation) and 1 s of untimed runs. Median of --reps runs. Prompts are random ids of exactly --prompt-len
-tokens (no padding), EOS disabled, greedy.
+warm-up run (compilation) and 1 s of untimed runs. Median of --reps runs. Prompts are random ids
+of exactly --prompt-len tokens (no padding), EOS disabled, greedy.
   prefill time  = T(max_new_tokens = 1): prefill + the first token
   decode time   = T(max_new_tokens = N) - T(1): N - 1 decode steps (same compiled program: the
                   new-token bucket is fixed to N, so both runs use the same cache length)

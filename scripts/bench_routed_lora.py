@@ -49,8 +49,7 @@ DECODE_BLOCKS = [
 
 
 def variant_name(blocks):
-    short = {"block_t": "t", "block_n": "n", "block_r": "r", "block_k": "k", "min_programs": "p",
-             "num_warps": "w", "num_stages": "s"}
+    short = {"block_n": "n", "block_k": "k", "min_programs": "p", "num_warps": "w", "num_stages": "s"}
     return "fused " + (" ".join(f"{short[k]}{v}" for k, v in blocks.items()) or "default")
 
 
@@ -137,9 +136,9 @@ def main(argv=None) -> int:
                 try:
                     seconds, kernels[name] = time_loop(fn, x, iters, args.trace)
                     us[name] = 1e6 * seconds
-                except Exception as err:  # e.g. a block option that exceeds shared memory: report, go on
+                except Exception as exc:  # e.g. a block option that exceeds shared memory: report, go on
                     us[name] = float("nan")
-                    print(f"{d_in}->{d_out} T={t} {name}: {type(err).__name__}: {str(err)[:120]}", flush=True)
+                    print(f"{d_in}->{d_out} T={t} {name}: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
             row = dict(d_in=d_in, d_out=d_out, tokens=t, us=us, kernels=kernels, err=err, bad_rows=bad_rows,
                        iters=iters)
             rows.append(row)
