@@ -19,6 +19,9 @@ import numpy as np
 from meteora_jax.config import ModelConfig, RopeScaling
 from meteora_jax.routing import Routing
 from pallas_kernels import grouped_lora, routed_lora
+from pallas_kernels.grouped_lora_pallas import _precision  # float32 inputs: float32 products, not TF32
+from pallas_kernels.lora_columns import extended_width, fill_lora_columns
+from pallas_kernels.lora_columns_pallas import fill_lora_columns_pallas
 
 # Logical axis names of each projection's kernel [d_in, d_out].
 PROJECTION_AXES = {
@@ -159,6 +162,72 @@ class MeteoRALinear(nn.Module):
         return y.reshape(*x.shape[:-1], self.features), gate_logits.reshape(*x.shape[:-1], L)
 
 
+class FusedProjections(nn.Module):
+    """n MeteoRA projections that share their input (q/k/v, gate/up, or one alone), in the fused
+    inference layout of `meteora_jax.fused_layout`: the base GEMMs and the routed deltas as one GEMM
+    over an extended input (`pallas_kernels.lora_columns`), after one side GEMM for every adapter's
+    x @ lora_a and the gate logits. Same outputs as the n `MeteoRALinear`s, within rounding.
+
+    adapted: which projections carry adapters (the others are plain columns of the kernel).
+    kernel_impl: "auto" routes with the Pallas kernel (`fill_lora_columns_pallas`) on a GPU and with
+    XLA (`fill_lora_columns`) elsewhere; "pallas" always with the kernel (interpret mode on CPU);
+    the "xla*" impls with XLA. Forced routing always takes XLA.
+    """
+
+    features: tuple[int, ...]  # d_out of each projection
+    adapted: tuple[bool, ...]
+    num_adapters: int = 0
+    rank: int = 8
+    top_k: int = 2
+    kernel_impl: str = "auto"
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,  # [..., d_in]
+        routing: Routing,
+    ) -> tuple[list[jax.Array], list[Optional[jax.Array]]]:  # n x [..., d_out_j], n x gate logits [..., L] or None
+        d_in, width = x.shape[-1], sum(self.features)
+        n_adapted = sum(self.adapted) if self.num_adapters else 0
+        L, r = self.num_adapters, self.rank
+        columns = n_adapted * L * r
+        tail = extended_width(d_in, columns) - d_in if n_adapted else 0
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (d_in + tail, width), self.param_dtype)
+        tokens = x.reshape(-1, d_in).astype(self.dtype)  # [T, d_in]
+        if n_adapted:
+            parts = 1 if jnp.dtype(self.dtype) == jnp.float32 else 2  # gates whole, or as hi + lo halves
+            side_weight = self.param("side", nn.initializers.lecun_normal(),
+                                     (d_in + tail, columns + parts * n_adapted * L), self.dtype)
+            scaling = self.param("lora_scaling", nn.initializers.ones, (n_adapted, L), jnp.float32)
+            # x_ext starts as x padded with zeros (XLA writes it in x's producer kernel); the side GEMM
+            # reads it whole (zero rows under the tail: an aligned contracting dimension); the routing
+            # writes the h columns into it.
+            x_ext = jnp.pad(tokens, ((0, 0), (0, tail)))
+            side = jnp.dot(x_ext, side_weight, preferred_element_type=jnp.float32, precision=_precision(self.dtype))
+            pallas = self.kernel_impl == "pallas" or (self.kernel_impl == "auto" and jax.default_backend() == "gpu")
+            if pallas and routing.forced_weights is None:
+                x_ext, logits = fill_lora_columns_pallas(x_ext, side, scaling, routing.temperature, depth=d_in,
+                                                         rank=r, top_k=self.top_k)
+            else:
+                x_ext, logits = fill_lora_columns(x_ext, side, scaling, routing.select, depth=d_in, rank=r,
+                                                  top_k=self.top_k)
+        else:
+            x_ext = tokens
+        y = jnp.dot(x_ext, kernel.astype(self.dtype))  # [T, sum d_out]: base + routed delta
+        outs, gate_logits, start, j = [], [], 0, 0
+        for features, adapted in zip(self.features, self.adapted):
+            outs.append(y[:, start:start + features].reshape(*x.shape[:-1], features))
+            start += features
+            if adapted and n_adapted:
+                gate_logits.append(logits[:, j].reshape(*x.shape[:-1], L))
+                j += 1
+            else:
+                gate_logits.append(None)
+        return outs, gate_logits
+
+
 def _project(config: ModelConfig, routing: Routing, gate_logits: dict, name: str, x: jax.Array, features: int):
     """Applies the projection `name` (a submodule of the calling module) to x: [B, S, d_in] and
     records its gate logits in `gate_logits` when it carries adapters. Returns [B, S, features]."""
@@ -180,6 +249,38 @@ def _project(config: ModelConfig, routing: Routing, gate_logits: dict, name: str
     return out
 
 
+# The fused inference layout's groups: projections that share their input (meteora_jax.fused_layout).
+FUSED_GROUPS = {
+    "qkv_proj": ("q_proj", "k_proj", "v_proj"),
+    "o_proj": ("o_proj",),
+    "gate_up_proj": ("gate_proj", "up_proj"),
+    "down_proj": ("down_proj",),
+}
+
+
+def _project_group(config: ModelConfig, routing: Routing, gate_logits: dict, fused: bool, group: str,
+                   x: jax.Array, features: tuple[int, ...]) -> list[jax.Array]:
+    """The projections of FUSED_GROUPS[group] applied to their shared input x: [B, S, d_in], as one
+    `FusedProjections` submodule (fused layout) or one `MeteoRALinear` each. Returns their outputs."""
+    names = FUSED_GROUPS[group]
+    if not fused:
+        return [_project(config, routing, gate_logits, name, x, f) for name, f in zip(names, features)]
+    meteora = config.meteora
+    outs, logits = FusedProjections(
+        features=features,
+        adapted=tuple(meteora.adapts(name) for name in names),
+        num_adapters=meteora.num_adapters,
+        rank=meteora.rank,
+        top_k=meteora.top_k,
+        kernel_impl=meteora.kernel_impl,
+        dtype=config.compute_dtype,
+        param_dtype=config.weight_dtype,
+        name=group,
+    )(x, routing)
+    gate_logits.update({name: lg for name, lg in zip(names, logits) if lg is not None})
+    return outs
+
+
 def attention_weights_mask(
     query_slots: jax.Array,  # [S] int: cache slot of each query
     key_valid: jax.Array,  # [B, S_kv] bool: the slot holds a real (non-padding) token
@@ -194,6 +295,7 @@ class Attention(nn.Module):
     """Grouped-query attention (MHA when num_kv_heads == num_heads) with rotary embeddings."""
 
     config: ModelConfig
+    fused: bool = False  # the fused inference layout (FUSED_GROUPS)
 
     @nn.compact
     def __call__(
@@ -211,11 +313,12 @@ class Attention(nn.Module):
         batch, seq, _ = x.shape
         heads, kv_heads, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         gate_logits = {}
-        project = functools.partial(_project, cfg, routing, gate_logits)
+        project = functools.partial(_project_group, cfg, routing, gate_logits, self.fused)
 
-        q = project("q_proj", x, heads * hd).reshape(batch, seq, heads, hd)
-        k = project("k_proj", x, kv_heads * hd).reshape(batch, seq, kv_heads, hd)
-        v = project("v_proj", x, kv_heads * hd).reshape(batch, seq, kv_heads, hd)
+        q, k, v = project("qkv_proj", x, (heads * hd, kv_heads * hd, kv_heads * hd))
+        q = q.reshape(batch, seq, heads, hd)
+        k = k.reshape(batch, seq, kv_heads, hd)
+        v = v.reshape(batch, seq, kv_heads, hd)
         inv_freq = rope_inverse_frequencies(hd, cfg.rope_theta, cfg.rope_scaling)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
 
@@ -235,7 +338,7 @@ class Attention(nn.Module):
         scores = jnp.where(attention_weights_mask(query_slots, key_valid), scores, _MASK_VALUE)
         probs = jax.nn.softmax(scores, axis=-1).astype(cfg.compute_dtype)
         out = jnp.einsum("bkgst,btkd->bskgd", probs, v.astype(cfg.compute_dtype))
-        out = project("o_proj", out.reshape(batch, seq, heads * hd), cfg.hidden_size)
+        (out,) = project("o_proj", out.reshape(batch, seq, heads * hd), (cfg.hidden_size,))
         return out, cache, gate_logits
 
 
@@ -243,15 +346,17 @@ class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
     config: ModelConfig
+    fused: bool = False  # the fused inference layout (FUSED_GROUPS)
 
     @nn.compact
     def __call__(self, x: jax.Array, routing: Routing):  # x: [B, S, D]
         cfg = self.config
         gate_logits = {}
-        project = functools.partial(_project, cfg, routing, gate_logits)
+        project = functools.partial(_project_group, cfg, routing, gate_logits, self.fused)
 
-        hidden = jax.nn.silu(project("gate_proj", x, cfg.intermediate_size)) * project("up_proj", x, cfg.intermediate_size)
-        return project("down_proj", hidden, cfg.hidden_size), gate_logits
+        gate, up = project("gate_up_proj", x, (cfg.intermediate_size, cfg.intermediate_size))
+        (out,) = project("down_proj", jax.nn.silu(gate) * up, (cfg.hidden_size,))
+        return out, gate_logits
 
 
 class DecoderLayer(nn.Module):
@@ -261,17 +366,18 @@ class DecoderLayer(nn.Module):
 
     config: ModelConfig
     collect_gate_logits: bool = True
+    fused: bool = False  # the fused inference layout (FUSED_GROUPS)
 
     @nn.compact
     def __call__(self, carry, layer_index, positions, query_slots, key_valid, cache_index, routing):
         cfg = self.config
         h, cache = carry
         norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, cfg.weight_dtype, name=name)
-        attn_out, cache, attn_logits = Attention(cfg, name="self_attn")(
+        attn_out, cache, attn_logits = Attention(cfg, self.fused, name="self_attn")(
             norm("input_layernorm")(h), positions, query_slots, key_valid, cache, layer_index, cache_index, routing
         )
         h = h + attn_out
-        mlp_out, mlp_logits = MLP(cfg, name="mlp")(norm("post_attention_layernorm")(h), routing)
+        mlp_out, mlp_logits = MLP(cfg, self.fused, name="mlp")(norm("post_attention_layernorm")(h), routing)
         h = h + mlp_out
         h = nn.with_logical_constraint(h, ("batch", "length", "embed"))
         gate_logits = {**attn_logits, **mlp_logits} if self.collect_gate_logits else {}

@@ -78,6 +78,8 @@ class LlamaForCausalLM(nn.Module):
     collect_gate_logits: bool = True
     # False: one submodule per decoder layer ("layers_<i>", unrolled), the inference layout.
     scan_layers: bool = True
+    # True: the fused projection layout (`meteora_jax.fused_layout`), for inference.
+    fused_projections: bool = False
 
     @nn.compact
     def __call__(
@@ -154,7 +156,7 @@ class LlamaForCausalLM(nn.Module):
             in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
             length=cfg.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
-        )(cfg, self.collect_gate_logits, name="layers")
+        )(cfg, self.collect_gate_logits, self.fused_projections, name="layers")
         layer_indices = jnp.arange(cfg.num_layers, dtype=jnp.int32)
         (h, layer_caches), gate_logits = layers((h, layer_caches), layer_indices, *broadcast)
         return h, layer_caches, gate_logits
@@ -169,9 +171,8 @@ class LlamaForCausalLM(nn.Module):
         per_layer = []
         for i in range(cfg.num_layers):
             # A static index: the cache row is written (dynamic_update_slice) and read in place.
-            (h, layer_caches), logits = block(cfg, self.collect_gate_logits, name=f"layers_{i}")(
-                (h, layer_caches), i, *broadcast
-            )
+            layer = block(cfg, self.collect_gate_logits, self.fused_projections, name=f"layers_{i}")
+            (h, layer_caches), logits = layer((h, layer_caches), i, *broadcast)
             per_layer.append(logits)
         gate_logits = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)  # {proj: [num_layers, B, S, L]}
         return h, layer_caches, gate_logits
