@@ -18,7 +18,9 @@ compiled program. `Generator.num_traces` counts the traces (= compilations).
 Layout: the generator takes params in the scanned (checkpoint) layout and, by default, converts
 them once to the unrolled one (`meteora_jax.model.unstack_layers`), where every layer's weights are
 separate arguments that XLA reads in place instead of slicing them out of stacked arrays at every
-decode step; `Generator(..., scan_layers=True)` keeps the scanned model.
+decode step, and then to the fused one (`meteora_jax.fused_layout`), where the projections that
+share an input run as one GEMM with the MeteoRA deltas folded in. `fused_projections=False` keeps
+the separate projections; `scan_layers=True` keeps the scanned model.
 
 Padding: prompts are left-padded into [B, P]; a prompt's positions are `cumsum(mask) - 1`, so a
 left-padded row sees exactly the positions it would alone. Rows stop independently at any EOS id
@@ -38,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from meteora_jax.config import ALL_PROJECTIONS, ModelConfig
+from meteora_jax.fused_layout import fuse_projections
 from meteora_jax.model import KVCache, LlamaForCausalLM, unstack_layers
 from meteora_jax.routing import Routing
 
@@ -136,6 +139,7 @@ class Generator:
         min_new_tokens_bucket: int = 16,
         max_prefill_logits_bytes: int = 1 << 30,
         scan_layers: bool = False,
+        fused_projections: Optional[bool] = None,
     ):
         """params: the scanned layout (as checkpoints and training hold them).
 
@@ -144,11 +148,18 @@ class Generator:
         computes, and the last token), so a long batched prefill does not hold all vocabulary logits.
         scan_layers: False (default) converts `params` once, on the device, to the unrolled layout
         and keeps only that copy (`self.params`); True runs the scanned model on `params` as given.
+        fused_projections: the fused projection layout (`meteora_jax.fused_layout`) on top of the
+        unrolled one; default: True unless scan_layers.
         """
         self.config = config
         self.scan_layers = bool(scan_layers)
+        self.fused_projections = not self.scan_layers if fused_projections is None else bool(fused_projections)
+        if self.scan_layers and self.fused_projections:
+            raise ValueError("fused_projections needs the unrolled layout (scan_layers=False)")
         if not self.scan_layers:
             params = jax.jit(unstack_layers, static_argnums=1)(params, config.num_layers)
+        if self.fused_projections:
+            params = fuse_projections(params, config)
         self.params = params
         self.eos_token_ids = tuple(int(t) for t in eos_token_ids if t is not None)
         self.pad_token_id = int(pad_token_id)
@@ -157,8 +168,9 @@ class Generator:
         self.max_prefill_logits_bytes = int(max_prefill_logits_bytes)
         self.projections = _projections(config)
         self.num_traces = 0
-        self._fast = LlamaForCausalLM(config, collect_gate_logits=False, scan_layers=self.scan_layers)
-        self._routed = LlamaForCausalLM(config, collect_gate_logits=True, scan_layers=self.scan_layers)
+        layout = dict(scan_layers=self.scan_layers, fused_projections=self.fused_projections)
+        self._fast = LlamaForCausalLM(config, collect_gate_logits=False, **layout)
+        self._routed = LlamaForCausalLM(config, collect_gate_logits=True, **layout)
         self._jitted = jax.jit(
             self._generate,
             static_argnames=("max_new_bucket", "do_sample", "collect_routing", "return_logits", "split_prefill"),
@@ -578,6 +590,10 @@ def cli_options(
     return CliOptions(resolve_force_adapter(force_adapter, names), chat, int(pad))
 
 
+# Generator layouts by name: fused (the default), unrolled (separate projections), scan.
+LAYER_LAYOUTS = ("fused", "unrolled", "scan")
+
+
 def add_inference_arguments(parser) -> None:
     """The options scripts/generate.py and scripts/evaluate.py share: how the checkpoint is loaded
     and routed (`generator_from_args` reads them back)."""
@@ -588,9 +604,10 @@ def add_inference_arguments(parser) -> None:
                         "if it has one) without gates")
     parser.add_argument("--dtype", default=None,
                         help="compute dtype override, float32 or bfloat16 (default: the gates' run, else the checkpoint's)")
-    parser.add_argument("--layer-layout", choices=("unrolled", "scan"), default="unrolled",
-                        help="unrolled (default): per-layer weights, fastest decoding; scan: one scanned layer, "
-                        "much shorter compiles (better when many prompt-length buckets meet a small model)")
+    parser.add_argument("--layer-layout", choices=LAYER_LAYOUTS, default="fused",
+                        help="fused (default): per-layer weights with the projections that share an input as one "
+                        "GEMM, fastest; unrolled: per-layer weights, one GEMM per projection; scan: one scanned "
+                        "layer, much shorter compiles (better when many prompt-length buckets meet a small model)")
     parser.add_argument("--top-k", type=int, default=None, help="routing top-k override (default: the gates' run)")
 
 
@@ -605,7 +622,7 @@ def generator_from_args(args):
         top_k=args.top_k,
         force_adapter=args.force_adapter,
         chat_template=args.chat_template,
-        scan_layers=args.layer_layout == "scan",
+        layer_layout=args.layer_layout,
     )
 
 
@@ -618,18 +635,19 @@ def generator_for_cli(
     top_k: Optional[int] = None,
     force_adapter: Optional[str] = None,
     chat_template: Optional[str] = None,
-    scan_layers: bool = False,
+    layer_layout: str = "fused",
 ):
     """What scripts/generate.py and scripts/evaluate.py both start from: the checkpoint (with trained
-    gates and their recorded settings), its tokenizer, a `Generator` (unrolled layout unless
-    `scan_layers`), the adapter names and the resolved `CliOptions`. Bad options raise ValueError
+    gates and their recorded settings), its tokenizer, a `Generator` in `layer_layout` (one of
+    LAYER_LAYOUTS), the adapter names and the resolved `CliOptions`. Bad options raise ValueError
     with a message for the user."""
     from transformers import AutoTokenizer
 
     params, config, names = load_for_inference(checkpoint, gates, dtype=dtype, top_k=top_k)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     opts = cli_options(tokenizer, names, force_adapter=force_adapter, chat_template=chat_template, gates=gates)
-    generator = Generator(
-        config, params, eos_token_ids=eos_ids_of(tokenizer), pad_token_id=opts.pad_token_id, scan_layers=scan_layers
-    )
+    if layer_layout not in LAYER_LAYOUTS:
+        raise ValueError(f"layer_layout={layer_layout!r}; choose one of {LAYER_LAYOUTS}")
+    generator = Generator(config, params, eos_token_ids=eos_ids_of(tokenizer), pad_token_id=opts.pad_token_id,
+                          scan_layers=layer_layout == "scan", fused_projections=layer_layout == "fused")
     return generator, tokenizer, names, opts
