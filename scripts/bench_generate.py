@@ -13,9 +13,12 @@ Models (bf16 weights and compute, rank 8 adapters on all 7 projections):
   MeteoRA    L = 28 adapters, top-2 routing by the gates (random gates: tokens spread over adapters)
 The three share the same base weights on the device.
 
-Layouts (`Generator(scan_layers=...)`): "scan" runs the decoder layers with `nn.scan` over stacked
-weights (the training/checkpoint layout); "unrolled" (the generator's default) converts them once to
-one set of weights per layer, applied in a Python loop. Ratios to base are taken within a layout.
+Layouts (`Generator(scan_layers=..., fused_projections=...)`): "scan" runs the decoder layers with
+`nn.scan` over stacked weights (the training/checkpoint layout); "unrolled" converts them once to
+one set of weights per layer, applied in a Python loop; "fused" (the generator's default) also
+fuses the projections that share an input into one GEMM, MeteoRA deltas folded in
+(`meteora_jax.fused_layout`; the base model gets its q/k/v and gate/up GEMMs fused the same way).
+Ratios to base are taken within a layout.
 
 Timing: `Generator.device_call` binds the one compiled program (prefill + `while_loop` decode) to
 device-resident inputs; each run is one dispatch followed by `block_until_ready`, after a
@@ -46,12 +49,13 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from meteora_jax.config import MeteoRAConfig, ModelConfig, RopeScaling  # noqa: E402
+from meteora_jax.fused_layout import fuse_projections  # noqa: E402
 from meteora_jax.generate import Generator  # noqa: E402
 from meteora_jax.model import KVCache, LlamaForCausalLM, init_params, unstack_layers  # noqa: E402
 from meteora_jax.routing import Routing  # noqa: E402
 
 TARGETS = {"prefill": 0.85, "decode": 0.75}
-LAYOUTS = ("scan", "unrolled")
+LAYOUTS = ("scan", "unrolled", "fused")
 
 
 def llama3_8b(num_layers: int, meteora: MeteoRAConfig) -> ModelConfig:
@@ -138,7 +142,8 @@ def _median_time(run, reps: int, warmup_s: float = 1.0) -> float:
 
 def bench_model(name, layout, config, params, batches, prompt_len, new_tokens, reps, force_adapter=None) -> list[dict]:
     gen = Generator(
-        config, params, min_prompt_bucket=prompt_len, min_new_tokens_bucket=new_tokens, scan_layers=layout == "scan"
+        config, params, min_prompt_bucket=prompt_len, min_new_tokens_bucket=new_tokens, scan_layers=layout == "scan",
+        fused_projections=layout == "fused",
     )
     rows = []
     rng = np.random.default_rng(0)
@@ -200,10 +205,11 @@ def half_full_cache(config, batch, cache_len):
     return cache.replace(index=jnp.int32(cache_len // 2), valid=cache.valid.at[:, : cache_len // 2].set(True))
 
 
-def step_apply_fn(config, force_adapter, scan_layers=False):
+def step_apply_fn(config, force_adapter, scan_layers=False, fused_projections=False):
     """(params, cache, ids [B, S]) -> (next-token logits [B, V], updated cache with its index kept),
     so that the same step can run again on the same slots."""
-    model = LlamaForCausalLM(config, collect_gate_logits=False, scan_layers=scan_layers)
+    model = LlamaForCausalLM(config, collect_gate_logits=False, scan_layers=scan_layers,
+                             fused_projections=fused_projections)
     routing = Routing(temperature=jnp.float32(1.0))
     if force_adapter is not None:
         routing = Routing.force_adapter(force_adapter, config.meteora.num_adapters)
@@ -215,10 +221,10 @@ def step_apply_fn(config, force_adapter, scan_layers=False):
     return apply
 
 
-def make_step(config, force_adapter, scan_layers=False):
+def make_step(config, force_adapter, scan_layers=False, fused_projections=False):
     """Jitted (params, cache, ids [B, S]) -> (S copies of the argmax [B, S], cache); the cache is
     donated and updated in place, as inside the generation loop."""
-    apply = step_apply_fn(config, force_adapter, scan_layers)
+    apply = step_apply_fn(config, force_adapter, scan_layers, fused_projections)
 
     def step(params, cache, ids):
         logits, cache = apply(params, cache, ids)
@@ -227,12 +233,18 @@ def make_step(config, force_adapter, scan_layers=False):
     return jax.jit(step, donate_argnums=1)
 
 
+def layout_params(config, params, layout: str):
+    """Scanned-layout params converted to `layout` (one of LAYOUTS), as `Generator` converts them."""
+    if layout != "scan":
+        params = jax.jit(unstack_layers, static_argnums=1)(params, config.num_layers)
+    return fuse_projections(params, config) if layout == "fused" else params
+
+
 def decode_step_ms(config, params, layout, batch, cache_len, reps, force_adapter=None) -> float:
     """One decode step (one token per row on a half-full KV cache of `cache_len` slots), jitted on
     its own: the per-token cost of the model without the generation loop. Median of single steps."""
-    if layout != "scan":
-        params = jax.jit(unstack_layers, static_argnums=1)(params, config.num_layers)
-    step = make_step(config, force_adapter, scan_layers=layout == "scan")
+    params = layout_params(config, params, layout)
+    step = make_step(config, force_adapter, scan_layers=layout == "scan", fused_projections=layout == "fused")
     state = [jnp.ones((batch, 1), jnp.int32), half_full_cache(config, batch, cache_len)]
 
     def run():
@@ -281,7 +293,7 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--models", default="base,1lora,meteora", help="subset of base,1lora,meteora")
-    p.add_argument("--layouts", default=",".join(LAYOUTS), help="subset of scan,unrolled (decoder-layer layouts)")
+    p.add_argument("--layouts", default="unrolled,fused", help="subset of scan,unrolled,fused (decoder-layer layouts)")
     p.add_argument("--step-diagnostic", action="store_true",
                    help="also time one jitted decode step (model.apply with a KV cache) outside the loop")
     p.add_argument("--tiny", action="store_true", help="tiny shapes, for a CPU dry run of the script")

@@ -2,10 +2,11 @@
 lists the GPU kernels it launches (count and time per step, grouped by kernel name).
 
     python scripts/profile_decode.py [--num-layers 8] [--batches 1,32] [--models base,1lora,meteora]
-        [--cache-len 640] [--reps 50] [--trace] [--out PATH] [--tiny]
+        [--cache-len 640] [--reps 50] [--trace] [--layout unrolled|fused] [--out PATH] [--tiny]
 
 Models and weights are those of scripts/bench_generate.py (LLaMA-3-8B shapes, random bf16 weights,
-rank-8 adapters, MeteoRA L = 28 top-2), in the unrolled layer layout that `Generator` uses; model
+rank-8 adapters, MeteoRA L = 28 top-2), in the unrolled layer layout (default) or the fused one that
+`Generator` uses by default (`meteora_jax.fused_layout`); model
 "opbyop" is MeteoRA with the fused routed paths switched off (gate matmul, top-k, softmax and
 `grouped_lora` as separate ops, the path before `routed_lora`). --compare checks that the two give
 the same next-token logits.
@@ -39,8 +40,15 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from bench_generate import benchmark_models, half_full_cache, llama3_8b, make_step, step_apply_fn, tiny  # noqa: E402
-from meteora_jax.model import unstack_layers  # noqa: E402
+from bench_generate import (  # noqa: E402
+    benchmark_models,
+    half_full_cache,
+    layout_params,
+    llama3_8b,
+    make_step,
+    step_apply_fn,
+    tiny,
+)
 routed_lora_module = importlib.import_module("pallas_kernels.routed_lora")  # the module, not the function
 routed_kernel_module = importlib.import_module("pallas_kernels.routed_lora_pallas")
 
@@ -127,8 +135,12 @@ def main(argv=None) -> int:
                    help="also run MeteoRA with these routed-kernel block options, e.g. "
                         "'block_k=128,min_programs=512;block_k=64,min_programs=1024' (one model per setting)")
     p.add_argument("--top", type=int, default=25, help="kernel-table rows per model and batch")
+    p.add_argument("--layout", choices=("unrolled", "fused"), default="unrolled",
+                   help="decoder-layer layout (bench_generate's LAYOUTS; fused: meteora_jax.fused_layout)")
     p.add_argument("--tiny", action="store_true")
     args = p.parse_args(argv)
+    if args.layout == "fused" and (args.compare or args.routed_blocks or "opbyop" in args.models.split(",")):
+        p.error("--compare, --routed-blocks and model opbyop switch routed_lora's paths: use --layout unrolled")
     make = tiny if args.tiny else llama3_8b
     batches = [int(b) for b in args.batches.split(",")]
     dev = jax.devices()[0]
@@ -144,8 +156,8 @@ def main(argv=None) -> int:
     rows, comparisons = [], []
     for model_name, name, blocks in runs:
         config, params, force = models[model_name]
-        params = jax.jit(unstack_layers, static_argnums=1)(params, config.num_layers)
-        step = make_step(config, force)
+        params = layout_params(config, params, args.layout)
+        step = make_step(config, force, fused_projections=args.layout == "fused")
         for batch in batches:
             ids = jnp.ones((batch, args.tokens), jnp.int32)
             cache = half_full_cache(config, batch, max(args.cache_len, 2 * args.tokens))
