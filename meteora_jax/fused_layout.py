@@ -70,12 +70,16 @@ def fuse_layer(layer: Mapping, config: ModelConfig, where: str = "layer") -> dic
 
 def fuse_projections(params: Mapping, config: ModelConfig) -> dict:
     """Unrolled layout (`model.unstack_layers`) -> fused layout. Each layer is converted by its own
-    jitted call, so the device holds at most one layer twice."""
+    call of one jitted function (compiled once for equal layers), so the device holds at most one
+    layer twice."""
     params = dict(params)
+    fuse = jax.jit(functools.partial(fuse_layer, config=config))
     for i in range(config.num_layers):
         key = f"layers_{i}"
         if key not in params:
             raise ValueError(f"params has no {key!r}; fuse_projections takes the unrolled layout (unstack_layers)")
-        fuse = jax.jit(functools.partial(fuse_layer, config=config, where=key))
-        params[key] = fuse(params[key])
+        try:
+            params[key] = fuse(params[key])
+        except ValueError as err:  # raised while tracing: name the layer
+            raise ValueError(str(err).replace("layer/", f"{key}/", 1)) from None
     return params

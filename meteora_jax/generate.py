@@ -125,6 +125,14 @@ class GenerationOutput:
         return out
 
 
+def inference_params(params: Any, config: ModelConfig, *, scan_layers: bool, fused_projections: bool) -> Any:
+    """Scanned-layout params converted on the device to the layout a `Generator` runs: unrolled
+    (`unstack_layers`) unless scan_layers, then fused (`fuse_projections`) if fused_projections."""
+    if not scan_layers:
+        params = jax.jit(unstack_layers, static_argnums=1)(params, config.num_layers)
+    return fuse_projections(params, config) if fused_projections else params
+
+
 class Generator:
     """Jitted batched generation for one model (config + params)."""
 
@@ -156,11 +164,8 @@ class Generator:
         self.fused_projections = not self.scan_layers if fused_projections is None else bool(fused_projections)
         if self.scan_layers and self.fused_projections:
             raise ValueError("fused_projections needs the unrolled layout (scan_layers=False)")
-        if not self.scan_layers:
-            params = jax.jit(unstack_layers, static_argnums=1)(params, config.num_layers)
-        if self.fused_projections:
-            params = fuse_projections(params, config)
-        self.params = params
+        self.params = inference_params(params, config, scan_layers=self.scan_layers,
+                                       fused_projections=self.fused_projections)
         self.eos_token_ids = tuple(int(t) for t in eos_token_ids if t is not None)
         self.pad_token_id = int(pad_token_id)
         self.min_prompt_bucket = int(min_prompt_bucket)

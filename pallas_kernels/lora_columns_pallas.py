@@ -21,8 +21,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels.grouped_lora_pallas import _cdiv, _compiler_params, _load, _pow2_at_least, _store
 from pallas_kernels.lora_columns import extended_width
-
-_NEG = -3.0e38  # below any real logit, finite so max - max stays NaN-free
+from pallas_kernels.routed_lora_pallas import _NEG  # below any real logit, finite: max - max stays NaN-free
 
 
 def _fill_kernel(temp_ref, scaling_ref, side_ref, x_ref, out_ref, logits_ref, *, num_tokens, num_projections,

@@ -49,9 +49,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from meteora_jax.config import MeteoRAConfig, ModelConfig, RopeScaling  # noqa: E402
-from meteora_jax.fused_layout import fuse_projections  # noqa: E402
-from meteora_jax.generate import Generator  # noqa: E402
-from meteora_jax.model import KVCache, LlamaForCausalLM, init_params, unstack_layers  # noqa: E402
+from meteora_jax.generate import Generator, inference_params  # noqa: E402
+from meteora_jax.model import KVCache, LlamaForCausalLM, init_params  # noqa: E402
 from meteora_jax.routing import Routing  # noqa: E402
 
 TARGETS = {"prefill": 0.85, "decode": 0.75}
@@ -235,9 +234,7 @@ def make_step(config, force_adapter, scan_layers=False, fused_projections=False)
 
 def layout_params(config, params, layout: str):
     """Scanned-layout params converted to `layout` (one of LAYOUTS), as `Generator` converts them."""
-    if layout != "scan":
-        params = jax.jit(unstack_layers, static_argnums=1)(params, config.num_layers)
-    return fuse_projections(params, config) if layout == "fused" else params
+    return inference_params(params, config, scan_layers=layout == "scan", fused_projections=layout == "fused")
 
 
 def decode_step_ms(config, params, layout, batch, cache_len, reps, force_adapter=None) -> float:
