@@ -20,7 +20,7 @@ from meteora_jax.config import ModelConfig, RopeScaling
 from meteora_jax.routing import Routing
 from pallas_kernels import grouped_lora, routed_lora
 from pallas_kernels.grouped_lora_pallas import _precision  # float32 inputs: float32 products, not TF32
-from pallas_kernels.lora_columns import extended_width, fill_lora_columns
+from pallas_kernels.lora_columns import extended_width, fill_lora_columns, side_products, side_splits
 from pallas_kernels.lora_columns_pallas import fill_lora_columns_pallas
 
 # Logical axis names of each projection's kernel [d_in, d_out].
@@ -205,8 +205,11 @@ class FusedProjections(nn.Module):
             # reads it whole (zero rows under the tail: an aligned contracting dimension); the routing
             # writes the h columns into it.
             x_ext = jnp.pad(tokens, ((0, 0), (0, tail)))
-            side = jnp.dot(x_ext, side_weight, preferred_element_type=jnp.float32, precision=_precision(self.dtype))
             pallas = self.kernel_impl == "pallas" or (self.kernel_impl == "auto" and jax.default_backend() == "gpu")
+            # The side GEMM as partial products (summed by the routing kernel) where its few output
+            # tiles would leave the GPU idle.
+            splits = side_splits(tokens.shape[0], side_weight.shape[1]) if pallas else 1
+            side = side_products(x_ext, side_weight, splits, precision=_precision(self.dtype))
             if pallas and routing.forced_weights is None:
                 x_ext, logits = fill_lora_columns_pallas(x_ext, side, scaling, routing.temperature, depth=d_in,
                                                          rank=r, top_k=self.top_k)

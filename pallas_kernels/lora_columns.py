@@ -15,7 +15,10 @@ x @ gate_j; both come from one "side" GEMM over the shared input:
     side = x_ext @ S   (float32),   S = [A_flat_1 .. A_flat_n | gate_1 .. gate_n (| gate_lo ...)]
 
 with zero rows below d_in, run while x_ext's h columns are still zero (so it reads one aligned
-activation, not a slice of it).
+activation, not a slice of it). Up to about a thousand tokens (`side_splits`) it runs as P partial
+products over slices of the contracting dimension (`side_products`, [P, T, C]), which the routing
+step sums: its output is narrow (C = n*L*(r + parts) columns), so it needs a split-K to fill the
+GPU, and split this way it is one kernel, where XLA's own split-K added a reduction kernel and pads.
 In bfloat16 the float32 gates are stored as two bfloat16 halves (hi + lo, float32-accurate logits on
 the tensor cores, as in the decode kernel); in float32 as themselves.
 
@@ -43,14 +46,46 @@ def extended_width(depth: int, columns: int) -> int:
     return -(-(depth + columns) // EXTENDED_ALIGN) * EXTENDED_ALIGN
 
 
+def side_splits(num_tokens: int, columns: int) -> int:
+    """How many partial products `side_products` computes for T = num_tokens and C = columns.
+
+    The side GEMM alone has ceil(T/128) * ceil(C/128) output tiles of 128 x 128, too few for the
+    132 SMs of an H100 below a few thousand tokens; P partials multiply them. Measured on an H100 at
+    the LLaMA-3-8B group shapes (docs/benchmarks.md, session 6): the best P kept tiles * P within
+    about 128, P = 2 lost (XLA split it again, with a reduction kernel), and a single token lost with
+    any split (XLA transposed x first). Hence the largest of 16, 8, 4 with tiles * P <= 128, else 1."""
+    if num_tokens == 1:
+        return 1
+    tiles = -(-num_tokens // 128) * -(-columns // 128)
+    return next((splits for splits in (16, 8, 4) if tiles * splits <= 128), 1)
+
+
+def side_products(
+    x_ext: jax.Array,  # [T, W]: W = extended_width(d_in, n*L*r), a multiple of EXTENDED_ALIGN
+    weight: jax.Array,  # [W, C]: side_weight
+    splits: int,  # P, a divisor of W
+    precision=None,
+) -> jax.Array:  # [P, T, C] float32: x_ext[:, slice p] @ weight[slice p, :], summing to x_ext @ weight
+    """The side GEMM as P partial products over equal slices of the contracting dimension (one
+    batched GEMM: both reshapes are free)."""
+    (num_tokens, width), columns = x_ext.shape, weight.shape[1]
+    if width % splits:
+        raise ValueError(f"x_ext width {width} is not a multiple of splits={splits}")
+    return jnp.einsum("tpk,pkc->ptc", x_ext.reshape(num_tokens, splits, width // splits),
+                      weight.reshape(splits, width // splits, columns), preferred_element_type=jnp.float32,
+                      precision=precision)
+
+
 def split_side_products(
-    side: jax.Array,  # [T, n*L*r + parts*n*L] float32
+    side: jax.Array,  # [T, n*L*r + parts*n*L] float32, or [P, T, ...] partial products (summed here)
     num_projections: int,
     num_adapters: int,
     rank: int,
 ) -> tuple[jax.Array, jax.Array]:  # xa [T, n, L, r] float32, gate logits [T, n, L] float32
     """The side GEMM's output as every adapter's x @ lora_a and the gate logits (the hi and lo
     halves summed when the gate was stored as two)."""
+    if side.ndim == 3:
+        side = side.sum(axis=0)
     num_tokens = side.shape[0]
     columns = num_projections * num_adapters * rank
     xa = side[:, :columns].reshape(num_tokens, num_projections, num_adapters, rank)
@@ -61,7 +96,7 @@ def split_side_products(
 
 def fill_lora_columns(
     x_ext: jax.Array,  # [T, extended_width(d_in, n*L*r)]: x, then zeros
-    side: jax.Array,  # [T, n*L*r + parts*n*L] float32: x_ext @ S
+    side: jax.Array,  # [T, n*L*r + parts*n*L] float32: x_ext @ S, or [P, T, ...]: `side_products`
     scaling: jax.Array,  # [n, L]
     select,  # (gate logits [T*n, L], top_k) -> expert_idx [T*n, k], expert_weight [T*n, k]: Routing.select
     *,

@@ -5,7 +5,8 @@ Contract and reference: `pallas_kernels.lora_columns.fill_lora_columns`, with ro
 Done in XLA, the step between the side GEMM and the group's GEMM is several small kernels (the
 logit sum, the top-k sort, the softmax and weights, the weighted columns); at prefill and decode
 sizes each is a launch of a few microseconds. Here it is one launch, grid (token tiles, projections):
-program (i, j) sums projection j's gate logits of its tokens (the hi and lo halves), picks the top k
+program (i, j) sums the side GEMM's partial products of its tokens (`lora_columns.side_products`),
+with projection j's gate logits as the sum of their hi and lo halves, picks the top k
 by k rounds of max (lowest index first on ties, as lax.top_k), takes the softmax with the
 temperature, and writes x @ A_flat times each adapter's weight and scaling into projection j's
 columns of x_ext, in place (x_ext is aliased to the output; its other columns are not touched).
@@ -25,7 +26,7 @@ from pallas_kernels.routed_lora_pallas import _NEG  # below any real logit, fini
 
 
 def _fill_kernel(temp_ref, scaling_ref, side_ref, x_ref, out_ref, logits_ref, *, num_tokens, num_projections,
-                 num_adapters, adapters_p, rank, rank_p, parts, depth, top_k, block_t):
+                 num_adapters, adapters_p, rank, rank_p, parts, splits, depth, top_k, block_t):
     """Program (i, j): projection j's routing of token tile i, written as its h columns of x_ext
     (in place) and its gate logits."""
     del x_ref  # aliased to out_ref: only the h columns are written
@@ -37,10 +38,13 @@ def _fill_kernel(temp_ref, scaling_ref, side_ref, x_ref, out_ref, logits_ref, *,
     columns = num_projections * num_adapters * rank
     mask2 = in_t[:, None] & in_l[None, :]
 
+    def summed(cols, mask):  # side[:, rows, cols] summed over the partial products
+        return sum(_load(side_ref, (s, *cols), mask) for s in range(splits))
+
     logits = jnp.zeros((block_t, adapters_p), jnp.float32)
     for p in range(parts):  # the gate's hi and lo halves (one part in float32)
         cols = columns + (p * num_projections + j) * num_adapters + lk
-        logits = logits + _load(side_ref, (rows[:, None], cols[None, :]), mask2)
+        logits = logits + summed((rows[:, None], cols[None, :]), mask2)
     _store(logits_ref, (rows[:, None], j, lk[None, :]), logits, mask2)
 
     work = jnp.where(in_l[None, :], logits, _NEG)
@@ -64,14 +68,14 @@ def _fill_kernel(temp_ref, scaling_ref, side_ref, x_ref, out_ref, logits_ref, *,
     rk = jnp.arange(rank_p, dtype=jnp.int32)
     col3 = j * num_adapters * rank + lk[None, :, None] * rank + rk[None, None, :]  # [1, Lp, Rp]
     mask3 = in_t[:, None, None] & in_l[None, :, None] & (rk < rank)[None, None, :]
-    xa = _load(side_ref, (rows[:, None, None], col3), mask3)  # [bt, Lp, Rp]
+    xa = summed((rows[:, None, None], col3), mask3)  # [bt, Lp, Rp]
     h = (xa * weights[:, :, None]).astype(out_ref.dtype)
     _store(out_ref, (rows[:, None, None], depth + col3), h, mask3)
 
 
 def fill_lora_columns_pallas(
     x_ext: jax.Array,  # [T, extended_width(d_in, n*L*r)]: x, then zeros
-    side: jax.Array,  # [T, n*L*r + parts*n*L] float32: x_ext @ S
+    side: jax.Array,  # [T, n*L*r + parts*n*L] float32: x_ext @ S, or [P, T, ...]: `side_products`
     scaling: jax.Array,  # [n, L]
     temperature: jax.Array | float,  # [] routing temperature
     *,
@@ -86,8 +90,9 @@ def fill_lora_columns_pallas(
     num_projections, num_adapters = scaling.shape
     num_tokens, width = x_ext.shape
     columns = num_projections * num_adapters * rank
-    parts, rest = divmod(side.shape[1] - columns, num_projections * num_adapters)
-    if width != extended_width(depth, columns) or side.shape[0] != num_tokens or rest or parts not in (1, 2):
+    side = side[None] if side.ndim == 2 else side
+    parts, rest = divmod(side.shape[2] - columns, num_projections * num_adapters)
+    if width != extended_width(depth, columns) or side.shape[1] != num_tokens or rest or parts not in (1, 2):
         raise ValueError(f"x_ext {x_ext.shape} and side {side.shape} do not fit d_in={depth}, n={num_projections}, "
                          f"L={num_adapters}, r={rank}")
     if not 1 <= top_k <= num_adapters:
@@ -98,7 +103,7 @@ def fill_lora_columns_pallas(
     kernel = functools.partial(
         _fill_kernel, num_tokens=num_tokens, num_projections=num_projections, num_adapters=num_adapters,
         adapters_p=_pow2_at_least(num_adapters, floor=2), rank=rank, rank_p=_pow2_at_least(rank, floor=2),
-        parts=parts, depth=depth, top_k=top_k, block_t=block_t)
+        parts=parts, splits=side.shape[0], depth=depth, top_k=top_k, block_t=block_t)
     temperature = jnp.asarray(temperature, jnp.float32).reshape(1)
     return pl.pallas_call(
         kernel,

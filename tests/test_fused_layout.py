@@ -18,7 +18,13 @@ from meteora_jax import LlamaForCausalLM, MeteoRAConfig, ModelConfig, Routing, i
 from meteora_jax.fused_layout import fuse_layer, fuse_projections
 from meteora_jax.generate import Generator
 from meteora_jax.model import unstack_layers
-from pallas_kernels.lora_columns import extended_width, fill_lora_columns, side_weight, split_side_products
+from pallas_kernels.lora_columns import (
+    extended_width,
+    fill_lora_columns,
+    side_products,
+    side_weight,
+    split_side_products,
+)
 from pallas_kernels.lora_columns_pallas import fill_lora_columns_pallas
 
 SEED = np.random.SeedSequence().entropy
@@ -100,10 +106,28 @@ def test_bfloat16_side_logits_are_float32_accurate(n):
         assert _rel(xa[:, j], want_xa) < 1e-6, f"seed {SEED}, projection {j}"
 
 
-def _fill_inputs(case, dtype, *, t, n, num_adapters, rank, parts, depth):
+@pytest.mark.parametrize("splits", [1, 4, 16])
+def test_side_products_sum_to_the_side_gemm(splits):
+    """The partial products over slices of the contracting dimension sum to x_ext @ S (float32,
+    exact products: 1e-5 for the summation order)."""
+    rng = np.random.default_rng([SEED % 2**63, splits])
+    t, width, columns = 9, 128, 40
+    x_ext = jnp.asarray(rng.standard_normal((t, width)), jnp.float32)
+    weight = jnp.asarray(rng.standard_normal((width, columns)), jnp.float32)
+    got = side_products(x_ext, weight, splits, precision=jax.lax.Precision.HIGHEST)
+    assert got.shape == (splits, t, columns)
+    want = np.asarray(x_ext, np.float64) @ np.asarray(weight, np.float64)
+    assert _rel(got.sum(axis=0), want) < 1e-5, f"seed {SEED}"
+    with pytest.raises(ValueError, match="multiple of splits=3"):
+        side_products(x_ext, weight, 3)
+
+
+def _fill_inputs(case, dtype, *, t, n, num_adapters, rank, parts, depth, splits=None):
+    """x_ext with poisoned h columns, side products ([t, C], or [splits, t, C] partials), scaling."""
     rng = np.random.default_rng([SEED % 2**63, *case])
     columns = n * num_adapters * rank
-    side = jnp.asarray(rng.standard_normal((t, columns + parts * n * num_adapters)), jnp.float32)
+    shape = (t, columns + parts * n * num_adapters)
+    side = jnp.asarray(rng.standard_normal(shape if splits is None else (splits, *shape)), jnp.float32)
     scaling = jnp.asarray(rng.uniform(0.5, 2.0, (n, num_adapters)), jnp.float32)
     x = jnp.asarray(rng.standard_normal((t, depth)), dtype)
     x_ext = jnp.pad(x, ((0, 0), (0, extended_width(depth, columns) - depth)))
@@ -114,14 +138,16 @@ def _fill_inputs(case, dtype, *, t, n, num_adapters, rank, parts, depth):
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize(
-    "t, n, num_adapters, rank, top_k",
-    [(1, 3, 28, 8, 2), (5, 1, 6, 4, 1), (40, 2, 5, 3, 5), (33, 3, 4, 1, 2)],
+    "t, n, num_adapters, rank, top_k, splits",
+    [(1, 3, 28, 8, 2, None), (5, 1, 6, 4, 1, 16), (40, 2, 5, 3, 5, None), (33, 3, 4, 1, 2, 3)],
 )
-def test_fill_kernel_matches_reference(dtype, t, n, num_adapters, rank, top_k):
+def test_fill_kernel_matches_reference(dtype, t, n, num_adapters, rank, top_k, splits):
+    """splits: the side products as that many partials, which kernel and reference sum."""
     parts = 1 if dtype == jnp.float32 else 2
     depth = 24
     x_ext, side, scaling = _fill_inputs((t, n, num_adapters, rank, top_k), dtype, t=t, n=n,
-                                        num_adapters=num_adapters, rank=rank, parts=parts, depth=depth)
+                                        num_adapters=num_adapters, rank=rank, parts=parts, depth=depth,
+                                        splits=splits)
     temperature = jnp.float32(1.7)
     want, want_logits = fill_lora_columns(x_ext, side, scaling, Routing(temperature=temperature).select,
                                           depth=depth, rank=rank, top_k=top_k)
