@@ -148,6 +148,7 @@ class Generator:
         max_prefill_logits_bytes: int = 1 << 30,
         scan_layers: bool = False,
         fused_projections: Optional[bool] = None,
+        compiler_options: Optional[dict[str, Any]] = None,
     ):
         """params: the scanned layout (as checkpoints and training hold them).
 
@@ -158,6 +159,9 @@ class Generator:
         and keeps only that copy (`self.params`); True runs the scanned model on `params` as given.
         fused_projections: the fused projection layout (`meteora_jax.fused_layout`) on top of the
         unrolled one; default: True unless scan_layers.
+        compiler_options: XLA options for the generation program (`jax.jit(compiler_options=...)`),
+        e.g. {"xla_gpu_enable_command_buffer": "FUSION,CUBLAS"}; an unknown name fails at the first
+        compile.
         """
         self.config = config
         self.scan_layers = bool(scan_layers)
@@ -179,6 +183,7 @@ class Generator:
         self._jitted = jax.jit(
             self._generate,
             static_argnames=("max_new_bucket", "do_sample", "collect_routing", "return_logits", "split_prefill"),
+            compiler_options=compiler_options,
         )
 
     # ------------------------------------------------------------------------------------------

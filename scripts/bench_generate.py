@@ -139,10 +139,11 @@ def _median_time(run, reps: int, warmup_s: float = 1.0) -> float:
     return statistics.median(times)
 
 
-def bench_model(name, layout, config, params, batches, prompt_len, new_tokens, reps, force_adapter=None) -> list[dict]:
+def bench_model(name, layout, config, params, batches, prompt_len, new_tokens, reps, force_adapter=None,
+                compiler_options=None) -> list[dict]:
     gen = Generator(
         config, params, min_prompt_bucket=prompt_len, min_new_tokens_bucket=new_tokens, scan_layers=layout == "scan",
-        fused_projections=layout == "fused",
+        fused_projections=layout == "fused", compiler_options=compiler_options,
     )
     rows = []
     rng = np.random.default_rng(0)
@@ -280,6 +281,17 @@ def table(rows: list[dict]) -> str:
     return "\n".join([fmt(lines[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [fmt(x) for x in lines[1:]])
 
 
+def _option_value(text: str):
+    """An XLA option's value from the command line: true/false as bool, integers as int (XLA does
+    not parse these from strings), anything else as given."""
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    try:
+        return int(text)
+    except ValueError:
+        return text
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "runs"), "bench_generate.json"))
@@ -293,9 +305,18 @@ def main(argv=None) -> int:
     p.add_argument("--layouts", default="unrolled,fused", help="subset of scan,unrolled,fused (decoder-layer layouts)")
     p.add_argument("--step-diagnostic", action="store_true",
                    help="also time one jitted decode step (model.apply with a KV cache) outside the loop")
+    p.add_argument("--compiler-option", action="append", default=[], metavar="NAME=VALUE",
+                   help="an XLA option for every model's generation program (Generator compiler_options), "
+                        "e.g. xla_gpu_enable_command_buffer=FUSION,CUBLAS; repeatable")
     p.add_argument("--tiny", action="store_true", help="tiny shapes, for a CPU dry run of the script")
     args = p.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
+    compiler_options = {}
+    for option in args.compiler_option:
+        name, sep, value = option.partition("=")
+        if not sep or not name:
+            p.error(f"--compiler-option {option!r}: expected NAME=VALUE")
+        compiler_options[name] = _option_value(value)
     layouts = [x for x in args.layouts.split(",") if x]
     if not layouts or set(layouts) - set(LAYOUTS):
         p.error(f"--layouts {args.layouts!r}: choose from {','.join(LAYOUTS)}")
@@ -308,7 +329,8 @@ def main(argv=None) -> int:
     rows = []
     for layout in layouts:
         for name, cfg, params, force in models:
-            rows += bench_model(name, layout, cfg, params, batches, args.prompt_len, args.new_tokens, args.reps, force)
+            rows += bench_model(name, layout, cfg, params, batches, args.prompt_len, args.new_tokens, args.reps, force,
+                                compiler_options or None)
             # A Generator is a reference cycle (its jitted method): collect it now, so that its
             # unrolled copy of the weights leaves the device before the next one is made.
             gc.collect()
@@ -330,6 +352,7 @@ def main(argv=None) -> int:
         new_tokens=args.new_tokens,
         reps=args.reps,
         layouts=layouts,
+        compiler_options=compiler_options,
         rows=rows,
         targets=TARGETS,
     )

@@ -156,6 +156,16 @@ def test_scanned_and_unrolled_layouts_generate_alike(params, generator, batch_ou
                 np.testing.assert_array_equal(g, w)
 
 
+def test_compiler_options_reach_the_program(params, batch_out):
+    """compiler_options go to the generation program's compile: an option that changes no result
+    leaves the tokens as they are, an unknown one fails naming itself."""
+    tuned = Generator(CONFIG, params, pad_token_id=0, compiler_options={"xla_gpu_autotune_level": 0})
+    np.testing.assert_array_equal(tuned.generate(PROMPTS, max_new_tokens=NEW).tokens, batch_out.tokens)
+    broken = Generator(CONFIG, params, pad_token_id=0, compiler_options={"xla_no_such_option": 1})
+    with pytest.raises(Exception, match="xla_no_such_option"):
+        broken.generate(PROMPTS, max_new_tokens=NEW)
+
+
 def test_sample_token_matches_numpy_nucleus():
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(2, 12)).astype(np.float32) * 2
