@@ -216,7 +216,7 @@ class Generator:
         mask = attention_mask.astype(bool)
         positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0).astype(jnp.int32)
         n_prompt = jnp.sum(mask, axis=-1).astype(jnp.int32)
-        cache = KVCache.init(cfg, batch, prompt_len + max_new_bucket)
+        cache = KVCache.init(cfg, batch, prompt_len + max_new_bucket, per_layer=not self.scan_layers)
 
         def is_eos(tok):
             return jnp.any(tok[:, None] == eos_ids[None, :], axis=-1)

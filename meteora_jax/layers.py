@@ -307,8 +307,9 @@ class Attention(nn.Module):
         positions: jax.Array,  # [B, S]
         query_slots: jax.Array,  # [S]
         key_valid: jax.Array,  # [B, S_kv]
-        cache: Optional[tuple[jax.Array, jax.Array]],  # k, v of all layers: [n_layers, B, S_max, H_kv, hd]
-        layer_index: int | jax.Array,  # this layer's row of the cache: [] int32 (scanned) or a static int
+        # k, v of all layers [n_layers, B, H_kv, S_max, hd], or of this layer alone [B, H_kv, S_max, hd]
+        cache: Optional[tuple[jax.Array, jax.Array]],
+        layer_index: int | jax.Array,  # this layer's row of a stacked cache: [] int32 (scanned) or a static int
         cache_index: jax.Array,  # [] int32: first slot written by these tokens
         routing: Routing,
     ):
@@ -325,22 +326,30 @@ class Attention(nn.Module):
         inv_freq = rope_inverse_frequencies(hd, cfg.rope_theta, cfg.rope_scaling)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
 
-        if cache is not None:
+        # Heads-major [B, H_kv, S, hd], as the cache holds them: the batched GEMMs below read the
+        # cache where it lies.
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+        if cache is not None and cache[0].ndim == 5:
             # The stacked cache travels in the scan carry and is updated in place: a scan output
             # would be a fresh [n_layers, ...] buffer, rewritten whole at every decode step.
-            start = (layer_index, 0, cache_index, 0, 0)
+            start = (layer_index, 0, 0, cache_index, 0)
             cache = tuple(
                 jax.lax.dynamic_update_slice(c, new[None].astype(c.dtype), start) for c, new in zip(cache, (k, v))
             )
             k, v = (jax.lax.dynamic_index_in_dim(c, layer_index, keepdims=False) for c in cache)
+        elif cache is not None:  # this layer's own arrays, updated in place
+            cache = tuple(
+                jax.lax.dynamic_update_slice(c, new.astype(c.dtype), (0, 0, cache_index, 0)) for c, new in zip(cache, (k, v))
+            )
+            k, v = cache
 
         groups = heads // kv_heads
         q = q.reshape(batch, seq, kv_heads, groups, hd)
-        scores = jnp.einsum("bskgd,btkd->bkgst", q, k.astype(q.dtype), preferred_element_type=jnp.float32)
+        scores = jnp.einsum("bskgd,bktd->bkgst", q, k.astype(q.dtype), preferred_element_type=jnp.float32)
         scores = scores / math.sqrt(hd)
         scores = jnp.where(attention_weights_mask(query_slots, key_valid), scores, _MASK_VALUE)
         probs = jax.nn.softmax(scores, axis=-1).astype(cfg.compute_dtype)
-        out = jnp.einsum("bkgst,btkd->bskgd", probs, v.astype(cfg.compute_dtype))
+        out = jnp.einsum("bkgst,bktd->bskgd", probs, v.astype(cfg.compute_dtype))
         (out,) = project("o_proj", out.reshape(batch, seq, heads * hd), (cfg.hidden_size,))
         return out, cache, gate_logits
 

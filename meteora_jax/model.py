@@ -9,7 +9,10 @@
 
 A KV cache holds `S_max` slots per sequence. A call writes its `S` tokens into slots
 `cache.index .. cache.index + S - 1`; each query attends to the valid slots at or before its own.
-Prefill is a call with the prompt, decode a call with one token.
+Prefill is a call with the prompt, decode a call with one token. Its keys and values are stacked
+over the layers (`KVCache.init`, what the scanned model carries) or one array per layer
+(`per_layer=True`, for the unrolled model: attention then reads each layer's cache where it lies,
+where a stacked one has a cache-sized copy of the layer's slice made at every step).
 
 Two parameter layouts hold the same weights. The scanned one (training, checkpoints) stacks every
 decoder-layer leaf on a leading [num_layers] axis under "layers"; the unrolled one keeps each
@@ -43,27 +46,35 @@ _REMAT_POLICIES = {
 
 @flax.struct.dataclass
 class KVCache:
-    """Keys and values of every layer. k, v: [num_layers, B, S_max, H_kv, hd]; valid: [B, S_max]."""
+    """Keys and values of every layer, heads-major (the order attention's batched GEMMs read):
+    k, v: [num_layers, B, H_kv, S_max, hd] stacked, or a tuple of num_layers [B, H_kv, S_max, hd]
+    arrays (per layer); valid: [B, S_max]."""
 
-    k: jax.Array
-    v: jax.Array
+    k: jax.Array | tuple[jax.Array, ...]
+    v: jax.Array | tuple[jax.Array, ...]
     valid: jax.Array  # the slot holds a real (non-padding) token
     index: jax.Array  # [] int32: the next slot to write
 
     @classmethod
-    def init(cls, config: ModelConfig, batch_size: int, max_length: int, dtype=None) -> "KVCache":
-        shape = (config.num_layers, batch_size, max_length, config.num_kv_heads, config.head_dim)
+    def init(cls, config: ModelConfig, batch_size: int, max_length: int, dtype=None,
+             per_layer: bool = False) -> "KVCache":
+        """An empty cache; per_layer: one array per layer (the unrolled model only)."""
+        shape = (batch_size, config.num_kv_heads, max_length, config.head_dim)
         dtype = dtype or config.compute_dtype
-        return cls(
-            k=jnp.zeros(shape, dtype),
-            v=jnp.zeros(shape, dtype),
-            valid=jnp.zeros((batch_size, max_length), bool),
-            index=jnp.zeros((), jnp.int32),
-        )
+        if per_layer:
+            k = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+            v = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+        else:
+            k, v = jnp.zeros((config.num_layers, *shape), dtype), jnp.zeros((config.num_layers, *shape), dtype)
+        return cls(k=k, v=v, valid=jnp.zeros((batch_size, max_length), bool), index=jnp.zeros((), jnp.int32))
+
+    @property
+    def per_layer(self) -> bool:
+        return isinstance(self.k, (tuple, list))
 
     @property
     def max_length(self) -> int:
-        return self.k.shape[2]
+        return self.valid.shape[1]
 
 
 @flax.struct.dataclass
@@ -117,6 +128,8 @@ class LlamaForCausalLM(nn.Module):
         h = embed(input_ids)
 
         broadcast = (positions, query_slots, key_valid, cache_index, routing)
+        if self.scan_layers and cache is not None and cache.per_layer:
+            raise ValueError("the scanned model carries a stacked KV cache: KVCache.init(..., per_layer=False)")
         if self.scan_layers:
             h, new_layer_caches, gate_logits = self._scanned_layers(h, layer_caches, broadcast)
         else:
@@ -162,19 +175,28 @@ class LlamaForCausalLM(nn.Module):
         return h, layer_caches, gate_logits
 
     def _unrolled_layers(self, h, layer_caches, broadcast):
-        """params["layers_<i>"] applied in a Python loop; gate logits stacked as the scan stacks them."""
+        """params["layers_<i>"] applied in a Python loop; gate logits stacked as the scan stacks them.
+        layer_caches: None, stacked (k, v) (each layer updates its row), or per-layer (k, v) tuples
+        (layer i gets and returns its own pair)."""
         cfg = self.config
         block = DecoderLayer
         if cfg.remat != "none":
             # The layer index (argument 2, counting the module) stays a Python int: static slices.
             block = nn.remat(block, static_argnums=(2,), policy=_REMAT_POLICIES[cfg.remat])
-        per_layer = []
+        per_layer = layer_caches is not None and isinstance(layer_caches[0], (tuple, list))
+        new_ks, new_vs, layer_logits = [], [], []
         for i in range(cfg.num_layers):
-            # A static index: the cache row is written (dynamic_update_slice) and read in place.
             layer = block(cfg, self.collect_gate_logits, self.fused_projections, name=f"layers_{i}")
-            (h, layer_caches), logits = layer((h, layer_caches), i, *broadcast)
-            per_layer.append(logits)
-        gate_logits = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)  # {proj: [num_layers, B, S, L]}
+            if per_layer:
+                (h, (k, v)), logits = layer((h, (layer_caches[0][i], layer_caches[1][i])), i, *broadcast)
+                new_ks.append(k)
+                new_vs.append(v)
+            else:  # a static index: the cache row is written (dynamic_update_slice) and read in place
+                (h, layer_caches), logits = layer((h, layer_caches), i, *broadcast)
+            layer_logits.append(logits)
+        if per_layer:
+            layer_caches = (tuple(new_ks), tuple(new_vs))
+        gate_logits = jax.tree.map(lambda *xs: jnp.stack(xs), *layer_logits)  # {proj: [num_layers, B, S, L]}
         return h, layer_caches, gate_logits
 
 

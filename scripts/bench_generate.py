@@ -199,9 +199,10 @@ def benchmark_models(make, num_layers: int, rank: int) -> dict:
     }
 
 
-def half_full_cache(config, batch, cache_len):
-    """A KV cache of `cache_len` slots whose first half holds (zero) valid entries."""
-    cache = KVCache.init(config, batch, cache_len)
+def half_full_cache(config, batch, cache_len, per_layer=True):
+    """A KV cache of `cache_len` slots whose first half holds (zero) valid entries; per layer (as
+    `Generator` makes it for the unrolled layouts) or stacked (the scanned layout)."""
+    cache = KVCache.init(config, batch, cache_len, per_layer=per_layer)
     return cache.replace(index=jnp.int32(cache_len // 2), valid=cache.valid.at[:, : cache_len // 2].set(True))
 
 
@@ -243,7 +244,7 @@ def decode_step_ms(config, params, layout, batch, cache_len, reps, force_adapter
     its own: the per-token cost of the model without the generation loop. Median of single steps."""
     params = layout_params(config, params, layout)
     step = make_step(config, force_adapter, scan_layers=layout == "scan", fused_projections=layout == "fused")
-    state = [jnp.ones((batch, 1), jnp.int32), half_full_cache(config, batch, cache_len)]
+    state = [jnp.ones((batch, 1), jnp.int32), half_full_cache(config, batch, cache_len, per_layer=layout != "scan")]
 
     def run():
         state[0], state[1] = step(params, state[1], state[0])

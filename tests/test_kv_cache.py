@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from meteora_jax import KVCache, LlamaForCausalLM, MeteoRAConfig, ModelConfig, init_params
+from meteora_jax.model import unstack_layers
 from torch_reference import relative_error
 
 CONFIG = ModelConfig(
@@ -58,14 +59,22 @@ def test_prefill_then_decode_matches_full_recompute(left_pad):
         assert relative_error(got, want, layer_valid) <= 1e-5, name
 
 
-def test_decode_never_sees_future_or_padding_slots():
-    """Garbage in unwritten slots and in padded slots must not change the logits."""
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_decode_never_sees_future_or_padding_slots(per_layer):
+    """Garbage in unwritten slots and in padded slots must not change the logits (the scanned model
+    on a stacked cache, the unrolled one on per-layer arrays)."""
     rng = np.random.default_rng(0)
     params = init_params(CONFIG, jax.random.key(0))
-    model = LlamaForCausalLM(CONFIG)
+    model = LlamaForCausalLM(CONFIG, scan_layers=not per_layer)
+    if per_layer:
+        params = unstack_layers(params, CONFIG.num_layers)
     ids = jnp.asarray(rng.integers(0, CONFIG.vocab_size, (1, 5)))
-    clean = KVCache.init(CONFIG, 1, 12)
-    dirty = clean.replace(k=clean.k + 1e3 * jax.random.normal(jax.random.key(1), clean.k.shape), v=clean.v - 7.0)
+    clean = KVCache.init(CONFIG, 1, 12, per_layer=per_layer)
+    if per_layer:
+        dirty = clean.replace(k=tuple(c + 1e3 * jax.random.normal(jax.random.key(i), c.shape) for i, c in enumerate(clean.k)),
+                              v=tuple(c - 7.0 for c in clean.v))
+    else:
+        dirty = clean.replace(k=clean.k + 1e3 * jax.random.normal(jax.random.key(1), clean.k.shape), v=clean.v - 7.0)
     a = model.apply({"params": params}, ids, cache=clean)
     b = model.apply({"params": params}, ids, cache=dirty)
     np.testing.assert_allclose(a.logits, b.logits, rtol=1e-6, atol=1e-6)

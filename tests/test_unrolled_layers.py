@@ -93,8 +93,11 @@ def test_unrolled_forward_equals_scanned(name):
     assert bool(want.gate_logits) == (name == "meteora")
 
 
+@pytest.mark.parametrize("per_layer", [True, False])
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_unrolled_prefill_and_decode_equal_scanned(name):
+def test_unrolled_prefill_and_decode_equal_scanned(name, per_layer):
+    """The unrolled model on a per-layer cache (as Generator makes it) or a stacked one: the same
+    logits, gate logits and cache contents as the scanned model on its stacked cache."""
     config = CONFIGS[name]
     seed = _fresh_seed()
     rng = np.random.default_rng(seed)
@@ -107,7 +110,8 @@ def test_unrolled_prefill_and_decode_equal_scanned(name):
     mask[0, :3] = False
     positions = jnp.asarray(np.clip(np.cumsum(mask, -1) - 1, 0, None))
 
-    caches = {scan: KVCache.init(config, batch, max_length=12) for scan in (True, False)}
+    caches = {True: KVCache.init(config, batch, max_length=12),
+              False: KVCache.init(config, batch, max_length=12, per_layer=per_layer)}
     scanned, unrolled_apply = _apply(config, True), _apply(config, False)
     steps = [slice(0, prompt_len)] + [slice(t, t + 1) for t in range(prompt_len, total)]
     for step, sl in enumerate(steps):
@@ -118,7 +122,10 @@ def test_unrolled_prefill_and_decode_equal_scanned(name):
         caches = {True: want.cache, False: got.cache}
 
     want, got = caches[True], caches[False]
-    assert got.k.shape == want.k.shape == (config.num_layers, batch, 12, config.num_kv_heads, config.head_dim)
+    assert got.per_layer == per_layer
+    if per_layer:
+        got = got.replace(k=jnp.stack(got.k), v=jnp.stack(got.v))
+    assert got.k.shape == want.k.shape == (config.num_layers, batch, config.num_kv_heads, 12, config.head_dim)
     assert int(got.index) == int(want.index) == total
     np.testing.assert_array_equal(got.valid, want.valid)
     for g, w in ((got.k, want.k), (got.v, want.v)):
