@@ -338,9 +338,8 @@ class Attention(nn.Module):
             )
             k, v = (jax.lax.dynamic_index_in_dim(c, layer_index, keepdims=False) for c in cache)
         elif cache is not None:  # this layer's own arrays, updated in place
-            cache = tuple(
-                jax.lax.dynamic_update_slice(c, new.astype(c.dtype), (0, 0, cache_index, 0)) for c, new in zip(cache, (k, v))
-            )
+            start = (0, 0, cache_index, 0)
+            cache = tuple(jax.lax.dynamic_update_slice(c, new.astype(c.dtype), start) for c, new in zip(cache, (k, v)))
             k, v = cache
 
         groups = heads // kv_heads

@@ -71,10 +71,17 @@ def test_decode_never_sees_future_or_padding_slots(per_layer):
     ids = jnp.asarray(rng.integers(0, CONFIG.vocab_size, (1, 5)))
     clean = KVCache.init(CONFIG, 1, 12, per_layer=per_layer)
     if per_layer:
-        dirty = clean.replace(k=tuple(c + 1e3 * jax.random.normal(jax.random.key(i), c.shape) for i, c in enumerate(clean.k)),
-                              v=tuple(c - 7.0 for c in clean.v))
+        noisy = tuple(c + 1e3 * jax.random.normal(jax.random.key(i), c.shape) for i, c in enumerate(clean.k))
+        dirty = clean.replace(k=noisy, v=tuple(c - 7.0 for c in clean.v))
     else:
         dirty = clean.replace(k=clean.k + 1e3 * jax.random.normal(jax.random.key(1), clean.k.shape), v=clean.v - 7.0)
     a = model.apply({"params": params}, ids, cache=clean)
     b = model.apply({"params": params}, ids, cache=dirty)
     np.testing.assert_allclose(a.logits, b.logits, rtol=1e-6, atol=1e-6)
+
+
+def test_scanned_model_refuses_a_per_layer_cache():
+    params = init_params(CONFIG, jax.random.key(0))
+    cache = KVCache.init(CONFIG, 1, 8, per_layer=True)
+    with pytest.raises(ValueError, match="stacked KV cache"):
+        LlamaForCausalLM(CONFIG).apply({"params": params}, jnp.ones((1, 3), jnp.int32), cache=cache)
