@@ -20,6 +20,7 @@ SEED = np.random.SeedSequence().entropy
 SMALL = dict(block_t=16, block_k=16, block_n=16, block_n_tgmm=16, block_k_decode=16, block_n_decode=16,
              block_t_dense=16, block_c_dense=16, block_k_dense=16)
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
+BF16_SUM_TOL = 4e-3  # 2^-8: one bfloat16 rounding of each term, relative to the terms' magnitudes
 
 
 def _salt(case) -> int:
@@ -95,6 +96,11 @@ GRAD_CASES = [CASES[0], CASES[2], CASES[3], CASES[5], CASES[6]]
 @pytest.mark.parametrize("path", ["sorted", "dense", "auto"])  # auto: T < 32 here, so decode / dense
 @pytest.mark.parametrize("case", GRAD_CASES, ids=[f"T{c[0]}_L{c[3]}_r{c[4]}_k{c[5]}_{c[6]}" for c in GRAD_CASES])
 def test_gradients_match_autodiff_of_reference(case, path, dtype):
+    """Every gradient within TOL of the float32 reference's, relative to its norm. In bfloat16 the
+    gradients of scaling and expert_weight are sums of many products that cancel (a scaling's over
+    every token of its adapter), so their rounding error is bounded relative to the sum of the terms'
+    magnitudes, not to the result: for those two, ||got - want|| <= BF16_SUM_TOL * ||magnitude||,
+    where magnitude is the reference's gradient with every input and the cotangent made positive."""
     t, d_in, d_out, num_adapters, rank, k, routing = case
     x, a, b, s, idx, w, base = _inputs((_salt(case), 1), t, d_in, d_out, num_adapters, rank, k, dtype,
                                        routing)
@@ -114,10 +120,17 @@ def test_gradients_match_autodiff_of_reference(case, path, dtype):
     argnums = (0, 1, 2, 3, 4, 5)
     with jax.default_matmul_precision("highest"):
         want = jax.grad(loss(ref_fn, f32), argnums)(f32(x), f32(a), f32(b), s, w, f32(base))
+        absolute = lambda v: jnp.abs(f32(v))  # noqa: E731
+        magnitude = jax.grad(lambda *v: jnp.sum(ref_fn(*v[:4], idx, *v[4:]) * jnp.abs(g)), argnums)(
+            absolute(x), absolute(a), absolute(b), s, w, absolute(base))
     got = jax.jit(jax.grad(loss(pallas_fn, lambda v: v), argnums))(x, a, b, s, w, base)
-    for name, u, v in zip(("x", "lora_a", "lora_b", "scaling", "expert_weight", "base"), want, got):
-        err = _rel(v, u)
-        assert err <= TOL[dtype], f"seed={SEED} case={case} path={path}: d{name} rel err {err:.2e}"
+    for name, u, v, m in zip(("x", "lora_a", "lora_b", "scaling", "expert_weight", "base"), want, got, magnitude):
+        if dtype == jnp.bfloat16 and name in ("scaling", "expert_weight"):
+            err = np.linalg.norm(np.asarray(v, np.float64) - np.asarray(u, np.float64)) / np.linalg.norm(m)
+            bound = BF16_SUM_TOL
+        else:
+            err, bound = _rel(v, u), TOL[dtype]
+        assert err <= bound, f"seed={SEED} case={case} path={path}: d{name} rel err {err:.2e}"
 
 
 def test_lora_gradients_only_when_asked():
