@@ -61,12 +61,13 @@ class KVCache:
         """An empty cache; per_layer: one array per layer (the unrolled model only)."""
         shape = (batch_size, config.num_kv_heads, max_length, config.head_dim)
         dtype = dtype or config.compute_dtype
-        if per_layer:
-            k = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
-            v = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
-        else:
-            k, v = jnp.zeros((config.num_layers, *shape), dtype), jnp.zeros((config.num_layers, *shape), dtype)
-        return cls(k=k, v=v, valid=jnp.zeros((batch_size, max_length), bool), index=jnp.zeros((), jnp.int32))
+        def empty():
+            if per_layer:
+                return tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+            return jnp.zeros((config.num_layers, *shape), dtype)
+
+        valid = jnp.zeros((batch_size, max_length), bool)
+        return cls(k=empty(), v=empty(), valid=valid, index=jnp.zeros((), jnp.int32))
 
     @property
     def per_layer(self) -> bool:
@@ -133,7 +134,8 @@ class LlamaForCausalLM(nn.Module):
         if self.scan_layers:
             h, new_layer_caches, gate_logits = self._scanned_layers(h, layer_caches, broadcast)
         else:
-            h, new_layer_caches, gate_logits = self._unrolled_layers(h, layer_caches, broadcast)
+            per_layer = cache is not None and cache.per_layer
+            h, new_layer_caches, gate_logits = self._unrolled_layers(h, layer_caches, per_layer, broadcast)
 
         h = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, cfg.weight_dtype, name="norm")(h)
         if cfg.tie_word_embeddings:
@@ -174,16 +176,15 @@ class LlamaForCausalLM(nn.Module):
         (h, layer_caches), gate_logits = layers((h, layer_caches), layer_indices, *broadcast)
         return h, layer_caches, gate_logits
 
-    def _unrolled_layers(self, h, layer_caches, broadcast):
+    def _unrolled_layers(self, h, layer_caches, per_layer, broadcast):
         """params["layers_<i>"] applied in a Python loop; gate logits stacked as the scan stacks them.
         layer_caches: None, stacked (k, v) (each layer updates its row), or per-layer (k, v) tuples
-        (layer i gets and returns its own pair)."""
+        when per_layer (layer i gets and returns its own pair)."""
         cfg = self.config
         block = DecoderLayer
         if cfg.remat != "none":
             # The layer index (argument 2, counting the module) stays a Python int: static slices.
             block = nn.remat(block, static_argnums=(2,), policy=_REMAT_POLICIES[cfg.remat])
-        per_layer = layer_caches is not None and isinstance(layer_caches[0], (tuple, list))
         new_ks, new_vs, layer_logits = [], [], []
         for i in range(cfg.num_layers):
             layer = block(cfg, self.collect_gate_logits, self.fused_projections, name=f"layers_{i}")
