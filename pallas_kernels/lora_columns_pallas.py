@@ -73,6 +73,20 @@ def _fill_kernel(temp_ref, scaling_ref, side_ref, x_ref, out_ref, logits_ref, *,
     _store(out_ref, (rows[:, None, None], depth + col3), h, mask3)
 
 
+# Partial-product rows one program sums at most (block_t * splits). A program sums its tokens' P
+# partials one after another; with the whole T = 32 decode batch in one tile and P = 16 this made the
+# launch 17 us on an H200 (1 program per projection), against 2.6 us with P = 1. Swept on an H200
+# (docs/benchmarks.md, session 8): 1 token per program was best at P = 16 (12.4 vs 26.9 us for the
+# q/k/v group's side GEMM and routing), and 16 rows at most no worse than 32 at any measured P.
+FILL_ROWS_PER_PROGRAM = 16
+
+
+def fill_block_t(num_tokens: int, splits: int) -> int:
+    """Default token tile of `fill_lora_columns_pallas`: a power of two, at most 32, with at most
+    FILL_ROWS_PER_PROGRAM partial-product rows per program."""
+    return max(1, min(32, _pow2_at_least(num_tokens, floor=1), FILL_ROWS_PER_PROGRAM // splits))
+
+
 def fill_lora_columns_pallas(
     x_ext: jax.Array,  # [T, extended_width(d_in, n*L*r)]: x, then zeros
     side: jax.Array,  # [T, n*L*r + parts*n*L] float32: x_ext @ S, or [P, T, ...]: `side_products`
@@ -86,7 +100,7 @@ def fill_lora_columns_pallas(
     block_t: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:  # x_ext with its h columns written, gate logits [T, n, L] float32
     """The routing step as one launch (module docstring). Not differentiable: inference only.
-    block_t: token tile (default: T rounded up to a power of two, at most 32)."""
+    block_t: token tile (default: `fill_block_t`)."""
     num_projections, num_adapters = scaling.shape
     num_tokens, width = x_ext.shape
     columns = num_projections * num_adapters * rank
@@ -99,7 +113,7 @@ def fill_lora_columns_pallas(
         raise ValueError(f"top_k={top_k} must be in [1, L={num_adapters}]")
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
-    block_t = block_t or min(32, _pow2_at_least(num_tokens, floor=1))
+    block_t = block_t or fill_block_t(num_tokens, side.shape[0])
     kernel = functools.partial(
         _fill_kernel, num_tokens=num_tokens, num_projections=num_projections, num_adapters=num_adapters,
         adapters_p=_pow2_at_least(num_adapters, floor=2), rank=rank, rank_p=_pow2_at_least(rank, floor=2),

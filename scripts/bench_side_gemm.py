@@ -3,7 +3,7 @@ projection groups' shapes (`meteora_jax.fused_layout`; L = 28, r = 8, bf16, gate
 per formulation and XLA option.
 
     python scripts/bench_side_gemm.py [--tokens 1,32,512,16384] [--variants one,partials8,...]
-        [--layers 8] [--reps 50] [--out PATH]
+        [--layers 8] [--reps 50] [--fill-blocks 0,1,4] [--out PATH]
 
 Variants (output [T, C], or [P, T, C] partials that the routing kernel sums):
   one            x_ext [T, W] @ S [W, C]: one GEMM, as XLA chooses (its split-K included)
@@ -13,6 +13,10 @@ Variants (output [T, C], or [P, T, C] partials that the routing kernel sums):
   cublas_only    "one" compiled with xla_gpu_enable_triton_gemm=False
   split_sumP     P partial products, summed by XLA
   partialsP      `pallas_kernels.lora_columns.side_products(..., splits=P)`, left unsummed
+  routeP         the model's whole side step (`layers.FusedProjections`): x padded to x_ext by XLA,
+                 P partials of x_ext @ S (P = 1: one GEMM; "route" alone: `side_splits`' P) and the
+                 routing kernel `fill_lora_columns_pallas`, once per token tile in --fill-blocks
+                 (0: the kernel's default, `fill_block_t`)
 Each call runs --layers distinct (x_ext, S) pairs (more weight bytes than the L2 holds). Per GEMM:
 kernel time and kernel count from a `jax.profiler` trace of 3 calls, and the untraced wall time
 (median of --reps calls, divided by --layers). Prints a table last and writes JSON.
@@ -35,12 +39,32 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from pallas_kernels.lora_columns import extended_width, side_products  # noqa: E402
+from pallas_kernels.lora_columns import extended_width, side_products, side_splits  # noqa: E402
+from pallas_kernels.lora_columns_pallas import fill_lora_columns_pallas  # noqa: E402
 from profile_decode import fold, kernel_events  # noqa: E402
 
 GROUPS = {"qkv": (4096, 3), "o": (4096, 1), "gate_up": (4096, 2), "down": (14336, 1)}  # d_in, projections
 NUM_ADAPTERS, RANK = 28, 8
 DEFAULT_VARIANTS = "one,slice,pad_columns,triton_only,cublas_only,split_sum8,partials4,partials8,partials16"
+
+
+def route(depth: int, projections: int, splits: int, block_t: int):
+    """The side step of one group as the model runs it: function of (x list, S list) -> x_ext list
+    with the h columns written (routing kernel included)."""
+    columns = projections * NUM_ADAPTERS * RANK
+    width = extended_width(depth, columns)
+    scaling = jnp.full((projections, NUM_ADAPTERS), 2.0, jnp.float32)
+
+    def run(xs, ss):
+        outs = []
+        for x, s in zip(xs, ss):
+            x_ext = jnp.pad(x, ((0, 0), (0, width - depth)))
+            p = splits or side_splits(x.shape[0], s.shape[1])
+            side = side_products(x_ext, s, p)
+            outs.append(fill_lora_columns_pallas(x_ext, side, scaling, 1.0, depth=depth, rank=RANK, top_k=2,
+                                                 block_t=block_t or None)[0])
+        return outs
+    return run
 
 
 def side_gemm(variant: str, depth: int, width: int):
@@ -95,6 +119,7 @@ def main(argv=None) -> int:
     p.add_argument("--groups", default=",".join(GROUPS))
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--reps", type=int, default=50)
+    p.add_argument("--fill-blocks", default="0", help="routing-kernel token tiles of the route variants (0: default)")
     p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "runs"), "bench_side_gemm.json"))
     args = p.parse_args(argv)
     rows = []
@@ -106,9 +131,20 @@ def main(argv=None) -> int:
             key = jax.random.key(num_tokens + depth)
             xs = [jnp.pad(jax.random.normal(jax.random.fold_in(key, i), (num_tokens, depth), jnp.bfloat16),
                           ((0, 0), (0, width - depth))) for i in range(args.layers)]
+            variants = []
             for variant in args.variants.split(","):
-                fn, options, rows_s, splits = side_gemm(variant, depth, width)
-                if width % splits:
+                if variant.startswith("route"):
+                    splits = int(variant[5:] or 0)
+                    for block_t in (int(b) for b in args.fill_blocks.split(",")):
+                        if block_t <= max(num_tokens, 1):
+                            fn = route(depth, projections, splits, block_t)
+                            variants.append((f"{variant}@{block_t or 'auto'}", (fn, None, width, splits or 1)))
+                else:
+                    variants.append((variant, side_gemm(variant, depth, width)))
+            # The route variants take x [T, d_in] (as the model does), the others x_ext.
+            x_in = [x[:, :depth] for x in xs]
+            for variant, (fn, options, rows_s, splits) in variants:
+                if rows_s % splits:
                     continue
                 columns = lora_columns + 2 * projections * NUM_ADAPTERS
                 if variant == "pad_columns":
@@ -116,7 +152,8 @@ def main(argv=None) -> int:
                 ss = [0.02 * jax.random.normal(jax.random.fold_in(key, 1000 + i), (rows_s, columns), jnp.bfloat16)
                       for i in range(args.layers)]
                 try:
-                    m = measure(jax.jit(fn, compiler_options=options), (xs, ss), args.reps)
+                    m = measure(jax.jit(fn, compiler_options=options),
+                                (x_in if variant.startswith("route") else xs, ss), args.reps)
                 except Exception as e:  # noqa: BLE001 - one failing variant must not end the sweep
                     print(f"{group} T={num_tokens} {variant}: {type(e).__name__}: {str(e)[:200]}", flush=True)
                     continue
@@ -124,7 +161,7 @@ def main(argv=None) -> int:
                            wall_us=m["wall_us"] / args.layers, kernel_us=m["kernel_us"] / args.layers,
                            kernels=m["kernels"] / args.layers, top=m["top"])
                 rows.append(row)
-                print(f"{group:8} T={num_tokens:<6} {variant:12} kernel {row['kernel_us']:7.1f} us  "
+                print(f"{group:8} T={num_tokens:<6} {variant:14} kernel {row['kernel_us']:7.1f} us  "
                       f"kernels {row['kernels']:.1f}  wall {row['wall_us']:7.1f} us", flush=True)
                 del ss
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -132,10 +169,10 @@ def main(argv=None) -> int:
         json.dump(dict(device=jax.devices()[0].device_kind, jax=jax.__version__, layers=args.layers, rows=rows), f,
                   indent=1)
     print(f"wrote {args.out}\n\n{jax.devices()[0].device_kind}, per GEMM")
-    print(f"{'group':8} {'T':>6} {'variant':12} {'kernel us':>9} {'kernels':>7} {'wall us':>8}  top kernel")
+    print(f"{'group':8} {'T':>6} {'variant':14} {'kernel us':>9} {'kernels':>7} {'wall us':>8}  top kernel")
     for r in rows:
         top = r["top"][0][0][:40] if r["top"] else "-"
-        print(f"{r['group']:8} {r['tokens']:6} {r['variant']:12} {r['kernel_us']:9.1f} {r['kernels']:7.1f} "
+        print(f"{r['group']:8} {r['tokens']:6} {r['variant']:14} {r['kernel_us']:9.1f} {r['kernels']:7.1f} "
               f"{r['wall_us']:8.1f}  {top}")
     return 0
 
