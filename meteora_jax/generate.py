@@ -41,6 +41,7 @@ import numpy as np
 
 from meteora_jax.config import ALL_PROJECTIONS, ModelConfig
 from meteora_jax.fused_layout import fuse_projections
+from meteora_jax.gates import load_gate_settings, load_gates, merge_params
 from meteora_jax.model import KVCache, LlamaForCausalLM, unstack_layers
 from meteora_jax.routing import Routing
 
@@ -524,8 +525,6 @@ def load_for_inference(
     params, config, metadata = restore_checkpoint(checkpoint)
     names = adapter_names(metadata)
     if gates:
-        from meteora_jax.train import load_gate_settings, load_gates, merge_params
-
         gate_tree, gate_names = load_gates(gates)
         if names and list(gate_names) != names:
             raise ValueError(f"gates in {gates!r} are for adapters {gate_names}, the checkpoint has {names}")
@@ -588,8 +587,6 @@ def cli_options(
     if chat_template is None:
         recorded = None
         if gates:
-            from meteora_jax.train import load_gate_settings
-
             recorded = load_gate_settings(gates).get("chat_template")
         chat = None if recorded is None else bool(recorded)
     elif chat_template in _CHAT_FLAGS:

@@ -41,6 +41,7 @@ from meteora_jax import checkpoint as model_ckpt
 from meteora_jax import data as data_lib
 from meteora_jax import sharding as sharding_lib
 from meteora_jax.config import ConfigError, ModelConfig
+from meteora_jax.gates import export_gates, is_trainable, load_gate_settings, load_gates, merge_params, split_params
 from meteora_jax.loss import joint_loss, per_task_accuracy
 from meteora_jax.model import LlamaForCausalLM, param_logical_axes
 
@@ -63,7 +64,6 @@ __all__ = [
     "train",
 ]
 
-TRAINABLE_LEAF = "gate"
 _SUMMED_METRICS = ("gate_task_correct", "gate_task_count", "lm_tokens", "gate_tokens")
 _SCHEDULES = ("cosine", "linear", "constant")
 
@@ -74,28 +74,6 @@ class TrainError(ValueError):
 
 class NonFiniteLossError(TrainError):
     """The loss became nan/inf; the last good checkpoint is kept."""
-
-
-# ----------------------------------------------------------------------------------------------
-# Params: trainable (gates) vs frozen
-
-
-def is_trainable(path: tuple[str, ...]) -> bool:
-    """A param is trainable iff its leaf name is "gate" (MeteoRA routers)."""
-    return path[-1] == TRAINABLE_LEAF
-
-
-def split_params(params: Mapping) -> tuple[dict, dict]:
-    """params -> (trainable, frozen): two nested dicts holding disjoint leaves."""
-    flat = traverse_util.flatten_dict(params)
-    trainable = {k: v for k, v in flat.items() if is_trainable(k)}
-    frozen = {k: v for k, v in flat.items() if not is_trainable(k)}
-    return traverse_util.unflatten_dict(trainable), traverse_util.unflatten_dict(frozen)
-
-
-def merge_params(trainable: Mapping, frozen: Mapping) -> dict:
-    """Inverse of `split_params`."""
-    return traverse_util.unflatten_dict({**traverse_util.flatten_dict(frozen), **traverse_util.flatten_dict(trainable)})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -399,15 +377,13 @@ def make_eval_step(model, *, coef: float, top_k: int):
 
 
 # ----------------------------------------------------------------------------------------------
-# Gates on their own
-
-
-GATE_SETTINGS_FILE = "settings.json"
+# Gates on their own (the files: meteora_jax.gates)
 
 
 def run_settings(config) -> dict:
-    """What inference needs to route and prompt as training did: the run-time top_k, kernel_impl
-    and compute dtype (config.model), and data.chat_template / data.lm_on_prompt."""
+    """What inference needs to route and prompt as training did, exported with the gates
+    (`gates.export_gates`): the run-time top_k, kernel_impl and compute dtype (config.model), and
+    data.chat_template / lm_on_prompt / gate_scope."""
     return {
         "top_k": int(config.model.meteora.top_k),
         "kernel_impl": str(config.model.meteora.kernel_impl),
@@ -416,46 +392,6 @@ def run_settings(config) -> dict:
         "lm_on_prompt": bool(config.data.lm_on_prompt),
         "gate_scope": str(config.data.gate_scope),
     }
-
-
-def export_gates(path, gates, adapter_names, settings: Mapping[str, Any] | None = None) -> str:
-    """Saves only the gates (Orbax, replacing an older export) plus `adapter_names.json` and, when
-    given, `settings.json` (the run's `run_settings`: read back by `load_gate_settings`).
-
-    Every process calls it (Orbax writes sharded arrays cooperatively); returns the folder.
-    """
-    path = os.path.abspath(os.fspath(path))
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(os.path.join(path, "gates"), gates, force=True)
-    if jax.process_index() == 0:
-        with open(os.path.join(path, "adapter_names.json"), "w") as f:
-            json.dump(list(adapter_names), f)
-        settings_path = os.path.join(path, GATE_SETTINGS_FILE)
-        if settings is not None:
-            with open(settings_path, "w") as f:
-                json.dump(dict(settings), f, indent=1)
-        elif os.path.exists(settings_path):  # not those of an older export
-            os.remove(settings_path)
-    return path
-
-
-def load_gates(path) -> tuple[dict, list[str]]:
-    """-> (gates tree as `split_params(params)[0]`, adapter names). Merge with `merge_params`."""
-    path = os.path.abspath(os.fspath(path))
-    with ocp.StandardCheckpointer() as ckptr:
-        gates = ckptr.restore(os.path.join(path, "gates"))
-    with open(os.path.join(path, "adapter_names.json")) as f:
-        return gates, json.load(f)
-
-
-def load_gate_settings(path) -> dict:
-    """The training run's settings exported with the gates (see `run_settings`); {} for an export
-    that has none."""
-    settings_path = os.path.join(os.path.abspath(os.fspath(path)), GATE_SETTINGS_FILE)
-    if not os.path.exists(settings_path):
-        return {}
-    with open(settings_path) as f:
-        return json.load(f)
 
 
 # ----------------------------------------------------------------------------------------------

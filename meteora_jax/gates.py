@@ -1,0 +1,109 @@
+"""The trained gates as their own files: what training exports and inference loads.
+
+    export_gates(path, gates, adapter_names, settings)   # training (meteora_jax.train)
+    gates, names = load_gates(path)                       # inference (meteora_jax.generate)
+    params = merge_params(gates, params)
+
+Only the gates are trained (`is_trainable`: leaves named "gate", `[n_layers, d_in, L]` float32 in
+the scanned layout), so a run's result is the gates alone, kept apart from the frozen model
+checkpoint they were trained on. An export folder holds
+
+    gates/               Orbax checkpoint of the gates tree (`split_params(params)[0]`)
+    adapter_names.json   the adapters in gate-column order: must match the model checkpoint's
+    settings.json        optional: how the run routed and prompted (`train.run_settings`)
+
+This module needs no training dependencies (optax, datasets), so inference can load gates
+without them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from flax import traverse_util
+
+TRAINABLE_LEAF = "gate"
+GATE_SETTINGS_FILE = "settings.json"
+ADAPTER_NAMES_FILE = "adapter_names.json"
+
+
+def is_trainable(path: tuple[str, ...]) -> bool:
+    """A param is trainable iff its leaf name is "gate" (MeteoRA routers)."""
+    return path[-1] == TRAINABLE_LEAF
+
+
+def split_params(params: Mapping) -> tuple[dict, dict]:
+    """params -> (trainable, frozen): two nested dicts holding disjoint leaves."""
+    flat = traverse_util.flatten_dict(params)
+    trainable = {k: v for k, v in flat.items() if is_trainable(k)}
+    frozen = {k: v for k, v in flat.items() if not is_trainable(k)}
+    return traverse_util.unflatten_dict(trainable), traverse_util.unflatten_dict(frozen)
+
+
+def merge_params(trainable: Mapping, frozen: Mapping) -> dict:
+    """Inverse of `split_params`."""
+    return traverse_util.unflatten_dict({**traverse_util.flatten_dict(frozen), **traverse_util.flatten_dict(trainable)})
+
+
+def export_gates(path, gates, adapter_names, settings: Mapping[str, Any] | None = None) -> str:
+    """Saves only the gates (Orbax, replacing an older export) plus `adapter_names.json` and, when
+    given, `settings.json` (the run's `run_settings`: read back by `load_gate_settings`).
+
+    Every process calls it (Orbax writes sharded arrays cooperatively); returns the folder.
+    """
+    path = os.path.abspath(os.fspath(path))
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(os.path.join(path, "gates"), gates, force=True)
+    if jax.process_index() == 0:
+        with open(os.path.join(path, ADAPTER_NAMES_FILE), "w") as f:
+            json.dump(list(adapter_names), f)
+        settings_path = os.path.join(path, GATE_SETTINGS_FILE)
+        if settings is not None:
+            with open(settings_path, "w") as f:
+                json.dump(dict(settings), f, indent=1)
+        elif os.path.exists(settings_path):  # not those of an older export
+            os.remove(settings_path)
+    return path
+
+
+def _read_json(path: str, what: str):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: {what} is not valid JSON ({err})") from None
+
+
+def load_gates(path) -> tuple[dict, list[str]]:
+    """-> (gates tree as `split_params(params)[0]`, adapter names). Merge with `merge_params`.
+    A folder that is not a gate export raises ValueError naming what is missing (as
+    `checkpoint.restore_checkpoint` does for a model checkpoint: the CLIs report both alike)."""
+    path = os.path.abspath(os.fspath(path))
+    names_path, gates_path = os.path.join(path, ADAPTER_NAMES_FILE), os.path.join(path, "gates")
+    for needed in (gates_path, names_path):
+        if not os.path.exists(needed):
+            raise ValueError(f"{path} is not a gate export (expected gates/ and {ADAPTER_NAMES_FILE}): "
+                             f"{needed} is missing")
+    names = _read_json(names_path, "the adapter names")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"{names_path}: expected a JSON list of adapter names, got {names!r}")
+    with ocp.StandardCheckpointer() as ckptr:
+        gates = ckptr.restore(gates_path)
+    return gates, names
+
+
+def load_gate_settings(path) -> dict:
+    """The training run's settings exported with the gates (see `train.run_settings`); {} for an
+    export that has none."""
+    settings_path = os.path.join(os.path.abspath(os.fspath(path)), GATE_SETTINGS_FILE)
+    if not os.path.exists(settings_path):
+        return {}
+    settings = _read_json(settings_path, "the run settings")
+    if not isinstance(settings, dict):
+        raise ValueError(f"{settings_path}: expected a JSON object of run settings, got {settings!r}")
+    return settings

@@ -1,0 +1,124 @@
+"""Gate exports (`meteora_jax.gates`): the split of params into gates and frozen leaves, the
+export/load round trip, the errors for folders that are not exports, and that inference can load
+gates without the training dependencies. Fresh random gates every run (bit-exact round trip)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from meteora_jax import MeteoRAConfig, ModelConfig, init_params
+from meteora_jax.gates import export_gates, load_gate_settings, load_gates, merge_params, split_params
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SEED = np.random.SeedSequence().entropy
+
+
+def _params():
+    config = ModelConfig(vocab_size=61, hidden_size=16, intermediate_size=24, num_layers=2, num_heads=2,
+                         num_kv_heads=1, head_dim=8, meteora=MeteoRAConfig(num_adapters=3, rank=2))
+    return init_params(config, jax.random.key(SEED % 2**31))
+
+
+def test_split_and_merge_params():
+    """The trainable side holds exactly the gates (all 7 projections of the scanned layers), and
+    merging puts every leaf back unchanged."""
+    params = _params()
+    gates, frozen = split_params(params)
+    flat_gates = traverse_util.flatten_dict(gates)
+    assert len(flat_gates) == 7 and all(path[-1] == "gate" for path in flat_gates)
+    assert not any(path[-1] == "gate" for path in traverse_util.flatten_dict(frozen))
+    merged = traverse_util.flatten_dict(merge_params(gates, frozen))
+    original = traverse_util.flatten_dict(params)
+    assert merged.keys() == original.keys()
+    for path, leaf in original.items():
+        np.testing.assert_array_equal(np.asarray(merged[path]), np.asarray(leaf))
+
+
+def test_export_load_round_trip(tmp_path):
+    """Gates come back bit-exact with their adapter names and settings; an export without settings
+    removes those of an older export in the same folder."""
+    gates, _ = split_params(_params())
+    names = ["arith", "reverse", "shout"]
+    settings = {"top_k": 1, "dtype": "bfloat16", "chat_template": True}
+    folder = export_gates(tmp_path / "gates_export", gates, names, settings)
+    got, got_names = load_gates(folder)
+    assert got_names == names
+    assert load_gate_settings(folder) == settings
+    want = traverse_util.flatten_dict(gates)
+    got = traverse_util.flatten_dict(got)
+    assert got.keys() == want.keys()
+    for path, leaf in want.items():
+        np.testing.assert_array_equal(np.asarray(got[path]), np.asarray(leaf), err_msg=f"seed {SEED}, {path}")
+    export_gates(folder, gates, names)
+    assert load_gate_settings(folder) == {}
+
+
+def test_folders_that_are_not_exports(tmp_path):
+    """Each missing or malformed part is named, as a ValueError (what the CLIs report)."""
+    missing = tmp_path / "nothing_here"
+    with pytest.raises(ValueError, match=r"nothing_here is not a gate export .*gates is missing"):
+        load_gates(missing)
+    gates, _ = split_params(_params())
+    folder = export_gates(tmp_path / "export", gates, ["a", "b", "c"], {"top_k": 2})
+    names_file = os.path.join(folder, "adapter_names.json")
+    with open(names_file, "w") as f:
+        f.write('["a", "b"')  # cut short
+    with pytest.raises(ValueError, match=r"adapter_names.json: the adapter names is not valid JSON"):
+        load_gates(folder)
+    with open(names_file, "w") as f:
+        json.dump({"a": 0}, f)
+    with pytest.raises(ValueError, match=r"adapter_names.json: expected a JSON list of adapter names"):
+        load_gates(folder)
+    os.remove(names_file)
+    with pytest.raises(ValueError, match=r"adapter_names.json is missing"):
+        load_gates(folder)
+    with open(os.path.join(folder, "settings.json"), "w") as f:
+        f.write("[1, 2]")
+    with pytest.raises(ValueError, match=r"settings.json: expected a JSON object of run settings"):
+        load_gate_settings(folder)
+
+
+def test_generate_cli_names_a_bad_gates_folder(tiny_inference_world, tmp_path):
+    """scripts/generate.py with --gates pointing at a folder that is no export: one line naming it,
+    exit status 2."""
+    not_gates = tmp_path / "not_gates"
+    not_gates.mkdir()
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "scripts", "generate.py"), "--checkpoint", tiny_inference_world.model,
+         "--tokenizer", tiny_inference_world.tokenizer, "--gates", str(not_gates), "--prompt", "hi"],
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2, proc.stderr
+    assert f"{not_gates} is not a gate export" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_inference_loads_gates_without_training_dependencies(tiny_inference_world, tmp_path):
+    """Loading a model with trained gates for generation imports neither the trainer nor its data
+    and optimizer libraries (datasets, optax, ml_collections), which an inference-only install may
+    lack: `load_for_inference` and `cli_options` with a gate export, in a fresh process."""
+    from meteora_jax.checkpoint import restore_checkpoint
+
+    params, _, _ = restore_checkpoint(tiny_inference_world.model)
+    gates_dir = export_gates(tmp_path / "gates", split_params(params)[0], tiny_inference_world.adapter_names,
+                             {"top_k": 1})
+    code = f"""
+import sys
+from meteora_jax.generate import cli_options, load_for_inference
+_, config, names = load_for_inference({tiny_inference_world.model!r}, {gates_dir!r})
+assert config.meteora.top_k == 1, config.meteora.top_k
+tok = type("Tok", (), dict(pad_token_id=0, eos_token_id=1))()
+cli_options(tok, names, gates={gates_dir!r})
+print(sorted(m for m in ("datasets", "optax", "ml_collections", "meteora_jax.train", "meteora_jax.data")
+             if m in sys.modules))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"
