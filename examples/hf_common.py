@@ -1,6 +1,7 @@
 """What the example scripts share: the base model, the task files, chat encoding, greedy
-generation and the task metrics, in plain torch + transformers (no jax, no `datasets`, so it runs
-on any machine that has torch, transformers and peft).
+generation and the task metrics (sacrebleu and rouge-score, scored as `meteora_jax.evaluate`
+scores), in plain torch + transformers (no jax, no `datasets`, so it runs on any machine that has
+torch, transformers, peft and the two metric packages).
 
 The chat encoding matches `meteora_jax.data` with `chat_template=True`: a user turn holding the
 prompt and an assistant turn holding the response, rendered by the tokenizer's chat template;
@@ -14,7 +15,6 @@ import copy
 import importlib.util
 import json
 import os
-import re
 import time
 import warnings
 from pathlib import Path
@@ -189,29 +189,6 @@ def _norm(text: str) -> str:
     return text.strip().casefold()
 
 
-def _rouge_tokens(text: str) -> list[str]:
-    # rouge-score's default tokenizer, without stemming: lowercase, non-alphanumerics split.
-    return re.sub(r"[^a-z0-9]+", " ", text.lower()).split()
-
-
-def rouge_l(prediction: str, reference: str) -> float:
-    """ROUGE-L F1 of one pair (longest common subsequence over rouge-score-style tokens)."""
-    p, r = _rouge_tokens(prediction), _rouge_tokens(reference)
-    if not p or not r:
-        return 0.0
-    prev = [0] * (len(r) + 1)
-    for a in p:
-        cur = [0]
-        for j, b in enumerate(r):
-            cur.append(prev[j] + 1 if a == b else max(prev[j + 1], cur[j]))
-        prev = cur
-    lcs = prev[-1]
-    if lcs == 0:
-        return 0.0
-    precision, recall = lcs / len(p), lcs / len(r)
-    return 2 * precision * recall / (precision + recall)
-
-
 def score(metric: str, predictions: list[str], references: list[str]) -> float:
     """Task score with the names of `meteora_jax.evaluate.METRICS` (accuracy/ROUGE in [0, 1],
     BLEU in [0, 100]); exact and contains match compare stripped, case-folded strings."""
@@ -221,7 +198,10 @@ def score(metric: str, predictions: list[str], references: list[str]) -> float:
     if metric == "accuracy_contains":
         return sum(_norm(r) in _norm(p) for p, r in pairs) / len(pairs)
     if metric in ("rougeL", "rouge"):
-        return sum(rouge_l(p, r) for p, r in pairs) / len(pairs)
+        from rouge_score import rouge_scorer
+
+        scorer = rouge_scorer.RougeScorer(["rougeL"])  # no stemming, as meteora_jax.evaluate.rouge
+        return sum(scorer.score(r, p)["rougeL"].fmeasure for p, r in pairs) / len(pairs)
     if metric == "bleu":
         import sacrebleu
 
