@@ -75,9 +75,10 @@ def _fill_kernel(temp_ref, scaling_ref, side_ref, x_ref, out_ref, logits_ref, *,
 
 # Partial-product rows one program sums at most (block_t * splits). A program sums its tokens' P
 # partials one after another; with the whole T = 32 decode batch in one tile and P = 16 this made the
-# launch 17 us on an H200 (1 program per projection), against 2.6 us with P = 1. Swept on an H200
-# (docs/benchmarks.md, session 8): 1 token per program was best at P = 16 (12.4 vs 26.9 us for the
-# q/k/v group's side GEMM and routing), and 16 rows at most no worse than 32 at any measured P.
+# launch 17 us on an H200 (1 program per projection; session 5's P = 1 kernel took 2.6 us on an H100).
+# Swept on an H200 (docs/benchmarks.md, session 8): 1 token per program was best at P = 16 (12.4 vs
+# 26.9 us for the q/k/v group's side GEMM and routing); at T = 512 tiles of 1-8 tokens tied and 32 was
+# the slowest, at P = 4 and 8 as at P = 1 (the P = 1 default, 16 tokens, was not itself measured).
 FILL_ROWS_PER_PROGRAM = 16
 
 
