@@ -13,6 +13,8 @@ Variants (output [T, C], or [P, T, C] partials that the routing kernel sums):
   cublas_only    "one" compiled with xla_gpu_enable_triton_gemm=False
   split_sumP     P partial products, summed by XLA
   partialsP      `pallas_kernels.lora_columns.side_products(..., splits=P)`, left unsummed
+  x_rows         x [T, d_in] @ S [d_in, C]: S stored without the zero rows under the tail
+  x_rows_pair    the same, a single token run as two rows (a GEMM, not a GEMV)
   routeP         the model's whole side step (`layers.FusedProjections`): x padded to x_ext by XLA,
                  P partials of x_ext @ S (P = 1: one GEMM; "route" alone: `side_splits`' P) and the
                  routing kernel `fill_lora_columns_pallas`, once per token tile in --fill-blocks
@@ -81,6 +83,19 @@ def side_gemm(variant: str, depth: int, width: int):
     if variant == "slice":
         return (lambda xs, ss: [jnp.dot(x[:, :depth], s, preferred_element_type=jnp.float32)
                                 for x, s in zip(xs, ss)]), None, depth, 1
+    if variant in ("x_rows", "x_rows_pair"):
+        # x itself against S stored with d_in rows only (the layout a routing kernel that writes
+        # x_ext itself needs). "pair": a single token runs as two rows (a GEMM, not XLA's GEMV
+        # reduction, which session 8 measured at about twice the x_ext GEMV's time at d_in 4096).
+        def x_rows(xs, ss, pair=variant.endswith("pair")):
+            outs = []
+            for x, s in zip(xs, ss):  # x [T, d_in] (see main)
+                if pair and x.shape[0] == 1:
+                    outs.append(jnp.dot(jnp.pad(x, ((0, 1), (0, 0))), s, preferred_element_type=jnp.float32)[:1])
+                else:
+                    outs.append(jnp.dot(x, s, preferred_element_type=jnp.float32))
+            return outs
+        return x_rows, None, depth, 1
     for prefix, summed in (("split_sum", True), ("partials", False)):
         if variant.startswith(prefix):
             splits = int(variant[len(prefix):])
@@ -141,7 +156,7 @@ def main(argv=None) -> int:
                             variants.append((f"{variant}@{block_t or 'auto'}", (fn, None, width, splits or 1)))
                 else:
                     variants.append((variant, side_gemm(variant, depth, width)))
-            # The route variants take x [T, d_in] (as the model does), the others x_ext.
+            # The route and x_rows variants take x [T, d_in] (as the model does), the others x_ext.
             x_in = [x[:, :depth] for x in xs]
             for variant, (fn, options, rows_s, splits) in variants:
                 if rows_s % splits:
@@ -153,7 +168,7 @@ def main(argv=None) -> int:
                       for i in range(args.layers)]
                 try:
                     m = measure(jax.jit(fn, compiler_options=options),
-                                (x_in if variant.startswith("route") else xs, ss), args.reps)
+                                (x_in if variant.startswith(("route", "x_rows")) else xs, ss), args.reps)
                 except Exception as e:  # noqa: BLE001 - one failing variant must not end the sweep
                     print(f"{group} T={num_tokens} {variant}: {type(e).__name__}: {str(e)[:200]}", flush=True)
                     continue
