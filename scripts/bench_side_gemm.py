@@ -153,12 +153,12 @@ def main(argv=None) -> int:
                     for block_t in (int(b) for b in args.fill_blocks.split(",")):
                         if block_t <= max(num_tokens, 1):
                             fn = route(depth, projections, splits, block_t)
-                            variants.append((f"{variant}@{block_t or 'auto'}", (fn, None, width, splits or 1)))
+                            variants.append((f"{variant}@{block_t or 'auto'}", (fn, None, width, splits or 1), True))
                 else:
-                    variants.append((variant, side_gemm(variant, depth, width)))
-            # The route and x_rows variants take x [T, d_in] (as the model does), the others x_ext.
+                    variants.append((variant, side_gemm(variant, depth, width), variant.startswith("x_rows")))
+            # Variants marked True take x [T, d_in] (as the model does), the others x_ext.
             x_in = [x[:, :depth] for x in xs]
-            for variant, (fn, options, rows_s, splits) in variants:
+            for variant, (fn, options, rows_s, splits), takes_x in variants:
                 if rows_s % splits:
                     continue
                 columns = lora_columns + 2 * projections * NUM_ADAPTERS
@@ -168,7 +168,7 @@ def main(argv=None) -> int:
                       for i in range(args.layers)]
                 try:
                     m = measure(jax.jit(fn, compiler_options=options),
-                                (x_in if variant.startswith(("route", "x_rows")) else xs, ss), args.reps)
+                                (x_in if takes_x else xs, ss), args.reps)
                 except Exception as e:  # noqa: BLE001 - one failing variant must not end the sweep
                     print(f"{group} T={num_tokens} {variant}: {type(e).__name__}: {str(e)[:200]}", flush=True)
                     continue
