@@ -8,9 +8,10 @@ projection's routed delta folded into it.
 Per decoder layer, `layers.FUSED_GROUPS` names four groups: q/k/v, o, gate/up and down. Each group
 becomes one `layers.FusedProjections` entry under its block ("self_attn" or "mlp"):
 
-    kernel        [d_in + n_a*L*r, sum d_out]   the group's kernels side by side, then each adapted
-                                                projection's lora_b ([L*r] rows under its columns)
-    side          [d_in + n_a*L*r, n_a*L*r + parts*n_a*L]   every lora_a, then the gates
+    kernel        [W, sum d_out]                  the group's kernels side by side, then each adapted
+                                                  projection's lora_b ([L*r] rows under its columns),
+                                                  then zero rows up to W = extended_width(d_in, n_a*L*r)
+    side          [d_in, n_a*L*r + parts*n_a*L]   every lora_a, then the gates
     lora_scaling  [n_a, L]
 
 (n_a: the group's projections with adapters; `pallas_kernels.lora_columns` has the arithmetic.)

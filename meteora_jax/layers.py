@@ -21,7 +21,7 @@ from meteora_jax.routing import Routing
 from pallas_kernels import grouped_lora, routed_lora
 from pallas_kernels.grouped_lora_pallas import _precision  # float32 inputs: float32 products, not TF32
 from pallas_kernels.lora_columns import extended_width, fill_lora_columns, side_products, side_splits
-from pallas_kernels.lora_columns_pallas import fill_lora_columns_pallas
+from pallas_kernels.lora_columns_pallas import fill_lora_columns_pallas, side_products_pallas
 
 # Logical axis names of each projection's kernel [d_in, d_out].
 PROJECTION_AXES = {
@@ -34,6 +34,11 @@ PROJECTION_AXES = {
     "down_proj": ("mlp", "embed"),
 }
 
+# The fused layout's side GEMM runs as `side_products_pallas` up to this many tokens (on a GPU), as
+# XLA's partial products above. Measured on an H200 (docs/benchmarks.md, session 9): at one token XLA
+# runs a GEMV in its reduction emitter (q/k/v group 15.1 us, the kernel 4.8); at 32 tokens XLA's
+# partials with the routing kernel took 7.8 us, the kernel's 9.5. Between 2 and 31: not measured.
+SIDE_KERNEL_MAX_TOKENS = 1
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)  # finite, so fully-masked rows stay NaN-free
 
 
@@ -199,23 +204,22 @@ class FusedProjections(nn.Module):
         if n_adapted:
             parts = 1 if jnp.dtype(self.dtype) == jnp.float32 else 2  # gates whole, or as hi + lo halves
             side_weight = self.param("side", nn.initializers.lecun_normal(),
-                                     (d_in + tail, columns + parts * n_adapted * L), self.dtype)
+                                     (d_in, columns + parts * n_adapted * L), self.dtype)
             scaling = self.param("lora_scaling", nn.initializers.ones, (n_adapted, L), jnp.float32)
-            # x_ext starts as x padded with zeros (XLA writes it in x's producer kernel); the side GEMM
-            # reads it whole (zero rows under the tail: an aligned contracting dimension); the routing
-            # writes the h columns into it.
-            x_ext = jnp.pad(tokens, ((0, 0), (0, tail)))
             pallas = self.kernel_impl == "pallas" or (self.kernel_impl == "auto" and jax.default_backend() == "gpu")
-            # The side GEMM as partial products (summed by the routing kernel) where its few output
-            # tiles would leave the GPU idle.
-            splits = side_splits(tokens.shape[0], side_weight.shape[1]) if pallas else 1
-            side = side_products(x_ext, side_weight, splits, precision=_precision(self.dtype))
-            if pallas and routing.forced_weights is None:
-                x_ext, logits = fill_lora_columns_pallas(x_ext, side, scaling, routing.temperature, depth=d_in,
-                                                         rank=r, top_k=self.top_k)
+            # The side GEMM as partial products (summed by the routing step) where its few output
+            # tiles would leave the GPU idle; for few tokens as our kernel, not XLA's GEMV.
+            if pallas and tokens.shape[0] <= SIDE_KERNEL_MAX_TOKENS:
+                side = side_products_pallas(tokens, side_weight)
             else:
-                x_ext, logits = fill_lora_columns(x_ext, side, scaling, routing.select, depth=d_in, rank=r,
-                                                  top_k=self.top_k)
+                splits = side_splits(tokens.shape[0], side_weight.shape[1], d_in) if pallas else 1
+                side = side_products(tokens, side_weight, splits, precision=_precision(self.dtype))
+            # The routing step writes x_ext = [x | h | 0] whole (the kernel: in one launch).
+            if pallas and routing.forced_weights is None:
+                x_ext, logits = fill_lora_columns_pallas(tokens, side, scaling, routing.temperature, rank=r,
+                                                         top_k=self.top_k)
+            else:
+                x_ext, logits = fill_lora_columns(tokens, side, scaling, routing.select, rank=r, top_k=self.top_k)
         else:
             x_ext = tokens
         y = jnp.dot(x_ext, kernel.astype(self.dtype))  # [T, sum d_out]: base + routed delta

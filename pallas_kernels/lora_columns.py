@@ -12,20 +12,20 @@ token's top k), and B_j its lora_b as one [L*r, d_out_j] block. The zero columns
 to a multiple of EXTENDED_ALIGN. The routing needs the gate logits
 x @ gate_j; both come from one "side" GEMM over the shared input:
 
-    side = x_ext @ S   (float32),   S = [A_flat_1 .. A_flat_n | gate_1 .. gate_n (| gate_lo ...)]
+    side = x @ S   (float32),   S = [A_flat_1 .. A_flat_n | gate_1 .. gate_n (| gate_lo ...)]   [d_in, C]
 
-with zero rows below d_in, run while x_ext's h columns are still zero (so it reads one aligned
-activation, not a slice of it). Up to about a thousand tokens (`side_splits`) it runs as P partial
-products over slices of the contracting dimension (`side_products`, [P, T, C]), which the routing
-step sums: its output is narrow (C = n*L*(r + parts) columns), so it needs a split-K to fill the
-GPU, and split this way it is one kernel, where XLA's own split-K added a reduction kernel and pads.
-In bfloat16 the float32 gates are stored as two bfloat16 halves (hi + lo, float32-accurate logits on
-the tensor cores, as in the decode kernel); in float32 as themselves.
+Its output is narrow (C = n*L*(r + parts) columns), so it needs a split-K to fill the GPU: it runs
+as P partial products over slices of the contracting dimension (`side_products`, [P, T, C]), which
+the routing step sums. Split this way it is one kernel, where XLA's own split-K added a reduction
+kernel and pads. In bfloat16 the float32 gates are stored as two bfloat16 halves (hi + lo,
+float32-accurate logits on the tensor cores, as in the decode kernel); in float32 as themselves.
 
 `fill_lora_columns` (this module, plain XLA) takes x and the side products and builds x_ext. It
 computes the same routing as `routed_lora_xla` (`Routing.select`: top-k and softmax with
 the temperature, or forced weights) and the same product as `grouped_lora_dense`, with the delta
-rounded once (inside the GEMM) instead of twice (delta, then base + delta).
+rounded once (inside the GEMM) instead of twice (delta, then base + delta). The Pallas kernels
+(`lora_columns_pallas`) compute the same: the routing step, which writes all of x_ext (x, the h
+columns and the zero tail) in one launch, and the side GEMM for few tokens.
 """
 
 from __future__ import annotations
@@ -46,8 +46,9 @@ def extended_width(depth: int, columns: int) -> int:
     return -(-(depth + columns) // EXTENDED_ALIGN) * EXTENDED_ALIGN
 
 
-def side_splits(num_tokens: int, columns: int) -> int:
-    """How many partial products `side_products` computes for T = num_tokens and C = columns.
+def side_splits(num_tokens: int, columns: int, depth: int) -> int:
+    """How many partial products `side_products` computes for T = num_tokens, C = columns and
+    d_in = depth (a divisor of depth).
 
     The side GEMM alone has ceil(T/128) * ceil(C/128) output tiles of 128 x 128, too few for the
     132 SMs of an H100 below a few thousand tokens; P partials multiply them. Measured on an H100 at
@@ -57,22 +58,24 @@ def side_splits(num_tokens: int, columns: int) -> int:
     if num_tokens == 1:
         return 1
     tiles = -(-num_tokens // 128) * -(-columns // 128)
-    return next((splits for splits in (16, 8, 4) if tiles * splits <= 128), 1)
+    return next((splits for splits in (16, 8, 4) if tiles * splits <= 128 and depth % splits == 0), 1)
 
 
 def side_products(
-    x_ext: jax.Array,  # [T, W]: W = extended_width(d_in, n*L*r), a multiple of EXTENDED_ALIGN
-    weight: jax.Array,  # [W, C]: side_weight
-    splits: int,  # P, a divisor of W
+    x: jax.Array,  # [T, d_in]
+    weight: jax.Array,  # [d_in, C]: side_weight
+    splits: int,  # P, a divisor of d_in
     precision=None,
-) -> jax.Array:  # [P, T, C] float32: x_ext[:, slice p] @ weight[slice p, :], summing to x_ext @ weight
+) -> jax.Array:  # [P, T, C] float32: x[:, slice p] @ weight[slice p, :], summing to x @ weight
     """The side GEMM as P partial products over equal slices of the contracting dimension (one
     batched GEMM: both reshapes are free)."""
-    (num_tokens, width), columns = x_ext.shape, weight.shape[1]
-    if width % splits:
-        raise ValueError(f"x_ext width {width} is not a multiple of splits={splits}")
-    return jnp.einsum("tpk,pkc->ptc", x_ext.reshape(num_tokens, splits, width // splits),
-                      weight.reshape(splits, width // splits, columns), preferred_element_type=jnp.float32,
+    (num_tokens, depth), columns = x.shape, weight.shape[1]
+    if weight.shape[0] != depth:
+        raise ValueError(f"side weight {weight.shape} does not fit x {x.shape}: it needs d_in={depth} rows")
+    if depth % splits:
+        raise ValueError(f"d_in={depth} is not a multiple of splits={splits}")
+    return jnp.einsum("tpk,pkc->ptc", x.reshape(num_tokens, splits, depth // splits),
+                      weight.reshape(splits, depth // splits, columns), preferred_element_type=jnp.float32,
                       precision=precision)
 
 
@@ -95,33 +98,33 @@ def split_side_products(
 
 
 def fill_lora_columns(
-    x_ext: jax.Array,  # [T, extended_width(d_in, n*L*r)]: x, then zeros
-    side: jax.Array,  # [T, n*L*r + parts*n*L] float32: x_ext @ S, or [P, T, ...]: `side_products`
+    x: jax.Array,  # [T, d_in]
+    side: jax.Array,  # [T, n*L*r + parts*n*L] float32: x @ S, or [P, T, ...]: `side_products`
     scaling: jax.Array,  # [n, L]
     select,  # (gate logits [T*n, L], top_k) -> expert_idx [T*n, k], expert_weight [T*n, k]: Routing.select
     *,
-    depth: int,  # d_in: where the h columns start
     rank: int,
     top_k: int,
-) -> tuple[jax.Array, jax.Array]:  # x_ext with its h columns written, gate logits [T, n, L] float32
-    """Routes every token for every projection and writes h_1 .. h_n into x_ext (module docstring)."""
+) -> tuple[jax.Array, jax.Array]:  # x_ext [T, extended_width(d_in, n*L*r)], gate logits [T, n, L] float32
+    """Routes every token for every projection and builds x_ext = [x | h_1 .. h_n | 0] (module docstring)."""
     num_projections, num_adapters = scaling.shape
-    num_tokens = x_ext.shape[0]
+    num_tokens, depth = x.shape
     columns = num_projections * num_adapters * rank
     xa, logits = split_side_products(side, num_projections, num_adapters, rank)
     expert_idx, expert_weight = select(logits.reshape(num_tokens * num_projections, num_adapters), top_k)
     # The weight is rounded to the compute dtype, as the separate layer passes it to grouped_lora.
-    weights = dense_routing_weights(expert_idx, expert_weight.astype(x_ext.dtype), jnp.ones((num_adapters,)))
+    weights = dense_routing_weights(expert_idx, expert_weight.astype(x.dtype), jnp.ones((num_adapters,)))
     weights = weights.reshape(num_tokens, num_projections, num_adapters) * scaling.astype(jnp.float32)[None]
-    h = (xa * weights[..., None]).reshape(num_tokens, columns).astype(x_ext.dtype)
-    return jax.lax.dynamic_update_slice(x_ext, h, (0, depth)), logits
+    h = (xa * weights[..., None]).reshape(num_tokens, columns).astype(x.dtype)
+    tail = jnp.zeros((num_tokens, extended_width(depth, columns) - depth - columns), x.dtype)
+    return jnp.concatenate([x, h, tail], axis=1), logits
 
 
 def side_weight(
     lora_as: list[jax.Array],  # n x [L, d_in, r]
     gates: list[jax.Array],  # n x [d_in, L] float32
     dtype,  # the compute dtype: float32 keeps the gates whole, others store hi + lo halves
-) -> jax.Array:  # S [extended_width(d_in, n*L*r), n*L*r + parts*n*L], zero rows below d_in
+) -> jax.Array:  # S [d_in, n*L*r + parts*n*L]
     """The side GEMM's weight for n projections that share their input (module docstring)."""
     depth = lora_as[0].shape[1]
     a_flat = [a.transpose(1, 0, 2).reshape(depth, -1).astype(dtype) for a in lora_as]
@@ -131,9 +134,7 @@ def side_weight(
     else:
         hi = [g.astype(dtype) for g in gates]
         parts = hi + [(g - h.astype(jnp.float32)).astype(dtype) for g, h in zip(gates, hi)]
-    weight = jnp.concatenate(a_flat + parts, axis=1)
-    width = extended_width(depth, sum(a.shape[1] for a in a_flat))
-    return jnp.pad(weight, ((0, width - depth), (0, 0)))
+    return jnp.concatenate(a_flat + parts, axis=1)
 
 
 def extended_kernel(

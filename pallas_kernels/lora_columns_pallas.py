@@ -1,15 +1,22 @@
-"""`fill_lora_columns` as one Pallas kernel (the routing step of the fused inference layout).
-Contract and reference: `pallas_kernels.lora_columns.fill_lora_columns`, with routing by the gate
-(top-k, softmax with the temperature); forced routing stays with the reference.
+"""The fused inference layout's two steps before the group's GEMM as Pallas kernels: the routing
+step (`fill_lora_columns_pallas`) and the side GEMM for few tokens (`side_products_pallas`).
+Contracts and references: `pallas_kernels.lora_columns` (`fill_lora_columns`, `side_products`), with
+routing by the gate (top-k, softmax with the temperature); forced routing stays with the reference.
 
-Done in XLA, the step between the side GEMM and the group's GEMM is several small kernels (the
-logit sum, the top-k sort, the softmax and weights, the weighted columns); at prefill and decode
-sizes each is a launch of a few microseconds. Here it is one launch, grid (token tiles, projections):
-program (i, j) sums the side GEMM's partial products of its tokens (`lora_columns.side_products`),
-with projection j's gate logits as the sum of their hi and lo halves, picks the top k
+Routing. Done in XLA, the step between the side GEMM and the group's GEMM is several small kernels
+(the pad that makes x_ext, the logit sum, the top-k sort, the softmax and weights, the weighted
+columns); at prefill and decode sizes each is a launch of a few microseconds. Here it is one launch,
+grid (token tiles, n + copy programs). Program (i, j < n) sums the side GEMM's partial products of
+its tokens, with projection j's gate logits as the sum of their hi and lo halves, picks the top k
 by k rounds of max (lowest index first on ties, as lax.top_k), takes the softmax with the
-temperature, and writes x @ A_flat times each adapter's weight and scaling into projection j's
-columns of x_ext, in place (x_ext is aliased to the output; its other columns are not touched).
+temperature, and writes x @ A_flat times each adapter's weight and scaling into projection j's h
+columns of x_ext. Program (i, n + c) copies the c-th COPY_BLOCK columns of x, and the last program
+writes the zero tail.
+
+Side GEMM. At one token XLA runs x @ S as a GEMV in its reduction emitter, which reads the weight
+far below the memory's speed (docs/benchmarks.md, session 9). `side_products_pallas` splits the
+contracting dimension and the columns over many programs, each a small tensor-core dot over a
+16-row token tile, and writes the same [P, T, C] partial products as `side_products`.
 """
 
 from __future__ import annotations
@@ -20,57 +27,91 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.grouped_lora_pallas import _cdiv, _compiler_params, _load, _pow2_at_least, _store
-from pallas_kernels.lora_columns import extended_width
+from pallas_kernels.grouped_lora_pallas import _cdiv, _compiler_params, _load, _pow2_at_least, _precision, _store
+from pallas_kernels.lora_columns import EXTENDED_ALIGN, extended_width
 from pallas_kernels.routed_lora_pallas import _NEG  # below any real logit, finite: max - max stays NaN-free
 
 
-def _fill_kernel(temp_ref, scaling_ref, side_ref, x_ref, out_ref, logits_ref, *, num_tokens, num_projections,
-                 num_adapters, adapters_p, rank, rank_p, parts, splits, depth, top_k, block_t):
-    """Program (i, j): projection j's routing of token tile i, written as its h columns of x_ext
-    (in place) and its gate logits."""
-    del x_ref  # aliased to out_ref: only the h columns are written
+def _fill_kernel(temp_ref, scaling_ref, side_ref, x_ref, out_ref, logits_ref, *, num_tokens, depth, width,
+                 num_projections, num_adapters, adapters_p, rank, rank_p, parts, splits, top_k, block_t):
+    """Program (i, j): for j < n projection j's routing of token tile i, written as its h columns of
+    x_ext and its gate logits; for j >= n a copy of x (or zeros) into x_ext's other columns."""
     i, j = pl.program_id(0), pl.program_id(1)
     rows = i * block_t + jnp.arange(block_t, dtype=jnp.int32)
     in_t = rows < num_tokens
-    lk = jnp.arange(adapters_p, dtype=jnp.int32)
-    in_l = lk < num_adapters
     columns = num_projections * num_adapters * rank
-    mask2 = in_t[:, None] & in_l[None, :]
 
-    def summed(cols, mask):  # side[:, rows, cols] summed over the partial products
-        return sum(_load(side_ref, (s, *cols), mask) for s in range(splits))
+    copy_x = _cdiv(depth, COPY_BLOCK)  # programs n .. n + copy_x - 1 copy x; the one after, the tail
 
-    logits = jnp.zeros((block_t, adapters_p), jnp.float32)
-    for p in range(parts):  # the gate's hi and lo halves (one part in float32)
-        cols = columns + (p * num_projections + j) * num_adapters + lk
-        logits = logits + summed((rows[:, None], cols[None, :]), mask2)
-    _store(logits_ref, (rows[:, None], j, lk[None, :]), logits, mask2)
+    @pl.when(j >= num_projections + copy_x)
+    def _tail():  # the zero columns after the h columns (fewer than EXTENDED_ALIGN)
+        cols = depth + columns + jnp.arange(EXTENDED_ALIGN, dtype=jnp.int32)
+        _store(out_ref, (rows[:, None], cols[None, :]), jnp.zeros((block_t, EXTENDED_ALIGN), out_ref.dtype),
+               in_t[:, None] & (cols < width)[None, :])
 
-    work = jnp.where(in_l[None, :], logits, _NEG)
-    chosen = []
-    for _ in range(top_k):
-        best = jnp.max(work, axis=1)  # [bt]
-        # Clamped so that a NaN row (no index equals its max) still names an adapter.
-        e = jnp.minimum(jnp.min(jnp.where(work == best[:, None], lk[None, :], adapters_p), axis=1), num_adapters - 1)
-        chosen.append((best, e))
-        work = jnp.where(lk[None, :] == e[:, None], _NEG, work)
-    temperature = temp_ref[0]
-    unnorm = [jnp.exp((best - chosen[0][0]) / temperature) for best, _ in chosen]
-    total = sum(unnorm)
-    weights = jnp.zeros((block_t, adapters_p), jnp.float32)
-    for (_, e), u in zip(chosen, unnorm):
-        # The weight is rounded to the compute dtype, as the separate layer passes it to grouped_lora.
-        w = (u / total).astype(out_ref.dtype).astype(jnp.float32)
-        weights = weights + jnp.where(lk[None, :] == e[:, None], w[:, None], 0.0)
-    weights = weights * _load(scaling_ref, (j, lk), in_l)[None, :]
+    @pl.when((j >= num_projections) & (j < num_projections + copy_x))
+    def _copy():  # x's columns (j - n) * COPY_BLOCK ...: contiguous, so the loads and stores vectorize
+        cols = (j - num_projections) * COPY_BLOCK + jnp.arange(COPY_BLOCK, dtype=jnp.int32)
+        mask = in_t[:, None] & (cols < depth)[None, :]
+        _store(out_ref, (rows[:, None], cols[None, :]), _load(x_ref, (rows[:, None], cols[None, :]), mask), mask)
 
-    rk = jnp.arange(rank_p, dtype=jnp.int32)
-    col3 = j * num_adapters * rank + lk[None, :, None] * rank + rk[None, None, :]  # [1, Lp, Rp]
-    mask3 = in_t[:, None, None] & in_l[None, :, None] & (rk < rank)[None, None, :]
-    xa = summed((rows[:, None, None], col3), mask3)  # [bt, Lp, Rp]
-    h = (xa * weights[:, :, None]).astype(out_ref.dtype)
-    _store(out_ref, (rows[:, None, None], depth + col3), h, mask3)
+    @pl.when(j < num_projections)
+    def _route():
+        lk = jnp.arange(adapters_p, dtype=jnp.int32)
+        in_l = lk < num_adapters
+        mask2 = in_t[:, None] & in_l[None, :]
+
+        def summed(cols, mask):
+            """side[:, rows, cols] summed over the P partial products, loaded up to
+            FILL_ROWS_PER_PROGRAM partial rows at a time as one block. (Against one load per
+            partial this measured the same on an H200, within 0.3 us: docs/benchmarks.md, session 9.)"""
+            group = max(1, FILL_ROWS_PER_PROGRAM // block_t)
+            # Every operand gets the leading partial axis: Triton's lowering broadcasts only
+            # between equal ranks.
+            cols, mask = [c[None] for c in cols], mask[None]
+            total = 0.0
+            for first in range(0, splits, group):
+                part = first + jnp.arange(_pow2_at_least(min(group, splits - first), floor=1), dtype=jnp.int32)
+                part = part.reshape(-1, *([1] * (mask.ndim - 1)))
+                block = _load(side_ref, (part, *cols), (part < splits) & mask)
+                total = total + jnp.sum(block, axis=0)
+            return total
+
+        logits = jnp.zeros((block_t, adapters_p), jnp.float32)
+        for p in range(parts):  # the gate's hi and lo halves (one part in float32)
+            cols = columns + (p * num_projections + j) * num_adapters + lk
+            logits = logits + summed((rows[:, None], cols[None, :]), mask2)
+        _store(logits_ref, (rows[:, None], j, lk[None, :]), logits, mask2)
+
+        work = jnp.where(in_l[None, :], logits, _NEG)
+        chosen = []
+        for _ in range(top_k):
+            best = jnp.max(work, axis=1)  # [bt]
+            # Clamped so that a NaN row (no index equals its max) still names an adapter.
+            e = jnp.minimum(jnp.min(jnp.where(work == best[:, None], lk[None, :], adapters_p), axis=1),
+                            num_adapters - 1)
+            chosen.append((best, e))
+            work = jnp.where(lk[None, :] == e[:, None], _NEG, work)
+        temperature = temp_ref[0]
+        unnorm = [jnp.exp((best - chosen[0][0]) / temperature) for best, _ in chosen]
+        total = sum(unnorm)
+        weights = jnp.zeros((block_t, adapters_p), jnp.float32)
+        for (_, e), u in zip(chosen, unnorm):
+            # The weight is rounded to the compute dtype, as the separate layer passes it to grouped_lora.
+            w = (u / total).astype(out_ref.dtype).astype(jnp.float32)
+            weights = weights + jnp.where(lk[None, :] == e[:, None], w[:, None], 0.0)
+        weights = weights * _load(scaling_ref, (j, lk), in_l)[None, :]
+
+        rk = jnp.arange(rank_p, dtype=jnp.int32)
+        col3 = j * num_adapters * rank + lk[None, :, None] * rank + rk[None, None, :]  # [1, Lp, Rp]
+        mask3 = in_t[:, None, None] & in_l[None, :, None] & (rk < rank)[None, None, :]
+        xa = summed((rows[:, None, None], col3), mask3)  # [bt, Lp, Rp]
+        h = (xa * weights[:, :, None]).astype(out_ref.dtype)
+        _store(out_ref, (rows[:, None, None], depth + col3), h, mask3)
+
+
+# Columns of x one copy program writes per token of its tile.
+COPY_BLOCK = 512
 
 
 # Partial-product rows one program sums at most (block_t * splits). A program sums its tokens' P
@@ -89,44 +130,117 @@ def fill_block_t(num_tokens: int, splits: int) -> int:
 
 
 def fill_lora_columns_pallas(
-    x_ext: jax.Array,  # [T, extended_width(d_in, n*L*r)]: x, then zeros
-    side: jax.Array,  # [T, n*L*r + parts*n*L] float32: x_ext @ S, or [P, T, ...]: `side_products`
+    x: jax.Array,  # [T, d_in]
+    side: jax.Array,  # [T, n*L*r + parts*n*L] float32: x @ S, or [P, T, ...]: `side_products`
     scaling: jax.Array,  # [n, L]
     temperature: jax.Array | float,  # [] routing temperature
     *,
-    depth: int,  # d_in: where the h columns start
     rank: int,
     top_k: int,
     interpret: bool | None = None,
     block_t: int | None = None,
-) -> tuple[jax.Array, jax.Array]:  # x_ext with its h columns written, gate logits [T, n, L] float32
-    """The routing step as one launch (module docstring). Not differentiable: inference only.
-    block_t: token tile (default: `fill_block_t`)."""
+) -> tuple[jax.Array, jax.Array]:  # x_ext [T, extended_width(d_in, n*L*r)], gate logits [T, n, L] float32
+    """The routing step as one launch that writes all of x_ext (module docstring). Not
+    differentiable: inference only. block_t: token tile (default: `fill_block_t`)."""
     num_projections, num_adapters = scaling.shape
-    num_tokens, width = x_ext.shape
+    num_tokens, depth = x.shape
     columns = num_projections * num_adapters * rank
     side = side[None] if side.ndim == 2 else side
     parts, rest = divmod(side.shape[2] - columns, num_projections * num_adapters)
-    if width != extended_width(depth, columns) or side.shape[1] != num_tokens or rest or parts not in (1, 2):
-        raise ValueError(f"x_ext {x_ext.shape} and side {side.shape} do not fit d_in={depth}, n={num_projections}, "
-                         f"L={num_adapters}, r={rank}")
+    if side.shape[1] != num_tokens or rest or parts not in (1, 2):
+        raise ValueError(f"side {side.shape} does not fit x {x.shape}, n={num_projections}, L={num_adapters}, r={rank}")
     if not 1 <= top_k <= num_adapters:
         raise ValueError(f"top_k={top_k} must be in [1, L={num_adapters}]")
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
+    width = extended_width(depth, columns)
     block_t = block_t or fill_block_t(num_tokens, side.shape[0])
     kernel = functools.partial(
-        _fill_kernel, num_tokens=num_tokens, num_projections=num_projections, num_adapters=num_adapters,
-        adapters_p=_pow2_at_least(num_adapters, floor=2), rank=rank, rank_p=_pow2_at_least(rank, floor=2),
-        parts=parts, splits=side.shape[0], depth=depth, top_k=top_k, block_t=block_t)
+        _fill_kernel, num_tokens=num_tokens, depth=depth, width=width, num_projections=num_projections,
+        num_adapters=num_adapters, adapters_p=_pow2_at_least(num_adapters, floor=2), rank=rank,
+        rank_p=_pow2_at_least(rank, floor=2), parts=parts, splits=side.shape[0], top_k=top_k, block_t=block_t)
     temperature = jnp.asarray(temperature, jnp.float32).reshape(1)
+    copy_programs = _cdiv(depth, COPY_BLOCK) + (width > depth + columns)  # x's blocks, then the zero tail
     return pl.pallas_call(
         kernel,
-        out_shape=(jax.ShapeDtypeStruct(x_ext.shape, x_ext.dtype),
+        out_shape=(jax.ShapeDtypeStruct((num_tokens, width), x.dtype),
                    jax.ShapeDtypeStruct((num_tokens, num_projections, num_adapters), jnp.float32)),
-        grid=(_cdiv(num_tokens, block_t), num_projections),
-        input_output_aliases={3: 0},
+        grid=(_cdiv(num_tokens, block_t), num_projections + copy_programs),
         interpret=bool(interpret),
         compiler_params=_compiler_params(4, 1),
         name="fill_lora_columns",
-    )(temperature, scaling.astype(jnp.float32), side.astype(jnp.float32), x_ext)
+    )(temperature, scaling.astype(jnp.float32), side.astype(jnp.float32), x)
+
+
+def _side_kernel(x_ref, w_ref, out_ref, *, num_tokens, depth, columns, block_t, block_c, block_k, chunks,
+                 precision):
+    """Program (i, s, c): token tile i's partial product over split s of d_in, for column block c."""
+    i, split, c = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    rows = i * block_t + jnp.arange(block_t, dtype=jnp.int32)
+    in_t = rows < num_tokens
+    cols = c * block_c + jnp.arange(block_c, dtype=jnp.int32)
+    in_c = cols < columns
+
+    def body(chunk, acc):
+        ks = (split * chunks + chunk) * block_k + jnp.arange(block_k, dtype=jnp.int32)
+        in_k = ks < depth
+        xk = _load(x_ref, (rows[:, None], ks[None, :]), in_t[:, None] & in_k[None, :])
+        wk = _load(w_ref, (ks[:, None], cols[None, :]), in_k[:, None] & in_c[None, :])
+        return acc + jnp.dot(xk, wk.astype(xk.dtype), preferred_element_type=jnp.float32, precision=precision)
+
+    acc = jax.lax.fori_loop(0, chunks, body, jnp.zeros((block_t, block_c), jnp.float32))
+    # Trailing splits past d_in write zeros: every element of the output is written.
+    _store(out_ref, (split, rows[:, None], cols[None, :]), acc, in_t[:, None] & in_c[None, :])
+
+
+# d_in chunks one program of `side_products_pallas` multiplies at most, by default. Swept on an H200 at
+# T = 1 (docs/benchmarks.md, session 9): a program's dependent loads in a row bound the kernel, so the
+# time fell as the chunks per program fell (down group, d_in 14336: 12.3 us at 14 chunks of 64, 5.7
+# at 4), while every split adds a partial product for the routing step to sum (with the side kernel
+# and routing together, the down group took 10.4 us at P = 32 and 13.2 at P = 64).
+SIDE_CHUNKS_PER_PROGRAM = 2
+SIDE_MAX_SPLITS = 32
+
+
+def side_kernel_splits(depth: int, block_k: int) -> int:
+    """Default P of `side_products_pallas`: a power of two, at most SIDE_MAX_SPLITS, giving each
+    program at most SIDE_CHUNKS_PER_PROGRAM chunks of block_k."""
+    return min(SIDE_MAX_SPLITS, _pow2_at_least(_cdiv(_cdiv(depth, block_k), SIDE_CHUNKS_PER_PROGRAM), floor=1))
+
+
+def side_products_pallas(
+    x: jax.Array,  # [T, d_in]
+    weight: jax.Array,  # [d_in, C]: `lora_columns.side_weight`
+    *,
+    splits: int | None = None,
+    block_c: int = 64,
+    block_k: int = 128,
+    num_warps: int = 4,
+    num_stages: int = 2,
+    interpret: bool | None = None,
+) -> jax.Array:  # [P, T, C] float32, summing to x @ weight (as `lora_columns.side_products`)
+    """The side GEMM as P partial products over splits of d_in (module docstring), for few tokens.
+    splits: P (default `side_kernel_splits`); block_c, block_k: column block and d_in chunk of a
+    program (powers of two >= 16)."""
+    num_tokens, depth = x.shape
+    if weight.shape[0] != depth:
+        raise ValueError(f"side weight {weight.shape} does not fit x {x.shape}: it needs d_in={depth} rows")
+    for name, value in (("block_c", block_c), ("block_k", block_k)):
+        if value < 16 or value & (value - 1):
+            raise ValueError(f"{name}={value} must be a power of two >= 16 (Triton dot tiles)")
+    if interpret is None:
+        interpret = jax.default_backend() == "cpu"
+    splits = splits or side_kernel_splits(depth, block_k)
+    columns = weight.shape[1]
+    block_t = 16 if num_tokens <= 16 else 32
+    chunks = _cdiv(_cdiv(depth, block_k), splits)
+    kernel = functools.partial(_side_kernel, num_tokens=num_tokens, depth=depth, columns=columns, block_t=block_t,
+                               block_c=block_c, block_k=block_k, chunks=chunks, precision=_precision(x.dtype))
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((splits, num_tokens, columns), jnp.float32),
+        grid=(_cdiv(num_tokens, block_t), splits, _cdiv(columns, block_c)),
+        interpret=bool(interpret),
+        compiler_params=_compiler_params(num_warps, num_stages),
+        name="lora_columns_side",
+    )(x, weight)

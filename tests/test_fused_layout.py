@@ -1,6 +1,7 @@
 """The fused inference layout (`meteora_jax.fused_layout`, `layers.FusedProjections`) against the
-separate-projection model it is converted from, and the Pallas routing kernel
-(`fill_lora_columns_pallas`, interpret mode on CPU) against its XLA reference (`fill_lora_columns`).
+separate-projection model it is converted from, and its Pallas kernels (interpret mode on CPU)
+against their XLA references: the routing step (`fill_lora_columns_pallas` vs `fill_lora_columns`)
+and the side GEMM (`side_products_pallas` vs `side_products` and a float64 product).
 
 Fresh random inputs every run (the seed is printed in every assertion message). Tolerances: relative
 error <= 1e-5 in float32 (logits of the whole model, gate logits, also the bfloat16 side GEMM's gate
@@ -25,7 +26,7 @@ from pallas_kernels.lora_columns import (
     side_weight,
     split_side_products,
 )
-from pallas_kernels.lora_columns_pallas import fill_lora_columns_pallas
+from pallas_kernels.lora_columns_pallas import fill_lora_columns_pallas, side_kernel_splits, side_products_pallas
 
 SEED = np.random.SeedSequence().entropy
 
@@ -84,6 +85,23 @@ def test_fused_model_matches_separate_projections(impl, targets, num_adapters, t
             assert _rel(got.gate_logits[name], want.gate_logits[name]) < 1e-5, f"seed {SEED}, {name}"
 
 
+def test_fused_single_token_matches_separate():
+    """One token (a B = 1 decode step's shape, where the side GEMM runs as `side_products_pallas`):
+    the fused model with the Pallas kernels equals the separate one within 1e-5 in float32."""
+    config = _config(impl="pallas")
+    seed = SEED % 2**31
+    separate, fused = _both_layouts(config, seed)
+    ids = jax.random.randint(jax.random.key(seed + 1), (1, 1), 0, config.vocab_size)
+    routing = Routing(temperature=jnp.float32(0.8))
+    with jax.default_matmul_precision("highest"):
+        want = LlamaForCausalLM(config, scan_layers=False).apply({"params": separate}, ids, routing=routing)
+        got = LlamaForCausalLM(config, scan_layers=False, fused_projections=True).apply(
+            {"params": fused}, ids, routing=routing)
+    assert _rel(got.logits, want.logits) < 1e-5, f"seed {SEED}"
+    for name in want.gate_logits:
+        assert _rel(got.gate_logits[name], want.gate_logits[name]) < 1e-5, f"seed {SEED}, {name}"
+
+
 @pytest.mark.parametrize("n", [1, 3])
 def test_bfloat16_side_logits_are_float32_accurate(n):
     """In bfloat16 the gates are stored as two bfloat16 halves: the side GEMM's gate logits agree with
@@ -95,8 +113,8 @@ def test_bfloat16_side_logits_are_float32_accurate(n):
     gates = [jnp.asarray(rng.standard_normal((depth, num_adapters)), jnp.float32) for _ in range(n)]
     lora_as = [jnp.asarray(rng.standard_normal((num_adapters, depth, rank)), jnp.bfloat16) for _ in range(n)]
     weight = side_weight(lora_as, gates, jnp.bfloat16)
-    x_ext = jnp.pad(x, ((0, 0), (0, weight.shape[0] - depth)))
-    xa, logits = split_side_products(jnp.dot(x_ext, weight, preferred_element_type=jnp.float32), n,
+    assert weight.shape == (depth, n * num_adapters * (rank + 2))
+    xa, logits = split_side_products(jnp.dot(x, weight, preferred_element_type=jnp.float32), n,
                                      num_adapters, rank)
     x64 = np.asarray(x, np.float64)
     for j in range(n):
@@ -108,69 +126,106 @@ def test_bfloat16_side_logits_are_float32_accurate(n):
 
 @pytest.mark.parametrize("splits", [1, 4, 16])
 def test_side_products_sum_to_the_side_gemm(splits):
-    """The partial products over slices of the contracting dimension sum to x_ext @ S (float32,
+    """The partial products over slices of the contracting dimension sum to x @ S (float32,
     exact products: 1e-5 for the summation order)."""
     rng = np.random.default_rng([SEED % 2**63, splits])
-    t, width, columns = 9, 128, 40
-    x_ext = jnp.asarray(rng.standard_normal((t, width)), jnp.float32)
-    weight = jnp.asarray(rng.standard_normal((width, columns)), jnp.float32)
-    got = side_products(x_ext, weight, splits, precision=jax.lax.Precision.HIGHEST)
+    t, depth, columns = 9, 128, 40
+    x = jnp.asarray(rng.standard_normal((t, depth)), jnp.float32)
+    weight = jnp.asarray(rng.standard_normal((depth, columns)), jnp.float32)
+    got = side_products(x, weight, splits, precision=jax.lax.Precision.HIGHEST)
     assert got.shape == (splits, t, columns)
-    want = np.asarray(x_ext, np.float64) @ np.asarray(weight, np.float64)
+    want = np.asarray(x, np.float64) @ np.asarray(weight, np.float64)
     assert _rel(got.sum(axis=0), want) < 1e-5, f"seed {SEED}"
     with pytest.raises(ValueError, match="multiple of splits=3"):
-        side_products(x_ext, weight, 3)
-
-
-def _fill_inputs(case, dtype, *, t, n, num_adapters, rank, parts, depth, splits=None):
-    """x_ext with poisoned h columns, side products ([t, C], or [splits, t, C] partials), scaling."""
-    rng = np.random.default_rng([SEED % 2**63, *case])
-    columns = n * num_adapters * rank
-    shape = (t, columns + parts * n * num_adapters)
-    side = jnp.asarray(rng.standard_normal(shape if splits is None else (splits, *shape)), jnp.float32)
-    scaling = jnp.asarray(rng.uniform(0.5, 2.0, (n, num_adapters)), jnp.float32)
-    x = jnp.asarray(rng.standard_normal((t, depth)), dtype)
-    x_ext = jnp.pad(x, ((0, 0), (0, extended_width(depth, columns) - depth)))
-    # The h columns are poisoned: the kernel must write every one of them.
-    x_ext = x_ext.at[:, depth:depth + columns].set(jnp.nan)
-    return x_ext, side, scaling
+        side_products(x, weight, 3)
+    with pytest.raises(ValueError, match="d_in=128 rows"):
+        side_products(x, weight[:100], 1)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize(
-    "t, n, num_adapters, rank, top_k, splits",
-    [(1, 3, 28, 8, 2, None), (5, 1, 6, 4, 1, 16), (40, 2, 5, 3, 5, None), (33, 3, 4, 1, 2, 3)],
+    "t, depth, columns, splits, block_c, block_k",
+    [(1, 4096, 840, None, 64, 128), (3, 100, 37, 4, 16, 16), (20, 72, 130, 3, 32, 16), (33, 64, 16, 8, 16, 32)],
 )
-def test_fill_kernel_matches_reference(dtype, t, n, num_adapters, rank, top_k, splits):
-    """splits: the side products as that many partials, which kernel and reference sum."""
+def test_side_kernel_matches_reference(dtype, t, depth, columns, splits, block_c, block_k):
+    """Partials of the side kernel sum to x @ S in float64 (1e-5 in float32; in bfloat16 the
+    products of bf16 inputs are exact and summed in float32, so 1e-5 holds too), for T, d_in and C
+    off the tiles and more splits than d_in has chunks (the trailing partials are zeros)."""
+    rng = np.random.default_rng([SEED % 2**63, t, depth, columns])
+    x = jnp.asarray(rng.standard_normal((t, depth)), dtype)
+    weight = jnp.asarray(rng.standard_normal((depth, columns)), dtype)
+    got = jax.jit(lambda x, w: side_products_pallas(x, w, splits=splits, block_c=block_c, block_k=block_k))(x, weight)
+    assert got.shape == (splits or side_kernel_splits(depth, block_k), t, columns) and got.dtype == jnp.float32
+    assert not np.isnan(np.asarray(got)).any(), f"seed {SEED}: unwritten partials"
+    want = np.asarray(x, np.float64) @ np.asarray(weight, np.float64)
+    assert _rel(got.sum(axis=0), want) < 1e-5, f"seed {SEED}"
+    with pytest.raises(ValueError, match="power of two"):
+        side_products_pallas(x, weight, block_c=48)
+
+
+def _fill_inputs(case, dtype, *, t, n, num_adapters, rank, parts, depth, splits=None):
+    """x, side products ([t, C], or [splits, t, C] partials), scaling."""
+    rng = np.random.default_rng([SEED % 2**63, *case])
+    shape = (t, n * num_adapters * rank + parts * n * num_adapters)
+    side = jnp.asarray(rng.standard_normal(shape if splits is None else (splits, *shape)), jnp.float32)
+    scaling = jnp.asarray(rng.uniform(0.5, 2.0, (n, num_adapters)), jnp.float32)
+    x = jnp.asarray(rng.standard_normal((t, depth)), dtype)
+    return x, side, scaling
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize(
+    "t, n, num_adapters, rank, top_k, splits, depth",
+    [(1, 3, 28, 8, 2, None, 24), (5, 1, 6, 4, 1, 16, 24), (40, 2, 5, 3, 5, None, 600), (33, 3, 4, 1, 2, 3, 1100),
+     (2, 1, 6, 8, 2, 40, 520)],
+)
+def test_fill_kernel_matches_reference(dtype, t, n, num_adapters, rank, top_k, splits, depth):
+    """splits: the side products as that many partials, which kernel and reference sum. depth: d_in,
+    below and above one copy block. Interpret mode starts the output as NaN, so an element the
+    kernel does not write shows."""
     parts = 1 if dtype == jnp.float32 else 2
-    depth = 24
-    x_ext, side, scaling = _fill_inputs((t, n, num_adapters, rank, top_k), dtype, t=t, n=n,
-                                        num_adapters=num_adapters, rank=rank, parts=parts, depth=depth,
-                                        splits=splits)
+    x, side, scaling = _fill_inputs((t, n, num_adapters, rank, top_k), dtype, t=t, n=n,
+                                    num_adapters=num_adapters, rank=rank, parts=parts, depth=depth, splits=splits)
     temperature = jnp.float32(1.7)
-    want, want_logits = fill_lora_columns(x_ext, side, scaling, Routing(temperature=temperature).select,
-                                          depth=depth, rank=rank, top_k=top_k)
+    want, want_logits = fill_lora_columns(x, side, scaling, Routing(temperature=temperature).select,
+                                          rank=rank, top_k=top_k)
     got, got_logits = jax.jit(
-        lambda *a: fill_lora_columns_pallas(*a, depth=depth, rank=rank, top_k=top_k, block_t=8 if t > 8 else None)
-    )(x_ext, side, scaling, temperature)
-    assert not np.isnan(np.asarray(got, np.float32)).any(), f"seed {SEED}: unwritten h columns"
-    np.testing.assert_array_equal(np.asarray(got[:, :depth]), np.asarray(x_ext[:, :depth]))
+        lambda *a: fill_lora_columns_pallas(*a, rank=rank, top_k=top_k, block_t=8 if t > 8 else None)
+    )(x, side, scaling, temperature)
+    columns = n * num_adapters * rank
+    assert got.shape == (t, extended_width(depth, columns)) == want.shape
+    assert not np.isnan(np.asarray(got, np.float32)).any(), f"seed {SEED}: unwritten columns"
+    np.testing.assert_array_equal(np.asarray(got[:, :depth]), np.asarray(x))
+    assert not np.asarray(got[:, depth + columns:], np.float32).any(), "the tail must be zeros"
     assert _rel(got, want) < (1e-5 if dtype == jnp.float32 else 1e-2), f"seed {SEED}"
     assert _rel(got_logits, want_logits) < 1e-6, f"seed {SEED}"
+
+
+@pytest.mark.parametrize("t, splits", [(1, 1), (1, 16), (1, 40), (32, 16), (512, 4), (16384, 1)])
+def test_kernels_lower_to_triton(t, splits):
+    """Both kernels lower to Triton IR for a CUDA GPU at the model's shapes (q/k/v group of
+    LLaMA-3-8B, bf16), here on the CPU: a GPU-only lowering error shows in CI."""
+    x = jax.ShapeDtypeStruct((t, 4096), jnp.bfloat16)
+    side = jax.ShapeDtypeStruct((splits, t, 3 * 28 * 10), jnp.float32)
+    scaling = jax.ShapeDtypeStruct((3, 28), jnp.float32)
+    fill = jax.jit(lambda x, s, c: fill_lora_columns_pallas(x, s, c, 1.0, rank=8, top_k=2, interpret=False))
+    fill.trace(x, side, scaling).lower(lowering_platforms=("cuda",))
+    weight = jax.ShapeDtypeStruct((4096, 3 * 28 * 10), jnp.bfloat16)
+    jax.jit(lambda x, w: side_products_pallas(x, w, interpret=False)).trace(x, weight).lower(
+        lowering_platforms=("cuda",))
 
 
 def test_fill_kernel_ties_and_nan_rows():
     """Equal logits go to the lowest adapter index (as lax.top_k); a NaN token's row is NaN in its
     own columns and leaves the other tokens alone."""
     depth, n, num_adapters, rank = 16, 2, 5, 2
-    x_ext, side, scaling = _fill_inputs((7,), jnp.float32, t=4, n=n, num_adapters=num_adapters, rank=rank,
-                                        parts=1, depth=depth)
+    x, side, scaling = _fill_inputs((7,), jnp.float32, t=4, n=n, num_adapters=num_adapters, rank=rank,
+                                    parts=1, depth=depth)
     columns = n * num_adapters * rank
     side = side.at[0, columns:].set(0.25)  # token 0: every gate logit equal
     side = side.at[3, :].set(jnp.nan)
-    want, _ = fill_lora_columns(x_ext, side, scaling, Routing().select, depth=depth, rank=rank, top_k=2)
-    got, _ = fill_lora_columns_pallas(x_ext, side, scaling, 1.0, depth=depth, rank=rank, top_k=2)
+    want, _ = fill_lora_columns(x, side, scaling, Routing().select, rank=rank, top_k=2)
+    got, _ = fill_lora_columns_pallas(x, side, scaling, 1.0, rank=rank, top_k=2)
     h = np.asarray(got[:, depth:depth + columns]).reshape(4, n, num_adapters, rank)
     assert np.all(h[0, :, 2:] == 0) and np.all(h[0, :, :2] != 0), "ties must pick adapters 0 and 1"
     assert _rel(got[:3], want[:3]) < 1e-5, f"seed {SEED}"
