@@ -64,7 +64,8 @@ def _fill_kernel(temp_ref, scaling_ref, side_ref, x_ref, out_ref, logits_ref, *,
         def summed(cols, mask):
             """side[:, rows, cols] summed over the P partial products, loaded up to
             FILL_ROWS_PER_PROGRAM partial rows at a time as one block. (Against one load per
-            partial this measured the same on an H200, within 0.3 us: docs/benchmarks.md, session 9.)"""
+            partial: the same within 0.3 us at P = 16 on an H200, 0.3 us slower to 1.9 us faster at
+            P = 64; docs/benchmarks.md, session 9.)"""
             group = max(1, FILL_ROWS_PER_PROGRAM // block_t)
             # Every operand gets the leading partial axis: Triton's lowering broadcasts only
             # between equal ranks.
