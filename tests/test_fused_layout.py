@@ -209,10 +209,11 @@ def test_kernels_lower_to_triton(t, splits):
     side = jax.ShapeDtypeStruct((splits, t, 3 * 28 * 10), jnp.float32)
     scaling = jax.ShapeDtypeStruct((3, 28), jnp.float32)
     fill = jax.jit(lambda x, s, c: fill_lora_columns_pallas(x, s, c, 1.0, rank=8, top_k=2, interpret=False))
-    fill.trace(x, side, scaling).lower(lowering_platforms=("cuda",))
     weight = jax.ShapeDtypeStruct((4096, 3 * 28 * 10), jnp.bfloat16)
-    jax.jit(lambda x, w: side_products_pallas(x, w, interpret=False)).trace(x, weight).lower(
-        lowering_platforms=("cuda",))
+    side_gemm = jax.jit(lambda x, w: side_products_pallas(x, w, interpret=False))
+    for lowered in (fill.trace(x, side, scaling).lower(lowering_platforms=("cuda",)),
+                    side_gemm.trace(x, weight).lower(lowering_platforms=("cuda",))):
+        assert "xla.gpu.triton" in lowered.as_text(), "no Triton kernel in the lowered program"
 
 
 def test_fill_kernel_ties_and_nan_rows():
