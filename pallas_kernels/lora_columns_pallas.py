@@ -50,7 +50,7 @@ def _fill_kernel(temp_ref, scaling_ref, side_ref, x_ref, out_ref, logits_ref, *,
                in_t[:, None] & (cols < width)[None, :])
 
     @pl.when((j >= num_projections) & (j < num_projections + copy_x))
-    def _copy():  # x's columns (j - n) * COPY_BLOCK ...: contiguous, so the loads and stores vectorize
+    def _copy():  # x's columns (j - n) * COPY_BLOCK ... (j - n + 1) * COPY_BLOCK - 1
         cols = (j - num_projections) * COPY_BLOCK + jnp.arange(COPY_BLOCK, dtype=jnp.int32)
         mask = in_t[:, None] & (cols < depth)[None, :]
         _store(out_ref, (rows[:, None], cols[None, :]), _load(x_ref, (rows[:, None], cols[None, :]), mask), mask)
@@ -194,11 +194,11 @@ def _side_kernel(x_ref, w_ref, out_ref, *, num_tokens, depth, columns, block_t, 
     _store(out_ref, (split, rows[:, None], cols[None, :]), acc, in_t[:, None] & in_c[None, :])
 
 
-# d_in chunks one program of `side_products_pallas` multiplies at most, by default. Swept on an H200 at
-# T = 1 (docs/benchmarks.md, session 9): a program's dependent loads in a row bound the kernel, so the
-# time fell as the chunks per program fell (down group, d_in 14336: 12.3 us at 14 chunks of 64, 5.7
-# at 4), while every split adds a partial product for the routing step to sum (with the side kernel
-# and routing together, the down group took 10.4 us at P = 32 and 13.2 at P = 64).
+# d_in chunks one program of `side_products_pallas` multiplies at most, by default. Swept on an H200
+# at T = 1 (docs/benchmarks.md, session 9): the kernel's time fell as the chunks per program fell
+# (down group, d_in 14336: 12.3 us at 14 chunks of 64, 5.7 at 4), while every split adds a partial
+# product for the routing step to sum (side kernel and routing together, the down group took
+# 10.3-10.4 us at P = 32 and 11.7-13.3 at P = 64; the q/k/v group 7.1-7.4 at P = 16, 8.1-8.5 at 32).
 SIDE_CHUNKS_PER_PROGRAM = 2
 SIDE_MAX_SPLITS = 32
 
