@@ -54,7 +54,8 @@ def side_splits(num_tokens: int, columns: int, depth: int) -> int:
     132 SMs of an H100 below a few thousand tokens; P partials multiply them. Measured on an H100 at
     the LLaMA-3-8B group shapes (docs/benchmarks.md, session 6): the best P kept tiles * P within
     about 128, P = 2 lost (XLA split it again, with a reduction kernel), and a single token lost with
-    any split (XLA transposed x first). Hence the largest of 16, 8, 4 with tiles * P <= 128, else 1."""
+    any split (XLA transposed x first). Hence the largest of 16, 8, 4 that divides d_in with
+    tiles * P <= 128, else 1."""
     if num_tokens == 1:
         return 1
     tiles = -(-num_tokens // 128) * -(-columns // 128)
