@@ -6,7 +6,8 @@ Rows: d_in -> d_out in {4096 -> 4096, 4096 -> 14336}, r in {8, 16, 64}, T in {1,
 16384}, L = 28, k = 2, bf16, routing from a random gate with per-adapter biases (uneven loads), plus
 one skewed row (80% of the tokens' first choice on one adapter). Columns (ms, device time): base
 linear; base + one LoRA (XLA); base + MeteoRA delta via XLA dense / gather / sorted ragged_dot;
-base + delta via jax's Hopper `ragged_dot_mgpu` on sorted tokens; base + Pallas delta; forward +
+base + delta via jax's Hopper `ragged_dot_mgpu` on sorted tokens; base + Pallas delta; the model's
+inference form of the layer (`fused_layout`: one GEMM over [x | h], its own routing included); forward +
 backward (d x, d expert_weight) of the routed delta (Pallas, XLA dense) and of one LoRA (d x).
 Memory columns: the compiled executable's temporary bytes (peak extra device memory beyond the
 arguments and the output), from XLA's memory analysis.
@@ -33,12 +34,15 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from meteora_jax.layers import FusedProjections  # noqa: E402
+from meteora_jax.routing import Routing  # noqa: E402
 from pallas_kernels.grouped_lora_pallas import grouped_lora_pallas  # noqa: E402
 from pallas_kernels.grouped_lora_xla import (  # noqa: E402
     grouped_lora_dense,
     grouped_lora_gather,
     grouped_lora_ragged,
 )
+from pallas_kernels.lora_columns import extended_kernel, side_weight  # noqa: E402
 
 L, K = 28, 2
 NSETS = 3
@@ -128,7 +132,10 @@ def make_inputs(key, t, d_in, d_out, r, dtype=jnp.bfloat16, skew=False):
     wv, idx = jax.lax.top_k(logits, K)
     wv = jax.nn.softmax(wv, axis=-1)
     a1, b1, s1 = a[0], b[0], s[0]
-    return dict(x=x, w_base=w_base, a=a, b=b, s=s, idx=idx.astype(jnp.int32), w=wv, a1=a1, b1=b1, s1=s1)
+    # The fused inference layout's weights of this projection, stored once as the model stores them.
+    side_w, w_ext = side_weight([a], [gate], dtype), extended_kernel([w_base], [b])
+    return dict(x=x, w_base=w_base, a=a, b=b, s=s, idx=idx.astype(jnp.int32), w=wv, a1=a1, b1=b1, s1=s1,
+                side_w=side_w, w_ext=w_ext)
 
 
 def _mgpu_delta():
@@ -161,30 +168,40 @@ MGPU = _mgpu_delta()
 
 # ------------------------------------------------------------------------------------------------
 # functions under test (all take the same arguments)
-ARGS = ("x", "w_base", "a", "b", "s", "idx", "w", "a1", "b1", "s1")
+ARGS = ("x", "w_base", "a", "b", "s", "idx", "w", "a1", "b1", "s1", "side_w", "w_ext")
 
 
 def layer(delta_fn):
-    def f(x, w_base, a, b, s, idx, w, a1, b1, s1):
+    def f(x, w_base, a, b, s, idx, w, a1, b1, s1, side_w, w_ext):
         y = jnp.dot(x, w_base, preferred_element_type=jnp.float32).astype(x.dtype)
         return y if delta_fn is None else y + delta_fn(x, a, b, s, idx, w)
     return f
 
 
 def pallas_layer(**kw):
-    def f(x, w_base, a, b, s, idx, w, a1, b1, s1):
+    def f(x, w_base, a, b, s, idx, w, a1, b1, s1, side_w, w_ext):
         y = jnp.dot(x, w_base, preferred_element_type=jnp.float32).astype(x.dtype)
         return grouped_lora_pallas(x, a, b, s, idx, w, base=y, **kw)
     return f
 
 
-def lora1_layer(x, w_base, a, b, s, idx, w, a1, b1, s1):
+def fused_layout_layer(x, w_base, a, b, s, idx, w, a1, b1, s1, side_w, w_ext):
+    """The model's inference form of the layer (`layers.FusedProjections` with one projection, the
+    fused layout): side GEMM, the routing kernel, one GEMM over [x | h]. It routes by its own gate
+    (top-k and softmax included), where the other columns take idx and w as given."""
+    proj = FusedProjections(features=(w_base.shape[1],), adapted=(True,), num_adapters=L, rank=a.shape[2],
+                            top_k=K, dtype=x.dtype, param_dtype=x.dtype)
+    params = {"kernel": w_ext, "side": side_w, "lora_scaling": s[None].astype(jnp.float32)}
+    return proj.apply({"params": params}, x, Routing())[0][0]
+
+
+def lora1_layer(x, w_base, a, b, s, idx, w, a1, b1, s1, side_w, w_ext):
     y = jnp.dot(x, w_base, preferred_element_type=jnp.float32)
     xa = jnp.dot(x, a1, preferred_element_type=jnp.float32) * s1
     return (y + jnp.dot(xa.astype(x.dtype), b1, preferred_element_type=jnp.float32)).astype(x.dtype)
 
 
-def lora1_fwd_bwd(x, w_base, a, b, s, idx, w, a1, b1, s1):
+def lora1_fwd_bwd(x, w_base, a, b, s, idx, w, a1, b1, s1, side_w, w_ext):
     def delta(x):
         xa = jnp.dot(x, a1, preferred_element_type=jnp.float32) * s1
         return jnp.dot(xa.astype(x.dtype), b1, preferred_element_type=jnp.float32).astype(x.dtype)
@@ -193,7 +210,7 @@ def lora1_fwd_bwd(x, w_base, a, b, s, idx, w, a1, b1, s1):
 
 
 def routed_fwd_bwd(delta_fn, lora_grads=False):
-    def f(x, w_base, a, b, s, idx, w, a1, b1, s1):
+    def f(x, w_base, a, b, s, idx, w, a1, b1, s1, side_w, w_ext):
         if lora_grads:
             out, vjp = jax.vjp(lambda x, w, a, b: delta_fn(x, a, b, s, idx, w), x, w, a, b)
         else:
@@ -216,6 +233,7 @@ def columns(variants=False):
         "mgpu_ragged": None if MGPU is None else "mgpu",
         "pallas": pallas_layer(),
         "pallas_unfused": layer(pallas_delta()),
+        "fused_layout": fused_layout_layer,
         "lora1_fb": lora1_fwd_bwd,
         "xla_dense_fb": routed_fwd_bwd(grouped_lora_dense),
         "pallas_fb": routed_fwd_bwd(pallas_delta()),
@@ -348,7 +366,7 @@ def main():
         cols = {k: v for k, v in cols.items() if k in args.only.split(",")}
     if args.skip:
         cols = {k: v for k, v in cols.items() if k not in args.skip.split(",")}
-    elif MGPU is not None:
+    elif MGPU is not None and "mgpu_ragged" in cols:
         # jax's Mosaic GPU kernel can fault the CUDA context (seen: misaligned address on the
         # skewed row), so it runs in its own process and its numbers are merged afterwards.
         cols.pop("mgpu_ragged")
@@ -421,6 +439,7 @@ def main():
         fb_col = "pallas_fb" if isinstance(ms.get("pallas_fb"), float) else "best_fb"
         row["layer_ratio"] = ratio(main_col, "lora1")
         row["fb_ratio"] = ratio(fb_col, "lora1_fb")
+        row["fused_layout_ratio"] = ratio("fused_layout", "lora1")
         xla = [ms[c] for c in ("xla_dense", "xla_gather", "xla_ragged") if isinstance(ms.get(c), float)]
         row["xla_best_ratio"] = (ms[main_col] / min(xla)) if xla and isinstance(ms.get(main_col), float) else float("nan")
         row["faster_than_xla"] = bool(xla) and isinstance(ms.get(main_col), float) and ms[main_col] < min(xla)
@@ -457,7 +476,7 @@ def main():
     short = {"xla_dense": "dense", "xla_gather": "gather", "xla_ragged": "ragged", "mgpu_ragged": "mgpu",
              "lora1_fb": "lora1FB", "xla_dense_fb": "denseFB", "pallas_fb": "palFB", "pallas_fb_lora": "palFB+AB",
              "pallas_sorted": "p_sorted", "pallas_dense": "p_dense", "pallas_decode": "p_decode",
-             "pallas_fb_sorted": "pFB_sort", "pallas_fb_dense": "pFB_dens"}
+             "pallas_fb_sorted": "pFB_sort", "pallas_fb_dense": "pFB_dens", "fused_layout": "fusedlay"}
     hdr = f"{'d_out':>5} {'r':>3} {'T':>6} " + " ".join(f"{short.get(n, n)[:9]:>9}" for n in names)
     hdr += "  lay/l1  fb/l1  memMiB(pal/p_sorted/p_dense/dense/gather)"
     table = [f"device: {dev.device_kind}; ms (CUPTI kernel time, median of {args.iters}); bf16, L={L}, k={K}", hdr]
