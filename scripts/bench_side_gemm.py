@@ -70,11 +70,16 @@ def side_gemm(variant: str):
                                                                                   x.shape[1]))), None
 
 
+def is_routed(variant: str) -> bool:
+    """Whether the variant runs the routing kernel after its side GEMM."""
+    return VARIANT.fullmatch(variant).group(1) in ("route", "proute")
+
+
 def side_step(variant: str, projections: int, block_t: int):
     """(function of (x list, S list) -> outputs, compiler options): the variant's side GEMM, and for
     the route variants the routing kernel after it (x_ext out)."""
     gemm, options = side_gemm(variant)
-    routed = VARIANT.fullmatch(variant).group(1) in ("route", "proute")
+    routed = is_routed(variant)
     scaling = jnp.full((projections, NUM_ADAPTERS), 2.0, jnp.float32)
 
     def run(xs, ss):
@@ -131,7 +136,7 @@ def main(argv=None) -> int:
             for variant in args.variants.split(","):
                 if not VARIANT.fullmatch(variant):
                     p.error(f"unknown variant {variant!r}")
-                routed = VARIANT.fullmatch(variant).group(1) in ("route", "proute")
+                routed = is_routed(variant)
                 for block_t in ([int(b) for b in args.fill_blocks.split(",")] if routed else [0]):
                     if block_t > max(num_tokens, 1):
                         continue

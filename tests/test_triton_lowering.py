@@ -61,10 +61,9 @@ def test_grouped_lora_backward_lowers(path, t, d_in, d_out, rank):
 
 @pytest.mark.parametrize("t, d_in, d_out, rank", [(1, 4096, 4096, 8), (32, 14336, 4096, 16), (5, 100, 72, 3)])
 def test_routed_lora_decode_lowers(t, d_in, d_out, rank):
-    s = jax.ShapeDtypeStruct
-    x, _, a, b, scaling = (s((t, d_in), jnp.bfloat16), None, s((L, d_in, rank), jnp.bfloat16),
-                           s((L, rank, d_out), jnp.bfloat16), s((L,), jnp.float32))
-    gate, base = s((d_in, L), jnp.float32), s((t, d_out), jnp.bfloat16)
+    x, a, b, scaling = _grouped_args(t, d_in, d_out, rank)[:4]
+    gate = jax.ShapeDtypeStruct((d_in, L), jnp.float32)
+    base = jax.ShapeDtypeStruct((t, d_out), jnp.bfloat16)
 
     def layer(x, gate, a, b, scaling, base):
         return routed_lora_pallas(x, gate, a, b, scaling, 1.0, top_k=TOP_K, base=base, interpret=False)
