@@ -26,7 +26,7 @@ def block_of(projection: str) -> str:
 REMAT_POLICIES = ("none", "full", "dots")
 # grouped_lora implementations the model may use ("xla_gather" materialises [T, k, d_in, r]: it
 # exists as a benchmark baseline only).
-MODEL_KERNEL_IMPLS = ("auto", "xla", "pallas", "xla_dense", "xla_ragged")
+MODEL_KERNEL_IMPLS = ("auto", "xla", "pallas", "xla_dense", "xla_concat", "xla_ragged")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 

@@ -23,11 +23,16 @@ Three forward algorithms, all written for Pallas's Triton lowering (GPU) and run
   columns (x read once for every slot; split-K with float32 atomics when there are few tokens), and
   `_dense_expand` combines all k slots of a token tile in one pass over the output: the routing
   coefficients are built in the kernel from expert_idx / expert_weight / scaling. L/k times the
-  sorted path's flops; it wins only where that is cheap and the plan's fixed cost dominates (few
-  tokens, small L*r, under differentiation: see `auto_grad_path`).
+  sorted path's flops. Chosen only explicitly (`path="dense"`): the "concat" grad path below does
+  the same products faster.
 
 Which path runs is chosen twice (`Config.path`, `Config.grad_path`): the primal path when the call is
-not differentiated, and the path whose forward saves residuals for the backward when it is.
+not differentiated, and the path whose forward saves residuals for the backward when it is. Under
+differentiation there is one more path, "concat" (`grouped_lora_xla.concat_forward` /
+`concat_backward`): the dense products as four plain XLA GEMMs over every adapter's weights side
+by side (A_cat [d_in, L*r], B_cat [L*r, d_out]), compute-dtype operands with float32 accumulation.
+No Pallas kernel: the library GEMMs beat ours there. `auto_grad_path` picks it where L*r or T is
+small enough that its L/k-fold flops cost less than the sorted plan and per-slot passes.
 
 Backward of the sorted/decode paths (custom VJP, through the sorted plan): with g = d out,
     gB   = g[rows] @ lora_b[e]^T                (`_shrink` with the weight read transposed)
@@ -61,7 +66,7 @@ from jax.custom_derivatives import SymbolicZero
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.grouped_lora_xla import dense_routing_weights
+from pallas_kernels.grouped_lora_xla import concat_backward, concat_forward, concat_weights, dense_routing_weights
 
 _CompilerParams = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
 
@@ -634,17 +639,56 @@ def _dense_backward(cfg, res, g, need):
                             precision=_precision(dtype)).astype(dtype)
         if need & {"s", "w"}:
             raw_all = jnp.sum((xa * gb).reshape(num_tokens, num_adapters, rank), axis=-1)  # [T, L]
-            raw = jnp.take_along_axis(raw_all, expert_idx, axis=1)  # [T, k]
-            if "w" in need:
-                dw = (raw * scaling.astype(jnp.float32)[expert_idx]).astype(expert_weight.dtype)
-            if "s" in need:
-                ds = jnp.zeros((num_adapters,), jnp.float32).at[expert_idx].add(
-                    raw * expert_weight.astype(jnp.float32)).astype(scaling.dtype)
+            ds, dw = _routing_grads(raw_all, expert_idx, expert_weight, scaling, need)
     if "b" in need:
         coef = dense_routing_weights(expert_idx, expert_weight, scaling)
         xas = (xa.reshape(num_tokens, num_adapters, rank) * coef[:, :, None]).astype(dtype)
         db = jnp.einsum("tlr,to->lro", xas, g, preferred_element_type=jnp.float32,
                         precision=_precision(dtype)).astype(dtype)
+    return dx, da, db, ds, dw
+
+
+def _routing_grads(raw_all, expert_idx, expert_weight, scaling, need):
+    """d scaling [L] and d expert_weight [T, k] (None unless in need) from raw_all [T, L] float32,
+    every adapter's <x @ lora_a[e], g @ lora_b[e]^T> per token (the gradient of the dense routing
+    weights)."""
+    raw = jnp.take_along_axis(raw_all, expert_idx, axis=1)  # [T, k]
+    dw = ds = None
+    if "w" in need:
+        dw = (raw * scaling.astype(jnp.float32)[expert_idx]).astype(expert_weight.dtype)
+    if "s" in need:
+        ds = jnp.zeros(scaling.shape, jnp.float32).at[expert_idx].add(
+            raw * expert_weight.astype(jnp.float32)).astype(scaling.dtype)
+    return ds, dw
+
+
+def _concat_fwd(x, lora_a, lora_b, scaling, expert_idx, expert_weight, base, cfg, need):
+    """Forward of the "concat" grad path: `grouped_lora_xla.concat_forward`, two XLA GEMMs over
+    every adapter side by side."""
+    weights = dense_routing_weights(expert_idx, expert_weight, scaling)
+    a_cat, b_cat = concat_weights(lora_a, lora_b)
+    out, h, h_masked = concat_forward(x, a_cat, b_cat, weights, base if cfg.has_base else None)
+    res = dict(a_cat=a_cat, b_cat=b_cat, weights=weights, h=h, h_masked=h_masked, s=scaling, idx=expert_idx,
+               w=expert_weight, need=need)
+    if "a" in need:
+        res["x"] = x
+    return out, res
+
+
+def _concat_bwd(res, g, need):
+    a_cat, b_cat, scaling = res["a_cat"], res["b_cat"], res["s"]
+    num_adapters = scaling.shape[0]
+    depth, rank, width = a_cat.shape[0], a_cat.shape[1] // num_adapters, b_cat.shape[1]
+    want = (need & {"x", "a", "b"}) | ({"weights"} if need & {"s", "w"} else set())
+    dx, da, db, raw_all = concat_backward(g.astype(a_cat.dtype), res.get("x"), a_cat, b_cat, res["weights"],
+                                          res["h"], res["h_masked"], want)
+    if da is not None:
+        da = da.reshape(depth, num_adapters, rank).transpose(1, 0, 2)
+    if db is not None:
+        db = db.reshape(num_adapters, rank, width)
+    ds = dw = None
+    if raw_all is not None:
+        ds, dw = _routing_grads(raw_all, res["idx"], res["w"], scaling, need)
     return dx, da, db, ds, dw
 
 
@@ -658,7 +702,7 @@ class Config:
     """Static kernel choices (hashable; a `nondiff_argnums` argument of the custom VJP)."""
 
     path: str  # forward path when not differentiated: "sorted", "dense" or "decode"
-    grad_path: str  # forward + backward path under differentiation: "sorted" or "dense"
+    grad_path: str  # forward + backward path under differentiation: "concat", "sorted" or "dense"
     block_t: int
     block_k: int
     block_n: int
@@ -708,6 +752,8 @@ def _fwd(x, lora_a, lora_b, scaling, expert_idx, expert_weight, base, cfg):
     xv, av, bv, sv, iv, wv, basev = (arg.value for arg in
                                      (x, lora_a, lora_b, scaling, expert_idx, expert_weight, base))
     need = {name: None for name, p in perturbed.items() if p}
+    if cfg.grad_path == "concat":
+        return _concat_fwd(xv, av, bv, sv, iv, wv, basev, cfg, need)
     if cfg.grad_path == "dense":
         out, xa = _dense_forward(xv, av, bv, sv, iv, wv, basev, cfg)
         res = dict(xa=xa, a=av, b=bv, s=sv, idx=iv, w=wv, need=need)
@@ -723,6 +769,9 @@ def _bwd(cfg, res, g):
     need = set(res["need"])
     if isinstance(g, SymbolicZero) or not need:
         return (None,) * 7
+    if cfg.grad_path == "concat":
+        dx, da, db, ds, dw = _concat_bwd(res, g, need)
+        return dx, da, db, ds, None, dw, (g.astype(res["a_cat"].dtype) if "base" in need else None)
     dtype = res["a"].dtype  # == x.dtype (the wrapper casts the LoRAs to x's dtype)
     g = g.astype(dtype)
     if cfg.grad_path == "dense":
@@ -777,14 +826,17 @@ _grouped_lora.defvjp(_fwd, _bwd, symbolic_zeros=True)
 #   0.0917 vs sorted 0.0483 / 0.0560 / 0.0796 / 0.0939 (d_out 4096 r 8, 4096 r 64, 14336 r 8,
 #   14336 r 64). T = 256: sorted 0.0643 / 0.0765 / 0.1028 / 0.1317 vs dense 0.0660 / 0.1514 / 0.1044 /
 #   0.2147 vs decode 0.0672 / 0.1074 / 0.1264 / 0.2257. T >= 4096: sorted, dense 1.2-4.2x slower.
-# * Under differentiation (forward + backward): dense for T <= 32 when L*r <= 256, else sorted.
-#   v2 run, T = 16, r = 8: dense 0.0277 / 0.0326 vs sorted 0.0440 / 0.0736 (d_out 4096 / 14336);
-#   r = 64: dense 0.1033 / 0.1285 vs sorted 0.0683 / 0.1268. T = 256: sorted 0.0629-0.1871 vs
-#   dense 0.0819-0.3225; T >= 4096: sorted 0.171-0.474 vs dense 0.56-3.45. 32 and 256 lie between
-#   measured points (T 16/256; L*r 224/1792; L*r = 448, r = 16, was not measured at T = 16).
+# * Under differentiation (forward + backward of the delta, gradients for x and expert_weight), measured
+#   on an H200 (docs/benchmarks.md, "Gate-training backward on an H200 (session 10)"): "concat" (four
+#   XLA GEMMs over every adapter side by side, bf16 operands) while T * L * r <= 2^22, sorted above.
+#   Its flops grow with L*r where the sorted path's grow with k*r, so the crossover falls with r:
+#   concat won every row up to T * L * r = 16384 * 224 = 3.7M (r 8, T 16384: 0.266 / 0.515 ms vs
+#   sorted 0.399 / 0.823 at d_out 4096 / 14336; r 16, T 4096: 0.123 / 0.233 vs 0.154 / 0.315; r 64,
+#   T 256: 0.069 / 0.095 vs 0.083 / 0.184), sorted every row from 7.3M up (r 16, T 16384: 0.395 /
+#   0.830 vs 0.427 / 0.860; r 64, T 4096: 0.209 / 0.402 vs 0.380 / 0.807). One exception below the
+#   bound: T = 1, r = 64, d_out 4096 (sorted 0.042 vs 0.052; at d_out 14336 concat won, 0.062 vs 0.072).
 DECODE_MAX_TOKENS = 32
-DENSE_GRAD_MAX_TOKENS = 32
-DENSE_GRAD_MAX_COLUMNS = 256  # L * r
+CONCAT_GRAD_MAX_WORK = 1 << 22  # T * L * r
 
 
 def auto_path(num_tokens, rank, num_adapters=28):
@@ -795,9 +847,7 @@ def auto_path(num_tokens, rank, num_adapters=28):
 
 def auto_grad_path(num_tokens, rank, num_adapters=28):
     """Forward + backward path under differentiation."""
-    if num_tokens <= DENSE_GRAD_MAX_TOKENS and num_adapters * rank <= DENSE_GRAD_MAX_COLUMNS:
-        return "dense"
-    return "sorted"
+    return "concat" if num_tokens * num_adapters * rank <= CONCAT_GRAD_MAX_WORK else "sorted"
 
 
 def default_config(num_tokens, top_k, num_adapters, rank, *, path="auto", interpret=None, poison=False,

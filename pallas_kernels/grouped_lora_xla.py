@@ -7,8 +7,11 @@ Every function here computes the contract of DESIGN.md section 4:
 
 `grouped_lora_dense` is the reference that kernels are tested against and the default XLA path:
 it multiplies every token by every adapter and masks with the dense routing weights, so it costs
-L times the flops of one LoRA but never materialises per-token adapter weights. The other
-formulations are baselines for the benchmark.
+L times the flops of one LoRA but never materialises per-token adapter weights.
+`grouped_lora_concat` computes the same value as two GEMMs over the adapters laid side by side,
+with a custom VJP that keeps the backward's GEMM operands in the compute dtype; its forward and
+backward (`concat_forward`, `concat_backward`) are also the Pallas wrapper's gradient path where
+they are fastest. The other formulations are baselines for the benchmark.
 """
 
 from __future__ import annotations
@@ -63,6 +66,107 @@ def grouped_lora_dense(
     return out.astype(x.dtype)
 
 
+def grouped_lora_concat(
+    x: jax.Array,  # [T, d_in]
+    lora_a: jax.Array,  # [L, d_in, r]
+    lora_b: jax.Array,  # [L, r, d_out]
+    scaling: jax.Array,  # [L]
+    expert_idx: jax.Array,  # [T, k] int32
+    expert_weight: jax.Array,  # [T, k]
+) -> jax.Array:  # [T, d_out], x.dtype
+    """The dense-masked product over the adapters laid side by side: two plain GEMMs, x @ A_cat and
+    (masked) h @ B_cat (`concat_weights`).
+
+    Same value as `grouped_lora_dense`; the difference is the backward. Autodiff of the dense form
+    runs its backward GEMMs on float32 operands (the float32 cotangent of a
+    `preferred_element_type=float32` product meets the weights converted to float32); this custom
+    VJP keeps every GEMM operand in the compute dtype and accumulates in float32.
+    """
+    a_cat, b_cat = concat_weights(lora_a.astype(x.dtype), lora_b.astype(x.dtype))
+    weights = dense_routing_weights(expert_idx, expert_weight, scaling)  # [T, L]
+    return _concat_product(x, a_cat, b_cat, weights)
+
+
+def concat_weights(
+    lora_a: jax.Array,  # [L, d_in, r]
+    lora_b: jax.Array,  # [L, r, d_out]
+) -> tuple[jax.Array, jax.Array]:  # A_cat [d_in, L*r], B_cat [L*r, d_out]
+    """Every adapter's weights side by side, as one GEMM operand each (A_cat is a copy: in the stored
+    [L, d_in, r] layout only r elements of a row are contiguous)."""
+    num_adapters, depth, rank = lora_a.shape
+    return (lora_a.transpose(1, 0, 2).reshape(depth, num_adapters * rank),
+            lora_b.reshape(num_adapters * rank, lora_b.shape[-1]))
+
+
+def _mask(h: jax.Array, weights: jax.Array) -> jax.Array:
+    """h [T, L*r] times each adapter's routing weight (weights [T, L]), float32."""
+    num_tokens, num_adapters = weights.shape
+    return (h.reshape(num_tokens, num_adapters, -1) * weights[:, :, None]).reshape(h.shape)
+
+
+def concat_forward(
+    x: jax.Array,  # [T, d_in]
+    a_cat: jax.Array,  # [d_in, L*r], x.dtype
+    b_cat: jax.Array,  # [L*r, d_out], x.dtype
+    weights: jax.Array,  # [T, L] float32: dense_routing_weights
+    base: jax.Array | None = None,  # [T, d_out], added before the output is rounded
+) -> tuple[jax.Array, jax.Array, jax.Array]:  # out [T, d_out], h [T, L*r] f32, h_masked [T, L*r]
+    """The concat formulation's forward, with what its backward needs (h, h_masked)."""
+    h = jnp.dot(x, a_cat, preferred_element_type=jnp.float32)
+    h_masked = _mask(h, weights).astype(x.dtype)
+    out = jnp.dot(h_masked, b_cat, preferred_element_type=jnp.float32)
+    if base is not None:
+        out = out + base.astype(jnp.float32)
+    return out.astype(x.dtype), h, h_masked
+
+
+def concat_backward(
+    g: jax.Array,  # [T, d_out], x.dtype
+    x: jax.Array | None,  # [T, d_in]; needed only for d a_cat
+    a_cat: jax.Array,
+    b_cat: jax.Array,
+    weights: jax.Array,  # [T, L] float32
+    h: jax.Array,  # [T, L*r] float32, from concat_forward
+    h_masked: jax.Array,  # [T, L*r], from concat_forward
+    need: frozenset | set,  # which of "x", "a", "b", "weights" to compute
+) -> tuple:  # d x [T, d_in], d a_cat, d b_cat, d weights [T, L] float32 (None where not needed)
+    """The concat formulation's backward: bf16 (compute-dtype) GEMM operands, float32 accumulation."""
+    num_tokens, num_adapters = weights.shape
+    dx = da = db = d_weights = None
+    if need & {"x", "a", "weights"}:
+        dh_masked = jnp.dot(g, b_cat.T, preferred_element_type=jnp.float32)  # [T, L*r]
+        if "weights" in need:
+            d_weights = jnp.sum((dh_masked * h).reshape(num_tokens, num_adapters, -1), axis=-1)
+        dh = _mask(dh_masked, weights).astype(g.dtype)
+        if "x" in need:
+            dx = jnp.dot(dh, a_cat.T, preferred_element_type=jnp.float32).astype(g.dtype)
+        if "a" in need:
+            da = jnp.dot(x.T, dh, preferred_element_type=jnp.float32).astype(a_cat.dtype)
+    if "b" in need:
+        db = jnp.dot(h_masked.T, g, preferred_element_type=jnp.float32).astype(b_cat.dtype)
+    return dx, da, db, d_weights
+
+
+@jax.custom_vjp
+def _concat_product(x, a_cat, b_cat, weights):  # [T, d_in], [d_in, L*r], [L*r, d_out], [T, L] f32
+    return concat_forward(x, a_cat, b_cat, weights)[0]
+
+
+def _concat_product_fwd(x, a_cat, b_cat, weights):
+    out, h, h_masked = concat_forward(x, a_cat, b_cat, weights)
+    return out, (x, a_cat, b_cat, weights, h, h_masked)
+
+
+def _concat_product_bwd(residuals, g):
+    x, a_cat, b_cat, weights, h, h_masked = residuals
+    # Every gradient is built; under jit XLA drops the ones nobody uses (dA, dB outside MixLoRA).
+    return concat_backward(g.astype(x.dtype), x, a_cat, b_cat, weights, h, h_masked,
+                           frozenset({"x", "a", "b", "weights"}))
+
+
+_concat_product.defvjp(_concat_product_fwd, _concat_product_bwd)
+
+
 def grouped_lora_gather(
     x: jax.Array,  # [T, d_in]
     lora_a: jax.Array,  # [L, d_in, r]
@@ -111,6 +215,7 @@ def grouped_lora_ragged(
 
 XLA_FORMULATIONS = {
     "dense": grouped_lora_dense,
+    "concat": grouped_lora_concat,
     "gather": grouped_lora_gather,
     "ragged": grouped_lora_ragged,
 }

@@ -5,10 +5,13 @@
 Rows: d_in -> d_out in {4096 -> 4096, 4096 -> 14336}, r in {8, 16, 64}, T in {1, 16, 256, 4096,
 16384}, L = 28, k = 2, bf16, routing from a random gate with per-adapter biases (uneven loads), plus
 one skewed row (80% of the tokens' first choice on one adapter). Columns (ms, device time): base
-linear; base + one LoRA (XLA); base + MeteoRA delta via XLA dense / gather / sorted ragged_dot;
-base + delta via jax's Hopper `ragged_dot_mgpu` on sorted tokens; base + Pallas delta; the model's
-inference form of the layer (`fused_layout`: one GEMM over [x | h], its own routing included); forward +
-backward (d x, d expert_weight) of the routed delta (Pallas, XLA dense) and of one LoRA (d x).
+linear; base + one LoRA (XLA); base + MeteoRA delta via XLA dense / concat / gather / sorted
+ragged_dot; base + delta via jax's Hopper `ragged_dot_mgpu` on sorted tokens; base + Pallas delta
+(`pallas`, base added in the kernel); `auto`, what `grouped_lora(impl="auto")` runs; the model's
+inference form of the layer (`fused_layout`: one GEMM over [x | h], its own routing included);
+forward + backward (d x, d expert_weight) of the routed delta (Pallas, `auto`, XLA dense, XLA
+concat) and of one LoRA (d x): `lora1_fb` as autodiff gives it (its backward GEMMs take float32
+operands), `lora1_fb_bf16` with bfloat16 backward operands, the stricter baseline.
 Memory columns: the compiled executable's temporary bytes (peak extra device memory beyond the
 arguments and the output), from XLA's memory analysis.
 
@@ -36,8 +39,10 @@ import numpy as np  # noqa: E402
 
 from meteora_jax.layers import FusedProjections  # noqa: E402
 from meteora_jax.routing import Routing  # noqa: E402
+from pallas_kernels.grouped_lora import grouped_lora  # noqa: E402
 from pallas_kernels.grouped_lora_pallas import grouped_lora_pallas  # noqa: E402
 from pallas_kernels.grouped_lora_xla import (  # noqa: E402
+    grouped_lora_concat,
     grouped_lora_dense,
     grouped_lora_gather,
     grouped_lora_ragged,
@@ -178,6 +183,12 @@ def layer(delta_fn):
     return f
 
 
+def auto_layer(x, w_base, a, b, s, idx, w, a1, b1, s1, side_w, w_ext):
+    """What the model's separate layout runs: `grouped_lora(impl="auto")` with the base added in."""
+    y = jnp.dot(x, w_base, preferred_element_type=jnp.float32).astype(x.dtype)
+    return grouped_lora(x, a, b, s, idx, w, base=y)
+
+
 def pallas_layer(**kw):
     def f(x, w_base, a, b, s, idx, w, a1, b1, s1, side_w, w_ext):
         y = jnp.dot(x, w_base, preferred_element_type=jnp.float32).astype(x.dtype)
@@ -209,6 +220,15 @@ def lora1_fwd_bwd(x, w_base, a, b, s, idx, w, a1, b1, s1, side_w, w_ext):
     return out, vjp(out)  # cotangent: any [T, d_out] array
 
 
+def lora1_fwd_bwd_bf16(x, w_base, a, b, s, idx, w, a1, b1, s1, side_w, w_ext):
+    """One LoRA's f+b with every backward GEMM on bfloat16 operands: `grouped_lora_concat` with one
+    adapter and weight 1 (a stricter baseline than `lora1_fwd_bwd`, whose autodiff backward runs its
+    GEMMs on float32 operands)."""
+    one_idx, one_w = jnp.zeros((x.shape[0], 1), jnp.int32), jnp.ones((x.shape[0], 1), jnp.float32)
+    out, vjp = jax.vjp(lambda x: grouped_lora_concat(x, a1[None], b1[None], s1[None], one_idx, one_w), x)
+    return out, vjp(out)
+
+
 def routed_fwd_bwd(delta_fn, lora_grads=False):
     def f(x, w_base, a, b, s, idx, w, a1, b1, s1, side_w, w_ext):
         if lora_grads:
@@ -228,15 +248,20 @@ def columns(variants=False):
         "base": layer(None),
         "lora1": lora1_layer,
         "xla_dense": layer(grouped_lora_dense),
+        "xla_concat": layer(grouped_lora_concat),
         "xla_gather": layer(grouped_lora_gather),
         "xla_ragged": layer(grouped_lora_ragged),
         "mgpu_ragged": None if MGPU is None else "mgpu",
         "pallas": pallas_layer(),
+        "auto": auto_layer,
         "pallas_unfused": layer(pallas_delta()),
         "fused_layout": fused_layout_layer,
         "lora1_fb": lora1_fwd_bwd,
+        "lora1_fb_bf16": lora1_fwd_bwd_bf16,
         "xla_dense_fb": routed_fwd_bwd(grouped_lora_dense),
+        "xla_concat_fb": routed_fwd_bwd(grouped_lora_concat),
         "pallas_fb": routed_fwd_bwd(pallas_delta()),
+        "auto_fb": routed_fwd_bwd(lambda *v: grouped_lora(*v)),
         "pallas_fb_lora": routed_fwd_bwd(pallas_delta(), lora_grads=True),
     }
     if variants:
@@ -366,7 +391,7 @@ def main():
         cols = {k: v for k, v in cols.items() if k in args.only.split(",")}
     if args.skip:
         cols = {k: v for k, v in cols.items() if k not in args.skip.split(",")}
-    elif MGPU is not None and "mgpu_ragged" in cols:
+    if MGPU is not None and "mgpu_ragged" in cols and args.only != "mgpu_ragged":
         # jax's Mosaic GPU kernel can fault the CUDA context (seen: misaligned address on the
         # skewed row), so it runs in its own process and its numbers are merged afterwards.
         cols.pop("mgpu_ragged")
@@ -417,7 +442,7 @@ def main():
                 row["temp_mib"][name] = temp_mib(comp)
                 BREAKDOWN.pop("last", None)
                 row["ms"][name] = device_time_ms(comp, sets, args.iters)
-                if name.startswith("pallas") and "last" in BREAKDOWN:
+                if "last" in BREAKDOWN:
                     row.setdefault("kernels", {})[name] = BREAKDOWN["last"]
             except Exception as e:  # noqa: BLE001
                 msg = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
@@ -440,7 +465,12 @@ def main():
         row["layer_ratio"] = ratio(main_col, "lora1")
         row["fb_ratio"] = ratio(fb_col, "lora1_fb")
         row["fused_layout_ratio"] = ratio("fused_layout", "lora1")
-        xla = [ms[c] for c in ("xla_dense", "xla_gather", "xla_ragged") if isinstance(ms.get(c), float)]
+        row["auto_ratio"] = ratio("auto", "lora1")
+        row["auto_fb_ratio"] = ratio("auto_fb", "lora1_fb")
+        row["concat_fb_ratio"] = ratio("xla_concat_fb", "lora1_fb")
+        row["concat_fb_ratio_bf16"] = ratio("xla_concat_fb", "lora1_fb_bf16")
+        row["fb_ratio_bf16"] = ratio(fb_col, "lora1_fb_bf16")
+        xla = [ms[c] for c in ("xla_dense", "xla_concat", "xla_gather", "xla_ragged") if isinstance(ms.get(c), float)]
         row["xla_best_ratio"] = (ms[main_col] / min(xla)) if xla and isinstance(ms.get(main_col), float) else float("nan")
         row["faster_than_xla"] = bool(xla) and isinstance(ms.get(main_col), float) and ms[main_col] < min(xla)
         results.append(row)
@@ -474,11 +504,12 @@ def main():
     # compact table last
     names = list(cols)
     short = {"xla_dense": "dense", "xla_gather": "gather", "xla_ragged": "ragged", "mgpu_ragged": "mgpu",
-             "lora1_fb": "lora1FB", "xla_dense_fb": "denseFB", "pallas_fb": "palFB", "pallas_fb_lora": "palFB+AB",
+             "lora1_fb": "lora1FB", "xla_dense_fb": "denseFB", "xla_concat": "concat",
+             "xla_concat_fb": "concatFB", "lora1_fb_bf16": "l1FBbf16", "auto_fb": "autoFB", "pallas_fb": "palFB", "pallas_fb_lora": "palFB+AB",
              "pallas_sorted": "p_sorted", "pallas_dense": "p_dense", "pallas_decode": "p_decode",
              "pallas_fb_sorted": "pFB_sort", "pallas_fb_dense": "pFB_dens", "fused_layout": "fusedlay"}
     hdr = f"{'d_out':>5} {'r':>3} {'T':>6} " + " ".join(f"{short.get(n, n)[:9]:>9}" for n in names)
-    hdr += "  lay/l1  fb/l1  memMiB(pal/p_sorted/p_dense/dense/gather)"
+    hdr += "  lay/l1 fused/l1  fb/l1 fb/l1bf16  memMiB(pal/p_sorted/p_dense/dense/gather)"
     table = [f"device: {dev.device_kind}; ms (CUPTI kernel time, median of {args.iters}); bf16, L={L}, k={K}", hdr]
     for row in results:
         cells = []
@@ -489,7 +520,8 @@ def main():
                        for c in ("pallas", "pallas_sorted", "pallas_dense", "xla_dense", "xla_gather"))
         tag = (" skew" if row["skew"] else "") + f" best={row.get('best', '-')}/{row.get('best_fb', '-')}"
         table.append(f"{row['d_out']:>5} {row['r']:>3} {row['T']:>6} " + " ".join(cells)
-                     + f"  {row['layer_ratio']:6.3f} {row['fb_ratio']:6.3f}  {mem}{tag}")
+                     + f"  {row['layer_ratio']:6.3f} {row['fused_layout_ratio']:8.3f} {row['fb_ratio']:6.3f}"
+                     + f" {row['fb_ratio_bf16']:9.3f}  {mem}{tag}")
     for line in table:
         log(line)
     with open(os.path.splitext(args.out)[0] + "_table.txt", "w") as f:

@@ -93,7 +93,8 @@ GRAD_CASES = [CASES[0], CASES[2], CASES[3], CASES[5], CASES[6]]
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-@pytest.mark.parametrize("path", ["sorted", "dense", "auto"])  # auto: T < 32 here, so decode / dense
+# auto: the "concat" grad path here (small T); xla_concat: the XLA formulation with its own custom VJP
+@pytest.mark.parametrize("path", ["sorted", "dense", "auto", "xla_concat"])
 @pytest.mark.parametrize("case", GRAD_CASES, ids=[f"T{c[0]}_L{c[3]}_r{c[4]}_k{c[5]}_{c[6]}" for c in GRAD_CASES])
 def test_gradients_match_autodiff_of_reference(case, path, dtype):
     """Every gradient within TOL of the float32 reference's, relative to its norm. In bfloat16 the
@@ -114,6 +115,8 @@ def test_gradients_match_autodiff_of_reference(case, path, dtype):
         return grouped_lora_dense(x, a, b, s, idx, w) + base
 
     def pallas_fn(x, a, b, s, idx, w, base):
+        if path.startswith("xla_"):
+            return grouped_lora(x, a, b, s, idx, w, impl=path, base=base)
         return grouped_lora_pallas(x, a, b, s, idx, w, base=base, path=path, poison=True, interpret=True,
                                    **SMALL)
 
@@ -146,20 +149,24 @@ def test_lora_gradients_only_when_asked():
     frozen = str(jax.make_jaxpr(jax.grad(
         lambda x, w, a, b: loss(x, w, jax.lax.stop_gradient(a), b), argnums=(0, 1, 2, 3)))(x, w, a, b))
     assert 0 < frozen.count("grouped_lora_tgmm") < mixlora.count("grouped_lora_tgmm")  # dB only
-    # Dense path: dA / dB are two extra XLA dot_generals outside the kernels.
-    dense = lambda *v: loss(*v, path="dense")  # noqa: E731
-    gate_only = str(jax.make_jaxpr(jax.grad(dense, argnums=(0, 1)))(x, w, a, b)).count("dot_general")
-    mixlora = str(jax.make_jaxpr(jax.grad(dense, argnums=(0, 1, 2, 3)))(x, w, a, b)).count("dot_general")
-    assert mixlora == gate_only + 2
+    # dA / dB are two extra XLA dot_generals. Without them the dense path has the 4 in its kernels'
+    # bodies (shrink and expand, forward and backward), the concat grad path (auto here) 4 XLA GEMMs.
+    for path, gate_only_dots in (("dense", 4), ("auto", 4)):
+        fn = lambda *v, path=path: loss(*v, path=path)  # noqa: E731
+        gate_only = str(jax.make_jaxpr(jax.grad(fn, argnums=(0, 1)))(x, w, a, b)).count("dot_general")
+        mixlora = str(jax.make_jaxpr(jax.grad(fn, argnums=(0, 1, 2, 3)))(x, w, a, b)).count("dot_general")
+        assert (gate_only, mixlora) == (gate_only_dots, gate_only_dots + 2), path
 
 
 def test_auto_paths():
     from pallas_kernels.grouped_lora_pallas import default_config
 
-    paths = {(t, r): (c.path, c.grad_path) for t, r in [(16, 8), (16, 64), (256, 8), (4096, 8)]
-             for c in [default_config(t, 2, 28, r)]}
-    assert paths == {(16, 8): ("decode", "dense"), (16, 64): ("decode", "sorted"),
-                     (256, 8): ("sorted", "sorted"), (4096, 8): ("sorted", "sorted")}
+    cases = [(16, 8), (16, 64), (256, 64), (16384, 8), (4096, 16), (16384, 16), (4096, 64)]
+    paths = {(t, r): (c.path, c.grad_path) for t, r in cases for c in [default_config(t, 2, 28, r)]}
+    assert paths == {(16, 8): ("decode", "concat"), (16, 64): ("decode", "concat"),
+                     (256, 64): ("sorted", "concat"), (16384, 8): ("sorted", "concat"),
+                     (4096, 16): ("sorted", "concat"), (16384, 16): ("sorted", "sorted"),
+                     (4096, 64): ("sorted", "sorted")}
     assert default_config(4096, 2, 28, 8, path="dense").grad_path == "dense"
     assert default_config(16, 2, 28, 8, path="decode").grad_path == "sorted"
 
