@@ -5,7 +5,8 @@
 Rows: d_in -> d_out in {4096 -> 4096, 4096 -> 14336}, r in {8, 16, 64}, T in {1, 16, 256, 4096,
 16384}, L = 28, k = 2, bf16, routing from a random gate with per-adapter biases (uneven loads), plus
 one skewed row (80% of the tokens' first choice on one adapter). Columns (ms, device time): base
-linear; base + one LoRA (XLA); base + MeteoRA delta via XLA dense / concat / gather / sorted
+linear (`base_product`: the model's bf16-output GEMM); base + one LoRA (XLA), summed in float32
+(`lora1`) or in PEFT's arithmetic (`lora1_peft`: bf16 base output + bf16 delta); base + MeteoRA delta via XLA dense / concat / gather / sorted
 ragged_dot; base + delta via jax's Hopper `ragged_dot_mgpu` on sorted tokens; base + Pallas delta
 (`pallas`, base added in the kernel); `auto`, what `grouped_lora(impl="auto")` runs; the model's
 inference form of the layer (`fused_layout`: one GEMM over [x | h], its own routing included);
@@ -176,23 +177,29 @@ MGPU = _mgpu_delta()
 ARGS = ("x", "w_base", "a", "b", "s", "idx", "w", "a1", "b1", "s1", "side_w", "w_ext")
 
 
+def base_product(x, w_base):
+    """The base GEMM as the model computes it (`layers.MeteoRALinear`): compute-dtype output, which
+    the GEMM accumulates in float32 and rounds once. (Asking for a float32 output and converting
+    rounds the same, but at d_out 14336 XLA then runs the GEMM with a float32 output and a separate
+    convert kernel: 83 µs at T = 4096 on an H200.)"""
+    return jnp.dot(x, w_base)
+
+
 def layer(delta_fn):
     def f(x, w_base, a, b, s, idx, w, a1, b1, s1, side_w, w_ext):
-        y = jnp.dot(x, w_base, preferred_element_type=jnp.float32).astype(x.dtype)
+        y = base_product(x, w_base)
         return y if delta_fn is None else y + delta_fn(x, a, b, s, idx, w)
     return f
 
 
 def auto_layer(x, w_base, a, b, s, idx, w, a1, b1, s1, side_w, w_ext):
     """What the model's separate layout runs: `grouped_lora(impl="auto")` with the base added in."""
-    y = jnp.dot(x, w_base, preferred_element_type=jnp.float32).astype(x.dtype)
-    return grouped_lora(x, a, b, s, idx, w, base=y)
+    return grouped_lora(x, a, b, s, idx, w, base=base_product(x, w_base))
 
 
 def pallas_layer(**kw):
     def f(x, w_base, a, b, s, idx, w, a1, b1, s1, side_w, w_ext):
-        y = jnp.dot(x, w_base, preferred_element_type=jnp.float32).astype(x.dtype)
-        return grouped_lora_pallas(x, a, b, s, idx, w, base=y, **kw)
+        return grouped_lora_pallas(x, a, b, s, idx, w, base=base_product(x, w_base), **kw)
     return f
 
 
@@ -207,9 +214,17 @@ def fused_layout_layer(x, w_base, a, b, s, idx, w, a1, b1, s1, side_w, w_ext):
 
 
 def lora1_layer(x, w_base, a, b, s, idx, w, a1, b1, s1, side_w, w_ext):
+    """One LoRA, base and delta summed in float32 and rounded once."""
     y = jnp.dot(x, w_base, preferred_element_type=jnp.float32)
     xa = jnp.dot(x, a1, preferred_element_type=jnp.float32) * s1
     return (y + jnp.dot(xa.astype(x.dtype), b1, preferred_element_type=jnp.float32)).astype(x.dtype)
+
+
+def lora1_peft_layer(x, w_base, a, b, s, idx, w, a1, b1, s1, side_w, w_ext):
+    """One LoRA in HF PEFT's arithmetic: base output and delta each in the compute dtype, then added.
+    XLA can fold the add into a GEMM, so at large T this baseline is faster than `lora1_layer`."""
+    xa = (jnp.dot(x, a1, preferred_element_type=jnp.float32) * s1).astype(x.dtype)
+    return base_product(x, w_base) + jnp.dot(xa, b1)
 
 
 def lora1_fwd_bwd(x, w_base, a, b, s, idx, w, a1, b1, s1, side_w, w_ext):
@@ -247,6 +262,7 @@ def columns(variants=False):
     cols = {
         "base": layer(None),
         "lora1": lora1_layer,
+        "lora1_peft": lora1_peft_layer,
         "xla_dense": layer(grouped_lora_dense),
         "xla_concat": layer(grouped_lora_concat),
         "xla_gather": layer(grouped_lora_gather),
@@ -466,6 +482,8 @@ def main():
         row["fb_ratio"] = ratio(fb_col, "lora1_fb")
         row["fused_layout_ratio"] = ratio("fused_layout", "lora1")
         row["auto_ratio"] = ratio("auto", "lora1")
+        for name in ("pallas", "auto", "fused_layout"):
+            row[f"{name}_ratio_peft"] = ratio(name, "lora1_peft")
         row["auto_fb_ratio"] = ratio("auto_fb", "lora1_fb")
         row["concat_fb_ratio"] = ratio("xla_concat_fb", "lora1_fb")
         row["concat_fb_ratio_bf16"] = ratio("xla_concat_fb", "lora1_fb_bf16")
@@ -505,11 +523,11 @@ def main():
     names = list(cols)
     short = {"xla_dense": "dense", "xla_gather": "gather", "xla_ragged": "ragged", "mgpu_ragged": "mgpu",
              "lora1_fb": "lora1FB", "xla_dense_fb": "denseFB", "xla_concat": "concat",
-             "xla_concat_fb": "concatFB", "lora1_fb_bf16": "l1FBbf16", "auto_fb": "autoFB", "pallas_fb": "palFB", "pallas_fb_lora": "palFB+AB",
+             "xla_concat_fb": "concatFB", "lora1_peft": "l1peft", "lora1_fb_bf16": "l1FBbf16", "auto_fb": "autoFB", "pallas_fb": "palFB", "pallas_fb_lora": "palFB+AB",
              "pallas_sorted": "p_sorted", "pallas_dense": "p_dense", "pallas_decode": "p_decode",
              "pallas_fb_sorted": "pFB_sort", "pallas_fb_dense": "pFB_dens", "fused_layout": "fusedlay"}
     hdr = f"{'d_out':>5} {'r':>3} {'T':>6} " + " ".join(f"{short.get(n, n)[:9]:>9}" for n in names)
-    hdr += "  lay/l1 fused/l1  fb/l1 fb/l1bf16  memMiB(pal/p_sorted/p_dense/dense/gather)"
+    hdr += "  lay/l1 fused/l1 lay/peft fused/peft  fb/l1 fb/l1bf16  memMiB(pal/p_sorted/p_dense/dense/gather)"
     table = [f"device: {dev.device_kind}; ms (CUPTI kernel time, median of {args.iters}); bf16, L={L}, k={K}", hdr]
     for row in results:
         cells = []
@@ -520,7 +538,8 @@ def main():
                        for c in ("pallas", "pallas_sorted", "pallas_dense", "xla_dense", "xla_gather"))
         tag = (" skew" if row["skew"] else "") + f" best={row.get('best', '-')}/{row.get('best_fb', '-')}"
         table.append(f"{row['d_out']:>5} {row['r']:>3} {row['T']:>6} " + " ".join(cells)
-                     + f"  {row['layer_ratio']:6.3f} {row['fused_layout_ratio']:8.3f} {row['fb_ratio']:6.3f}"
+                     + f"  {row['layer_ratio']:6.3f} {row['fused_layout_ratio']:8.3f}"
+                     + f" {row['pallas_ratio_peft']:8.3f} {row['fused_layout_ratio_peft']:10.3f} {row['fb_ratio']:6.3f}"
                      + f" {row['fb_ratio_bf16']:9.3f}  {mem}{tag}")
     for line in table:
         log(line)
