@@ -31,8 +31,8 @@ not differentiated, and the path whose forward saves residuals for the backward 
 differentiation there is one more path, "concat" (`grouped_lora_xla.concat_forward` /
 `concat_backward`): the dense products as four plain XLA GEMMs over every adapter's weights side
 by side (A_cat [d_in, L*r], B_cat [L*r, d_out]), compute-dtype operands with float32 accumulation.
-No Pallas kernel: the library GEMMs beat ours there. `auto_grad_path` picks it where L*r or T is
-small enough that its L/k-fold flops cost less than the sorted plan and per-slot passes.
+No Pallas kernel: the library GEMMs beat ours there. `auto_grad_path` picks it while T * L * r is
+small enough that its L/k-fold flops cost less than the sorted path's plan and per-slot passes.
 
 Backward of the sorted/decode paths (custom VJP, through the sorted plan): with g = d out,
     gB   = g[rows] @ lora_b[e]^T                (`_shrink` with the weight read transposed)
@@ -827,7 +827,7 @@ _grouped_lora.defvjp(_fwd, _bwd, symbolic_zeros=True)
 #   14336 r 64). T = 256: sorted 0.0643 / 0.0765 / 0.1028 / 0.1317 vs dense 0.0660 / 0.1514 / 0.1044 /
 #   0.2147 vs decode 0.0672 / 0.1074 / 0.1264 / 0.2257. T >= 4096: sorted, dense 1.2-4.2x slower.
 # * Under differentiation (forward + backward of the delta, gradients for x and expert_weight), measured
-#   on an H200 (docs/benchmarks.md, "Gate-training backward on an H200 (session 10)"): "concat" (four
+#   on an H200 (docs/benchmarks.md, "H200 run (session 10)"): "concat" (four
 #   XLA GEMMs over every adapter side by side, bf16 operands) while T * L * r <= 2^22, sorted above.
 #   Its flops grow with L*r where the sorted path's grow with k*r, so the crossover falls with r:
 #   concat won every row up to T * L * r = 16384 * 224 = 3.7M (r 8, T 16384: 0.266 / 0.515 ms vs

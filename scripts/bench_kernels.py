@@ -6,8 +6,8 @@ Rows: d_in -> d_out in {4096 -> 4096, 4096 -> 14336}, r in {8, 16, 64}, T in {1,
 16384}, L = 28, k = 2, bf16, routing from a random gate with per-adapter biases (uneven loads), plus
 one skewed row (80% of the tokens' first choice on one adapter). Columns (ms, device time): base
 linear (`base_product`: the model's bf16-output GEMM); base + one LoRA (XLA), summed in float32
-(`lora1`) or in PEFT's arithmetic (`lora1_peft`: bf16 base output + bf16 delta); base + MeteoRA delta via XLA dense / concat / gather / sorted
-ragged_dot; base + delta via jax's Hopper `ragged_dot_mgpu` on sorted tokens; base + Pallas delta
+(`lora1`) or in PEFT's arithmetic (`lora1_peft`: bf16 base output + bf16 delta); base + MeteoRA
+delta via XLA dense / concat / gather / sorted ragged_dot; base + delta via jax's Hopper `ragged_dot_mgpu` on sorted tokens; base + Pallas delta
 (`pallas`, base added in the kernel); `auto`, what `grouped_lora(impl="auto")` runs; the model's
 inference form of the layer (`fused_layout`: one GEMM over [x | h], its own routing included);
 forward + backward (d x, d expert_weight) of the routed delta (Pallas, `auto`, XLA dense, XLA
@@ -488,7 +488,8 @@ def main():
         row["concat_fb_ratio"] = ratio("xla_concat_fb", "lora1_fb")
         row["concat_fb_ratio_bf16"] = ratio("xla_concat_fb", "lora1_fb_bf16")
         row["fb_ratio_bf16"] = ratio(fb_col, "lora1_fb_bf16")
-        xla = [ms[c] for c in ("xla_dense", "xla_concat", "xla_gather", "xla_ragged") if isinstance(ms.get(c), float)]
+        xla = [ms[c] for c in ("xla_dense", "xla_concat", "xla_gather", "xla_ragged")
+               if isinstance(ms.get(c), float)]
         row["xla_best_ratio"] = (ms[main_col] / min(xla)) if xla and isinstance(ms.get(main_col), float) else float("nan")
         row["faster_than_xla"] = bool(xla) and isinstance(ms.get(main_col), float) and ms[main_col] < min(xla)
         results.append(row)
@@ -523,7 +524,8 @@ def main():
     names = list(cols)
     short = {"xla_dense": "dense", "xla_gather": "gather", "xla_ragged": "ragged", "mgpu_ragged": "mgpu",
              "lora1_fb": "lora1FB", "xla_dense_fb": "denseFB", "xla_concat": "concat",
-             "xla_concat_fb": "concatFB", "lora1_peft": "l1peft", "lora1_fb_bf16": "l1FBbf16", "auto_fb": "autoFB", "pallas_fb": "palFB", "pallas_fb_lora": "palFB+AB",
+             "xla_concat_fb": "concatFB", "lora1_peft": "l1peft", "lora1_fb_bf16": "l1FBbf16",
+             "auto_fb": "autoFB", "pallas_fb": "palFB", "pallas_fb_lora": "palFB+AB",
              "pallas_sorted": "p_sorted", "pallas_dense": "p_dense", "pallas_decode": "p_decode",
              "pallas_fb_sorted": "pFB_sort", "pallas_fb_dense": "pFB_dens", "fused_layout": "fusedlay"}
     hdr = f"{'d_out':>5} {'r':>3} {'T':>6} " + " ".join(f"{short.get(n, n)[:9]:>9}" for n in names)
