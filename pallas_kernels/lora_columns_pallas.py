@@ -29,7 +29,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels.grouped_lora_pallas import _cdiv, _compiler_params, _load, _pow2_at_least, _precision, _store
 from pallas_kernels.lora_columns import EXTENDED_ALIGN, extended_width
-from pallas_kernels.routed_lora_pallas import _NEG  # below any real logit, finite: max - max stays NaN-free
+from pallas_kernels.routed_lora_pallas import top_k_in_kernel
 
 
 def _fill_kernel(temp_ref, scaling_ref, side_ref, x_ref, out_ref, logits_ref, *, num_tokens, depth, width,
@@ -84,22 +84,10 @@ def _fill_kernel(temp_ref, scaling_ref, side_ref, x_ref, out_ref, logits_ref, *,
             logits = logits + summed((rows[:, None], cols[None, :]), mask2)
         _store(logits_ref, (rows[:, None], j, lk[None, :]), logits, mask2)
 
-        work = jnp.where(in_l[None, :], logits, _NEG)
-        chosen = []
-        for _ in range(top_k):
-            best = jnp.max(work, axis=1)  # [bt]
-            # Clamped so that a NaN row (no index equals its max) still names an adapter.
-            e = jnp.minimum(jnp.min(jnp.where(work == best[:, None], lk[None, :], adapters_p), axis=1),
-                            num_adapters - 1)
-            chosen.append((best, e))
-            work = jnp.where(lk[None, :] == e[:, None], _NEG, work)
-        temperature = temp_ref[0]
-        unnorm = [jnp.exp((best - chosen[0][0]) / temperature) for best, _ in chosen]
-        total = sum(unnorm)
+        chosen = top_k_in_kernel(logits, lk[None, :], num_adapters=num_adapters, adapters_p=adapters_p,
+                                 top_k=top_k, temperature=temp_ref[0], weight_dtype=out_ref.dtype)
         weights = jnp.zeros((block_t, adapters_p), jnp.float32)
-        for (_, e), u in zip(chosen, unnorm):
-            # The weight is rounded to the compute dtype, as the separate layer passes it to grouped_lora.
-            w = (u / total).astype(out_ref.dtype).astype(jnp.float32)
+        for e, w in chosen:  # e, w: [bt]
             weights = weights + jnp.where(lk[None, :] == e[:, None], w[:, None], 0.0)
         weights = weights * _load(scaling_ref, (j, lk), in_l)[None, :]
 

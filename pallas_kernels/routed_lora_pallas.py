@@ -51,6 +51,29 @@ from pallas_kernels.routed_lora_xla import with_composition_vjp
 _NEG = -3.0e38  # below any real logit, finite so max - max stays NaN-free
 
 
+def top_k_in_kernel(logits, lk, *, num_adapters, adapters_p, top_k, temperature, weight_dtype):
+    """The routing inside a kernel: logits [..., Lp] float32 over the padded adapters lk (broadcast
+    to the rank of logits: Triton's lowering broadcasts only between equal ranks) -> k pairs
+    (adapter [...], weight [...] float32).
+
+    k rounds of max, the lowest index winning a tie as in lax.top_k; the weights are the softmax of
+    the chosen logits / temperature, rounded to weight_dtype as the separate layer passes them to
+    grouped_lora. Padding columns (lk >= num_adapters) are never chosen; a NaN row, where no index
+    equals its max, is clamped to the last adapter so that it still reads inside the weights."""
+    # One row's maxima are scalars and broadcast as they are; a tile's get their trailing axis back.
+    per_row = (lambda v: v) if logits.ndim == 1 else (lambda v: v[..., None])
+    work = jnp.where(lk < num_adapters, logits, _NEG)
+    chosen = []
+    for _ in range(top_k):
+        best = jnp.max(work, axis=-1)
+        e = jnp.minimum(jnp.min(jnp.where(work == per_row(best), lk, adapters_p), axis=-1), num_adapters - 1)
+        chosen.append((best, e))
+        work = jnp.where(lk == per_row(e), _NEG, work)
+    unnorm = [jnp.exp((best - chosen[0][0]) / temperature) for best, _ in chosen]
+    total = sum(unnorm)
+    return [(e, (u / total).astype(weight_dtype).astype(jnp.float32)) for (_, e), u in zip(chosen, unnorm)]
+
+
 @dataclasses.dataclass(frozen=True)
 class RoutedConfig:
     """Static choices (a `nondiff_argnums` argument of the custom VJP)."""
@@ -164,21 +187,10 @@ def _routed_expand_kernel(temp_ref, s_ref, logit_ref, xa_ref, b_ref, *rest, top_
     def _write_logits():  # the layer returns them (gate loss, routing pictures)
         _store(logits_out_ref, (t, lk), logits, lk < num_adapters)
 
-    logits = jnp.where(lk < num_adapters, logits, _NEG)
-    chosen = []
-    for _ in range(top_k):  # k rounds of max; the lowest index wins a tie, as in lax.top_k
-        best = jnp.max(logits)
-        # Clamped so that NaN logits (no index equals the max) still read inside lora_b.
-        e = jnp.minimum(jnp.min(jnp.where(logits == best, lk, adapters_p)), num_adapters - 1)
-        chosen.append((best, e))
-        logits = jnp.where(lk == e, _NEG, logits)
-    temperature = temp_ref[0]
-    unnorm = [jnp.exp((best - chosen[0][0]) / temperature) for best, _ in chosen]
-    total = sum(unnorm)
+    chosen = top_k_in_kernel(logits, lk, num_adapters=num_adapters, adapters_p=adapters_p, top_k=top_k,
+                             temperature=temp_ref[0], weight_dtype=b_ref.dtype)
     acc = jnp.zeros((block_n,), jnp.float32)
-    for (_, e), u in zip(chosen, unnorm):
-        # The weight is rounded to the compute dtype, as the op-by-op layer passes it to grouped_lora.
-        w = (u / total).astype(b_ref.dtype).astype(jnp.float32)
+    for e, w in chosen:
         xa = jnp.sum(xa_ref[:, e, t, :], axis=0) * (w * s_ref[e])  # [R]
         acc = add_adapter_row(acc, xa, b_ref, e, rk, rank, cols, in_n)
     store_row(out_ref, rest[0] if has_base else None, t, cols, in_n, acc)
