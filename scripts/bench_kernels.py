@@ -7,12 +7,14 @@ Rows: d_in -> d_out in {4096 -> 4096, 4096 -> 14336}, r in {8, 16, 64}, T in {1,
 one skewed row (80% of the tokens' first choice on one adapter). Columns (ms, device time): base
 linear (`base_product`: the model's bf16-output GEMM); base + one LoRA (XLA), summed in float32
 (`lora1`) or in PEFT's arithmetic (`lora1_peft`: bf16 base output + bf16 delta); base + MeteoRA
-delta via XLA dense / concat / gather / sorted ragged_dot; base + delta via jax's Hopper `ragged_dot_mgpu` on sorted tokens; base + Pallas delta
-(`pallas`, base added in the kernel); `auto`, what `grouped_lora(impl="auto")` runs; the model's
-inference form of the layer (`fused_layout`: one GEMM over [x | h], its own routing included);
-forward + backward (d x, d expert_weight) of the routed delta (Pallas, `auto`, XLA dense, XLA
-concat) and of one LoRA (d x): `lora1_fb` as autodiff gives it (its backward GEMMs take float32
-operands), `lora1_fb_bf16` with bfloat16 backward operands, the stricter baseline.
+delta via XLA dense / concat / gather / sorted ragged_dot; base + delta via jax's Hopper
+`ragged_dot_mgpu` on sorted tokens; base + Pallas delta (`pallas`, base added in the kernel);
+`auto`, what `grouped_lora(impl="auto")` runs; the model's inference form of the layer
+(`fused_layout`: one GEMM over [x | h], its own routing included); forward + backward (d x, d
+expert_weight) of the routed delta (Pallas: the grad path that `grouped_lora(impl="auto")` also
+differentiates through; XLA dense; XLA concat) and of one LoRA (d x): `lora1_fb` as autodiff gives
+it (its backward GEMMs take float32 operands), `lora1_fb_bf16` with bfloat16 backward operands, the
+stricter baseline.
 Memory columns: the compiled executable's temporary bytes (peak extra device memory beyond the
 arguments and the output), from XLA's memory analysis.
 
@@ -277,7 +279,6 @@ def columns(variants=False):
         "xla_dense_fb": routed_fwd_bwd(grouped_lora_dense),
         "xla_concat_fb": routed_fwd_bwd(grouped_lora_concat),
         "pallas_fb": routed_fwd_bwd(pallas_delta()),
-        "auto_fb": routed_fwd_bwd(lambda *v: grouped_lora(*v)),
         "pallas_fb_lora": routed_fwd_bwd(pallas_delta(), lora_grads=True),
     }
     if variants:
@@ -484,7 +485,6 @@ def main():
         row["auto_ratio"] = ratio("auto", "lora1")
         for name in ("pallas", "auto", "fused_layout"):
             row[f"{name}_ratio_peft"] = ratio(name, "lora1_peft")
-        row["auto_fb_ratio"] = ratio("auto_fb", "lora1_fb")
         row["concat_fb_ratio"] = ratio("xla_concat_fb", "lora1_fb")
         row["concat_fb_ratio_bf16"] = ratio("xla_concat_fb", "lora1_fb_bf16")
         row["fb_ratio_bf16"] = ratio(fb_col, "lora1_fb_bf16")
@@ -525,7 +525,7 @@ def main():
     short = {"xla_dense": "dense", "xla_gather": "gather", "xla_ragged": "ragged", "mgpu_ragged": "mgpu",
              "lora1_fb": "lora1FB", "xla_dense_fb": "denseFB", "xla_concat": "concat",
              "xla_concat_fb": "concatFB", "lora1_peft": "l1peft", "lora1_fb_bf16": "l1FBbf16",
-             "auto_fb": "autoFB", "pallas_fb": "palFB", "pallas_fb_lora": "palFB+AB",
+             "pallas_fb": "palFB", "pallas_fb_lora": "palFB+AB",
              "pallas_sorted": "p_sorted", "pallas_dense": "p_dense", "pallas_decode": "p_decode",
              "pallas_fb_sorted": "pFB_sort", "pallas_fb_dense": "pFB_dens", "fused_layout": "fusedlay"}
     hdr = f"{'d_out':>5} {'r':>3} {'T':>6} " + " ".join(f"{short.get(n, n)[:9]:>9}" for n in names)
