@@ -346,7 +346,8 @@ def _tgmm(plan, mat, cmp, *, num_adapters, rank, out_dtype, block_t, block_n, in
 # ------------------------------------------------------------------------------------------------
 
 
-def _shrink_decode_kernel(idx_ref, x_ref, a_ref, out_ref, *, top_k, block_k, chunks, depth, rank, rank_p):
+def _shrink_decode_kernel(idx_ref, x_ref, w_ref, out_ref, *, top_k, block_k, chunks, depth, rank, rank_p,
+                          transpose_w):
     p = pl.program_id(0)
     split = pl.program_id(1)
     e = idx_ref[p]
@@ -357,34 +358,75 @@ def _shrink_decode_kernel(idx_ref, x_ref, a_ref, out_ref, *, top_k, block_k, chu
         cols = (split * chunks + c) * block_k + jnp.arange(block_k, dtype=jnp.int32)
         in_k = cols < depth
         xk = _load(x_ref, (t, cols), in_k).astype(jnp.float32)
-        ak = _load(a_ref, (e, cols[:, None], rk[None, :]), in_k[:, None] & (rk < rank)[None, :])
-        return acc + jnp.sum(xk[:, None] * ak.astype(jnp.float32), axis=0)
+        wmask = in_k[:, None] & (rk < rank)[None, :]
+        if transpose_w:  # w_ref [L, r, depth]
+            wk = _load(w_ref, (e, rk[None, :], cols[:, None]), wmask)
+        else:  # w_ref [L, depth, r]
+            wk = _load(w_ref, (e, cols[:, None], rk[None, :]), wmask)
+        return acc + jnp.sum(xk[:, None] * wk.astype(jnp.float32), axis=0)
 
     acc = lax.fori_loop(0, chunks, body, jnp.zeros((rank_p,), jnp.float32))
     out_ref[split, p, :] = acc
 
 
+def _shrink_decode(x, w, idx_flat, *, top_k, rank, transpose_w, block_k, interpret):
+    """Each (token, slot) pair's x[t] @ w[e] as split-K vector products: x [T, D], w [L, D, r] (or
+    [L, r, D] with transpose_w), idx_flat [T*k] -> partial sums [splits, T*k, R] float32."""
+    depth = x.shape[1]
+    rank_p = _pow2_at_least(rank)
+    pairs = idx_flat.shape[0]
+    total_chunks = _cdiv(depth, block_k)
+    # Enough programs to cover the GPU (~128) while keeping each split at least one chunk long.
+    splits = 1
+    while splits * 2 <= total_chunks and pairs * splits < 128:
+        splits *= 2
+    chunks = _cdiv(total_chunks, splits)
+    return pl.pallas_call(
+        functools.partial(_shrink_decode_kernel, top_k=top_k, block_k=block_k, chunks=chunks,
+                          depth=depth, rank=rank, rank_p=rank_p, transpose_w=transpose_w),
+        out_shape=jax.ShapeDtypeStruct((splits, pairs, rank_p), jnp.float32),
+        grid=(pairs, splits),
+        interpret=interpret,
+        compiler_params=_compiler_params(4, 2),
+        name="grouped_lora_shrink_decode",
+    )(idx_flat, x, w)
+
+
 def _expand_decode_kernel(idx_ref, w_ref, s_ref, part_ref, b_ref, *rest, top_k, block_n, width, rank,
-                          rank_p, has_base):
-    out_ref = rest[-1]
+                          rank_p, has_base, has_dots, poisoned, transpose_w):
+    base_ref = rest[0] if has_base else None
+    xa_ref = rest[has_base] if has_dots else None
+    out_ref, *dot_refs = rest[has_base + has_dots + poisoned:]
     t = pl.program_id(0)
-    cols = pl.program_id(1) * block_n + jnp.arange(block_n, dtype=jnp.int32)
+    n = pl.program_id(1)
+    cols = n * block_n + jnp.arange(block_n, dtype=jnp.int32)
     in_n = cols < width
     rk = jnp.arange(rank_p, dtype=jnp.int32)
     acc = jnp.zeros((block_n,), jnp.float32)
     for slot in range(top_k):
         p = t * top_k + slot
         e = idx_ref[p]
-        coef = w_ref[p].astype(jnp.float32) * s_ref[e].astype(jnp.float32)
-        acc = add_adapter_row(acc, jnp.sum(part_ref[:, p, :], axis=0) * coef, b_ref, e, rk, rank, cols, in_n)
-    store_row(out_ref, rest[0] if has_base else None, t, cols, in_n, acc)
+        scale = s_ref[e].astype(jnp.float32)
+        part = jnp.sum(part_ref[:, p, :], axis=0)
+        acc = add_adapter_row(acc, part * (w_ref[p].astype(jnp.float32) * scale), b_ref, e, rk, rank, cols,
+                              in_n, transpose_w=transpose_w)
+        if has_dots:  # the backward's <xa, gB> per pair (and s times it), written by the first column block
+            raw = jnp.sum(jnp.sum(xa_ref[:, p, :], axis=0) * part)
+            at_p = p + jnp.zeros((1,), jnp.int32)
+            first = jnp.broadcast_to(n == 0, (1,))
+            _store(dot_refs[0], (at_p,), jnp.broadcast_to(raw, (1,)), first)
+            _store(dot_refs[1], (at_p,), jnp.broadcast_to(raw * scale, (1,)), first)
+    store_row(out_ref, base_ref, t, cols, in_n, acc)
 
 
-def add_adapter_row(acc, xa, b_ref, e, rk, rank, cols, in_n):
-    """acc [bn] + xa [R] @ lora_b[e][:, cols] for one token (decode expands). xa is rounded to
-    lora_b's dtype first, as the XLA reference rounds the scaled x @ A before its second product."""
+def add_adapter_row(acc, xa, b_ref, e, rk, rank, cols, in_n, transpose_w=False):
+    """acc [bn] + xa [R] @ lora_b[e][:, cols] for one token (decode expands); with transpose_w, b_ref is
+    a lora_a [L, width, r] read as lora_a[e][cols, :]^T. xa is rounded to the weight's dtype first, as
+    the XLA reference rounds the scaled x @ A before its second product."""
     xa = xa.astype(b_ref.dtype).astype(jnp.float32)
-    bt = _load(b_ref, (e, rk[:, None], cols[None, :]), (rk < rank)[:, None] & in_n[None, :])
+    mask = (rk < rank)[:, None] & in_n[None, :]
+    idx = (e, cols[None, :], rk[:, None]) if transpose_w else (e, rk[:, None], cols[None, :])
+    bt = _load(b_ref, idx, mask)
     return acc + jnp.sum(xa[:, None] * bt.astype(jnp.float32), axis=0)
 
 
@@ -395,50 +437,106 @@ def store_row(out_ref, base_ref, t, cols, in_n, acc):
     _store(out_ref, (t, cols), acc.astype(out_ref.dtype), in_n)
 
 
-def _forward_decode(x, lora_a, lora_b, scaling, expert_idx, expert_weight, *, block_k, block_n, interpret,
-                    base=None, poison=False):
-    num_tokens, depth = x.shape
-    top_k = expert_idx.shape[1]
-    num_adapters, _, rank = lora_a.shape
-    width = lora_b.shape[2]
-    rank_p = _pow2_at_least(rank)
-    pairs = num_tokens * top_k
-    total_chunks = _cdiv(depth, block_k)
-    # Enough programs to cover the GPU (~128) while keeping each split at least one chunk long.
-    splits = 1
-    while splits * 2 <= total_chunks and pairs * splits < 128:
-        splits *= 2
-    chunks = _cdiv(total_chunks, splits)
-    idx_flat = expert_idx.reshape(-1).astype(jnp.int32)
-    part = pl.pallas_call(
-        functools.partial(_shrink_decode_kernel, top_k=top_k, block_k=block_k, chunks=chunks,
-                          depth=depth, rank=rank, rank_p=rank_p),
-        out_shape=jax.ShapeDtypeStruct((splits, pairs, rank_p), jnp.float32),
-        grid=(pairs, splits),
-        interpret=interpret,
-        compiler_params=_compiler_params(4, 2),
-        name="grouped_lora_shrink_decode",
-    )(idx_flat, x, lora_a)
-    kernel = functools.partial(_expand_decode_kernel, top_k=top_k, block_n=block_n, width=width, rank=rank,
-                               rank_p=rank_p, has_base=base is not None)
-    args = [idx_flat, expert_weight.reshape(-1), scaling, part, lora_b]
-    aliases = {}
+def _expand_decode(idx_flat, expert_weight, scaling, part, w, *, num_tokens, rank, transpose_w, out_dtype,
+                   block_n, interpret, base=None, dots_with=None, poison=False):
+    """[base +] sum_j w[t, j] s[e] (sum of part's splits) @ w[e] per token: part [splits, T*k, R],
+    w [L, r, width] (or [L, width, r] with transpose_w) -> [T, width], the k slots summed in registers.
+
+    dots_with: the forward's partial sums [splits, T*k, R]; given, the kernel also returns each pair's
+    <xa, part> and s[e] * <xa, part> ([T*k] float32 each: the backward's d scaling and d expert_weight
+    terms), which saves the backward two small launches."""
+    top_k = idx_flat.shape[0] // num_tokens
+    width = w.shape[1] if transpose_w else w.shape[2]
+    args = [idx_flat, expert_weight.reshape(-1), scaling, part, w]
+    out_shape = [jax.ShapeDtypeStruct((num_tokens, width), out_dtype)]
     if base is not None:
         args.append(base)
-        aliases = {len(args) - 1: 0}
-    elif poison:
-        args.append(jnp.full((num_tokens, width), jnp.nan, x.dtype))
-        aliases = {len(args) - 1: 0}
-        kernel = _drop_arg(kernel)
-    return pl.pallas_call(
+    if dots_with is not None:
+        args.append(dots_with)
+        out_shape += [jax.ShapeDtypeStruct((idx_flat.shape[0],), jnp.float32)] * 2
+    poisoned = base is None and poison
+    if poisoned:
+        args.append(jnp.full((num_tokens, width), jnp.nan, out_dtype))
+    kernel = functools.partial(_expand_decode_kernel, top_k=top_k, block_n=block_n, width=width, rank=rank,
+                               rank_p=part.shape[2], has_base=base is not None, has_dots=dots_with is not None,
+                               poisoned=poisoned, transpose_w=transpose_w)
+    # The output starts as base (added in the kernel) or as the poisoned buffer.
+    aliases = {5: 0} if base is not None else ({len(args) - 1: 0} if poisoned else {})
+    outs = pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((num_tokens, width), x.dtype),
+        out_shape=out_shape,
         grid=(num_tokens, _cdiv(width, block_n)),
         input_output_aliases=aliases,
         interpret=interpret,
         compiler_params=_compiler_params(4, 2),
         name="grouped_lora_expand_decode",
     )(*args)
+    return outs[0] if dots_with is None else tuple(outs)
+
+
+def _forward_decode(x, lora_a, lora_b, scaling, expert_idx, expert_weight, *, block_k, block_n, interpret,
+                    base=None, poison=False):
+    """The decode path's output [T, d_out] and its shrink's partial sums [splits, T*k, R] float32
+    (unscaled x @ lora_a[e] per pair once summed: what the backward needs for d expert_weight)."""
+    top_k = expert_idx.shape[1]
+    rank = lora_a.shape[2]
+    idx_flat = expert_idx.reshape(-1).astype(jnp.int32)
+    part = _shrink_decode(x, lora_a, idx_flat, top_k=top_k, rank=rank, transpose_w=False, block_k=block_k,
+                          interpret=interpret)
+    out = _expand_decode(idx_flat, expert_weight, scaling, part, lora_b, num_tokens=x.shape[0], rank=rank,
+                         transpose_w=False, out_dtype=x.dtype, block_n=block_n, interpret=interpret, base=base,
+                         poison=poison)
+    return out, part
+
+
+def _decode_backward(cfg, res, g, need):
+    """Backward of the decode path, per (token, slot) pair like its forward:
+        gB = g[t] @ lora_b[e]^T      (`_shrink_decode`, weight read transposed)
+        dx = sum_j (w s gB) @ lora_a[e]^T   (`_expand_decode`, weight read transposed)
+        d expert_weight = s <xa, gB>, d scaling = sum w <xa, gB>   (<xa, gB> in the dx kernel)
+    dA / dB (MixLoRA), when asked for, as two XLA GEMMs over the [T, L*r] one-hot layout (few tokens)."""
+    lora_a, lora_b, scaling, expert_idx, expert_weight = res["a"], res["b"], res["s"], res["idx"], res["w"]
+    num_adapters, depth, rank = lora_a.shape
+    num_tokens, top_k = expert_idx.shape
+    dtype = lora_a.dtype
+    idx_flat = expert_idx.reshape(-1)
+    coef = expert_weight.reshape(-1).astype(jnp.float32) * scaling.astype(jnp.float32)[idx_flat]  # [T*k]
+    dx = da = db = ds = dw = None
+
+    def one_hot_layout(rows):  # rows [T*k, r] -> [T, L, r] in dtype, each pair's row at its adapter
+        dense = jnp.zeros((num_tokens, num_adapters, rank), jnp.float32)
+        tok = jnp.arange(num_tokens * top_k, dtype=jnp.int32) // top_k
+        return dense.at[tok, idx_flat].add(rows).astype(dtype)
+
+    if need & {"x", "a", "s", "w"}:
+        gb_part = _shrink_decode(g, lora_b, idx_flat, top_k=top_k, rank=rank, transpose_w=True,
+                                 block_k=cfg.block_k_decode, interpret=cfg.interpret)
+        raw = scaled = None  # [T*k]: <xa, gB> per pair, and s[e] times it
+        if "x" in need:
+            dx = _expand_decode(idx_flat, expert_weight, scaling, gb_part, lora_a, num_tokens=num_tokens,
+                                rank=rank, transpose_w=True, out_dtype=dtype, block_n=cfg.block_n_decode,
+                                interpret=cfg.interpret, poison=cfg.poison,
+                                dots_with=res["part"] if need & {"s", "w"} else None)
+            if need & {"s", "w"}:
+                dx, raw, scaled = dx
+        gb = jnp.sum(gb_part, axis=0)[:, :rank]  # [T*k, r]
+        if "a" in need:
+            da = jnp.einsum("td,tlr->ldr", res["x"], one_hot_layout(gb * coef[:, None]),
+                            preferred_element_type=jnp.float32, precision=_precision(dtype)).astype(dtype)
+        if need & {"s", "w"}:
+            if raw is None:
+                raw = jnp.sum(jnp.sum(res["part"], axis=0) * jnp.sum(gb_part, axis=0), axis=-1)
+            raw = raw.reshape(num_tokens, top_k)
+            if "w" in need and scaled is not None:  # s[e] <xa, gB> is d expert_weight, from the kernel
+                dw = scaled.reshape(num_tokens, top_k).astype(expert_weight.dtype)
+                ds = _routing_grads(raw, expert_idx, expert_weight, scaling, need - {"w"})[0]
+            else:
+                ds, dw = _routing_grads(raw, expert_idx, expert_weight, scaling, need)
+    if "b" in need:
+        xa = jnp.sum(res["part"], axis=0)[:, :rank]  # [T*k, r] float32, unscaled
+        db = jnp.einsum("tlr,to->lro", one_hot_layout(xa * coef[:, None]), g,
+                        preferred_element_type=jnp.float32, precision=_precision(dtype)).astype(dtype)
+    return dx, da, db, ds, dw
 
 
 # ------------------------------------------------------------------------------------------------
@@ -639,7 +737,8 @@ def _dense_backward(cfg, res, g, need):
                             precision=_precision(dtype)).astype(dtype)
         if need & {"s", "w"}:
             raw_all = jnp.sum((xa * gb).reshape(num_tokens, num_adapters, rank), axis=-1)  # [T, L]
-            ds, dw = _routing_grads(raw_all, expert_idx, expert_weight, scaling, need)
+            ds, dw = _routing_grads(jnp.take_along_axis(raw_all, expert_idx, axis=1), expert_idx, expert_weight,
+                                    scaling, need)
     if "b" in need:
         coef = dense_routing_weights(expert_idx, expert_weight, scaling)
         xas = (xa.reshape(num_tokens, num_adapters, rank) * coef[:, :, None]).astype(dtype)
@@ -648,11 +747,9 @@ def _dense_backward(cfg, res, g, need):
     return dx, da, db, ds, dw
 
 
-def _routing_grads(raw_all, expert_idx, expert_weight, scaling, need):
-    """d scaling [L] and d expert_weight [T, k] (None unless in need) from raw_all [T, L] float32,
-    every adapter's <x @ lora_a[e], g @ lora_b[e]^T> per token (the gradient of the dense routing
-    weights)."""
-    raw = jnp.take_along_axis(raw_all, expert_idx, axis=1)  # [T, k]
+def _routing_grads(raw, expert_idx, expert_weight, scaling, need):
+    """d scaling [L] and d expert_weight [T, k] (None unless in need) from raw [T, k] float32, each
+    pair's <x @ lora_a[e], g @ lora_b[e]^T> (the gradient of its unscaled routing weight)."""
     dw = ds = None
     if "w" in need:
         dw = (raw * scaling.astype(jnp.float32)[expert_idx]).astype(expert_weight.dtype)
@@ -667,8 +764,8 @@ def _concat_fwd(x, lora_a, lora_b, scaling, expert_idx, expert_weight, base, cfg
     every adapter side by side."""
     weights = dense_routing_weights(expert_idx, expert_weight, scaling)
     a_cat, b_cat = concat_weights(lora_a, lora_b)
-    out, h, h_masked = concat_forward(x, a_cat, b_cat, weights, base if cfg.has_base else None)
-    res = dict(a_cat=a_cat, b_cat=b_cat, weights=weights, h=h, h_masked=h_masked, s=scaling, idx=expert_idx,
+    out, h = concat_forward(x, a_cat, b_cat, weights, base if cfg.has_base else None)
+    res = dict(a_cat=a_cat, b_cat=b_cat, weights=weights, h=h, s=scaling, idx=expert_idx,
                w=expert_weight, need=need)
     if "a" in need:
         res["x"] = x
@@ -681,14 +778,15 @@ def _concat_bwd(res, g, need):
     depth, rank, width = a_cat.shape[0], a_cat.shape[1] // num_adapters, b_cat.shape[1]
     want = (need & {"x", "a", "b"}) | ({"weights"} if need & {"s", "w"} else set())
     dx, da, db, raw_all = concat_backward(g.astype(a_cat.dtype), res.get("x"), a_cat, b_cat, res["weights"],
-                                          res["h"], res["h_masked"], want)
+                                          res["h"], want)
     if da is not None:
         da = da.reshape(depth, num_adapters, rank).transpose(1, 0, 2)
     if db is not None:
         db = db.reshape(num_adapters, rank, width)
     ds = dw = None
     if raw_all is not None:
-        ds, dw = _routing_grads(raw_all, res["idx"], res["w"], scaling, need)
+        ds, dw = _routing_grads(jnp.take_along_axis(raw_all, res["idx"], axis=1), res["idx"], res["w"], scaling,
+                                need)
     return dx, da, db, ds, dw
 
 
@@ -702,7 +800,7 @@ class Config:
     """Static kernel choices (hashable; a `nondiff_argnums` argument of the custom VJP)."""
 
     path: str  # forward path when not differentiated: "sorted", "dense" or "decode"
-    grad_path: str  # forward + backward path under differentiation: "concat", "sorted" or "dense"
+    grad_path: str  # forward + backward path under differentiation: "concat", "sorted", "dense" or "decode"
     block_t: int
     block_k: int
     block_n: int
@@ -734,7 +832,7 @@ def _primal(x, lora_a, lora_b, scaling, expert_idx, expert_weight, base, cfg):
     kw = dict(interpret=cfg.interpret, base=base if cfg.has_base else None, poison=cfg.poison)
     if cfg.path == "decode":
         return _forward_decode(x, lora_a, lora_b, scaling, expert_idx, expert_weight,
-                               block_k=cfg.block_k_decode, block_n=cfg.block_n_decode, **kw)
+                               block_k=cfg.block_k_decode, block_n=cfg.block_n_decode, **kw)[0]
     if cfg.path == "dense":
         return _dense_forward(x, lora_a, lora_b, scaling, expert_idx, expert_weight, base, cfg)[0]
     return _sorted_forward(x, lora_a, lora_b, scaling, expert_idx, expert_weight, base, cfg)[0]
@@ -757,6 +855,11 @@ def _fwd(x, lora_a, lora_b, scaling, expert_idx, expert_weight, base, cfg):
     if cfg.grad_path == "dense":
         out, xa = _dense_forward(xv, av, bv, sv, iv, wv, basev, cfg)
         res = dict(xa=xa, a=av, b=bv, s=sv, idx=iv, w=wv, need=need)
+    elif cfg.grad_path == "decode":
+        out, part = _forward_decode(xv, av, bv, sv, iv, wv, block_k=cfg.block_k_decode,
+                                    block_n=cfg.block_n_decode, interpret=cfg.interpret,
+                                    base=basev if cfg.has_base else None, poison=cfg.poison)
+        res = dict(part=part, a=av, b=bv, s=sv, idx=iv, w=wv, need=need)
     else:
         out, plan, coef, xa = _sorted_forward(xv, av, bv, sv, iv, wv, basev, cfg)
         res = dict(plan=plan, coef=coef, xa=xa, a=av, b=bv, s=sv, idx=iv, w=wv, need=need)
@@ -774,8 +877,9 @@ def _bwd(cfg, res, g):
         return dx, da, db, ds, None, dw, (g.astype(res["a_cat"].dtype) if "base" in need else None)
     dtype = res["a"].dtype  # == x.dtype (the wrapper casts the LoRAs to x's dtype)
     g = g.astype(dtype)
-    if cfg.grad_path == "dense":
-        dx, da, db, ds, dw = _dense_backward(cfg, res, g, need)
+    if cfg.grad_path in ("dense", "decode"):
+        backward = _dense_backward if cfg.grad_path == "dense" else _decode_backward
+        dx, da, db, ds, dw = backward(cfg, res, g, need)
         return dx, da, db, ds, None, dw, (g if "base" in need else None)
     lora_a, lora_b, scaling, expert_idx, expert_weight = res["a"], res["b"], res["s"], res["idx"], res["w"]
     plan, coef, xa = res["plan"], res["coef"], res["xa"]
@@ -798,11 +902,7 @@ def _bwd(cfg, res, g):
             num_rows = plan.rows.shape[0]
             slot = jnp.arange(num_rows, dtype=jnp.int32) // (num_rows // top_k)
             raw = jnp.zeros((num_tokens, top_k), jnp.float32).at[plan.rows, slot].set(raw, mode="drop")
-            if "w" in need:
-                dw = (raw * scaling.astype(jnp.float32)[expert_idx]).astype(expert_weight.dtype)
-            if "s" in need:
-                ds = jnp.zeros((num_adapters,), jnp.float32).at[expert_idx].add(
-                    raw * expert_weight.astype(jnp.float32)).astype(scaling.dtype)
+            ds, dw = _routing_grads(raw, expert_idx, expert_weight, scaling, need)
     if "b" in need:
         dbt = _tgmm(plan, g, xa * coef[:, None], num_adapters=num_adapters, rank=rank, out_dtype=dtype,
                     block_t=cfg.block_t, block_n=cfg.block_n_tgmm, interpret=cfg.interpret,
@@ -835,7 +935,15 @@ _grouped_lora.defvjp(_fwd, _bwd, symbolic_zeros=True)
 #   T 256: 0.069 / 0.095 vs 0.083 / 0.184), sorted every row from 7.3M up (r 16, T 16384: 0.395 /
 #   0.830 vs 0.427 / 0.860; r 64, T 4096: 0.209 / 0.402 vs 0.380 / 0.807). One exception below the
 #   bound: T = 1, r = 64, d_out 4096 (sorted 0.042 vs 0.052; at d_out 14336 concat won, 0.062 vs 0.072).
+#   Up to 16 tokens the decode path's own backward beats concat (session 11, H200, f+b in ms at d_out
+#   4096 / 14336): T = 1, r = 8: 0.0071 / 0.0114 vs 0.0137 / 0.0147; r = 64: 0.0101 / 0.0155 vs 0.0519 /
+#   0.0622; T = 16, r = 8: 0.0096 vs 0.0165 (d_out 4096); r = 64: 0.0214 / 0.0425 vs 0.0384 / 0.0576.
+#   At T = 256 it lost every row (0.065-0.356 vs 0.030-0.095): each pair re-reads its adapters.
+# * Decode tiles (`decode_block_k`): with 16 or more pairs, 512-wide depth chunks (fewer serial
+#   chunks per program); T = 16, d_out 4096, r = 8: layer 0.0186 vs 0.0225 ms at 128, f+b 0.0096 vs
+#   0.0138. At one token, chunks of at most 8192 elements: r = 64 at 128 (layer 0.0178 vs 0.0193 at 512).
 DECODE_MAX_TOKENS = 32
+DECODE_GRAD_MAX_TOKENS = 16
 CONCAT_GRAD_MAX_WORK = 1 << 22  # T * L * r
 
 
@@ -847,7 +955,16 @@ def auto_path(num_tokens, rank, num_adapters=28):
 
 def auto_grad_path(num_tokens, rank, num_adapters=28):
     """Forward + backward path under differentiation."""
+    if num_tokens <= DECODE_GRAD_MAX_TOKENS:
+        return "decode"
     return "concat" if num_tokens * num_adapters * rank <= CONCAT_GRAD_MAX_WORK else "sorted"
+
+
+def decode_block_k(num_tokens, top_k, rank):
+    """Depth chunk of the decode kernels' split-K vector products (see the measurements above)."""
+    if num_tokens * top_k >= 16:
+        return 512
+    return min(512, max(128, 8192 // _pow2_at_least(rank)))
 
 
 def default_config(num_tokens, top_k, num_adapters, rank, *, path="auto", interpret=None, poison=False,
@@ -858,13 +975,13 @@ def default_config(num_tokens, top_k, num_adapters, rank, *, path="auto", interp
         path, grad_path = auto_path(num_tokens, rank, num_adapters), auto_grad_path(num_tokens, rank, num_adapters)
     elif path not in ("sorted", "decode", "dense"):
         raise ValueError(f"path must be 'auto', 'sorted', 'dense' or 'decode', got {path!r}")
-    else:  # an explicit path: "dense" differentiates through the dense kernels, the others the sorted plan
-        grad_path = "dense" if path == "dense" else "sorted"
+    else:  # an explicit path is also the path differentiated through
+        grad_path = path
     # Token tile: 64 when adapters average >= 64 pairs, else smaller to cut padding (>= 16 for dots).
     per_adapter = num_tokens * top_k / max(num_adapters, 1)
     block_t = 64 if per_adapter >= 64 else (32 if per_adapter >= 24 else 16)
     cfg = dict(path=path, grad_path=grad_path, block_t=block_t, block_k=64, block_n=128, block_n_tgmm=64,
-               block_k_decode=128,
+               block_k_decode=decode_block_k(num_tokens, top_k, rank),
                block_n_decode=256, block_t_dense=64, block_c_dense=256, block_k_dense=64,
                interpret=bool(interpret),
                poison=bool(poison), has_base=bool(has_base))
@@ -898,9 +1015,8 @@ def grouped_lora_pallas(
     base: optional [T, d_out] added in the kernel's epilogue (out = base + delta; the layer's
     x @ kernel), which saves a separate read-add-write pass over the output.
     path: "sorted", "dense", "decode" or "auto" (`auto_path` when not differentiated, `auto_grad_path`
-    under differentiation); an explicit "dense" is also differentiated densely, "sorted"/"decode" through
-    the sorted plan. interpret: defaults to True on
-    CPU. poison (tests): outputs start as NaN so unwritten elements show. blocks: block_t, block_k,
+    under differentiation); an explicit path is also the one differentiated through. interpret:
+    defaults to True on CPU. poison (tests): outputs start as NaN so unwritten elements show. blocks: block_t, block_k,
     block_n, block_n_tgmm, block_k_decode, block_n_decode, block_t_dense, block_c_dense, block_k_dense.
     """
     num_tokens = x.shape[0]

@@ -287,19 +287,22 @@ def columns(variants=False):
         cols["pallas_decode"] = pallas_layer(path="decode")
         cols["pallas_fb_sorted"] = routed_fwd_bwd(pallas_delta(path="sorted"))
         cols["pallas_fb_dense"] = routed_fwd_bwd(pallas_delta(path="dense"))
+        cols["pallas_fb_decode"] = routed_fwd_bwd(pallas_delta(path="decode"))
     return cols
 
 
 # Paths the auto rule chooses among; the "best" column of the compact table is the fastest of these.
 LAYER_PATHS = ("pallas_sorted", "pallas_dense", "pallas_decode")
-FB_PATHS = ("pallas_fb_sorted", "pallas_fb_dense")
+FB_PATHS = ("pallas_fb_sorted", "pallas_fb_dense", "pallas_fb_decode")
 
 
 # ------------------------------------------------------------------------------------------------
 # GPU correctness check
 
 
-def check(log):
+def check(log, paths=None):
+    """The Pallas paths (all, or those in `paths`) against the float32 XLA reference, outputs and
+    gradients, on this GPU."""
     rng = np.random.default_rng()
     ok = True
     cases = [  # (T, d_in, d_out, r, k, dtype, path)
@@ -307,6 +310,8 @@ def check(log):
         (16, 4096, 14336, 8, 2, jnp.bfloat16, "auto"),
         (300, 4096, 4096, 16, 2, jnp.bfloat16, "auto"),
         (300, 4096, 4096, 16, 2, jnp.bfloat16, "decode"),
+        (1, 4096, 4096, 8, 2, jnp.bfloat16, "decode"),
+        (16, 4096, 14336, 64, 2, jnp.bfloat16, "decode"),
         (1000, 200, 333, 7, 3, jnp.float32, "sorted"),
         (37, 130, 90, 128, 1, jnp.float32, "decode"),
         (37, 130, 90, 128, 28, jnp.bfloat16, "sorted"),
@@ -318,6 +323,8 @@ def check(log):
         (1000, 200, 333, 7, 28, jnp.float32, "dense"),
     ]
     for case in cases:
+        if paths and case[-1] not in paths:
+            continue
         try:
             ok &= _check_case(log, rng, *case)
         except Exception:  # noqa: BLE001
@@ -373,6 +380,7 @@ def main():
     parser.add_argument("--variants", action="store_true", help="add Pallas block/path variants")
     parser.add_argument("--check-only", action="store_true")
     parser.add_argument("--no-check", action="store_true")
+    parser.add_argument("--check-paths", default="", help="comma-separated paths the GPU check covers (default all)")
     parser.add_argument("--dout", type=int, default=0, help="only rows with this d_out")
     parser.add_argument("--iters", type=int, default=30)
     parser.add_argument("--only", default="", help="comma-separated column names")
@@ -390,7 +398,7 @@ def main():
     dev = jax.devices()[0]
     log(f"device: {dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}, cupti={_EXT is not None}")
     t0 = time.time()
-    ok = True if args.no_check else check(log)
+    ok = True if args.no_check else check(log, [p for p in args.check_paths.split(",") if p])
     log(f"gpu check {'passed' if ok else 'FAILED'} in {time.time() - t0:.0f}s")
     if args.check_only:
         return 0 if ok else 1
@@ -435,7 +443,7 @@ def main():
                 row["ms"][name] = "n/a"
                 row.setdefault("errors", {})[name] = "skipped: faulted the CUDA context on this row"
                 continue
-            if name == "pallas_decode" and t > args.decode_max_t:
+            if name in ("pallas_decode", "pallas_fb_decode") and t > args.decode_max_t:
                 row["ms"][name] = "skip"
                 continue
             if name == "xla_gather" and t * K * (d_in * r + r * d_out) * 2 > GATHER_LIMIT:
@@ -527,7 +535,8 @@ def main():
              "xla_concat_fb": "concatFB", "lora1_peft": "l1peft", "lora1_fb_bf16": "l1FBbf16",
              "pallas_fb": "palFB", "pallas_fb_lora": "palFB+AB",
              "pallas_sorted": "p_sorted", "pallas_dense": "p_dense", "pallas_decode": "p_decode",
-             "pallas_fb_sorted": "pFB_sort", "pallas_fb_dense": "pFB_dens", "fused_layout": "fusedlay"}
+             "pallas_fb_sorted": "pFB_sort", "pallas_fb_dense": "pFB_dens", "pallas_fb_decode": "pFB_deco",
+             "fused_layout": "fusedlay"}
     hdr = f"{'d_out':>5} {'r':>3} {'T':>6} " + " ".join(f"{short.get(n, n)[:9]:>9}" for n in names)
     hdr += "  lay/l1 fused/l1 lay/peft fused/peft  fb/l1 fb/l1bf16  memMiB(pal/p_sorted/p_dense/dense/gather)"
     table = [f"device: {dev.device_kind}; ms (CUPTI kernel time, median of {args.iters}); bf16, L={L}, k={K}", hdr]

@@ -94,7 +94,7 @@ GRAD_CASES = [CASES[0], CASES[2], CASES[3], CASES[5], CASES[6]]
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 # auto: the "concat" grad path here (small T); xla_concat: the XLA formulation with its own custom VJP
-@pytest.mark.parametrize("path", ["sorted", "dense", "auto", "xla_concat"])
+@pytest.mark.parametrize("path", ["sorted", "dense", "decode", "auto", "xla_concat"])
 @pytest.mark.parametrize("case", GRAD_CASES, ids=[f"T{c[0]}_L{c[3]}_r{c[4]}_k{c[5]}_{c[6]}" for c in GRAD_CASES])
 def test_gradients_match_autodiff_of_reference(case, path, dtype):
     """Every gradient within TOL of the float32 reference's, relative to its norm. In bfloat16 the
@@ -136,6 +136,26 @@ def test_gradients_match_autodiff_of_reference(case, path, dtype):
         assert err <= bound, f"seed={SEED} case={case} path={path}: d{name} rel err {err:.2e}"
 
 
+def test_decode_routing_gradients_without_dx():
+    """The decode path computes d expert_weight / d scaling inside its dx kernel; asked for them alone
+    (x not differentiated) it takes them from XLA ops instead. Both against the float32 reference."""
+    case = (9, 40, 33, 6, 5, 2)
+    x, a, b, s, idx, w, _ = _inputs((_salt(case), 3), *case, jnp.float32)
+    g = jnp.asarray(_rng(_salt(case), 4).standard_normal((case[0], case[2])), jnp.float32)
+
+    def loss(fn):
+        return lambda x, s, w: jnp.sum(fn(x, a, b, s, idx, w) * g)
+
+    pallas = lambda *v: grouped_lora_pallas(*v, path="decode", interpret=True, **SMALL)  # noqa: E731
+    with jax.default_matmul_precision("highest"):
+        want = jax.grad(loss(grouped_lora_dense), argnums=(1, 2))(x, s, w)
+    for argnums in ((1, 2), (0, 1, 2)):
+        got = jax.jit(jax.grad(loss(pallas), argnums=argnums))(x, s, w)[-2:]
+        for name, u, v in zip(("scaling", "expert_weight"), want, got):
+            err = _rel(v, u)
+            assert err <= TOL[jnp.float32], f"seed={SEED} argnums={argnums}: d{name} rel err {err:.2e}"
+
+
 def test_lora_gradients_only_when_asked():
     x, a, b, s, idx, w, _ = _inputs((7,), 21, 20, 18, 4, 3, 2, jnp.float32)
 
@@ -150,8 +170,9 @@ def test_lora_gradients_only_when_asked():
         lambda x, w, a, b: loss(x, w, jax.lax.stop_gradient(a), b), argnums=(0, 1, 2, 3)))(x, w, a, b))
     assert 0 < frozen.count("grouped_lora_tgmm") < mixlora.count("grouped_lora_tgmm")  # dB only
     # dA / dB are two extra XLA dot_generals. Without them the dense path has the 4 in its kernels'
-    # bodies (shrink and expand, forward and backward), the concat grad path (auto here) 4 XLA GEMMs.
-    for path, gate_only_dots in (("dense", 4), ("auto", 4)):
+    # bodies (shrink and expand, forward and backward), the concat grad path (auto here) 4 XLA GEMMs,
+    # the decode path none (its kernels multiply and sum per token).
+    for path, gate_only_dots in (("dense", 4), ("auto", 4), ("decode", 0)):
         fn = lambda *v, path=path: loss(*v, path=path)  # noqa: E731
         gate_only = str(jax.make_jaxpr(jax.grad(fn, argnums=(0, 1)))(x, w, a, b)).count("dot_general")
         mixlora = str(jax.make_jaxpr(jax.grad(fn, argnums=(0, 1, 2, 3)))(x, w, a, b)).count("dot_general")
@@ -161,14 +182,17 @@ def test_lora_gradients_only_when_asked():
 def test_auto_paths():
     from pallas_kernels.grouped_lora_pallas import default_config
 
-    cases = [(16, 8), (16, 64), (256, 64), (16384, 8), (4096, 16), (16384, 16), (4096, 64)]
+    cases = [(16, 8), (16, 64), (32, 8), (256, 64), (16384, 8), (4096, 16), (16384, 16), (4096, 64)]
     paths = {(t, r): (c.path, c.grad_path) for t, r in cases for c in [default_config(t, 2, 28, r)]}
-    assert paths == {(16, 8): ("decode", "concat"), (16, 64): ("decode", "concat"),
+    assert paths == {(16, 8): ("decode", "decode"), (16, 64): ("decode", "decode"), (32, 8): ("decode", "concat"),
                      (256, 64): ("sorted", "concat"), (16384, 8): ("sorted", "concat"),
                      (4096, 16): ("sorted", "concat"), (16384, 16): ("sorted", "sorted"),
                      (4096, 64): ("sorted", "sorted")}
     assert default_config(4096, 2, 28, 8, path="dense").grad_path == "dense"
-    assert default_config(16, 2, 28, 8, path="decode").grad_path == "sorted"
+    assert default_config(16, 2, 28, 8, path="decode").grad_path == "decode"
+    # decode depth chunks: 512 from 16 pairs up; at fewer, at most 8192 elements of lora_a per chunk
+    assert [default_config(t, 2, 28, r).block_k_decode for t, r in ((16, 64), (1, 8), (1, 64), (1, 128))] == \
+        [512, 512, 128, 128]
 
 
 def test_under_scan_and_remat():
