@@ -31,14 +31,18 @@ not differentiated, and the path whose forward saves residuals for the backward 
 differentiation there is one more path, "concat" (`grouped_lora_xla.concat_forward` /
 `concat_backward`): the dense products as four plain XLA GEMMs over every adapter's weights side
 by side (A_cat [d_in, L*r], B_cat [L*r, d_out]), compute-dtype operands with float32 accumulation.
-No Pallas kernel: the library GEMMs beat ours there. `auto_grad_path` picks it while T * L * r is
-small enough that its L/k-fold flops cost less than the sorted path's plan and per-slot passes.
+No Pallas kernel: the library GEMMs beat ours there. `auto_grad_path` picks decode for up to 16
+tokens, then concat while T * L * r is small enough that its L/k-fold flops cost less than the sorted
+path's plan and per-slot passes, then sorted.
 
-Backward of the sorted/decode paths (custom VJP, through the sorted plan): with g = d out,
+Backward of the sorted path (custom VJP, through the sorted plan): with g = d out,
     gB   = g[rows] @ lora_b[e]^T                (`_shrink` with the weight read transposed)
     dx   = sum_j (w s gB) @ lora_a[e]^T           (`_expand` with the weight read transposed)
     dw   = s * <xa, gB>,  dscaling = sum w <xa, gB>   (XLA, on [T*k, R])
     dA[e] = x[rows]^T (w s gB),  dB[e] = (w s xa)^T g[rows]   (`_tgmm`, per adapter and block)
+Backward of the decode path (`_decode_backward`): the same gB and dx per (token, slot) pair, with
+the decode kernels reading the weight transposed; the dx kernel also returns <xa, gB> per pair, so
+d expert_weight costs no launch of its own; dA / dB as two small XLA GEMMs when asked for.
 Backward of the dense path (`_dense_backward`): gB = g @ B_flat^T (dense shrink, transposed weight),
 dx = (coef gB) @ A_flat^T (dense expand), dw / dscaling from <xa, gB> per selected adapter (XLA, with
 the forward's saved xa), dA / dB as two XLA GEMMs when asked for.
@@ -939,10 +943,12 @@ _grouped_lora.defvjp(_fwd, _bwd, symbolic_zeros=True)
 #   T 256: 0.069 / 0.095 vs 0.083 / 0.184), sorted every row from 7.3M up (r 16, T 16384: 0.395 /
 #   0.830 vs 0.427 / 0.860; r 64, T 4096: 0.209 / 0.402 vs 0.380 / 0.807). One exception below the
 #   bound: T = 1, r = 64, d_out 4096 (sorted 0.042 vs 0.052; at d_out 14336 concat won, 0.062 vs 0.072).
-#   Up to 16 tokens the decode path's own backward beats concat (session 11, H200, f+b in ms at d_out
-#   4096 / 14336): T = 1, r = 8: 0.0071 / 0.0114 vs 0.0137 / 0.0147; r = 64: 0.0101 / 0.0155 vs 0.0519 /
-#   0.0622; T = 16, r = 8: 0.0096 vs 0.0165 (d_out 4096); r = 64: 0.0214 / 0.0425 vs 0.0384 / 0.0576.
-#   At T = 256 it lost every row (0.065-0.356 vs 0.030-0.095): each pair re-reads its adapters.
+#   Up to 16 tokens the decode path's own backward beats concat (session 11, H200, f+b in ms, d_out 4096
+#   / 14336; docs/benchmarks.md, "H200 run (session 11)"): T = 1, r = 8: 0.0075 / 0.0081 vs 0.0138 /
+#   0.0149; r = 64: 0.0101 / 0.0113 vs 0.0521 / 0.0623; T = 16, r = 8: 0.0096 / 0.0137 vs 0.0163 /
+#   0.0189; r = 64: 0.0235 / 0.0416 vs 0.0389 / 0.0577. At T = 32 it won at d_out 4096 and lost at
+#   14336 (0.0275 vs 0.0264 at r = 16, 0.0763 vs 0.0615 at r = 64); at T = 256 it lost by 1.4-2.4x:
+#   each (token, slot) pair reads its adapter's weights again.
 # * Decode tiles (`decode_block_k`): with 16 or more pairs, 512-wide depth chunks (fewer serial
 #   chunks per program); T = 16, d_out 4096, r = 8: layer 0.0186 vs 0.0225 ms at 128, f+b 0.0096 vs
 #   0.0138. At one token, chunks of at most 8192 elements: r = 64 at 128 (layer 0.0178 vs 0.0193 at 512).
