@@ -447,8 +447,9 @@ def store_row(out_ref, base_ref, t, cols, in_n, acc):
 
 def _expand_decode(idx_flat, expert_weight, scaling, part, w, *, num_tokens, rank, transpose_w, out_dtype,
                    block_n, interpret, base=None, dots_with=None, poison=False):
-    """[base +] sum_j w[t, j] s[e] (sum of part's splits) @ w[e] per token: part [splits, T*k, R],
-    w [L, r, width] (or [L, width, r] with transpose_w) -> [T, width], the k slots summed in registers.
+    """[base +] sum_j expert_weight[t, j] s[e] (sum of part's splits) @ w[e] per token: part
+    [splits, T*k, R], w [L, r, width] (or [L, width, r] with transpose_w) -> [T, width], the k slots
+    summed in registers.
 
     dots_with: the forward's partial sums [splits, T*k, R]; given, the kernel also returns each pair's
     <xa, part> and s[e] * <xa, part> ([T*k] float32 each: the backward's d scaling and d expert_weight
@@ -457,19 +458,20 @@ def _expand_decode(idx_flat, expert_weight, scaling, part, w, *, num_tokens, ran
     width = w.shape[1] if transpose_w else w.shape[2]
     args = [idx_flat, expert_weight.reshape(-1), scaling, part, w]
     out_shape = [jax.ShapeDtypeStruct((num_tokens, width), out_dtype)]
+    aliases = {}  # the output starts as base (added in the kernel) or as the poisoned buffer
     if base is not None:
         args.append(base)
+        aliases = {len(args) - 1: 0}
     if dots_with is not None:
         args.append(dots_with)
         out_shape += [jax.ShapeDtypeStruct((idx_flat.shape[0],), jnp.float32)] * 2
     poisoned = base is None and poison
     if poisoned:
         args.append(jnp.full((num_tokens, width), jnp.nan, out_dtype))
+        aliases = {len(args) - 1: 0}
     kernel = functools.partial(_expand_decode_kernel, top_k=top_k, block_n=block_n, width=width, rank=rank,
                                rank_p=part.shape[2], has_base=base is not None, has_dots=dots_with is not None,
                                poisoned=poisoned, transpose_w=transpose_w)
-    # The output starts as base (added in the kernel) or as the poisoned buffer.
-    aliases = {5: 0} if base is not None else ({len(args) - 1: 0} if poisoned else {})
     outs = pl.pallas_call(
         kernel,
         out_shape=out_shape,
@@ -946,7 +948,8 @@ _grouped_lora.defvjp(_fwd, _bwd, symbolic_zeros=True)
 #   Up to 16 tokens the decode path's own backward beats concat (session 11, H200, f+b in ms, d_out 4096
 #   / 14336; docs/benchmarks.md, "H200 run (session 11)"): T = 1, r = 8: 0.0075 / 0.0081 vs 0.0138 /
 #   0.0149; r = 64: 0.0101 / 0.0113 vs 0.0521 / 0.0623; T = 16, r = 8: 0.0096 / 0.0137 vs 0.0163 /
-#   0.0189; r = 64: 0.0235 / 0.0416 vs 0.0389 / 0.0577. At T = 32 it won at d_out 4096 and lost at
+#   0.0189; r = 64: 0.0235 / 0.0416 vs 0.0389 / 0.0577 (decode with 128 shrink programs; 256, as
+#   committed: 0.0192 / 0.0381). At T = 32 it won at d_out 4096 and lost at
 #   14336 (0.0275 vs 0.0264 at r = 16, 0.0763 vs 0.0615 at r = 64); at T = 256 it lost by 1.4-2.4x:
 #   each (token, slot) pair reads its adapter's weights again.
 # * Decode tiles (`decode_block_k`): with 16 or more pairs, 512-wide depth chunks (fewer serial
@@ -973,7 +976,7 @@ def auto_grad_path(num_tokens, rank, num_adapters=28):
 def decode_block_k(num_tokens, top_k, rank):
     """Depth chunk of the decode kernels' split-K vector products (see the measurements above)."""
     if num_tokens * top_k >= 16:
-        return 512
+        return min(512, 32768 // _pow2_at_least(rank))  # r = 128 (never timed): 256, as a register bound
     return min(512, max(128, 8192 // _pow2_at_least(rank)))
 
 

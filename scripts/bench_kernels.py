@@ -312,6 +312,7 @@ def check(log, paths=None):
         (300, 4096, 4096, 16, 2, jnp.bfloat16, "decode"),
         (1, 4096, 4096, 8, 2, jnp.bfloat16, "decode"),
         (16, 4096, 14336, 64, 2, jnp.bfloat16, "decode"),
+        (9, 4096, 4096, 8, 2, jnp.bfloat16, "decode"),
         (1000, 200, 333, 7, 3, jnp.float32, "sorted"),
         (37, 130, 90, 128, 1, jnp.float32, "decode"),
         (37, 130, 90, 128, 28, jnp.bfloat16, "sorted"),

@@ -146,7 +146,8 @@ def test_decode_routing_gradients_without_dx():
     def loss(fn):
         return lambda x, s, w: jnp.sum(fn(x, a, b, s, idx, w) * g)
 
-    pallas = lambda *v: grouped_lora_pallas(*v, path="decode", interpret=True, **SMALL)  # noqa: E731
+    pallas = lambda *v: grouped_lora_pallas(  # noqa: E731
+        *v, path="decode", poison=True, interpret=True, **SMALL)
     with jax.default_matmul_precision("highest"):
         want = jax.grad(loss(grouped_lora_dense), argnums=(1, 2))(x, s, w)
     for argnums in ((1, 2), (0, 1, 2)):
@@ -190,9 +191,10 @@ def test_auto_paths():
                      (4096, 64): ("sorted", "sorted")}
     assert default_config(4096, 2, 28, 8, path="dense").grad_path == "dense"
     assert default_config(16, 2, 28, 8, path="decode").grad_path == "decode"
-    # decode depth chunks: 512 from 16 pairs up; at fewer, at most 8192 elements of lora_a per chunk
-    assert [default_config(t, 2, 28, r).block_k_decode for t, r in ((16, 64), (1, 8), (1, 64), (1, 128))] == \
-        [512, 512, 128, 128]
+    # decode depth chunks: from 16 pairs up 512 (256 at r = 128); below, at most 8192 elements of lora_a
+    # per chunk
+    assert [default_config(t, 2, 28, r).block_k_decode
+            for t, r in ((16, 64), (16, 128), (1, 8), (1, 64), (1, 128))] == [512, 256, 512, 128, 128]
 
 
 def test_under_scan_and_remat():
