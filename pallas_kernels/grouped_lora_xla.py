@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 
 
 def top_k_routing(
@@ -157,17 +158,27 @@ def _concat_product(x, a_cat, b_cat, weights):  # [T, d_in], [d_in, L*r], [L*r, 
 
 
 def _concat_product_fwd(x, a_cat, b_cat, weights):
-    out, h = concat_forward(x, a_cat, b_cat, weights)
-    return out, (x, a_cat, b_cat, weights, h)
+    # symbolic_zeros=True: each argument arrives as CustomVJPPrimal(value, perturbed), so only the
+    # gradients being taken are built, and x is kept only for d A_cat (MixLoRA). Which ones is kept
+    # in the residuals' tree structure (dict keys), not as data.
+    need = {name: None for name, arg in (("x", x), ("a", a_cat), ("b", b_cat), ("weights", weights))
+            if arg.perturbed}
+    out, h = concat_forward(x.value, a_cat.value, b_cat.value, weights.value)
+    res = dict(a_cat=a_cat.value, b_cat=b_cat.value, weights=weights.value, h=h, need=need)
+    if "a" in need:
+        res["x"] = x.value
+    return out, res
 
 
-def _concat_product_bwd(residuals, g):
-    x, a_cat, b_cat, weights, h = residuals
-    # Every gradient is built; under jit XLA drops the ones nobody uses (dA, dB outside MixLoRA).
-    return concat_backward(g.astype(x.dtype), x, a_cat, b_cat, weights, h, frozenset({"x", "a", "b", "weights"}))
+def _concat_product_bwd(res, g):
+    need = frozenset(res["need"])
+    if isinstance(g, SymbolicZero) or not need:
+        return None, None, None, None
+    return concat_backward(g.astype(res["a_cat"].dtype), res.get("x"), res["a_cat"], res["b_cat"], res["weights"],
+                           res["h"], need)
 
 
-_concat_product.defvjp(_concat_product_fwd, _concat_product_bwd)
+_concat_product.defvjp(_concat_product_fwd, _concat_product_bwd, symbolic_zeros=True)
 
 
 def grouped_lora_gather(

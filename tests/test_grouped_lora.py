@@ -178,6 +178,11 @@ def test_lora_gradients_only_when_asked():
         gate_only = str(jax.make_jaxpr(jax.grad(fn, argnums=(0, 1)))(x, w, a, b)).count("dot_general")
         mixlora = str(jax.make_jaxpr(jax.grad(fn, argnums=(0, 1, 2, 3)))(x, w, a, b)).count("dot_general")
         assert (gate_only, mixlora) == (gate_only_dots, gate_only_dots + 2), path
+    # The XLA concat formulation's own VJP likewise: 4 GEMMs for gate training, 6 for MixLoRA.
+    concat = lambda x, w, a, b: jnp.sum(grouped_lora(x, a, b, s, idx, w, impl="xla_concat") ** 2)  # noqa: E731
+    gate_only = str(jax.make_jaxpr(jax.grad(concat, argnums=(0, 1)))(x, w, a, b)).count("dot_general")
+    mixlora = str(jax.make_jaxpr(jax.grad(concat, argnums=(0, 1, 2, 3)))(x, w, a, b)).count("dot_general")
+    assert (gate_only, mixlora) == (4, 6)
 
 
 def test_auto_paths():
