@@ -350,7 +350,8 @@ def _tgmm(plan, mat, cmp, *, num_adapters, rank, out_dtype, block_t, block_n, in
 # ------------------------------------------------------------------------------------------------
 
 
-DECODE_MIN_PROGRAMS = 256  # split-K programs the decode shrink aims for (two per SM; 128 was 4-14% slower at T = 16, r = 64)
+# Split-K programs the decode shrink aims for: two per SM (128 was 4-14% slower at T = 16, r = 64).
+DECODE_MIN_PROGRAMS = 256
 DECODE_NUM_WARPS = 4
 
 
@@ -535,7 +536,7 @@ def _decode_backward(cfg, res, g, need):
                             preferred_element_type=jnp.float32, precision=_precision(dtype)).astype(dtype)
         if need & {"s", "w"}:
             if raw is None:
-                raw = jnp.sum(jnp.sum(res["part"], axis=0) * jnp.sum(gb_part, axis=0), axis=-1)
+                raw = jnp.sum(jnp.sum(res["part"], axis=0)[:, :rank] * gb, axis=-1)
             raw = raw.reshape(num_tokens, top_k)
             if "w" in need and scaled is not None:  # s[e] <xa, gB> is d expert_weight, from the kernel
                 dw = scaled.reshape(num_tokens, top_k).astype(expert_weight.dtype)
@@ -1029,8 +1030,9 @@ def grouped_lora_pallas(
     x @ kernel), which saves a separate read-add-write pass over the output.
     path: "sorted", "dense", "decode" or "auto" (`auto_path` when not differentiated, `auto_grad_path`
     under differentiation); an explicit path is also the one differentiated through. interpret:
-    defaults to True on CPU. poison (tests): outputs start as NaN so unwritten elements show. blocks: block_t, block_k,
-    block_n, block_n_tgmm, block_k_decode, block_n_decode, block_t_dense, block_c_dense, block_k_dense.
+    defaults to True on CPU. poison (tests): outputs start as NaN so unwritten elements show.
+    blocks: block_t, block_k, block_n, block_n_tgmm, block_k_decode, block_n_decode, block_t_dense,
+    block_c_dense, block_k_dense.
     """
     num_tokens = x.shape[0]
     num_adapters, _, rank = lora_a.shape
