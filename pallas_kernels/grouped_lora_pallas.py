@@ -2,7 +2,7 @@
 
     out[t] = sum_j w[t, j] * scaling[e] * (x[t] @ lora_a[e]) @ lora_b[e],  e = expert_idx[t, j]
 
-Three forward algorithms, all written for Pallas's Triton lowering (GPU) and run with
+Four forward algorithms, all written for Pallas's Triton lowering (GPU) and run with
 `interpret=True` on CPU:
 
 * "sorted" (prefill, training). The T*k (token, slot) pairs are laid out slot by slot; inside a
@@ -19,6 +19,12 @@ Three forward algorithms, all written for Pallas's Triton lowering (GPU) and run
 * "decode" (few tokens): no sort. `_shrink_decode` computes each pair's x[t] @ lora_a[e] as a
   split-K vector product (grid: pairs x splits), `_expand_decode` sums the splits, applies the
   weight and multiplies by the pair's rows of lora_b, summing the k slots in registers.
+* "combo" (large T): the sorted path's plan and shrinks, but one expand pass for all k slots
+  (`_combo_expand`): tokens ordered by the adapters they chose (`_combo_plan`, two counting passes
+  on top of the sorted plan), so a tile of neighbouring tokens uses a few adapters and each
+  program loops over them, gathering every slot's xa row from the pair layout. Each output row is
+  written once, where the sorted expand reads, adds and writes it again for every slot after the
+  first.
 * "dense" (token order, no plan): `_dense_shrink` computes x @ A_flat over all L*r flat adapter
   columns (x read once for every slot; split-K with float32 atomics when there are few tokens), and
   `_dense_expand` combines all k slots of a token tile in one pass over the output: the routing
@@ -33,11 +39,12 @@ differentiation there is one more path, "concat" (`grouped_lora_xla.concat_forwa
 by side (A_cat [d_in, L*r], B_cat [L*r, d_out]), compute-dtype operands with float32 accumulation.
 No Pallas kernel: the library GEMMs beat ours there. `auto_grad_path` picks decode for up to 16
 tokens, then concat while T * L * r is small enough that its L/k-fold flops cost less than the sorted
-path's plan and per-slot passes, then sorted.
+path's plan and per-slot passes, then sorted, and combo from 8192 tokens up.
 
 Backward of the sorted path (custom VJP, through the sorted plan): with g = d out,
     gB   = g[rows] @ lora_b[e]^T                (`_shrink` with the weight read transposed)
-    dx   = sum_j (w s gB) @ lora_a[e]^T           (`_expand` with the weight read transposed)
+    dx   = sum_j (w s gB) @ lora_a[e]^T           (`_expand` with the weight read transposed;
+                                                   the combo path: `_combo_expand`)
     dw   = s * <xa, gB>,  dscaling = sum w <xa, gB>   (XLA, on [T*k, R])
     dA[e] = x[rows]^T (w s gB),  dB[e] = (w s xa)^T g[rows]   (`_tgmm`, per adapter and block)
 Backward of the decode path (`_decode_backward`): the same gB and dx per (token, slot) pair, with
@@ -112,16 +119,18 @@ class Plan:
     tile_expert [k*nts]     adapter of each tile (L for an empty tile)
     tile_start  [k, L]      first tile (global index) of adapter e in slot j
     num_tiles   [k, L]      number of tiles of adapter e in slot j
+    pair_row    [k, T]      padded row of token t's slot j (the inverse of rows)
     """
 
     rows: jax.Array
     tile_expert: jax.Array
     tile_start: jax.Array
     num_tiles: jax.Array
+    pair_row: jax.Array
 
 
 jax.tree_util.register_dataclass(
-    Plan, data_fields=["rows", "tile_expert", "tile_start", "num_tiles"], meta_fields=[]
+    Plan, data_fields=["rows", "tile_expert", "tile_start", "num_tiles", "pair_row"], meta_fields=[]
 )
 
 
@@ -151,7 +160,7 @@ def _routing_plan(expert_idx, num_adapters, block_t):  # expert_idx [T, k]
     rows = rows.at[pos.reshape(-1)].set(tok.reshape(-1), unique_indices=True)
     local = jnp.arange(nts, dtype=jnp.int32)
     tile_expert = jnp.sum(tile_end[:, None, :] <= local[None, :, None], axis=-1, dtype=jnp.int32)
-    return Plan(rows, tile_expert.reshape(-1), tile_start + slot * nts, num_tiles)
+    return Plan(rows, tile_expert.reshape(-1), tile_start + slot * nts, num_tiles, pos)
 
 
 def _row_coef(plan, expert_weight, scaling, block_t):
@@ -514,10 +523,10 @@ def _decode_backward(cfg, res, g, need):
     coef = expert_weight.reshape(-1).astype(jnp.float32) * scaling.astype(jnp.float32)[idx_flat]  # [T*k]
     dx = da = db = ds = dw = None
 
+    tok = jnp.arange(num_tokens * top_k, dtype=jnp.int32) // top_k
+
     def one_hot_layout(rows):  # rows [T*k, r] -> [T, L, r] in dtype, each pair's row at its adapter
-        dense = jnp.zeros((num_tokens, num_adapters, rank), jnp.float32)
-        tok = jnp.arange(num_tokens * top_k, dtype=jnp.int32) // top_k
-        return dense.at[tok, idx_flat].add(rows).astype(dtype)
+        return _one_hot_layout(tok, idx_flat, rows, num_tokens, num_adapters, dtype)
 
     if need & {"x", "a", "s", "w"}:
         gb_part = _shrink_decode(g, lora_b, idx_flat, top_k=top_k, rank=rank, transpose_w=True,
@@ -758,6 +767,163 @@ def _dense_backward(cfg, res, g, need):
     return dx, da, db, ds, dw
 
 
+# ------------------------------------------------------------------------------------------------
+# Combo expand (the sorted path's shrinks, one output pass for all k slots)
+# ------------------------------------------------------------------------------------------------
+#
+# The sorted expand runs once per slot, so every slot after the first reads, adds to and writes the
+# whole [T, W] output again: at T = 16384, d_out 4096 the second slot's pass takes 85 us against the
+# first's 51 (session 11). The combo expand writes each output row once. Tokens are ordered by the
+# adapters they chose (slot 0's, then slot 1's, ...), so a tile of bt neighbouring tokens uses only a
+# few of the L adapters (at T = 16384, L = 28, k = 2, bt = 64: about five). Each program loops over its
+# tile's adapters e:
+#   out[t] = [base[t] +] sum_e (sum_j [idx[t, j] = e] coef[t, j] xa[pair(t, j)]) @ w[e]
+# reading the low-rank rows xa that the sorted shrink left in its (token, slot) pair layout.
+
+
+@dataclasses.dataclass(frozen=True)
+class ComboPlan:
+    """Token tiles of the combo expand; all arrays int32 but coef (float32).
+
+    rows      [nc*bc]     token of each row, tokens ordered by their adapters (T for padding)
+    pair      [k*nc*bc]   each (slot, row)'s row in the sorted plan's pair layout (0 for padding)
+    idx       [k*nc*bc]   each (slot, row)'s adapter (L for padding)
+    coef      [k*nc*bc]   each (slot, row)'s w[t, j] * scaling[e] (0 for padding)
+    adapters  [nc*L]      the adapters tile i uses, ascending, at [i*L, i*L + count[i])
+    count     [nc]        how many adapters tile i uses
+    """
+
+    rows: jax.Array
+    pair: jax.Array
+    idx: jax.Array
+    coef: jax.Array
+    adapters: jax.Array
+    count: jax.Array
+
+
+jax.tree_util.register_dataclass(
+    ComboPlan, data_fields=["rows", "pair", "idx", "coef", "adapters", "count"], meta_fields=[])
+
+
+def _stable_bucket_sort(seq, digit, num_buckets):
+    """seq [P] reordered stably by digit [P] in [0, num_buckets): a counting sort (cumulative one-hot
+    sums, as in `_routing_plan`; XLA's sort of 16384 keys took 32 us on an H200)."""
+    one_hot = (digit[:, None] == jnp.arange(num_buckets, dtype=jnp.int32)).astype(jnp.int32)
+    running = jnp.cumsum(one_hot, axis=0, dtype=jnp.int32)
+    rank = jnp.take_along_axis(running, digit[:, None], axis=1)[:, 0] - 1
+    sizes = running[-1]
+    start = jnp.cumsum(sizes, dtype=jnp.int32) - sizes
+    return jnp.zeros_like(seq).at[start[digit] + rank].set(seq, unique_indices=True)
+
+
+def _combo_plan(plan, coef, expert_idx, num_adapters, block_t):
+    """The combo expand's tiles from the sorted plan (pair rows, coefficients) and expert_idx [T, k].
+
+    Token order: a least-significant-digit radix sort by (slot 0's adapter, slot 1's, ...). The sorted
+    plan's last slot already lists the tokens stably by that slot's adapter; counting passes over
+    slots k-2 .. 0 finish the order (padding rows go to an extra last bucket and are cut; with k = 1
+    one pass over slot 0 does only that)."""
+    num_tokens, top_k = expert_idx.shape
+    num_rows = plan.rows.shape[0] // top_k
+    seq = plan.rows[(top_k - 1) * num_rows:]  # [nts*bt]
+    for slot in range(max(top_k - 2, 0), -1, -1):
+        digit = jnp.where(seq < num_tokens, expert_idx[jnp.minimum(seq, num_tokens - 1), slot], num_adapters)
+        seq = _stable_bucket_sort(seq, digit, num_adapters + 1)
+    num_tiles = _cdiv(num_tokens, block_t)
+    pad = num_tiles * block_t - num_tokens
+    rows = jnp.concatenate([seq[:num_tokens], jnp.full((pad,), num_tokens, jnp.int32)])
+    valid = rows < num_tokens
+    tok = jnp.minimum(rows, num_tokens - 1)
+    pair = jnp.where(valid, plan.pair_row[:, tok], 0)  # [k, nc*bc]
+    idx = jnp.where(valid, expert_idx.T[:, tok], num_adapters)
+    row_coef = jnp.where(valid, coef[pair], 0.0)
+    tile = jnp.arange(num_tiles * block_t, dtype=jnp.int32) // block_t
+    present = jnp.zeros((num_tiles, num_adapters + 1), jnp.bool_).at[tile[None, :], idx].set(True)
+    present = present[:, :num_adapters]
+    place = jnp.where(present, jnp.cumsum(present, axis=1, dtype=jnp.int32) - 1, num_adapters)
+    adapters = jnp.full((num_tiles, num_adapters), num_adapters, jnp.int32).at[
+        jnp.arange(num_tiles)[:, None], place].set(jnp.arange(num_adapters, dtype=jnp.int32)[None, :], mode="drop")
+    count = jnp.sum(present, axis=1, dtype=jnp.int32)
+    return ComboPlan(rows, pair.reshape(-1), idx.reshape(-1), row_coef.reshape(-1), adapters.reshape(-1), count)
+
+
+def _combo_expand_kernel(adapters_ref, count_ref, rows_ref, pair_ref, idx_ref, coef_ref, xa_ref, w_ref, *rest,
+                         top_k, block_t, block_n, num_tokens, num_adapters, width, rank, rank_p, transpose_w,
+                         has_base, precision):
+    out_ref = rest[-1]
+    i = pl.program_id(0)
+    n = pl.program_id(1)
+    num_rows = rows_ref.shape[0]
+    rows = rows_ref[pl.ds(i * block_t, block_t)]
+    valid = rows < num_tokens
+    rk = jnp.arange(rank_p, dtype=jnp.int32)
+    cols = n * block_n + jnp.arange(block_n, dtype=jnp.int32)
+    in_n = cols < width
+    slots = []  # per slot: its adapter [bt] and its scaled low-rank row [bt, R] (float32)
+    for j in range(top_k):
+        at = pl.ds(j * num_rows + i * block_t, block_t)
+        pair = pair_ref[at]
+        xa = _load(xa_ref, (pair[:, None], rk[None, :]), valid[:, None]) * coef_ref[at][:, None]
+        slots.append((idx_ref[at], xa))
+    wmask = (rk < rank)[:, None] & in_n[None, :]
+
+    def body(u, acc):
+        e = adapters_ref[i * num_adapters + u]
+        # A token's slots hold distinct adapters, so at most one term is non-zero: the same bf16
+        # rounding of xa * coef as the sorted expand.
+        h = sum(jnp.where((sel == e)[:, None], xa, 0.0) for sel, xa in slots).astype(w_ref.dtype)
+        if transpose_w:  # w_ref [L, width, r]
+            wt = _load(w_ref, (e, cols[None, :], rk[:, None]), wmask)
+        else:  # w_ref [L, r, width]
+            wt = _load(w_ref, (e, rk[:, None], cols[None, :]), wmask)
+        return acc + jnp.dot(h, wt, preferred_element_type=jnp.float32, precision=precision)
+
+    acc = lax.fori_loop(0, count_ref[i], body, jnp.zeros((block_t, block_n), jnp.float32))
+    idx = (rows[:, None], cols[None, :])
+    mask = valid[:, None] & in_n[None, :]
+    if has_base:
+        acc = acc + _load(rest[0], idx, mask).astype(jnp.float32)
+    _store(out_ref, idx, acc.astype(out_ref.dtype), mask)
+
+
+def _combo_expand(cplan, xa, w, *, num_tokens, width, rank, transpose_w, out_dtype, block_t, block_n,
+                  interpret, base=None, poison=False, num_warps=4, num_stages=2):
+    """[base +] sum_j coef[t, j] xa[pair(t, j)] @ w[idx[t, j]] -> [T, width], one pass over the output:
+    xa [pair rows, R] float32 (the sorted shrink's), w [L, r, width] (or [L, width, r] with
+    transpose_w); every output row is written once."""
+    num_adapters = w.shape[0]
+    num_rows = cplan.rows.shape[0]
+    kernel = functools.partial(
+        _combo_expand_kernel, top_k=cplan.idx.shape[0] // num_rows, block_t=block_t, block_n=block_n,
+        num_tokens=num_tokens, num_adapters=num_adapters, width=width, rank=rank, rank_p=xa.shape[1],
+        transpose_w=transpose_w, has_base=base is not None, precision=_precision(w.dtype))
+    args = [cplan.adapters, cplan.count, cplan.rows, cplan.pair, cplan.idx, cplan.coef, xa, w]
+    aliases = {}
+    if base is not None:
+        args.append(base)
+        aliases = {len(args) - 1: 0}
+    elif poison:
+        args.append(jnp.full((num_tokens, width), jnp.nan, out_dtype))
+        aliases = {len(args) - 1: 0}
+        kernel = _drop_arg(kernel)
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((num_tokens, width), out_dtype),
+        grid=(num_rows // block_t, _cdiv(width, block_n)),
+        input_output_aliases=aliases,
+        interpret=interpret,
+        compiler_params=_compiler_params(num_warps, num_stages),
+        name="grouped_lora_combo_expand",
+    )(*args)
+
+
+def _one_hot_layout(tok, adapter, vals, num_tokens, num_adapters, dtype):
+    """[T, L, r] in dtype: each pair's row vals[p] [r] at (tok[p], adapter[p]); pairs with tok = T dropped.
+    The layout of the decode backward's dA / dB GEMMs (MixLoRA)."""
+    dense = jnp.zeros((num_tokens, num_adapters, vals.shape[1]), jnp.float32)
+    return dense.at[tok, adapter].add(vals, mode="drop").astype(dtype)
+
+
 def _routing_grads(raw, expert_idx, expert_weight, scaling, need):
     """d scaling [L] and d expert_weight [T, k] (None unless in need) from raw [T, k] float32, each
     pair's <x @ lora_a[e], g @ lora_b[e]^T> (the gradient of its unscaled routing weight)."""
@@ -810,8 +976,8 @@ def _concat_bwd(res, g, need):
 class Config:
     """Static kernel choices (hashable; a `nondiff_argnums` argument of the custom VJP)."""
 
-    path: str  # forward path when not differentiated: "sorted", "dense" or "decode"
-    grad_path: str  # forward + backward path under differentiation: "concat", "sorted", "dense" or "decode"
+    path: str  # forward path when not differentiated: "sorted", "combo", "dense" or "decode"
+    grad_path: str  # forward + backward path under differentiation: "concat", "sorted", "combo", "dense", "decode"
     block_t: int
     block_k: int
     block_n: int
@@ -821,22 +987,35 @@ class Config:
     block_t_dense: int
     block_c_dense: int
     block_k_dense: int
+    block_t_combo: int
+    block_n_combo: int
     interpret: bool
     poison: bool
     has_base: bool
 
 
-def _sorted_forward(x, lora_a, lora_b, scaling, expert_idx, expert_weight, base, cfg):
+def _sorted_forward(x, lora_a, lora_b, scaling, expert_idx, expert_weight, base, cfg, combo):
+    """The sorted (combo=False) or combo path's output [T, d_out] and the backward's residuals: the
+    plan, the pair rows' coefficients, the unscaled xa [pair rows, R] and the combo plan (or None)."""
     num_tokens = x.shape[0]
     num_adapters, _, rank = lora_a.shape
     plan = _routing_plan(expert_idx, num_adapters, cfg.block_t)
     coef = _row_coef(plan, expert_weight, scaling, cfg.block_t)
     xa = _shrink(plan, x, lora_a, rank=rank, transpose_w=False, block_t=cfg.block_t, block_k=cfg.block_k,
                  interpret=cfg.interpret)
-    out = _expand(plan, coef, xa, lora_b, num_tokens=num_tokens, width=lora_b.shape[2], rank=rank,
-                  transpose_w=False, out_dtype=x.dtype, block_t=cfg.block_t, block_n=cfg.block_n,
-                  interpret=cfg.interpret, base=base if cfg.has_base else None, poison=cfg.poison)
-    return out, plan, coef, xa
+    cplan = _combo_plan(plan, coef, expert_idx, num_adapters, cfg.block_t_combo) if combo else None
+    out = _expand_any(plan, cplan, coef, xa, lora_b, num_tokens=num_tokens, width=lora_b.shape[2], rank=rank,
+                      transpose_w=False, out_dtype=x.dtype, cfg=cfg, base=base if cfg.has_base else None)
+    return out, plan, coef, xa, cplan
+
+
+def _expand_any(plan, cplan, coef, xa, w, *, cfg, **kw):
+    """The sorted expand (a pass per slot) or, with a combo plan, the combo expand (one pass)."""
+    if cplan is None:
+        return _expand(plan, coef, xa, w, block_t=cfg.block_t, block_n=cfg.block_n, interpret=cfg.interpret,
+                       poison=cfg.poison, **kw)
+    return _combo_expand(cplan, xa, w, block_t=cfg.block_t_combo, block_n=cfg.block_n_combo,
+                         interpret=cfg.interpret, poison=cfg.poison, **kw)
 
 
 def _primal(x, lora_a, lora_b, scaling, expert_idx, expert_weight, base, cfg):
@@ -846,7 +1025,8 @@ def _primal(x, lora_a, lora_b, scaling, expert_idx, expert_weight, base, cfg):
                                block_k=cfg.block_k_decode, block_n=cfg.block_n_decode, **kw)[0]
     if cfg.path == "dense":
         return _dense_forward(x, lora_a, lora_b, scaling, expert_idx, expert_weight, base, cfg)[0]
-    return _sorted_forward(x, lora_a, lora_b, scaling, expert_idx, expert_weight, base, cfg)[0]
+    return _sorted_forward(x, lora_a, lora_b, scaling, expert_idx, expert_weight, base, cfg,
+                           combo=cfg.path == "combo")[0]
 
 
 _grouped_lora = jax.custom_vjp(_primal, nondiff_argnums=(7,))
@@ -871,9 +1051,10 @@ def _fwd(x, lora_a, lora_b, scaling, expert_idx, expert_weight, base, cfg):
                                     block_n=cfg.block_n_decode, interpret=cfg.interpret,
                                     base=basev if cfg.has_base else None, poison=cfg.poison)
         res = dict(part=part, a=av, b=bv, s=sv, idx=iv, w=wv, need=need)
-    else:
-        out, plan, coef, xa = _sorted_forward(xv, av, bv, sv, iv, wv, basev, cfg)
-        res = dict(plan=plan, coef=coef, xa=xa, a=av, b=bv, s=sv, idx=iv, w=wv, need=need)
+    else:  # sorted or combo
+        out, plan, coef, xa, cplan = _sorted_forward(xv, av, bv, sv, iv, wv, basev, cfg,
+                                                     combo=cfg.grad_path == "combo")
+        res = dict(plan=plan, coef=coef, xa=xa, cplan=cplan, a=av, b=bv, s=sv, idx=iv, w=wv, need=need)
     if perturbed["a"]:
         res["x"] = xv
     return out, res
@@ -901,9 +1082,8 @@ def _bwd(cfg, res, g):
         gb = _shrink(plan, g, lora_b, rank=rank, transpose_w=True, block_t=cfg.block_t, block_k=cfg.block_k,
                      interpret=cfg.interpret)  # [rows, R] f32: g[rows] @ B[e]^T
         if "x" in need:
-            dx = _expand(plan, coef, gb, lora_a, num_tokens=num_tokens, width=depth, rank=rank,
-                         transpose_w=True, out_dtype=dtype, block_t=cfg.block_t, block_n=cfg.block_n,
-                         interpret=cfg.interpret, poison=cfg.poison)
+            dx = _expand_any(plan, res["cplan"], coef, gb, lora_a, num_tokens=num_tokens, width=depth,
+                             rank=rank, transpose_w=True, out_dtype=dtype, cfg=cfg)
         if "a" in need:
             da = _tgmm(plan, res["x"], gb * coef[:, None], num_adapters=num_adapters, rank=rank,
                        out_dtype=dtype, block_t=cfg.block_t, block_n=cfg.block_n_tgmm,
@@ -956,22 +1136,35 @@ _grouped_lora.defvjp(_fwd, _bwd, symbolic_zeros=True)
 # * Decode tiles (`decode_block_k`): with 16 or more pairs, 512-wide depth chunks (fewer serial
 #   chunks per program); T = 16, d_out 4096, r = 8: layer 0.0186 vs 0.0225 ms at 128, f+b 0.0096 vs
 #   0.0138. At one token, chunks of at most 8192 elements: r = 64 at 128 (layer 0.0178 vs 0.0193 at 512).
+# * Combo (session 12, H200, docs/benchmarks.md "H200 run (session 12)"; ms, d_out 4096 / 14336):
+#   T = 16384, f+b: r 16: 0.304 / 0.597 vs sorted 0.394 / 0.826; r 64: 0.494 / 0.994 vs 0.532 / 1.127
+#   (r 8: concat stays, 0.267 / 0.515 vs 0.331 / 0.608). Layer: r 8: 0.885 / 2.813 vs sorted 0.903 /
+#   2.993; r 16: 0.873 / 2.807 vs 0.896 / 2.999; r 64: 0.961 / 3.019 vs 0.961 / 3.135. At T = 4096
+#   the combo plan's XLA passes (~10 us) outweigh the saved slot pass: f+b r 64 0.225 vs sorted
+#   0.208, layer r 8 / 16 / 64 0.286 / 0.287 / 0.311 vs 0.267 / 0.268 / 0.289 (d_out 4096; at d_out
+#   14336, r 16 combo won the layer, 0.787 vs 0.807). The 8192 crossover lies between the measured
+#   4096 and 16384. Blocks: 64 tokens x 256 columns (r 64 f+b: 0.494 vs 0.541 at 32 x 128).
 DECODE_MAX_TOKENS = 32
 DECODE_GRAD_MAX_TOKENS = 16
 CONCAT_GRAD_MAX_WORK = 1 << 22  # T * L * r
+COMBO_MIN_TOKENS = 8192
 
 
 def auto_path(num_tokens, rank, num_adapters=28):
     """Forward path when not differentiated."""
     del rank, num_adapters  # no measured dependence on them
-    return "decode" if num_tokens <= DECODE_MAX_TOKENS else "sorted"
+    if num_tokens <= DECODE_MAX_TOKENS:
+        return "decode"
+    return "combo" if num_tokens >= COMBO_MIN_TOKENS else "sorted"
 
 
 def auto_grad_path(num_tokens, rank, num_adapters=28):
     """Forward + backward path under differentiation."""
     if num_tokens <= DECODE_GRAD_MAX_TOKENS:
         return "decode"
-    return "concat" if num_tokens * num_adapters * rank <= CONCAT_GRAD_MAX_WORK else "sorted"
+    if num_tokens * num_adapters * rank <= CONCAT_GRAD_MAX_WORK:
+        return "concat"
+    return "combo" if num_tokens >= COMBO_MIN_TOKENS else "sorted"
 
 
 def decode_block_k(num_tokens, top_k, rank):
@@ -987,8 +1180,8 @@ def default_config(num_tokens, top_k, num_adapters, rank, *, path="auto", interp
         interpret = jax.default_backend() == "cpu"
     if path == "auto":
         path, grad_path = auto_path(num_tokens, rank, num_adapters), auto_grad_path(num_tokens, rank, num_adapters)
-    elif path not in ("sorted", "decode", "dense"):
-        raise ValueError(f"path must be 'auto', 'sorted', 'dense' or 'decode', got {path!r}")
+    elif path not in ("sorted", "combo", "decode", "dense"):
+        raise ValueError(f"path must be 'auto', 'sorted', 'combo', 'dense' or 'decode', got {path!r}")
     else:  # an explicit path is also the path differentiated through
         grad_path = path
     # Token tile: 64 when adapters average >= 64 pairs, else smaller to cut padding (>= 16 for dots).
@@ -997,6 +1190,7 @@ def default_config(num_tokens, top_k, num_adapters, rank, *, path="auto", interp
     cfg = dict(path=path, grad_path=grad_path, block_t=block_t, block_k=64, block_n=128, block_n_tgmm=64,
                block_k_decode=decode_block_k(num_tokens, top_k, rank),
                block_n_decode=256, block_t_dense=64, block_c_dense=256, block_k_dense=64,
+               block_t_combo=64, block_n_combo=256,
                interpret=bool(interpret),
                poison=bool(poison), has_base=bool(has_base))
     unknown = set(blocks) - set(cfg)
@@ -1004,7 +1198,7 @@ def default_config(num_tokens, top_k, num_adapters, rank, *, path="auto", interp
         raise ValueError(f"unknown kernel options {sorted(unknown)}")
     cfg.update(blocks)
     for name in ("block_t", "block_k", "block_n", "block_n_tgmm", "block_t_dense", "block_c_dense",
-                 "block_k_dense"):
+                 "block_k_dense", "block_t_combo", "block_n_combo"):
         if cfg[name] < 16 or cfg[name] & (cfg[name] - 1):
             raise ValueError(f"{name}={cfg[name]} must be a power of two >= 16 (Triton dot tiles)")
     return Config(**cfg)
@@ -1028,11 +1222,11 @@ def grouped_lora_pallas(
 
     base: optional [T, d_out] added in the kernel's epilogue (out = base + delta; the layer's
     x @ kernel), which saves a separate read-add-write pass over the output.
-    path: "sorted", "dense", "decode" or "auto" (`auto_path` when not differentiated, `auto_grad_path`
+    path: "sorted", "combo", "dense", "decode" or "auto" (`auto_path` when not differentiated, `auto_grad_path`
     under differentiation); an explicit path is also the one differentiated through. interpret:
     defaults to True on CPU. poison (tests): outputs start as NaN so unwritten elements show.
     blocks: block_t, block_k, block_n, block_n_tgmm, block_k_decode, block_n_decode, block_t_dense,
-    block_c_dense, block_k_dense.
+    block_c_dense, block_k_dense, block_t_combo, block_n_combo.
     """
     num_tokens = x.shape[0]
     num_adapters, _, rank = lora_a.shape

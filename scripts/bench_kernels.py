@@ -285,15 +285,17 @@ def columns(variants=False):
         cols["pallas_sorted"] = pallas_layer(path="sorted")
         cols["pallas_dense"] = pallas_layer(path="dense")  # --skip pallas_dense leaves it out
         cols["pallas_decode"] = pallas_layer(path="decode")
+        cols["pallas_combo"] = pallas_layer(path="combo")
         cols["pallas_fb_sorted"] = routed_fwd_bwd(pallas_delta(path="sorted"))
         cols["pallas_fb_dense"] = routed_fwd_bwd(pallas_delta(path="dense"))
         cols["pallas_fb_decode"] = routed_fwd_bwd(pallas_delta(path="decode"))
+        cols["pallas_fb_combo"] = routed_fwd_bwd(pallas_delta(path="combo"))
     return cols
 
 
 # Paths the auto rule chooses among; the "best" column of the compact table is the fastest of these.
-LAYER_PATHS = ("pallas_sorted", "pallas_dense", "pallas_decode")
-FB_PATHS = ("pallas_fb_sorted", "pallas_fb_dense", "pallas_fb_decode")
+LAYER_PATHS = ("pallas_sorted", "pallas_dense", "pallas_decode", "pallas_combo")
+FB_PATHS = ("pallas_fb_sorted", "pallas_fb_dense", "pallas_fb_decode", "pallas_fb_combo")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -322,6 +324,11 @@ def check(log, paths=None):
         (256, 4096, 14336, 8, 2, jnp.bfloat16, "dense"),
         (4096, 4096, 4096, 16, 2, jnp.bfloat16, "dense"),
         (1000, 200, 333, 7, 28, jnp.float32, "dense"),
+        (4096, 4096, 4096, 16, 2, jnp.bfloat16, "combo"),
+        (16384, 4096, 14336, 8, 2, jnp.bfloat16, "combo"),
+        (300, 4096, 4096, 64, 2, jnp.bfloat16, "combo"),
+        (1000, 200, 333, 7, 3, jnp.float32, "combo"),
+        (37, 130, 90, 128, 28, jnp.bfloat16, "combo"),
     ]
     for case in cases:
         if paths and case[-1] not in paths:
@@ -536,6 +543,7 @@ def main():
              "xla_concat_fb": "concatFB", "lora1_peft": "l1peft", "lora1_fb_bf16": "l1FBbf16",
              "pallas_fb": "palFB", "pallas_fb_lora": "palFB+AB",
              "pallas_sorted": "p_sorted", "pallas_dense": "p_dense", "pallas_decode": "p_decode",
+             "pallas_combo": "p_combo", "pallas_fb_combo": "pFB_comb",
              "pallas_fb_sorted": "pFB_sort", "pallas_fb_dense": "pFB_dens", "pallas_fb_decode": "pFB_deco",
              "fused_layout": "fusedlay"}
     hdr = f"{'d_out':>5} {'r':>3} {'T':>6} " + " ".join(f"{short.get(n, n)[:9]:>9}" for n in names)

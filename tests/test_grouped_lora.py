@@ -19,7 +19,7 @@ from pallas_kernels.grouped_lora_pallas import grouped_lora_pallas
 
 SEED = np.random.SeedSequence().entropy
 SMALL = dict(block_t=16, block_k=16, block_n=16, block_n_tgmm=16, block_k_decode=16, block_n_decode=16,
-             block_t_dense=16, block_c_dense=16, block_k_dense=16)
+             block_t_dense=16, block_c_dense=16, block_k_dense=16, block_t_combo=16, block_n_combo=16)
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
 BF16_SUM_TOL = 4e-3  # 2^-8: one bfloat16 rounding of each term, relative to the terms' magnitudes
 
@@ -75,7 +75,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-@pytest.mark.parametrize("path", ["sorted", "decode", "dense"])
+@pytest.mark.parametrize("path", ["sorted", "combo", "decode", "dense"])
 @pytest.mark.parametrize("case", CASES, ids=[f"T{c[0]}_L{c[3]}_r{c[4]}_k{c[5]}_{c[6]}" for c in CASES])
 def test_forward_matches_reference(case, path, dtype):
     t, d_in, d_out, num_adapters, rank, k, routing = case
@@ -95,7 +95,7 @@ GRAD_CASES = [CASES[0], CASES[2], CASES[3], CASES[5], CASES[6]]
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 # auto: the "concat" grad path here (small T); xla_concat: the XLA formulation with its own custom VJP
-@pytest.mark.parametrize("path", ["sorted", "dense", "decode", "auto", "xla_concat"])
+@pytest.mark.parametrize("path", ["sorted", "combo", "dense", "decode", "auto", "xla_concat"])
 @pytest.mark.parametrize("case", GRAD_CASES, ids=[f"T{c[0]}_L{c[3]}_r{c[4]}_k{c[5]}_{c[6]}" for c in GRAD_CASES])
 def test_gradients_match_autodiff_of_reference(case, path, dtype):
     """Every gradient within TOL of the float32 reference's, relative to its norm. In bfloat16 the
@@ -190,12 +190,12 @@ def test_lora_gradients_only_when_asked():
 def test_auto_paths():
     from pallas_kernels.grouped_lora_pallas import default_config
 
-    cases = [(16, 8), (16, 64), (32, 8), (256, 64), (16384, 8), (4096, 16), (16384, 16), (4096, 64)]
+    cases = [(16, 8), (16, 64), (32, 8), (256, 64), (16384, 8), (4096, 16), (16384, 16), (4096, 64), (8192, 64)]
     paths = {(t, r): (c.path, c.grad_path) for t, r in cases for c in [default_config(t, 2, 28, r)]}
     assert paths == {(16, 8): ("decode", "decode"), (16, 64): ("decode", "decode"), (32, 8): ("decode", "concat"),
-                     (256, 64): ("sorted", "concat"), (16384, 8): ("sorted", "concat"),
-                     (4096, 16): ("sorted", "concat"), (16384, 16): ("sorted", "sorted"),
-                     (4096, 64): ("sorted", "sorted")}
+                     (256, 64): ("sorted", "concat"), (16384, 8): ("combo", "concat"),
+                     (4096, 16): ("sorted", "concat"), (16384, 16): ("combo", "combo"),
+                     (4096, 64): ("sorted", "sorted"), (8192, 64): ("combo", "combo")}
     assert default_config(4096, 2, 28, 8, path="dense").grad_path == "dense"
     assert default_config(16, 2, 28, 8, path="decode").grad_path == "decode"
     # decode depth chunks: from 16 pairs up 512 (256 at r = 128); below, at most 8192 elements of lora_a

@@ -33,7 +33,7 @@ def _grouped_args(t, d_in, d_out, rank, dtype=jnp.bfloat16):
             s((t, TOP_K), jnp.int32), s((t, TOP_K), dtype))
 
 
-@pytest.mark.parametrize("path", ["decode", "dense", "sorted"])
+@pytest.mark.parametrize("path", ["decode", "dense", "sorted", "combo"])
 @pytest.mark.parametrize("t, d_in, d_out, rank", [(1, 4096, 4096, 8), (16, 4096, 14336, 64), (256, 4096, 4096, 16),
                                                   (37, 100, 72, 3)])
 def test_grouped_lora_forward_lowers(path, t, d_in, d_out, rank):
@@ -46,7 +46,7 @@ def test_grouped_lora_forward_lowers(path, t, d_in, d_out, rank):
     _lower_for_cuda(layer, *args)
 
 
-@pytest.mark.parametrize("path", ["decode", "dense", "sorted"])
+@pytest.mark.parametrize("path", ["decode", "dense", "sorted", "combo"])
 @pytest.mark.parametrize("t, d_in, d_out, rank", [(16, 4096, 4096, 8), (4096, 4096, 14336, 64), (37, 100, 72, 3)])
 def test_grouped_lora_backward_lowers(path, t, d_in, d_out, rank):
     """The custom VJP's kernels: gradients for x, lora_a, lora_b, scaling and expert_weight."""
