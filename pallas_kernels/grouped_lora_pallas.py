@@ -523,10 +523,10 @@ def _decode_backward(cfg, res, g, need):
     coef = expert_weight.reshape(-1).astype(jnp.float32) * scaling.astype(jnp.float32)[idx_flat]  # [T*k]
     dx = da = db = ds = dw = None
 
-    tok = jnp.arange(num_tokens * top_k, dtype=jnp.int32) // top_k
-
     def one_hot_layout(rows):  # rows [T*k, r] -> [T, L, r] in dtype, each pair's row at its adapter
-        return _one_hot_layout(tok, idx_flat, rows, num_tokens, num_adapters, dtype)
+        dense = jnp.zeros((num_tokens, num_adapters, rank), jnp.float32)
+        tok = jnp.arange(num_tokens * top_k, dtype=jnp.int32) // top_k
+        return dense.at[tok, idx_flat].add(rows).astype(dtype)
 
     if need & {"x", "a", "s", "w"}:
         gb_part = _shrink_decode(g, lora_b, idx_flat, top_k=top_k, rank=rank, transpose_w=True,
@@ -915,13 +915,6 @@ def _combo_expand(cplan, xa, w, *, num_tokens, width, rank, transpose_w, out_dty
         compiler_params=_compiler_params(num_warps, num_stages),
         name="grouped_lora_combo_expand",
     )(*args)
-
-
-def _one_hot_layout(tok, adapter, vals, num_tokens, num_adapters, dtype):
-    """[T, L, r] in dtype: each pair's row vals[p] [r] at (tok[p], adapter[p]); pairs with tok = T dropped.
-    The layout of the decode backward's dA / dB GEMMs (MixLoRA)."""
-    dense = jnp.zeros((num_tokens, num_adapters, vals.shape[1]), jnp.float32)
-    return dense.at[tok, adapter].add(vals, mode="drop").astype(dtype)
 
 
 def _routing_grads(raw, expert_idx, expert_weight, scaling, need):
