@@ -139,17 +139,21 @@ def tiles_per_slot(num_tokens, num_adapters, block_t):
     return _cdiv(num_tokens, block_t) + min(num_adapters, num_tokens)
 
 
+def _bucket_rank(digit, num_buckets):
+    """Counting sort without a sort kernel (an XLA sort of T*k keys cost ~30 us on an H100), from a
+    cumulative sum of one-hots over the last axis: digit [..., P] in [0, num_buckets) -> each
+    element's rank among the earlier elements of its bucket [..., P] and the bucket sizes [..., B]."""
+    one_hot = (digit[..., None] == jnp.arange(num_buckets, dtype=jnp.int32)).astype(jnp.int32)  # [..., P, B]
+    running = jnp.cumsum(one_hot, axis=-2, dtype=jnp.int32)
+    rank = jnp.take_along_axis(running, digit[..., None], axis=-1)[..., 0] - 1
+    return rank, running[..., -1, :]
+
+
 def _routing_plan(expert_idx, num_adapters, block_t):  # expert_idx [T, k]
     num_tokens, top_k = expert_idx.shape
     nts = tiles_per_slot(num_tokens, num_adapters, block_t)
     idx = expert_idx.T.astype(jnp.int32)  # [k, T]
-    adapters = jnp.arange(num_adapters, dtype=jnp.int32)
-    # Counting sort, no sort kernel: rank of each token among the earlier tokens of its adapter in
-    # its slot, from a cumulative sum of one-hots (an XLA sort of T*k keys cost ~30 us on an H100).
-    one_hot = (idx[:, :, None] == adapters).astype(jnp.int32)  # [k, T, L]
-    running = jnp.cumsum(one_hot, axis=1, dtype=jnp.int32)
-    sizes = running[:, -1, :]  # [k, L]
-    rank = jnp.take_along_axis(running, idx[:, :, None], axis=2)[:, :, 0] - 1  # [k, T]
+    rank, sizes = _bucket_rank(idx, num_adapters)  # [k, T], [k, L]
     num_tiles = (sizes + block_t - 1) // block_t
     tile_end = jnp.cumsum(num_tiles, axis=1, dtype=jnp.int32)  # slot-local
     tile_start = tile_end - num_tiles
@@ -806,12 +810,9 @@ jax.tree_util.register_dataclass(
 
 
 def _stable_bucket_sort(seq, digit, num_buckets):
-    """seq [P] reordered stably by digit [P] in [0, num_buckets): a counting sort (cumulative one-hot
-    sums, as in `_routing_plan`; XLA's sort of 16384 keys took 32 us on an H200)."""
-    one_hot = (digit[:, None] == jnp.arange(num_buckets, dtype=jnp.int32)).astype(jnp.int32)
-    running = jnp.cumsum(one_hot, axis=0, dtype=jnp.int32)
-    rank = jnp.take_along_axis(running, digit[:, None], axis=1)[:, 0] - 1
-    sizes = running[-1]
+    """seq [P] reordered stably by digit [P] in [0, num_buckets), by `_bucket_rank` (XLA's sort of
+    16384 keys took 32 us on an H200)."""
+    rank, sizes = _bucket_rank(digit, num_buckets)
     start = jnp.cumsum(sizes, dtype=jnp.int32) - sizes
     return jnp.zeros_like(seq).at[start[digit] + rank].set(seq, unique_indices=True)
 
