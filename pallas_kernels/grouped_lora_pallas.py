@@ -888,7 +888,7 @@ def _combo_expand_kernel(adapters_ref, count_ref, rows_ref, pair_ref, idx_ref, c
 
 
 def _combo_expand(cplan, xa, w, *, num_tokens, width, rank, transpose_w, out_dtype, block_t, block_n,
-                  interpret, base=None, poison=False, num_warps=4, num_stages=2):
+                  interpret, base=None, poison=False, num_warps=4, num_stages=3):
     """[base +] sum_j coef[t, j] xa[pair(t, j)] @ w[idx[t, j]] -> [T, width], one pass over the output:
     xa [pair rows, R] float32 (the sorted shrink's), w [L, r, width] (or [L, width, r] with
     transpose_w); every output row is written once."""
@@ -1138,6 +1138,14 @@ _grouped_lora.defvjp(_fwd, _bwd, symbolic_zeros=True)
 #   0.208, layer r 8 / 16 / 64 0.286 / 0.287 / 0.311 vs 0.267 / 0.268 / 0.289 (d_out 4096; at d_out
 #   14336, r 16 combo won the layer, 0.787 vs 0.807). The 8192 crossover lies between the measured
 #   4096 and 16384. Blocks: 64 tokens x 256 columns (r 64 f+b: 0.494 vs 0.541 at 32 x 128).
+# * Launch parameters (session 13, H200, docs/benchmarks.md "H200 run (session 13)"; ms, d_out 4096 /
+#   14336). The sorted shrink's depth tile `block_k`: 128 below COMBO_MIN_TOKENS, 64 from there up.
+#   At T = 4096 its grid holds 2 * (64 + 28) tiles, under two waves, and the longer tile keeps more
+#   bytes in flight: r = 64 f+b 0.1945 / 0.368 vs 0.2127 / 0.4063; layer r = 8 0.2579 / 0.7914 vs
+#   0.2684 / 0.8037, r = 64 0.2833 / 0.8455 vs 0.2912 / 0.8537; T = 256 layer r = 16 0.0524 vs 0.0598.
+#   At T = 16384 (568 tiles) it lost: combo f+b r = 16 0.3262 vs 0.2981 (shrink 64 vs 51 us).
+#   The combo expand pipelines 3 stages (2 before): f+b r = 16 0.2896 / 0.5569 vs 0.2997 / 0.5797,
+#   layer 0.867 / 2.7935 vs 0.8754 / 2.816 at T = 16384.
 DECODE_MAX_TOKENS = 32
 DECODE_GRAD_MAX_TOKENS = 16
 CONCAT_GRAD_MAX_WORK = 1 << 22  # T * L * r
@@ -1181,7 +1189,9 @@ def default_config(num_tokens, top_k, num_adapters, rank, *, path="auto", interp
     # Token tile: 64 when adapters average >= 64 pairs, else smaller to cut padding (>= 16 for dots).
     per_adapter = num_tokens * top_k / max(num_adapters, 1)
     block_t = 64 if per_adapter >= 64 else (32 if per_adapter >= 24 else 16)
-    cfg = dict(path=path, grad_path=grad_path, block_t=block_t, block_k=64, block_n=128, block_n_tgmm=64,
+    # Depth tile of the sorted shrink: 128 below the combo range, where its grid is small (see above).
+    block_k = 64 if num_tokens >= COMBO_MIN_TOKENS or path == "dense" else 128
+    cfg = dict(path=path, grad_path=grad_path, block_t=block_t, block_k=block_k, block_n=128, block_n_tgmm=64,
                block_k_decode=decode_block_k(num_tokens, top_k, rank),
                block_n_decode=256, block_t_dense=64, block_c_dense=256, block_k_dense=64,
                block_t_combo=64, block_n_combo=256,

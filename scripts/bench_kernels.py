@@ -315,6 +315,7 @@ def check(log, paths=None):
         (1, 4096, 4096, 8, 2, jnp.bfloat16, "decode"),
         (16, 4096, 14336, 64, 2, jnp.bfloat16, "decode"),
         (9, 4096, 4096, 8, 2, jnp.bfloat16, "decode"),
+        (4096, 4096, 4096, 64, 2, jnp.bfloat16, "sorted"),  # the default depth tile (128) at a benchmark row
         (1000, 200, 333, 7, 3, jnp.float32, "sorted"),
         (37, 130, 90, 128, 1, jnp.float32, "decode"),
         (37, 130, 90, 128, 28, jnp.bfloat16, "sorted"),

@@ -137,6 +137,25 @@ def test_gradients_match_autodiff_of_reference(case, path, dtype):
         assert err <= bound, f"seed={SEED} case={case} path={path}: d{name} rel err {err:.2e}"
 
 
+def test_sorted_default_blocks():
+    """The sorted path with its default tiles (depth tile 128 over d_in = 200, not a multiple of it; token
+    tile 32): output and the gradients of x and expert_weight against the float32 reference."""
+    case = (100, 200, 90, 5, 6, 2)
+    x, a, b, s, idx, w, _ = _inputs((_salt(case), 6), *case, jnp.float32)
+    g = jnp.asarray(_rng(_salt(case), 7).standard_normal((case[0], case[2])), jnp.float32)
+    pallas = lambda x, w: grouped_lora_pallas(x, a, b, s, idx, w, path="sorted", poison=True)  # noqa: E731
+    reference = lambda x, w: grouped_lora_dense(x, a, b, s, idx, w)  # noqa: E731
+    with jax.default_matmul_precision("highest"):
+        want = reference(x, w)
+        want_grads = jax.grad(lambda x, w: jnp.sum(reference(x, w) * g), (0, 1))(x, w)
+    err = _rel(jax.jit(pallas)(x, w), want)
+    assert err <= TOL[jnp.float32], f"seed={SEED}: rel err {err:.2e}"
+    got = jax.jit(jax.grad(lambda x, w: jnp.sum(pallas(x, w) * g), (0, 1)))(x, w)
+    for name, u, v in zip(("x", "expert_weight"), want_grads, got):
+        err = _rel(v, u)
+        assert err <= TOL[jnp.float32], f"seed={SEED}: d{name} rel err {err:.2e}"
+
+
 def test_decode_routing_gradients_without_dx():
     """The decode path computes d expert_weight / d scaling inside its dx kernel; asked for them alone
     (x not differentiated) it takes them from XLA ops instead. Both against the float32 reference."""
@@ -197,6 +216,9 @@ def test_auto_paths():
                      (4096, 16): ("sorted", "concat"), (16384, 16): ("combo", "combo"),
                      (4096, 64): ("sorted", "sorted"), (8192, 64): ("combo", "combo")}
     assert default_config(4096, 2, 28, 8, path="dense").grad_path == "dense"
+    # The sorted shrink's depth tile: 128 below the combo range, 64 in it and for the dense path.
+    assert [default_config(t, 2, 28, 16, path=p).block_k for t, p in
+            ((256, "auto"), (4096, "sorted"), (8192, "auto"), (4096, "dense"))] == [128, 128, 64, 64]
     assert default_config(16, 2, 28, 8, path="decode").grad_path == "decode"
     # decode depth chunks: from 16 pairs up 512 (256 at r = 128); below, at most 8192 elements of lora_a
     # per chunk
