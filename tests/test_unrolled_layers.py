@@ -4,7 +4,11 @@ layouts, and remat in the unrolled layout.
 
 Tolerances: both layouts run the same fp32 operations in the same order, but XLA fuses a scanned
 body and an unrolled chain of layers differently, so the results may differ in the last bits:
-relative error (norm of the difference / norm of the reference) <= 1e-6.
+relative error (norm of the difference / norm of the reference) <= 1e-5, about 80 float32 ulps.
+Measured on CPU over 1176 comparisons (12 fresh seeds of the decode test): median 1.9e-7, 99th
+percentile 6.5e-7, max 1.03e-6: the earlier bound of 1e-6 failed once in those 1176, about one
+CI run in twelve (a run makes 98 comparisons). A real layout bug (a wrong layer, cache slot or
+mask) moves the logits by orders of magnitude more.
 """
 
 import jax
@@ -24,7 +28,7 @@ CONFIGS = {
     "meteora": ModelConfig(**_BASE, meteora=MeteoRAConfig(num_adapters=4, rank=3, top_k=2)),
     "plain": ModelConfig(**_BASE, meteora=MeteoRAConfig(num_adapters=0)),
 }
-RTOL = 1e-6
+RTOL = 1e-5
 
 
 def _fresh_seed() -> int:
