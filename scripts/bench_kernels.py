@@ -343,39 +343,38 @@ def check(log, paths=None):
 
 
 def _check_case(log, rng, t, d_in, d_out, r, k, dtype, path):
-    if True:
-        seed = int(rng.integers(2**31))
-        key = jax.random.PRNGKey(seed)
-        ks = jax.random.split(key, 6)
-        x = jax.random.normal(ks[0], (t, d_in), dtype)
-        a = (jax.random.normal(ks[1], (L, d_in, r)) / np.sqrt(d_in)).astype(dtype)
-        b = (jax.random.normal(ks[2], (L, r, d_out)) / np.sqrt(r)).astype(dtype)
-        s = jax.random.uniform(ks[3], (L,), jnp.float32, 0.5, 2.0)
-        idx = jax.vmap(lambda kk: jax.random.permutation(kk, L)[:k])(jax.random.split(ks[4], t)).astype(jnp.int32)
-        w = jax.random.uniform(ks[5], (t, k), jnp.float32)
-        f32 = lambda v: v.astype(jnp.float32)  # noqa: E731
-        base = jax.random.normal(ks[5], (t, d_out), dtype)
-        with jax.default_matmul_precision("highest"):
-            ref = grouped_lora_dense(f32(x), f32(a), f32(b), s, idx, w)
-        out = jax.jit(lambda *v: grouped_lora_pallas(*v, path=path, poison=True))(x, a, b, s, idx, w)
-        outb = jax.jit(lambda *v: grouped_lora_pallas(*v[:-1], base=v[-1], path=path))(x, a, b, s, idx, w, base)
-        tol = 1e-5 if dtype == jnp.float32 else 1e-2
-        errs = {"out": float(jnp.linalg.norm(f32(out) - ref) / jnp.linalg.norm(ref)),
-                "out+base": float(jnp.linalg.norm(f32(outb) - ref - f32(base)) / jnp.linalg.norm(ref + f32(base)))}
-        g = jax.random.normal(ks[0], (t, d_out), jnp.float32)
+    seed = int(rng.integers(2**31))
+    key = jax.random.PRNGKey(seed)
+    ks = jax.random.split(key, 8)  # one key per array: none is drawn from another's key
+    x = jax.random.normal(ks[0], (t, d_in), dtype)
+    a = (jax.random.normal(ks[1], (L, d_in, r)) / np.sqrt(d_in)).astype(dtype)
+    b = (jax.random.normal(ks[2], (L, r, d_out)) / np.sqrt(r)).astype(dtype)
+    s = jax.random.uniform(ks[3], (L,), jnp.float32, 0.5, 2.0)
+    idx = jax.vmap(lambda kk: jax.random.permutation(kk, L)[:k])(jax.random.split(ks[4], t)).astype(jnp.int32)
+    w = jax.random.uniform(ks[5], (t, k), jnp.float32)
+    f32 = lambda v: v.astype(jnp.float32)  # noqa: E731
+    base = jax.random.normal(ks[6], (t, d_out), dtype)
+    with jax.default_matmul_precision("highest"):
+        ref = grouped_lora_dense(f32(x), f32(a), f32(b), s, idx, w)
+    out = jax.jit(lambda *v: grouped_lora_pallas(*v, path=path, poison=True))(x, a, b, s, idx, w)
+    outb = jax.jit(lambda *v: grouped_lora_pallas(*v[:-1], base=v[-1], path=path))(x, a, b, s, idx, w, base)
+    tol = 1e-5 if dtype == jnp.float32 else 1e-2
+    errs = {"out": float(jnp.linalg.norm(f32(out) - ref) / jnp.linalg.norm(ref)),
+            "out+base": float(jnp.linalg.norm(f32(outb) - ref - f32(base)) / jnp.linalg.norm(ref + f32(base)))}
+    g = jax.random.normal(ks[7], (t, d_out), jnp.float32)
 
-        def loss(fn, cast):
-            return lambda x, a, b, w: jnp.sum(f32(fn(cast(x), cast(a), cast(b), s, idx, w)) * g)
+    def loss(fn, cast):
+        return lambda x, a, b, w: jnp.sum(f32(fn(cast(x), cast(a), cast(b), s, idx, w)) * g)
 
-        with jax.default_matmul_precision("highest"):
-            gref = jax.grad(loss(grouped_lora_dense, f32), argnums=(0, 1, 2, 3))(f32(x), f32(a), f32(b), w)
-        gp = jax.jit(jax.grad(loss(lambda *v: grouped_lora_pallas(*v, path=path, poison=True), lambda v: v),
-                              argnums=(0, 1, 2, 3)))(x, a, b, w)
-        for name, u, v in zip(("dx", "da", "db", "dw"), gref, gp):
-            errs[name] = float(jnp.linalg.norm(f32(v) - u) / jnp.linalg.norm(u))
-        good = all(np.isfinite(e) and e <= tol for e in errs.values())
-        log(f"check T={t} {d_in}->{d_out} r={r} k={k} {jnp.dtype(dtype).name} {path} seed={seed}: "
-            + " ".join(f"{n}={e:.1e}" for n, e in errs.items()) + ("  ok" if good else "  FAIL"))
+    with jax.default_matmul_precision("highest"):
+        gref = jax.grad(loss(grouped_lora_dense, f32), argnums=(0, 1, 2, 3))(f32(x), f32(a), f32(b), w)
+    gp = jax.jit(jax.grad(loss(lambda *v: grouped_lora_pallas(*v, path=path, poison=True), lambda v: v),
+                          argnums=(0, 1, 2, 3)))(x, a, b, w)
+    for name, u, v in zip(("dx", "da", "db", "dw"), gref, gp):
+        errs[name] = float(jnp.linalg.norm(f32(v) - u) / jnp.linalg.norm(u))
+    good = all(np.isfinite(e) and e <= tol for e in errs.values())
+    log(f"check T={t} {d_in}->{d_out} r={r} k={k} {jnp.dtype(dtype).name} {path} seed={seed}: "
+        + " ".join(f"{n}={e:.1e}" for n, e in errs.items()) + ("  ok" if good else "  FAIL"))
     return good
 
 
