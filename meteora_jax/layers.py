@@ -19,9 +19,9 @@ import numpy as np
 from meteora_jax.config import ModelConfig, RopeScaling
 from meteora_jax.routing import Routing
 from pallas_kernels import grouped_lora, routed_lora
-from pallas_kernels.grouped_lora_pallas import _precision  # float32 inputs: float32 products, not TF32
 from pallas_kernels.lora_columns import extended_width, fill_lora_columns, side_products, side_splits
 from pallas_kernels.lora_columns_pallas import fill_lora_columns_pallas, side_products_pallas
+from pallas_kernels.pallas_common import dot_precision  # float32 inputs: float32 products, not TF32
 
 # Logical axis names of each projection's kernel [d_in, d_out].
 PROJECTION_AXES = {
@@ -213,7 +213,7 @@ class FusedProjections(nn.Module):
                 side = side_products_pallas(tokens, side_weight)
             else:
                 splits = side_splits(tokens.shape[0], side_weight.shape[1], d_in) if pallas else 1
-                side = side_products(tokens, side_weight, splits, precision=_precision(self.dtype))
+                side = side_products(tokens, side_weight, splits, precision=dot_precision(self.dtype))
             # The routing step writes x_ext = [x | h | 0] whole (the kernel: in one launch).
             if pallas and routing.forced_weights is None:
                 x_ext, logits = fill_lora_columns_pallas(tokens, side, scaling, routing.temperature, rank=r,

@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.grouped_lora_pallas import _cdiv, _compiler_params, _load, _pow2_at_least, _precision, _store
 from pallas_kernels.lora_columns import EXTENDED_ALIGN, extended_width
+from pallas_kernels.pallas_common import cdiv, compiler_params, dot_precision, masked_load, masked_store, pow2_at_least
 from pallas_kernels.routed_lora_pallas import top_k_in_kernel
 
 
@@ -41,19 +41,20 @@ def _fill_kernel(temp_ref, scaling_ref, side_ref, x_ref, out_ref, logits_ref, *,
     in_t = rows < num_tokens
     columns = num_projections * num_adapters * rank
 
-    copy_x = _cdiv(depth, COPY_BLOCK)  # programs n .. n + copy_x - 1 copy x; the one after, the tail
+    copy_x = cdiv(depth, COPY_BLOCK)  # programs n .. n + copy_x - 1 copy x; the one after, the tail
 
     @pl.when(j >= num_projections + copy_x)
     def _tail():  # the zero columns after the h columns (fewer than EXTENDED_ALIGN)
         cols = depth + columns + jnp.arange(EXTENDED_ALIGN, dtype=jnp.int32)
-        _store(out_ref, (rows[:, None], cols[None, :]), jnp.zeros((block_t, EXTENDED_ALIGN), out_ref.dtype),
+        masked_store(out_ref, (rows[:, None], cols[None, :]), jnp.zeros((block_t, EXTENDED_ALIGN), out_ref.dtype),
                in_t[:, None] & (cols < width)[None, :])
 
     @pl.when((j >= num_projections) & (j < num_projections + copy_x))
     def _copy():  # x's columns (j - n) * COPY_BLOCK ... (j - n + 1) * COPY_BLOCK - 1
         cols = (j - num_projections) * COPY_BLOCK + jnp.arange(COPY_BLOCK, dtype=jnp.int32)
         mask = in_t[:, None] & (cols < depth)[None, :]
-        _store(out_ref, (rows[:, None], cols[None, :]), _load(x_ref, (rows[:, None], cols[None, :]), mask), mask)
+        masked_store(out_ref, (rows[:, None], cols[None, :]),
+                     masked_load(x_ref, (rows[:, None], cols[None, :]), mask), mask)
 
     @pl.when(j < num_projections)
     def _route():
@@ -72,9 +73,9 @@ def _fill_kernel(temp_ref, scaling_ref, side_ref, x_ref, out_ref, logits_ref, *,
             cols, mask = [c[None] for c in cols], mask[None]
             total = 0.0
             for first in range(0, splits, group):
-                part = first + jnp.arange(_pow2_at_least(min(group, splits - first), floor=1), dtype=jnp.int32)
+                part = first + jnp.arange(pow2_at_least(min(group, splits - first), floor=1), dtype=jnp.int32)
                 part = part.reshape(-1, *([1] * (mask.ndim - 1)))
-                block = _load(side_ref, (part, *cols), (part < splits) & mask)
+                block = masked_load(side_ref, (part, *cols), (part < splits) & mask)
                 total = total + jnp.sum(block, axis=0)
             return total
 
@@ -82,21 +83,21 @@ def _fill_kernel(temp_ref, scaling_ref, side_ref, x_ref, out_ref, logits_ref, *,
         for p in range(parts):  # the gate's hi and lo halves (one part in float32)
             cols = columns + (p * num_projections + j) * num_adapters + lk
             logits = logits + summed((rows[:, None], cols[None, :]), mask2)
-        _store(logits_ref, (rows[:, None], j, lk[None, :]), logits, mask2)
+        masked_store(logits_ref, (rows[:, None], j, lk[None, :]), logits, mask2)
 
         chosen = top_k_in_kernel(logits, lk[None, :], num_adapters=num_adapters, adapters_p=adapters_p,
                                  top_k=top_k, temperature=temp_ref[0], weight_dtype=out_ref.dtype)
         weights = jnp.zeros((block_t, adapters_p), jnp.float32)
         for e, w in chosen:  # e, w: [bt]
             weights = weights + jnp.where(lk[None, :] == e[:, None], w[:, None], 0.0)
-        weights = weights * _load(scaling_ref, (j, lk), in_l)[None, :]
+        weights = weights * masked_load(scaling_ref, (j, lk), in_l)[None, :]
 
         rk = jnp.arange(rank_p, dtype=jnp.int32)
         col3 = j * num_adapters * rank + lk[None, :, None] * rank + rk[None, None, :]  # [1, Lp, Rp]
         mask3 = in_t[:, None, None] & in_l[None, :, None] & (rk < rank)[None, None, :]
         xa = summed((rows[:, None, None], col3), mask3)  # [bt, Lp, Rp]
         h = (xa * weights[:, :, None]).astype(out_ref.dtype)
-        _store(out_ref, (rows[:, None, None], depth + col3), h, mask3)
+        masked_store(out_ref, (rows[:, None, None], depth + col3), h, mask3)
 
 
 # Columns of x one copy program writes per token of its tile.
@@ -115,7 +116,7 @@ FILL_ROWS_PER_PROGRAM = 16
 def fill_block_t(num_tokens: int, splits: int) -> int:
     """Default token tile of `fill_lora_columns_pallas`: a power of two, at most 32, with at most
     FILL_ROWS_PER_PROGRAM partial-product rows per program."""
-    return max(1, min(32, _pow2_at_least(num_tokens, floor=1), FILL_ROWS_PER_PROGRAM // splits))
+    return max(1, min(32, pow2_at_least(num_tokens, floor=1), FILL_ROWS_PER_PROGRAM // splits))
 
 
 def fill_lora_columns_pallas(
@@ -146,17 +147,17 @@ def fill_lora_columns_pallas(
     block_t = block_t or fill_block_t(num_tokens, side.shape[0])
     kernel = functools.partial(
         _fill_kernel, num_tokens=num_tokens, depth=depth, width=width, num_projections=num_projections,
-        num_adapters=num_adapters, adapters_p=_pow2_at_least(num_adapters, floor=2), rank=rank,
-        rank_p=_pow2_at_least(rank, floor=2), parts=parts, splits=side.shape[0], top_k=top_k, block_t=block_t)
+        num_adapters=num_adapters, adapters_p=pow2_at_least(num_adapters, floor=2), rank=rank,
+        rank_p=pow2_at_least(rank, floor=2), parts=parts, splits=side.shape[0], top_k=top_k, block_t=block_t)
     temperature = jnp.asarray(temperature, jnp.float32).reshape(1)
-    copy_programs = _cdiv(depth, COPY_BLOCK) + (width > depth + columns)  # x's blocks, then the zero tail
+    copy_programs = cdiv(depth, COPY_BLOCK) + (width > depth + columns)  # x's blocks, then the zero tail
     return pl.pallas_call(
         kernel,
         out_shape=(jax.ShapeDtypeStruct((num_tokens, width), x.dtype),
                    jax.ShapeDtypeStruct((num_tokens, num_projections, num_adapters), jnp.float32)),
-        grid=(_cdiv(num_tokens, block_t), num_projections + copy_programs),
+        grid=(cdiv(num_tokens, block_t), num_projections + copy_programs),
         interpret=bool(interpret),
-        compiler_params=_compiler_params(4, 1),
+        compiler_params=compiler_params(4, 1),
         name="fill_lora_columns",
     )(temperature, scaling.astype(jnp.float32), side.astype(jnp.float32), x)
 
@@ -173,13 +174,13 @@ def _side_kernel(x_ref, w_ref, out_ref, *, num_tokens, depth, columns, block_t, 
     def body(chunk, acc):
         ks = (split * chunks + chunk) * block_k + jnp.arange(block_k, dtype=jnp.int32)
         in_k = ks < depth
-        xk = _load(x_ref, (rows[:, None], ks[None, :]), in_t[:, None] & in_k[None, :])
-        wk = _load(w_ref, (ks[:, None], cols[None, :]), in_k[:, None] & in_c[None, :])
+        xk = masked_load(x_ref, (rows[:, None], ks[None, :]), in_t[:, None] & in_k[None, :])
+        wk = masked_load(w_ref, (ks[:, None], cols[None, :]), in_k[:, None] & in_c[None, :])
         return acc + jnp.dot(xk, wk.astype(xk.dtype), preferred_element_type=jnp.float32, precision=precision)
 
     acc = jax.lax.fori_loop(0, chunks, body, jnp.zeros((block_t, block_c), jnp.float32))
     # Trailing splits past d_in write zeros: every element of the output is written.
-    _store(out_ref, (split, rows[:, None], cols[None, :]), acc, in_t[:, None] & in_c[None, :])
+    masked_store(out_ref, (split, rows[:, None], cols[None, :]), acc, in_t[:, None] & in_c[None, :])
 
 
 # d_in chunks one program of `side_products_pallas` multiplies at most, by default. Swept on an H200
@@ -194,7 +195,7 @@ SIDE_MAX_SPLITS = 32
 def side_kernel_splits(depth: int, block_k: int) -> int:
     """Default P of `side_products_pallas`: a power of two, at most SIDE_MAX_SPLITS, giving each
     program at most SIDE_CHUNKS_PER_PROGRAM chunks of block_k."""
-    return min(SIDE_MAX_SPLITS, _pow2_at_least(_cdiv(_cdiv(depth, block_k), SIDE_CHUNKS_PER_PROGRAM), floor=1))
+    return min(SIDE_MAX_SPLITS, pow2_at_least(cdiv(cdiv(depth, block_k), SIDE_CHUNKS_PER_PROGRAM), floor=1))
 
 
 def side_products_pallas(
@@ -222,14 +223,14 @@ def side_products_pallas(
     splits = splits or side_kernel_splits(depth, block_k)
     columns = weight.shape[1]
     block_t = 16 if num_tokens <= 16 else 32
-    chunks = _cdiv(_cdiv(depth, block_k), splits)
+    chunks = cdiv(cdiv(depth, block_k), splits)
     kernel = functools.partial(_side_kernel, num_tokens=num_tokens, depth=depth, columns=columns, block_t=block_t,
-                               block_c=block_c, block_k=block_k, chunks=chunks, precision=_precision(x.dtype))
+                               block_c=block_c, block_k=block_k, chunks=chunks, precision=dot_precision(x.dtype))
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((splits, num_tokens, columns), jnp.float32),
-        grid=(_cdiv(num_tokens, block_t), splits, _cdiv(columns, block_c)),
+        grid=(cdiv(num_tokens, block_t), splits, cdiv(columns, block_c)),
         interpret=bool(interpret),
-        compiler_params=_compiler_params(num_warps, num_stages),
+        compiler_params=compiler_params(num_warps, num_stages),
         name="lora_columns_side",
     )(x, weight)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.numpy as jnp
 
 from pallas_kernels.grouped_lora import IMPLS, check_adapter_shapes
 from pallas_kernels.routed_lora_pallas import routed_lora_pallas

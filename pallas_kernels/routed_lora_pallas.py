@@ -36,16 +36,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.grouped_lora_pallas import (
-    _cdiv,
-    _compiler_params,
-    _load,
-    _pow2_at_least,
-    _precision,
-    _store,
-    add_adapter_row,
-    store_row,
-)
+from pallas_kernels.grouped_lora_decode import add_adapter_row, store_row
+from pallas_kernels.pallas_common import cdiv, compiler_params, dot_precision, masked_load, masked_store, pow2_at_least
 from pallas_kernels.routed_lora_xla import with_composition_vjp
 
 _NEG = -3.0e38  # below any real logit, finite so max - max stays NaN-free
@@ -102,7 +94,7 @@ def _routed_shrink_kernel(x_ref, gate_ref, a_ref, logit_ref, xa_ref, *, num_toke
     def x_chunk(c):
         cols = (split * chunks + c) * block_k + jnp.arange(block_k, dtype=jnp.int32)
         in_k = cols < depth
-        return cols, in_k, _load(x_ref, (rows[:, None], cols[None, :]), in_t[:, None] & in_k[None, :])
+        return cols, in_k, masked_load(x_ref, (rows[:, None], cols[None, :]), in_t[:, None] & in_k[None, :])
 
     @pl.when(e < num_adapters)
     def _adapter():
@@ -110,12 +102,12 @@ def _routed_shrink_kernel(x_ref, gate_ref, a_ref, logit_ref, xa_ref, *, num_toke
 
         def body(c, acc):
             cols, in_k, xk = x_chunk(c)
-            ak = _load(a_ref, (e, cols[:, None], rk[None, :]), in_k[:, None] & (rk < rank)[None, :])
+            ak = masked_load(a_ref, (e, cols[:, None], rk[None, :]), in_k[:, None] & (rk < rank)[None, :])
             return acc + jnp.dot(xk, ak.astype(xk.dtype), preferred_element_type=jnp.float32, precision=precision)
 
         acc = lax.fori_loop(0, chunks, body, jnp.zeros((block_t, rank_p), jnp.float32))
         # Only the real tokens' rows are written (at T = 1 the tile is 1 row of 16).
-        _store(xa_ref, (split, e, rows[:, None], rk[None, :]), acc, in_t[:, None] & (rk >= 0)[None, :])
+        masked_store(xa_ref, (split, e, rows[:, None], rk[None, :]), acc, in_t[:, None] & (rk >= 0)[None, :])
 
     @pl.when(e >= num_adapters)
     def _gate():  # gate columns (e - L) * 16 ... + 15
@@ -123,7 +115,7 @@ def _routed_shrink_kernel(x_ref, gate_ref, a_ref, logit_ref, xa_ref, *, num_toke
 
         def body(c, acc):
             cols, in_k, xk = x_chunk(c)
-            gk = _load(gate_ref, (cols[:, None], lk[None, :]), in_k[:, None] & (lk < num_adapters)[None, :])
+            gk = masked_load(gate_ref, (cols[:, None], lk[None, :]), in_k[:, None] & (lk < num_adapters)[None, :])
             if split_gate:
                 # x is bf16, so x @ gate = x @ hi + x @ lo with gate = hi + lo (two bf16 halves) is
                 # float32-accurate (error ~2^-17 of |gate|) on the tensor cores; a float32 FMA dot
@@ -137,7 +129,7 @@ def _routed_shrink_kernel(x_ref, gate_ref, a_ref, logit_ref, xa_ref, *, num_toke
                                  preferred_element_type=jnp.float32, precision=lax.Precision.HIGHEST)
 
         acc = lax.fori_loop(0, chunks, body, jnp.zeros((block_t, _GATE_COLUMNS), jnp.float32))
-        _store(logit_ref, (split, rows[:, None], lk[None, :]), acc, in_t[:, None] & (lk >= 0)[None, :])
+        masked_store(logit_ref, (split, rows[:, None], lk[None, :]), acc, in_t[:, None] & (lk >= 0)[None, :])
 
 
 def _routed_shrink(x, gate, lora_a, cfg):
@@ -146,20 +138,20 @@ def _routed_shrink(x, gate, lora_a, cfg):
     num_tokens, depth = x.shape
     num_adapters, _, rank = lora_a.shape
     block_t = cfg.block_t
-    token_tiles = _cdiv(num_tokens, block_t)
-    adapters_p, rank_p = _pow2_at_least(num_adapters), _pow2_at_least(rank)
+    token_tiles = cdiv(num_tokens, block_t)
+    adapters_p, rank_p = pow2_at_least(num_adapters), pow2_at_least(rank)
     programs = num_adapters + adapters_p // _GATE_COLUMNS  # per token tile and split
-    total = _cdiv(depth, cfg.block_k)
+    total = cdiv(depth, cfg.block_k)
     # Split d_in until the grid fills the GPU: fewer chunks per program, fewer dependent loads in a
     # row. The number of splits stays a power of two (the expand loads the [splits, ...] partials
     # as one Triton block); trailing splits may be empty (zeros).
     splits = 1
     while splits * 2 <= total and token_tiles * splits * programs < cfg.min_programs:
         splits *= 2
-    chunks = _cdiv(total, splits)
+    chunks = cdiv(total, splits)
     kernel = functools.partial(
         _routed_shrink_kernel, num_tokens=num_tokens, depth=depth, num_adapters=num_adapters, rank=rank,
-        rank_p=rank_p, block_t=block_t, block_k=cfg.block_k, chunks=chunks, precision=_precision(x.dtype),
+        rank_p=rank_p, block_t=block_t, block_k=cfg.block_k, chunks=chunks, precision=dot_precision(x.dtype),
         split_gate=x.dtype == jnp.bfloat16)
     padded_t = token_tiles * block_t
     return pl.pallas_call(
@@ -168,7 +160,7 @@ def _routed_shrink(x, gate, lora_a, cfg):
                    jax.ShapeDtypeStruct((splits, num_adapters, padded_t, rank_p), jnp.float32)),
         grid=(token_tiles, splits, programs),
         interpret=cfg.interpret,
-        compiler_params=_compiler_params(cfg.num_warps, cfg.num_stages),
+        compiler_params=compiler_params(cfg.num_warps, cfg.num_stages),
         name="routed_lora_shrink",
     )(x, gate, lora_a)
 
@@ -185,7 +177,7 @@ def _routed_expand_kernel(temp_ref, s_ref, logit_ref, xa_ref, b_ref, *rest, top_
 
     @pl.when(pl.program_id(1) == 0)
     def _write_logits():  # the layer returns them (gate loss, routing pictures)
-        _store(logits_out_ref, (t, lk), logits, lk < num_adapters)
+        masked_store(logits_out_ref, (t, lk), logits, lk < num_adapters)
 
     chosen = top_k_in_kernel(logits, lk, num_adapters=num_adapters, adapters_p=adapters_p, top_k=top_k,
                              temperature=temp_ref[0], weight_dtype=b_ref.dtype)
@@ -200,7 +192,7 @@ def _routed_expand(temperature, scaling, logit_part, xa_part, lora_b, base, cfg,
     """-> y [T, d_out] (base + routed delta), gate logits [T, L] float32."""
     num_adapters, rank, width = lora_b.shape
     block_n = cfg.block_n
-    while block_n > 32 and num_tokens * _cdiv(width, block_n) < 132:  # enough programs for the GPU
+    while block_n > 32 and num_tokens * cdiv(width, block_n) < 132:  # enough programs for the GPU
         block_n //= 2
     kernel = functools.partial(
         _routed_expand_kernel, top_k=cfg.top_k, num_adapters=num_adapters, adapters_p=logit_part.shape[2],
@@ -214,10 +206,10 @@ def _routed_expand(temperature, scaling, logit_part, xa_part, lora_b, base, cfg,
         kernel,
         out_shape=(jax.ShapeDtypeStruct((num_tokens, width), out_dtype),
                    jax.ShapeDtypeStruct((num_tokens, num_adapters), jnp.float32)),
-        grid=(num_tokens, _cdiv(width, block_n)),
+        grid=(num_tokens, cdiv(width, block_n)),
         input_output_aliases=aliases,
         interpret=cfg.interpret,
-        compiler_params=_compiler_params(4 if block_n <= 256 else 8, 2),  # wide blocks: more warps
+        compiler_params=compiler_params(4 if block_n <= 256 else 8, 2),  # wide blocks: more warps
         name="routed_lora_expand",
     )(*args)
 
@@ -261,6 +253,6 @@ def routed_lora_pallas(
         raise ValueError(f"unknown routed_lora block options {sorted(unknown)}; choose from {sorted(DEFAULT_BLOCKS)}")
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
-    cfg = RoutedConfig(top_k=top_k, block_t=min(32, _pow2_at_least(x.shape[0])), interpret=bool(interpret),
+    cfg = RoutedConfig(top_k=top_k, block_t=min(32, pow2_at_least(x.shape[0])), interpret=bool(interpret),
                        has_base=base is not None, grouped_impl=grouped_impl, **{**DEFAULT_BLOCKS, **blocks})
     return _routed_lora(x, gate, lora_a, lora_b, scaling, temperature, base, cfg)

@@ -28,8 +28,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.grouped_lora_pallas import _precision  # float32 inputs: float32 products, not TF32
 from pallas_kernels.grouped_lora_xla import dense_routing_weights, top_k_routing
+from pallas_kernels.pallas_common import dot_precision  # float32 inputs: float32 products, not TF32
 from pallas_kernels.routed_lora_xla import with_composition_vjp
 
 
@@ -54,7 +54,7 @@ def side_products(x: jax.Array, gate: jax.Array, lora_a: jax.Array) -> tuple[jax
         lo = (gate - hi.astype(jnp.float32)).astype(jnp.bfloat16)
         side = jnp.dot(x, jnp.concatenate([a_flat, hi, lo], axis=1), preferred_element_type=jnp.float32)
         return side[:, :columns], side[:, columns:columns + num_adapters] + side[:, columns + num_adapters:]
-    xa = jnp.dot(x, a_flat, preferred_element_type=jnp.float32, precision=_precision(x.dtype))
+    xa = jnp.dot(x, a_flat, preferred_element_type=jnp.float32, precision=dot_precision(x.dtype))
     return xa, jnp.dot(x.astype(jnp.float32), gate, precision=lax.Precision.HIGHEST)
 
 
@@ -67,7 +67,7 @@ def _prefill_two_gemms(x, gate, lora_a, lora_b, scaling, temperature, base, cfg)
     weights = dense_routing_weights(expert_idx, expert_weight.astype(x.dtype), scaling)  # [T, L]
     xa = (xa.reshape(num_tokens, num_adapters, rank) * weights[:, :, None]).reshape(num_tokens, -1)
     delta = jnp.dot(xa.astype(x.dtype), lora_b.reshape(num_adapters * rank, width),
-                    preferred_element_type=jnp.float32, precision=_precision(x.dtype)).astype(x.dtype)
+                    preferred_element_type=jnp.float32, precision=dot_precision(x.dtype)).astype(x.dtype)
     return (base + delta if cfg.has_base else delta), logits
 
 

@@ -1,0 +1,279 @@
+"""Kernels of the sorted and combo paths of `grouped_lora_pallas` (module docstring there), over the
+tiles of `grouped_lora_plan`:
+
+* `shrink`: one program per tile, x[rows] @ lora_a[e] (or g[rows] @ lora_b[e]^T) -> the pairs' low-rank
+  rows [tiles*bt, R] float32;
+* `expand`: once per slot, (xa * coef) @ lora_b[e] scattered by row into the output;
+* `combo_expand`: one pass over the output for all k slots;
+* `tgmm`: the per-adapter transposed products of dA / dB (MixLoRA).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels.pallas_common import (
+    cdiv,
+    compiler_params,
+    dot_precision,
+    masked_load,
+    masked_store,
+    pow2_at_least,
+    without_aliased_input,
+)
+
+
+def _shrink_kernel(tile_expert_ref, rows_ref, x_ref, w_ref, out_ref, *, block_t, block_k, num_tokens,
+                   num_adapters, depth, rank, rank_p, transpose_w, precision):
+    i = pl.program_id(0)
+    e = tile_expert_ref[i]
+
+    @pl.when(e < num_adapters)
+    def _compute():
+        rows = rows_ref[pl.ds(i * block_t, block_t)]
+        valid = rows < num_tokens
+        rk = jnp.arange(rank_p, dtype=jnp.int32)
+
+        def body(kk, acc):
+            cols = kk * block_k + jnp.arange(block_k, dtype=jnp.int32)
+            in_k = cols < depth
+            xk = masked_load(x_ref, (rows[:, None], cols[None, :]), valid[:, None] & in_k[None, :])
+            wmask = in_k[:, None] & (rk < rank)[None, :]
+            if transpose_w:  # w_ref [L, r, depth]
+                wk = masked_load(w_ref, (e, rk[None, :], cols[:, None]), wmask)
+            else:  # w_ref [L, depth, r]
+                wk = masked_load(w_ref, (e, cols[:, None], rk[None, :]), wmask)
+            return acc + jnp.dot(xk, wk.astype(xk.dtype), preferred_element_type=jnp.float32,
+                                 precision=precision)
+
+        acc = lax.fori_loop(0, cdiv(depth, block_k), body, jnp.zeros((block_t, rank_p), jnp.float32))
+        out_ref[pl.ds(i * block_t, block_t), :] = acc
+
+    @pl.when(e >= num_adapters)
+    def _empty():
+        out_ref[pl.ds(i * block_t, block_t), :] = jnp.zeros((block_t, rank_p), jnp.float32)
+
+
+def shrink(plan, x, w, *, rank, transpose_w, block_t, block_k, interpret, num_warps=4, num_stages=3):
+    """x [T, D] and w [L, D, r] (or [L, r, D] with transpose_w) -> [k*nts*bt, R] float32."""
+    num_tokens, depth = x.shape
+    num_adapters = w.shape[0]
+    rank_p = pow2_at_least(rank)
+    num_rows = plan.rows.shape[0]
+    kernel = functools.partial(
+        _shrink_kernel, block_t=block_t, block_k=block_k, num_tokens=num_tokens,
+        num_adapters=num_adapters, depth=depth, rank=rank, rank_p=rank_p, transpose_w=transpose_w,
+        precision=dot_precision(x.dtype))
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((num_rows, rank_p), jnp.float32),
+        grid=(num_rows // block_t,),
+        interpret=interpret,
+        compiler_params=compiler_params(num_warps, num_stages),
+        name="grouped_lora_shrink",
+    )(plan.tile_expert, plan.rows, x, w)
+
+
+def _expand_kernel(tile_expert_ref, rows_ref, coef_ref, xa_ref, w_ref, *rest, slot, tiles_slot,
+                   block_t, block_n, num_tokens, num_adapters, width, rank, rank_p, transpose_w,
+                   accumulate, precision):
+    out_ref = rest[-1]
+    prev_ref = rest[0] if accumulate else None
+    tile = slot * tiles_slot + pl.program_id(0)
+    n = pl.program_id(1)  # program ids are read outside pl.when (interpret mode needs that)
+    e = tile_expert_ref[tile]
+
+    @pl.when(e < num_adapters)
+    def _compute():
+        rows = rows_ref[pl.ds(tile * block_t, block_t)]
+        valid = rows < num_tokens
+        coef = coef_ref[pl.ds(tile * block_t, block_t)]
+        xa = (xa_ref[pl.ds(tile * block_t, block_t), :] * coef[:, None]).astype(w_ref.dtype)
+        rk = jnp.arange(rank_p, dtype=jnp.int32)
+        cols = n * block_n + jnp.arange(block_n, dtype=jnp.int32)
+        in_n = cols < width
+        wmask = (rk < rank)[:, None] & in_n[None, :]
+        if transpose_w:  # w_ref [L, width, r]
+            wt = masked_load(w_ref, (e, cols[None, :], rk[:, None]), wmask)
+        else:  # w_ref [L, r, width]
+            wt = masked_load(w_ref, (e, rk[:, None], cols[None, :]), wmask)
+        y = jnp.dot(xa, wt, preferred_element_type=jnp.float32, precision=precision)
+        idx = (rows[:, None], cols[None, :])
+        mask = valid[:, None] & in_n[None, :]
+        if accumulate:
+            y = y + masked_load(prev_ref, idx, mask).astype(jnp.float32)
+        masked_store(out_ref, idx, y.astype(out_ref.dtype), mask)
+
+
+def expand(plan, coef, xa, w, *, num_tokens, width, rank, transpose_w, out_dtype, block_t, block_n,
+            interpret, base=None, poison=False, num_warps=4, num_stages=2):
+    """[base +] sum over slots of (xa * coef) @ w[e] scattered to rows -> [T, width]; a launch per slot."""
+    num_adapters = w.shape[0]
+    rank_p = xa.shape[1]
+    top_k = plan.tile_start.shape[0]
+    tiles_slot = plan.tile_expert.shape[0] // top_k
+    out = base
+    if poison and base is None:
+        out = jnp.full((num_tokens, width), jnp.nan, out_dtype)
+    for slot in range(top_k):
+        accumulate = slot > 0 or base is not None
+        kernel = functools.partial(
+            _expand_kernel, slot=slot, tiles_slot=tiles_slot, block_t=block_t, block_n=block_n,
+            num_tokens=num_tokens, num_adapters=num_adapters, width=width, rank=rank, rank_p=rank_p,
+            transpose_w=transpose_w, accumulate=accumulate, precision=dot_precision(w.dtype))
+        args = [plan.tile_expert, plan.rows, coef, xa, w]
+        aliases = {}
+        if out is not None:  # previous slot's sum (read when accumulating), or the poisoned buffer
+            args.append(out)
+            aliases = {len(args) - 1: 0}
+            if not accumulate:
+                kernel = without_aliased_input(kernel)
+        out = pl.pallas_call(
+            kernel,
+            out_shape=jax.ShapeDtypeStruct((num_tokens, width), out_dtype),
+            grid=(tiles_slot, cdiv(width, block_n)),
+            input_output_aliases=aliases,
+            interpret=interpret,
+            compiler_params=compiler_params(num_warps, num_stages),
+            name="grouped_lora_expand",
+        )(*args)
+    return out
+
+
+def _tgmm_kernel(tile_start_ref, num_tiles_ref, rows_ref, mat_ref, cmp_ref, out_ref, *, top_k, block_t,
+                 block_n, num_tokens, width, rank, rank_p, precision):
+    e = pl.program_id(0)
+    cols = pl.program_id(1) * block_n + jnp.arange(block_n, dtype=jnp.int32)
+    in_n = cols < width
+    rk = jnp.arange(rank_p, dtype=jnp.int32)
+    acc = jnp.zeros((block_n, rank_p), jnp.float32)
+    for slot in range(top_k):
+        first = tile_start_ref[slot, e]
+
+        def body(t, acc):
+            tile = first + t
+            rows = rows_ref[pl.ds(tile * block_t, block_t)]
+            valid = rows < num_tokens
+            m = masked_load(mat_ref, (rows[None, :], cols[:, None]), valid[None, :] & in_n[:, None])  # [bn, bt]
+            c = cmp_ref[pl.ds(tile * block_t, block_t), :].astype(m.dtype)  # [bt, R]
+            return acc + jnp.dot(m, c, preferred_element_type=jnp.float32, precision=precision)
+
+        acc = lax.fori_loop(0, num_tiles_ref[slot, e], body, acc)
+    masked_store(out_ref, (e, cols[:, None], rk[None, :]), acc.astype(out_ref.dtype),
+           in_n[:, None] & (rk < rank)[None, :])
+
+
+def tgmm(plan, mat, cmp, *, num_adapters, rank, out_dtype, block_t, block_n, interpret, poison=False,
+          num_warps=4, num_stages=2):
+    """out[e] = mat[rows of e]^T @ cmp[rows of e]: mat [T, W], cmp [k*nts*bt, R] -> [L, W, r]."""
+    num_tokens, width = mat.shape
+    top_k = plan.tile_start.shape[0]
+    kernel = functools.partial(
+        _tgmm_kernel, top_k=top_k, block_t=block_t, block_n=block_n, num_tokens=num_tokens, width=width,
+        rank=rank, rank_p=cmp.shape[1], precision=dot_precision(mat.dtype))
+    args = [plan.tile_start, plan.num_tiles, plan.rows, mat, cmp]
+    aliases = {}
+    if poison:
+        args.append(jnp.full((num_adapters, width, rank), jnp.nan, out_dtype))
+        aliases = {len(args) - 1: 0}
+        kernel = without_aliased_input(kernel)
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((num_adapters, width, rank), out_dtype),
+        grid=(num_adapters, cdiv(width, block_n)),
+        input_output_aliases=aliases,
+        interpret=interpret,
+        compiler_params=compiler_params(num_warps, num_stages),
+        name="grouped_lora_tgmm",
+    )(*args)
+
+
+
+# ------------------------------------------------------------------------------------------------
+# Combo expand (the sorted path's shrinks, one output pass for all k slots)
+# ------------------------------------------------------------------------------------------------
+#
+# The sorted expand runs once per slot, so every slot after the first reads, adds to and writes the
+# whole [T, W] output again: at T = 16384, d_out 4096 the second slot's pass takes 85 us against the
+# first's 51 (session 11). The combo expand writes each output row once. Tokens are ordered by the
+# adapters they chose (slot 0's, then slot 1's, ...), so a tile of bt neighbouring tokens uses only a
+# few of the L adapters (at T = 16384, L = 28, k = 2, bt = 64: about five). Each program loops over its
+# tile's adapters e:
+#   out[t] = [base[t] +] sum_e (sum_j [idx[t, j] = e] coef[t, j] xa[pair(t, j)]) @ w[e]
+# reading the low-rank rows xa that the sorted shrink left in its (token, slot) pair layout.
+
+
+def _combo_expand_kernel(adapters_ref, count_ref, rows_ref, pair_ref, idx_ref, coef_ref, xa_ref, w_ref, *rest,
+                         top_k, block_t, block_n, num_tokens, num_adapters, width, rank, rank_p, transpose_w,
+                         has_base, precision):
+    out_ref = rest[-1]
+    i = pl.program_id(0)
+    n = pl.program_id(1)
+    num_rows = rows_ref.shape[0]
+    rows = rows_ref[pl.ds(i * block_t, block_t)]
+    valid = rows < num_tokens
+    rk = jnp.arange(rank_p, dtype=jnp.int32)
+    cols = n * block_n + jnp.arange(block_n, dtype=jnp.int32)
+    in_n = cols < width
+    slots = []  # per slot: its adapter [bt] and its scaled low-rank row [bt, R] (float32)
+    for j in range(top_k):
+        at = pl.ds(j * num_rows + i * block_t, block_t)
+        pair = pair_ref[at]
+        xa = masked_load(xa_ref, (pair[:, None], rk[None, :]), valid[:, None]) * coef_ref[at][:, None]
+        slots.append((idx_ref[at], xa))
+    wmask = (rk < rank)[:, None] & in_n[None, :]
+
+    def body(u, acc):
+        e = adapters_ref[i * num_adapters + u]
+        # A token's slots hold distinct adapters, so at most one term is non-zero: the same bf16
+        # rounding of xa * coef as the sorted expand.
+        h = sum(jnp.where((sel == e)[:, None], xa, 0.0) for sel, xa in slots).astype(w_ref.dtype)
+        if transpose_w:  # w_ref [L, width, r]
+            wt = masked_load(w_ref, (e, cols[None, :], rk[:, None]), wmask)
+        else:  # w_ref [L, r, width]
+            wt = masked_load(w_ref, (e, rk[:, None], cols[None, :]), wmask)
+        return acc + jnp.dot(h, wt, preferred_element_type=jnp.float32, precision=precision)
+
+    acc = lax.fori_loop(0, count_ref[i], body, jnp.zeros((block_t, block_n), jnp.float32))
+    idx = (rows[:, None], cols[None, :])
+    mask = valid[:, None] & in_n[None, :]
+    if has_base:
+        acc = acc + masked_load(rest[0], idx, mask).astype(jnp.float32)
+    masked_store(out_ref, idx, acc.astype(out_ref.dtype), mask)
+
+
+def combo_expand(cplan, xa, w, *, num_tokens, width, rank, transpose_w, out_dtype, block_t, block_n,
+                  interpret, base=None, poison=False, num_warps=4, num_stages=3):
+    """[base +] sum_j coef[t, j] xa[pair(t, j)] @ w[idx[t, j]] -> [T, width], one pass over the output:
+    xa [pair rows, R] float32 (the sorted shrink's), w [L, r, width] (or [L, width, r] with
+    transpose_w); every output row is written once."""
+    num_adapters = w.shape[0]
+    num_rows = cplan.rows.shape[0]
+    kernel = functools.partial(
+        _combo_expand_kernel, top_k=cplan.idx.shape[0] // num_rows, block_t=block_t, block_n=block_n,
+        num_tokens=num_tokens, num_adapters=num_adapters, width=width, rank=rank, rank_p=xa.shape[1],
+        transpose_w=transpose_w, has_base=base is not None, precision=dot_precision(w.dtype))
+    args = [cplan.adapters, cplan.count, cplan.rows, cplan.pair, cplan.idx, cplan.coef, xa, w]
+    aliases = {}
+    if base is not None:
+        args.append(base)
+        aliases = {len(args) - 1: 0}
+    elif poison:
+        args.append(jnp.full((num_tokens, width), jnp.nan, out_dtype))
+        aliases = {len(args) - 1: 0}
+        kernel = without_aliased_input(kernel)
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((num_tokens, width), out_dtype),
+        grid=(num_rows // block_t, cdiv(width, block_n)),
+        input_output_aliases=aliases,
+        interpret=interpret,
+        compiler_params=compiler_params(num_warps, num_stages),
+        name="grouped_lora_combo_expand",
+    )(*args)
+

@@ -1,0 +1,51 @@
+"""Small helpers every Pallas kernel of this package uses: launch parameters, tile arithmetic, dot
+precision, and masked loads and stores.
+
+Loads and stores take integer-array indices (gather / scatter style) and a mask, so that interpret
+mode on the CPU drops out-of-range stores exactly like the GPU does.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental.pallas import triton as plgpu
+
+_CompilerParams = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
+
+
+def compiler_params(num_warps, num_stages):
+    return _CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def cdiv(a, b):
+    return -(-a // b)
+
+
+def pow2_at_least(n, floor=16):
+    return max(floor, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
+
+
+def dot_precision(dtype):
+    """HIGHEST for float32 operands (float32 products, not TF32), the default otherwise."""
+    return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+
+
+def masked_load(ref, idx, mask):
+    return plgpu.load(ref.at[idx], mask=mask, other=0)
+
+
+def masked_store(ref, idx, val, mask):
+    plgpu.store(ref.at[idx], val, mask=mask)
+
+
+def without_aliased_input(kernel):
+    """Kernel wrapper for a launch whose output is aliased to its last input only so that it starts
+    as that buffer (NaN-poisoned, in tests), not to be read: drops that input's ref."""
+
+    def wrapped(*refs):
+        return kernel(*refs[:-2], refs[-1])
+
+    return wrapped
