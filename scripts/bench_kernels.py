@@ -395,6 +395,8 @@ def main():
     parser.add_argument("--rows", default="", help="explicit rows 'd_out:r:T,...' (overrides --quick/--dout)")
     parser.add_argument("--skip", default="", help="comma-separated column names to leave out")
     parser.add_argument("--decode-max-t", type=int, default=1 << 30, help="time the decode path only up to this T")
+    parser.add_argument("--hlo-dir", default="", help="also write each timed column's compiled HLO here (to map the "
+                        "per-kernel breakdown's fusion names to their ops)")
     args = parser.parse_args()
 
     lines = []
@@ -472,6 +474,11 @@ def main():
                     if fn is None:
                         raise err
                 comp = jax.jit(fn).lower(*sets[0]).compile()
+                if args.hlo_dir:
+                    os.makedirs(args.hlo_dir, exist_ok=True)
+                    tag = f"{d_out}_{r}_{t}{'_skew' if skew else ''}_{name}"
+                    with open(os.path.join(args.hlo_dir, f"{tag}.hlo.txt"), "w") as f:
+                        f.write(comp.as_text())
                 row["temp_mib"][name] = temp_mib(comp)
                 BREAKDOWN.pop("last", None)
                 row["ms"][name] = device_time_ms(comp, sets, args.iters)
