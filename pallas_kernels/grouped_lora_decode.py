@@ -115,7 +115,7 @@ def store_row(out_ref, base_ref, t, cols, in_n, acc):
 
 
 def expand_decode(idx_flat, expert_weight, scaling, part, w, *, num_tokens, rank, transpose_w, out_dtype,
-                   block_n, interpret, base=None, dots_with=None, poison=False):
+                  block_n, interpret, base=None, dots_with=None, poison=False):
     """[base +] sum_j expert_weight[t, j] s[e] (sum of part's splits) @ w[e] per token: part
     [splits, T*k, R], w [L, r, width] (or [L, width, r] with transpose_w) -> [T, width], the k slots
     summed in registers.
@@ -154,17 +154,17 @@ def expand_decode(idx_flat, expert_weight, scaling, part, w, *, num_tokens, rank
 
 
 def forward_decode(x, lora_a, lora_b, scaling, expert_idx, expert_weight, *, block_k, block_n, interpret,
-                    base=None, poison=False):
+                   base=None, poison=False):
     """The decode path's output [T, d_out] and its shrink's partial sums [splits, T*k, R] float32
     (unscaled x @ lora_a[e] per pair once summed: what the backward needs for d expert_weight)."""
     top_k = expert_idx.shape[1]
     rank = lora_a.shape[2]
     idx_flat = expert_idx.reshape(-1).astype(jnp.int32)
     part = shrink_decode(x, lora_a, idx_flat, top_k=top_k, rank=rank, transpose_w=False, block_k=block_k,
-                          interpret=interpret)
+                         interpret=interpret)
     out = expand_decode(idx_flat, expert_weight, scaling, part, lora_b, num_tokens=x.shape[0], rank=rank,
-                         transpose_w=False, out_dtype=x.dtype, block_n=block_n, interpret=interpret, base=base,
-                         poison=poison)
+                        transpose_w=False, out_dtype=x.dtype, block_n=block_n, interpret=interpret, base=base,
+                        poison=poison)
     return out, part
 
 
@@ -189,13 +189,13 @@ def decode_backward(cfg, res, g, need):
 
     if need & {"x", "a", "s", "w"}:
         gb_part = shrink_decode(g, lora_b, idx_flat, top_k=top_k, rank=rank, transpose_w=True,
-                                 block_k=cfg.block_k_decode, interpret=cfg.interpret)
+                                block_k=cfg.block_k_decode, interpret=cfg.interpret)
         raw = scaled = None  # [T*k]: <xa, gB> per pair, and s[e] times it
         if "x" in need:
             dx = expand_decode(idx_flat, expert_weight, scaling, gb_part, lora_a, num_tokens=num_tokens,
-                                rank=rank, transpose_w=True, out_dtype=dtype, block_n=cfg.block_n_decode,
-                                interpret=cfg.interpret, poison=cfg.poison,
-                                dots_with=res["part"] if need & {"s", "w"} else None)
+                               rank=rank, transpose_w=True, out_dtype=dtype, block_n=cfg.block_n_decode,
+                               interpret=cfg.interpret, poison=cfg.poison,
+                               dots_with=res["part"] if need & {"s", "w"} else None)
             if need & {"s", "w"}:
                 dx, raw, scaled = dx
         gb = jnp.sum(gb_part, axis=0)[:, :rank]  # [T*k, r]

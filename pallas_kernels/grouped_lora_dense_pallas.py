@@ -56,7 +56,7 @@ def _dense_shrink_kernel(x_ref, w_ref, *rest, block_t, block_c, block_k, chunks,
         in_k = ks < depth
         xk = masked_load(x_ref, (rows[:, None], ks[None, :]), in_t[:, None] & in_k[None, :])
         wk = masked_load(w_ref, _flat_w_index(w_is_b, adapter[None, :], rr[None, :], ks[:, None]),
-                   in_k[:, None] & in_c[None, :])
+                         in_k[:, None] & in_c[None, :])
         return acc + jnp.dot(xk, wk.astype(xk.dtype), preferred_element_type=jnp.float32, precision=precision)
 
     acc = lax.fori_loop(0, chunks, body, jnp.zeros((block_t, block_c), jnp.float32))
@@ -141,7 +141,7 @@ def _dense_expand_kernel(idx_ref, wt_ref, s_ref, xa_ref, w_ref, *rest, top_k, bl
 
 
 def dense_expand(expert_idx, expert_weight, scaling, xa, w, *, w_is_b, out_dtype, block_t, block_n, block_k,
-                  interpret, base=None, poison=False):
+                 interpret, base=None, poison=False):
     """[base +] (xa * coef) @ flat adapters of w (lora_b [L, r, W], or lora_a [L, W, r] transposed) -> [T, W];
     coef[t, c] = scaling[e] sum_j w[t, j] [idx[t, j] = e], e = c // r, computed in the kernel.
     xa [>= T, >= L*r] float32 (padding ignored)."""
@@ -185,11 +185,11 @@ def _dense_block_t(num_tokens, cfg):
 def dense_forward(x, lora_a, lora_b, scaling, expert_idx, expert_weight, base, cfg):
     block_t = _dense_block_t(x.shape[0], cfg)
     xa = dense_shrink(x, lora_a, w_is_b=False, block_t=block_t, block_c=cfg.block_c_dense,
-                       block_k=cfg.block_k, interpret=cfg.interpret)
+                      block_k=cfg.block_k, interpret=cfg.interpret)
     out = dense_expand(expert_idx, expert_weight, scaling, xa, lora_b, w_is_b=True, out_dtype=x.dtype,
-                        block_t=block_t, block_n=cfg.block_n,
-                        block_k=cfg.block_k_dense, interpret=cfg.interpret,
-                        base=base if cfg.has_base else None, poison=cfg.poison)
+                       block_t=block_t, block_n=cfg.block_n,
+                       block_k=cfg.block_k_dense, interpret=cfg.interpret,
+                       base=base if cfg.has_base else None, poison=cfg.poison)
     return out, xa
 
 
@@ -203,12 +203,12 @@ def dense_backward(cfg, res, g, need):
     dx = da = db = ds = dw = None
     if need & {"x", "a", "s", "w"}:
         gb = dense_shrink(g, lora_b, w_is_b=True, block_t=block_t, block_c=cfg.block_c_dense,
-                           block_k=cfg.block_k, interpret=cfg.interpret)  # g @ B_flat^T (padded) f32
+                          block_k=cfg.block_k, interpret=cfg.interpret)  # g @ B_flat^T (padded) f32
         if "x" in need:
             dx = dense_expand(expert_idx, expert_weight, scaling, gb, lora_a, w_is_b=False, out_dtype=dtype,
-                               block_t=block_t,
-                               block_n=cfg.block_n, block_k=cfg.block_k_dense, interpret=cfg.interpret,
-                               poison=cfg.poison)
+                              block_t=block_t,
+                              block_n=cfg.block_n, block_k=cfg.block_k_dense, interpret=cfg.interpret,
+                              poison=cfg.poison)
         gb = gb[:num_tokens, :num_adapters * rank]
         if "a" in need:
             coef = dense_routing_weights(expert_idx, expert_weight, scaling)
@@ -218,7 +218,7 @@ def dense_backward(cfg, res, g, need):
         if need & {"s", "w"}:
             raw_all = jnp.sum((xa * gb).reshape(num_tokens, num_adapters, rank), axis=-1)  # [T, L]
             ds, dw = routing_grads(jnp.take_along_axis(raw_all, expert_idx, axis=1), expert_idx, expert_weight,
-                                    scaling, need)
+                                   scaling, need)
     if "b" in need:
         coef = dense_routing_weights(expert_idx, expert_weight, scaling)
         xas = (xa.reshape(num_tokens, num_adapters, rank) * coef[:, :, None]).astype(dtype)

@@ -122,7 +122,7 @@ def _concat_bwd(res, g, need):
     ds = dw = None
     if raw_all is not None:
         ds, dw = routing_grads(jnp.take_along_axis(raw_all, res["idx"], axis=1), res["idx"], res["w"], scaling,
-                                need)
+                               need)
     return dx, da, db, ds, dw
 
 
@@ -161,7 +161,7 @@ def _sorted_forward(x, lora_a, lora_b, scaling, expert_idx, expert_weight, base,
     plan = routing_plan(expert_idx, num_adapters, cfg.block_t)
     coef = row_coef(plan, expert_weight, scaling, cfg.block_t)
     xa = shrink(plan, x, lora_a, rank=rank, transpose_w=False, block_t=cfg.block_t, block_k=cfg.block_k,
-                 interpret=cfg.interpret)
+                interpret=cfg.interpret)
     cplan = combo_plan(plan, coef, expert_idx, num_adapters, cfg.block_t_combo) if combo else None
     out = _expand_any(plan, cplan, coef, xa, lora_b, num_tokens=num_tokens, width=lora_b.shape[2], rank=rank,
                       transpose_w=False, out_dtype=x.dtype, cfg=cfg, base=base if cfg.has_base else None)
@@ -172,16 +172,16 @@ def _expand_any(plan, cplan, coef, xa, w, *, cfg, **kw):
     """The sorted expand (a pass per slot) or, with a combo plan, the combo expand (one pass)."""
     if cplan is None:
         return expand(plan, coef, xa, w, block_t=cfg.block_t, block_n=cfg.block_n, interpret=cfg.interpret,
-                       poison=cfg.poison, **kw)
+                      poison=cfg.poison, **kw)
     return combo_expand(cplan, xa, w, block_t=cfg.block_t_combo, block_n=cfg.block_n_combo,
-                         interpret=cfg.interpret, poison=cfg.poison, **kw)
+                        interpret=cfg.interpret, poison=cfg.poison, **kw)
 
 
 def _primal(x, lora_a, lora_b, scaling, expert_idx, expert_weight, base, cfg):
     kw = dict(interpret=cfg.interpret, base=base if cfg.has_base else None, poison=cfg.poison)
     if cfg.path == "decode":
         return forward_decode(x, lora_a, lora_b, scaling, expert_idx, expert_weight,
-                               block_k=cfg.block_k_decode, block_n=cfg.block_n_decode, **kw)[0]
+                              block_k=cfg.block_k_decode, block_n=cfg.block_n_decode, **kw)[0]
     if cfg.path == "dense":
         return dense_forward(x, lora_a, lora_b, scaling, expert_idx, expert_weight, base, cfg)[0]
     return _sorted_forward(x, lora_a, lora_b, scaling, expert_idx, expert_weight, base, cfg,
@@ -207,8 +207,8 @@ def _fwd(x, lora_a, lora_b, scaling, expert_idx, expert_weight, base, cfg):
         res = dict(xa=xa, a=av, b=bv, s=sv, idx=iv, w=wv, need=need)
     elif cfg.grad_path == "decode":
         out, part = forward_decode(xv, av, bv, sv, iv, wv, block_k=cfg.block_k_decode,
-                                    block_n=cfg.block_n_decode, interpret=cfg.interpret,
-                                    base=basev if cfg.has_base else None, poison=cfg.poison)
+                                   block_n=cfg.block_n_decode, interpret=cfg.interpret,
+                                   base=basev if cfg.has_base else None, poison=cfg.poison)
         res = dict(part=part, a=av, b=bv, s=sv, idx=iv, w=wv, need=need)
     else:  # sorted or combo
         out, plan, coef, xa, cplan = _sorted_forward(xv, av, bv, sv, iv, wv, basev, cfg,
@@ -239,14 +239,14 @@ def _bwd(cfg, res, g):
     dx = da = db = ds = dw = None
     if need & {"x", "a", "s", "w"}:
         gb = shrink(plan, g, lora_b, rank=rank, transpose_w=True, block_t=cfg.block_t, block_k=cfg.block_k,
-                     interpret=cfg.interpret)  # [rows, R] f32: g[rows] @ B[e]^T
+                    interpret=cfg.interpret)  # [rows, R] f32: g[rows] @ B[e]^T
         if "x" in need:
             dx = _expand_any(plan, res["cplan"], coef, gb, lora_a, num_tokens=num_tokens, width=depth,
                              rank=rank, transpose_w=True, out_dtype=dtype, cfg=cfg)
         if "a" in need:
             da = tgmm(plan, res["x"], gb * coef[:, None], num_adapters=num_adapters, rank=rank,
-                       out_dtype=dtype, block_t=cfg.block_t, block_n=cfg.block_n_tgmm,
-                       interpret=cfg.interpret, poison=cfg.poison)
+                      out_dtype=dtype, block_t=cfg.block_t, block_n=cfg.block_n_tgmm,
+                      interpret=cfg.interpret, poison=cfg.poison)
         if need & {"s", "w"}:
             raw = jnp.sum(xa * gb, axis=-1)  # [rows]: <xa, gB> per padded row
             num_rows = plan.rows.shape[0]
@@ -255,8 +255,8 @@ def _bwd(cfg, res, g):
             ds, dw = routing_grads(raw, expert_idx, expert_weight, scaling, need)
     if "b" in need:
         dbt = tgmm(plan, g, xa * coef[:, None], num_adapters=num_adapters, rank=rank, out_dtype=dtype,
-                    block_t=cfg.block_t, block_n=cfg.block_n_tgmm, interpret=cfg.interpret,
-                    poison=cfg.poison)  # [L, d_out, r]
+                   block_t=cfg.block_t, block_n=cfg.block_n_tgmm, interpret=cfg.interpret,
+                   poison=cfg.poison)  # [L, d_out, r]
         db = jnp.swapaxes(dbt, 1, 2)
     dbase = g if "base" in need else None
     return dx, da, db, ds, None, dw, dbase

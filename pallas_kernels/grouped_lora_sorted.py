@@ -111,7 +111,7 @@ def _expand_kernel(tile_expert_ref, rows_ref, coef_ref, xa_ref, w_ref, *rest, sl
 
 
 def expand(plan, coef, xa, w, *, num_tokens, width, rank, transpose_w, out_dtype, block_t, block_n,
-            interpret, base=None, poison=False, num_warps=4, num_stages=2):
+           interpret, base=None, poison=False, num_warps=4, num_stages=2):
     """[base +] sum over slots of (xa * coef) @ w[e] scattered to rows -> [T, width]; a launch per slot."""
     num_adapters = w.shape[0]
     rank_p = xa.shape[1]
@@ -165,11 +165,11 @@ def _tgmm_kernel(tile_start_ref, num_tiles_ref, rows_ref, mat_ref, cmp_ref, out_
 
         acc = lax.fori_loop(0, num_tiles_ref[slot, e], body, acc)
     masked_store(out_ref, (e, cols[:, None], rk[None, :]), acc.astype(out_ref.dtype),
-           in_n[:, None] & (rk < rank)[None, :])
+                 in_n[:, None] & (rk < rank)[None, :])
 
 
 def tgmm(plan, mat, cmp, *, num_adapters, rank, out_dtype, block_t, block_n, interpret, poison=False,
-          num_warps=4, num_stages=2):
+         num_warps=4, num_stages=2):
     """out[e] = mat[rows of e]^T @ cmp[rows of e]: mat [T, W], cmp [k*nts*bt, R] -> [L, W, r]."""
     num_tokens, width = mat.shape
     top_k = plan.tile_start.shape[0]
@@ -248,7 +248,7 @@ def _combo_expand_kernel(adapters_ref, count_ref, rows_ref, pair_ref, idx_ref, c
 
 
 def combo_expand(cplan, xa, w, *, num_tokens, width, rank, transpose_w, out_dtype, block_t, block_n,
-                  interpret, base=None, poison=False, num_warps=4, num_stages=3):
+                 interpret, base=None, poison=False, num_warps=4, num_stages=3):
     """[base +] sum_j coef[t, j] xa[pair(t, j)] @ w[idx[t, j]] -> [T, width], one pass over the output:
     xa [pair rows, R] float32 (the sorted shrink's), w [L, r, width] (or [L, width, r] with
     transpose_w); every output row is written once."""

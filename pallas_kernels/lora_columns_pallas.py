@@ -47,7 +47,7 @@ def _fill_kernel(temp_ref, scaling_ref, side_ref, x_ref, out_ref, logits_ref, *,
     def _tail():  # the zero columns after the h columns (fewer than EXTENDED_ALIGN)
         cols = depth + columns + jnp.arange(EXTENDED_ALIGN, dtype=jnp.int32)
         masked_store(out_ref, (rows[:, None], cols[None, :]), jnp.zeros((block_t, EXTENDED_ALIGN), out_ref.dtype),
-               in_t[:, None] & (cols < width)[None, :])
+                     in_t[:, None] & (cols < width)[None, :])
 
     @pl.when((j >= num_projections) & (j < num_projections + copy_x))
     def _copy():  # x's columns (j - n) * COPY_BLOCK ... (j - n + 1) * COPY_BLOCK - 1
