@@ -216,4 +216,3 @@ def decode_backward(cfg, res, g, need):
         db = jnp.einsum("tlr,to->lro", one_hot_layout(xa * coef[:, None]), g,
                         preferred_element_type=jnp.float32, precision=dot_precision(dtype)).astype(dtype)
     return dx, da, db, ds, dw
-

@@ -225,4 +225,3 @@ def dense_backward(cfg, res, g, need):
         db = jnp.einsum("tlr,to->lro", xas, g, preferred_element_type=jnp.float32,
                         precision=dot_precision(dtype)).astype(dtype)
     return dx, da, db, ds, dw
-

@@ -148,4 +148,3 @@ def combo_plan(plan, coef, expert_idx, num_adapters, block_t):
         jnp.arange(num_tiles)[:, None], place].set(jnp.arange(num_adapters, dtype=jnp.int32)[None, :], mode="drop")
     count = jnp.sum(present, axis=1, dtype=jnp.int32)
     return ComboPlan(rows, pair.reshape(-1), idx.reshape(-1), row_coef.reshape(-1), adapters.reshape(-1), count)
-

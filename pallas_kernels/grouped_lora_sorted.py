@@ -193,7 +193,6 @@ def tgmm(plan, mat, cmp, *, num_adapters, rank, out_dtype, block_t, block_n, int
     )(*args)
 
 
-
 # ------------------------------------------------------------------------------------------------
 # Combo expand (the sorted path's shrinks, one output pass for all k slots)
 # ------------------------------------------------------------------------------------------------
@@ -276,4 +275,3 @@ def combo_expand(cplan, xa, w, *, num_tokens, width, rank, transpose_w, out_dtyp
         compiler_params=compiler_params(num_warps, num_stages),
         name="grouped_lora_combo_expand",
     )(*args)
-

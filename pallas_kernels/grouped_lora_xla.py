@@ -63,7 +63,6 @@ def routing_grads(raw, expert_idx, expert_weight, scaling, need):
     return ds, dw
 
 
-
 def grouped_lora_dense(
     x: jax.Array,  # [T, d_in]
     lora_a: jax.Array,  # [L, d_in, r]
