@@ -7,8 +7,9 @@ Four forward algorithms, all written for Pallas's Triton lowering (GPU) and run 
 
 * "sorted" (prefill, training). The T*k (token, slot) pairs are laid out slot by slot; inside a
   slot the tokens are sorted by adapter and every adapter's segment is padded to a multiple of the
-  token tile `block_t`, so each tile belongs to one adapter (`routing_plan`, plain XLA: a counting
-  sort from cumulative sums of one-hots, no sort kernel). Then
+  token tile `block_t`, so each tile belongs to one adapter (`routing_plan_pallas`: a counting
+  sort in two Pallas launches, block histograms and then each element's place; no sort kernel).
+  Then
     1. `shrink`: one program per tile, a grouped GEMM x[rows] @ lora_a[e] -> xa [tiles*bt, R]
        (float32, unscaled; R = rank padded to a power of two >= 16);
     2. `expand`, once per slot j: one program per (tile, block of d_out), (xa * w * scaling) @
@@ -20,8 +21,8 @@ Four forward algorithms, all written for Pallas's Triton lowering (GPU) and run 
   split-K vector product (grid: pairs x splits), `expand_decode` sums the splits, applies the
   weight and multiplies by the pair's rows of lora_b, summing the k slots in registers.
 * "combo" (large T): the sorted path's plan and shrinks, but one expand pass for all k slots
-  (`combo_expand`): tokens ordered by the adapters they chose (`combo_plan`, two counting passes
-  on top of the sorted plan), so a tile of neighbouring tokens uses a few adapters and each
+  (`combo_expand`): tokens ordered by the adapters they chose (`combo_plan_pallas`, counting passes
+  on top of the sorted plan, three launches at k = 2), so a tile of neighbouring tokens uses a few adapters and each
   program loops over them, gathering every slot's xa row from the pair layout. Each output row is
   written once, where the sorted expand reads, adds and writes it again for every slot after the
   first.
@@ -64,7 +65,8 @@ indices (gather/scatter style) so that interpret mode drops out-of-range stores 
 GPU does; padding rows carry the sentinel token index T.
 
 This module holds the path choice, the custom VJP and the entry point; the kernels live with their
-path: `grouped_lora_plan` (the sorted and combo plans), `grouped_lora_sorted` (shrink, expand,
+path: `grouped_lora_plan_pallas` (the sorted and combo plans; `grouped_lora_plan` holds their XLA
+references), `grouped_lora_sorted` (shrink, expand,
 combo expand, tgmm), `grouped_lora_decode`, `grouped_lora_dense_pallas`, and `pallas_common` (the
 helpers they share).
 """
@@ -79,7 +81,7 @@ from jax.custom_derivatives import SymbolicZero
 
 from pallas_kernels.grouped_lora_decode import decode_backward, forward_decode
 from pallas_kernels.grouped_lora_dense_pallas import dense_backward, dense_forward
-from pallas_kernels.grouped_lora_plan import combo_plan, routing_plan, row_coef
+from pallas_kernels.grouped_lora_plan_pallas import combo_plan_pallas, routing_plan_pallas
 from pallas_kernels.grouped_lora_sorted import combo_expand, expand, shrink, tgmm
 from pallas_kernels.grouped_lora_xla import (
     concat_backward,
@@ -158,11 +160,12 @@ def _sorted_forward(x, lora_a, lora_b, scaling, expert_idx, expert_weight, base,
     plan, the pair rows' coefficients, the unscaled xa [pair rows, R] and the combo plan (or None)."""
     num_tokens = x.shape[0]
     num_adapters, _, rank = lora_a.shape
-    plan = routing_plan(expert_idx, num_adapters, cfg.block_t)
-    coef = row_coef(plan, expert_weight, scaling, cfg.block_t)
+    plan, coef = routing_plan_pallas(expert_idx, expert_weight, scaling, num_adapters, cfg.block_t,
+                                     interpret=cfg.interpret)
     xa = shrink(plan, x, lora_a, rank=rank, transpose_w=False, block_t=cfg.block_t, block_k=cfg.block_k,
                 interpret=cfg.interpret)
-    cplan = combo_plan(plan, coef, expert_idx, num_adapters, cfg.block_t_combo) if combo else None
+    cplan = (combo_plan_pallas(plan, coef, expert_idx, num_adapters, cfg.block_t_combo, interpret=cfg.interpret)
+             if combo else None)
     out = _expand_any(plan, cplan, coef, xa, lora_b, num_tokens=num_tokens, width=lora_b.shape[2], rank=rank,
                       transpose_w=False, out_dtype=x.dtype, cfg=cfg, base=base if cfg.has_base else None)
     return out, plan, coef, xa, cplan

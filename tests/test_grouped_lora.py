@@ -156,6 +156,47 @@ def test_sorted_default_blocks():
         assert err <= TOL[jnp.float32], f"seed={SEED}: d{name} rel err {err:.2e}"
 
 
+PLAN_CASES = [  # (T, L, k, block_t, block_t_combo, routing)
+    (37, 5, 2, 16, 16, "random"),
+    (1, 4, 2, 16, 16, "random"),
+    (23, 6, 1, 16, 32, "random"),  # k = 1: the combo order is slot 0's sorted rows without padding
+    (19, 4, 4, 16, 16, "random"),  # k = L: three radix passes
+    (90, 40, 3, 32, 16, "few"),  # L > 32 buckets, most adapters empty
+    (70, 9, 2, 16, 64, "one"),  # one adapter takes every token's first slot
+]
+
+
+@pytest.mark.parametrize("blocks", [None, (16, 2, 2)], ids=["default_blocks", "many_blocks"])
+@pytest.mark.parametrize("case", PLAN_CASES, ids=[f"T{c[0]}_L{c[1]}_k{c[2]}_{c[5]}" for c in PLAN_CASES])
+def test_plan_kernels_match_reference(case, blocks, monkeypatch):
+    """The Pallas plan kernels (interpret mode) give exactly the XLA reference's plan, coefficients and
+    combo plan. many_blocks: 16 elements per count / place program, two blocks' histograms per step
+    and two tiles per padding-fill program, so the cross-block offsets, the histogram loop and the
+    fill programs all see several iterations."""
+    from pallas_kernels import grouped_lora_plan_pallas as plan_pallas
+    from pallas_kernels.grouped_lora_plan import combo_plan, routing_plan, row_coef
+
+    if blocks is not None:
+        for name, value in zip(("SORT_BLOCK", "HIST_CHUNK", "FILL_TILES"), blocks):
+            monkeypatch.setattr(plan_pallas, name, value)
+    t, num_adapters, k, block_t, block_c, routing = case
+    _, _, _, s, idx, w, _ = _inputs((_salt(case), 8), t, 2, 2, num_adapters, 1, k, jnp.float32, routing)
+    w = w.astype(jnp.bfloat16)  # the weight's dtype is the model's; coef is float32 either way
+    want = routing_plan(idx, num_adapters, block_t)
+    want_coef = row_coef(want, w, s, block_t)
+    got, coef = jax.jit(lambda i, w, s: plan_pallas.routing_plan_pallas(i, w, s, num_adapters, block_t,
+                                                                          interpret=True))(idx, w, s)
+    for name in ("rows", "tile_expert", "tile_start", "num_tiles", "pair_row"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=f"seed={SEED} {name}")
+    np.testing.assert_array_equal(coef, want_coef, err_msg=f"seed={SEED} coef")
+    got = jax.jit(lambda p, c, i: plan_pallas.combo_plan_pallas(p, c, i, num_adapters, block_c, interpret=True))(
+        want, want_coef, idx)
+    want = combo_plan(want, want_coef, idx, num_adapters, block_c)
+    for name in ("rows", "pair", "idx", "coef", "adapters", "count"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(want, name),
+                                      err_msg=f"seed={SEED} combo plan {name}")
+
+
 def test_decode_routing_gradients_without_dx():
     """The decode path computes d expert_weight / d scaling inside its dx kernel; asked for them alone
     (x not differentiated) it takes them from XLA ops instead. Both against the float32 reference."""

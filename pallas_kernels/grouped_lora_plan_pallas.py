@@ -1,0 +1,303 @@
+"""The routing plans of the sorted and combo paths as Pallas kernels: the same arrays as the plain-XLA
+references in `grouped_lora_plan` (`routing_plan` + `row_coef`, `combo_plan`), in five launches
+(k = 2) instead of about twenty small XLA fusions (session 12, H200, T = 16384: 47 µs of the combo
+f+b's 301 µs went to those fusions, most of them 1-2 µs each).
+
+Both plans are stable counting sorts in two launches:
+
+1. `_count_kernel`, one program per block of `SORT_BLOCK` elements: the block's bucket sizes (a
+   one-hot [block, B] summed over the block) -> hist [S, nb, B] (S sorts side by side, nb blocks).
+2. A place kernel, one program per block: every element's destination = its bucket's start + the
+   sizes of its bucket in the earlier blocks (both from hist) + its rank among the earlier elements
+   of its bucket in this block (a cumulative sum of the one-hot over the block).
+
+The sorted plan sorts the tokens of each slot by adapter, every adapter's segment padded to a
+multiple of the token tile (`routing_plan_pallas`); extra programs of its place launch write the
+padding rows and each tile's adapter. The combo plan (`combo_plan_pallas`) sorts the tokens of the
+last slot's sorted rows stably by slot k-2's adapter, then by k-3's, ..., 0's (a least-significant-
+digit radix sort), a count and a place launch per pass; the last place launch also gathers each
+row's pair row, adapter and coefficient, and one more launch lists each tile's adapters.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels.grouped_lora_plan import ComboPlan, Plan, tiles_per_slot
+from pallas_kernels.pallas_common import cdiv, compiler_params, masked_load, masked_store, pow2_at_least
+
+SORT_BLOCK = 256  # elements per program of the count and place launches
+HIST_CHUNK = 64  # blocks' histograms read per step by a place program
+FILL_TILES = 16  # tiles per padding-fill program of the sorted plan
+_OUT_OF_RANGE = 1 << 30
+
+
+def _one_hot_rank(digit, valid, num_buckets_p):
+    """digit [n] int32, valid [n] -> one-hot [n, B] int32 (zero rows where not valid) and each valid
+    element's rank among the earlier valid elements of its bucket [n] (a large positive number where
+    not valid, so a masked-off store indexed by it stays out of range: interpret mode would wrap -1)."""
+    one_hot = ((digit[:, None] == jnp.arange(num_buckets_p, dtype=jnp.int32)[None, :])
+               & valid[:, None]).astype(jnp.int32)
+    running = jnp.cumsum(one_hot, axis=0)
+    return one_hot, jnp.where(valid, jnp.sum(running * one_hot, axis=1) - 1, _OUT_OF_RANGE)
+
+
+def _bucket_totals(hist_ref, sort, block, num_blocks, num_buckets_p):
+    """From hist [S, nb, B]: sort `sort`'s bucket sizes [B] and the sizes in the blocks before
+    `block` [B]."""
+    buckets = jnp.arange(num_buckets_p, dtype=jnp.int32)
+
+    def body(c, carry):
+        sizes, before = carry
+        blocks = c * HIST_CHUNK + jnp.arange(HIST_CHUNK, dtype=jnp.int32)
+        h = masked_load(hist_ref, (sort, blocks[:, None], buckets[None, :]), (blocks < num_blocks)[:, None])
+        return sizes + jnp.sum(h, axis=0), before + jnp.sum(jnp.where((blocks < block)[:, None], h, 0), axis=0)
+
+    zeros = jnp.zeros((num_buckets_p,), jnp.int32)
+    return lax.fori_loop(0, cdiv(num_blocks, HIST_CHUNK), body, (zeros, zeros))
+
+
+def _pick(vec, idx):
+    """vec [B] at idx [n] (a gather from a register vector): [n]."""
+    hit = idx[:, None] == jnp.arange(vec.shape[0], dtype=jnp.int32)[None, :]
+    return jnp.sum(jnp.where(hit, vec[None, :], 0), axis=1)
+
+
+def _digits(seq_ref, idx_ref, sort, block, *, length, num_tokens, slot):
+    """The tokens of block `block` of the sequence (seq_ref, or 0..T-1 when it is None), their adapter
+    in slot `slot` (program axis 0 when None) and whether each is a token (not padding). [block]."""
+    pos = block * SORT_BLOCK + jnp.arange(SORT_BLOCK, dtype=jnp.int32)
+    in_range = pos < length
+    tok = pos if seq_ref is None else masked_load(seq_ref, pos, in_range)
+    valid = in_range & (tok < num_tokens)
+    digit = masked_load(idx_ref, (tok, sort if slot is None else slot), valid)
+    return tok, digit, valid
+
+
+def _count_kernel(*refs, length, num_tokens, num_buckets_p, slot):
+    seq_ref = refs[0] if slot is not None else None
+    idx_ref, hist_ref = refs[-2], refs[-1]
+    sort, block = pl.program_id(0), pl.program_id(1)
+    _, digit, valid = _digits(seq_ref, idx_ref, sort, block, length=length, num_tokens=num_tokens, slot=slot)
+    one_hot = ((digit[:, None] == jnp.arange(num_buckets_p, dtype=jnp.int32)[None, :]) & valid[:, None])
+    buckets = jnp.arange(num_buckets_p, dtype=jnp.int32)
+    masked_store(hist_ref, (sort, block, buckets), jnp.sum(one_hot.astype(jnp.int32), axis=0),
+                 buckets < num_buckets_p)
+
+
+def _count(seq, expert_idx, *, num_sorts, length, num_buckets, slot, interpret):
+    """Bucket sizes per block: [S, nb, B] int32 (B = num_buckets rounded up to a power of two)."""
+    num_tokens = expert_idx.shape[0]
+    num_buckets_p = pow2_at_least(num_buckets)
+    num_blocks = cdiv(length, SORT_BLOCK)
+    kernel = functools.partial(_count_kernel, length=length, num_tokens=num_tokens,
+                               num_buckets_p=num_buckets_p, slot=slot)
+    args = [expert_idx] if seq is None else [seq, expert_idx]
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((num_sorts, num_blocks, num_buckets_p), jnp.int32),
+        grid=(num_sorts, num_blocks),
+        interpret=interpret,
+        compiler_params=compiler_params(4, 1),
+        name="grouped_lora_plan_count",
+    )(*args)
+
+
+# ------------------------------------------------------------------------------------------------
+# The sorted plan
+# ------------------------------------------------------------------------------------------------
+
+
+def _place_sorted_kernel(hist_ref, idx_ref, weight_ref, scaling_ref, rows_ref, pair_ref, coef_ref, tile_expert_ref,
+                         tile_start_ref, num_tiles_ref, *, num_tokens, num_adapters, num_blocks, num_buckets_p,
+                         tiles_slot, block_t):
+    slot, block = pl.program_id(0), pl.program_id(1)
+    sizes, before = _bucket_totals(hist_ref, slot, block, num_blocks, num_buckets_p)
+    num_tiles = (sizes + block_t - 1) // block_t  # [B]; 0 past the last adapter
+    tile_end = jnp.cumsum(num_tiles)  # slot-local
+    tile_start = tile_end - num_tiles
+    first_row = slot * tiles_slot * block_t
+    buckets = jnp.arange(num_buckets_p, dtype=jnp.int32)
+
+    @pl.when(block == 0)
+    def _tile_ranges():
+        real = buckets < num_adapters
+        masked_store(tile_start_ref, (slot, buckets), tile_start + slot * tiles_slot, real)
+        masked_store(num_tiles_ref, (slot, buckets), num_tiles, real)
+
+    @pl.when(block < num_blocks)
+    def _place():
+        tok, expert, valid = _digits(None, idx_ref, slot, block, length=num_tokens, num_tokens=num_tokens,
+                                     slot=None)
+        one_hot, rank = _one_hot_rank(expert, valid, num_buckets_p)
+        start = jnp.sum(one_hot * (tile_start * block_t + before)[None, :], axis=1)
+        row = first_row + start + rank
+        masked_store(rows_ref, row, tok, valid)
+        masked_store(pair_ref, (slot, tok), row, valid)
+        coef = (masked_load(weight_ref, (tok, slot), valid).astype(jnp.float32)
+                * masked_load(scaling_ref, expert, valid).astype(jnp.float32))
+        masked_store(coef_ref, row, coef, valid)
+
+    @pl.when(block >= num_blocks)
+    def _fill_padding():  # each tile's adapter; the padding rows' sentinel token T and coefficient 0
+        tiles = (block - num_blocks) * FILL_TILES + jnp.arange(FILL_TILES, dtype=jnp.int32)
+        in_slot = tiles < tiles_slot
+        expert = jnp.minimum(jnp.sum((tile_end[None, :] <= tiles[:, None]).astype(jnp.int32), axis=1),
+                             num_adapters)
+        used = jnp.where(expert < num_adapters,
+                         _pick(sizes, expert) - (tiles - _pick(tile_start, expert)) * block_t, 0)
+        masked_store(tile_expert_ref, slot * tiles_slot + tiles, expert, in_slot)
+        lane = jnp.arange(block_t, dtype=jnp.int32)
+        row = first_row + tiles[:, None] * block_t + lane[None, :]
+        pad = in_slot[:, None] & (lane[None, :] >= used[:, None])
+        masked_store(rows_ref, row, jnp.full(row.shape, num_tokens, jnp.int32), pad)
+        masked_store(coef_ref, row, jnp.zeros(row.shape, jnp.float32), pad)
+
+
+def routing_plan_pallas(expert_idx, expert_weight, scaling, num_adapters, block_t, *, interpret):
+    """`grouped_lora_plan.routing_plan` and `row_coef` in two launches: (Plan, coef [k*nts*bt] float32).
+
+    expert_idx [T, k] int32, expert_weight [T, k], scaling [L]."""
+    num_tokens, top_k = expert_idx.shape
+    tiles_slot = tiles_per_slot(num_tokens, num_adapters, block_t)
+    num_buckets_p = pow2_at_least(num_adapters)
+    hist = _count(None, expert_idx, num_sorts=top_k, length=num_tokens, num_buckets=num_adapters, slot=None,
+                  interpret=interpret)
+    num_blocks = hist.shape[1]
+    kernel = functools.partial(
+        _place_sorted_kernel, num_tokens=num_tokens, num_adapters=num_adapters, num_blocks=num_blocks,
+        num_buckets_p=num_buckets_p, tiles_slot=tiles_slot, block_t=block_t)
+    num_rows = top_k * tiles_slot * block_t
+    i32 = jnp.int32
+    rows, pair_row, coef, tile_expert, tile_start, num_tiles = pl.pallas_call(
+        kernel,
+        out_shape=(jax.ShapeDtypeStruct((num_rows,), i32), jax.ShapeDtypeStruct((top_k, num_tokens), i32),
+                   jax.ShapeDtypeStruct((num_rows,), jnp.float32), jax.ShapeDtypeStruct((top_k * tiles_slot,), i32),
+                   jax.ShapeDtypeStruct((top_k, num_adapters), i32),
+                   jax.ShapeDtypeStruct((top_k, num_adapters), i32)),
+        grid=(top_k, num_blocks + cdiv(tiles_slot, FILL_TILES)),
+        interpret=interpret,
+        compiler_params=compiler_params(4, 1),
+        name="grouped_lora_plan_place",
+    )(hist, expert_idx, expert_weight, scaling)
+    return Plan(rows, tile_expert, tile_start, num_tiles, pair_row), coef
+
+
+# ------------------------------------------------------------------------------------------------
+# The combo plan
+# ------------------------------------------------------------------------------------------------
+
+
+def _place_order_kernel(*refs, length, num_tokens, num_adapters, num_blocks, num_buckets_p, slot, top_k, padded,
+                        final):
+    """A radix pass: the tokens of seq stably by their adapter in `slot`. The final pass also writes
+    each (slot, row)'s pair row, adapter and coefficient, and the padding rows past the last token."""
+    if final:
+        hist_ref, seq_ref, idx_ref, pair_row_ref, coef_ref, out_ref, pair_ref, expert_ref, row_coef_ref = refs
+    else:
+        hist_ref, seq_ref, idx_ref, out_ref = refs
+    block = pl.program_id(1)
+    sizes, before = _bucket_totals(hist_ref, 0, block, num_blocks, num_buckets_p)
+    start = jnp.cumsum(sizes) - sizes
+    tok, digit, valid = _digits(seq_ref, idx_ref, 0, block, length=length, num_tokens=num_tokens, slot=slot)
+    one_hot, rank = _one_hot_rank(digit, valid, num_buckets_p)
+    row = jnp.sum(one_hot * (start + before)[None, :], axis=1) + rank
+    masked_store(out_ref, row, tok, valid)
+    if not final:
+        return
+    for j in range(top_k):
+        pair = masked_load(pair_row_ref, (j, tok), valid)
+        masked_store(pair_ref, j * padded + row, pair, valid)
+        masked_store(expert_ref, j * padded + row, masked_load(idx_ref, (tok, j), valid), valid)
+        masked_store(row_coef_ref, j * padded + row, masked_load(coef_ref, pair, valid), valid)
+    tail = padded - num_tokens
+    if tail:  # the rows past the last token: token T, pair row 0, adapter L, coefficient 0
+        lane = jnp.arange(pow2_at_least(tail), dtype=jnp.int32)
+        pad = (lane < tail) & (block == 0)
+        fill = lambda value, dtype: jnp.full(lane.shape, value, dtype)  # noqa: E731
+        masked_store(out_ref, num_tokens + lane, fill(num_tokens, jnp.int32), pad)
+        for j in range(top_k):
+            at = j * padded + num_tokens + lane
+            masked_store(pair_ref, at, fill(0, jnp.int32), pad)
+            masked_store(expert_ref, at, fill(num_adapters, jnp.int32), pad)
+            masked_store(row_coef_ref, at, fill(0, jnp.float32), pad)
+
+
+def _radix_pass(seq, expert_idx, slot, num_adapters, interpret, final=None):
+    """The tokens of seq [P] (padding entries >= T dropped) reordered stably by their adapter in slot
+    `slot`: [T]. final = (plan, coef, padded): the last pass, which returns the combo plan's rows,
+    pair, idx and coef (the rows padded to `padded` with T)."""
+    num_tokens, top_k = expert_idx.shape
+    length = seq.shape[0]
+    hist = _count(seq, expert_idx, num_sorts=1, length=length, num_buckets=num_adapters, slot=slot,
+                  interpret=interpret)
+    padded = num_tokens if final is None else final[2]
+    kernel = functools.partial(
+        _place_order_kernel, length=length, num_tokens=num_tokens, num_adapters=num_adapters,
+        num_blocks=hist.shape[1], num_buckets_p=hist.shape[2], slot=slot, top_k=top_k, padded=padded,
+        final=final is not None)
+    i32 = jnp.int32
+    out_shape = jax.ShapeDtypeStruct((padded,), i32)
+    args = [hist, seq, expert_idx]
+    if final is not None:
+        plan, coef, _ = final
+        per_pair = top_k * padded
+        out_shape = (out_shape, jax.ShapeDtypeStruct((per_pair,), i32), jax.ShapeDtypeStruct((per_pair,), i32),
+                     jax.ShapeDtypeStruct((per_pair,), jnp.float32))
+        args += [plan.pair_row, coef]
+    return pl.pallas_call(
+        kernel,
+        out_shape=out_shape,
+        grid=(1, hist.shape[1]),
+        interpret=interpret,
+        compiler_params=compiler_params(4, 1),
+        name="grouped_lora_plan_order",
+    )(*args)
+
+
+def _combo_tiles_kernel(idx_ref, adapters_ref, count_ref, *, top_k, block_t, padded, num_adapters):
+    """Tile i's adapters, ascending, at adapters[i*L, i*L + count[i]) (L after them), and count[i]."""
+    i = pl.program_id(0)
+    adapters = jnp.arange(pow2_at_least(num_adapters), dtype=jnp.int32)
+    real = adapters < num_adapters
+    uses = jnp.zeros(adapters.shape, jnp.int32)
+    for j in range(top_k):
+        expert = idx_ref[pl.ds(j * padded + i * block_t, block_t)]
+        uses += jnp.sum((expert[:, None] == adapters[None, :]).astype(jnp.int32), axis=0)
+    present = (uses > 0) & real
+    place = jnp.cumsum(present.astype(jnp.int32)) - 1
+    count = jnp.sum(present.astype(jnp.int32))
+    masked_store(adapters_ref, i * num_adapters + jnp.where(present, place, _OUT_OF_RANGE), adapters, present)
+    masked_store(adapters_ref, i * num_adapters + adapters, jnp.full(adapters.shape, num_adapters, jnp.int32),
+                 real & (adapters >= count))
+    masked_store(count_ref, i + adapters, jnp.full(adapters.shape, count, jnp.int32), adapters == 0)
+
+
+def combo_plan_pallas(plan, coef, expert_idx, num_adapters, block_t, *, interpret):
+    """`grouped_lora_plan.combo_plan`: a count and a place launch per radix pass (slots k-2 .. 0; slot 0
+    alone when k = 1), the last one also gathering each row's pair row, adapter and coefficient, and
+    one launch for the tiles' adapter lists."""
+    num_tokens, top_k = expert_idx.shape
+    num_tiles = cdiv(num_tokens, block_t)
+    padded = num_tiles * block_t
+    seq = plan.rows[(top_k - 1) * (plan.rows.shape[0] // top_k):]
+    for slot in range(max(top_k - 2, 0), 0, -1):
+        seq = _radix_pass(seq, expert_idx, slot, num_adapters, interpret)
+    rows, pair, idx, row_coef = _radix_pass(seq, expert_idx, 0, num_adapters, interpret, final=(plan, coef, padded))
+    kernel = functools.partial(_combo_tiles_kernel, top_k=top_k, block_t=block_t, padded=padded,
+                               num_adapters=num_adapters)
+    adapters, count = pl.pallas_call(
+        kernel,
+        out_shape=(jax.ShapeDtypeStruct((num_tiles * num_adapters,), jnp.int32),
+                   jax.ShapeDtypeStruct((num_tiles,), jnp.int32)),
+        grid=(num_tiles,),
+        interpret=interpret,
+        compiler_params=compiler_params(4, 1),
+        name="grouped_lora_plan_combo_tiles",
+    )(idx)
+    return ComboPlan(rows, pair, idx, row_coef, adapters, count)
