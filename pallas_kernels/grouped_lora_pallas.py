@@ -251,10 +251,9 @@ def _bwd(cfg, res, g):
                       out_dtype=dtype, block_t=cfg.block_t, block_n=cfg.block_n_tgmm,
                       interpret=cfg.interpret, poison=cfg.poison)
         if need & {"s", "w"}:
-            raw = jnp.sum(xa * gb, axis=-1)  # [rows]: <xa, gB> per padded row
-            num_rows = plan.rows.shape[0]
-            slot = jnp.arange(num_rows, dtype=jnp.int32) // (num_rows // top_k)
-            raw = jnp.zeros((num_tokens, top_k), jnp.float32).at[plan.rows, slot].set(raw, mode="drop")
+            # <xa, gB> of each (token, slot) pair, gathered by its row (the scatter from the padded
+            # rows that this replaces took 5-9 us on an H200 at T >= 4096)
+            raw = jnp.sum(xa[plan.pair_row] * gb[plan.pair_row], axis=-1).T  # [T, k]
             ds, dw = routing_grads(raw, expert_idx, expert_weight, scaling, need)
     if "b" in need:
         dbt = tgmm(plan, g, xa * coef[:, None], num_adapters=num_adapters, rank=rank, out_dtype=dtype,
