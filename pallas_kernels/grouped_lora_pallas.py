@@ -314,8 +314,9 @@ _grouped_lora.defvjp(_fwd, _bwd, symbolic_zeros=True)
 #   The combo expand pipelines 3 stages (2 before): f+b r = 16 0.2896 / 0.5569 vs 0.2997 / 0.5797,
 #   layer 0.867 / 2.7935 vs 0.8754 / 2.816 at T = 16384.
 # * Plans (session 15, H200, docs/benchmarks.md "H200 run (session 15)"): the sorted and combo plans
-#   became Pallas launches (`grouped_lora_plan_pallas`), about 10 us for the combo plan at T = 16384
-#   where its XLA passes took about 25. COMBO_MIN_TOKENS was not re-measured with them.
+#   became Pallas launches (`grouped_lora_plan_pallas`): all plan and glue kernels of the combo f+b at
+#   T = 16384 took 27 us in 7 launches where they took 50 in 26; the combo plan's own three launches
+#   9.5 us. COMBO_MIN_TOKENS was not re-measured with them.
 DECODE_MAX_TOKENS = 32
 DECODE_GRAD_MAX_TOKENS = 16
 CONCAT_GRAD_MAX_WORK = 1 << 22  # T * L * r
