@@ -88,10 +88,10 @@ def _count_kernel(*refs, length, num_tokens, num_buckets_p, slot):
     idx_ref, hist_ref = refs[-2], refs[-1]
     sort, block = pl.program_id(0), pl.program_id(1)
     _, digit, valid = _digits(seq_ref, idx_ref, sort, block, length=length, num_tokens=num_tokens, slot=slot)
-    one_hot = ((digit[:, None] == jnp.arange(num_buckets_p, dtype=jnp.int32)[None, :]) & valid[:, None])
     buckets = jnp.arange(num_buckets_p, dtype=jnp.int32)
-    masked_store(hist_ref, (sort, block, buckets), jnp.sum(one_hot.astype(jnp.int32), axis=0),
-                 buckets < num_buckets_p)
+    one_hot = (digit[:, None] == buckets[None, :]) & valid[:, None]
+    every_bucket = buckets >= 0
+    masked_store(hist_ref, (sort, block, buckets), jnp.sum(one_hot.astype(jnp.int32), axis=0), every_bucket)
 
 
 def _count(seq, expert_idx, *, num_sorts, length, num_buckets, slot, interpret):
