@@ -22,10 +22,10 @@ Four forward algorithms, all written for Pallas's Triton lowering (GPU) and run 
   weight and multiplies by the pair's rows of lora_b, summing the k slots in registers.
 * "combo" (large T): the sorted path's plan and shrinks, but one expand pass for all k slots
   (`combo_expand`): tokens ordered by the adapters they chose (`combo_plan_pallas`, counting passes
-  on top of the sorted plan, three launches at k = 2), so a tile of neighbouring tokens uses a few adapters and each
-  program loops over them, gathering every slot's xa row from the pair layout. Each output row is
-  written once, where the sorted expand reads, adds and writes it again for every slot after the
-  first.
+  on top of the sorted plan, three launches at k = 2), so a tile of neighbouring tokens uses a few
+  adapters and each program loops over them, gathering every slot's xa row from the pair layout.
+  Each output row is written once, where the sorted expand reads, adds and writes it again for every
+  slot after the first.
 * "dense" (token order, no plan): `dense_shrink` computes x @ A_flat over all L*r flat adapter
   columns (x read once for every slot; split-K with float32 atomics when there are few tokens), and
   `dense_expand` combines all k slots of a token tile in one pass over the output: the routing
@@ -66,9 +66,8 @@ GPU does; padding rows carry the sentinel token index T.
 
 This module holds the path choice, the custom VJP and the entry point; the kernels live with their
 path: `grouped_lora_plan_pallas` (the sorted and combo plans; `grouped_lora_plan` holds their XLA
-references), `grouped_lora_sorted` (shrink, expand,
-combo expand, tgmm), `grouped_lora_decode`, `grouped_lora_dense_pallas`, and `pallas_common` (the
-helpers they share).
+references), `grouped_lora_sorted` (shrink, expand, combo expand, tgmm), `grouped_lora_decode`,
+`grouped_lora_dense_pallas`, and `pallas_common` (the helpers they share).
 """
 
 from __future__ import annotations

@@ -41,12 +41,17 @@ FILL_TILES = 16  # tiles per padding-fill program of the sorted plan
 _OUT_OF_RANGE = 1 << 30
 
 
+def _one_hot(digit, valid, num_buckets_p):
+    """digit [n] int32, valid [n] -> one-hot [n, B] int32, zero rows where not valid."""
+    buckets = jnp.arange(num_buckets_p, dtype=jnp.int32)
+    return ((digit[:, None] == buckets[None, :]) & valid[:, None]).astype(jnp.int32)
+
+
 def _one_hot_rank(digit, valid, num_buckets_p):
-    """digit [n] int32, valid [n] -> one-hot [n, B] int32 (zero rows where not valid) and each valid
-    element's rank among the earlier valid elements of its bucket [n] (a large positive number where
-    not valid, so a masked-off store indexed by it stays out of range: interpret mode would wrap -1)."""
-    one_hot = ((digit[:, None] == jnp.arange(num_buckets_p, dtype=jnp.int32)[None, :])
-               & valid[:, None]).astype(jnp.int32)
+    """`_one_hot`, and each valid element's rank among the earlier valid elements of its bucket [n] (a
+    large positive number where not valid, so a masked-off store indexed by it stays out of range:
+    interpret mode would wrap -1)."""
+    one_hot = _one_hot(digit, valid, num_buckets_p)
     running = jnp.cumsum(one_hot, axis=0)
     return one_hot, jnp.where(valid, jnp.sum(running * one_hot, axis=1) - 1, _OUT_OF_RANGE)
 
@@ -89,9 +94,9 @@ def _count_kernel(*refs, length, num_tokens, num_buckets_p, slot):
     sort, block = pl.program_id(0), pl.program_id(1)
     _, digit, valid = _digits(seq_ref, idx_ref, sort, block, length=length, num_tokens=num_tokens, slot=slot)
     buckets = jnp.arange(num_buckets_p, dtype=jnp.int32)
-    one_hot = (digit[:, None] == buckets[None, :]) & valid[:, None]
     every_bucket = buckets >= 0
-    masked_store(hist_ref, (sort, block, buckets), jnp.sum(one_hot.astype(jnp.int32), axis=0), every_bucket)
+    masked_store(hist_ref, (sort, block, buckets), jnp.sum(_one_hot(digit, valid, num_buckets_p), axis=0),
+                 every_bucket)
 
 
 def _count(seq, expert_idx, *, num_sorts, length, num_buckets, slot, interpret):
@@ -170,13 +175,12 @@ def routing_plan_pallas(expert_idx, expert_weight, scaling, num_adapters, block_
     expert_idx [T, k] int32, expert_weight [T, k], scaling [L]."""
     num_tokens, top_k = expert_idx.shape
     tiles_slot = tiles_per_slot(num_tokens, num_adapters, block_t)
-    num_buckets_p = pow2_at_least(num_adapters)
     hist = _count(None, expert_idx, num_sorts=top_k, length=num_tokens, num_buckets=num_adapters, slot=None,
                   interpret=interpret)
     num_blocks = hist.shape[1]
     kernel = functools.partial(
         _place_sorted_kernel, num_tokens=num_tokens, num_adapters=num_adapters, num_blocks=num_blocks,
-        num_buckets_p=num_buckets_p, tiles_slot=tiles_slot, block_t=block_t)
+        num_buckets_p=hist.shape[2], tiles_slot=tiles_slot, block_t=block_t)
     num_rows = top_k * tiles_slot * block_t
     i32 = jnp.int32
     rows, pair_row, coef, tile_expert, tile_start, num_tiles = pl.pallas_call(
@@ -275,10 +279,9 @@ def _combo_tiles_kernel(idx_ref, adapters_ref, count_ref, *, top_k, block_t, pad
     i = pl.program_id(0)
     adapters = jnp.arange(pow2_at_least(num_adapters), dtype=jnp.int32)
     real = adapters < num_adapters
-    uses = jnp.zeros(adapters.shape, jnp.int32)
-    for j in range(top_k):
-        expert = idx_ref[pl.ds(j * padded + i * block_t, block_t)]
-        uses += jnp.sum((expert[:, None] == adapters[None, :]).astype(jnp.int32), axis=0)
+    everywhere = jnp.ones((block_t,), jnp.bool_)
+    uses = sum(jnp.sum(_one_hot(idx_ref[pl.ds(j * padded + i * block_t, block_t)], everywhere, adapters.shape[0]),
+                       axis=0) for j in range(top_k))
     present = (uses > 0) & real
     place = jnp.cumsum(present.astype(jnp.int32)) - 1
     count = jnp.sum(present.astype(jnp.int32))
