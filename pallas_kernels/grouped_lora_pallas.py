@@ -80,6 +80,7 @@ from jax.custom_derivatives import SymbolicZero
 
 from pallas_kernels.grouped_lora_decode import decode_backward, forward_decode
 from pallas_kernels.grouped_lora_dense_pallas import dense_backward, dense_forward
+from pallas_kernels.grouped_lora_plan import combo_plan, routing_plan, row_coef
 from pallas_kernels.grouped_lora_plan_pallas import combo_plan_pallas, routing_plan_pallas
 from pallas_kernels.grouped_lora_sorted import combo_expand, expand, shrink, tgmm
 from pallas_kernels.grouped_lora_xla import (
@@ -149,6 +150,7 @@ class Config:
     block_k_dense: int
     block_t_combo: int
     block_n_combo: int
+    plan: str  # "pallas" (`grouped_lora_plan_pallas`) or "xla" (its references in `grouped_lora_plan`)
     interpret: bool
     poison: bool
     has_base: bool
@@ -159,12 +161,19 @@ def _sorted_forward(x, lora_a, lora_b, scaling, expert_idx, expert_weight, base,
     plan, the pair rows' coefficients, the unscaled xa [pair rows, R] and the combo plan (or None)."""
     num_tokens = x.shape[0]
     num_adapters, _, rank = lora_a.shape
-    plan, coef = routing_plan_pallas(expert_idx, expert_weight, scaling, num_adapters, cfg.block_t,
-                                     interpret=cfg.interpret)
+    if cfg.plan == "pallas":
+        plan, coef = routing_plan_pallas(expert_idx, expert_weight, scaling, num_adapters, cfg.block_t,
+                                         interpret=cfg.interpret)
+    else:
+        plan = routing_plan(expert_idx, num_adapters, cfg.block_t)
+        coef = row_coef(plan, expert_weight, scaling, cfg.block_t)
     xa = shrink(plan, x, lora_a, rank=rank, transpose_w=False, block_t=cfg.block_t, block_k=cfg.block_k,
                 interpret=cfg.interpret)
-    cplan = (combo_plan_pallas(plan, coef, expert_idx, num_adapters, cfg.block_t_combo, interpret=cfg.interpret)
-             if combo else None)
+    cplan = None
+    if combo and cfg.plan == "pallas":
+        cplan = combo_plan_pallas(plan, coef, expert_idx, num_adapters, cfg.block_t_combo, interpret=cfg.interpret)
+    elif combo:
+        cplan = combo_plan(plan, coef, expert_idx, num_adapters, cfg.block_t_combo)
     out = _expand_any(plan, cplan, coef, xa, lora_b, num_tokens=num_tokens, width=lora_b.shape[2], rank=rank,
                       transpose_w=False, out_dtype=x.dtype, cfg=cfg, base=base if cfg.has_base else None)
     return out, plan, coef, xa, cplan
@@ -364,13 +373,15 @@ def default_config(num_tokens, top_k, num_adapters, rank, *, path="auto", interp
     cfg = dict(path=path, grad_path=grad_path, block_t=block_t, block_k=block_k, block_n=128, block_n_tgmm=64,
                block_k_decode=decode_block_k(num_tokens, top_k, rank),
                block_n_decode=256, block_t_dense=64, block_c_dense=256, block_k_dense=64,
-               block_t_combo=64, block_n_combo=256,
+               block_t_combo=64, block_n_combo=256, plan="pallas",
                interpret=bool(interpret),
                poison=bool(poison), has_base=bool(has_base))
     unknown = set(blocks) - set(cfg)
     if unknown:
         raise ValueError(f"unknown kernel options {sorted(unknown)}")
     cfg.update(blocks)
+    if cfg["plan"] not in ("pallas", "xla"):
+        raise ValueError(f"plan must be 'pallas' or 'xla', got {cfg['plan']!r}")
     for name in ("block_t", "block_k", "block_n", "block_n_tgmm", "block_t_dense", "block_c_dense",
                  "block_k_dense", "block_t_combo", "block_n_combo"):
         if cfg[name] < 16 or cfg[name] & (cfg[name] - 1):
@@ -400,7 +411,10 @@ def grouped_lora_pallas(
     under differentiation); an explicit path is also the one differentiated through. interpret:
     defaults to True on CPU. poison (tests): outputs start as NaN so unwritten elements show.
     blocks: block_t, block_k, block_n, block_n_tgmm, block_k_decode, block_n_decode, block_t_dense,
-    block_c_dense, block_k_dense, block_t_combo, block_n_combo.
+    block_c_dense, block_k_dense, block_t_combo, block_n_combo; and plan="xla", which builds the sorted
+    and combo paths' routing plans with their plain-XLA references instead of the Pallas plan kernels
+    (the same arrays; the CPU tests use it where the plan kernels are not what they test, since those
+    kernels are slow to compile in interpret mode).
     """
     num_tokens = x.shape[0]
     num_adapters, _, rank = lora_a.shape

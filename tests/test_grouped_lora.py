@@ -19,7 +19,11 @@ from pallas_kernels.grouped_lora_pallas import grouped_lora_pallas
 
 SEED = np.random.SeedSequence().entropy
 SMALL = dict(block_t=16, block_k=16, block_n=16, block_n_tgmm=16, block_k_decode=16, block_n_decode=16,
-             block_t_dense=16, block_c_dense=16, block_k_dense=16, block_t_combo=16, block_n_combo=16)
+             block_t_dense=16, block_c_dense=16, block_k_dense=16, block_t_combo=16, block_n_combo=16,
+             # The plans from their XLA references: the Pallas plan kernels build the same arrays
+             # (test_plan_kernels_match_reference) but take minutes to compile in interpret mode across
+             # these cases; test_sorted_and_combo_default_blocks runs the paths with them.
+             plan="xla")
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
 BF16_SUM_TOL = 4e-3  # 2^-8: one bfloat16 rounding of each term, relative to the terms' magnitudes
 
@@ -137,23 +141,25 @@ def test_gradients_match_autodiff_of_reference(case, path, dtype):
         assert err <= bound, f"seed={SEED} case={case} path={path}: d{name} rel err {err:.2e}"
 
 
-def test_sorted_default_blocks():
-    """The sorted path with its default tiles (depth tile 128 over d_in = 200, not a multiple of it; token
-    tile 32): output and the gradients of x and expert_weight against the float32 reference."""
+@pytest.mark.parametrize("path", ["sorted", "combo"])
+def test_sorted_and_combo_default_blocks(path):
+    """The sorted and combo paths as the GPU runs them: default tiles (depth tile 128 over d_in = 200, not
+    a multiple of it; token tile 32; combo tile 64 x 256) and the Pallas plan kernels. Output and the
+    gradients of x and expert_weight against the float32 reference."""
     case = (100, 200, 90, 5, 6, 2)
     x, a, b, s, idx, w, _ = _inputs((_salt(case), 6), *case, jnp.float32)
     g = jnp.asarray(_rng(_salt(case), 7).standard_normal((case[0], case[2])), jnp.float32)
-    pallas = lambda x, w: grouped_lora_pallas(x, a, b, s, idx, w, path="sorted", poison=True)  # noqa: E731
+    pallas = lambda x, w: grouped_lora_pallas(x, a, b, s, idx, w, path=path, poison=True)  # noqa: E731
     reference = lambda x, w: grouped_lora_dense(x, a, b, s, idx, w)  # noqa: E731
     with jax.default_matmul_precision("highest"):
         want = reference(x, w)
         want_grads = jax.grad(lambda x, w: jnp.sum(reference(x, w) * g), (0, 1))(x, w)
     err = _rel(jax.jit(pallas)(x, w), want)
-    assert err <= TOL[jnp.float32], f"seed={SEED}: rel err {err:.2e}"
+    assert err <= TOL[jnp.float32], f"seed={SEED} path={path}: rel err {err:.2e}"
     got = jax.jit(jax.grad(lambda x, w: jnp.sum(pallas(x, w) * g), (0, 1)))(x, w)
     for name, u, v in zip(("x", "expert_weight"), want_grads, got):
         err = _rel(v, u)
-        assert err <= TOL[jnp.float32], f"seed={SEED}: d{name} rel err {err:.2e}"
+        assert err <= TOL[jnp.float32], f"seed={SEED} path={path}: d{name} rel err {err:.2e}"
 
 
 PLAN_CASES = [  # (T, L, k, block_t, block_t_combo, routing)
@@ -303,5 +309,7 @@ def test_rejects_bad_arguments():
         grouped_lora(x, a, b, s, idx, w, impl="cuda")
     with pytest.raises(ValueError, match="power of two"):
         grouped_lora_pallas(x, a, b, s, idx, w, block_t=24)
+    with pytest.raises(ValueError, match="plan must be"):
+        grouped_lora_pallas(x, a, b, s, idx, w, path="sorted", plan="sort")
     with pytest.raises(ValueError, match="rank"):
         grouped_lora_pallas(x, jnp.zeros((3, 16, 129)), jnp.zeros((3, 129, 12)), s, idx, w)
