@@ -205,6 +205,11 @@ def tgmm(plan, mat, cmp, *, num_adapters, rank, out_dtype, block_t, block_n, int
 # tile's adapters e:
 #   out[t] = [base[t] +] sum_e (sum_j [idx[t, j] = e] coef[t, j] xa[pair(t, j)]) @ w[e]
 # reading the low-rank rows xa that the sorted shrink left in its (token, slot) pair layout.
+# Tried and dropped (session 16, H200, docs/benchmarks.md): stacking G of the tile's adapters into one
+# product per step ([bt, G*R] x [G*R, bn], the weight rows gathered by a per-row adapter index, xa
+# gathered per step). Even G = 1 took the two expands from 68 + 68 to 104 + 176 us (d_out 4096, r 16,
+# T 16384), G = 4 to 276 + 650. Not profiled; the likely cause is the per-row index, which makes each
+# weight tile a gather instead of a block load behind one scalar adapter index.
 
 
 def _combo_expand_kernel(adapters_ref, count_ref, rows_ref, pair_ref, idx_ref, coef_ref, xa_ref, w_ref, *rest,
