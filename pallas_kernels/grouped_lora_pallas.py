@@ -40,7 +40,8 @@ differentiation there is one more path, "concat" (`grouped_lora_xla.concat_forwa
 by side (A_cat [d_in, L*r], B_cat [L*r, d_out]), compute-dtype operands with float32 accumulation.
 No Pallas kernel: the library GEMMs beat ours there. `auto_grad_path` picks decode for up to 16
 tokens, then concat while T * L * r is small enough that its L/k-fold flops cost less than the sorted
-path's plan and per-slot passes, then sorted, and combo from 8192 tokens up.
+path's plan and per-slot passes (from 4096 tokens only at r <= 8), then combo (from 8192 tokens, or
+at r <= 16) or sorted.
 
 Backward of the sorted path (custom VJP, through the sorted plan): with g = d out,
     gB   = g[rows] @ lora_b[e]^T                (`shrink` with the weight read transposed)
@@ -325,9 +326,23 @@ _grouped_lora.defvjp(_fwd, _bwd, symbolic_zeros=True)
 #   became Pallas launches (`grouped_lora_plan_pallas`): all plan and glue kernels of the combo f+b at
 #   T = 16384 took 27 us in 7 launches where they took 50 in 26; the combo plan's own three launches
 #   9.5 us. COMBO_MIN_TOKENS was not re-measured with them.
+# * Gradient path, re-measured with the Pallas plans (session 16, H200, docs/benchmarks.md "H200 run
+#   (session 16)"; f+b in ms, d_out 4096 / 14336). From 4096 tokens concat loses at r > 8: r 16,
+#   T 4096: combo 0.1085 / 0.1962 vs concat 0.1236 / 0.2338 vs sorted 0.1223 / 0.2598; r 16, T 8192:
+#   combo 0.1716 / 0.3267 vs concat 0.2254 / 0.4379; r 32, T 4096: sorted 0.1390 vs combo 0.1412 vs
+#   concat 0.2012. Below 4096 concat still wins (r 16, T 2048: 0.0736 / 0.1309 vs sorted 0.0790 /
+#   0.1757, combo 0.0827 / 0.1519; T 1024: 0.0520 vs 0.0628 / 0.0649), and so it does at r = 8 (T 4096:
+#   0.0870 / 0.1579 vs combo 0.1182 / 0.2036; T 8192: 0.1527 vs combo 0.1897). Below COMBO_MIN_TOKENS
+#   combo beats sorted only at small ranks: r 64, T 4096: sorted 0.1776 / 0.3460 vs combo 0.1964 /
+#   0.3509. The forward's choice stays: at T 4096 combo won the layer at d_out 14336 (r 8 / 16:
+#   0.7315 / 0.7294 vs sorted 0.7702 / 0.7740) but tied or lost at d_out 4096 (r 64: 0.2844 vs 0.2669),
+#   and the rule has no d_out input.
 DECODE_MAX_TOKENS = 32
 DECODE_GRAD_MAX_TOKENS = 16
 CONCAT_GRAD_MAX_WORK = 1 << 22  # T * L * r
+CONCAT_GRAD_MAX_RANK_LARGE_T = 8  # from SORTED_GRAD_MIN_TOKENS up, concat only up to this rank
+SORTED_GRAD_MIN_TOKENS = 4096
+COMBO_GRAD_MAX_RANK = 16  # below COMBO_MIN_TOKENS, combo rather than sorted up to this rank
 COMBO_MIN_TOKENS = 8192
 
 
@@ -343,9 +358,10 @@ def auto_grad_path(num_tokens, rank, num_adapters=28):
     """Forward + backward path under differentiation."""
     if num_tokens <= DECODE_GRAD_MAX_TOKENS:
         return "decode"
-    if num_tokens * num_adapters * rank <= CONCAT_GRAD_MAX_WORK:
+    if num_tokens * num_adapters * rank <= CONCAT_GRAD_MAX_WORK and (
+            num_tokens < SORTED_GRAD_MIN_TOKENS or rank <= CONCAT_GRAD_MAX_RANK_LARGE_T):
         return "concat"
-    return "combo" if num_tokens >= COMBO_MIN_TOKENS else "sorted"
+    return "combo" if num_tokens >= COMBO_MIN_TOKENS or rank <= COMBO_GRAD_MAX_RANK else "sorted"
 
 
 def decode_block_k(num_tokens, top_k, rank):
