@@ -3,8 +3,10 @@ two GEMMs, for many tokens) against the op-by-op composition (`routed_lora_xla`:
 lax.top_k, softmax, dense-masked product) computed in float32 at highest precision.
 
 Fresh random inputs every run (the seed is printed in every assertion message). Tolerances: relative
-error <= 1e-5 in fp32 and <= 1e-2 in bf16 for outputs and gradients; gate logits <= 1e-5 (they are
-float32 in both).
+error <= 1e-5 in fp32 and <= 1e-2 in bf16 for outputs and gradients. Gate logits (float32 in both):
+relative error <= 1e-5 in fp32. In bf16 the kernels multiply the bf16 x by the float32 gate's two
+bf16 halves, which carry 16 significant bits of each gate entry, so the error is bounded by the
+terms' magnitudes, not by the logits (which can cancel): ||err|| <= 2^-16 ||(|x| @ |gate|)||.
 """
 
 from __future__ import annotations
@@ -74,7 +76,13 @@ def test_forward_matches_composition(kernel, case, dtype, with_base):
     y, logits = KERNELS[kernel](x, gate, a, b, s, temperature, top_k=k, base=base)
     want_y, want_logits = _reference(x, gate, a, b, s, temperature, k, base)
     assert y.shape == (t, d_out) and y.dtype == dtype and logits.dtype == jnp.float32
-    assert _rel(logits, want_logits) <= 1e-5, f"seed={SEED}: gate logits"
+    if dtype == jnp.bfloat16:
+        magnitude = np.abs(np.asarray(x, np.float64)) @ np.abs(np.asarray(gate, np.float64))
+        logit_diff = np.asarray(logits, np.float64) - np.asarray(want_logits, np.float64)
+        logit_err = np.linalg.norm(logit_diff) / np.linalg.norm(magnitude)
+        assert logit_err <= 2**-16, f"seed={SEED}: gate logits, error {logit_err:.2e} of the terms' magnitude"
+    else:
+        assert _rel(logits, want_logits) <= 1e-5, f"seed={SEED}: gate logits"
     err = _rel(y, want_y)
     assert err <= TOL[dtype], f"seed={SEED}: relative error {err:.2e}"
 
