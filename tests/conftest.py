@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# The suite compiles hundreds of small programs and runs each a few times, so XLA's CPU compile time
+# dominates it. At backend optimization level 0 the same programs compile about 30% faster (two of the
+# slowest tests: 84 -> 59 s). The computations are the same; only the tests run this way (GPU runs and
+# users' CPU runs keep XLA's default). Set before jax creates its backend; an XLA_FLAGS already in the
+# environment wins.
+os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
 
 # A chat template in the ChatML style many instruct models use: every turn ends with <|im_end|>.
 TINY_CHAT_TEMPLATE = (
