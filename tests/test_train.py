@@ -172,7 +172,10 @@ def _uneven(batch):
 def test_grad_accum_is_the_full_batch_objective(make_config):
     """grad_accum_steps=A optimises lm (mean over ALL the batch's LM targets) + coef * gate (mean over
     ALL its gate tokens), as A=1 does, whatever the micro-batches' token counts. Tolerance: fp32
-    summation order only, rtol 1e-5 on the metrics and 1e-4 (atol 1e-6 * max|grad|) on gradients."""
+    summation order only, rtol 1e-5 on the metrics and 1e-4 (atol 1e-5 * max|grad|) on gradients. The
+    suite's XLA optimization level 0 sums in another order than the default: one gate element differed
+    by 1.5e-6 * max|grad| there. Wrongly weighted micro-batches (their gate token counts differ over 2x,
+    asserted below) would be off by far more."""
     config = make_config(train=dict(batch_size=4, loss_coef=7.0))
     trainer = train_lib.Trainer(train_lib.prepare(config))
     batch = _uneven(next(trainer.iterator))
@@ -200,7 +203,7 @@ def test_grad_accum_is_the_full_batch_objective(make_config):
         for k in ("lm_tokens", "gate_tokens", "gate_task_correct", "gate_task_count"):
             np.testing.assert_array_equal(mA[k], m1[k])
         for k in g1:
-            np.testing.assert_allclose(gA[k], g1[k], rtol=1e-4, atol=1e-6 * scale, err_msg=f"A={A} {k}")
+            np.testing.assert_allclose(gA[k], g1[k], rtol=1e-4, atol=1e-5 * scale, err_msg=f"A={A} {k}")
 
     # The jitted, sharded trainer step with Adam: the same gates after one step (fp32, atol 1e-6).
     acc = train_lib.Trainer(train_lib.prepare(make_config("acc", train=dict(batch_size=4, loss_coef=7.0, grad_accum_steps=2))))
