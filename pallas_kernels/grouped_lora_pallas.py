@@ -157,24 +157,28 @@ class Config:
     has_base: bool
 
 
+def _routing_plans(expert_idx, expert_weight, scaling, num_adapters, cfg, combo):
+    """The sorted plan, its rows' coefficients and (with combo) the combo plan: from the Pallas plan
+    kernels, or with cfg.plan == "xla" from their plain-XLA references (the same arrays)."""
+    if cfg.plan == "xla":
+        plan = routing_plan(expert_idx, num_adapters, cfg.block_t)
+        coef = row_coef(plan, expert_weight, scaling, cfg.block_t)
+        return plan, coef, combo_plan(plan, coef, expert_idx, num_adapters, cfg.block_t_combo) if combo else None
+    plan, coef = routing_plan_pallas(expert_idx, expert_weight, scaling, num_adapters, cfg.block_t,
+                                     interpret=cfg.interpret)
+    cplan = (combo_plan_pallas(plan, coef, expert_idx, num_adapters, cfg.block_t_combo, interpret=cfg.interpret)
+             if combo else None)
+    return plan, coef, cplan
+
+
 def _sorted_forward(x, lora_a, lora_b, scaling, expert_idx, expert_weight, base, cfg, combo):
     """The sorted (combo=False) or combo path's output [T, d_out] and the backward's residuals: the
     plan, the pair rows' coefficients, the unscaled xa [pair rows, R] and the combo plan (or None)."""
     num_tokens = x.shape[0]
     num_adapters, _, rank = lora_a.shape
-    if cfg.plan == "pallas":
-        plan, coef = routing_plan_pallas(expert_idx, expert_weight, scaling, num_adapters, cfg.block_t,
-                                         interpret=cfg.interpret)
-    else:
-        plan = routing_plan(expert_idx, num_adapters, cfg.block_t)
-        coef = row_coef(plan, expert_weight, scaling, cfg.block_t)
+    plan, coef, cplan = _routing_plans(expert_idx, expert_weight, scaling, num_adapters, cfg, combo)
     xa = shrink(plan, x, lora_a, rank=rank, transpose_w=False, block_t=cfg.block_t, block_k=cfg.block_k,
                 interpret=cfg.interpret)
-    cplan = None
-    if combo and cfg.plan == "pallas":
-        cplan = combo_plan_pallas(plan, coef, expert_idx, num_adapters, cfg.block_t_combo, interpret=cfg.interpret)
-    elif combo:
-        cplan = combo_plan(plan, coef, expert_idx, num_adapters, cfg.block_t_combo)
     out = _expand_any(plan, cplan, coef, xa, lora_b, num_tokens=num_tokens, width=lora_b.shape[2], rank=rank,
                       transpose_w=False, out_dtype=x.dtype, cfg=cfg, base=base if cfg.has_base else None)
     return out, plan, coef, xa, cplan
@@ -340,8 +344,8 @@ _grouped_lora.defvjp(_fwd, _bwd, symbolic_zeros=True)
 DECODE_MAX_TOKENS = 32
 DECODE_GRAD_MAX_TOKENS = 16
 CONCAT_GRAD_MAX_WORK = 1 << 22  # T * L * r
-CONCAT_GRAD_MAX_RANK_LARGE_T = 8  # from SORTED_GRAD_MIN_TOKENS up, concat only up to this rank
-SORTED_GRAD_MIN_TOKENS = 4096
+CONCAT_GRAD_LARGE_T = 4096  # from here on, concat only up to rank CONCAT_GRAD_MAX_RANK_LARGE_T
+CONCAT_GRAD_MAX_RANK_LARGE_T = 8
 COMBO_GRAD_MAX_RANK = 16  # below COMBO_MIN_TOKENS, combo rather than sorted up to this rank
 COMBO_MIN_TOKENS = 8192
 
@@ -359,7 +363,7 @@ def auto_grad_path(num_tokens, rank, num_adapters=28):
     if num_tokens <= DECODE_GRAD_MAX_TOKENS:
         return "decode"
     if num_tokens * num_adapters * rank <= CONCAT_GRAD_MAX_WORK and (
-            num_tokens < SORTED_GRAD_MIN_TOKENS or rank <= CONCAT_GRAD_MAX_RANK_LARGE_T):
+            num_tokens < CONCAT_GRAD_LARGE_T or rank <= CONCAT_GRAD_MAX_RANK_LARGE_T):
         return "concat"
     return "combo" if num_tokens >= COMBO_MIN_TOKENS or rank <= COMBO_GRAD_MAX_RANK else "sorted"
 
