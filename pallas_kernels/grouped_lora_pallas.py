@@ -341,6 +341,13 @@ _grouped_lora.defvjp(_fwd, _bwd, symbolic_zeros=True)
 #   0.3509. The forward's choice stays: at T 4096 combo won the layer at d_out 14336 (r 8 / 16:
 #   0.7315 / 0.7294 vs sorted 0.7702 / 0.7740) but tied or lost at d_out 4096 (r 64: 0.2844 vs 0.2669),
 #   and the rule has no d_out input.
+# * Combo token tile (session 17, H200, docs/benchmarks.md "H200 run (session 17)"; combo f+b / LoRA
+#   f+b, tile 64 -> 32, blocks of 256 columns, 4 warps, 3 stages). r 16: T 16384 1.481-1.493 -> 1.444-1.449
+#   (d_out 4096 and 14336, two runs each), T 8192 1.970 -> 1.913 (d_out 4096); the layer gained 0-1.5%.
+#   At other ranks 32 lost: r 8, T 16384 1.628 -> 1.736 (the dx expand, lora_a read transposed, 82 -> 105
+#   us), r 32 1.542 -> 1.582, r 64 2.136 -> 2.285 (d_out 4096) and 2.241 -> 2.454 (14336). Tiles of 16
+#   tokens, 2 or 8 warps, 4 stages, 128 or 512 columns, several column blocks per program and a
+#   columns-fastest grid were no better at r 16.
 DECODE_MAX_TOKENS = 32
 DECODE_GRAD_MAX_TOKENS = 16
 CONCAT_GRAD_MAX_WORK = 1 << 22  # T * L * r
@@ -348,6 +355,7 @@ CONCAT_GRAD_LARGE_T = 4096  # from here on, concat only up to rank CONCAT_GRAD_M
 CONCAT_GRAD_MAX_RANK_LARGE_T = 8
 COMBO_GRAD_MAX_RANK = 16  # below COMBO_MIN_TOKENS, combo rather than sorted up to this rank
 COMBO_MIN_TOKENS = 8192
+COMBO_SMALL_TILE_RANKS = (9, 16)  # ranks whose combo expand takes 32-token tiles
 
 
 def auto_path(num_tokens, rank, num_adapters=28):
@@ -390,10 +398,12 @@ def default_config(num_tokens, top_k, num_adapters, rank, *, path="auto", interp
     block_t = 64 if per_adapter >= 64 else (32 if per_adapter >= 24 else 16)
     # Depth tile of the sorted shrink: 128 below the combo range, where its grid is small (see above).
     block_k = 64 if num_tokens >= COMBO_MIN_TOKENS or path == "dense" else 128
+    # Token tile of the combo expand: 32 at ranks 9-16, 64 elsewhere (see above).
+    block_t_combo = 32 if COMBO_SMALL_TILE_RANKS[0] <= rank <= COMBO_SMALL_TILE_RANKS[1] else 64
     cfg = dict(path=path, grad_path=grad_path, block_t=block_t, block_k=block_k, block_n=128, block_n_tgmm=64,
                block_k_decode=decode_block_k(num_tokens, top_k, rank),
                block_n_decode=256, block_t_dense=64, block_c_dense=256, block_k_dense=64,
-               block_t_combo=64, block_n_combo=256, plan="pallas",
+               block_t_combo=block_t_combo, block_n_combo=256, plan="pallas",
                interpret=bool(interpret),
                poison=bool(poison), has_base=bool(has_base))
     unknown = set(blocks) - set(cfg)

@@ -141,12 +141,12 @@ def test_gradients_match_autodiff_of_reference(case, path, dtype):
         assert err <= bound, f"seed={SEED} case={case} path={path}: d{name} rel err {err:.2e}"
 
 
-@pytest.mark.parametrize("path", ["sorted", "combo"])
-def test_sorted_and_combo_default_blocks(path):
+@pytest.mark.parametrize("path,rank", [("sorted", 6), ("combo", 6), ("combo", 12)])
+def test_sorted_and_combo_default_blocks(path, rank):
     """The sorted and combo paths as the GPU runs them: default tiles (depth tile 128 over d_in = 200, not
-    a multiple of it; token tile 32; combo tile 64 x 256) and the Pallas plan kernels. Output and the
-    gradients of x and expert_weight against the float32 reference."""
-    case = (100, 200, 90, 5, 6, 2)
+    a multiple of it; token tile 32; combo tile 64 x 256, or 32 x 256 at r = 12) and the Pallas plan
+    kernels. Output and the gradients of x and expert_weight against the float32 reference."""
+    case = (100, 200, 90, 5, rank, 2)
     x, a, b, s, idx, w, _ = _inputs((_salt(case), 6), *case, jnp.float32)
     g = jnp.asarray(_rng(_salt(case), 7).standard_normal((case[0], case[2])), jnp.float32)
     pallas = lambda x, w: grouped_lora_pallas(x, a, b, s, idx, w, path=path, poison=True)  # noqa: E731
@@ -155,11 +155,11 @@ def test_sorted_and_combo_default_blocks(path):
         want = reference(x, w)
         want_grads = jax.grad(lambda x, w: jnp.sum(reference(x, w) * g), (0, 1))(x, w)
     err = _rel(jax.jit(pallas)(x, w), want)
-    assert err <= TOL[jnp.float32], f"seed={SEED} path={path}: rel err {err:.2e}"
+    assert err <= TOL[jnp.float32], f"seed={SEED} path={path} r={rank}: rel err {err:.2e}"
     got = jax.jit(jax.grad(lambda x, w: jnp.sum(pallas(x, w) * g), (0, 1)))(x, w)
     for name, u, v in zip(("x", "expert_weight"), want_grads, got):
         err = _rel(v, u)
-        assert err <= TOL[jnp.float32], f"seed={SEED} path={path}: d{name} rel err {err:.2e}"
+        assert err <= TOL[jnp.float32], f"seed={SEED} path={path} r={rank}: d{name} rel err {err:.2e}"
 
 
 PLAN_CASES = [  # (T, L, k, block_t, block_t_combo, routing)
@@ -268,6 +268,8 @@ def test_auto_paths():
     # The sorted shrink's depth tile: 128 below the combo range, 64 in it and for the dense path.
     assert [default_config(t, 2, 28, 16, path=p).block_k for t, p in
             ((256, "auto"), (4096, "sorted"), (8192, "auto"), (4096, "dense"))] == [128, 128, 64, 64]
+    # The combo expand's token tile: 32 at ranks 9-16, else 64.
+    assert [default_config(16384, 2, 28, r).block_t_combo for r in (8, 9, 16, 17, 64)] == [64, 32, 32, 64, 64]
     assert default_config(16, 2, 28, 8, path="decode").grad_path == "decode"
     # decode depth chunks: from 16 pairs up 512 (256 at r = 128); below, at most 8192 elements of lora_a
     # per chunk
