@@ -392,6 +392,18 @@ def _check_case(log, rng, t, d_in, d_out, r, k, dtype, path):
 # ------------------------------------------------------------------------------------------------
 
 
+def parse_row(spec):
+    """'d_out:r:T' or 'd_out:r:T:skew' -> (d_out, r, T, skew)."""
+    parts = spec.split(":")
+    if len(parts) not in (3, 4) or (len(parts) == 4 and parts[3] != "skew"):
+        raise SystemExit(f"--rows: {spec!r} is not d_out:r:T or d_out:r:T:skew")
+    try:
+        d_out, r, t = (int(v) for v in parts[:3])
+    except ValueError:
+        raise SystemExit(f"--rows: {spec!r} has a non-integer d_out, r or T") from None
+    return d_out, r, t, len(parts) == 4
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "bench_kernels.json"))
@@ -403,7 +415,7 @@ def main():
     parser.add_argument("--dout", type=int, default=0, help="only rows with this d_out")
     parser.add_argument("--iters", type=int, default=30)
     parser.add_argument("--only", default="", help="comma-separated column names")
-    parser.add_argument("--rows", default="", help="explicit rows 'd_out:r:T,...' (overrides --quick/--dout)")
+    parser.add_argument("--rows", default="", help="explicit rows 'd_out:r:T[:skew],...' (overrides --quick/--dout)")
     parser.add_argument("--skip", default="", help="comma-separated column names to leave out")
     parser.add_argument("--decode-max-t", type=int, default=1 << 30, help="time the decode path only up to this T")
     parser.add_argument("--hlo-dir", default="", help="also write each timed column's compiled HLO here (to map the "
@@ -431,7 +443,7 @@ def main():
     if args.dout:
         rows = [row for row in rows if row[0] == args.dout]
     if args.rows:
-        rows = [tuple(int(v) for v in spec.split(":")) + (False,) for spec in args.rows.split(",")]
+        rows = [parse_row(spec) for spec in args.rows.split(",")]
     cols = columns(args.variants)
     if args.only:
         cols = {k: v for k, v in cols.items() if k in args.only.split(",")}
