@@ -342,8 +342,8 @@ _grouped_lora.defvjp(_fwd, _bwd, symbolic_zeros=True)
 #   0.7315 / 0.7294 vs sorted 0.7702 / 0.7740) but tied or lost at d_out 4096 (r 64: 0.2844 vs 0.2669),
 #   and the rule has no d_out input.
 # * Combo token tile (session 17, H200, docs/benchmarks.md "H200 run (session 17)"; combo f+b / LoRA
-#   f+b, tile 64 -> 32, blocks of 256 columns, 4 warps, 3 stages). r 16: T 16384 1.481-1.493 -> 1.444-1.449
-#   (d_out 4096 and 14336, two runs each), T 8192 1.970 -> 1.913 (d_out 4096); the layer gained 0-1.5%.
+#   f+b, tile 64 -> 32, blocks of 256 columns, 4 warps, 3 stages). r 16: T 16384 1.481-1.493 -> 1.444-1.464
+#   (d_out 4096 and 14336, two calls), T 8192 1.970 -> 1.913 (d_out 4096); the layer moved by -0.3% to +2%.
 #   At other ranks 32 lost: r 8, T 16384 1.628 -> 1.736 (the dx expand, lora_a read transposed, 82 -> 105
 #   us), r 32 1.542 -> 1.582, r 64 2.136 -> 2.285 (d_out 4096) and 2.241 -> 2.454 (14336). Tiles of 16
 #   tokens, 2 or 8 warps, 4 stages, 128 or 512 columns, several column blocks per program and a
