@@ -210,6 +210,13 @@ def tgmm(plan, mat, cmp, *, num_adapters, rank, out_dtype, block_t, block_n, int
 # gathered per step). Even G = 1 took the two expands from 68 + 68 to 104 + 176 us (d_out 4096, r 16,
 # T 16384), G = 4 to 276 + 650. Not profiled; the likely cause is the per-row index, which makes each
 # weight tile a gather instead of a block load behind one scalar adapter index.
+# Where the time goes (session 18, H200, r 16, T 16384, d_out 4096, 32-token tiles, 2.37 adapters per
+# tile): 33.5 us with the loop cut to no step (the prologue and the stores alone), 51.2 with one step,
+# 62.5 with all; stores to the tile's own rows instead of scattered ones saved 1 us. So each loop step
+# costs about the same, whatever it computes: two steps' weight tiles loaded before their products took
+# 67 us, three 79. Loading the step's weight tile once outside the loop (a wrong result, timing only)
+# saved only 7 us, except where lora_a at r = 8 was read transposed (100 -> 56 us; `rank_padded` fixes
+# that read). The adapter ids as one vector, below, saved 1-3 us.
 
 
 def _combo_expand_kernel(adapters_ref, count_ref, rows_ref, pair_ref, idx_ref, coef_ref, xa_ref, w_ref, *rest,
@@ -231,9 +238,13 @@ def _combo_expand_kernel(adapters_ref, count_ref, rows_ref, pair_ref, idx_ref, c
         xa = masked_load(xa_ref, (pair[:, None], rk[None, :]), valid[:, None]) * coef_ref[at][:, None]
         slots.append((idx_ref[at], xa))
     wmask = (rk < rank)[:, None] & in_n[None, :]
+    # The tile's adapter ids as one vector, loaded with the prologue's other loads, so that no global
+    # load sits between loop steps (the weight tile's address depends only on registers).
+    lane = jnp.arange(pow2_at_least(num_adapters), dtype=jnp.int32)
+    ids = masked_load(adapters_ref, (i * num_adapters + lane,), lane < num_adapters)
 
     def body(u, acc):
-        e = adapters_ref[i * num_adapters + u]
+        e = jnp.sum(jnp.where(lane == u, ids, 0))
         # A token's slots hold distinct adapters, so at most one term is non-zero: the same bf16
         # rounding of xa * coef as the sorted expand.
         h = sum(jnp.where((sel == e)[:, None], xa, 0.0) for sel, xa in slots).astype(w_ref.dtype)
