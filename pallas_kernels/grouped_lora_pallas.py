@@ -11,7 +11,8 @@ Four forward algorithms, all written for Pallas's Triton lowering (GPU) and run 
   sort in two Pallas launches, block histograms and then each element's place; no sort kernel).
   Then
     1. `shrink`: one program per tile, a grouped GEMM x[rows] @ lora_a[e] -> xa [tiles*bt, R]
-       (float32, unscaled; R = rank padded to a power of two >= 16);
+       (float32, unscaled; R = rank padded to a power of two >= 16; lora_a itself is padded to R
+       columns first, `rank_padded`, so that its tiles load R-element rows);
     2. `expand`, once per slot j: one program per (tile, block of d_out), (xa * w * scaling) @
        lora_b[e], scattered by row into out[T, d_out]. In a slot every token occurs exactly once,
        so a launch writes each output row once and no atomics are needed; slot j > 0 reads the
@@ -171,17 +172,32 @@ def _routing_plans(expert_idx, expert_weight, scaling, num_adapters, cfg, combo)
     return plan, coef, cplan
 
 
+def rank_padded(lora_a):
+    """lora_a [L, d_in, r] -> [L, d_in, R] (R = `pow2_at_least(r)`), zero columns past r.
+
+    The sorted shrink and the dx expand read lora_a in [block, R] tiles. At r < R a row of lora_a is
+    only r elements (16 bytes at r = 8), and those tiles load slowly: at r = 8, T = 16384 the shrink
+    took 63 us against 51 at r = 16, the transposed expand 76 against 60 (session 18, H200). One
+    small copy per call reads it with R-element rows instead.
+    """
+    rank = lora_a.shape[2]
+    pad = pow2_at_least(rank) - rank
+    return lora_a if pad == 0 else jnp.pad(lora_a, ((0, 0), (0, 0), (0, pad)))
+
+
 def _sorted_forward(x, lora_a, lora_b, scaling, expert_idx, expert_weight, base, cfg, combo):
     """The sorted (combo=False) or combo path's output [T, d_out] and the backward's residuals: the
-    plan, the pair rows' coefficients, the unscaled xa [pair rows, R] and the combo plan (or None)."""
+    plan, the pair rows' coefficients, the unscaled xa [pair rows, R], the combo plan (or None) and
+    lora_a padded to rank R (`rank_padded`)."""
     num_tokens = x.shape[0]
     num_adapters, _, rank = lora_a.shape
     plan, coef, cplan = _routing_plans(expert_idx, expert_weight, scaling, num_adapters, cfg, combo)
-    xa = shrink(plan, x, lora_a, rank=rank, transpose_w=False, block_t=cfg.block_t, block_k=cfg.block_k,
-                interpret=cfg.interpret)
+    a_padded = rank_padded(lora_a)
+    xa = shrink(plan, x, a_padded, rank=a_padded.shape[2], transpose_w=False, block_t=cfg.block_t,
+                block_k=cfg.block_k, interpret=cfg.interpret)
     out = _expand_any(plan, cplan, coef, xa, lora_b, num_tokens=num_tokens, width=lora_b.shape[2], rank=rank,
                       transpose_w=False, out_dtype=x.dtype, cfg=cfg, base=base if cfg.has_base else None)
-    return out, plan, coef, xa, cplan
+    return out, plan, coef, xa, cplan, a_padded
 
 
 def _expand_any(plan, cplan, coef, xa, w, *, cfg, **kw):
@@ -227,9 +243,11 @@ def _fwd(x, lora_a, lora_b, scaling, expert_idx, expert_weight, base, cfg):
                                    base=basev if cfg.has_base else None, poison=cfg.poison)
         res = dict(part=part, a=av, b=bv, s=sv, idx=iv, w=wv, need=need)
     else:  # sorted or combo
-        out, plan, coef, xa, cplan = _sorted_forward(xv, av, bv, sv, iv, wv, basev, cfg,
-                                                     combo=cfg.grad_path == "combo")
+        out, plan, coef, xa, cplan, a_padded = _sorted_forward(xv, av, bv, sv, iv, wv, basev, cfg,
+                                                               combo=cfg.grad_path == "combo")
         res = dict(plan=plan, coef=coef, xa=xa, cplan=cplan, a=av, b=bv, s=sv, idx=iv, w=wv, need=need)
+        if perturbed["x"]:
+            res["a_padded"] = a_padded
     if perturbed["a"]:
         res["x"] = xv
     return out, res
@@ -257,8 +275,9 @@ def _bwd(cfg, res, g):
         gb = shrink(plan, g, lora_b, rank=rank, transpose_w=True, block_t=cfg.block_t, block_k=cfg.block_k,
                     interpret=cfg.interpret)  # [rows, R] f32: g[rows] @ B[e]^T
         if "x" in need:
-            dx = _expand_any(plan, res["cplan"], coef, gb, lora_a, num_tokens=num_tokens, width=depth,
-                             rank=rank, transpose_w=True, out_dtype=dtype, cfg=cfg)
+            a_padded = res["a_padded"]
+            dx = _expand_any(plan, res["cplan"], coef, gb, a_padded, num_tokens=num_tokens, width=depth,
+                             rank=a_padded.shape[2], transpose_w=True, out_dtype=dtype, cfg=cfg)
         if "a" in need:
             da = tgmm(plan, res["x"], gb * coef[:, None], num_adapters=num_adapters, rank=rank,
                       out_dtype=dtype, block_t=cfg.block_t, block_n=cfg.block_n_tgmm,
@@ -348,14 +367,21 @@ _grouped_lora.defvjp(_fwd, _bwd, symbolic_zeros=True)
 #   us), r 32 1.542 -> 1.582, r 64 2.136 -> 2.285 (d_out 4096) and 2.241 -> 2.454 (14336). Tiles of 16
 #   tokens, 2 or 8 warps, 4 stages, 128 or 512 columns, several column blocks per program and a
 #   columns-fastest grid were no better at r 16.
+# * Small ranks (session 18, H200, docs/benchmarks.md "H200 run (session 18)"). With lora_a padded to rank
+#   R (`rank_padded`), 32-token combo tiles also win at r 8, and combo beats concat at T 16384: f+b / LoRA
+#   f+b 1.443 (tile 64: 1.469; before the padding 1.629) vs concat 1.522 at d_out 4096, 1.360 vs 1.373 at
+#   14336. At T 12288 they tie (207.0 vs 208.3 us), at T 8192 concat wins (1.652 vs combo 1.877). So
+#   CONCAT_GRAD_MAX_WORK fell from 2^22 to 3 * 2^20 (at r 8, L 28: concat up to 14043 tokens). Checked at
+#   the edges: r 4, T 16384 stays concat (232.4 vs combo 248.2 us, d_out 4096); r 64, T 2048 and r 32,
+#   T 3584, which the old bound gave to concat, now take sorted (113.8 vs 207.2 us; 126.8 vs 201.3).
 DECODE_MAX_TOKENS = 32
 DECODE_GRAD_MAX_TOKENS = 16
-CONCAT_GRAD_MAX_WORK = 1 << 22  # T * L * r
+CONCAT_GRAD_MAX_WORK = 3 << 20  # T * L * r
 CONCAT_GRAD_LARGE_T = 4096  # from here on, concat only up to rank CONCAT_GRAD_MAX_RANK_LARGE_T
 CONCAT_GRAD_MAX_RANK_LARGE_T = 8
 COMBO_GRAD_MAX_RANK = 16  # below COMBO_MIN_TOKENS, combo rather than sorted up to this rank
 COMBO_MIN_TOKENS = 8192
-COMBO_SMALL_TILE_RANKS = (9, 16)  # ranks whose combo expand takes 32-token tiles
+COMBO_SMALL_TILE_MAX_RANK = 16  # up to this rank the combo expand takes 32-token tiles
 
 
 def auto_path(num_tokens, rank, num_adapters=28):
@@ -398,8 +424,8 @@ def default_config(num_tokens, top_k, num_adapters, rank, *, path="auto", interp
     block_t = 64 if per_adapter >= 64 else (32 if per_adapter >= 24 else 16)
     # Depth tile of the sorted shrink: 128 below the combo range, where its grid is small (see above).
     block_k = 64 if num_tokens >= COMBO_MIN_TOKENS or path == "dense" else 128
-    # Token tile of the combo expand: 32 at ranks 9-16, 64 elsewhere (see above).
-    block_t_combo = 32 if COMBO_SMALL_TILE_RANKS[0] <= rank <= COMBO_SMALL_TILE_RANKS[1] else 64
+    # Token tile of the combo expand: 32 up to rank 16, 64 above (see above).
+    block_t_combo = 32 if rank <= COMBO_SMALL_TILE_MAX_RANK else 64
     cfg = dict(path=path, grad_path=grad_path, block_t=block_t, block_k=block_k, block_n=128, block_n_tgmm=64,
                block_k_decode=decode_block_k(num_tokens, top_k, rank),
                block_n_decode=256, block_t_dense=64, block_c_dense=256, block_k_dense=64,

@@ -141,11 +141,12 @@ def test_gradients_match_autodiff_of_reference(case, path, dtype):
         assert err <= bound, f"seed={SEED} case={case} path={path}: d{name} rel err {err:.2e}"
 
 
-@pytest.mark.parametrize("path,rank", [("sorted", 6), ("combo", 6), ("combo", 12)])
+@pytest.mark.parametrize("path,rank", [("sorted", 6), ("combo", 6), ("combo", 20)])
 def test_sorted_and_combo_default_blocks(path, rank):
     """The sorted and combo paths as the GPU runs them: default tiles (depth tile 128 over d_in = 200, not
-    a multiple of it; token tile 32; combo tile 64 x 256, or 32 x 256 at r = 12) and the Pallas plan
-    kernels. Output and the gradients of x and expert_weight against the float32 reference."""
+    a multiple of it; token tile 32; combo tile 32 x 256, or 64 x 256 at r = 20; lora_a padded to rank
+    16 or 32) and the Pallas plan kernels. Output and the gradients of x and expert_weight against the
+    float32 reference."""
     case = (100, 200, 90, 5, rank, 2)
     x, a, b, s, idx, w, _ = _inputs((_salt(case), 6), *case, jnp.float32)
     g = jnp.asarray(_rng(_salt(case), 7).standard_normal((case[0], case[2])), jnp.float32)
@@ -257,10 +258,10 @@ def test_auto_paths():
     from pallas_kernels.grouped_lora_pallas import default_config
 
     cases = [(16, 8), (16, 64), (32, 8), (256, 64), (16384, 8), (2048, 16), (4096, 16), (16384, 16), (4096, 32),
-             (4096, 64), (8192, 64), (4096, 8)]
+             (4096, 64), (8192, 64), (4096, 8), (8192, 8)]
     paths = {(t, r): (c.path, c.grad_path) for t, r in cases for c in [default_config(t, 2, 28, r)]}
     assert paths == {(16, 8): ("decode", "decode"), (16, 64): ("decode", "decode"), (32, 8): ("decode", "concat"),
-                     (256, 64): ("sorted", "concat"), (16384, 8): ("combo", "concat"),
+                     (256, 64): ("sorted", "concat"), (16384, 8): ("combo", "combo"), (8192, 8): ("combo", "concat"),
                      (2048, 16): ("sorted", "concat"), (4096, 16): ("sorted", "combo"),
                      (16384, 16): ("combo", "combo"), (4096, 32): ("sorted", "sorted"),
                      (4096, 64): ("sorted", "sorted"), (8192, 64): ("combo", "combo"), (4096, 8): ("sorted", "concat")}
@@ -268,8 +269,8 @@ def test_auto_paths():
     # The sorted shrink's depth tile: 128 below the combo range, 64 in it and for the dense path.
     assert [default_config(t, 2, 28, 16, path=p).block_k for t, p in
             ((256, "auto"), (4096, "sorted"), (8192, "auto"), (4096, "dense"))] == [128, 128, 64, 64]
-    # The combo expand's token tile: 32 at ranks 9-16, else 64.
-    assert [default_config(16384, 2, 28, r).block_t_combo for r in (8, 9, 16, 17, 64)] == [64, 32, 32, 64, 64]
+    # The combo expand's token tile: 32 up to rank 16, else 64.
+    assert [default_config(16384, 2, 28, r).block_t_combo for r in (4, 8, 16, 17, 64)] == [32, 32, 32, 64, 64]
     assert default_config(16, 2, 28, 8, path="decode").grad_path == "decode"
     # decode depth chunks: from 16 pairs up 512 (256 at r = 128); below, at most 8192 elements of lora_a
     # per chunk
@@ -317,3 +318,14 @@ def test_rejects_bad_arguments():
         grouped_lora_pallas(x, a, b, s, idx, w, path="sorted", plan="sort")
     with pytest.raises(ValueError, match="rank"):
         grouped_lora_pallas(x, jnp.zeros((3, 16, 129)), jnp.zeros((3, 129, 12)), s, idx, w)
+
+
+def test_rank_padded():
+    """lora_a padded to rank R = pow2_at_least(r) (>= 16) with zero columns; unchanged when r == R."""
+    from pallas_kernels.grouped_lora_pallas import rank_padded
+
+    for rank, padded in ((1, 16), (8, 16), (16, 16), (20, 32), (64, 64)):
+        a = jnp.asarray(_rng(rank, 11).standard_normal((3, 40, rank)), jnp.bfloat16)
+        got = rank_padded(a)
+        assert got.shape == (3, 40, padded) and got.dtype == a.dtype
+        assert bool(jnp.array_equal(got[:, :, :rank], a)) and not bool(jnp.any(got[:, :, rank:]))
