@@ -5,25 +5,27 @@
 Four forward algorithms, all written for Pallas's Triton lowering (GPU) and run with
 `interpret=True` on CPU:
 
-* "sorted" (prefill, training). The T*k (token, slot) pairs are laid out slot by slot; inside a
-  slot the tokens are sorted by adapter and every adapter's segment is padded to a multiple of the
-  token tile `block_t`, so each tile belongs to one adapter (`routing_plan_pallas`: a counting
-  sort in two Pallas launches, block histograms and then each element's place; no sort kernel).
+* "sorted" (prefill, training). The T*k (token, slot) pairs are laid out in k blocks, block c holding
+  every token's c-th smallest adapter; inside a block the tokens are sorted by adapter and every
+  adapter's segment is padded to a multiple of the token tile `block_t`, so each tile belongs to one
+  adapter (`routing_plan_pallas`: a counting sort in two Pallas launches, block histograms and then
+  each element's place; no sort kernel).
   Then
     1. `shrink`: one program per tile, a grouped GEMM x[rows] @ lora_a[e] -> xa [tiles*bt, R]
        (float32, unscaled; R = rank padded to a power of two >= 16; lora_a itself is padded to R
        columns first, `rank_padded`, so that its tiles load R-element rows);
-    2. `expand`, once per slot j: one program per (tile, block of d_out), (xa * w * scaling) @
-       lora_b[e], scattered by row into out[T, d_out]. In a slot every token occurs exactly once,
-       so a launch writes each output row once and no atomics are needed; slot j > 0 reads the
+    2. `expand`, once per block c: one program per (tile, block of d_out), (xa * w * scaling) @
+       lora_b[e], scattered by row into out[T, d_out]. In a block every token occurs exactly once,
+       so a launch writes each output row once and no atomics are needed; block c > 0 reads the
        rows back and adds (the buffer is aliased from launch to launch).
   Extra memory: O(T*k*R) for xa and the plan; no [T, k, d_in, r] gather, no [T*k, d_out] buffer.
 * "decode" (few tokens): no sort. `shrink_decode` computes each pair's x[t] @ lora_a[e] as a
   split-K vector product (grid: pairs x splits), `expand_decode` sums the splits, applies the
   weight and multiplies by the pair's rows of lora_b, summing the k slots in registers.
 * "combo" (large T): the sorted path's plan and shrinks, but one expand pass for all k slots
-  (`combo_expand`): tokens ordered by the adapters they chose (`combo_plan_pallas`, counting passes
-  on top of the sorted plan, three launches at k = 2), so a tile of neighbouring tokens uses a few
+  (`combo_expand`): tokens ordered by the set of adapters they chose, smallest first
+  (`combo_plan_pallas`, counting passes on top of the sorted plan, three launches at k = 2), so a
+  tile of neighbouring tokens uses a few
   adapters and each program loops over them, gathering every slot's xa row from the pair layout.
   Each output row is written once, where the sorted expand reads, adds and writes it again for every
   slot after the first.
@@ -163,7 +165,7 @@ def _routing_plans(expert_idx, expert_weight, scaling, num_adapters, cfg, combo)
     kernels, or with cfg.plan == "xla" from their plain-XLA references (the same arrays)."""
     if cfg.plan == "xla":
         plan = routing_plan(expert_idx, num_adapters, cfg.block_t)
-        coef = row_coef(plan, expert_weight, scaling, cfg.block_t)
+        coef = row_coef(plan, expert_idx, expert_weight, scaling)
         return plan, coef, combo_plan(plan, coef, expert_idx, num_adapters, cfg.block_t_combo) if combo else None
     plan, coef = routing_plan_pallas(expert_idx, expert_weight, scaling, num_adapters, cfg.block_t,
                                      interpret=cfg.interpret)

@@ -1,10 +1,12 @@
 """The routing plans of the sorted and combo paths (plain XLA): where every (token, slot) pair of a
 routed grouped low-rank product goes in the kernels' tiles.
 
-* `routing_plan`: the pairs laid out slot by slot; inside a slot the tokens sorted by adapter, every
-  adapter's segment padded to a multiple of the token tile, so each tile belongs to one adapter.
-* `combo_plan`: on top of it, the tokens ordered by the adapters they chose (slot 0's, then slot 1's,
-  ...), so a tile of neighbouring tokens uses a few adapters (the combo expand's tiles).
+* `routing_plan`: the pairs laid out in k blocks, block c holding every token's c-th smallest adapter
+  (its "canonical" slot c; ties by slot); inside a block the tokens sorted by adapter, every adapter's
+  segment padded to a multiple of the token tile, so each tile belongs to one adapter.
+* `combo_plan`: on top of it, the tokens ordered by the set of adapters they chose (smallest first,
+  then the next, ...), so a tile of neighbouring tokens uses a few adapters (the combo expand's tiles).
+  Ordering by the sets rather than by the slots puts tokens that chose {3, 7} and {7, 3} together.
 
 Both are counting sorts built from cumulative sums of one-hots: no sort kernel. The kernels use the
 Pallas versions (`grouped_lora_plan_pallas`: five launches where these take about twenty XLA
@@ -27,9 +29,9 @@ class Plan:
 
     rows        [k*nts*bt]  token of each padded row (T for padding)
     tile_expert [k*nts]     adapter of each tile (L for an empty tile)
-    tile_start  [k, L]      first tile (global index) of adapter e in slot j
-    num_tiles   [k, L]      number of tiles of adapter e in slot j
-    pair_row    [k, T]      padded row of token t's slot j (the inverse of rows)
+    tile_start  [k, L]      first tile (global index) of adapter e in canonical slot c
+    num_tiles   [k, L]      number of tiles of adapter e in canonical slot c
+    pair_row    [k, T]      padded row of token t's slot j (expert_idx's slot: the inverse of rows)
     """
 
     rows: jax.Array
@@ -59,34 +61,37 @@ def _bucket_rank(digit, num_buckets):
     return rank, running[..., -1, :]
 
 
+def canonical_slots(expert_idx):
+    """expert_idx [T, k] -> order [T, k]: order[t, c] is the slot of token t's c-th smallest adapter (ties:
+    the lower slot first)."""
+    return jnp.argsort(expert_idx, axis=1, stable=True).astype(jnp.int32)
+
+
 def routing_plan(expert_idx, num_adapters, block_t):  # expert_idx [T, k]
     num_tokens, top_k = expert_idx.shape
     nts = tiles_per_slot(num_tokens, num_adapters, block_t)
-    idx = expert_idx.T.astype(jnp.int32)  # [k, T]
+    order = canonical_slots(expert_idx)
+    idx = jnp.take_along_axis(expert_idx.astype(jnp.int32), order, axis=1).T  # [k, T], canonical slots
     rank, sizes = _bucket_rank(idx, num_adapters)  # [k, T], [k, L]
     num_tiles = (sizes + block_t - 1) // block_t
     tile_end = jnp.cumsum(num_tiles, axis=1, dtype=jnp.int32)  # slot-local
     tile_start = tile_end - num_tiles
     slot = jnp.arange(top_k, dtype=jnp.int32)[:, None]
-    pos = (slot * nts + jnp.take_along_axis(tile_start, idx, axis=1)) * block_t + rank
+    pos = (slot * nts + jnp.take_along_axis(tile_start, idx, axis=1)) * block_t + rank  # [k, T], canonical
     tok = jnp.broadcast_to(jnp.arange(num_tokens, dtype=jnp.int32), (top_k, num_tokens))
     rows = jnp.full((top_k * nts * block_t,), num_tokens, jnp.int32)
     rows = rows.at[pos.reshape(-1)].set(tok.reshape(-1), unique_indices=True)
     local = jnp.arange(nts, dtype=jnp.int32)
     tile_expert = jnp.sum(tile_end[:, None, :] <= local[None, :, None], axis=-1, dtype=jnp.int32)
-    return Plan(rows, tile_expert.reshape(-1), tile_start + slot * nts, num_tiles, pos)
+    pair_row = jnp.take_along_axis(pos, jnp.argsort(order, axis=1).T, axis=0)  # by expert_idx's slot
+    return Plan(rows, tile_expert.reshape(-1), tile_start + slot * nts, num_tiles, pair_row)
 
 
-def row_coef(plan, expert_weight, scaling, block_t):
-    """w[t, j] * scaling[e] for every padded row; 0 for padding rows. [k*nts*bt] float32."""
-    num_tokens, top_k = expert_weight.shape
-    num_rows = plan.rows.shape[0]
-    slot = jnp.arange(num_rows, dtype=jnp.int32) // (num_rows // top_k)
-    valid = plan.rows < num_tokens
-    tok = jnp.minimum(plan.rows, num_tokens - 1)
-    w = expert_weight.astype(jnp.float32)[tok, slot]
-    e = jnp.repeat(jnp.minimum(plan.tile_expert, scaling.shape[0] - 1), block_t)
-    return jnp.where(valid, w * scaling.astype(jnp.float32)[e], 0.0)
+def row_coef(plan, expert_idx, expert_weight, scaling):
+    """w[t, j] * scaling[idx[t, j]] for every padded row; 0 for padding rows. [k*nts*bt] float32."""
+    coef = expert_weight.astype(jnp.float32) * scaling.astype(jnp.float32)[expert_idx]  # [T, k]
+    return jnp.zeros(plan.rows.shape, jnp.float32).at[plan.pair_row.reshape(-1)].set(
+        coef.T.reshape(-1), unique_indices=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,15 +129,16 @@ def _stable_bucket_sort(seq, digit, num_buckets):
 def combo_plan(plan, coef, expert_idx, num_adapters, block_t):
     """The combo expand's tiles from the sorted plan (pair rows, coefficients) and expert_idx [T, k].
 
-    Token order: a least-significant-digit radix sort by (slot 0's adapter, slot 1's, ...). The sorted
-    plan's last slot already lists the tokens stably by that slot's adapter; counting passes over
-    slots k-2 .. 0 finish the order (padding rows go to an extra last bucket and are cut; with k = 1
-    one pass over slot 0 does only that)."""
+    Token order: a least-significant-digit radix sort by (smallest adapter, next smallest, ...). The
+    sorted plan's last block already lists the tokens stably by their largest adapter; counting passes
+    over canonical slots k-2 .. 0 finish the order (padding rows go to an extra last bucket and are
+    cut; with k = 1 one pass over slot 0 does only that)."""
     num_tokens, top_k = expert_idx.shape
     num_rows = plan.rows.shape[0] // top_k
+    canonical = jnp.sort(expert_idx, axis=1)
     seq = plan.rows[(top_k - 1) * num_rows:]  # [nts*bt]
     for slot in range(max(top_k - 2, 0), -1, -1):
-        digit = jnp.where(seq < num_tokens, expert_idx[jnp.minimum(seq, num_tokens - 1), slot], num_adapters)
+        digit = jnp.where(seq < num_tokens, canonical[jnp.minimum(seq, num_tokens - 1), slot], num_adapters)
         seq = _stable_bucket_sort(seq, digit, num_adapters + 1)
     num_tiles = cdiv(num_tokens, block_t)
     pad = num_tiles * block_t - num_tokens

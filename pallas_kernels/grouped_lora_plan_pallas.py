@@ -11,12 +11,14 @@ Both plans are stable counting sorts in two launches:
    sizes of its bucket in the earlier blocks (both from hist) + its rank among the earlier elements
    of its bucket in this block (a cumulative sum of the one-hot over the block).
 
-The sorted plan sorts the tokens of each slot by adapter, every adapter's segment padded to a
-multiple of the token tile (`routing_plan_pallas`); extra programs of its place launch write the
-padding rows and each tile's adapter. The combo plan (`combo_plan_pallas`) sorts the tokens of the
-last slot's sorted rows stably by slot k-2's adapter, then by k-3's, ..., 0's (a least-significant-
-digit radix sort), a count and a place launch per pass; the last place launch also gathers each
-row's pair row, adapter and coefficient, and one more launch lists each tile's adapters.
+Both work on canonical slots: canonical slot c of a token is its c-th smallest adapter (ties by
+expert_idx slot), found in registers from the token's k adapters (`_canonical`). The sorted plan
+sorts the tokens of each canonical slot by adapter, every adapter's segment padded to a multiple of
+the token tile (`routing_plan_pallas`); extra programs of its place launch write the padding rows
+and each tile's adapter. The combo plan (`combo_plan_pallas`) sorts the tokens of the last
+canonical slot's sorted rows stably by canonical slot k-2's adapter, then by k-3's, ..., 0's (a
+least-significant-digit radix sort), a count and a place launch per pass; the last place launch also
+gathers each row's pair row, adapter and coefficient, and one more launch lists each tile's adapters.
 """
 
 from __future__ import annotations
@@ -77,22 +79,37 @@ def _pick(vec, idx):
     return jnp.sum(jnp.where(hit, vec[None, :], 0), axis=1)
 
 
-def _digits(seq_ref, idx_ref, sort, block, *, length, num_tokens, slot):
+def _canonical(idx_ref, tok, valid, position, top_k):
+    """Each token's adapter at canonical slot `position` (its adapters in ascending order, ties by
+    slot) and the expert_idx slot holding it: ([n], [n]). position: static or a program id."""
+    adapters = [masked_load(idx_ref, (tok, j), valid) for j in range(top_k)]
+    expert, slot = jnp.zeros_like(tok), jnp.zeros_like(tok)
+    for j, a in enumerate(adapters):
+        # a's canonical slot: the adapters below it, and the equal ones in lower slots
+        rank = sum(((b <= a) if i < j else (b < a)).astype(jnp.int32) for i, b in enumerate(adapters) if i != j)
+        hit = rank == position
+        expert, slot = jnp.where(hit, a, expert), jnp.where(hit, j, slot)
+    return expert, slot
+
+
+def _digits(seq_ref, idx_ref, sort, block, *, length, num_tokens, slot, top_k):
     """The tokens of block `block` of the sequence (seq_ref, or 0..T-1 when it is None), their adapter
-    in slot `slot` (program axis 0 when None) and whether each is a token (not padding). [block]."""
+    in canonical slot `slot` (program axis 0 when None) with the expert_idx slot holding it, and
+    whether each is a token (not padding). [block]."""
     pos = block * SORT_BLOCK + jnp.arange(SORT_BLOCK, dtype=jnp.int32)
     in_range = pos < length
     tok = pos if seq_ref is None else masked_load(seq_ref, pos, in_range)
     valid = in_range & (tok < num_tokens)
-    digit = masked_load(idx_ref, (tok, sort if slot is None else slot), valid)
-    return tok, digit, valid
+    digit, source = _canonical(idx_ref, tok, valid, sort if slot is None else slot, top_k)
+    return tok, digit, source, valid
 
 
-def _count_kernel(*refs, length, num_tokens, num_buckets_p, slot):
+def _count_kernel(*refs, length, num_tokens, num_buckets_p, slot, top_k):
     seq_ref = refs[0] if slot is not None else None
     idx_ref, hist_ref = refs[-2], refs[-1]
     sort, block = pl.program_id(0), pl.program_id(1)
-    _, digit, valid = _digits(seq_ref, idx_ref, sort, block, length=length, num_tokens=num_tokens, slot=slot)
+    _, digit, _, valid = _digits(seq_ref, idx_ref, sort, block, length=length, num_tokens=num_tokens, slot=slot,
+                                 top_k=top_k)
     buckets = jnp.arange(num_buckets_p, dtype=jnp.int32)
     every_bucket = buckets >= 0
     masked_store(hist_ref, (sort, block, buckets), jnp.sum(_one_hot(digit, valid, num_buckets_p), axis=0),
@@ -101,11 +118,11 @@ def _count_kernel(*refs, length, num_tokens, num_buckets_p, slot):
 
 def _count(seq, expert_idx, *, num_sorts, length, num_buckets, slot, interpret):
     """Bucket sizes per block: [S, nb, B] int32 (B = num_buckets rounded up to a power of two)."""
-    num_tokens = expert_idx.shape[0]
+    num_tokens, top_k = expert_idx.shape
     num_buckets_p = pow2_at_least(num_buckets)
     num_blocks = cdiv(length, SORT_BLOCK)
     kernel = functools.partial(_count_kernel, length=length, num_tokens=num_tokens,
-                               num_buckets_p=num_buckets_p, slot=slot)
+                               num_buckets_p=num_buckets_p, slot=slot, top_k=top_k)
     args = [expert_idx] if seq is None else [seq, expert_idx]
     return pl.pallas_call(
         kernel,
@@ -124,12 +141,13 @@ def _count(seq, expert_idx, *, num_sorts, length, num_buckets, slot, interpret):
 
 def _place_sorted_kernel(hist_ref, idx_ref, weight_ref, scaling_ref, rows_ref, pair_ref, coef_ref, tile_expert_ref,
                          tile_start_ref, num_tiles_ref, *, num_tokens, num_adapters, num_blocks, num_buckets_p,
-                         tiles_slot, block_t):
+                         tiles_slot, block_t, top_k):
     slot, block = pl.program_id(0), pl.program_id(1)
     # The block's own loads first, so they are in flight while the histograms are summed (the
     # programs of a launch fit in one wave, so each program's chain of loads is the launch's time).
-    tok, expert, valid = _digits(None, idx_ref, slot, block, length=num_tokens, num_tokens=num_tokens, slot=None)
-    coef = (masked_load(weight_ref, (tok, slot), valid).astype(jnp.float32)
+    tok, expert, source, valid = _digits(None, idx_ref, slot, block, length=num_tokens, num_tokens=num_tokens,
+                                         slot=None, top_k=top_k)
+    coef = (masked_load(weight_ref, (tok, source), valid).astype(jnp.float32)
             * masked_load(scaling_ref, expert, valid).astype(jnp.float32))
     sizes, before = _bucket_totals(hist_ref, slot, block, num_blocks, num_buckets_p)
     num_tiles = (sizes + block_t - 1) // block_t  # [B]; 0 past the last adapter
@@ -150,7 +168,7 @@ def _place_sorted_kernel(hist_ref, idx_ref, weight_ref, scaling_ref, rows_ref, p
         start = jnp.sum(one_hot * (tile_start * block_t + before)[None, :], axis=1)
         row = first_row + start + rank
         masked_store(rows_ref, row, tok, valid)
-        masked_store(pair_ref, (slot, tok), row, valid)
+        masked_store(pair_ref, (source, tok), row, valid)
         masked_store(coef_ref, row, coef, valid)
 
     @pl.when(block >= num_blocks)
@@ -180,7 +198,7 @@ def routing_plan_pallas(expert_idx, expert_weight, scaling, num_adapters, block_
     num_blocks = hist.shape[1]
     kernel = functools.partial(
         _place_sorted_kernel, num_tokens=num_tokens, num_adapters=num_adapters, num_blocks=num_blocks,
-        num_buckets_p=hist.shape[2], tiles_slot=tiles_slot, block_t=block_t)
+        num_buckets_p=hist.shape[2], tiles_slot=tiles_slot, block_t=block_t, top_k=top_k)
     num_rows = top_k * tiles_slot * block_t
     i32 = jnp.int32
     rows, pair_row, coef, tile_expert, tile_start, num_tiles = pl.pallas_call(
@@ -204,8 +222,9 @@ def routing_plan_pallas(expert_idx, expert_weight, scaling, num_adapters, block_
 
 def _place_order_kernel(*refs, length, num_tokens, num_adapters, num_blocks, num_buckets_p, slot, top_k, padded,
                         final):
-    """A radix pass: the tokens of seq stably by their adapter in `slot`. The final pass also writes
-    each (slot, row)'s pair row, adapter and coefficient, and the padding rows past the last token."""
+    """A radix pass: the tokens of seq stably by their adapter in canonical slot `slot`. The final pass
+    also writes each (expert_idx slot, row)'s pair row, adapter and coefficient, and the padding rows
+    past the last token."""
     if final:
         hist_ref, seq_ref, idx_ref, pair_row_ref, coef_ref, out_ref, pair_ref, expert_ref, row_coef_ref = refs
     else:
@@ -213,7 +232,8 @@ def _place_order_kernel(*refs, length, num_tokens, num_adapters, num_blocks, num
     block = pl.program_id(1)
     # The block's own loads (and the final pass's gathers) first, in flight while the histograms are
     # summed (see `_place_sorted_kernel`).
-    tok, digit, valid = _digits(seq_ref, idx_ref, 0, block, length=length, num_tokens=num_tokens, slot=slot)
+    tok, digit, _, valid = _digits(seq_ref, idx_ref, 0, block, length=length, num_tokens=num_tokens, slot=slot,
+                                   top_k=top_k)
     gathered = []  # per slot: the pair row, adapter and coefficient of each element's token
     for j in range(top_k if final else 0):
         pair = masked_load(pair_row_ref, (j, tok), valid)
@@ -243,8 +263,8 @@ def _place_order_kernel(*refs, length, num_tokens, num_adapters, num_blocks, num
 
 
 def _radix_pass(seq, expert_idx, slot, num_adapters, interpret, final=None):
-    """The tokens of seq [P] (padding entries >= T dropped) reordered stably by their adapter in slot
-    `slot`: [T]. final = (plan, coef, padded): the last pass, which returns the combo plan's rows,
+    """The tokens of seq [P] (padding entries >= T dropped) reordered stably by their adapter in
+    canonical slot `slot`: [T]. final = (plan, coef, padded): the last pass, which returns the combo plan's rows,
     pair, idx and coef (the rows padded to `padded` with T)."""
     num_tokens, top_k = expert_idx.shape
     length = seq.shape[0]
@@ -292,8 +312,8 @@ def _combo_tiles_kernel(idx_ref, adapters_ref, count_ref, *, top_k, block_t, pad
 
 
 def combo_plan_pallas(plan, coef, expert_idx, num_adapters, block_t, *, interpret):
-    """`grouped_lora_plan.combo_plan`: a count and a place launch per radix pass (slots k-2 .. 0; slot 0
-    alone when k = 1), the last one also gathering each row's pair row, adapter and coefficient, and
+    """`grouped_lora_plan.combo_plan`: a count and a place launch per radix pass (canonical slots
+    k-2 .. 0; slot 0 alone when k = 1), the last one also gathering each row's pair row, adapter and coefficient, and
     one launch for the tiles' adapter lists."""
     num_tokens, top_k = expert_idx.shape
     num_tiles = cdiv(num_tokens, block_t)

@@ -200,8 +200,8 @@ def tgmm(plan, mat, cmp, *, num_adapters, rank, out_dtype, block_t, block_n, int
 # The sorted expand runs once per slot, so every slot after the first reads, adds to and writes the
 # whole [T, W] output again: at T = 16384, d_out 4096 the second slot's pass takes 85 us against the
 # first's 51 (session 11). The combo expand writes each output row once. Tokens are ordered by the
-# adapters they chose (slot 0's, then slot 1's, ...), so a tile of bt neighbouring tokens uses only a
-# few of the L adapters (at T = 16384, L = 28, k = 2, bt = 64: about five). Each program loops over its
+# set of adapters they chose (smallest, then the next, ...), so a tile of bt neighbouring tokens uses
+# only a few of the L adapters (at T = 16384, L = 28, k = 2, bt = 32: about 2.4). Each program loops over its
 # tile's adapters e:
 #   out[t] = [base[t] +] sum_e (sum_j [idx[t, j] = e] coef[t, j] xa[pair(t, j)]) @ w[e]
 # reading the low-rank rows xa that the sorted shrink left in its (token, slot) pair layout.

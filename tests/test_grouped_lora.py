@@ -189,8 +189,10 @@ def test_plan_kernels_match_reference(case, blocks, monkeypatch):
     t, num_adapters, k, block_t, block_c, routing = case
     _, _, _, s, idx, w, _ = _inputs((_salt(case), 8), t, 2, 2, num_adapters, 1, k, jnp.float32, routing)
     w = w.astype(jnp.bfloat16)  # the weight's dtype is the model's; coef is float32 either way
+    if k > 1:  # a token whose two slots hold the same adapter: canonical ties go to the lower slot
+        idx = idx.at[0, 1].set(idx[0, 0])
     want = routing_plan(idx, num_adapters, block_t)
-    want_coef = row_coef(want, w, s, block_t)
+    want_coef = row_coef(want, idx, w, s)
     got, coef = jax.jit(lambda i, w, s: plan_pallas.routing_plan_pallas(i, w, s, num_adapters, block_t,
                                                                           interpret=True))(idx, w, s)
     for name in ("rows", "tile_expert", "tile_start", "num_tiles", "pair_row"):
@@ -202,6 +204,54 @@ def test_plan_kernels_match_reference(case, blocks, monkeypatch):
     for name in ("rows", "pair", "idx", "coef", "adapters", "count"):
         np.testing.assert_array_equal(getattr(got, name), getattr(want, name),
                                       err_msg=f"seed={SEED} combo plan {name}")
+
+
+@pytest.mark.parametrize("case", PLAN_CASES, ids=[f"T{c[0]}_L{c[1]}_k{c[2]}_{c[5]}" for c in PLAN_CASES])
+def test_plan_layout(case):
+    """The XLA reference plans against a plain-Python construction of the layout they promise: block c
+    of the sorted plan holds every token's c-th smallest adapter (ties by slot), tokens grouped by
+    adapter in ascending order, each adapter's segment padded to whole tiles; the combo plan orders the
+    tokens by their sorted adapter tuples (ties by token), so {3, 7} and {7, 3} sit together."""
+    from pallas_kernels.grouped_lora_plan import combo_plan, routing_plan, row_coef, tiles_per_slot
+
+    t, num_adapters, k, block_t, block_c, routing = case
+    _, _, _, s, idx, w, _ = _inputs((_salt(case), 9), t, 2, 2, num_adapters, 1, k, jnp.float32, routing)
+    if k > 1:  # also a token whose two slots hold the same adapter (ties go to the lower slot)
+        idx = idx.at[0, 1].set(idx[0, 0])
+    plan = routing_plan(idx, num_adapters, block_t)
+    coef = row_coef(plan, idx, w, s)
+    idx_np, w_np, s_np = np.asarray(idx), np.asarray(w), np.asarray(s)
+    nts = tiles_per_slot(t, num_adapters, block_t)
+    rows = np.full(k * nts * block_t, t)
+    want_coef = np.zeros(k * nts * block_t, np.float32)
+    pair_row = np.zeros((k, t), np.int64)
+    tile_expert = np.full(k * nts, num_adapters)
+    for c in range(k):
+        tile = c * nts
+        for e in range(num_adapters):
+            pairs = [(tok, j) for tok in range(t) for j in [sorted(range(k), key=lambda j: (idx_np[tok, j], j))[c]]
+                     if idx_np[tok, j] == e]
+            for n, (tok, j) in enumerate(pairs):
+                row = tile * block_t + n
+                rows[row], pair_row[j, tok] = tok, row
+                want_coef[row] = w_np[tok, j] * s_np[e]
+            used = -(-len(pairs) // block_t)
+            tile_expert[tile:tile + used] = e
+            tile += used
+    msg = f"seed={SEED} case={case}"
+    np.testing.assert_array_equal(plan.rows, rows, err_msg=msg)
+    np.testing.assert_array_equal(plan.pair_row, pair_row, err_msg=msg)
+    np.testing.assert_array_equal(plan.tile_expert, tile_expert, err_msg=msg)
+    np.testing.assert_allclose(coef, want_coef, rtol=1e-6, err_msg=msg)
+
+    cplan = combo_plan(plan, coef, idx, num_adapters, block_c)
+    order = sorted(range(t), key=lambda tok: tuple(sorted(idx_np[tok])))
+    np.testing.assert_array_equal(np.asarray(cplan.rows)[:t], order, err_msg=msg)
+    for i in range(-(-t // block_c)):
+        used = sorted({int(e) for tok in order[i * block_c:(i + 1) * block_c] for e in idx_np[tok]})
+        assert int(cplan.count[i]) == len(used), msg
+        np.testing.assert_array_equal(np.asarray(cplan.adapters)[i * num_adapters:i * num_adapters + len(used)], used,
+                                      err_msg=msg)
 
 
 def test_decode_routing_gradients_without_dx():
