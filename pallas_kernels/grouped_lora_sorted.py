@@ -201,8 +201,11 @@ def tgmm(plan, mat, cmp, *, num_adapters, rank, out_dtype, block_t, block_n, int
 # whole [T, W] output again: at T = 16384, d_out 4096 the second slot's pass takes 85 us against the
 # first's 51 (session 11). The combo expand writes each output row once. Tokens are ordered by the
 # set of adapters they chose (smallest, then the next, ...), so a tile of bt neighbouring tokens uses
-# only a few of the L adapters (at T = 16384, L = 28, k = 2, bt = 32: about 2.4). Each program loops over its
-# tile's adapters e:
+# only a few of the L adapters. Ordered by slot instead (slot 0's adapter, then slot 1's), a tile
+# spread {3, 7} and {7, 3} apart: session 19, H200, d_out 4096, r 16, 32-token tiles, adapters per
+# tile / expand time, by slot -> by set: T 16384 2.60 -> 2.36, 62.5 -> 59.6 us; T 4096 5.34 -> 4.02,
+# 23.9 -> 21.3 us; r 64, 64-token tiles, T 4096: 7.52 -> 5.47, 64.6 -> 52.4 us. Each program loops
+# over its tile's adapters e:
 #   out[t] = [base[t] +] sum_e (sum_j [idx[t, j] = e] coef[t, j] xa[pair(t, j)]) @ w[e]
 # reading the low-rank rows xa that the sorted shrink left in its (token, slot) pair layout.
 # Tried and dropped (session 16, H200, docs/benchmarks.md): stacking G of the tile's adapters into one
