@@ -86,8 +86,9 @@ def _auto_impl(num_tokens: int) -> str:
       T >= 1024: Pallas (sorted forward). H100 v1 run, T = 4096: 0.286-0.311 vs XLA best
         0.290-0.447 (d_out 4096), 0.966-1.019 vs 0.940-1.32 (d_out 14336); T = 16384: 1.03-1.08 vs
         1.05-1.58 and 3.67-3.81 vs 3.66-5.17; the v2 run repeated T = 4096 within 2%. The 1024
-        crossover lies between measured points (256 and 4096). From 8192 tokens the Pallas wrapper
-        takes its combo path (one output pass for all slots; `grouped_lora_pallas.auto_path`).
+        crossover lies between measured points (256 and 4096). From 8192 tokens (4096 up to r = 32)
+        the Pallas wrapper takes its combo path (one output pass for all slots), up to r = 64
+        (`grouped_lora_pallas.auto_path`).
     """
     if jax.default_backend() != "gpu":
         return "xla"

@@ -43,8 +43,8 @@ differentiation there is one more path, "concat" (`grouped_lora_xla.concat_forwa
 by side (A_cat [d_in, L*r], B_cat [L*r, d_out]), compute-dtype operands with float32 accumulation.
 No Pallas kernel: the library GEMMs beat ours there. `auto_grad_path` picks decode for up to 16
 tokens, then concat while T * L * r is small enough that its L/k-fold flops cost less than the sorted
-path's plan and per-slot passes (from 4096 tokens only at r <= 8), then combo (from 8192 tokens, or
-at r <= 16) or sorted.
+path's plan and per-slot passes (from 4096 tokens only at r <= 8), then combo (from 4096 tokens, or
+at r <= 16; never above r = 64) or sorted.
 
 Backward of the sorted path (custom VJP, through the sorted plan): with g = d out,
     gB   = g[rows] @ lora_b[e]^T                (`shrink` with the weight read transposed)
@@ -376,22 +376,38 @@ _grouped_lora.defvjp(_fwd, _bwd, symbolic_zeros=True)
 #   CONCAT_GRAD_MAX_WORK fell from 2^22 to 3 * 2^20 (at r 8, L 28: concat up to 14043 tokens). Checked at
 #   the edges: r 4, T 16384 stays concat (232.4 vs combo 248.2 us, d_out 4096); r 64, T 2048 and r 32,
 #   T 3584, which the old bound gave to concat, now take sorted (113.8 vs 207.2 us; 126.8 vs 201.3).
+# * Set-ordered combo plan (session 19, H200, docs/benchmarks.md "H200 run (session 19)"; f+b / LoRA f+b,
+#   or layer / LoRA layer, sorted vs combo). The tokens ordered by their adapter set made combo win
+#   under differentiation from T 4096 up to rank 64: r 32, T 4096: 2.293 vs 2.075; r 64, T 4096: 2.307
+#   vs 2.244 (d_out 4096), 2.663 vs 2.429 (14336). Below 4096 sorted still wins at r 64 (T 3072: 2.228
+#   vs 2.377; T 2048: 2.160 vs 2.399 at d_out 4096, 2.824 vs 2.684 at 14336); r 32, T 3584 stays sorted
+#   (2.271 vs 2.173: close, left). Forward at T 4096: combo won up to r 32 (r 8: 0.976 vs 0.946, r 16:
+#   0.966 vs 0.935, 0.954 vs 0.868 at 14336; r 32: 0.988 vs 0.994, 0.969 vs 0.926 at 14336) and split at
+#   r 64 (1.057 vs 1.084 at d_out 4096, 1.009 vs 0.977 at 14336). Above rank 64 the combo expand's
+#   R = 128 tiles lose everywhere, which the old rule (combo from T 8192 at any rank) missed: r 128,
+#   f+b T 16384 2.448 vs 3.742 (32-token tiles 3.221), T 8192 2.208 vs 3.698, T 4096 2.633 vs 4.211;
+#   r 96, T 16384 2.539 vs 4.046; layer r 128, T 16384 1.157 vs 1.383.
 DECODE_MAX_TOKENS = 32
 DECODE_GRAD_MAX_TOKENS = 16
 CONCAT_GRAD_MAX_WORK = 3 << 20  # T * L * r
 CONCAT_GRAD_LARGE_T = 4096  # from here on, concat only up to rank CONCAT_GRAD_MAX_RANK_LARGE_T
 CONCAT_GRAD_MAX_RANK_LARGE_T = 8
-COMBO_GRAD_MAX_RANK = 16  # below COMBO_MIN_TOKENS, combo rather than sorted up to this rank
-COMBO_MIN_TOKENS = 8192
+COMBO_MAX_RANK = 64  # above it (R = 128) sorted, forward and backward
+COMBO_MIN_TOKENS = 8192  # forward: combo from here up ...
+COMBO_MIN_TOKENS_LOW_RANK = 4096  # ... and from here up to rank COMBO_LOW_RANK
+COMBO_LOW_RANK = 32
+COMBO_GRAD_MIN_TOKENS = 4096  # under differentiation, combo from here up
+COMBO_GRAD_MAX_RANK = 16  # below COMBO_GRAD_MIN_TOKENS, combo rather than sorted up to this rank
 COMBO_SMALL_TILE_MAX_RANK = 16  # up to this rank the combo expand takes 32-token tiles
 
 
 def auto_path(num_tokens, rank, num_adapters=28):
     """Forward path when not differentiated."""
-    del rank, num_adapters  # no measured dependence on them
+    del num_adapters  # no measured dependence on it
     if num_tokens <= DECODE_MAX_TOKENS:
         return "decode"
-    return "combo" if num_tokens >= COMBO_MIN_TOKENS else "sorted"
+    combo = num_tokens >= COMBO_MIN_TOKENS or (num_tokens >= COMBO_MIN_TOKENS_LOW_RANK and rank <= COMBO_LOW_RANK)
+    return "combo" if combo and rank <= COMBO_MAX_RANK else "sorted"
 
 
 def auto_grad_path(num_tokens, rank, num_adapters=28):
@@ -401,7 +417,8 @@ def auto_grad_path(num_tokens, rank, num_adapters=28):
     if num_tokens * num_adapters * rank <= CONCAT_GRAD_MAX_WORK and (
             num_tokens < CONCAT_GRAD_LARGE_T or rank <= CONCAT_GRAD_MAX_RANK_LARGE_T):
         return "concat"
-    return "combo" if num_tokens >= COMBO_MIN_TOKENS or rank <= COMBO_GRAD_MAX_RANK else "sorted"
+    combo = num_tokens >= COMBO_GRAD_MIN_TOKENS or rank <= COMBO_GRAD_MAX_RANK
+    return "combo" if combo and rank <= COMBO_MAX_RANK else "sorted"
 
 
 def decode_block_k(num_tokens, top_k, rank):

@@ -308,13 +308,15 @@ def test_auto_paths():
     from pallas_kernels.grouped_lora_pallas import default_config
 
     cases = [(16, 8), (16, 64), (32, 8), (256, 64), (16384, 8), (2048, 16), (4096, 16), (16384, 16), (4096, 32),
-             (4096, 64), (8192, 64), (4096, 8), (8192, 8)]
+             (4096, 64), (8192, 64), (4096, 8), (8192, 8), (2048, 64), (16384, 128), (4096, 128), (16384, 65)]
     paths = {(t, r): (c.path, c.grad_path) for t, r in cases for c in [default_config(t, 2, 28, r)]}
     assert paths == {(16, 8): ("decode", "decode"), (16, 64): ("decode", "decode"), (32, 8): ("decode", "concat"),
                      (256, 64): ("sorted", "concat"), (16384, 8): ("combo", "combo"), (8192, 8): ("combo", "concat"),
-                     (2048, 16): ("sorted", "concat"), (4096, 16): ("sorted", "combo"),
-                     (16384, 16): ("combo", "combo"), (4096, 32): ("sorted", "sorted"),
-                     (4096, 64): ("sorted", "sorted"), (8192, 64): ("combo", "combo"), (4096, 8): ("sorted", "concat")}
+                     (2048, 16): ("sorted", "concat"), (4096, 16): ("combo", "combo"),
+                     (16384, 16): ("combo", "combo"), (4096, 32): ("combo", "combo"),
+                     (4096, 64): ("sorted", "combo"), (8192, 64): ("combo", "combo"), (4096, 8): ("combo", "concat"),
+                     (2048, 64): ("sorted", "sorted"), (16384, 128): ("sorted", "sorted"),
+                     (4096, 128): ("sorted", "sorted"), (16384, 65): ("sorted", "sorted")}
     assert default_config(4096, 2, 28, 8, path="dense").grad_path == "dense"
     # The sorted shrink's depth tile: 128 below the combo range, 64 in it and for the dense path.
     assert [default_config(t, 2, 28, 16, path=p).block_k for t, p in
