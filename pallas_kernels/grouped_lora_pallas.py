@@ -13,7 +13,8 @@ Four forward algorithms, all written for Pallas's Triton lowering (GPU) and run 
   Then
     1. `shrink`: one program per tile, a grouped GEMM x[rows] @ lora_a[e] -> xa [tiles*bt, R]
        (float32, unscaled; R = rank padded to a power of two >= 16; lora_a itself is padded to R
-       columns first, `rank_padded`, so that its tiles load R-element rows);
+       columns first, `rank_padded`, so that its tiles load R-element rows). With few tiles the
+       depth is split over more programs and the parts summed (`shrink_splits`);
     2. `expand`, once per block c: one program per (tile, block of d_out), (xa * w * scaling) @
        lora_b[e], scattered by row into out[T, d_out]. In a block every token occurs exactly once,
        so a launch writes each output row once and no atomics are needed; block c > 0 reads the
@@ -43,8 +44,8 @@ differentiation there is one more path, "concat" (`grouped_lora_xla.concat_forwa
 by side (A_cat [d_in, L*r], B_cat [L*r, d_out]), compute-dtype operands with float32 accumulation.
 No Pallas kernel: the library GEMMs beat ours there. `auto_grad_path` picks decode for up to 16
 tokens, then concat while T * L * r is small enough that its L/k-fold flops cost less than the sorted
-path's plan and per-slot passes (from 4096 tokens only at r <= 8), then combo (from 4096 tokens, or
-at r <= 16; never above r = 64) or sorted.
+path's plan and per-slot passes (from 4096 tokens only at r <= 8; from 256 tokens not at r >= 64),
+then combo (from 4096 tokens, or at r <= 16; never above r = 64) or sorted.
 
 Backward of the sorted path (custom VJP, through the sorted plan): with g = d out,
     gB   = g[rows] @ lora_b[e]^T                (`shrink` with the weight read transposed)
@@ -387,11 +388,17 @@ _grouped_lora.defvjp(_fwd, _bwd, symbolic_zeros=True)
 #   R = 128 tiles lose everywhere, which the old rule (combo from T 8192 at any rank) missed: r 128,
 #   f+b T 16384 2.448 vs 3.742 (32-token tiles 3.221), T 8192 2.208 vs 3.698, T 4096 2.633 vs 4.211;
 #   r 96, T 16384 2.539 vs 4.046; layer r 128, T 16384 1.157 vs 1.383.
+#   With the sorted shrink split over the depth at small grids (`shrink_splits`), sorted beat concat at
+#   r 64, T 256: 52.8 vs 69.3 us (d_out 4096), 94.2 vs 92.6 (14336); at r 8 / 16 concat still won (30.1
+#   vs 38.8 at d_out 4096, r 8; 40.7 vs 52.8 at 14336, r 16). At r 64, T 2048 sorted already won (above),
+#   so from T 256 up r >= 64 takes sorted (SORTED_GRAD_MIN_RANK / _TOKENS; below 256 not measured).
 DECODE_MAX_TOKENS = 32
 DECODE_GRAD_MAX_TOKENS = 16
 CONCAT_GRAD_MAX_WORK = 3 << 20  # T * L * r
 CONCAT_GRAD_LARGE_T = 4096  # from here on, concat only up to rank CONCAT_GRAD_MAX_RANK_LARGE_T
 CONCAT_GRAD_MAX_RANK_LARGE_T = 8
+SORTED_GRAD_MIN_RANK = 64  # from this rank and SORTED_GRAD_MIN_TOKENS up, sorted rather than concat
+SORTED_GRAD_MIN_TOKENS = 256
 COMBO_MAX_RANK = 64  # above it (R = 128) sorted, forward and backward
 COMBO_MIN_TOKENS = 8192  # forward: combo from here up ...
 COMBO_MIN_TOKENS_LOW_RANK = 4096  # ... and from here up to rank COMBO_LOW_RANK
@@ -414,8 +421,9 @@ def auto_grad_path(num_tokens, rank, num_adapters=28):
     """Forward + backward path under differentiation."""
     if num_tokens <= DECODE_GRAD_MAX_TOKENS:
         return "decode"
-    if num_tokens * num_adapters * rank <= CONCAT_GRAD_MAX_WORK and (
-            num_tokens < CONCAT_GRAD_LARGE_T or rank <= CONCAT_GRAD_MAX_RANK_LARGE_T):
+    small_work = num_tokens * num_adapters * rank <= CONCAT_GRAD_MAX_WORK and (
+        num_tokens < CONCAT_GRAD_LARGE_T or rank <= CONCAT_GRAD_MAX_RANK_LARGE_T)
+    if small_work and not (rank >= SORTED_GRAD_MIN_RANK and num_tokens >= SORTED_GRAD_MIN_TOKENS):
         return "concat"
     combo = num_tokens >= COMBO_GRAD_MIN_TOKENS or rank <= COMBO_GRAD_MAX_RANK
     return "combo" if combo and rank <= COMBO_MAX_RANK else "sorted"

@@ -1,8 +1,8 @@
 """Kernels of the sorted and combo paths of `grouped_lora_pallas` (module docstring there), over the
 tiles of `grouped_lora_plan`:
 
-* `shrink`: one program per tile, x[rows] @ lora_a[e] (or g[rows] @ lora_b[e]^T) -> the pairs' low-rank
-  rows [tiles*bt, R] float32;
+* `shrink`: one program per tile (and part of the depth, with few tiles), x[rows] @ lora_a[e] (or
+  g[rows] @ lora_b[e]^T) -> the pairs' low-rank rows [tiles*bt, R] float32;
 * `expand`: once per slot, (xa * coef) @ lora_b[e] scattered by row into the output;
 * `combo_expand`: one pass over the output for all k slots;
 * `tgmm`: the per-adapter transposed products of dA / dB (MixLoRA).
@@ -28,10 +28,36 @@ from pallas_kernels.pallas_common import (
 )
 
 
-def _shrink_kernel(tile_expert_ref, rows_ref, x_ref, w_ref, out_ref, *, block_t, block_k, num_tokens,
-                   num_adapters, depth, rank, rank_p, transpose_w, precision):
-    i = pl.program_id(0)
+# The shrink's programs stream the whole depth. With fewer tiles than SMs (T = 256: 88 tiles, about
+# 60 of them non-empty) a program's chain of depth chunks is the launch's time, so the depth is split
+# until the grid holds SHRINK_MIN_PROGRAMS programs; XLA adds the splits' float32 partial sums
+# afterwards (deterministic, unlike atomics). Session 19, H200, f+b of the sorted path at T = 256,
+# 4 splits: d_out 4096, r 64 61.2 -> 52.8 us, r 8 47.9 -> 38.8; d_out 14336, r 64 130.9 -> 94.2 (the
+# shrink over g, depth 14336: 55.4 -> 22.9 + 2.1 for the sum), r 16 73.6 -> 52.8. From one wave of
+# tiles up, only at R <= 16: at T = 4096 (184 tiles) 2 splits took the r 16 combo f+b from 98.1 to
+# 92.0 us but the r 64 one from 177.8 to 186.5 (the [64]-wide shrinks were not faster, 31.5 against
+# 29.2, and the sum took 5.5).
+SHRINK_MIN_PROGRAMS = 264  # two per SM of an H100 / H200
+SHRINK_ONE_WAVE = 132  # SMs of an H100 / H200
+SHRINK_SPLIT_MAX_RANK = 16  # from one wave of tiles up, split only up to this R
+
+
+def shrink_splits(num_tiles, depth, block_k, rank_p):
+    """How many parts the shrink splits the depth into: doubled while the grid holds fewer than
+    SHRINK_MIN_PROGRAMS programs and every part keeps at least one depth chunk (see above)."""
+    if num_tiles >= SHRINK_ONE_WAVE and rank_p > SHRINK_SPLIT_MAX_RANK:
+        return 1
+    chunks, splits = cdiv(depth, block_k), 1
+    while splits * 2 <= chunks and num_tiles * splits < SHRINK_MIN_PROGRAMS:
+        splits *= 2
+    return cdiv(chunks, cdiv(chunks, splits))  # no empty part
+
+
+def _shrink_kernel(tile_expert_ref, rows_ref, x_ref, w_ref, out_ref, *, block_t, block_k, chunks, num_rows,
+                   num_tokens, num_adapters, depth, rank, rank_p, transpose_w, precision):
+    i, split = pl.program_id(0), pl.program_id(1)
     e = tile_expert_ref[i]
+    at = pl.ds(split * num_rows + i * block_t, block_t)
 
     @pl.when(e < num_adapters)
     def _compute():
@@ -40,7 +66,7 @@ def _shrink_kernel(tile_expert_ref, rows_ref, x_ref, w_ref, out_ref, *, block_t,
         rk = jnp.arange(rank_p, dtype=jnp.int32)
 
         def body(kk, acc):
-            cols = kk * block_k + jnp.arange(block_k, dtype=jnp.int32)
+            cols = (split * chunks + kk) * block_k + jnp.arange(block_k, dtype=jnp.int32)
             in_k = cols < depth
             xk = masked_load(x_ref, (rows[:, None], cols[None, :]), valid[:, None] & in_k[None, :])
             wmask = in_k[:, None] & (rk < rank)[None, :]
@@ -51,32 +77,37 @@ def _shrink_kernel(tile_expert_ref, rows_ref, x_ref, w_ref, out_ref, *, block_t,
             return acc + jnp.dot(xk, wk.astype(xk.dtype), preferred_element_type=jnp.float32,
                                  precision=precision)
 
-        acc = lax.fori_loop(0, cdiv(depth, block_k), body, jnp.zeros((block_t, rank_p), jnp.float32))
-        out_ref[pl.ds(i * block_t, block_t), :] = acc
+        acc = lax.fori_loop(0, chunks, body, jnp.zeros((block_t, rank_p), jnp.float32))
+        out_ref[at, :] = acc
 
     @pl.when(e >= num_adapters)
     def _empty():
-        out_ref[pl.ds(i * block_t, block_t), :] = jnp.zeros((block_t, rank_p), jnp.float32)
+        out_ref[at, :] = jnp.zeros((block_t, rank_p), jnp.float32)
 
 
-def shrink(plan, x, w, *, rank, transpose_w, block_t, block_k, interpret, num_warps=4, num_stages=3):
-    """x [T, D] and w [L, D, r] (or [L, r, D] with transpose_w) -> [k*nts*bt, R] float32."""
+def shrink(plan, x, w, *, rank, transpose_w, block_t, block_k, interpret, num_warps=4, num_stages=3, splits=None):
+    """x [T, D] and w [L, D, r] (or [L, r, D] with transpose_w) -> [k*nts*bt, R] float32. splits: parts of
+    the depth (default `shrink_splits`)."""
     num_tokens, depth = x.shape
     num_adapters = w.shape[0]
     rank_p = pow2_at_least(rank)
     num_rows = plan.rows.shape[0]
+    if splits is None:
+        splits = shrink_splits(num_rows // block_t, depth, block_k, rank_p)
+    chunks = cdiv(cdiv(depth, block_k), splits)
     kernel = functools.partial(
-        _shrink_kernel, block_t=block_t, block_k=block_k, num_tokens=num_tokens,
+        _shrink_kernel, block_t=block_t, block_k=block_k, chunks=chunks, num_rows=num_rows, num_tokens=num_tokens,
         num_adapters=num_adapters, depth=depth, rank=rank, rank_p=rank_p, transpose_w=transpose_w,
         precision=dot_precision(x.dtype))
-    return pl.pallas_call(
+    parts = pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((num_rows, rank_p), jnp.float32),
-        grid=(num_rows // block_t,),
+        out_shape=jax.ShapeDtypeStruct((splits * num_rows, rank_p), jnp.float32),
+        grid=(num_rows // block_t, splits),
         interpret=interpret,
         compiler_params=compiler_params(num_warps, num_stages),
         name="grouped_lora_shrink",
     )(plan.tile_expert, plan.rows, x, w)
+    return parts if splits == 1 else jnp.sum(parts.reshape(splits, num_rows, rank_p), axis=0)
 
 
 def _expand_kernel(tile_expert_ref, rows_ref, coef_ref, xa_ref, w_ref, *rest, slot, tiles_slot,

@@ -254,6 +254,33 @@ def test_plan_layout(case):
                                       err_msg=msg)
 
 
+def test_shrink_depth_splits():
+    """The sorted shrink split over the depth (partial sums added afterwards) against a plain-NumPy
+    grouped product, for no split, an uneven split (7 depth chunks in 3 parts) and the default; and
+    the default's split counts at the measured shapes."""
+    from pallas_kernels.grouped_lora_plan import routing_plan
+    from pallas_kernels.grouped_lora_sorted import shrink, shrink_splits
+
+    case = (45, 100, 1, 6, 5, 2)
+    x, a, _, _, idx, _, _ = _inputs((_salt(case), 10), *case, jnp.float32)
+    block_t = 16
+    plan = routing_plan(idx, case[3], block_t)
+    rows, tile_expert = np.asarray(plan.rows), np.asarray(plan.tile_expert)
+    want = np.zeros((rows.shape[0], 16), np.float32)
+    for row, tok in enumerate(rows):
+        if tok < case[0]:
+            want[row, :case[4]] = np.asarray(x, np.float64)[tok] @ np.asarray(a, np.float64)[tile_expert[row // block_t]]
+    for splits in (1, 3, None):
+        got = shrink(plan, x, a, rank=case[4], transpose_w=False, block_t=block_t, block_k=16, interpret=True,
+                     splits=splits)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=f"seed={SEED} splits={splits}")
+    # (tiles, depth, block_k, R) -> parts: below one wave of tiles split to two programs per SM; from one
+    # wave up only at R <= 16; never more parts than depth chunks.
+    assert [shrink_splits(*shape) for shape in ((88, 4096, 128, 16), (88, 14336, 128, 64), (184, 4096, 128, 16),
+                                                (184, 4096, 128, 64), (568, 4096, 64, 16), (10, 48, 16, 16))] == \
+        [4, 4, 2, 1, 1, 2]
+
+
 def test_decode_routing_gradients_without_dx():
     """The decode path computes d expert_weight / d scaling inside its dx kernel; asked for them alone
     (x not differentiated) it takes them from XLA ops instead. Both against the float32 reference."""
@@ -308,15 +335,16 @@ def test_auto_paths():
     from pallas_kernels.grouped_lora_pallas import default_config
 
     cases = [(16, 8), (16, 64), (32, 8), (256, 64), (16384, 8), (2048, 16), (4096, 16), (16384, 16), (4096, 32),
-             (4096, 64), (8192, 64), (4096, 8), (8192, 8), (2048, 64), (16384, 128), (4096, 128), (16384, 65)]
+             (4096, 64), (8192, 64), (4096, 8), (8192, 8), (2048, 64), (16384, 128), (4096, 128), (16384, 65), (128, 64), (256, 32)]
     paths = {(t, r): (c.path, c.grad_path) for t, r in cases for c in [default_config(t, 2, 28, r)]}
     assert paths == {(16, 8): ("decode", "decode"), (16, 64): ("decode", "decode"), (32, 8): ("decode", "concat"),
-                     (256, 64): ("sorted", "concat"), (16384, 8): ("combo", "combo"), (8192, 8): ("combo", "concat"),
+                     (256, 64): ("sorted", "sorted"), (16384, 8): ("combo", "combo"), (8192, 8): ("combo", "concat"),
                      (2048, 16): ("sorted", "concat"), (4096, 16): ("combo", "combo"),
                      (16384, 16): ("combo", "combo"), (4096, 32): ("combo", "combo"),
                      (4096, 64): ("sorted", "combo"), (8192, 64): ("combo", "combo"), (4096, 8): ("combo", "concat"),
                      (2048, 64): ("sorted", "sorted"), (16384, 128): ("sorted", "sorted"),
-                     (4096, 128): ("sorted", "sorted"), (16384, 65): ("sorted", "sorted")}
+                     (4096, 128): ("sorted", "sorted"), (16384, 65): ("sorted", "sorted"),
+                     (128, 64): ("sorted", "concat"), (256, 32): ("sorted", "concat")}
     assert default_config(4096, 2, 28, 8, path="dense").grad_path == "dense"
     # The sorted shrink's depth tile: 128 below the combo range, 64 in it and for the dense path.
     assert [default_config(t, 2, 28, 16, path=p).block_k for t, p in
