@@ -264,8 +264,8 @@ def _place_order_kernel(*refs, length, num_tokens, num_adapters, num_blocks, num
 
 def _radix_pass(seq, expert_idx, slot, num_adapters, interpret, final=None):
     """The tokens of seq [P] (padding entries >= T dropped) reordered stably by their adapter in
-    canonical slot `slot`: [T]. final = (plan, coef, padded): the last pass, which returns the combo plan's rows,
-    pair, idx and coef (the rows padded to `padded` with T)."""
+    canonical slot `slot`: [T]. final = (plan, coef, padded): the last pass, which returns the combo
+    plan's rows, pair, idx and coef (the rows padded to `padded` with T)."""
     num_tokens, top_k = expert_idx.shape
     length = seq.shape[0]
     hist = _count(seq, expert_idx, num_sorts=1, length=length, num_buckets=num_adapters, slot=slot,
