@@ -33,10 +33,9 @@ from pallas_kernels.pallas_common import (
 # until the grid holds SHRINK_MIN_PROGRAMS programs; XLA adds the splits' float32 partial sums
 # afterwards (deterministic, unlike atomics). Session 19, H200, f+b of the sorted path at T = 256,
 # 4 splits: d_out 4096, r 64 61.2 -> 52.8 us, r 8 47.9 -> 38.8; d_out 14336, r 64 130.9 -> 94.2 (the
-# shrink over g, depth 14336: 55.4 -> 22.9 + 2.1 for the sum), r 16 73.6 -> 52.8. From one wave of
-# tiles up, only at R <= 16: at T = 4096 (184 tiles) 2 splits took the r 16 combo f+b from 98.1 to
-# 92.0 us but the r 64 one from 177.8 to 186.5 (the [64]-wide shrinks were not faster, 31.5 against
-# 29.2, and the sum took 5.5).
+# shrink over g, depth 14336: 56.3 -> 22.9), r 16 73.6 -> 52.8. From one wave of tiles up, only at
+# R <= 16: at T = 4096 (184 tiles) 2 splits took the r 16 combo f+b from 98.1 to 92.0 us but the r 64
+# one from 177.8 to 186.5 (its two shrinks took 31.5 + 29.3 against 28.9 + 28.6, and the sum 5.5).
 SHRINK_MIN_PROGRAMS = 264  # two per SM of an H100 / H200
 SHRINK_ONE_WAVE = 132  # SMs of an H100 / H200
 SHRINK_SPLIT_MAX_RANK = 16  # from one wave of tiles up, split only up to this R

@@ -267,9 +267,10 @@ def test_shrink_depth_splits():
     plan = routing_plan(idx, case[3], block_t)
     rows, tile_expert = np.asarray(plan.rows), np.asarray(plan.tile_expert)
     want = np.zeros((rows.shape[0], 16), np.float32)
+    x64, a64 = np.asarray(x, np.float64), np.asarray(a, np.float64)
     for row, tok in enumerate(rows):
         if tok < case[0]:
-            want[row, :case[4]] = np.asarray(x, np.float64)[tok] @ np.asarray(a, np.float64)[tile_expert[row // block_t]]
+            want[row, :case[4]] = x64[tok] @ a64[tile_expert[row // block_t]]
     for splits in (1, 3, None):
         got = shrink(plan, x, a, rank=case[4], transpose_w=False, block_t=block_t, block_k=16, interpret=True,
                      splits=splits)
@@ -335,7 +336,8 @@ def test_auto_paths():
     from pallas_kernels.grouped_lora_pallas import default_config
 
     cases = [(16, 8), (16, 64), (32, 8), (256, 64), (16384, 8), (2048, 16), (4096, 16), (16384, 16), (4096, 32),
-             (4096, 64), (8192, 64), (4096, 8), (8192, 8), (2048, 64), (16384, 128), (4096, 128), (16384, 65), (128, 64), (256, 32)]
+             (4096, 64), (8192, 64), (4096, 8), (8192, 8), (2048, 64), (16384, 128), (4096, 128), (16384, 65),
+             (128, 64), (256, 32)]
     paths = {(t, r): (c.path, c.grad_path) for t, r in cases for c in [default_config(t, 2, 28, r)]}
     assert paths == {(16, 8): ("decode", "decode"), (16, 64): ("decode", "decode"), (32, 8): ("decode", "concat"),
                      (256, 64): ("sorted", "sorted"), (16384, 8): ("combo", "combo"), (8192, 8): ("combo", "concat"),
