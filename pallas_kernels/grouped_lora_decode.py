@@ -16,7 +16,15 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.grouped_lora_xla import routing_grads
-from pallas_kernels.pallas_common import cdiv, compiler_params, dot_precision, masked_load, masked_store, pow2_at_least
+from pallas_kernels.pallas_common import (
+    cdiv,
+    compiler_params,
+    depth_splits,
+    dot_precision,
+    masked_load,
+    masked_store,
+    pow2_at_least,
+)
 
 # Split-K programs the decode shrink aims for: two per SM (128 was 4-14% slower at T = 16, r = 64).
 DECODE_MIN_PROGRAMS = 256
@@ -54,9 +62,7 @@ def shrink_decode(x, w, idx_flat, *, top_k, rank, transpose_w, block_k, interpre
     pairs = idx_flat.shape[0]
     total_chunks = cdiv(depth, block_k)
     # Enough programs to cover the GPU while keeping each split at least one chunk long.
-    splits = 1
-    while splits * 2 <= total_chunks and pairs * splits < DECODE_MIN_PROGRAMS:
-        splits *= 2
+    splits = depth_splits(total_chunks, pairs, DECODE_MIN_PROGRAMS)
     chunks = cdiv(total_chunks, splits)
     return pl.pallas_call(
         functools.partial(_shrink_decode_kernel, top_k=top_k, block_k=block_k, chunks=chunks,

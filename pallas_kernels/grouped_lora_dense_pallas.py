@@ -26,6 +26,7 @@ from pallas_kernels.grouped_lora_xla import dense_routing_weights, routing_grads
 from pallas_kernels.pallas_common import (
     cdiv,
     compiler_params,
+    depth_splits,
     dot_precision,
     masked_load,
     masked_store,
@@ -79,10 +80,7 @@ def dense_shrink(x, w, *, w_is_b, block_t, block_c, block_k, interpret, min_prog
     block_c = min(block_c, pow2_at_least(cat))
     tiles = cdiv(num_tokens, block_t) * cdiv(cat, block_c)
     total = cdiv(depth, block_k)
-    splits = 1
-    while splits * 2 <= total and tiles * splits < min_programs:
-        splits *= 2
-    chunks = cdiv(total, splits)
+    chunks = cdiv(total, depth_splits(total, tiles, min_programs))
     splits = cdiv(total, chunks)
     padded = (cdiv(num_tokens, block_t) * block_t, cdiv(cat, block_c) * block_c)
     kernel = functools.partial(

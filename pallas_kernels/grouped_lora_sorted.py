@@ -20,6 +20,7 @@ from jax.experimental import pallas as pl
 from pallas_kernels.pallas_common import (
     cdiv,
     compiler_params,
+    depth_splits,
     dot_precision,
     masked_load,
     masked_store,
@@ -46,10 +47,8 @@ def shrink_splits(num_tiles, depth, block_k, rank_p):
     SHRINK_MIN_PROGRAMS programs and every part keeps at least one depth chunk (see above)."""
     if num_tiles >= SHRINK_ONE_WAVE and rank_p > SHRINK_SPLIT_MAX_RANK:
         return 1
-    chunks, splits = cdiv(depth, block_k), 1
-    while splits * 2 <= chunks and num_tiles * splits < SHRINK_MIN_PROGRAMS:
-        splits *= 2
-    return cdiv(chunks, cdiv(chunks, splits))  # no empty part
+    chunks = cdiv(depth, block_k)
+    return cdiv(chunks, cdiv(chunks, depth_splits(chunks, num_tiles, SHRINK_MIN_PROGRAMS)))  # no empty part
 
 
 def _shrink_kernel(tile_expert_ref, rows_ref, x_ref, w_ref, out_ref, *, block_t, block_k, chunks, num_rows,

@@ -24,6 +24,16 @@ def cdiv(a, b):
     return -(-a // b)
 
 
+def depth_splits(num_chunks, programs_per_split, min_programs):
+    """Split-K: into how many parts (a power of two) a depth of num_chunks chunks is split, doubled
+    while the grid (programs_per_split programs per part) holds fewer than min_programs programs and
+    every part keeps at least one chunk."""
+    splits = 1
+    while splits * 2 <= num_chunks and programs_per_split * splits < min_programs:
+        splits *= 2
+    return splits
+
+
 def pow2_at_least(n, floor=16):
     return max(floor, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
 

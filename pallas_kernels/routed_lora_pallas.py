@@ -37,7 +37,15 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.grouped_lora_decode import add_adapter_row, store_row
-from pallas_kernels.pallas_common import cdiv, compiler_params, dot_precision, masked_load, masked_store, pow2_at_least
+from pallas_kernels.pallas_common import (
+    cdiv,
+    compiler_params,
+    depth_splits,
+    dot_precision,
+    masked_load,
+    masked_store,
+    pow2_at_least,
+)
 from pallas_kernels.routed_lora_xla import with_composition_vjp
 
 _NEG = -3.0e38  # below any real logit, finite so max - max stays NaN-free
@@ -145,9 +153,7 @@ def _routed_shrink(x, gate, lora_a, cfg):
     # Split d_in until the grid fills the GPU: fewer chunks per program, fewer dependent loads in a
     # row. The number of splits stays a power of two (the expand loads the [splits, ...] partials
     # as one Triton block); trailing splits may be empty (zeros).
-    splits = 1
-    while splits * 2 <= total and token_tiles * splits * programs < cfg.min_programs:
-        splits *= 2
+    splits = depth_splits(total, token_tiles * programs, cfg.min_programs)
     chunks = cdiv(total, splits)
     kernel = functools.partial(
         _routed_shrink_kernel, num_tokens=num_tokens, depth=depth, num_adapters=num_adapters, rank=rank,
