@@ -49,8 +49,8 @@ def grouped_lora(
     """out[t] = sum_j w[t, j] * scaling[e] * (x[t] @ lora_a[e]) @ lora_b[e], e = expert_idx[t, j].
 
     impl: "xla" (dense-masked reference), "xla_dense" / "xla_concat" / "xla_gather" / "xla_ragged"
-    (the XLA formulations), "pallas" (the kernels), "auto" (the fastest measured path for the backend
-    and T).
+    (the XLA formulations), "pallas" (the kernels), "auto" (the fastest measured path for the backend,
+    T and r: `_auto_impl`).
     base: optional [T, d_out] (the layer's `x @ kernel`); when given the result is `base + out`,
     and the Pallas kernel adds it in its epilogue instead of a separate pass over the output.
     Differentiable in x, expert_weight, base, scaling and (only when differentiated, e.g. MixLoRA)
@@ -60,7 +60,7 @@ def grouped_lora(
         raise ValueError(f"unknown grouped_lora impl {impl!r}; choose one of {IMPLS}")
     _check_shapes(x, lora_a, lora_b, scaling, expert_idx, expert_weight)
     if impl == "auto":
-        impl = _auto_impl(x.shape[0])
+        impl = _auto_impl(x.shape[0], lora_a.shape[2])
     if impl == "pallas":
         return grouped_lora_pallas(x, lora_a, lora_b, scaling, expert_idx, expert_weight, base=base)
     fn = XLA_FORMULATIONS[impl.removeprefix("xla_")] if impl.startswith("xla_") else grouped_lora_dense
@@ -68,30 +68,39 @@ def grouped_lora(
     return out if base is None else (base + out).astype(x.dtype)
 
 
-def _auto_impl(num_tokens: int) -> str:
-    """The fastest measured implementation for the default backend (docs/benchmarks.md).
+# Up to which T (exclusive) `grouped_lora(impl="auto")` runs the XLA concat formulation on a GPU, by
+# rank (see `_auto_impl`); above rank 16 it never does.
+CONCAT_MAX_TOKENS_RANK_8 = 4096
+CONCAT_MAX_TOKENS_RANK_16 = 384
+
+
+def _auto_impl(num_tokens: int, rank: int) -> str:
+    """The fastest measured implementation for the default backend and shape (docs/benchmarks.md).
 
     CPU: the Pallas kernels only run in interpret mode there, so the XLA dense formulation.
-    GPU (bf16, L = 28, k = 2, d 4096 -> 4096 / 14336, r 8-64; layer = base + delta, ms):
+    GPU (bf16, L = 28, k = 2, d 4096 -> 4096 / 14336; layer = base + delta, forward, ms):
       T <= 32: Pallas (decode forward; under differentiation `grouped_lora_pallas.auto_grad_path`).
         H100 v1 run, T = 16, d_out 4096: 0.026-0.031 vs XLA best 0.024-0.030, d_out 14336:
         0.056-0.069 vs 0.057-0.074; T = 1: 0.021-0.023 vs 0.024-0.034.
-      32 < T < 1024: the XLA concat formulation. Its forward is XLA dense's (H200, session 10,
-        T = 256: 0.0465 vs 0.0462 ms), which beat every Pallas path at T = 256 in both H100 runs:
-        v2 run, d_out 4096: 0.054 (r 8) / 0.059 (r 16) / 0.061 (r 64) vs Pallas best 0.064 /
-        0.065 / 0.077; d_out 14336: 0.085 / 0.129 vs 0.103 / 0.132 (r 8 / 64). Its backward
-        beats autodiff of XLA dense (H200, T = 256, f+b: 0.0295 vs 0.0364 ms at d_out 4096, r 8;
-        0.094 vs 0.168 at d_out 14336, r 64). (XLA gather was faster still at r = 8, 0.039 / 0.084,
-        but it materialises [T, k, d_in, r], which the contract rules out.)
-      T >= 1024: Pallas (sorted forward). H100 v1 run, T = 4096: 0.286-0.311 vs XLA best
-        0.290-0.447 (d_out 4096), 0.966-1.019 vs 0.940-1.32 (d_out 14336); T = 16384: 1.03-1.08 vs
-        1.05-1.58 and 3.67-3.81 vs 3.66-5.17; the v2 run repeated T = 4096 within 2%. The 1024
-        crossover lies between measured points (256 and 4096). From 8192 tokens (4096 up to r = 32)
-        the Pallas wrapper takes its combo path (one output pass for all slots), up to r = 64
-        (`grouped_lora_pallas.auto_path`).
+      Above, the XLA concat formulation (every adapter's columns side by side: its work grows with
+      L * r, the Pallas paths' with k * R) while the rank is small and T below a bound, Pallas
+      otherwise. H200, session 20, concat vs Pallas (d_out 4096 / 14336):
+        r 8, concat below 4096 tokens: T 1536 0.0995 / 0.3066 vs 0.1076 / 0.3184, T 2048 0.1311 /
+          0.3959 vs 0.1340 / 0.4009; T 4096 Pallas (combo) 0.2349 / 0.7045 vs 0.2409 / 0.7599;
+        r 16, concat below 384 tokens: T 128 0.0322 / 0.0539 vs 0.0369 / 0.0573, T 256 0.0393 /
+          0.0767 vs 0.0399 / 0.0746; T 384 Pallas 0.0475 / 0.1023 vs 0.0486 / 0.1039;
+        r 32 and 64, Pallas from 40 tokens up: r 32, T 256 0.0417 / 0.0836 vs 0.0463 / 0.0849;
+          r 64, T 40 0.0366 / 0.0683 vs 0.0420 / 0.0717, T 256 0.0483 / 0.0979 vs 0.0607 / 0.1054.
+        (Before, concat for every rank from 33 to 1023 tokens, measured on an H100 at T = 256 against
+        the Pallas paths of that time.)
+      Under differentiation, wherever concat is chosen Pallas's own rule would also differentiate
+      concat (T * L * r <= 3 * 2^20, `grouped_lora_pallas.auto_grad_path`). Where Pallas is chosen
+      below 1024 tokens it differentiates concat too, except at r >= 64 from 256 tokens: sorted, f+b
+      at T 256 0.0545 vs concat 0.0696 ms (d_out 4096), 0.0950 vs 0.0933 (14336).
     """
     if jax.default_backend() != "gpu":
         return "xla"
-    if num_tokens <= 32 or num_tokens >= 1024:
+    if num_tokens <= 32 or rank > 16:
         return "pallas"
-    return "xla_concat"
+    concat_max_tokens = CONCAT_MAX_TOKENS_RANK_8 if rank <= 8 else CONCAT_MAX_TOKENS_RANK_16
+    return "xla_concat" if num_tokens < concat_max_tokens else "pallas"

@@ -390,6 +390,20 @@ def test_dispatcher(impl):
     assert _rel(grouped_lora(x, a, b, s, idx, w, impl=impl, base=base), ref + base) <= 1e-5
 
 
+def test_dispatcher_auto_rule(monkeypatch):
+    """impl="auto": XLA dense on a CPU; on a GPU (the backend faked here) the measured rule of
+    `_auto_impl`: Pallas up to 32 tokens and above rank 16, XLA concat below 4096 tokens at r <= 8 and
+    below 384 at r <= 16."""
+    from pallas_kernels.grouped_lora import _auto_impl
+
+    assert _auto_impl(256, 8) == "xla"
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    want = {(1, 8): "pallas", (32, 64): "pallas", (33, 8): "xla_concat", (2048, 8): "xla_concat",
+            (4095, 8): "xla_concat", (4096, 8): "pallas", (383, 16): "xla_concat", (384, 16): "pallas",
+            (256, 12): "xla_concat", (33, 17): "pallas", (256, 64): "pallas", (16384, 16): "pallas"}
+    assert {shape: _auto_impl(*shape) for shape in want} == want
+
+
 def test_rejects_bad_arguments():
     x, a, b, s, idx, w, _ = _inputs((5,), 4, 16, 12, 3, 2, 2, jnp.float32)
     with pytest.raises(ValueError, match="impl"):
