@@ -88,7 +88,9 @@ def _auto_impl(num_tokens: int, rank: int) -> str:
         r 8, concat below 4096 tokens: T 1536 0.0995 / 0.3066 vs 0.1076 / 0.3184, T 2048 0.1311 /
           0.3959 vs 0.1340 / 0.4009; T 4096 Pallas (combo) 0.2349 / 0.7045 vs 0.2409 / 0.7599;
         r 16, concat below 384 tokens: T 128 0.0322 / 0.0539 vs 0.0369 / 0.0573, T 256 0.0393 /
-          0.0767 vs 0.0399 / 0.0746; T 384 Pallas 0.0475 / 0.1023 vs 0.0486 / 0.1039;
+          0.0767 vs 0.0399 / 0.0746; T 384 is a tie (two runs: Pallas 0.0475 / 0.1023 vs 0.0486 /
+          0.1039, then 0.0478 / 0.1053 vs 0.0475 / 0.1033); T 512 Pallas 0.0484 / 0.1294 vs 0.0498 /
+          0.1317;
         r 32 and 64, Pallas from 40 tokens up: r 32, T 256 0.0417 / 0.0836 vs 0.0463 / 0.0849;
           r 64, T 40 0.0366 / 0.0683 vs 0.0420 / 0.0717, T 256 0.0483 / 0.0979 vs 0.0607 / 0.1054.
         (Before, concat for every rank from 33 to 1023 tokens, measured on an H100 at T = 256 against

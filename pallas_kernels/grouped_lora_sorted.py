@@ -51,6 +51,15 @@ def shrink_splits(num_tiles, depth, block_k, rank_p):
     return cdiv(chunks, cdiv(chunks, depth_splits(chunks, num_tiles, SHRINK_MIN_PROGRAMS)))  # no empty part
 
 
+# Tried and dropped twice (H200, docs/benchmarks.md, sessions 13 and 20): a shrink over the combo
+# plan's token tiles that reads each token's row once for all its k slots. This shrink is not bound by
+# reading x twice: at T 16384, d 4096, r 16 it covers both slots in 51 us, 256 MiB of rows at 5.3 TB/s
+# (part of the second read comes from L2). Session 13, one program per (tile, group of 4 of its
+# adapters), M accumulators: 70 us. Session 20, one program per tile looping over all its adapters,
+# one accumulator per slot, the pairs' rows scattered into this layout: 200-219 us (and 47.7-56.2
+# against 18.0 at T 4096).
+
+
 def _shrink_kernel(tile_expert_ref, rows_ref, x_ref, w_ref, out_ref, *, block_t, block_k, chunks, num_rows,
                    num_tokens, num_adapters, depth, rank, rank_p, transpose_w, precision):
     i, split = pl.program_id(0), pl.program_id(1)
