@@ -37,6 +37,9 @@ from pallas_kernels.pallas_common import (
 # shrink over g, depth 14336: 56.3 -> 22.9), r 16 73.6 -> 52.8. From one wave of tiles up, only at
 # R <= 16: at T = 4096 (184 tiles) 2 splits took the r 16 combo f+b from 98.1 to 92.0 us but the r 64
 # one from 177.8 to 186.5 (its two shrinks took 31.5 + 29.3 against 28.9 + 28.6, and the sum 5.5).
+# Tried and dropped (session 20): the expands adding the parts as they load them, with no sum launch.
+# Every expand program then loads S tiles of parts: f+b at T 256, r 64, d_out 4096 54.1 -> 61.1 us,
+# T 1024 78.4 -> 102.4; with 2 parts at T 4096 only 1-2% faster.
 SHRINK_MIN_PROGRAMS = 264  # two per SM of an H100 / H200
 SHRINK_ONE_WAVE = 132  # SMs of an H100 / H200
 SHRINK_SPLIT_MAX_RANK = 16  # from one wave of tiles up, split only up to this R
