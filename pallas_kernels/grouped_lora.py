@@ -98,7 +98,8 @@ def _auto_impl(num_tokens: int, rank: int) -> str:
       Under differentiation, wherever concat is chosen Pallas's own rule would also differentiate
       concat (T * L * r <= 3 * 2^20, `grouped_lora_pallas.auto_grad_path`). Where Pallas is chosen
       below 1024 tokens it differentiates concat too, except at r >= 64 from 256 tokens: sorted, f+b
-      at T 256 0.0545 vs concat 0.0696 ms (d_out 4096), 0.0950 vs 0.0933 (14336).
+      at T 256 0.0545 vs concat 0.0696 ms (d_out 4096); at d_out 14336 a tie (two runs: 0.0950 vs
+      0.0933, then 0.0902 vs 0.0940).
     """
     if jax.default_backend() != "gpu":
         return "xla"
