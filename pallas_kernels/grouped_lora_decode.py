@@ -4,6 +4,13 @@
 (grid: pairs x splits); `expand_decode` sums the splits, applies the routing weight and multiplies
 by the pair's rows of lora_b, summing the k slots in registers. The backward runs the same two
 kernels with the weights read transposed.
+
+Tried and dropped (docs/benchmarks.md, sessions 11 and 21): reading each chosen adapter once instead
+of once per pair. A shrink with one program per (adapter, depth split), multiplying all T tokens by its
+adapter's chunk, won only over a long depth (the g @ lora_b^T shrink at d_out 14336, r = 64, T = 16:
+9.2 us, against 14.5 per pair then and 11.3 with today's DECODE_GRAD_MIN_PROGRAMS) and lost at d_in
+4096; an expand with one program per column block looping over the 28 adapters took 14-20 us where
+the per-pair expand takes 5-14 (T = 16).
 """
 
 from __future__ import annotations
@@ -28,6 +35,10 @@ from pallas_kernels.pallas_common import (
 
 # Split-K programs the decode shrink aims for: two per SM (128 was 4-14% slower at T = 16, r = 64).
 DECODE_MIN_PROGRAMS = 256
+# The backward's g @ lora_b^T shrink runs over a depth of d_out, with more, shorter parts: H200, T = 16,
+# d_out 14336 (session 21, docs/benchmarks.md): 4.8 -> 3.9 us at r = 16, 14.4 -> 11.3 at r = 64 (with
+# `Config.block_k_decode_grad` 256); at d_out 4096, r = 64: 5.0 -> 4.5.
+DECODE_GRAD_MIN_PROGRAMS = 1024
 DECODE_NUM_WARPS = 4
 
 
@@ -54,7 +65,8 @@ def _shrink_decode_kernel(idx_ref, x_ref, w_ref, out_ref, *, top_k, block_k, chu
     out_ref[split, p, :] = acc
 
 
-def shrink_decode(x, w, idx_flat, *, top_k, rank, transpose_w, block_k, interpret):
+def shrink_decode(x, w, idx_flat, *, top_k, rank, transpose_w, block_k, interpret,
+                  min_programs=DECODE_MIN_PROGRAMS):
     """Each (token, slot) pair's x[t] @ w[e] as split-K vector products: x [T, D], w [L, D, r] (or
     [L, r, D] with transpose_w), idx_flat [T*k] -> partial sums [splits, T*k, R] float32."""
     depth = x.shape[1]
@@ -62,7 +74,7 @@ def shrink_decode(x, w, idx_flat, *, top_k, rank, transpose_w, block_k, interpre
     pairs = idx_flat.shape[0]
     total_chunks = cdiv(depth, block_k)
     # Enough programs to cover the GPU while keeping each split at least one chunk long.
-    splits = depth_splits(total_chunks, pairs, DECODE_MIN_PROGRAMS)
+    splits = depth_splits(total_chunks, pairs, min_programs)
     chunks = cdiv(total_chunks, splits)
     return pl.pallas_call(
         functools.partial(_shrink_decode_kernel, top_k=top_k, block_k=block_k, chunks=chunks,
@@ -195,7 +207,8 @@ def decode_backward(cfg, res, g, need):
 
     if need & {"x", "a", "s", "w"}:
         gb_part = shrink_decode(g, lora_b, idx_flat, top_k=top_k, rank=rank, transpose_w=True,
-                                block_k=cfg.block_k_decode, interpret=cfg.interpret)
+                                block_k=cfg.block_k_decode_grad, interpret=cfg.interpret,
+                                min_programs=DECODE_GRAD_MIN_PROGRAMS)
         raw = scaled = None  # [T*k]: <xa, gB> per pair, and s[e] times it
         if "x" in need:
             dx = expand_decode(idx_flat, expert_weight, scaling, gb_part, lora_a, num_tokens=num_tokens,

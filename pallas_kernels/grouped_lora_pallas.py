@@ -148,8 +148,10 @@ class Config:
     block_k: int
     block_n: int
     block_n_tgmm: int
-    block_k_decode: int
-    block_n_decode: int
+    block_k_decode: int  # the decode path's x @ lora_a shrink: depth chunk
+    block_k_decode_grad: int  # its backward's g @ lora_b^T shrink: depth chunk
+    block_n_decode: int  # its dx expand: column block
+    block_n_decode_out: int  # its forward expand: column block
     block_t_dense: int
     block_c_dense: int
     block_k_dense: int
@@ -216,7 +218,7 @@ def _primal(x, lora_a, lora_b, scaling, expert_idx, expert_weight, base, cfg):
     kw = dict(interpret=cfg.interpret, base=base if cfg.has_base else None, poison=cfg.poison)
     if cfg.path == "decode":
         return forward_decode(x, lora_a, lora_b, scaling, expert_idx, expert_weight,
-                              block_k=cfg.block_k_decode, block_n=cfg.block_n_decode, **kw)[0]
+                              block_k=cfg.block_k_decode, block_n=cfg.block_n_decode_out, **kw)[0]
     if cfg.path == "dense":
         return dense_forward(x, lora_a, lora_b, scaling, expert_idx, expert_weight, base, cfg)[0]
     return _sorted_forward(x, lora_a, lora_b, scaling, expert_idx, expert_weight, base, cfg,
@@ -242,7 +244,7 @@ def _fwd(x, lora_a, lora_b, scaling, expert_idx, expert_weight, base, cfg):
         res = dict(xa=xa, a=av, b=bv, s=sv, idx=iv, w=wv, need=need)
     elif cfg.grad_path == "decode":
         out, part = forward_decode(xv, av, bv, sv, iv, wv, block_k=cfg.block_k_decode,
-                                   block_n=cfg.block_n_decode, interpret=cfg.interpret,
+                                   block_n=cfg.block_n_decode_out, interpret=cfg.interpret,
                                    base=basev if cfg.has_base else None, poison=cfg.poison)
         res = dict(part=part, a=av, b=bv, s=sv, idx=iv, w=wv, need=need)
     else:  # sorted or combo
@@ -436,8 +438,17 @@ def decode_block_k(num_tokens, top_k, rank):
     return min(512, max(128, 8192 // pow2_at_least(rank)))
 
 
+def decode_block_n_out(num_tokens, top_k, rank, width):
+    """Column block of the decode path's forward expand: 512 over wide outputs at small ranks from 16
+    pairs up, else 256 (H200, T = 16, d_out 14336, session 21: r = 8 4.2 -> 3.5 us, r = 16 4.8 -> 4.4;
+    r = 64 13.7 -> 15.6 and one token 2.3 -> 2.5 at r = 16 lost, as did d_out 4096)."""
+    return 512 if width >= 8192 and rank <= 16 and num_tokens * top_k >= 16 else 256
+
+
 def default_config(num_tokens, top_k, num_adapters, rank, *, path="auto", interpret=None, poison=False,
-                   has_base=False, **blocks):
+                   has_base=False, d_out=4096, **blocks):
+    """The paths and launch parameters for T = num_tokens, k = top_k, L = num_adapters, r = rank and
+    the output width d_out; blocks override the launch parameters (unknown names raise)."""
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
     if path == "auto":
@@ -455,7 +466,9 @@ def default_config(num_tokens, top_k, num_adapters, rank, *, path="auto", interp
     block_t_combo = 32 if rank <= COMBO_SMALL_TILE_MAX_RANK else 64
     cfg = dict(path=path, grad_path=grad_path, block_t=block_t, block_k=block_k, block_n=128, block_n_tgmm=64,
                block_k_decode=decode_block_k(num_tokens, top_k, rank),
-               block_n_decode=256, block_t_dense=64, block_c_dense=256, block_k_dense=64,
+               # The backward's shrink over d_out: shorter chunks, for more programs (see DECODE_GRAD_MIN_PROGRAMS).
+               block_k_decode_grad=min(256, decode_block_k(num_tokens, top_k, rank)),
+               block_n_decode=256, block_n_decode_out=decode_block_n_out(num_tokens, top_k, rank, d_out), block_t_dense=64, block_c_dense=256, block_k_dense=64,
                block_t_combo=block_t_combo, block_n_combo=256, plan="pallas",
                interpret=bool(interpret),
                poison=bool(poison), has_base=bool(has_base))
@@ -493,11 +506,11 @@ def grouped_lora_pallas(
     path: "sorted", "combo", "dense", "decode" or "auto" (`auto_path` when not differentiated, `auto_grad_path`
     under differentiation); an explicit path is also the one differentiated through. interpret:
     defaults to True on CPU. poison (tests): outputs start as NaN so unwritten elements show.
-    blocks: block_t, block_k, block_n, block_n_tgmm, block_k_decode, block_n_decode, block_t_dense,
-    block_c_dense, block_k_dense, block_t_combo, block_n_combo; and plan="xla", which builds the sorted
-    and combo paths' routing plans with their plain-XLA references instead of the Pallas plan kernels
-    (the same arrays; the CPU tests use it where the plan kernels are not what they test, since those
-    kernels are slow to compile in interpret mode).
+    blocks: block_t, block_k, block_n, block_n_tgmm, block_k_decode, block_k_decode_grad, block_n_decode,
+    block_n_decode_out, block_t_dense, block_c_dense, block_k_dense, block_t_combo, block_n_combo; and
+    plan="xla", which builds the sorted and combo paths' routing plans with their plain-XLA references
+    instead of the Pallas plan kernels (the same arrays; the CPU tests use it where the plan kernels are
+    not what they test, since those kernels are slow to compile in interpret mode).
     """
     num_tokens = x.shape[0]
     num_adapters, _, rank = lora_a.shape
@@ -510,7 +523,8 @@ def grouped_lora_pallas(
         raise ValueError(f"base must be [T, d_out]=[{num_tokens}, {lora_b.shape[2]}], got {base.shape}")
     lora_a = lora_a.astype(x.dtype)
     lora_b = lora_b.astype(x.dtype)
-    cfg = default_config(num_tokens, expert_idx.shape[1], num_adapters, rank, path=path, interpret=interpret,
+    cfg = default_config(num_tokens, expert_idx.shape[1], num_adapters, rank, d_out=lora_b.shape[2],
+                         path=path, interpret=interpret,
                          poison=poison, has_base=base is not None, **blocks)
     base_arg = jnp.zeros((0,), x.dtype) if base is None else base.astype(x.dtype)
     return _grouped_lora(x, lora_a, lora_b, scaling, expert_idx.astype(jnp.int32), expert_weight, base_arg, cfg)

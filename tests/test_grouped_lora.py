@@ -18,7 +18,8 @@ from pallas_kernels import IMPLS, grouped_lora, grouped_lora_dense
 from pallas_kernels.grouped_lora_pallas import grouped_lora_pallas
 
 SEED = np.random.SeedSequence().entropy
-SMALL = dict(block_t=16, block_k=16, block_n=16, block_n_tgmm=16, block_k_decode=16, block_n_decode=16,
+SMALL = dict(block_t=16, block_k=16, block_n=16, block_n_tgmm=16, block_k_decode=16, block_k_decode_grad=16,
+             block_n_decode=16, block_n_decode_out=16,
              block_t_dense=16, block_c_dense=16, block_k_dense=16, block_t_combo=16, block_n_combo=16,
              # The plans from their XLA references: the Pallas plan kernels build the same arrays
              # (test_plan_kernels_match_reference) but take minutes to compile in interpret mode across
@@ -358,6 +359,13 @@ def test_auto_paths():
     # per chunk
     assert [default_config(t, 2, 28, r).block_k_decode
             for t, r in ((16, 64), (16, 128), (1, 8), (1, 64), (1, 128))] == [512, 256, 512, 128, 128]
+    # the backward's g @ lora_b^T shrink: at most 256-wide chunks
+    assert [default_config(t, 2, 28, r).block_k_decode_grad
+            for t, r in ((16, 64), (16, 128), (1, 8), (1, 64), (1, 128))] == [256, 256, 256, 128, 128]
+    # the forward expand: 512 columns over d_out >= 8192 at r <= 16 from 16 pairs up, else 256
+    assert [default_config(t, 2, 28, r, d_out=d).block_n_decode_out
+            for t, r, d in ((16, 16, 14336), (8, 8, 8192), (16, 64, 14336), (16, 16, 4096), (1, 16, 14336),
+                            (7, 16, 14336))] == [512, 512, 256, 256, 256, 256]
 
 
 def test_under_scan_and_remat():
