@@ -120,16 +120,15 @@ def _concat_bwd(res, g, need):
     num_adapters = scaling.shape[0]
     depth, rank, width = a_cat.shape[0], a_cat.shape[1] // num_adapters, b_cat.shape[1]
     want = (need & {"x", "a", "b"}) | ({"weights"} if need & {"s", "w"} else set())
-    dx, da, db, raw_all = concat_backward(g.astype(a_cat.dtype), res.get("x"), a_cat, b_cat, res["weights"],
-                                          res["h"], want)
+    dx, da, db, raw = concat_backward(g.astype(a_cat.dtype), res.get("x"), a_cat, b_cat, res["weights"],
+                                      res["h"], want, expert_idx=res["idx"])
     if da is not None:
         da = da.reshape(depth, num_adapters, rank).transpose(1, 0, 2)
     if db is not None:
         db = db.reshape(num_adapters, rank, width)
     ds = dw = None
-    if raw_all is not None:
-        ds, dw = routing_grads(jnp.take_along_axis(raw_all, res["idx"], axis=1), res["idx"], res["w"], scaling,
-                               need)
+    if raw is not None:  # [T, k]: <xa, gB> per (token, slot) pair
+        ds, dw = routing_grads(raw, res["idx"], res["w"], scaling, need)
     return dx, da, db, ds, dw
 
 

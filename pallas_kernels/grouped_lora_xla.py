@@ -12,6 +12,9 @@ L times the flops of one LoRA but never materialises per-token adapter weights.
 with a custom VJP that keeps the backward's GEMM operands in the compute dtype; its forward and
 backward (`concat_forward`, `concat_backward`) are also the Pallas wrapper's gradient path where
 they are fastest. The other formulations are baselines for the benchmark.
+
+Every product takes float32 operands at float32 precision (`dot_precision`: not the TF32 that XLA's
+default precision allows on a GPU) and bfloat16 operands with float32 accumulation.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
+
+from pallas_kernels.pallas_common import dot_precision
 
 
 def top_k_routing(
@@ -73,9 +78,10 @@ def grouped_lora_dense(
 ) -> jax.Array:  # [T, d_out], x.dtype
     """Dense-masked formulation: all adapters for every token, weighted by a dense `[T, L]`."""
     weights = dense_routing_weights(expert_idx, expert_weight, scaling)  # [T, L]
-    xa = jnp.einsum("td,ldr->tlr", x, lora_a, preferred_element_type=jnp.float32)  # [T, L, r]
+    precision = dot_precision(x.dtype)
+    xa = jnp.einsum("td,ldr->tlr", x, lora_a, preferred_element_type=jnp.float32, precision=precision)  # [T, L, r]
     xa = (xa * weights[:, :, None]).astype(x.dtype)
-    out = jnp.einsum("tlr,lro->to", xa, lora_b, preferred_element_type=jnp.float32)
+    out = jnp.einsum("tlr,lro->to", xa, lora_b, preferred_element_type=jnp.float32, precision=precision)
     return out.astype(x.dtype)
 
 
@@ -129,11 +135,21 @@ def concat_forward(
     # A float32 product, masked before rounding: XLA runs it on cuBLAS (asking for a bf16 output made
     # it a slower Triton GEMM, 55 vs 50 us at T = 16384, d 4096, r 8 on an H200), and the mask
     # kernel writes both the masked operand and the rounded residual.
-    h = jnp.dot(x, a_cat, preferred_element_type=jnp.float32)
-    out = jnp.dot(_mask(h, weights).astype(x.dtype), b_cat, preferred_element_type=jnp.float32)
+    precision = dot_precision(x.dtype)
+    h = jnp.dot(x, a_cat, preferred_element_type=jnp.float32, precision=precision)
+    out = jnp.dot(_mask(h, weights).astype(x.dtype), b_cat, preferred_element_type=jnp.float32, precision=precision)
     if base is not None:
         out = out + base.astype(jnp.float32)
     return out.astype(x.dtype), h.astype(x.dtype)
+
+
+# From this many tokens `concat_backward` computes d weights only at the chosen adapters when it is
+# given them. Below, XLA fuses the reduction over all L*r columns with the masking of dh into one launch,
+# and a gather splits it again (H200, session 21, f+b: T 256, r 16: 35.3 -> 39.6 us at d_out 4096, 40.1
+# -> 44.6 at 14336); from 1024 tokens the reduction runs on its own and the gather saves 0.9-2.1 us
+# (T 1024, r 16: 51.5 -> 50.6; T 4096, r 8: 86.6 -> 84.8 and 157.8 -> 156.0 at d_out 14336; T 8192:
+# 148.4 -> 146.5). docs/benchmarks.md, "H200 run (session 21)".
+ROUTING_GRAD_GATHER_MIN_TOKENS = 1024
 
 
 def concat_backward(
@@ -144,23 +160,36 @@ def concat_backward(
     weights: jax.Array,  # [T, L] float32
     h: jax.Array,  # [T, L*r], from concat_forward
     need: frozenset | set,  # which of "x", "a", "b", "weights" to compute
-) -> tuple:  # d x [T, d_in], d a_cat, d b_cat, d weights [T, L] float32 (None where not needed)
-    """The concat formulation's backward: compute-dtype GEMM operands, float32 accumulation."""
+    expert_idx: jax.Array | None = None,  # [T, k]: d weights only at these adapters
+) -> tuple:  # d x [T, d_in], d a_cat, d b_cat, d weights [T, L] (or [T, k]) float32 (None where not needed)
+    """The concat formulation's backward: compute-dtype GEMM operands, float32 accumulation.
+
+    With expert_idx, d weights is returned only where the routing put weight, [T, k] (d weights[t, j]
+    is that of weights[t, expert_idx[t, j]]); from ROUTING_GRAD_GATHER_MIN_TOKENS up it is computed
+    only there too, from k of the L adapters' r columns."""
     num_tokens, num_adapters = weights.shape
     dx = da = db = d_weights = None
+    precision = dot_precision(g.dtype)
     if need & {"x", "a", "weights"}:
-        dh_masked = jnp.dot(g, b_cat.T, preferred_element_type=jnp.float32)  # [T, L*r]
+        dh_masked = jnp.dot(g, b_cat.T, preferred_element_type=jnp.float32, precision=precision)  # [T, L*r]
         if "weights" in need:
-            d_weights = jnp.sum((dh_masked * h.astype(jnp.float32)).reshape(num_tokens, num_adapters, -1),
-                                axis=-1)
+            gather = expert_idx is not None and num_tokens >= ROUTING_GRAD_GATHER_MIN_TOKENS
+
+            def per_adapter(v):  # [T, L*r] -> [T, L, r], or [T, k, r] at expert_idx
+                v = v.reshape(num_tokens, num_adapters, -1)
+                return jnp.take_along_axis(v, expert_idx[:, :, None], axis=1) if gather else v
+
+            d_weights = jnp.sum(per_adapter(dh_masked) * per_adapter(h).astype(jnp.float32), axis=-1)
+            if expert_idx is not None and not gather:
+                d_weights = jnp.take_along_axis(d_weights, expert_idx, axis=1)
         dh = _mask(dh_masked, weights).astype(g.dtype)
         if "x" in need:
-            dx = jnp.dot(dh, a_cat.T, preferred_element_type=jnp.float32).astype(g.dtype)
+            dx = jnp.dot(dh, a_cat.T, preferred_element_type=jnp.float32, precision=precision).astype(g.dtype)
         if "a" in need:
-            da = jnp.dot(x.T, dh, preferred_element_type=jnp.float32).astype(a_cat.dtype)
+            da = jnp.dot(x.T, dh, preferred_element_type=jnp.float32, precision=precision).astype(a_cat.dtype)
     if "b" in need:
         h_masked = _mask(h, weights).astype(g.dtype)
-        db = jnp.dot(h_masked.T, g, preferred_element_type=jnp.float32).astype(b_cat.dtype)
+        db = jnp.dot(h_masked.T, g, preferred_element_type=jnp.float32, precision=precision).astype(b_cat.dtype)
     return dx, da, db, d_weights
 
 
@@ -209,9 +238,10 @@ def grouped_lora_gather(
     a = lora_a[expert_idx]  # [T, k, d_in, r]
     b = lora_b[expert_idx]  # [T, k, r, d_out]
     coef = (expert_weight.astype(jnp.float32) * scaling.astype(jnp.float32)[expert_idx])
-    xa = jnp.einsum("td,tkdr->tkr", x, a, preferred_element_type=jnp.float32)
+    precision = dot_precision(x.dtype)
+    xa = jnp.einsum("td,tkdr->tkr", x, a, preferred_element_type=jnp.float32, precision=precision)
     xa = (xa * coef[:, :, None]).astype(x.dtype)
-    out = jnp.einsum("tkr,tkro->to", xa, b, preferred_element_type=jnp.float32)
+    out = jnp.einsum("tkr,tkro->to", xa, b, preferred_element_type=jnp.float32, precision=precision)
     return out.astype(x.dtype)
 
 
@@ -231,10 +261,11 @@ def grouped_lora_ragged(
     token_of_pair = order // top_k
     group_sizes = jnp.bincount(flat_idx, length=num_adapters).astype(jnp.int32)
     xs = x[token_of_pair]  # [T*k, d_in]
-    xa = jax.lax.ragged_dot(xs, lora_a, group_sizes, preferred_element_type=jnp.float32)
+    precision = dot_precision(x.dtype)
+    xa = jax.lax.ragged_dot(xs, lora_a, group_sizes, preferred_element_type=jnp.float32, precision=precision)
     coef = expert_weight.reshape(-1).astype(jnp.float32) * scaling.astype(jnp.float32)[flat_idx]
     xa = (xa * coef[order][:, None]).astype(x.dtype)
-    ys = jax.lax.ragged_dot(xa, lora_b, group_sizes, preferred_element_type=jnp.float32)
+    ys = jax.lax.ragged_dot(xa, lora_b, group_sizes, preferred_element_type=jnp.float32, precision=precision)
     out = jnp.zeros((num_tokens, lora_b.shape[-1]), jnp.float32).at[token_of_pair].add(ys)
     return out.astype(x.dtype)
 

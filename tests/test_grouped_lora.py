@@ -13,9 +13,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.extend.core import jaxprs_in_params
 
 from pallas_kernels import IMPLS, grouped_lora, grouped_lora_dense
-from pallas_kernels.grouped_lora_pallas import grouped_lora_pallas
+from pallas_kernels.grouped_lora_pallas import default_config, grouped_lora_pallas
 
 SEED = np.random.SeedSequence().entropy
 SMALL = dict(block_t=16, block_k=16, block_n=16, block_n_tgmm=16, block_k_decode=16, block_k_decode_grad=16,
@@ -304,6 +305,62 @@ def test_decode_routing_gradients_without_dx():
             assert err <= TOL[jnp.float32], f"seed={SEED} argnums={argnums}: d{name} rel err {err:.2e}"
 
 
+@pytest.mark.parametrize("gather_from", [1, 1 << 30], ids=["gathered", "full_reduction"])
+def test_concat_routing_gradients(gather_from, monkeypatch):
+    """The concat grad path's d expert_weight / d scaling, computed at the chosen adapters only (from
+    ROUTING_GRAD_GATHER_MIN_TOKENS up) or from the reduction over all L*r columns, against the float32
+    reference; one token's two slots hold the same adapter."""
+    from pallas_kernels import grouped_lora_xla
+
+    monkeypatch.setattr(grouped_lora_xla, "ROUTING_GRAD_GATHER_MIN_TOKENS", gather_from)
+    case = (40, 24, 30, 7, 3, 2)
+    x, a, b, s, idx, w, _ = _inputs((_salt(case), 5), *case, jnp.float32)
+    idx = idx.at[0, 1].set(idx[0, 0])
+    g = jnp.asarray(_rng(_salt(case), 6).standard_normal((case[0], case[2])), jnp.float32)
+
+    def loss(fn):
+        return lambda x, s, w: jnp.sum(fn(x, a, b, s, idx, w) * g)
+
+    concat = lambda *v: grouped_lora_pallas(*v, path="auto", interpret=True)  # noqa: E731
+    assert default_config(case[0], 2, case[3], case[4]).grad_path == "concat"
+    with jax.default_matmul_precision("highest"):
+        want = jax.grad(loss(grouped_lora_dense), argnums=(0, 1, 2))(x, s, w)
+    got = jax.jit(jax.grad(loss(concat), argnums=(0, 1, 2)))(x, s, w)
+    for name, u, v in zip(("x", "scaling", "expert_weight"), want, got):
+        err = _rel(v, u)
+        assert err <= TOL[jnp.float32], f"seed={SEED} gather_from={gather_from}: d{name} rel err {err:.2e}"
+
+
+def _dot_precisions(jaxpr):
+    """The precision of every dot_general / ragged_dot in a jaxpr, sub-jaxprs (custom VJPs) included."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in ("dot_general", "ragged_dot", "ragged_dot_general"):
+            found.append(eqn.params["precision"])
+        for sub in jaxprs_in_params(eqn.params):
+            found += _dot_precisions(sub)
+    return found
+
+
+@pytest.mark.parametrize("impl", ["xla_dense", "xla_concat", "xla_gather", "xla_ragged", "pallas"])
+def test_xla_products_take_float32_precision(impl):
+    """float32 operands are multiplied at HIGHEST precision (on a GPU XLA's default may use TF32: the
+    concat gradient path measured 3e-4 relative error on an H200 before), bfloat16 ones at the default."""
+    highest = (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)
+    for dtype in (jnp.float32, jnp.bfloat16):
+        x, a, b, s, idx, w, _ = _inputs((9,), 40, 24, 30, 7, 3, 2, dtype)
+
+        def loss(x, w, a, b):
+            out = grouped_lora(x, a, b, s, idx, w, impl=impl) if impl != "pallas" else grouped_lora_pallas(
+                x, a, b, s, idx, w, path="auto", interpret=True)  # the concat grad path at this size
+            return jnp.sum(out.astype(jnp.float32))
+
+        precisions = _dot_precisions(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2, 3)))(x, w, a, b).jaxpr)
+        assert precisions, impl
+        want = highest if dtype == jnp.float32 else None
+        assert all(p == want for p in precisions), (impl, jnp.dtype(dtype).name, precisions)
+
+
 def test_lora_gradients_only_when_asked():
     x, a, b, s, idx, w, _ = _inputs((7,), 21, 20, 18, 4, 3, 2, jnp.float32)
 
@@ -334,8 +391,6 @@ def test_lora_gradients_only_when_asked():
 
 
 def test_auto_paths():
-    from pallas_kernels.grouped_lora_pallas import default_config
-
     cases = [(16, 8), (16, 64), (32, 8), (256, 64), (16384, 8), (2048, 16), (4096, 16), (16384, 16), (4096, 32),
              (4096, 64), (8192, 64), (4096, 8), (8192, 8), (2048, 64), (16384, 128), (4096, 128), (16384, 65),
              (128, 64), (256, 32)]
