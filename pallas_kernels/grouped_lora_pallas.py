@@ -120,15 +120,18 @@ def _concat_bwd(res, g, need):
     num_adapters = scaling.shape[0]
     depth, rank, width = a_cat.shape[0], a_cat.shape[1] // num_adapters, b_cat.shape[1]
     want = (need & {"x", "a", "b"}) | ({"weights"} if need & {"s", "w"} else set())
+    # Without d scaling, d expert_weight = scaling * <xa, gB> comes out of the reduction itself.
+    scaled = "s" not in need
     dx, da, db, raw = concat_backward(g.astype(a_cat.dtype), res.get("x"), a_cat, b_cat, res["weights"],
-                                      res["h"], want, expert_idx=res["idx"])
+                                      res["h"], want, expert_idx=res["idx"],
+                                      adapter_scale=scaling if scaled else None)
     if da is not None:
         da = da.reshape(depth, num_adapters, rank).transpose(1, 0, 2)
     if db is not None:
         db = db.reshape(num_adapters, rank, width)
     ds = dw = None
-    if raw is not None:  # [T, k]: <xa, gB> per (token, slot) pair
-        ds, dw = routing_grads(raw, res["idx"], res["w"], scaling, need)
+    if raw is not None:  # [T, k]: <xa, gB> per (token, slot) pair (times scaling[e] if scaled)
+        ds, dw = routing_grads(raw, res["idx"], res["w"], scaling, need, scaled=scaled)
     return dx, da, db, ds, dw
 
 
@@ -288,7 +291,9 @@ def _bwd(cfg, res, g):
                       interpret=cfg.interpret, poison=cfg.poison)
         if need & {"s", "w"}:
             # <xa, gB> of each (token, slot) pair, gathered by its row (the scatter from the padded
-            # rows that this replaces took 5-9 us on an H200 at T >= 4096)
+            # rows that this replaces took 5-9 us on an H200 at T >= 4096). Taking scaling[e] inside
+            # this reduction, as the concat path does, was 0.5-1.5 us slower at T 4096-16384 on the combo
+            # path (and 1.2 faster at T 256 on the sorted one; H200, session 21).
             raw = jnp.sum(xa[plan.pair_row] * gb[plan.pair_row], axis=-1).T  # [T, k]
             ds, dw = routing_grads(raw, expert_idx, expert_weight, scaling, need)
     if "b" in need:

@@ -56,12 +56,16 @@ def dense_routing_weights(
     return dense * scaling.astype(jnp.float32)[None, :]
 
 
-def routing_grads(raw, expert_idx, expert_weight, scaling, need):
+def routing_grads(raw, expert_idx, expert_weight, scaling, need, scaled=False):
     """d scaling [L] and d expert_weight [T, k] (None unless in need) from raw [T, k] float32, each
-    pair's <x @ lora_a[e], g @ lora_b[e]^T> (the gradient of its unscaled routing weight)."""
+    pair's <x @ lora_a[e], g @ lora_b[e]^T> (the gradient of its unscaled routing weight); with
+    scaled, raw already holds scaling[e] times that (d expert_weight itself; then d scaling cannot be
+    asked for)."""
     dw = ds = None
+    if scaled and "s" in need:
+        raise ValueError("d scaling needs the unscaled <xa, gB>")
     if "w" in need:
-        dw = (raw * scaling.astype(jnp.float32)[expert_idx]).astype(expert_weight.dtype)
+        dw = (raw if scaled else raw * scaling.astype(jnp.float32)[expert_idx]).astype(expert_weight.dtype)
     if "s" in need:
         ds = jnp.zeros(scaling.shape, jnp.float32).at[expert_idx].add(
             raw * expert_weight.astype(jnp.float32)).astype(scaling.dtype)
@@ -161,12 +165,15 @@ def concat_backward(
     h: jax.Array,  # [T, L*r], from concat_forward
     need: frozenset | set,  # which of "x", "a", "b", "weights" to compute
     expert_idx: jax.Array | None = None,  # [T, k]: d weights only at these adapters
+    adapter_scale: jax.Array | None = None,  # [L]: d weights times this, inside the reduction
 ) -> tuple:  # d x [T, d_in], d a_cat, d b_cat, d weights [T, L] (or [T, k]) float32 (None where not needed)
     """The concat formulation's backward: compute-dtype GEMM operands, float32 accumulation.
 
     With expert_idx, d weights is returned only where the routing put weight, [T, k] (d weights[t, j]
     is that of weights[t, expert_idx[t, j]]); from ROUTING_GRAD_GATHER_MIN_TOKENS up it is computed
-    only there too, from k of the L adapters' r columns."""
+    only there too, from k of the L adapters' r columns. adapter_scale multiplies each adapter's d
+    weights within the same reduction (d expert_weight = scaling * d weights without a launch of its
+    own)."""
     num_tokens, num_adapters = weights.shape
     dx = da = db = d_weights = None
     precision = dot_precision(g.dtype)
@@ -179,7 +186,11 @@ def concat_backward(
                 v = v.reshape(num_tokens, num_adapters, -1)
                 return jnp.take_along_axis(v, expert_idx[:, :, None], axis=1) if gather else v
 
-            d_weights = jnp.sum(per_adapter(dh_masked) * per_adapter(h).astype(jnp.float32), axis=-1)
+            prod = per_adapter(dh_masked) * per_adapter(h).astype(jnp.float32)
+            if adapter_scale is not None:
+                scale = adapter_scale.astype(jnp.float32)
+                prod = prod * (scale[expert_idx] if gather else scale[None, :])[:, :, None]
+            d_weights = jnp.sum(prod, axis=-1)
             if expert_idx is not None and not gather:
                 d_weights = jnp.take_along_axis(d_weights, expert_idx, axis=1)
         dh = _mask(dh_masked, weights).astype(g.dtype)

@@ -325,10 +325,33 @@ def test_concat_routing_gradients(gather_from, monkeypatch):
     assert default_config(case[0], 2, case[3], case[4]).grad_path == "concat"
     with jax.default_matmul_precision("highest"):
         want = jax.grad(loss(grouped_lora_dense), argnums=(0, 1, 2))(x, s, w)
-    got = jax.jit(jax.grad(loss(concat), argnums=(0, 1, 2)))(x, s, w)
-    for name, u, v in zip(("x", "scaling", "expert_weight"), want, got):
+    # with d scaling, and without it (gate training: scaling times <xa, gB> inside the reduction)
+    for argnums in ((0, 1, 2), (0, 2)):
+        got = jax.jit(jax.grad(loss(concat), argnums=argnums))(x, s, w)
+        for name, u, v in zip(("x", "scaling", "expert_weight"), [want[i] for i in argnums], got):
+            err = _rel(v, u)
+            assert err <= TOL[jnp.float32], (f"seed={SEED} gather_from={gather_from} argnums={argnums}: d{name} "
+                                             f"rel err {err:.2e}")
+
+
+@pytest.mark.parametrize("path", ["sorted", "combo"])
+def test_sorted_routing_gradients_without_scaling(path):
+    """Gate training differentiates x and expert_weight only: the sorted and combo backward then take
+    scaling[e] * <xa, gB> in one reduction. Against the float32 reference."""
+    case = (37, 24, 30, 6, 5, 2)
+    x, a, b, s, idx, w, _ = _inputs((_salt(case), 7), *case, jnp.float32)
+    g = jnp.asarray(_rng(_salt(case), 8).standard_normal((case[0], case[2])), jnp.float32)
+
+    def loss(fn):
+        return lambda x, w: jnp.sum(fn(x, a, b, s, idx, w) * g)
+
+    pallas = lambda *v: grouped_lora_pallas(*v, path=path, poison=True, interpret=True, **SMALL)  # noqa: E731
+    with jax.default_matmul_precision("highest"):
+        want = jax.grad(loss(grouped_lora_dense), argnums=(0, 1))(x, w)
+    got = jax.jit(jax.grad(loss(pallas), argnums=(0, 1)))(x, w)
+    for name, u, v in zip(("x", "expert_weight"), want, got):
         err = _rel(v, u)
-        assert err <= TOL[jnp.float32], f"seed={SEED} gather_from={gather_from}: d{name} rel err {err:.2e}"
+        assert err <= TOL[jnp.float32], f"seed={SEED} path={path}: d{name} rel err {err:.2e}"
 
 
 def _dot_precisions(jaxpr):
