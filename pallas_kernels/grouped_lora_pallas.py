@@ -470,9 +470,10 @@ def default_config(num_tokens, top_k, num_adapters, rank, *, path="auto", interp
     block_t_combo = 32 if rank <= COMBO_SMALL_TILE_MAX_RANK else 64
     cfg = dict(path=path, grad_path=grad_path, block_t=block_t, block_k=block_k, block_n=128, block_n_tgmm=64,
                block_k_decode=decode_block_k(num_tokens, top_k, rank),
-               # The backward's shrink over d_out: shorter chunks, for more programs (see DECODE_GRAD_MIN_PROGRAMS).
+               # The backward's shrink over d_out: shorter chunks, for more programs (DECODE_GRAD_MIN_PROGRAMS).
                block_k_decode_grad=min(256, decode_block_k(num_tokens, top_k, rank)),
-               block_n_decode=256, block_n_decode_out=decode_block_n_out(num_tokens, top_k, rank, d_out), block_t_dense=64, block_c_dense=256, block_k_dense=64,
+               block_n_decode=256, block_n_decode_out=decode_block_n_out(num_tokens, top_k, rank, d_out),
+               block_t_dense=64, block_c_dense=256, block_k_dense=64,
                block_t_combo=block_t_combo, block_n_combo=256, plan="pallas",
                interpret=bool(interpret),
                poison=bool(poison), has_base=bool(has_base))
@@ -527,8 +528,7 @@ def grouped_lora_pallas(
         raise ValueError(f"base must be [T, d_out]=[{num_tokens}, {lora_b.shape[2]}], got {base.shape}")
     lora_a = lora_a.astype(x.dtype)
     lora_b = lora_b.astype(x.dtype)
-    cfg = default_config(num_tokens, expert_idx.shape[1], num_adapters, rank, d_out=lora_b.shape[2],
-                         path=path, interpret=interpret,
-                         poison=poison, has_base=base is not None, **blocks)
+    cfg = default_config(num_tokens, expert_idx.shape[1], num_adapters, rank, d_out=lora_b.shape[2], path=path,
+                         interpret=interpret, poison=poison, has_base=base is not None, **blocks)
     base_arg = jnp.zeros((0,), x.dtype) if base is None else base.astype(x.dtype)
     return _grouped_lora(x, lora_a, lora_b, scaling, expert_idx.astype(jnp.int32), expert_weight, base_arg, cfg)

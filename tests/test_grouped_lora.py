@@ -373,12 +373,13 @@ def test_xla_products_take_float32_precision(impl):
     for dtype in (jnp.float32, jnp.bfloat16):
         x, a, b, s, idx, w, _ = _inputs((9,), 40, 24, 30, 7, 3, 2, dtype)
 
-        def loss(x, w, a, b):
+        def loss(x, w, a, b, s, idx):
             out = grouped_lora(x, a, b, s, idx, w, impl=impl) if impl != "pallas" else grouped_lora_pallas(
                 x, a, b, s, idx, w, path="auto", interpret=True)  # the concat grad path at this size
             return jnp.sum(out.astype(jnp.float32))
 
-        precisions = _dot_precisions(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2, 3)))(x, w, a, b).jaxpr)
+        precisions = _dot_precisions(
+            jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2, 3)))(x, w, a, b, s, idx).jaxpr)
         assert precisions, impl
         want = highest if dtype == jnp.float32 else None
         assert all(p == want for p in precisions), (impl, jnp.dtype(dtype).name, precisions)
