@@ -322,6 +322,10 @@ def check(log, paths=None):
         (1, 4096, 4096, 64, 2, jnp.bfloat16, "auto"),
         (16, 4096, 14336, 8, 2, jnp.bfloat16, "auto"),
         (300, 4096, 4096, 16, 2, jnp.bfloat16, "auto"),
+        # float32 through the concat grad path (HIGHEST-precision GEMMs: TF32 gave 3e-4), below and above
+        # ROUTING_GRAD_GATHER_MIN_TOKENS
+        (300, 200, 333, 7, 3, jnp.float32, "auto"),
+        (2048, 100, 333, 5, 2, jnp.float32, "auto"),
         (300, 4096, 4096, 16, 2, jnp.bfloat16, "decode"),
         (1, 4096, 4096, 8, 2, jnp.bfloat16, "decode"),
         (16, 4096, 14336, 64, 2, jnp.bfloat16, "decode"),
