@@ -34,8 +34,9 @@ def _grouped_args(t, d_in, d_out, rank, dtype=jnp.bfloat16):
 
 
 @pytest.mark.parametrize("path", ["decode", "dense", "sorted", "combo"])
-@pytest.mark.parametrize("t, d_in, d_out, rank", [(1, 4096, 4096, 8), (16, 4096, 14336, 64), (256, 4096, 4096, 16),
-                                                  (37, 100, 72, 3)])
+# (16, 4096, 14336, 16): the decode forward expand's 512-column blocks (`decode_block_n_out`)
+@pytest.mark.parametrize("t, d_in, d_out, rank", [(1, 4096, 4096, 8), (16, 4096, 14336, 64), (16, 4096, 14336, 16),
+                                                  (256, 4096, 4096, 16), (37, 100, 72, 3)])
 def test_grouped_lora_forward_lowers(path, t, d_in, d_out, rank):
     args = _grouped_args(t, d_in, d_out, rank)
 
