@@ -130,8 +130,10 @@ def _concat_bwd(res, g, need):
     if db is not None:
         db = db.reshape(num_adapters, rank, width)
     ds = dw = None
-    if raw is not None:  # [T, k]: <xa, gB> per (token, slot) pair (times scaling[e] if scaled)
-        ds, dw = routing_grads(raw, res["idx"], res["w"], scaling, need, scaled=scaled)
+    if raw is not None and scaled:  # [T, k]: scaling[e] <xa, gB>, d expert_weight itself
+        dw = raw.astype(res["w"].dtype)
+    elif raw is not None:  # [T, k]: <xa, gB> per (token, slot) pair
+        ds, dw = routing_grads(raw, res["idx"], res["w"], scaling, need)
     return dx, da, db, ds, dw
 
 

@@ -56,16 +56,12 @@ def dense_routing_weights(
     return dense * scaling.astype(jnp.float32)[None, :]
 
 
-def routing_grads(raw, expert_idx, expert_weight, scaling, need, scaled=False):
+def routing_grads(raw, expert_idx, expert_weight, scaling, need):
     """d scaling [L] and d expert_weight [T, k] (None unless in need) from raw [T, k] float32, each
-    pair's <x @ lora_a[e], g @ lora_b[e]^T> (the gradient of its unscaled routing weight); with
-    scaled, raw already holds scaling[e] times that (d expert_weight itself; then d scaling cannot be
-    asked for)."""
+    pair's <x @ lora_a[e], g @ lora_b[e]^T> (the gradient of its unscaled routing weight)."""
     dw = ds = None
-    if scaled and "s" in need:
-        raise ValueError("d scaling needs the unscaled <xa, gB>")
     if "w" in need:
-        dw = (raw if scaled else raw * scaling.astype(jnp.float32)[expert_idx]).astype(expert_weight.dtype)
+        dw = (raw * scaling.astype(jnp.float32)[expert_idx]).astype(expert_weight.dtype)
     if "s" in need:
         ds = jnp.zeros(scaling.shape, jnp.float32).at[expert_idx].add(
             raw * expert_weight.astype(jnp.float32)).astype(scaling.dtype)
