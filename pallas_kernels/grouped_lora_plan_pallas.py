@@ -92,37 +92,39 @@ def _canonical(idx_ref, tok, valid, position, top_k):
     return expert, slot
 
 
-def _digits(seq_ref, idx_ref, sort, block, *, length, num_tokens, slot, top_k):
-    """The tokens of block `block` of the sequence (seq_ref, or 0..T-1 when it is None), their adapter
+def _digits(seq_ref, idx_ref, sort, block, *, length, num_tokens, slot, top_k, start=0):
+    """The tokens of block `block` of the sequence (seq_ref[start:start + length], or 0..T-1 when seq_ref
+    is None), their adapter
     in canonical slot `slot` (program axis 0 when None) with the expert_idx slot holding it, and
     whether each is a token (not padding). [block]."""
     pos = block * SORT_BLOCK + jnp.arange(SORT_BLOCK, dtype=jnp.int32)
     in_range = pos < length
-    tok = pos if seq_ref is None else masked_load(seq_ref, pos, in_range)
+    tok = pos if seq_ref is None else masked_load(seq_ref, start + pos, in_range)
     valid = in_range & (tok < num_tokens)
     digit, source = _canonical(idx_ref, tok, valid, sort if slot is None else slot, top_k)
     return tok, digit, source, valid
 
 
-def _count_kernel(*refs, length, num_tokens, num_buckets_p, slot, top_k):
+def _count_kernel(*refs, length, num_tokens, num_buckets_p, slot, top_k, start=0):
     seq_ref = refs[0] if slot is not None else None
     idx_ref, hist_ref = refs[-2], refs[-1]
     sort, block = pl.program_id(0), pl.program_id(1)
     _, digit, _, valid = _digits(seq_ref, idx_ref, sort, block, length=length, num_tokens=num_tokens, slot=slot,
-                                 top_k=top_k)
+                                 top_k=top_k, start=start)
     buckets = jnp.arange(num_buckets_p, dtype=jnp.int32)
     every_bucket = buckets >= 0
     masked_store(hist_ref, (sort, block, buckets), jnp.sum(_one_hot(digit, valid, num_buckets_p), axis=0),
                  every_bucket)
 
 
-def _count(seq, expert_idx, *, num_sorts, length, num_buckets, slot, interpret):
-    """Bucket sizes per block: [S, nb, B] int32 (B = num_buckets rounded up to a power of two)."""
+def _count(seq, expert_idx, *, num_sorts, length, num_buckets, slot, interpret, start=0):
+    """Bucket sizes per block of seq[start:start + length] (0..T-1 when seq is None): [S, nb, B] int32
+    (B = num_buckets rounded up to a power of two)."""
     num_tokens, top_k = expert_idx.shape
     num_buckets_p = pow2_at_least(num_buckets)
     num_blocks = cdiv(length, SORT_BLOCK)
     kernel = functools.partial(_count_kernel, length=length, num_tokens=num_tokens,
-                               num_buckets_p=num_buckets_p, slot=slot, top_k=top_k)
+                               num_buckets_p=num_buckets_p, slot=slot, top_k=top_k, start=start)
     args = [expert_idx] if seq is None else [seq, expert_idx]
     return pl.pallas_call(
         kernel,
@@ -220,8 +222,8 @@ def routing_plan_pallas(expert_idx, expert_weight, scaling, num_adapters, block_
 # ------------------------------------------------------------------------------------------------
 
 
-def _place_order_kernel(*refs, length, num_tokens, num_adapters, num_blocks, num_buckets_p, slot, top_k, padded,
-                        final):
+def _place_order_kernel(*refs, length, start, num_tokens, num_adapters, num_blocks, num_buckets_p, slot, top_k,
+                        padded, final):
     """A radix pass: the tokens of seq stably by their adapter in canonical slot `slot`. The final pass
     also writes each (expert_idx slot, row)'s pair row, adapter and coefficient, and the padding rows
     past the last token."""
@@ -233,7 +235,7 @@ def _place_order_kernel(*refs, length, num_tokens, num_adapters, num_blocks, num
     # The block's own loads (and the final pass's gathers) first, in flight while the histograms are
     # summed (see `_place_sorted_kernel`).
     tok, digit, _, valid = _digits(seq_ref, idx_ref, 0, block, length=length, num_tokens=num_tokens, slot=slot,
-                                   top_k=top_k)
+                                   top_k=top_k, start=start)
     gathered = []  # per slot: the pair row, adapter and coefficient of each element's token
     for j in range(top_k if final else 0):
         pair = masked_load(pair_row_ref, (j, tok), valid)
@@ -262,17 +264,18 @@ def _place_order_kernel(*refs, length, num_tokens, num_adapters, num_blocks, num
             masked_store(row_coef_ref, at, fill(0, jnp.float32), pad)
 
 
-def _radix_pass(seq, expert_idx, slot, num_adapters, interpret, final=None):
-    """The tokens of seq [P] (padding entries >= T dropped) reordered stably by their adapter in
+def _radix_pass(seq, expert_idx, slot, num_adapters, interpret, final=None, start=0):
+    """The tokens of seq[start:] (padding entries >= T dropped) reordered stably by their adapter in
     canonical slot `slot`: [T]. final = (plan, coef, padded): the last pass, which returns the combo
-    plan's rows, pair, idx and coef (the rows padded to `padded` with T)."""
+    plan's rows, pair, idx and coef (the rows padded to `padded` with T). The kernels read from `start`
+    themselves: a slice of seq taken here would be a copy launch of its own."""
     num_tokens, top_k = expert_idx.shape
-    length = seq.shape[0]
+    length = seq.shape[0] - start
     hist = _count(seq, expert_idx, num_sorts=1, length=length, num_buckets=num_adapters, slot=slot,
-                  interpret=interpret)
+                  interpret=interpret, start=start)
     padded = num_tokens if final is None else final[2]
     kernel = functools.partial(
-        _place_order_kernel, length=length, num_tokens=num_tokens, num_adapters=num_adapters,
+        _place_order_kernel, length=length, start=start, num_tokens=num_tokens, num_adapters=num_adapters,
         num_blocks=hist.shape[1], num_buckets_p=hist.shape[2], slot=slot, top_k=top_k, padded=padded,
         final=final is not None)
     i32 = jnp.int32
@@ -318,10 +321,12 @@ def combo_plan_pallas(plan, coef, expert_idx, num_adapters, block_t, *, interpre
     num_tokens, top_k = expert_idx.shape
     num_tiles = cdiv(num_tokens, block_t)
     padded = num_tiles * block_t
-    seq = plan.rows[(top_k - 1) * (plan.rows.shape[0] // top_k):]
+    # The first pass reads the sorted plan's last block: plan.rows from `start` on.
+    seq, start = plan.rows, (top_k - 1) * (plan.rows.shape[0] // top_k)
     for slot in range(max(top_k - 2, 0), 0, -1):
-        seq = _radix_pass(seq, expert_idx, slot, num_adapters, interpret)
-    rows, pair, idx, row_coef = _radix_pass(seq, expert_idx, 0, num_adapters, interpret, final=(plan, coef, padded))
+        seq, start = _radix_pass(seq, expert_idx, slot, num_adapters, interpret, start=start), 0
+    rows, pair, idx, row_coef = _radix_pass(seq, expert_idx, 0, num_adapters, interpret, final=(plan, coef, padded),
+                                            start=start)
     kernel = functools.partial(_combo_tiles_kernel, top_k=top_k, block_t=block_t, padded=padded,
                                num_adapters=num_adapters)
     adapters, count = pl.pallas_call(
