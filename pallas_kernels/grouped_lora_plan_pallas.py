@@ -94,9 +94,8 @@ def _canonical(idx_ref, tok, valid, position, top_k):
 
 def _digits(seq_ref, idx_ref, sort, block, *, length, num_tokens, slot, top_k, start=0):
     """The tokens of block `block` of the sequence (seq_ref[start:start + length], or 0..T-1 when seq_ref
-    is None), their adapter
-    in canonical slot `slot` (program axis 0 when None) with the expert_idx slot holding it, and
-    whether each is a token (not padding). [block]."""
+    is None), their adapter in canonical slot `slot` (program axis 0 when None) with the expert_idx
+    slot holding it, and whether each is a token (not padding). [block]."""
     pos = block * SORT_BLOCK + jnp.arange(SORT_BLOCK, dtype=jnp.int32)
     in_range = pos < length
     tok = pos if seq_ref is None else masked_load(seq_ref, start + pos, in_range)
