@@ -51,7 +51,9 @@ Backward of the sorted path (custom VJP, through the sorted plan): with g = d ou
     gB   = g[rows] @ lora_b[e]^T                (`shrink` with the weight read transposed)
     dx   = sum_j (w s gB) @ lora_a[e]^T           (`expand` with the weight read transposed;
                                                    the combo path: `combo_expand`)
-    dw   = s * <xa, gB>,  dscaling = sum w <xa, gB>   (XLA, on [T*k, R])
+    dw   = s * <xa, gB>,  dscaling = sum w <xa, gB>   (XLA, on [T*k, R]; the combo path: <xa, gB>, times s
+                                                   in gate training, from its dx expand's first column
+                                                   block, and at most one small XLA op)
     dA[e] = x[rows]^T (w s gB),  dB[e] = (w s xa)^T g[rows]   (`tgmm`, per adapter and block)
 Backward of the decode path (`decode_backward`): the same gB and dx per (token, slot) pair, with
 the decode kernels reading the weight transposed; the dx kernel also returns <xa, gB> per pair, so
@@ -161,6 +163,7 @@ class Config:
     block_k_dense: int
     block_t_combo: int
     block_n_combo: int
+    combo_dx_dots: bool  # the combo dx expand also returns the pairs' <xa, gB> (d expert_weight)
     plan: str  # "pallas" (`grouped_lora_plan_pallas`) or "xla" (its references in `grouped_lora_plan`)
     interpret: bool
     poison: bool
@@ -283,20 +286,33 @@ def _bwd(cfg, res, g):
     if need & {"x", "a", "s", "w"}:
         gb = shrink(plan, g, lora_b, rank=rank, transpose_w=True, block_t=cfg.block_t, block_k=cfg.block_k,
                     interpret=cfg.interpret)  # [rows, R] f32: g[rows] @ B[e]^T
+        raw = None  # [T, k]: <xa, gB> of each (token, slot) pair, times scaling[e] if scaled
+        scaled = "s" not in need  # gate training: d expert_weight is all it asks of raw
         if "x" in need:
             a_padded = res["a_padded"]
-            dx = _expand_any(plan, res["cplan"], coef, gb, a_padded, num_tokens=num_tokens, width=depth,
-                             rank=a_padded.shape[2], transpose_w=True, out_dtype=dtype, cfg=cfg)
+            if res["cplan"] is not None and cfg.combo_dx_dots and need & {"s", "w"}:
+                # The dx expand's first column block takes raw from the rows it loads anyway.
+                dx, raw = combo_expand(res["cplan"], gb, a_padded, num_tokens=num_tokens, width=depth,
+                                       rank=a_padded.shape[2], transpose_w=True, out_dtype=dtype,
+                                       block_t=cfg.block_t_combo, block_n=cfg.block_n_combo,
+                                       interpret=cfg.interpret, poison=cfg.poison, dots_with=xa,
+                                       scaling=scaling if scaled else None)
+            else:
+                dx = _expand_any(plan, res["cplan"], coef, gb, a_padded, num_tokens=num_tokens, width=depth,
+                                 rank=a_padded.shape[2], transpose_w=True, out_dtype=dtype, cfg=cfg)
         if "a" in need:
             da = tgmm(plan, res["x"], gb * coef[:, None], num_adapters=num_adapters, rank=rank,
                       out_dtype=dtype, block_t=cfg.block_t, block_n=cfg.block_n_tgmm,
                       interpret=cfg.interpret, poison=cfg.poison)
-        if need & {"s", "w"}:
-            # <xa, gB> of each (token, slot) pair, gathered by its row (the scatter from the padded
-            # rows that this replaces took 5-9 us on an H200 at T >= 4096). Taking scaling[e] inside
-            # this reduction, as the concat path does, was 0.5-1.5 us slower at T 4096-16384 on the combo
+        if need & {"s", "w"} and raw is None:
+            # The sorted path (or no dx): <xa, gB> of each (token, slot) pair, gathered by its row (the
+            # scatter from the padded rows that this replaces took 5-9 us on an H200 at T >= 4096).
+            # Taking scaling[e] inside this reduction was 0.5-1.5 us slower at T 4096-16384 on the combo
             # path (and 1.2 faster at T 256 on the sorted one; H200, session 21).
-            raw = jnp.sum(xa[plan.pair_row] * gb[plan.pair_row], axis=-1).T  # [T, k]
+            raw, scaled = jnp.sum(xa[plan.pair_row] * gb[plan.pair_row], axis=-1).T, False
+        if raw is not None and scaled:
+            dw = raw.astype(expert_weight.dtype)
+        elif raw is not None:
             ds, dw = routing_grads(raw, expert_idx, expert_weight, scaling, need)
     if "b" in need:
         dbt = tgmm(plan, g, xa * coef[:, None], num_adapters=num_adapters, rank=rank, out_dtype=dtype,
@@ -476,7 +492,7 @@ def default_config(num_tokens, top_k, num_adapters, rank, *, path="auto", interp
                block_k_decode_grad=min(256, decode_block_k(num_tokens, top_k, rank)),
                block_n_decode=256, block_n_decode_out=decode_block_n_out(num_tokens, top_k, rank, d_out),
                block_t_dense=64, block_c_dense=256, block_k_dense=64,
-               block_t_combo=block_t_combo, block_n_combo=256, plan="pallas",
+               block_t_combo=block_t_combo, block_n_combo=256, combo_dx_dots=True, plan="pallas",
                interpret=bool(interpret),
                poison=bool(poison), has_base=bool(has_base))
     unknown = set(blocks) - set(cfg)
