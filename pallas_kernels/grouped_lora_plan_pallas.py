@@ -31,7 +31,14 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.grouped_lora_plan import ComboPlan, Plan, tiles_per_slot
-from pallas_kernels.pallas_common import cdiv, compiler_params, masked_load, masked_store, pow2_at_least
+from pallas_kernels.pallas_common import (
+    OUT_OF_RANGE,
+    cdiv,
+    compiler_params,
+    masked_load,
+    masked_store,
+    pow2_at_least,
+)
 
 # Elements per program of the count and place launches, and blocks' histograms read per step by a
 # place program (session 15, H200, T = 16384, d_out 4096, r = 16, combo f+b / LoRA f+b: 1.50-1.52 at
@@ -40,7 +47,6 @@ from pallas_kernels.pallas_common import cdiv, compiler_params, masked_load, mas
 SORT_BLOCK = 128
 HIST_CHUNK = 128
 FILL_TILES = 16  # tiles per padding-fill program of the sorted plan
-_OUT_OF_RANGE = 1 << 30
 
 
 def _one_hot(digit, valid, num_buckets_p):
@@ -55,7 +61,7 @@ def _one_hot_rank(digit, valid, num_buckets_p):
     interpret mode would wrap -1)."""
     one_hot = _one_hot(digit, valid, num_buckets_p)
     running = jnp.cumsum(one_hot, axis=0)
-    return one_hot, jnp.where(valid, jnp.sum(running * one_hot, axis=1) - 1, _OUT_OF_RANGE)
+    return one_hot, jnp.where(valid, jnp.sum(running * one_hot, axis=1) - 1, OUT_OF_RANGE)
 
 
 def _bucket_totals(hist_ref, sort, block, num_blocks, num_buckets_p):
@@ -307,7 +313,7 @@ def _combo_tiles_kernel(idx_ref, adapters_ref, count_ref, *, top_k, block_t, pad
     present = (uses > 0) & real
     place = jnp.cumsum(present.astype(jnp.int32)) - 1
     count = jnp.sum(present.astype(jnp.int32))
-    masked_store(adapters_ref, i * num_adapters + jnp.where(present, place, _OUT_OF_RANGE), adapters, present)
+    masked_store(adapters_ref, i * num_adapters + jnp.where(present, place, OUT_OF_RANGE), adapters, present)
     masked_store(adapters_ref, i * num_adapters + adapters, jnp.full(adapters.shape, num_adapters, jnp.int32),
                  real & (adapters >= count))
     masked_store(count_ref, i + adapters, jnp.full(adapters.shape, count, jnp.int32), adapters == 0)

@@ -18,6 +18,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.pallas_common import (
+    OUT_OF_RANGE,
     cdiv,
     compiler_params,
     depth_splits,
@@ -297,8 +298,8 @@ def _combo_expand_kernel(adapters_ref, count_ref, rows_ref, pair_ref, idx_ref, c
                 dot = jnp.sum(xa * other, axis=1)
                 if dots == "scaled":
                     dot = dot * masked_load(scale_ref, sel, valid)
-                # Padding rows point past the end: interpret mode writes masked-off elements back.
-                masked_store(dots_ref, jnp.where(valid, rows * top_k + j, _OUT_OF_RANGE), dot, valid)
+                # Padding rows point past the end (OUT_OF_RANGE).
+                masked_store(dots_ref, jnp.where(valid, rows * top_k + j, OUT_OF_RANGE), dot, valid)
     wmask = (rk < rank)[:, None] & in_n[None, :]
     # The tile's adapter ids as one vector, loaded with the prologue's other loads, so that no global
     # load sits between loop steps (the weight tile's address depends only on registers).
@@ -323,9 +324,6 @@ def _combo_expand_kernel(adapters_ref, count_ref, rows_ref, pair_ref, idx_ref, c
     if has_base:
         acc = acc + masked_load(rest[0], idx, mask).astype(jnp.float32)
     masked_store(out_ref, idx, acc.astype(out_ref.dtype), mask)
-
-
-_OUT_OF_RANGE = 1 << 30
 
 
 def combo_expand(cplan, xa, w, *, num_tokens, width, rank, transpose_w, out_dtype, block_t, block_n,

@@ -43,6 +43,11 @@ def dot_precision(dtype):
     return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
 
 
+# An index past any buffer, for the elements a masked store leaves out: interpret mode writes masked-off
+# elements back (old value, same index), which can undo another element's store to that index.
+OUT_OF_RANGE = 1 << 30
+
+
 def masked_load(ref, idx, mask):
     return plgpu.load(ref.at[idx], mask=mask, other=0)
 
