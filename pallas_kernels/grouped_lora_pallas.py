@@ -533,7 +533,9 @@ def grouped_lora_pallas(
     block_n_decode_out, block_t_dense, block_c_dense, block_k_dense, block_t_combo, block_n_combo; and
     plan="xla", which builds the sorted and combo paths' routing plans with their plain-XLA references
     instead of the Pallas plan kernels (the same arrays; the CPU tests use it where the plan kernels are
-    not what they test, since those kernels are slow to compile in interpret mode).
+    not what they test, since those kernels are slow to compile in interpret mode); and
+    combo_dx_dots=False, which leaves the combo backward's <xa, gB> to XLA ops instead of its dx expand
+    (for A/Bs).
     """
     num_tokens = x.shape[0]
     num_adapters, _, rank = lora_a.shape
