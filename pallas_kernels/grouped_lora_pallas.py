@@ -286,17 +286,16 @@ def _bwd(cfg, res, g):
     if need & {"x", "a", "s", "w"}:
         gb = shrink(plan, g, lora_b, rank=rank, transpose_w=True, block_t=cfg.block_t, block_k=cfg.block_k,
                     interpret=cfg.interpret)  # [rows, R] f32: g[rows] @ B[e]^T
-        raw = None  # [T, k]: <xa, gB> of each (token, slot) pair, times scaling[e] if scaled
-        scaled = "s" not in need  # gate training: d expert_weight is all it asks of raw
+        dots = None  # [T, k] from the combo dx expand: <xa, gB> per pair, times scaling[e] without d scaling
         if "x" in need:
             a_padded = res["a_padded"]
             if res["cplan"] is not None and cfg.combo_dx_dots and need & {"s", "w"}:
-                # The dx expand's first column block takes raw from the rows it loads anyway.
-                dx, raw = combo_expand(res["cplan"], gb, a_padded, num_tokens=num_tokens, width=depth,
-                                       rank=a_padded.shape[2], transpose_w=True, out_dtype=dtype,
-                                       block_t=cfg.block_t_combo, block_n=cfg.block_n_combo,
-                                       interpret=cfg.interpret, poison=cfg.poison, dots_with=xa,
-                                       scaling=scaling if scaled else None)
+                # The dx expand's first column block takes the dots from the rows it loads anyway.
+                dx, dots = combo_expand(res["cplan"], gb, a_padded, num_tokens=num_tokens, width=depth,
+                                        rank=a_padded.shape[2], transpose_w=True, out_dtype=dtype,
+                                        block_t=cfg.block_t_combo, block_n=cfg.block_n_combo,
+                                        interpret=cfg.interpret, poison=cfg.poison, dots_with=xa,
+                                        scaling=None if "s" in need else scaling)
             else:
                 dx = _expand_any(plan, res["cplan"], coef, gb, a_padded, num_tokens=num_tokens, width=depth,
                                  rank=a_padded.shape[2], transpose_w=True, out_dtype=dtype, cfg=cfg)
@@ -304,15 +303,14 @@ def _bwd(cfg, res, g):
             da = tgmm(plan, res["x"], gb * coef[:, None], num_adapters=num_adapters, rank=rank,
                       out_dtype=dtype, block_t=cfg.block_t, block_n=cfg.block_n_tgmm,
                       interpret=cfg.interpret, poison=cfg.poison)
-        if need & {"s", "w"} and raw is None:
-            # The sorted path (or no dx): <xa, gB> of each (token, slot) pair, gathered by its row (the
-            # scatter from the padded rows that this replaces took 5-9 us on an H200 at T >= 4096).
-            # Taking scaling[e] inside this reduction was 0.5-1.5 us slower at T 4096-16384 on the combo
-            # path (and 1.2 faster at T 256 on the sorted one; H200, session 21).
-            raw, scaled = jnp.sum(xa[plan.pair_row] * gb[plan.pair_row], axis=-1).T, False
-        if raw is not None and scaled:
-            dw = raw.astype(expert_weight.dtype)
-        elif raw is not None:
+        if need & {"s", "w"} and dots is not None and "s" not in need:
+            dw = dots.astype(expert_weight.dtype)  # gate training: the scaled dots are d expert_weight
+        elif need & {"s", "w"}:
+            # Otherwise (the sorted path, or no dx) <xa, gB> of each (token, slot) pair, gathered by its
+            # row (the scatter from the padded rows that this replaces took 5-9 us on an H200 at
+            # T >= 4096). Taking scaling[e] inside this reduction was 0.5-1.5 us slower at T 4096-16384
+            # on the combo path (and 1.2 faster at T 256 on the sorted one; H200, session 21).
+            raw = dots if dots is not None else jnp.sum(xa[plan.pair_row] * gb[plan.pair_row], axis=-1).T
             ds, dw = routing_grads(raw, expert_idx, expert_weight, scaling, need)
     if "b" in need:
         dbt = tgmm(plan, g, xa * coef[:, None], num_adapters=num_adapters, rank=rank, out_dtype=dtype,
