@@ -51,9 +51,9 @@ Backward of the sorted path (custom VJP, through the sorted plan): with g = d ou
     gB   = g[rows] @ lora_b[e]^T                (`shrink` with the weight read transposed)
     dx   = sum_j (w s gB) @ lora_a[e]^T           (`expand` with the weight read transposed;
                                                    the combo path: `combo_expand`)
-    dw   = s * <xa, gB>,  dscaling = sum w <xa, gB>   (XLA, on [T*k, R]; the combo path: <xa, gB>, times s
-                                                   in gate training, from its dx expand's first column
-                                                   block, and at most one small XLA op)
+    dw   = s * <xa, gB>,  dscaling = sum w <xa, gB>   (<xa, gB>, times s in gate training, from the dx
+                                                   expand's first column block, then at most one small
+                                                   XLA op; without dx, XLA on [T*k, R])
     dA[e] = x[rows]^T (w s gB),  dB[e] = (w s xa)^T g[rows]   (`tgmm`, per adapter and block)
 Backward of the decode path (`decode_backward`): the same gB and dx per (token, slot) pair, with
 the decode kernels reading the weight transposed; the dx kernel also returns <xa, gB> per pair, so
@@ -163,7 +163,7 @@ class Config:
     block_k_dense: int
     block_t_combo: int
     block_n_combo: int
-    combo_dx_dots: bool  # the combo dx expand also returns the pairs' <xa, gB> (d expert_weight)
+    dx_dots: bool  # the sorted / combo dx expand also returns the pairs' <xa, gB> (d expert_weight)
     plan: str  # "pallas" (`grouped_lora_plan_pallas`) or "xla" (its references in `grouped_lora_plan`)
     interpret: bool
     poison: bool
@@ -212,11 +212,12 @@ def _sorted_forward(x, lora_a, lora_b, scaling, expert_idx, expert_weight, base,
     return out, plan, coef, xa, cplan, a_padded
 
 
-def _expand_any(plan, cplan, coef, xa, w, *, cfg, **kw):
-    """The sorted expand (a pass per slot) or, with a combo plan, the combo expand (one pass)."""
+def _expand_any(plan, cplan, coef, xa, w, *, cfg, expert_idx=None, **kw):
+    """The sorted expand (a pass per slot) or, with a combo plan, the combo expand (one pass).
+    expert_idx: the sorted expand's, for dots (the combo plan has its own)."""
     if cplan is None:
         return expand(plan, coef, xa, w, block_t=cfg.block_t, block_n=cfg.block_n, interpret=cfg.interpret,
-                      poison=cfg.poison, **kw)
+                      poison=cfg.poison, expert_idx=expert_idx, **kw)
     return combo_expand(cplan, xa, w, block_t=cfg.block_t_combo, block_n=cfg.block_n_combo,
                         interpret=cfg.interpret, poison=cfg.poison, **kw)
 
@@ -286,19 +287,17 @@ def _bwd(cfg, res, g):
     if need & {"x", "a", "s", "w"}:
         gb = shrink(plan, g, lora_b, rank=rank, transpose_w=True, block_t=cfg.block_t, block_k=cfg.block_k,
                     interpret=cfg.interpret)  # [rows, R] f32: g[rows] @ B[e]^T
-        dots = None  # [T, k] from the combo dx expand: <xa, gB> per pair, times scaling[e] without d scaling
+        dots = None  # [T, k] from the dx expand: <xa, gB> per pair, times scaling[e] without d scaling
         if "x" in need:
             a_padded = res["a_padded"]
-            if res["cplan"] is not None and cfg.combo_dx_dots and need & {"s", "w"}:
+            kw = dict(num_tokens=num_tokens, width=depth, rank=a_padded.shape[2], transpose_w=True, out_dtype=dtype,
+                      cfg=cfg)
+            if cfg.dx_dots and need & {"s", "w"}:
                 # The dx expand's first column block takes the dots from the rows it loads anyway.
-                dx, dots = combo_expand(res["cplan"], gb, a_padded, num_tokens=num_tokens, width=depth,
-                                        rank=a_padded.shape[2], transpose_w=True, out_dtype=dtype,
-                                        block_t=cfg.block_t_combo, block_n=cfg.block_n_combo,
-                                        interpret=cfg.interpret, poison=cfg.poison, dots_with=xa,
-                                        scaling=None if "s" in need else scaling)
+                dx, dots = _expand_any(plan, res["cplan"], coef, gb, a_padded, dots_with=xa, expert_idx=expert_idx,
+                                       scaling=None if "s" in need else scaling, **kw)
             else:
-                dx = _expand_any(plan, res["cplan"], coef, gb, a_padded, num_tokens=num_tokens, width=depth,
-                                 rank=a_padded.shape[2], transpose_w=True, out_dtype=dtype, cfg=cfg)
+                dx = _expand_any(plan, res["cplan"], coef, gb, a_padded, **kw)
         if "a" in need:
             da = tgmm(plan, res["x"], gb * coef[:, None], num_adapters=num_adapters, rank=rank,
                       out_dtype=dtype, block_t=cfg.block_t, block_n=cfg.block_n_tgmm,
@@ -306,10 +305,9 @@ def _bwd(cfg, res, g):
         if need & {"s", "w"} and dots is not None and "s" not in need:
             dw = dots.astype(expert_weight.dtype)  # gate training: the scaled dots are d expert_weight
         elif need & {"s", "w"}:
-            # Otherwise (the sorted path, or no dx) <xa, gB> of each (token, slot) pair, gathered by its
-            # row (the scatter from the padded rows that this replaces took 5-9 us on an H200 at
-            # T >= 4096). Taking scaling[e] inside this reduction was 0.5-1.5 us slower at T 4096-16384
-            # on the combo path (and 1.2 faster at T 256 on the sorted one; H200, session 21).
+            # Otherwise the raw dots, or (no dx, or dx_dots=False) <xa, gB> of each (token, slot) pair
+            # gathered by its row (the scatter from the padded rows that this replaces took 5-9 us on an
+            # H200 at T >= 4096).
             raw = dots if dots is not None else jnp.sum(xa[plan.pair_row] * gb[plan.pair_row], axis=-1).T
             ds, dw = routing_grads(raw, expert_idx, expert_weight, scaling, need)
     if "b" in need:
@@ -490,7 +488,7 @@ def default_config(num_tokens, top_k, num_adapters, rank, *, path="auto", interp
                block_k_decode_grad=min(256, decode_block_k(num_tokens, top_k, rank)),
                block_n_decode=256, block_n_decode_out=decode_block_n_out(num_tokens, top_k, rank, d_out),
                block_t_dense=64, block_c_dense=256, block_k_dense=64,
-               block_t_combo=block_t_combo, block_n_combo=256, combo_dx_dots=True, plan="pallas",
+               block_t_combo=block_t_combo, block_n_combo=256, dx_dots=True, plan="pallas",
                interpret=bool(interpret),
                poison=bool(poison), has_base=bool(has_base))
     unknown = set(blocks) - set(cfg)
@@ -532,8 +530,8 @@ def grouped_lora_pallas(
     plan="xla", which builds the sorted and combo paths' routing plans with their plain-XLA references
     instead of the Pallas plan kernels (the same arrays; the CPU tests use it where the plan kernels are
     not what they test, since those kernels are slow to compile in interpret mode); and
-    combo_dx_dots=False, which leaves the combo backward's <xa, gB> to XLA ops instead of its dx expand
-    (for A/Bs).
+    dx_dots=False, which leaves the sorted and combo backward's <xa, gB> to XLA ops instead of its dx
+    expand (for A/Bs).
     """
     num_tokens = x.shape[0]
     num_adapters, _, rank = lora_a.shape

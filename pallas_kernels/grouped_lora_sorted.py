@@ -40,7 +40,10 @@ from pallas_kernels.pallas_common import (
 # one from 177.8 to 186.5 (its two shrinks took 31.5 + 29.3 against 28.9 + 28.6, and the sum 5.5).
 # Tried and dropped (session 20): the expands adding the parts as they load them, with no sum launch.
 # Every expand program then loads S tiles of parts: f+b at T 256, r 64, d_out 4096 54.1 -> 61.1 us,
-# T 1024 78.4 -> 102.4; with 2 parts at T 4096 only 1-2% faster.
+# T 1024 78.4 -> 102.4; with 2 parts at T 4096 only 1-2% faster. And (session 23) from one wave of tiles
+# up, a tile's rows split over two programs instead of its depth, so no sum: at T 4096, r 16 the shrinks
+# took 23.7 / 19.3 us against 17.9 + 1.8 / 13.6 + 1.9 (d_out 4096) and 23.3 / 66.8 against 17.9 + 1.8 /
+# 49.4 + 1.7 (14336); f+b 1.585 -> 1.766 of LoRA's at d_out 14336.
 SHRINK_MIN_PROGRAMS = 264  # two per SM of an H100 / H200
 SHRINK_ONE_WAVE = 132  # SMs of an H100 / H200
 SHRINK_SPLIT_MAX_RANK = 16  # from one wave of tiles up, split only up to this R
@@ -126,11 +129,17 @@ def shrink(plan, x, w, *, rank, transpose_w, block_t, block_k, interpret, num_wa
     return parts if splits == 1 else jnp.sum(parts.reshape(splits, num_rows, rank_p), axis=0)
 
 
-def _expand_kernel(tile_expert_ref, rows_ref, coef_ref, xa_ref, w_ref, *rest, slot, tiles_slot,
+def _expand_kernel(tile_expert_ref, rows_ref, coef_ref, xa_ref, w_ref, *rest, slot, tiles_slot, top_k,
                    block_t, block_n, num_tokens, num_adapters, width, rank, rank_p, transpose_w,
-                   accumulate, precision):
-    out_ref = rest[-1]
-    prev_ref = rest[0] if accumulate else None
+                   accumulate, dots, precision):
+    # rest: [expert_idx, the other rows, the scalings] (dots), [the buffer out starts as], [the one dots
+    # start as], then out [and dots]. The buffers are aliased to the outputs; only a previous sum is read.
+    outs = rest[-2:] if dots else rest[-1:]
+    ins = rest[:len(rest) - len(outs)]
+    if dots:
+        idx_ref, other_ref, scale_ref, *ins = ins
+    prev_ref = ins[0] if accumulate else None
+    out_ref, dots_ref = outs[0], outs[-1]
     tile = slot * tiles_slot + pl.program_id(0)
     n = pl.program_id(1)  # program ids are read outside pl.when (interpret mode needs that)
     e = tile_expert_ref[tile]
@@ -140,7 +149,21 @@ def _expand_kernel(tile_expert_ref, rows_ref, coef_ref, xa_ref, w_ref, *rest, sl
         rows = rows_ref[pl.ds(tile * block_t, block_t)]
         valid = rows < num_tokens
         coef = coef_ref[pl.ds(tile * block_t, block_t)]
-        xa = (xa_ref[pl.ds(tile * block_t, block_t), :] * coef[:, None]).astype(w_ref.dtype)
+        raw = xa_ref[pl.ds(tile * block_t, block_t), :]
+        xa = (raw * coef[:, None]).astype(w_ref.dtype)
+        if dots is not None:
+            @pl.when(n == 0)
+            def _pair_dots():  # <xa, other> of the tile's pairs, times scaling[e] if asked, into [T, k]
+                dot = jnp.sum(raw * other_ref[pl.ds(tile * block_t, block_t), :], axis=1)
+                if dots == "scaled":
+                    dot = dot * scale_ref[e]
+                # The plan's blocks hold each token's adapters in ascending order, not expert_idx's slot
+                # order: a row goes to every slot j that chose e (an adapter in two slots gets the same
+                # value in both). Rows not stored point past the end (OUT_OF_RANGE).
+                for j in range(top_k):
+                    at = rows * top_k + j
+                    mine = valid & (masked_load(idx_ref, (at,), valid) == e)
+                    masked_store(dots_ref, jnp.where(mine, at, OUT_OF_RANGE), dot, mine)
         rk = jnp.arange(rank_p, dtype=jnp.int32)
         cols = n * block_n + jnp.arange(block_n, dtype=jnp.int32)
         in_n = cols < width
@@ -158,38 +181,55 @@ def _expand_kernel(tile_expert_ref, rows_ref, coef_ref, xa_ref, w_ref, *rest, sl
 
 
 def expand(plan, coef, xa, w, *, num_tokens, width, rank, transpose_w, out_dtype, block_t, block_n,
-           interpret, base=None, poison=False, num_warps=4, num_stages=2):
-    """[base +] sum over slots of (xa * coef) @ w[e] scattered to rows -> [T, width]; a launch per slot."""
+           interpret, base=None, poison=False, dots_with=None, expert_idx=None, scaling=None, num_warps=4,
+           num_stages=2):
+    """[base +] sum over slots of (xa * coef) @ w[e] scattered to rows -> [T, width]; a launch per slot.
+
+    dots_with [rows, R] float32 (and expert_idx [T, k]): also return each (token, slot) pair's
+    <xa, dots_with> [T, k] float32 (with scaling [L], times scaling[e]), from each slot launch's first
+    column block, as `combo_expand` does. In the backward this replaced XLA's gather + reduction and
+    multiply (H200, session 23, r 64: f+b 52.6 -> 49.2 us at T 256, d_out 4096; 91.0 -> 87.1 at d_out
+    14336; 111.6 -> 108.5 at T 2048)."""
     num_adapters = w.shape[0]
     rank_p = xa.shape[1]
     top_k = plan.tile_start.shape[0]
     tiles_slot = plan.tile_expert.shape[0] // top_k
+    dots = None if dots_with is None else ("raw" if scaling is None else "scaled")
     out = base
     if poison and base is None:
         out = jnp.full((num_tokens, width), jnp.nan, out_dtype)
+    pair_dots = jnp.full((num_tokens * top_k,), jnp.nan, jnp.float32) if poison and dots else None
     for slot in range(top_k):
         accumulate = slot > 0 or base is not None
         kernel = functools.partial(
-            _expand_kernel, slot=slot, tiles_slot=tiles_slot, block_t=block_t, block_n=block_n,
+            _expand_kernel, slot=slot, tiles_slot=tiles_slot, top_k=top_k, block_t=block_t, block_n=block_n,
             num_tokens=num_tokens, num_adapters=num_adapters, width=width, rank=rank, rank_p=rank_p,
-            transpose_w=transpose_w, accumulate=accumulate, precision=dot_precision(w.dtype))
+            transpose_w=transpose_w, accumulate=accumulate, dots=dots, precision=dot_precision(w.dtype))
         args = [plan.tile_expert, plan.rows, coef, xa, w]
+        if dots:
+            args += [expert_idx.reshape(-1), dots_with,
+                     jnp.ones((1,), jnp.float32) if scaling is None else scaling.astype(jnp.float32)]
+        out_shape = jax.ShapeDtypeStruct((num_tokens, width), out_dtype)
         aliases = {}
         if out is not None:  # previous slot's sum (read when accumulating), or the poisoned buffer
             args.append(out)
-            aliases = {len(args) - 1: 0}
-            if not accumulate:
-                kernel = without_aliased_input(kernel)
-        out = pl.pallas_call(
+            aliases[len(args) - 1] = 0
+        if dots:
+            out_shape = (out_shape, jax.ShapeDtypeStruct((num_tokens * top_k,), jnp.float32))
+            if pair_dots is not None:  # earlier slots' columns (or the poisoned buffer), kept in place
+                args.append(pair_dots)
+                aliases[len(args) - 1] = 1
+        result = pl.pallas_call(
             kernel,
-            out_shape=jax.ShapeDtypeStruct((num_tokens, width), out_dtype),
+            out_shape=out_shape,
             grid=(tiles_slot, cdiv(width, block_n)),
             input_output_aliases=aliases,
             interpret=interpret,
             compiler_params=compiler_params(num_warps, num_stages),
             name="grouped_lora_expand",
         )(*args)
-    return out
+        out, pair_dots = result if dots else (result, None)
+    return (out, pair_dots.reshape(num_tokens, top_k)) if dots else out
 
 
 def _tgmm_kernel(tile_start_ref, num_tiles_ref, rows_ref, mat_ref, cmp_ref, out_ref, *, top_k, block_t,

@@ -337,8 +337,8 @@ def test_concat_routing_gradients(gather_from, monkeypatch):
 @pytest.mark.parametrize("path", ["sorted", "combo"])
 def test_sorted_routing_gradients_without_scaling(path):
     """Gate training differentiates x and expert_weight only (no d scaling): the sorted and combo
-    backward's routing gradient then, against the float32 reference. The combo path's comes from its
-    dx expand, the scaling multiplied in there."""
+    backward's routing gradient then, against the float32 reference. Both take it from their dx
+    expand, the scaling multiplied in there."""
     case = (37, 24, 30, 6, 5, 2)
     x, a, b, s, idx, w, _ = _inputs((_salt(case), 7), *case, jnp.float32)
     g = jnp.asarray(_rng(_salt(case), 8).standard_normal((case[0], case[2])), jnp.float32)
