@@ -58,7 +58,7 @@ def shrink_splits(num_tiles, depth, block_k, rank_p):
     return cdiv(chunks, cdiv(chunks, depth_splits(chunks, num_tiles, SHRINK_MIN_PROGRAMS)))  # no empty part
 
 
-# Tried and dropped three times (H200, docs/benchmarks.md, sessions 13, 20 and 22): a shrink over the
+# Tried and dropped four times (H200, docs/benchmarks.md, sessions 13, 20, 22 and 23): a shrink over the
 # combo plan's token tiles that reads each token's row once for all its k slots. This shrink is not
 # bound by reading x twice: at T 16384, d 4096, r 16 it covers both slots in 51 us, 256 MiB of rows at
 # 5.3 TB/s (part of the second read comes from L2). Session 13, one program per (tile, group of 4 of
@@ -69,7 +69,9 @@ def shrink_splits(num_tiles, depth, block_k, rank_p):
 # r 16; x @ A / g @ B^T at d_out 14336 in us, against the sorted shrink's 18.2 / 47.6). The group as
 # one [64, chunk] x [chunk, 128] product, its weight columns gathered by a per-column adapter index:
 # 245 / 277 (at r 64 the f+b took 4.6 ms). Four scalar-indexed [chunk, 16] tiles and four products:
-# 34.7 / 90.9; eight: 38.9 / 104.3.
+# 34.7 / 90.9; eight: 38.9 / 104.3. Session 23: the group's scalar-indexed tiles put side by side in
+# registers (pairs joined on a new minor axis, `jnp.stack`, and reshaped; the one join Triton has), one
+# product per step: 4 tiles 74.4 / 216.1, 8 tiles 219.9 / 374.7.
 
 
 def _shrink_kernel(tile_expert_ref, rows_ref, x_ref, w_ref, out_ref, *, block_t, block_k, chunks, num_rows,
