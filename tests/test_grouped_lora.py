@@ -335,24 +335,27 @@ def test_concat_routing_gradients(gather_from, monkeypatch):
 
 
 @pytest.mark.parametrize("path", ["sorted", "combo"])
-def test_sorted_routing_gradients_without_scaling(path):
-    """Gate training differentiates x and expert_weight only (no d scaling): the sorted and combo
-    backward's routing gradient then, against the float32 reference. Both take it from their dx
-    expand, the scaling multiplied in there."""
-    case = (37, 24, 30, 6, 5, 2)
+def test_sorted_routing_gradients_from_dx_expand(path):
+    """The sorted and combo backward take <xa, gB> per (token, slot) pair from their dx expand: raw with
+    d scaling, times scaling[e] in gate training (x and expert_weight only). Both against the float32
+    reference, with k = 3 (the sorted plan's blocks hold a token's adapters in ascending order, not in
+    expert_idx's slot order) and one token whose first and last slots hold the same adapter."""
+    case = (37, 24, 30, 6, 5, 3)
     x, a, b, s, idx, w, _ = _inputs((_salt(case), 7), *case, jnp.float32)
+    idx = idx.at[0, 2].set(idx[0, 0])
     g = jnp.asarray(_rng(_salt(case), 8).standard_normal((case[0], case[2])), jnp.float32)
 
     def loss(fn):
-        return lambda x, w: jnp.sum(fn(x, a, b, s, idx, w) * g)
+        return lambda x, s, w: jnp.sum(fn(x, a, b, s, idx, w) * g)
 
     pallas = lambda *v: grouped_lora_pallas(*v, path=path, poison=True, interpret=True, **SMALL)  # noqa: E731
     with jax.default_matmul_precision("highest"):
-        want = jax.grad(loss(grouped_lora_dense), argnums=(0, 1))(x, w)
-    got = jax.jit(jax.grad(loss(pallas), argnums=(0, 1)))(x, w)
-    for name, u, v in zip(("x", "expert_weight"), want, got):
-        err = _rel(v, u)
-        assert err <= TOL[jnp.float32], f"seed={SEED} path={path}: d{name} rel err {err:.2e}"
+        want = jax.grad(loss(grouped_lora_dense), argnums=(0, 1, 2))(x, s, w)
+    for argnums in ((0, 2), (0, 1, 2)):
+        got = jax.jit(jax.grad(loss(pallas), argnums=argnums))(x, s, w)
+        for name, u, v in zip(("x", "scaling", "expert_weight"), [want[i] for i in argnums], got):
+            err = _rel(v, u)
+            assert err <= TOL[jnp.float32], f"seed={SEED} path={path} argnums={argnums}: d{name} rel err {err:.2e}"
 
 
 def _dot_precisions(jaxpr):
