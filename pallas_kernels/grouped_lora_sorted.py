@@ -131,17 +131,27 @@ def shrink(plan, x, w, *, rank, transpose_w, block_t, block_k, interpret, num_wa
     return parts if splits == 1 else jnp.sum(parts.reshape(splits, num_rows, rank_p), axis=0)
 
 
+def _pair_dots_inputs(dots_with, scaling):
+    """The dots mode of an expand asked for each pair's <xa, dots_with> (None, "raw" or "scaled" by
+    scaling[e]) and the two inputs its kernel takes for them: dots_with and the scalings (a one-element
+    placeholder when raw, never read)."""
+    if dots_with is None:
+        return None, []
+    scale = jnp.ones((1,), jnp.float32) if scaling is None else scaling.astype(jnp.float32)
+    return ("raw" if scaling is None else "scaled"), [dots_with, scale]
+
+
 def _expand_kernel(tile_expert_ref, rows_ref, coef_ref, xa_ref, w_ref, *rest, slot, tiles_slot, top_k,
                    block_t, block_n, num_tokens, num_adapters, width, rank, rank_p, transpose_w,
                    accumulate, dots, precision):
     # rest: [expert_idx, the other rows, the scalings] (dots), [the buffer out starts as], [the one dots
     # start as], then out [and dots]. The buffers are aliased to the outputs; only a previous sum is read.
-    outs = rest[-2:] if dots else rest[-1:]
+    outs = rest[-1:] if dots is None else rest[-2:]
     ins = rest[:len(rest) - len(outs)]
-    if dots:
+    if dots is not None:
         idx_ref, other_ref, scale_ref, *ins = ins
     prev_ref = ins[0] if accumulate else None
-    out_ref, dots_ref = outs[0], outs[-1]
+    out_ref, dots_ref = outs[0], (None if dots is None else outs[1])
     tile = slot * tiles_slot + pl.program_id(0)
     n = pl.program_id(1)  # program ids are read outside pl.when (interpret mode needs that)
     e = tile_expert_ref[tile]
@@ -196,11 +206,11 @@ def expand(plan, coef, xa, w, *, num_tokens, width, rank, transpose_w, out_dtype
     rank_p = xa.shape[1]
     top_k = plan.tile_start.shape[0]
     tiles_slot = plan.tile_expert.shape[0] // top_k
-    dots = None if dots_with is None else ("raw" if scaling is None else "scaled")
+    dots, dots_inputs = _pair_dots_inputs(dots_with, scaling)
     out = base
     if poison and base is None:
         out = jnp.full((num_tokens, width), jnp.nan, out_dtype)
-    pair_dots = jnp.full((num_tokens * top_k,), jnp.nan, jnp.float32) if poison and dots else None
+    pair_dots = jnp.full((num_tokens * top_k,), jnp.nan, jnp.float32) if poison and dots is not None else None
     for slot in range(top_k):
         accumulate = slot > 0 or base is not None
         kernel = functools.partial(
@@ -208,15 +218,14 @@ def expand(plan, coef, xa, w, *, num_tokens, width, rank, transpose_w, out_dtype
             num_tokens=num_tokens, num_adapters=num_adapters, width=width, rank=rank, rank_p=rank_p,
             transpose_w=transpose_w, accumulate=accumulate, dots=dots, precision=dot_precision(w.dtype))
         args = [plan.tile_expert, plan.rows, coef, xa, w]
-        if dots:
-            args += [expert_idx.reshape(-1), dots_with,
-                     jnp.ones((1,), jnp.float32) if scaling is None else scaling.astype(jnp.float32)]
+        if dots is not None:
+            args += [expert_idx.reshape(-1), *dots_inputs]
         out_shape = jax.ShapeDtypeStruct((num_tokens, width), out_dtype)
         aliases = {}
         if out is not None:  # previous slot's sum (read when accumulating), or the poisoned buffer
             args.append(out)
             aliases[len(args) - 1] = 0
-        if dots:
+        if dots is not None:
             out_shape = (out_shape, jax.ShapeDtypeStruct((num_tokens * top_k,), jnp.float32))
             if pair_dots is not None:  # earlier slots' columns (or the poisoned buffer), kept in place
                 args.append(pair_dots)
@@ -230,8 +239,8 @@ def expand(plan, coef, xa, w, *, num_tokens, width, rank, transpose_w, out_dtype
             compiler_params=compiler_params(num_warps, num_stages),
             name="grouped_lora_expand",
         )(*args)
-        out, pair_dots = result if dots else (result, None)
-    return (out, pair_dots.reshape(num_tokens, top_k)) if dots else out
+        out, pair_dots = (result, None) if dots is None else result
+    return out if dots is None else (out, pair_dots.reshape(num_tokens, top_k))
 
 
 def _tgmm_kernel(tile_start_ref, num_tiles_ref, rows_ref, mat_ref, cmp_ref, out_ref, *, top_k, block_t,
@@ -382,7 +391,7 @@ def combo_expand(cplan, xa, w, *, num_tokens, width, rank, transpose_w, out_dtyp
     num_adapters = w.shape[0]
     num_rows = cplan.rows.shape[0]
     top_k = cplan.idx.shape[0] // num_rows
-    dots = None if dots_with is None else ("raw" if scaling is None else "scaled")
+    dots, dots_inputs = _pair_dots_inputs(dots_with, scaling)
     kernel = functools.partial(
         _combo_expand_kernel, top_k=top_k, block_t=block_t, block_n=block_n, num_tokens=num_tokens,
         num_adapters=num_adapters, width=width, rank=rank, rank_p=xa.shape[1], transpose_w=transpose_w,
@@ -397,7 +406,7 @@ def combo_expand(cplan, xa, w, *, num_tokens, width, rank, transpose_w, out_dtyp
         args.append(jnp.full((num_tokens, width), jnp.nan, out_dtype))
         aliases = {len(args) - 1: 0}
     if dots is not None:
-        args += [dots_with, jnp.ones((1,), jnp.float32) if scaling is None else scaling.astype(jnp.float32)]
+        args += dots_inputs
         out_shape = (out_shape, jax.ShapeDtypeStruct((num_tokens * top_k,), jnp.float32))
     out = pl.pallas_call(
         kernel,
