@@ -63,8 +63,11 @@ def routing_grads(raw, expert_idx, expert_weight, scaling, need):
     if "w" in need:
         dw = (raw * scaling.astype(jnp.float32)[expert_idx]).astype(expert_weight.dtype)
     if "s" in need:
-        ds = jnp.zeros(scaling.shape, jnp.float32).at[expert_idx].add(
-            raw * expert_weight.astype(jnp.float32)).astype(scaling.dtype)
+        # A sum over a one-hot, not a scatter-add: XLA's GPU scatter adds with atomics in no fixed order,
+        # so d scaling differed between identical calls (H200, session 24); its reductions do not.
+        adapters = jnp.arange(scaling.shape[0], dtype=expert_idx.dtype)
+        per_pair = (raw * expert_weight.astype(jnp.float32))[:, :, None]
+        ds = jnp.sum(jnp.where(expert_idx[:, :, None] == adapters, per_pair, 0.0), axis=(0, 1)).astype(scaling.dtype)
     return ds, dw
 
 

@@ -334,6 +334,32 @@ def test_concat_routing_gradients(gather_from, monkeypatch):
                                              f"rel err {err:.2e}")
 
 
+def test_routing_grads_match_a_loop_without_a_scatter():
+    """`routing_grads` (every path's d scaling / d expert_weight from the pairs' <xa, gB>) against a
+    float64 loop over the pairs, with a token whose two slots hold the same adapter and adapters with no
+    pair. d scaling is a sum over a one-hot, not a scatter-add: XLA's GPU scatter adds in no fixed order
+    and gave different bits on identical calls (H200, session 24), so the lowered program has none."""
+    from pallas_kernels.grouped_lora_xla import routing_grads
+
+    rng = _rng(7)
+    t, k, num_adapters = 50, 3, 9
+    raw = rng.standard_normal((t, k)).astype(np.float32)
+    idx = np.stack([rng.permutation(num_adapters - 2)[:k] for _ in range(t)]).astype(np.int32)  # 7, 8 unused
+    idx[0, 2] = idx[0, 0]
+    w = rng.uniform(0.1, 1.0, (t, k)).astype(np.float32)
+    s = rng.uniform(0.5, 2.0, num_adapters).astype(np.float32)
+    want_ds, want_dw = np.zeros(num_adapters), np.zeros((t, k))
+    for i in range(t):
+        for j in range(k):
+            want_ds[idx[i, j]] += np.float64(raw[i, j]) * w[i, j]
+            want_dw[i, j] = np.float64(raw[i, j]) * s[idx[i, j]]
+    fn = jax.jit(lambda *v: routing_grads(*v, {"s", "w"}))
+    ds, dw = fn(raw, idx, w, s)
+    assert _rel(ds, want_ds) <= TOL[jnp.float32] and _rel(dw, want_dw) <= TOL[jnp.float32], f"seed={SEED}"
+    assert np.all(np.asarray(ds)[7:] == 0), f"seed={SEED}: d scaling of adapters with no pair"
+    assert "scatter" not in fn.lower(raw, idx, w, s).as_text(), "d scaling through a scatter-add"
+
+
 @pytest.mark.parametrize("path", ["sorted", "combo"])
 def test_sorted_routing_gradients_from_dx_expand(path):
     """The sorted and combo backward take <xa, gB> per (token, slot) pair from their dx expand: raw with
