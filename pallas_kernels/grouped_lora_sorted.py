@@ -43,7 +43,9 @@ from pallas_kernels.pallas_common import (
 # T 1024 78.4 -> 102.4; with 2 parts at T 4096 only 1-2% faster. And (session 23) from one wave of tiles
 # up, a tile's rows split over two programs instead of its depth, so no sum: at T 4096, r 16 the shrinks
 # took 23.7 / 19.3 us against 17.9 + 1.8 / 13.6 + 1.9 (d_out 4096) and 23.3 / 66.8 against 17.9 + 1.8 /
-# 49.4 + 1.7 (14336); f+b 1.585 -> 1.766 of LoRA's at d_out 14336.
+# 49.4 + 1.7 (14336); f+b 1.585 -> 1.766 of LoRA's at d_out 14336. And (session 24) two parts added
+# atomically into one zeroed output (still deterministic with two): XLA's zero fill (1.5-1.9 us) and the
+# atomic stores cost more than the two sums saved (f+b at T 4096, r 16, d_out 14336: 164-166 -> 167 us).
 SHRINK_MIN_PROGRAMS = 264  # two per SM of an H100 / H200
 SHRINK_ONE_WAVE = 132  # SMs of an H100 / H200
 SHRINK_SPLIT_MAX_RANK = 16  # from one wave of tiles up, split only up to this R

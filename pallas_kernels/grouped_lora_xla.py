@@ -137,7 +137,10 @@ def concat_forward(
     (the only residual: [T, L*r] is L/k times the routed product's own h)."""
     # A float32 product, masked before rounding: XLA runs it on cuBLAS (asking for a bf16 output made
     # it a slower Triton GEMM, 55 vs 50 us at T = 16384, d 4096, r 8 on an H200), and the mask
-    # kernel writes both the masked operand and the rounded residual.
+    # kernel writes both the masked operand and the rounded residual. The output product (K = L*r) is
+    # XLA's: jax's Hopper matmul (Mosaic GPU) and a Pallas product keeping its rows of h in registers
+    # were no faster, and einsums over lora_a's stored [L, d_in, r] layout made XLA transpose it twice
+    # (H200, session 24, docs/benchmarks.md).
     precision = dot_precision(x.dtype)
     h = jnp.dot(x, a_cat, preferred_element_type=jnp.float32, precision=precision)
     out = jnp.dot(_mask(h, weights).astype(x.dtype), b_cat, preferred_element_type=jnp.float32, precision=precision)
