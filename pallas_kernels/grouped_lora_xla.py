@@ -50,10 +50,18 @@ def dense_routing_weights(
     A masked sum over the k slots (no scatter), so it is differentiable in `expert_weight` and
     fuses into one elementwise-reduce kernel.
     """
-    num_adapters = scaling.shape[0]
+    return _slots_by_adapter(expert_idx, expert_weight, scaling.shape[0]) * scaling.astype(jnp.float32)[None, :]
+
+
+def _slots_by_adapter(
+    expert_idx: jax.Array,  # [T, k] int32
+    values: jax.Array,  # [T, k]
+    num_adapters: int,
+) -> jax.Array:  # [T, L] float32
+    """Each (token, slot) value at its adapter's column, summed where a token's slots repeat an adapter:
+    a masked sum over the k slots, not a scatter (XLA's GPU scatter adds in no fixed order)."""
     hit = expert_idx[:, :, None] == jnp.arange(num_adapters, dtype=expert_idx.dtype)  # [T, k, L]
-    dense = jnp.sum(jnp.where(hit, expert_weight.astype(jnp.float32)[:, :, None], 0.0), axis=1)
-    return dense * scaling.astype(jnp.float32)[None, :]
+    return jnp.sum(jnp.where(hit, values.astype(jnp.float32)[:, :, None], 0.0), axis=1)
 
 
 def routing_grads(raw, expert_idx, expert_weight, scaling, need):
@@ -63,11 +71,9 @@ def routing_grads(raw, expert_idx, expert_weight, scaling, need):
     if "w" in need:
         dw = (raw * scaling.astype(jnp.float32)[expert_idx]).astype(expert_weight.dtype)
     if "s" in need:
-        # A sum over a one-hot, not a scatter-add: XLA's GPU scatter adds with atomics in no fixed order,
-        # so d scaling differed between identical calls (H200, session 24); its reductions do not.
-        adapters = jnp.arange(scaling.shape[0], dtype=expert_idx.dtype)
-        per_pair = (raw * expert_weight.astype(jnp.float32))[:, :, None]
-        ds = jnp.sum(jnp.where(expert_idx[:, :, None] == adapters, per_pair, 0.0), axis=(0, 1)).astype(scaling.dtype)
+        # Not a scatter-add: that gave different bits on identical calls (H200, session 24).
+        per_pair = raw * expert_weight.astype(jnp.float32)
+        ds = jnp.sum(_slots_by_adapter(expert_idx, per_pair, scaling.shape[0]), axis=0).astype(scaling.dtype)
     return ds, dw
 
 
