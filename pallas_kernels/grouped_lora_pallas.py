@@ -89,7 +89,14 @@ from pallas_kernels.grouped_lora_decode import decode_backward, forward_decode
 from pallas_kernels.grouped_lora_dense_pallas import dense_backward, dense_forward
 from pallas_kernels.grouped_lora_plan import combo_plan, routing_plan, row_coef
 from pallas_kernels.grouped_lora_plan_pallas import combo_plan_pallas, routing_plan_pallas
-from pallas_kernels.grouped_lora_sorted import combo_expand, expand, shrink, tgmm
+from pallas_kernels.grouped_lora_sorted import (
+    COMBO_PARTS_MAX_COLUMN_BLOCKS,
+    combo_expand,
+    expand,
+    shrink,
+    summed_parts,
+    tgmm,
+)
 from pallas_kernels.grouped_lora_xla import (
     concat_backward,
     concat_forward,
@@ -97,7 +104,7 @@ from pallas_kernels.grouped_lora_xla import (
     dense_routing_weights,
     routing_grads,
 )
-from pallas_kernels.pallas_common import pow2_at_least
+from pallas_kernels.pallas_common import cdiv, pow2_at_least
 
 # ------------------------------------------------------------------------------------------------
 # The "concat" gradient path (plain XLA GEMMs)
@@ -199,14 +206,16 @@ def rank_padded(lora_a):
 
 def _sorted_forward(x, lora_a, lora_b, scaling, expert_idx, expert_weight, base, cfg, combo):
     """The sorted (combo=False) or combo path's output [T, d_out] and the backward's residuals: the
-    plan, the pair rows' coefficients, the unscaled xa [pair rows, R], the combo plan (or None) and
-    lora_a padded to rank R (`rank_padded`)."""
+    plan, the pair rows' coefficients, the unscaled xa [S*pair rows, R] (S = 2 where the combo expand adds
+    the shrink's two depth parts itself, else 1), the combo plan (or None) and lora_a padded to rank R
+    (`rank_padded`)."""
     num_tokens = x.shape[0]
     num_adapters, _, rank = lora_a.shape
     plan, coef, cplan = _routing_plans(expert_idx, expert_weight, scaling, num_adapters, cfg, combo)
     a_padded = rank_padded(lora_a)
     xa = shrink(plan, x, a_padded, rank=a_padded.shape[2], transpose_w=False, block_t=cfg.block_t,
-                block_k=cfg.block_k, interpret=cfg.interpret)
+                block_k=cfg.block_k, interpret=cfg.interpret,
+                keep_parts=_combo_adds_parts(cfg, combo, lora_b.shape[2]))
     out = _expand_any(plan, cplan, coef, xa, lora_b, num_tokens=num_tokens, width=lora_b.shape[2], rank=rank,
                       transpose_w=False, out_dtype=x.dtype, cfg=cfg, base=base if cfg.has_base else None)
     return out, plan, coef, xa, cplan, a_padded
@@ -218,8 +227,14 @@ def _expand_any(plan, cplan, coef, xa, w, *, cfg, expert_idx=None, **kw):
     if cplan is None:
         return expand(plan, coef, xa, w, block_t=cfg.block_t, block_n=cfg.block_n, interpret=cfg.interpret,
                       poison=cfg.poison, expert_idx=expert_idx, **kw)
-    return combo_expand(cplan, xa, w, block_t=cfg.block_t_combo, block_n=cfg.block_n_combo,
-                        interpret=cfg.interpret, poison=cfg.poison, **kw)
+    return combo_expand(cplan, xa, w, pair_rows=plan.rows.shape[0], block_t=cfg.block_t_combo,
+                        block_n=cfg.block_n_combo, interpret=cfg.interpret, poison=cfg.poison, **kw)
+
+
+def _combo_adds_parts(cfg, combo, width):
+    """Whether a shrink keeps two depth parts for the combo expand over `width` columns to add
+    (`shrink`'s keep_parts; COMBO_PARTS_MAX_COLUMN_BLOCKS)."""
+    return combo and cdiv(width, cfg.block_n_combo) <= COMBO_PARTS_MAX_COLUMN_BLOCKS
 
 
 def _primal(x, lora_a, lora_b, scaling, expert_idx, expert_weight, base, cfg):
@@ -283,10 +298,14 @@ def _bwd(cfg, res, g):
     plan, coef, xa = res["plan"], res["coef"], res["xa"]
     num_adapters, depth, rank = lora_a.shape
     num_tokens, top_k = expert_idx.shape
+    num_rows = plan.rows.shape[0]  # pair rows
     dx = da = db = ds = dw = None
     if need & {"x", "a", "s", "w"}:
+        # [S*rows, R] f32: g[rows] @ B[e]^T; in two parts where a combo dx expand is all that reads it
+        dx_reads_all = "x" in need and "a" not in need and (cfg.dx_dots or not need & {"s", "w"})
         gb = shrink(plan, g, lora_b, rank=rank, transpose_w=True, block_t=cfg.block_t, block_k=cfg.block_k,
-                    interpret=cfg.interpret)  # [rows, R] f32: g[rows] @ B[e]^T
+                    interpret=cfg.interpret,
+                    keep_parts=dx_reads_all and _combo_adds_parts(cfg, res["cplan"] is not None, depth))
         dots = None  # [T, k] from the dx expand: <xa, gB> per pair, times scaling[e] without d scaling
         if "x" in need:
             a_padded = res["a_padded"]
@@ -299,8 +318,8 @@ def _bwd(cfg, res, g):
             else:
                 dx = _expand_any(plan, res["cplan"], coef, gb, a_padded, **kw)
         if "a" in need:
-            da = tgmm(plan, res["x"], gb * coef[:, None], num_adapters=num_adapters, rank=rank,
-                      out_dtype=dtype, block_t=cfg.block_t, block_n=cfg.block_n_tgmm,
+            da = tgmm(plan, res["x"], summed_parts(gb, num_rows) * coef[:, None], num_adapters=num_adapters,
+                      rank=rank, out_dtype=dtype, block_t=cfg.block_t, block_n=cfg.block_n_tgmm,
                       interpret=cfg.interpret, poison=cfg.poison)
         if need & {"s", "w"} and dots is not None and "s" not in need:
             dw = dots.astype(expert_weight.dtype)  # gate training: the scaled dots are d expert_weight
@@ -308,11 +327,12 @@ def _bwd(cfg, res, g):
             # Otherwise the raw dots, or (no dx, or dx_dots=False) <xa, gB> of each (token, slot) pair
             # gathered by its row (the scatter from the padded rows that this replaces took 5-9 us on an
             # H200 at T >= 4096).
-            raw = dots if dots is not None else jnp.sum(xa[plan.pair_row] * gb[plan.pair_row], axis=-1).T
+            raw = dots if dots is not None else jnp.sum(
+                summed_parts(xa, num_rows)[plan.pair_row] * summed_parts(gb, num_rows)[plan.pair_row], axis=-1).T
             ds, dw = routing_grads(raw, expert_idx, expert_weight, scaling, need)
     if "b" in need:
-        dbt = tgmm(plan, g, xa * coef[:, None], num_adapters=num_adapters, rank=rank, out_dtype=dtype,
-                   block_t=cfg.block_t, block_n=cfg.block_n_tgmm, interpret=cfg.interpret,
+        dbt = tgmm(plan, g, summed_parts(xa, num_rows) * coef[:, None], num_adapters=num_adapters, rank=rank,
+                   out_dtype=dtype, block_t=cfg.block_t, block_n=cfg.block_n_tgmm, interpret=cfg.interpret,
                    poison=cfg.poison)  # [L, d_out, r]
         db = jnp.swapaxes(dbt, 1, 2)
     dbase = g if "base" in need else None

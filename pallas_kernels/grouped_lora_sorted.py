@@ -38,17 +38,21 @@ from pallas_kernels.pallas_common import (
 # shrink over g, depth 14336: 56.3 -> 22.9), r 16 73.6 -> 52.8. From one wave of tiles up, only at
 # R <= 16: at T = 4096 (184 tiles) 2 splits took the r 16 combo f+b from 98.1 to 92.0 us but the r 64
 # one from 177.8 to 186.5 (its two shrinks took 31.5 + 29.3 against 28.9 + 28.6, and the sum 5.5).
-# Tried and dropped (session 20): the expands adding the parts as they load them, with no sum launch.
-# Every expand program then loads S tiles of parts: f+b at T 256, r 64, d_out 4096 54.1 -> 61.1 us,
-# T 1024 78.4 -> 102.4; with 2 parts at T 4096 only 1-2% faster. And (session 23) from one wave of tiles
-# up, a tile's rows split over two programs instead of its depth, so no sum: at T 4096, r 16 the shrinks
-# took 23.7 / 19.3 us against 17.9 + 1.8 / 13.6 + 1.9 (d_out 4096) and 23.3 / 66.8 against 17.9 + 1.8 /
-# 49.4 + 1.7 (14336); f+b 1.585 -> 1.766 of LoRA's at d_out 14336. And (session 24) two parts added
-# atomically into one zeroed output (still deterministic with two): XLA's zero fill (1.5-1.9 us) and the
-# atomic stores cost more than the two sums saved (f+b at T 4096, r 16, d_out 14336: 164-166 -> 167 us).
+# The expands adding the parts as they load them, with no sum launch (session 20): every expand program
+# then loads S tiles of parts, f+b at T 256, r 64, d_out 4096 54.1 -> 61.1 us, T 1024 78.4 -> 102.4. So
+# only two parts, and only into a combo expand over at most COMBO_PARTS_MAX_COLUMN_BLOCKS column blocks
+# (`keep_parts`; session 25, H200, T 4096, r 16: f+b at d_out 4096 88.7 -> 85.9 us; at d_out 14336 the
+# forward expand, 56 column blocks, took 2.9 us more, the sum it saved 2.0).
+# Tried and dropped (session 23): from one wave of tiles up, a tile's rows split over two programs
+# instead of its depth, so no sum: at T 4096, r 16 the shrinks took 23.7 / 19.3 us against 17.9 + 1.8 /
+# 13.6 + 1.9 (d_out 4096) and 23.3 / 66.8 against 17.9 + 1.8 / 49.4 + 1.7 (14336); f+b 1.585 -> 1.766 of
+# LoRA's at d_out 14336. And (session 24) two parts added atomically into one zeroed output (still
+# deterministic with two): XLA's zero fill (1.5-1.9 us) and the atomic stores cost more than the two
+# sums saved (f+b at T 4096, r 16, d_out 14336: 164-166 -> 167 us).
 SHRINK_MIN_PROGRAMS = 264  # two per SM of an H100 / H200
 SHRINK_ONE_WAVE = 132  # SMs of an H100 / H200
 SHRINK_SPLIT_MAX_RANK = 16  # from one wave of tiles up, split only up to this R
+COMBO_PARTS_MAX_COLUMN_BLOCKS = 16  # a combo expand adds two kept parts itself up to this many (see above)
 
 
 def shrink_splits(num_tiles, depth, block_k, rank_p):
@@ -108,9 +112,11 @@ def _shrink_kernel(tile_expert_ref, rows_ref, x_ref, w_ref, out_ref, *, block_t,
         out_ref[at, :] = jnp.zeros((block_t, rank_p), jnp.float32)
 
 
-def shrink(plan, x, w, *, rank, transpose_w, block_t, block_k, interpret, num_warps=4, num_stages=3, splits=None):
+def shrink(plan, x, w, *, rank, transpose_w, block_t, block_k, interpret, num_warps=4, num_stages=3, splits=None,
+           keep_parts=False):
     """x [T, D] and w [L, D, r] (or [L, r, D] with transpose_w) -> [k*nts*bt, R] float32. splits: parts of
-    the depth (default `shrink_splits`)."""
+    the depth (default `shrink_splits`). keep_parts: a depth split in two comes back as its two parts,
+    [2*k*nts*bt, R], unsummed, for a `combo_expand` that adds them as it loads them (see above)."""
     num_tokens, depth = x.shape
     num_adapters = w.shape[0]
     rank_p = pow2_at_least(rank)
@@ -130,7 +136,13 @@ def shrink(plan, x, w, *, rank, transpose_w, block_t, block_k, interpret, num_wa
         compiler_params=compiler_params(num_warps, num_stages),
         name="grouped_lora_shrink",
     )(plan.tile_expert, plan.rows, x, w)
-    return parts if splits == 1 else jnp.sum(parts.reshape(splits, num_rows, rank_p), axis=0)
+    return parts if splits == 1 or (keep_parts and splits == 2) else summed_parts(parts, num_rows)
+
+
+def summed_parts(xa, num_rows):
+    """A shrink's output, xa [S*num_rows, R] (S depth parts, S = 1 when summed) -> [num_rows, R]."""
+    splits = xa.shape[0] // num_rows
+    return xa if splits == 1 else jnp.sum(xa.reshape(splits, num_rows, xa.shape[1]), axis=0)
 
 
 def _pair_dots_inputs(dots_with, scaling):
@@ -324,7 +336,7 @@ def tgmm(plan, mat, cmp, *, num_adapters, rank, out_dtype, block_t, block_n, int
 
 def _combo_expand_kernel(adapters_ref, count_ref, rows_ref, pair_ref, idx_ref, coef_ref, xa_ref, w_ref, *rest,
                          top_k, block_t, block_n, num_tokens, num_adapters, width, rank, rank_p, transpose_w,
-                         has_base, dots, precision):
+                         has_base, dots, precision, pair_rows):
     if dots is None:
         out_ref = rest[-1]
     else:  # rest: [base], the other rows, the pairs' scalings, out, dots
@@ -337,17 +349,22 @@ def _combo_expand_kernel(adapters_ref, count_ref, rows_ref, pair_ref, idx_ref, c
     rk = jnp.arange(rank_p, dtype=jnp.int32)
     cols = n * block_n + jnp.arange(block_n, dtype=jnp.int32)
     in_n = cols < width
+
+    def pair_rows_of(ref, pair):  # the pairs' low-rank rows [bt, R]: the sum of ref's depth parts
+        return sum(masked_load(ref, (part * pair_rows + pair[:, None], rk[None, :]), valid[:, None])
+                   for part in range(ref.shape[0] // pair_rows))
+
     slots = []  # per slot: its adapter [bt], its pair row and its low-rank row [bt, R] (float32, unscaled)
     for j in range(top_k):
         at = pl.ds(j * num_rows + i * block_t, block_t)
         pair = pair_ref[at]
-        xa = masked_load(xa_ref, (pair[:, None], rk[None, :]), valid[:, None])
+        xa = pair_rows_of(xa_ref, pair)
         slots.append((idx_ref[at], pair, coef_ref[at], xa))
     if dots is not None:
         @pl.when(n == 0)
         def _pair_dots():  # <xa, other> of each (token, slot) pair, times scaling[e] if asked: [T, k]
             for j, (sel, pair, _, xa) in enumerate(slots):
-                other = masked_load(other_ref, (pair[:, None], rk[None, :]), valid[:, None])
+                other = pair_rows_of(other_ref, pair)
                 dot = jnp.sum(xa * other, axis=1)
                 if dots == "scaled":
                     dot = dot * masked_load(scale_ref, sel, valid)
@@ -379,11 +396,11 @@ def _combo_expand_kernel(adapters_ref, count_ref, rows_ref, pair_ref, idx_ref, c
     masked_store(out_ref, idx, acc.astype(out_ref.dtype), mask)
 
 
-def combo_expand(cplan, xa, w, *, num_tokens, width, rank, transpose_w, out_dtype, block_t, block_n,
+def combo_expand(cplan, xa, w, *, pair_rows, num_tokens, width, rank, transpose_w, out_dtype, block_t, block_n,
                  interpret, base=None, poison=False, dots_with=None, scaling=None, num_warps=4, num_stages=3):
     """[base +] sum_j coef[t, j] xa[pair(t, j)] @ w[idx[t, j]] -> [T, width], one pass over the output:
-    xa [pair rows, R] float32 (the sorted shrink's), w [L, r, width] (or [L, width, r] with
-    transpose_w); every output row is written once.
+    xa [S*pair_rows, R] float32 (the sorted shrink's, its S depth parts summed here, S = 1 when summed
+    already), w [L, r, width] (or [L, width, r] with transpose_w); every output row is written once.
 
     dots_with [pair rows, R] float32: also return each (token, slot) pair's <xa, dots_with> [T, k]
     float32 (the backward's d expert_weight before scaling; with scaling [L], times scaling[e]),
@@ -397,7 +414,7 @@ def combo_expand(cplan, xa, w, *, num_tokens, width, rank, transpose_w, out_dtyp
     kernel = functools.partial(
         _combo_expand_kernel, top_k=top_k, block_t=block_t, block_n=block_n, num_tokens=num_tokens,
         num_adapters=num_adapters, width=width, rank=rank, rank_p=xa.shape[1], transpose_w=transpose_w,
-        has_base=base is not None, dots=dots, precision=dot_precision(w.dtype))
+        has_base=base is not None, dots=dots, precision=dot_precision(w.dtype), pair_rows=pair_rows)
     args = [cplan.adapters, cplan.count, cplan.rows, cplan.pair, cplan.idx, cplan.coef, xa, w]
     out_shape = jax.ShapeDtypeStruct((num_tokens, width), out_dtype)
     aliases = {}

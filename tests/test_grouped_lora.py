@@ -284,6 +284,44 @@ def test_shrink_depth_splits():
         [4, 4, 2, 1, 1, 2]
 
 
+@pytest.mark.parametrize("dx_dots", [True, False])
+def test_combo_expand_adds_kept_shrink_parts(monkeypatch, dx_dots):
+    """Where both shrinks split their depth in two (d_in 40 and d_out 30 in 16-wide chunks), the combo
+    path keeps the two parts for its expands to add (`keep_parts`). Output and every gradient (the
+    expands' dots, the XLA dots, dA / dB from summed parts) against the float32 reference, with the parts
+    kept and with them summed by XLA; and in gate training, with the dots from the dx expand, the kept
+    program has two fewer sums."""
+    import pallas_kernels.grouped_lora_sorted as sorted_kernels
+
+    case = (45, 40, 30, 6, 5, 2)
+    x, a, b, s, idx, w, _ = _inputs((_salt(case), 11), *case, jnp.float32)
+    g = jnp.asarray(_rng(_salt(case), 12).standard_normal((case[0], case[2])), jnp.float32)
+
+    def loss(fn):
+        return lambda x, w, s, a, b: jnp.sum(fn(x, a, b, s, idx, w) * g)
+
+    pallas = lambda *v: grouped_lora_pallas(  # noqa: E731
+        *v, path="combo", poison=True, interpret=True, **{**SMALL, "dx_dots": dx_dots})
+    with jax.default_matmul_precision("highest"):
+        want_out = grouped_lora_dense(x, a, b, s, idx, w)
+        want = jax.grad(loss(grouped_lora_dense), argnums=(0, 1, 2, 3, 4))(x, w, s, a, b)
+    sums = {}
+    for kept, max_blocks in ((True, 16), (False, 0)):
+        monkeypatch.setattr(sorted_kernels, "COMBO_PARTS_MAX_COLUMN_BLOCKS", max_blocks)
+        monkeypatch.setattr("pallas_kernels.grouped_lora_pallas.COMBO_PARTS_MAX_COLUMN_BLOCKS", max_blocks)
+        msg = f"seed={SEED} kept={kept} dx_dots={dx_dots}"
+        assert _rel(pallas(x, a, b, s, idx, w), want_out) <= TOL[jnp.float32], msg
+        for argnums in ((0, 1), (0, 1, 2), (1,), (0, 1, 2, 3, 4)):
+            got = jax.grad(loss(pallas), argnums=argnums)(x, w, s, a, b)
+            for i, v in zip(argnums, got):
+                err = _rel(v, want[i])
+                assert err <= TOL[jnp.float32], f"{msg} argnums={argnums}: d{'x w s a b'.split()[i]} rel err {err:.2e}"
+        jaxpr = str(jax.make_jaxpr(jax.grad(loss(pallas), argnums=(0, 1)))(x, w, s, a, b))
+        sums[kept] = jaxpr.count("reduce_sum")
+    if dx_dots:
+        assert sums[True] == sums[False] - 2, sums
+
+
 def test_decode_routing_gradients_without_dx():
     """The decode path computes d expert_weight / d scaling inside its dx kernel; asked for them alone
     (x not differentiated) it takes them from XLA ops instead. Both against the float32 reference."""
