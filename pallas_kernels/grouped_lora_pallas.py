@@ -14,7 +14,8 @@ Four forward algorithms, all written for Pallas's Triton lowering (GPU) and run 
     1. `shrink`: one program per tile, a grouped GEMM x[rows] @ lora_a[e] -> xa [tiles*bt, R]
        (float32, unscaled; R = rank padded to a power of two >= 16; lora_a itself is padded to R
        columns first, `rank_padded`, so that its tiles load R-element rows). With few tiles the
-       depth is split over more programs and the parts summed (`shrink_splits`);
+       depth is split over more programs and the parts summed (`shrink_splits`; two parts bound for a
+       combo expand of at most 16 column blocks are added by that expand as it loads them);
     2. `expand`, once per block c: one program per (tile, block of d_out), (xa * w * scaling) @
        lora_b[e], scattered by row into out[T, d_out]. In a block every token occurs exactly once,
        so a launch writes each output row once and no atomics are needed; block c > 0 reads the

@@ -332,6 +332,10 @@ def tgmm(plan, mat, cmp, *, num_adapters, rank, out_dtype, block_t, block_n, int
 # 67 us, three 79. Loading the step's weight tile once outside the loop (a wrong result, timing only)
 # saved only 7 us, except where lora_a at r = 8 was read transposed (100 -> 56 us; `rank_padded` fixes
 # that read). The adapter ids as one vector, below, saved 1-3 us.
+# Tried and dropped (session 25, H200): each program finding its tile's adapters from its rows' adapters
+# (a one-hot over the tile and a cumulative sum), instead of the combo plan's tiles launch (1.8-2.1 us).
+# The expands got slower by more than that: at T 4096, r 16, d_out 14336 64.8 / 21.9 -> 68.6 / 22.5 us,
+# at T 16384 218.9 -> 249.2; f+b +0.4 to +45 us on six rows.
 
 
 def _combo_expand_kernel(adapters_ref, count_ref, rows_ref, pair_ref, idx_ref, coef_ref, xa_ref, w_ref, *rest,
