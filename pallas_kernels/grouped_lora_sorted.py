@@ -41,7 +41,7 @@ from pallas_kernels.pallas_common import (
 # The expands adding the parts as they load them, with no sum launch (session 20): every expand program
 # then loads S tiles of parts, f+b at T 256, r 64, d_out 4096 54.1 -> 61.1 us, T 1024 78.4 -> 102.4. So
 # only two parts, and only into a combo expand over at most COMBO_PARTS_MAX_COLUMN_BLOCKS column blocks
-# (`keep_parts`; session 25, H200, T 4096, r 16: f+b at d_out 4096 88.7 -> 85.9 us; at d_out 14336 the
+# (`keep_parts`; session 25, H200, T 4096, r 16: f+b at d_out 4096 88.5 -> 86.2 us; at d_out 14336 the
 # forward expand, 56 column blocks, took 2.9 us more, the sum it saved 2.0).
 # Tried and dropped (session 23): from one wave of tiles up, a tile's rows split over two programs
 # instead of its depth, so no sum: at T 4096, r 16 the shrinks took 23.7 / 19.3 us against 17.9 + 1.8 /
@@ -406,7 +406,7 @@ def combo_expand(cplan, xa, w, *, pair_rows, num_tokens, width, rank, transpose_
     xa [S*pair_rows, R] float32 (the sorted shrink's, its S depth parts summed here, S = 1 when summed
     already), w [L, r, width] (or [L, width, r] with transpose_w); every output row is written once.
 
-    dots_with [pair rows, R] float32: also return each (token, slot) pair's <xa, dots_with> [T, k]
+    dots_with [S*pair_rows, R] float32 (parts as xa's): also return each (token, slot) pair's <xa, dots_with> [T, k]
     float32 (the backward's d expert_weight before scaling; with scaling [L], times scaling[e]),
     computed by the first column block's programs from the rows they load anyway. In the backward this
     replaced XLA's gather + reduction and multiply (2.4 + 1.6 us; H200, session 22, T 4096-16384: f+b
