@@ -91,8 +91,8 @@ from pallas_kernels.grouped_lora_dense_pallas import dense_backward, dense_forwa
 from pallas_kernels.grouped_lora_plan import combo_plan, routing_plan, row_coef
 from pallas_kernels.grouped_lora_plan_pallas import combo_plan_pallas, routing_plan_pallas
 from pallas_kernels.grouped_lora_sorted import (
-    COMBO_PARTS_MAX_COLUMN_BLOCKS,
     combo_expand,
+    combo_expand_adds_parts,
     expand,
     shrink,
     summed_parts,
@@ -105,7 +105,7 @@ from pallas_kernels.grouped_lora_xla import (
     dense_routing_weights,
     routing_grads,
 )
-from pallas_kernels.pallas_common import cdiv, pow2_at_least
+from pallas_kernels.pallas_common import pow2_at_least
 
 # ------------------------------------------------------------------------------------------------
 # The "concat" gradient path (plain XLA GEMMs)
@@ -216,7 +216,7 @@ def _sorted_forward(x, lora_a, lora_b, scaling, expert_idx, expert_weight, base,
     a_padded = rank_padded(lora_a)
     xa = shrink(plan, x, a_padded, rank=a_padded.shape[2], transpose_w=False, block_t=cfg.block_t,
                 block_k=cfg.block_k, interpret=cfg.interpret,
-                keep_parts=_combo_adds_parts(cfg, combo, lora_b.shape[2]))
+                keep_parts=combo and combo_expand_adds_parts(lora_b.shape[2], cfg.block_n_combo))
     out = _expand_any(plan, cplan, coef, xa, lora_b, num_tokens=num_tokens, width=lora_b.shape[2], rank=rank,
                       transpose_w=False, out_dtype=x.dtype, cfg=cfg, base=base if cfg.has_base else None)
     return out, plan, coef, xa, cplan, a_padded
@@ -230,12 +230,6 @@ def _expand_any(plan, cplan, coef, xa, w, *, cfg, expert_idx=None, **kw):
                       poison=cfg.poison, expert_idx=expert_idx, **kw)
     return combo_expand(cplan, xa, w, pair_rows=plan.rows.shape[0], block_t=cfg.block_t_combo,
                         block_n=cfg.block_n_combo, interpret=cfg.interpret, poison=cfg.poison, **kw)
-
-
-def _combo_adds_parts(cfg, combo, width):
-    """Whether a shrink keeps two depth parts for the combo expand over `width` columns to add
-    (`shrink`'s keep_parts; COMBO_PARTS_MAX_COLUMN_BLOCKS)."""
-    return combo and cdiv(width, cfg.block_n_combo) <= COMBO_PARTS_MAX_COLUMN_BLOCKS
 
 
 def _primal(x, lora_a, lora_b, scaling, expert_idx, expert_weight, base, cfg):
@@ -304,9 +298,9 @@ def _bwd(cfg, res, g):
     if need & {"x", "a", "s", "w"}:
         # [S*rows, R] f32: g[rows] @ B[e]^T; in two parts where a combo dx expand is all that reads it
         dx_reads_all = "x" in need and "a" not in need and (cfg.dx_dots or not need & {"s", "w"})
+        keep_parts = dx_reads_all and res["cplan"] is not None and combo_expand_adds_parts(depth, cfg.block_n_combo)
         gb = shrink(plan, g, lora_b, rank=rank, transpose_w=True, block_t=cfg.block_t, block_k=cfg.block_k,
-                    interpret=cfg.interpret,
-                    keep_parts=dx_reads_all and _combo_adds_parts(cfg, res["cplan"] is not None, depth))
+                    interpret=cfg.interpret, keep_parts=keep_parts)
         dots = None  # [T, k] from the dx expand: <xa, gB> per pair, times scaling[e] without d scaling
         if "x" in need:
             a_padded = res["a_padded"]

@@ -55,6 +55,12 @@ SHRINK_SPLIT_MAX_RANK = 16  # from one wave of tiles up, split only up to this R
 COMBO_PARTS_MAX_COLUMN_BLOCKS = 16  # a combo expand adds two kept parts itself up to this many (see above)
 
 
+def combo_expand_adds_parts(width, block_n):
+    """Whether a combo expand over `width` columns (in blocks of block_n) adds a shrink's two depth parts
+    itself, so the shrink keeps them (`shrink`'s keep_parts; see above)."""
+    return cdiv(width, block_n) <= COMBO_PARTS_MAX_COLUMN_BLOCKS
+
+
 def shrink_splits(num_tiles, depth, block_k, rank_p):
     """How many parts the shrink splits the depth into: doubled while the grid holds fewer than
     SHRINK_MIN_PROGRAMS programs and every part keeps at least one depth chunk (see above)."""

@@ -308,7 +308,6 @@ def test_combo_expand_adds_kept_shrink_parts(monkeypatch, dx_dots):
     sums = {}
     for kept, max_blocks in ((True, 16), (False, 0)):
         monkeypatch.setattr(sorted_kernels, "COMBO_PARTS_MAX_COLUMN_BLOCKS", max_blocks)
-        monkeypatch.setattr("pallas_kernels.grouped_lora_pallas.COMBO_PARTS_MAX_COLUMN_BLOCKS", max_blocks)
         msg = f"seed={SEED} kept={kept} dx_dots={dx_dots}"
         assert _rel(pallas(x, a, b, s, idx, w), want_out) <= TOL[jnp.float32], msg
         for argnums in ((0, 1), (0, 1, 2), (1,), (0, 1, 2, 3, 4)):
