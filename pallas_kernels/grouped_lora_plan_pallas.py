@@ -319,6 +319,11 @@ def _combo_tiles_kernel(idx_ref, adapters_ref, count_ref, *, top_k, block_t, pad
     masked_store(count_ref, i + adapters, jnp.full(adapters.shape, count, jnp.int32), adapters == 0)
 
 
+# Tried and dropped (session 26, H200, docs/benchmarks.md): at k = 2, both plans from one count launch
+# that also counts each block's tokens per adapter pair ([B, B]) and one place launch that also writes
+# the combo rows (pair start + earlier blocks' count + rank in the block) and the tiles' adapter lists.
+# Exact on the GPU, but at T = 4096 the place launch took 19.4 us (13.0 with no rank at all) against
+# 12.5 us for all five launches here: every program reads all blocks' pair histograms.
 def combo_plan_pallas(plan, coef, expert_idx, num_adapters, block_t, *, interpret):
     """`grouped_lora_plan.combo_plan`: a count and a place launch per radix pass (canonical slots
     k-2 .. 0; slot 0 alone when k = 1), the last one also gathering each row's pair row, adapter and coefficient, and

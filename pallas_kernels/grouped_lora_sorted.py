@@ -83,7 +83,10 @@ def shrink_splits(num_tiles, depth, block_k, rank_p):
 # 245 / 277 (at r 64 the f+b took 4.6 ms). Four scalar-indexed [chunk, 16] tiles and four products:
 # 34.7 / 90.9; eight: 38.9 / 104.3. Session 23: the group's scalar-indexed tiles put side by side in
 # registers (pairs joined on a new minor axis, `jnp.stack`, and reshaped; the one join Triton has), one
-# product per step: 4 tiles 74.4 / 216.1, 8 tiles 219.9 / 374.7.
+# product per step: 4 tiles 74.4 / 216.1, 8 tiles 219.9 / 374.7. Session 26 bounded the other way, an
+# L2 hit on the second read: at d_out 14336, T 4096, r 16 g @ B^T takes 47.1 us (34.4 for one slot's
+# tiles); even with a routing that puts the same tokens in slot 0's and slot 1's tile j, and the slots'
+# tiles interleaved, it takes 41.5.
 
 
 def _shrink_kernel(tile_expert_ref, rows_ref, x_ref, w_ref, out_ref, *, block_t, block_k, chunks, num_rows,
