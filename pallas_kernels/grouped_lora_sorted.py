@@ -145,7 +145,7 @@ def shrink(plan, x, w, *, rank, transpose_w, block_t, block_k, interpret, num_wa
         compiler_params=compiler_params(num_warps, num_stages),
         name="grouped_lora_shrink",
     )(plan.tile_expert, plan.rows, x, w)
-    return parts if splits == 1 or (keep_parts and splits == 2) else summed_parts(parts, num_rows)
+    return parts if keep_parts and splits == 2 else summed_parts(parts, num_rows)
 
 
 def summed_parts(xa, num_rows):
