@@ -10,6 +10,8 @@ C = L*r flat adapter columns; column c is rank row c % r of adapter c // r.
            slots combined in one pass that reads base and writes the output once.
 Costs T*d*L*r flops per product (L/k times the sorted path's): cheap for small L*r, and at small T
 (where reading every adapter once is the floor anyway since k*T pairs touch most adapters).
+`impl="auto"` never picks this path: at T = 256 even a variant with depth parts in place of the atomics
+lost to the concat path (H200, session 27, docs/benchmarks.md).
 """
 
 from __future__ import annotations

@@ -427,6 +427,11 @@ _grouped_lora.defvjp(_fwd, _bwd, symbolic_zeros=True)
 #   r 64, T 256: 52.8 vs 69.3 us (d_out 4096), 94.2 vs 92.6 (14336); at r 8 / 16 concat still won (30.1
 #   vs 38.8 at d_out 4096, r 8; 40.7 vs 52.8 at 14336, r 16). At r 64, T 2048 sorted already won (above),
 #   so from T 256 up r >= 64 takes sorted (SORTED_GRAD_MIN_RANK / _TOKENS; below 256 not measured).
+# * Dense at T 256 (session 27, H200, docs/benchmarks.md "H200 run (session 27)"): the dense path's four
+#   launches with depth parts instead of atomics, tiles swept per kernel, d expert_weight in the dx
+#   expand: 31.9-32.6 us f+b vs concat 28.1-28.7 (d_out 4096, r 8). Its floor (each kernel at its best,
+#   the expands reading one part) is 24.5 / 34.0 / 37.6 / 55.8 us at d_out 4096 / 4096 / 14336 / 14336,
+#   r 8 / 16 / 8 / 16, vs concat 28.1 / 35.7 / 34.1 / 41.2: concat stays below CONCAT_GRAD_MAX_WORK.
 DECODE_MAX_TOKENS = 32
 DECODE_GRAD_MAX_TOKENS = 16
 CONCAT_GRAD_MAX_WORK = 3 << 20  # T * L * r
