@@ -56,8 +56,8 @@ def side_splits(num_tokens: int, columns: int, depth: int) -> int:
     about 128, P = 2 lost (XLA split it again, with a reduction kernel), and a single token lost with
     any split (XLA transposed x first). Hence the largest of 16, 8, 4 that divides d_in with
     tiles * P <= 128, else 1. Re-measured on an H200 (session 27, 49 shapes, T = 32-512, side GEMM
-    and routing kernel): within 5% of each shape's best P in total (571.5 vs 542.6 us); tiles * P <=
-    64 or 96, P * T <= 2048 and P <= 8 from 129 tokens were slower, as XLA re-splits deep slices."""
+    and routing kernel): 5.3% above each shape's best P in total (571.5 vs 542.6 us); tiles * P <= 64
+    or 96, P * T <= 2048 and P <= 8 from 129 tokens were slower, as XLA re-splits deep slices."""
     if num_tokens == 1:
         return 1
     tiles = -(-num_tokens // 128) * -(-columns // 128)
