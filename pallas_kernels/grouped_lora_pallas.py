@@ -26,7 +26,7 @@ Four forward algorithms, all written for Pallas's Triton lowering (GPU) and run 
   weight and multiplies by the pair's rows of lora_b, summing the k slots in registers.
 * "combo" (large T): the sorted path's plan and shrinks, but one expand pass for all k slots
   (`combo_expand`): tokens ordered by the set of adapters they chose, smallest first
-  (`combo_plan_pallas`, counting passes on top of the sorted plan, three launches at k = 2), so a
+  (`combo_plan_pallas`, counting passes on top of the sorted plan, two launches at k = 2), so a
   tile of neighbouring tokens uses a few adapters and each program loops over them, gathering every
   slot's xa row from the pair layout.
   Each output row is written once, where the sorted expand reads, adds and writes it again for every

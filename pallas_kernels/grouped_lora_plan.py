@@ -9,7 +9,7 @@ routed grouped low-rank product goes in the kernels' tiles.
   Ordering by the sets rather than by the slots puts tokens that chose {3, 7} and {7, 3} together.
 
 Both are counting sorts built from cumulative sums of one-hots: no sort kernel. The kernels use the
-Pallas versions (`grouped_lora_plan_pallas`: five launches where these take about twenty XLA
+Pallas versions (`grouped_lora_plan_pallas`: four launches where these take about twenty XLA
 fusions); these are their references.
 """
 
@@ -102,20 +102,17 @@ class ComboPlan:
     pair      [k*nc*bc]   each (slot, row)'s row in the sorted plan's pair layout (0 for padding)
     idx       [k*nc*bc]   each (slot, row)'s adapter (L for padding)
     coef      [k*nc*bc]   each (slot, row)'s w[t, j] * scaling[e] (0 for padding)
-    adapters  [nc*L]      the adapters tile i uses, ascending, at [i*L, i*L + count[i])
-    count     [nc]        how many adapters tile i uses
+    present   [nc*L]      1 where tile i uses adapter e (at i*L + e), else 0
     """
 
     rows: jax.Array
     pair: jax.Array
     idx: jax.Array
     coef: jax.Array
-    adapters: jax.Array
-    count: jax.Array
+    present: jax.Array
 
 
-jax.tree_util.register_dataclass(
-    ComboPlan, data_fields=["rows", "pair", "idx", "coef", "adapters", "count"], meta_fields=[])
+jax.tree_util.register_dataclass(ComboPlan, data_fields=["rows", "pair", "idx", "coef", "present"], meta_fields=[])
 
 
 def _stable_bucket_sort(seq, digit, num_buckets):
@@ -149,10 +146,6 @@ def combo_plan(plan, coef, expert_idx, num_adapters, block_t):
     idx = jnp.where(valid, expert_idx.T[:, tok], num_adapters)
     row_coef = jnp.where(valid, coef[pair], 0.0)
     tile = jnp.arange(num_tiles * block_t, dtype=jnp.int32) // block_t
-    present = jnp.zeros((num_tiles, num_adapters + 1), jnp.bool_).at[tile[None, :], idx].set(True)
-    present = present[:, :num_adapters]
-    place = jnp.where(present, jnp.cumsum(present, axis=1, dtype=jnp.int32) - 1, num_adapters)
-    adapters = jnp.full((num_tiles, num_adapters), num_adapters, jnp.int32).at[
-        jnp.arange(num_tiles)[:, None], place].set(jnp.arange(num_adapters, dtype=jnp.int32)[None, :], mode="drop")
-    count = jnp.sum(present, axis=1, dtype=jnp.int32)
-    return ComboPlan(rows, pair.reshape(-1), idx.reshape(-1), row_coef.reshape(-1), adapters.reshape(-1), count)
+    present = jnp.zeros((num_tiles, num_adapters + 1), jnp.int32).at[tile[None, :], idx].set(1)
+    return ComboPlan(rows, pair.reshape(-1), idx.reshape(-1), row_coef.reshape(-1),
+                     present[:, :num_adapters].reshape(-1))

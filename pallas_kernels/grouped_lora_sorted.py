@@ -344,10 +344,12 @@ def tgmm(plan, mat, cmp, *, num_adapters, rank, out_dtype, block_t, block_n, int
 # Tried and dropped (session 25, H200): each program finding its tile's adapters from its rows' adapters
 # (a one-hot over the tile and a cumulative sum), instead of the combo plan's tiles launch (1.8-2.1 us).
 # The expands got slower by more than that: at T 4096, r 16, d_out 14336 64.8 / 21.9 -> 68.6 / 22.5 us,
-# at T 16384 218.9 -> 249.2; f+b +0.4 to +45 us on six rows.
+# at T 16384 218.9 -> 249.2; f+b +0.4 to +45 us on six rows. Since session 28 the plan's final radix
+# pass marks each tile's adapters (`ComboPlan.present`) and each program takes its step's adapter from
+# the marks in registers: that launch is gone and the expands' times stayed within their noise.
 
 
-def _combo_expand_kernel(adapters_ref, count_ref, rows_ref, pair_ref, idx_ref, coef_ref, xa_ref, w_ref, *rest,
+def _combo_expand_kernel(present_ref, rows_ref, pair_ref, idx_ref, coef_ref, xa_ref, w_ref, *rest,
                          top_k, block_t, block_n, num_tokens, num_adapters, width, rank, rank_p, transpose_w,
                          has_base, dots, precision, pair_rows):
     if dots is None:
@@ -384,14 +386,16 @@ def _combo_expand_kernel(adapters_ref, count_ref, rows_ref, pair_ref, idx_ref, c
                 # Padding rows point past the end (OUT_OF_RANGE).
                 masked_store(dots_ref, jnp.where(valid, rows * top_k + j, OUT_OF_RANGE), dot, valid)
     wmask = (rk < rank)[:, None] & in_n[None, :]
-    # The tile's adapter ids as one vector, loaded with the prologue's other loads, so that no global
-    # load sits between loop steps (the weight tile's address depends only on registers).
+    # The tile's adapter marks as one vector, loaded with the prologue's other loads, so that no global
+    # load sits between loop steps (the weight tile's address depends only on registers). Step u takes
+    # the u-th marked adapter.
     lane = jnp.arange(pow2_at_least(num_adapters), dtype=jnp.int32)
-    ids = masked_load(adapters_ref, (i * num_adapters + lane,), lane < num_adapters)
+    marked = masked_load(present_ref, (i * num_adapters + lane,), lane < num_adapters) > 0
+    step_of = jnp.where(marked, jnp.cumsum(marked.astype(jnp.int32)) - 1, -1)  # [Lp]: -1 where unmarked
     weighted = [(sel, xa * coef[:, None]) for sel, _, coef, xa in slots]
 
     def body(u, acc):
-        e = jnp.sum(jnp.where(lane == u, ids, 0))
+        e = jnp.sum(jnp.where(step_of == u, lane, 0))
         # A token's slots hold distinct adapters, so at most one term is non-zero: the same bf16
         # rounding of xa * coef as the sorted expand.
         h = sum(jnp.where((sel == e)[:, None], xa, 0.0) for sel, xa in weighted).astype(w_ref.dtype)
@@ -401,7 +405,7 @@ def _combo_expand_kernel(adapters_ref, count_ref, rows_ref, pair_ref, idx_ref, c
             wt = masked_load(w_ref, (e, rk[:, None], cols[None, :]), wmask)
         return acc + jnp.dot(h, wt, preferred_element_type=jnp.float32, precision=precision)
 
-    acc = lax.fori_loop(0, count_ref[i], body, jnp.zeros((block_t, block_n), jnp.float32))
+    acc = lax.fori_loop(0, jnp.sum(marked.astype(jnp.int32)), body, jnp.zeros((block_t, block_n), jnp.float32))
     idx = (rows[:, None], cols[None, :])
     mask = valid[:, None] & in_n[None, :]
     if has_base:
@@ -428,7 +432,7 @@ def combo_expand(cplan, xa, w, *, pair_rows, num_tokens, width, rank, transpose_
         _combo_expand_kernel, top_k=top_k, block_t=block_t, block_n=block_n, num_tokens=num_tokens,
         num_adapters=num_adapters, width=width, rank=rank, rank_p=xa.shape[1], transpose_w=transpose_w,
         has_base=base is not None, dots=dots, precision=dot_precision(w.dtype), pair_rows=pair_rows)
-    args = [cplan.adapters, cplan.count, cplan.rows, cplan.pair, cplan.idx, cplan.coef, xa, w]
+    args = [cplan.present, cplan.rows, cplan.pair, cplan.idx, cplan.coef, xa, w]
     out_shape = jax.ShapeDtypeStruct((num_tokens, width), out_dtype)
     aliases = {}
     if base is not None:

@@ -175,19 +175,26 @@ PLAN_CASES = [  # (T, L, k, block_t, block_t_combo, routing)
 ]
 
 
-@pytest.mark.parametrize("blocks", [None, (16, 2, 2)], ids=["default_blocks", "many_blocks"])
+PLAN_BLOCKS = {
+    "default_blocks": {},
+    "many_blocks": dict(SORTED_PLAN_BLOCK=16, RADIX_BLOCK=16, HIST_CHUNK=2, FILL_TILES=2),
+    "doubled_blocks": dict(SORTED_PLAN_BLOCK=16, RADIX_BLOCK=16, SORT_PROGRAMS_MAX=4),
+}
+
+
+@pytest.mark.parametrize("blocks", list(PLAN_BLOCKS))
 @pytest.mark.parametrize("case", PLAN_CASES, ids=[f"T{c[0]}_L{c[1]}_k{c[2]}_{c[5]}" for c in PLAN_CASES])
 def test_plan_kernels_match_reference(case, blocks, monkeypatch):
     """The Pallas plan kernels (interpret mode) give exactly the XLA reference's plan, coefficients and
     combo plan. many_blocks: 16 elements per count / place program, two blocks' histograms per step
     and two tiles per padding-fill program, so the cross-block offsets, the histogram loop and the
-    fill programs all see several iterations."""
+    fill programs all see several iterations. doubled_blocks: at most 4 programs per count / place
+    launch, so `sort_block` doubles its block several times (to 32-128 elements here)."""
     from pallas_kernels import grouped_lora_plan_pallas as plan_pallas
     from pallas_kernels.grouped_lora_plan import combo_plan, routing_plan, row_coef
 
-    if blocks is not None:
-        for name, value in zip(("SORT_BLOCK", "HIST_CHUNK", "FILL_TILES"), blocks):
-            monkeypatch.setattr(plan_pallas, name, value)
+    for name, value in PLAN_BLOCKS[blocks].items():
+        monkeypatch.setattr(plan_pallas, name, value)
     t, num_adapters, k, block_t, block_c, routing = case
     _, _, _, s, idx, w, _ = _inputs((_salt(case), 8), t, 2, 2, num_adapters, 1, k, jnp.float32, routing)
     w = w.astype(jnp.bfloat16)  # the weight's dtype is the model's; coef is float32 either way
@@ -203,7 +210,7 @@ def test_plan_kernels_match_reference(case, blocks, monkeypatch):
     got = jax.jit(lambda p, c, i: plan_pallas.combo_plan_pallas(p, c, i, num_adapters, block_c, interpret=True))(
         want, want_coef, idx)
     want = combo_plan(want, want_coef, idx, num_adapters, block_c)
-    for name in ("rows", "pair", "idx", "coef", "adapters", "count"):
+    for name in ("rows", "pair", "idx", "coef", "present"):
         np.testing.assert_array_equal(getattr(got, name), getattr(want, name),
                                       err_msg=f"seed={SEED} combo plan {name}")
 
@@ -250,9 +257,9 @@ def test_plan_layout(case):
     order = sorted(range(t), key=lambda tok: tuple(sorted(idx_np[tok])))
     np.testing.assert_array_equal(np.asarray(cplan.rows)[:t], order, err_msg=msg)
     for i in range(-(-t // block_c)):
-        used = sorted({int(e) for tok in order[i * block_c:(i + 1) * block_c] for e in idx_np[tok]})
-        assert int(cplan.count[i]) == len(used), msg
-        np.testing.assert_array_equal(np.asarray(cplan.adapters)[i * num_adapters:i * num_adapters + len(used)], used,
+        used = np.zeros(num_adapters, np.int32)
+        used[[int(e) for tok in order[i * block_c:(i + 1) * block_c] for e in idx_np[tok]]] = 1
+        np.testing.assert_array_equal(np.asarray(cplan.present)[i * num_adapters:(i + 1) * num_adapters], used,
                                       err_msg=msg)
 
 
