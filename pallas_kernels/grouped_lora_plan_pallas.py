@@ -308,23 +308,23 @@ def _radix_pass(seq, expert_idx, slot, num_adapters, interpret, final=None, star
     kernels read from `start` themselves: a slice of seq taken here would be a copy launch of its own."""
     num_tokens, top_k = expert_idx.shape
     length = seq.shape[0] - start
-    num_tiles = cdiv(num_tokens, final[2]) if final is not None else 0
+    plan, coef, block_t = final if final is not None else (None, None, 0)
+    num_tiles = cdiv(num_tokens, block_t) if final is not None else 0
     size = sort_block(length, 1, RADIX_BLOCK)
     hist = _count(seq, expert_idx, size=size, num_sorts=1, length=length, num_buckets=num_adapters, slot=slot,
                   interpret=interpret, start=start, zeros=num_tiles * num_adapters)
     if final is not None:
         hist, present = hist
-    padded = num_tokens if final is None else num_tiles * final[2]
+    padded = num_tokens if final is None else num_tiles * block_t
     kernel = functools.partial(
         _place_order_kernel, size=size, length=length, start=start, num_tokens=num_tokens, num_adapters=num_adapters,
         num_blocks=hist.shape[1], num_buckets_p=hist.shape[2], slot=slot, top_k=top_k, padded=padded,
-        block_t=final[2] if final is not None else 0, final=final is not None)
+        block_t=block_t, final=final is not None)
     i32 = jnp.int32
     out_shape = jax.ShapeDtypeStruct((padded,), i32)
     args = [hist, seq, expert_idx]
     aliases = {}
     if final is not None:
-        plan, coef, _ = final
         per_pair = top_k * padded
         out_shape = (out_shape, jax.ShapeDtypeStruct((per_pair,), i32), jax.ShapeDtypeStruct((per_pair,), i32),
                      jax.ShapeDtypeStruct((per_pair,), jnp.float32), jax.ShapeDtypeStruct(present.shape, i32))
