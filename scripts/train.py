@@ -22,9 +22,46 @@ from ml_collections import config_flags  # noqa: E402
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/*.py file", lock_config=True)
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, where a bad --config file or override stops with one line on stderr and
+    exit status 2 (absl and ml_collections would print a traceback or exit with 1)."""
+    try:
+        remaining = flags.FLAGS(argv)
+        _CONFIG.value.keys()  # ml_collections defers a config file's load error to its first use
+    except (flags.Error, KeyError, AttributeError, OSError) as e:
+        message = _flag_error_message(e, argv)
+        if message is None:
+            raise  # not a bad flag (a bug inside the config file, say): keep the traceback
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+    return remaining
+
+
+def _flag_error_message(error: BaseException, argv: list[str]) -> str | None:
+    """One line for a bad flag, naming it; None for an error no flag explains."""
+    if isinstance(error, flags.Error):
+        return " ".join(str(error).split())
+    # ml_collections raises an unknown override key as KeyError("'key'\nDid you mean ...?"), at a
+    # leaf wrapped in an AttributeError, and a config file that failed to load as an OSError whose
+    # cause's last line says why.
+    while error.args and isinstance(error.args[0], BaseException):
+        error = error.args[0]
+    if isinstance(error, OSError):
+        reason = str(error.__cause__ or error).strip().splitlines()[-1].strip()
+        return f"cannot load the --config file: {reason}"
+    if isinstance(error, KeyError) and error.args:
+        key, _, hint = str(error.args[0]).partition("\n")
+        overrides = [arg.split("=", 1)[0] for arg in argv[1:] if arg.startswith("--config.")]
+        flag = next((o for o in overrides if key.strip("'\"") in o.split(".")[1:]), None)
+        if flag is not None:
+            return f"{flag}: unknown config key {key}" + (f". {hint}" if hint else "")
+    return None
+
+
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}; use --config.<key>=<value>")
+        print(f"error: unexpected arguments {argv[1:]}; use --config.<key>=<value>", file=sys.stderr)
+        return 2
     from meteora_jax.checkpoint import CheckpointError
     from meteora_jax.config import ConfigError
     from meteora_jax.data import DataError
@@ -48,4 +85,4 @@ def main(argv):
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config"])
-    app.run(lambda argv: sys.exit(main(argv)))
+    app.run(lambda argv: sys.exit(main(argv)), flags_parser=_parse_flags)

@@ -532,8 +532,17 @@ def test_script_bad_input_exit_code_and_unknown_key(world, tmp_path):
     assert proc.returncode == 2
     assert "error: data.seq_len=100000 exceeds the model's max_position_embeddings=512" in proc.stderr
     assert not os.path.exists(tmp_path / "w")  # stopped before the trainer made its workdir
-    proc = subprocess.run(base + ["--config.train.stepz=3"], capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0 and "stepz" in proc.stderr
+    # Bad flags: one line on stderr, exit status 2, no traceback.
+    bad_flags = {
+        "--config.train.stepz=3": "error: --config.train.stepz: unknown config key 'stepz'. Did you mean \"steps\"",
+        "--config.train.steps=ten": "error: flag --config.train.steps=ten: invalid literal for int()",
+        f"--config={tmp_path / 'no_such_config.py'}": "error: cannot load the --config file: [Errno 2] No such file",
+    }
+    for flag, message in bad_flags.items():
+        proc = subprocess.run(base + [flag], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2, (flag, proc.stderr)
+        assert proc.stderr.startswith(message) and proc.stderr.count("\n") == 1, (flag, proc.stderr)
+    assert not os.path.exists(tmp_path / "w")
 
 
 @pytest.mark.parametrize("name", ["tiny", "smollm2_135m", "llama3_8b", "llama2_13b"])
