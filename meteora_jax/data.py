@@ -67,13 +67,18 @@ class DataError(ValueError):
 # Reading and validating JSONL
 
 
+TASK_FIELDS = {"prompt": str, "response": str}  # what every task and composite record holds
+
+
 def read_jsonl(
     path: str | os.PathLike,
     *,
+    fields: Mapping[str, type] = TASK_FIELDS,
     extra_fields: Mapping[str, type] | None = None,
     check: Callable[[dict], str | None] | None = None,
 ) -> list[dict]:
-    """Reads `{"prompt": str, "response": str}` lines, validating each one.
+    """Reads JSONL lines holding `fields` (by default `{"prompt": str, "response": str}`), validating
+    each one.
 
     `extra_fields` names further required fields and their types (e.g. `{"tasks": list}` for
     composite files); `check(record)` may return a further complaint about a record.
@@ -82,7 +87,7 @@ def read_jsonl(
     a file without any record.
     """
     path = os.fspath(path)
-    required = {"prompt": str, "response": str, **(extra_fields or {})}
+    required = {**fields, **(extra_fields or {})}
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
     records = []
@@ -91,7 +96,8 @@ def read_jsonl(
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                # without the newline: an error at the end of the line would be at column 1 of the next
+                obj = json.loads(line.rstrip("\r\n"))
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(obj, dict):
@@ -158,6 +164,20 @@ def find_task_dirs(
 
 # ----------------------------------------------------------------------------------------------
 # Tokenisation
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The HF tokenizer saved in the folder `path` (never a Hub download: a wrong path is an error
+    naming it, not a network attempt)."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise DataError(f"tokenizer folder {path!r} does not exist")
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # transformers raises many kinds
+        raise DataError(f"cannot load the tokenizer from {path!r}: {e}") from None
 
 
 def _pad_id(tokenizer) -> int:

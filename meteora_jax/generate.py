@@ -318,6 +318,16 @@ class Generator:
             mask[b, length - len(r) :] = True
         return ids, mask, rows
 
+    def check_lengths(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
+        """Raises ValueError if the longest prompt (token ids) plus max_new_tokens exceeds the model's
+        positions."""
+        longest = max((len(p) for p in prompts), default=0)
+        if longest + max_new_tokens > self.config.max_position_embeddings:
+            raise ValueError(
+                f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds the model's "
+                f"max_position_embeddings={self.config.max_position_embeddings}"
+            )
+
     def device_call(
         self,
         prompts,
@@ -336,23 +346,13 @@ class Generator:
         where `run()` executes prefill + decode and returns the device outputs without waiting or
         copying them to the host (for benchmarks: `jax.block_until_ready(run())`). Arguments as
         `generate`."""
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
-        if not 0.0 < top_p <= 1.0:
-            raise ValueError(f"top_p={top_p} must be in (0, 1]")
-        if temperature < 0:
-            raise ValueError(f"temperature={temperature} must be >= 0")
+        check_sampling_options(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
         L = self.config.meteora.num_adapters
         if return_routing and L == 0:
             raise ValueError("return_routing needs a model with adapters (num_adapters > 0)")
         eos = self.eos_token_ids if eos_token_ids is None else tuple(int(t) for t in eos_token_ids)
         ids, mask, rows = self._pack(prompts)
-        longest = max(len(r) for r in rows)
-        if longest + max_new_tokens > self.config.max_position_embeddings:
-            raise ValueError(
-                f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds the model's "
-                f"max_position_embeddings={self.config.max_position_embeddings}"
-            )
+        self.check_lengths(rows, max_new_tokens)
         forced = None if force_adapter is None else Routing.force_adapter(force_adapter, L).forced_weights
         routing = Routing(temperature=jnp.float32(routing_temperature), forced_weights=forced)
         rng = jax.random.key(seed) if isinstance(seed, (int, np.integer)) else seed
@@ -601,6 +601,22 @@ def cli_options(
 LAYER_LAYOUTS = ("fused", "unrolled", "scan")
 
 
+def check_sampling_options(*, max_new_tokens: int, temperature: float, top_p: float) -> None:
+    """Raises ValueError for sampling options `Generator.generate` cannot take."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p={top_p} must be in (0, 1]")
+    if temperature < 0:
+        raise ValueError(f"temperature={temperature} must be >= 0")
+
+
+def cli_fail(parser, message: str):
+    """Stops a script on bad input: one line on stderr, exit status 2 (argparse's `parser.error` also
+    prints the whole usage block, which buries the message)."""
+    parser.exit(2, f"{parser.prog}: error: {message}\n")
+
+
 def add_inference_arguments(parser) -> None:
     """The options scripts/generate.py and scripts/evaluate.py share: how the checkpoint is loaded
     and routed (`generator_from_args` reads them back)."""
@@ -648,10 +664,10 @@ def generator_for_cli(
     gates and their recorded settings), its tokenizer, a `Generator` in `layer_layout` (one of
     LAYER_LAYOUTS), the adapter names and the resolved `CliOptions`. Bad options raise ValueError
     with a message for the user."""
-    from transformers import AutoTokenizer
+    from meteora_jax.data import load_tokenizer
 
+    tokenizer = load_tokenizer(tokenizer_dir)  # first: the cheaper check
     params, config, names = load_for_inference(checkpoint, gates, dtype=dtype, top_k=top_k)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     opts = cli_options(tokenizer, names, force_adapter=force_adapter, chat_template=chat_template, gates=gates)
     if layer_layout not in LAYER_LAYOUTS:
         raise ValueError(f"layer_layout={layer_layout!r}; choose one of {LAYER_LAYOUTS}")

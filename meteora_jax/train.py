@@ -178,13 +178,10 @@ def _runtime_model_config(stored: ModelConfig, model_section) -> ModelConfig:
 
 def _load_tokenizer(path: str):
     _check(bool(path), "config.tokenizer is empty: give the base model's HF tokenizer folder")
-    _check(os.path.isdir(path), f"tokenizer folder {path!r} does not exist")
-    from transformers import AutoTokenizer
-
     try:
-        return AutoTokenizer.from_pretrained(path)
-    except Exception as e:  # transformers raises many kinds
-        raise TrainError(f"cannot load the tokenizer from {path!r}: {e}") from None
+        return data_lib.load_tokenizer(path)
+    except data_lib.DataError as e:
+        raise TrainError(str(e)) from None
 
 
 def prepare(config) -> Setup:

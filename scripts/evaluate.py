@@ -1,4 +1,4 @@
-"""Per-task and composite-n evaluation of a meteora-jax checkpoint; writes JSON, prints tables.
+r"""Per-task and composite-n evaluation of a meteora-jax checkpoint; writes JSON, prints tables.
 
     # every task folder of the data root, metric per task, composite-3 built on the fly
     python scripts/evaluate.py --checkpoint runs/tiny_world/model --tokenizer runs/tiny_world/tokenizer \
@@ -72,17 +72,30 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from meteora_jax import evaluate as ev
+    from meteora_jax.generate import cli_fail, generator_from_args
 
+    # Every input is checked, and the model loaded, before a composite set is written.
     try:
         metrics = ev.parse_metric_spec(args.metrics)
     except ValueError as e:
-        p.error(str(e))
+        cli_fail(p, str(e))
     tasks = args.tasks.split(",") if args.tasks else None
+    if args.data_root and not os.path.isdir(args.data_root):
+        cli_fail(p, f"--data-root {args.data_root} is not a folder")
+    if args.build_composite and not args.data_root:
+        cli_fail(p, "--build-composite needs --data-root")
+    if not args.build_only:
+        if not args.checkpoint or not args.tokenizer:
+            cli_fail(p, "--checkpoint and --tokenizer are required to evaluate")
+        if args.oracle and args.force_adapter is not None:
+            cli_fail(p, "--oracle and --force-adapter exclude each other")
+        try:
+            generator, tokenizer, adapter_names, opts = generator_from_args(args)
+        except ValueError as e:
+            cli_fail(p, str(e))
 
     composite_files = list(args.composite)
     if args.build_composite:
-        if not args.data_root:
-            p.error("--build-composite needs --data-root")
         names = tasks or sorted(
             d for d in os.listdir(args.data_root) if os.path.isfile(os.path.join(args.data_root, d, f"{args.split}.jsonl"))
         )
@@ -91,24 +104,17 @@ def main(argv=None) -> int:
             if out is None or not out.endswith(".jsonl") or len(args.build_composite) > 1:
                 folder = out if out and not out.endswith(".jsonl") else os.path.dirname(os.path.abspath(args.output))
                 out = os.path.join(folder, f"composite_{n}.jsonl")
-            ev.build_composite_file(
-                args.data_root, names, n, args.composite_samples, out, seed=args.composite_seed, split=args.split
-            )
+            try:
+                ev.build_composite_file(
+                    args.data_root, names, n, args.composite_samples, out, seed=args.composite_seed, split=args.split
+                )
+            except ValueError as e:  # a bad task file (DataError) or composite setting
+                cli_fail(p, str(e))
             print(f"composite-{n}: {args.composite_samples} samples -> {out}")
             composite_files.append(out)
     if args.build_only:
         return 0
-    if not args.checkpoint or not args.tokenizer:
-        p.error("--checkpoint and --tokenizer are required to evaluate")
-    if args.oracle and args.force_adapter is not None:
-        p.error("--oracle and --force-adapter exclude each other")
 
-    from meteora_jax.generate import generator_from_args
-
-    try:
-        generator, tokenizer, adapter_names, opts = generator_from_args(args)
-    except ValueError as e:
-        p.error(str(e))
     try:
         results = ev.run_evaluation(
             generator,
@@ -134,7 +140,7 @@ def main(argv=None) -> int:
             output=args.output,
         )
     except ValueError as e:
-        p.error(str(e))
+        cli_fail(p, str(e))
     print(ev.format_results(results))
     print(f"\nresults: {os.path.abspath(args.output)}")
     return 0

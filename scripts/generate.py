@@ -1,4 +1,4 @@
-"""Generate text with a meteora-jax checkpoint (greedy by default).
+r"""Generate text with a meteora-jax checkpoint (greedy by default).
 
     python scripts/generate.py --checkpoint runs/tiny_world/model --tokenizer runs/tiny_world/tokenizer \
         --gates runs/tiny/gates --prompt "417+26=" --prompt "reverse lamp dog"
@@ -24,21 +24,35 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 
 def _read_prompts(args) -> list[str]:
+    """--prompt values, then --prompts-file's; a bad file raises `DataError` naming it (and the line)."""
+    from meteora_jax.data import DataError, read_jsonl
+
     prompts = list(args.prompt or [])
-    if args.prompts_file:
-        with open(args.prompts_file, encoding="utf-8") as f:
-            for line in f:
-                if not line.strip():
-                    continue
-                if args.prompts_file.endswith(".jsonl"):
-                    prompts.append(json.loads(line)["prompt"])
-                else:
-                    prompts.append(line.rstrip("\n").replace("\\n", "\n"))
+    path = args.prompts_file
+    if path and path.endswith(".jsonl"):
+        prompts += [r["prompt"] for r in read_jsonl(path, fields={"prompt": str})]
+    elif path:
+        if not os.path.isfile(path):
+            raise DataError(f"{path}: no such file")
+        with open(path, encoding="utf-8") as f:
+            prompts += [line.rstrip("\n").replace("\\n", "\n") for line in f if line.strip()]
     return prompts
 
 
+def _check_outputs(args) -> None:
+    """Output paths, checked before any work (a bad one would otherwise fail after all of it)."""
+    if args.json:
+        folder = os.path.dirname(os.path.abspath(args.json))
+        if not os.path.isdir(folder):
+            raise ValueError(f"--json {args.json}: folder {folder} does not exist")
+        if os.path.isdir(args.json):
+            raise ValueError(f"--json {args.json} is a folder, not a file")
+    if args.routing_pictures and os.path.exists(args.routing_pictures) and not os.path.isdir(args.routing_pictures):
+        raise ValueError(f"--routing-pictures {args.routing_pictures} exists and is not a folder")
+
+
 def main(argv=None) -> int:
-    from meteora_jax.generate import add_inference_arguments
+    from meteora_jax.generate import add_inference_arguments, check_sampling_options, cli_fail
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="model checkpoint folder (meteora_jax.checkpoint)")
@@ -56,24 +70,33 @@ def main(argv=None) -> int:
     add_inference_arguments(p)
     args = p.parse_args(argv)
 
-    prompts = _read_prompts(args)
+    # Every input is checked before the model loads; outputs are written only once all prompts are done.
+    try:
+        if args.batch_size < 1:
+            raise ValueError(f"--batch-size {args.batch_size} must be >= 1")
+        check_sampling_options(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
+        _check_outputs(args)
+        prompts = _read_prompts(args)
+    except ValueError as e:
+        cli_fail(p, str(e))
     if not prompts:
-        p.error("give --prompt and/or --prompts-file")
+        cli_fail(p, "give --prompt and/or --prompts-file")
 
     from meteora_jax import viz
     from meteora_jax.generate import encode_prompt, generator_from_args
 
     try:
         generator, tokenizer, names, opts = generator_from_args(args)
+        force, chat = opts.force_adapter, opts.chat_template
+        prompt_ids = [encode_prompt(tokenizer, q, chat_template=chat) for q in prompts]
+        generator.check_lengths(prompt_ids, args.max_new_tokens)
     except ValueError as e:
-        p.error(str(e))
-    force, chat = opts.force_adapter, opts.chat_template
+        cli_fail(p, str(e))
     pictures = bool(args.routing_pictures) and generator.config.meteora.num_adapters > 0
 
-    records = []
+    records, routed = [], []  # routed: (prompt number, token pieces, routing, prompt length)
     for start in range(0, len(prompts), args.batch_size):
-        chunk = prompts[start : start + args.batch_size]
-        ids = [encode_prompt(tokenizer, q, chat_template=chat) for q in chunk]
+        chunk, ids = prompts[start : start + args.batch_size], prompt_ids[start : start + args.batch_size]
         out = generator.generate(
             ids,
             max_new_tokens=args.max_new_tokens,
@@ -90,11 +113,11 @@ def main(argv=None) -> int:
             print(f"### prompt {start + j}\n{q}\n### output\n{text}\n", flush=True)
             if pictures:
                 full = ids[j] + [int(t) for t in out.tokens[j, : out.lengths[j]]]
-                pieces = viz.token_pieces(tokenizer, full)
-                stem = os.path.join(args.routing_pictures, f"prompt_{start + j:03d}")
-                kw = dict(prompt_length=len(ids[j]))
-                viz.save_routing_png(stem + ".png", pieces, out.routing[j], names, **kw)
-                viz.save_routing_html(stem + ".html", pieces, out.routing[j], names, **kw)
+                routed.append((start + j, viz.token_pieces(tokenizer, full), out.routing[j], len(ids[j])))
+    for number, pieces, routing, prompt_length in routed:
+        stem = os.path.join(args.routing_pictures, f"prompt_{number:03d}")
+        viz.save_routing_png(stem + ".png", pieces, routing, names, prompt_length=prompt_length)
+        viz.save_routing_html(stem + ".html", pieces, routing, names, prompt_length=prompt_length)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             for r in records:

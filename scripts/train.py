@@ -1,4 +1,4 @@
-"""Trains the MeteoRA gates of a converted model on JSONL task data.
+r"""Trains the MeteoRA gates of a converted model on JSONL task data.
 
     python scripts/train.py --config configs/tiny.py
     python scripts/train.py --config configs/llama3_8b.py \

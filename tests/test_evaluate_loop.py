@@ -107,6 +107,78 @@ def test_scripts_reject_unknown_force_adapter(tiny_inference_world, tmp_path, ca
     assert all(name in err for name in w.adapter_names)
 
 
+def _bad_generate_inputs(w, tmp_path):
+    """(extra argv, expected message) for scripts/generate.py; each must stop it before any output."""
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "1+2="}\n{"prompt": "3+4="\n')
+    (tmp_path / "noprompt.jsonl").write_text('{"text": "1+2="}\n')
+    (tmp_path / "a_file").write_text("")
+    missing = tmp_path / "none"
+    return [
+        (["--prompts-file", str(missing / "p.txt")], f"{missing / 'p.txt'}: no such file"),
+        (["--prompts-file", str(tmp_path / "bad.jsonl")], "bad.jsonl:2: malformed JSON (Expecting ',' delimiter at column 18)"),
+        (["--prompts-file", str(tmp_path / "noprompt.jsonl")], "noprompt.jsonl:1: missing field 'prompt'"),
+        (["--prompt", "1+2=", "--batch-size", "0"], "--batch-size 0 must be >= 1"),
+        (["--prompt", "1+2=", "--top-p", "0"], "top_p=0.0 must be in (0, 1]"),
+        (["--prompt", "1+2=", "--max-new-tokens", "-1"], "max_new_tokens=-1 must be >= 1"),
+        (["--prompt", "1+2=", "--json", str(missing / "out.jsonl")], f"folder {missing} does not exist"),
+        (["--prompt", "1+2=", "--routing-pictures", str(tmp_path / "a_file")], "exists and is not a folder"),
+        (["--prompt", "1+2=", "--tokenizer", str(missing)], f"tokenizer folder {str(missing)!r} does not exist"),
+        (["--prompt", "1+2 " * 400], "exceeds the model's max_position_embeddings=512"),
+    ]
+
+
+def test_scripts_stop_on_bad_input_with_one_line(tiny_inference_world, tmp_path, capsys):
+    """Bad input to scripts/generate.py and scripts/evaluate.py: exit status 2, one line on stderr naming
+    the file or option, and no output written."""
+    w = tiny_inference_world
+    generate = runpy.run_path(os.path.join(REPO, "scripts", "generate.py"), run_name="cli_script")["main"]
+    evaluate = runpy.run_path(os.path.join(REPO, "scripts", "evaluate.py"), run_name="cli_script")["main"]
+    outputs = tmp_path / "out"
+    os.makedirs(outputs)
+    base = ["--checkpoint", w.model, "--tokenizer", w.tokenizer]
+    cases = [(generate, base + argv + ["--json", str(outputs / "g.jsonl")] * ("--json" not in argv), message)
+             for argv, message in _bad_generate_inputs(w, tmp_path)]
+    # evaluate.py: a missing data root; a malformed test file while building a composite set; a bad
+    # checkpoint, which must stop the run before that set is written.
+    data = tmp_path / "data"
+    for task in ("arith", "reverse"):
+        os.makedirs(data / task)
+        write_jsonl(data / task / "test.jsonl", read_jsonl(os.path.join(w.data_root, task, "test.jsonl"))[:4])
+    with open(data / "reverse" / "test.jsonl", "a") as f:
+        f.write('{"prompt": "x", "response": 3}\n')
+    ev_out = ["--output", str(outputs / "r.json"), "--composite-out", str(outputs)]
+    cases += [
+        (evaluate, base + ["--data-root", str(tmp_path / "none")] + ev_out, "--data-root"),
+        (evaluate, base + ["--data-root", str(data), "--build-composite", "2"] + ev_out,
+         "reverse/test.jsonl:5: field 'response' must be str, got int"),
+        (evaluate, ["--checkpoint", str(tmp_path), "--tokenizer", w.tokenizer, "--data-root", w.data_root,
+                    "--build-composite", "2"] + ev_out, "is not a meteora-jax checkpoint"),
+    ]
+    for main, argv, message in cases:
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2, (argv, err)
+        assert message in err and err.count("\n") == 1 and ": error: " in err, (argv, err)
+        assert not os.listdir(outputs), (argv, sorted(os.listdir(outputs)))
+
+
+def test_generate_script_writes_outputs_after_all_prompts(tiny_inference_world, tmp_path, capsys):
+    """--json and --routing-pictures hold every prompt of every batch (written once generation is done)."""
+    w = tiny_inference_world
+    generate = runpy.run_path(os.path.join(REPO, "scripts", "generate.py"), run_name="cli_script")["main"]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("1+2=", "5+5=", "abc")))
+    argv = ["--checkpoint", w.model, "--tokenizer", w.tokenizer, "--prompts-file", str(tmp_path / "prompts.jsonl"),
+            "--prompt", "9+1=", "--batch-size", "3", "--max-new-tokens", "4", "--json", str(tmp_path / "g.jsonl"),
+            "--routing-pictures", str(tmp_path / "pics")]
+    assert generate(argv) == 0
+    records = [json.loads(line) for line in open(tmp_path / "g.jsonl")]
+    assert [r["prompt"] for r in records] == ["9+1=", "1+2=", "5+5=", "abc"]
+    assert sorted(os.listdir(tmp_path / "pics")) == [f"prompt_{i:03d}.{ext}" for i in range(4) for ext in ("html", "png")]
+    printed = capsys.readouterr().out
+    assert all(f"### output\n{r['output']}\n" in printed for r in records)
+
+
 # ------------------------------------------------------------------------------------------------
 # Composite samples as chained turns, and oracle routing
 
