@@ -636,8 +636,9 @@ class Trainer:
     def run(self) -> dict:
         """Trains to train.steps (resuming if a checkpoint exists). Returns a summary dict.
 
-        summary: status ("done" | "interrupted"), step, train (last logged scalars), eval (last
-        eval), history (every logged train/eval record), gates_dir (exported gates or None).
+        summary: status ("done" | "interrupted"), step, resumed_from (the step of the checkpoint this
+        run started from, or None), train (last logged scalars), eval (last eval), history (every
+        logged train/eval record), gates_dir (exported gates or None).
         """
         cfg = self.config
         total = int(cfg.train.steps)
@@ -754,6 +755,7 @@ class Trainer:
         return {
             "status": status,
             "step": step,
+            "resumed_from": start or None,
             "saved_step": saved_step,
             "train": last_train,
             "eval": last_eval,

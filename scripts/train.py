@@ -79,6 +79,9 @@ def main(argv):
         return 2
     ev = summary["eval"]
     acc = f", eval gate accuracy {ev['gate_acc_top1']:.3f}" if ev else ""
+    if summary["resumed_from"]:
+        print(f"resumed from the checkpoint at step {summary['resumed_from']} in {_CONFIG.value.workdir} "
+              "(another workdir, or --config.checkpoint.resume=False, starts over)")
     print(f"{summary['status']} at step {summary['step']}{acc}; gates: {summary['gates_dir']}")
     return 0
 

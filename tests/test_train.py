@@ -269,7 +269,7 @@ def test_resume_from_earlier_checkpoint_logs_each_step_once(make_config):
     for step in (3, 4):  # resume from step 2: the log already holds steps 3 and 4
         shutil.rmtree(os.path.join(ckpts, str(step)))
     summary = train_lib.train(make_config("relog", train=dict(steps=5), checkpoint=dict(every=1, keep=10)))
-    assert summary["history"][0]["step"] == 3
+    assert summary["history"][0]["step"] == 3 and summary["resumed_from"] == 2
     records = [json.loads(l) for l in open(os.path.join(first.workdir, "metrics.jsonl"))]
     steps = [r["step"] for r in records if r["split"] == "train"]
     assert steps == [1, 2, 3, 4, 5]
@@ -350,7 +350,7 @@ def test_resume_equals_uninterrupted(make_config):
     t1 = train_lib.Trainer(train_lib.prepare(parts))
     t1.iterator = _SignalAfter(t1.iterator, n)
     summary = t1.run()  # SIGTERM during step n: finish it, save, return
-    assert summary["status"] == "interrupted" and summary["step"] == n
+    assert summary["status"] == "interrupted" and summary["step"] == n and summary["resumed_from"] is None
     assert t1.manager.latest_step() == n and sorted(t1.manager.all_steps()) == [n - 1, n]  # keep=2
     ckpt_dir = t1.manager.directory
     t1.close()
