@@ -278,3 +278,24 @@ def test_force_adapter_lookup_and_unknown_name():
     assert cli_options(SimpleNamespace(pad_token_id=5, eos_token_id=2), names).pad_token_id == 5
     with pytest.raises(ValueError, match="chat_template='maybe'"):
         cli_options(tok, names, chat_template="maybe")
+
+
+def test_readme_python_example_runs(tiny_inference_world):
+    """README.md's "Use from Python" block, run on the tiny world (without trained gates: the checkpoint's
+    own), and what its comments say: gate logits per projection, and forcing an adapter changes the output."""
+    import os
+    import re
+
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
+    code = re.search(r"## Use from Python\n\n```python\n(.*?)```", readme, re.S).group(1)
+    paths = '"runs/tiny_world/model", gates="runs/tiny/gates"'
+    assert paths in code
+    scope = {}
+    exec(code.replace(paths, f"{tiny_inference_world.model!r}, gates=None"), scope)  # noqa: S102
+    out, num_layers = scope["out"], scope["config"].num_layers
+    assert out.logits.shape == (1, 3, scope["config"].vocab_size)
+    assert sorted(out.gate_logits) == sorted(scope["config"].meteora.targets)
+    assert all(v.shape == (num_layers, 1, 3, len(tiny_inference_world.adapter_names)) for v in out.gate_logits.values())
+    model, params, ids = scope["model"], scope["params"], scope["ids"]
+    forced = model.apply({"params": params}, ids, routing=scope["Routing"].force_adapter(1, 3)).logits
+    assert not np.allclose(np.asarray(forced), np.asarray(out.logits))
