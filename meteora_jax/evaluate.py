@@ -575,21 +575,27 @@ def run_evaluation(
 
     common = dict(batch_size=batch_size, max_new_tokens=max_new_tokens, chat_template=chat_template)
     results: dict[str, Any] = {"tasks": {}, "composite": {}}
+    # Every file is read and validated before any generation: a bad one found after an hour of
+    # evaluation would waste it (and leave the earlier sets' routing pictures behind).
+    task_records = {}
     if data_root:
         names = list(tasks) if tasks else sorted(
             d for d in os.listdir(data_root) if os.path.isfile(os.path.join(data_root, d, f"{split}.jsonl"))
         )
         check_oracle(names)
-        for task in names:
-            records = read_jsonl(os.path.join(data_root, task, f"{split}.jsonl"))[:max_samples]
-            force = adapter_for_task[task] if adapter_for_task is not None else force_adapter
-            results["tasks"][task] = evaluate_records(
-                generator, tokenizer, records, metric_for(task), routing_temperature=routing_temperature,
-                force_adapter=force, **common
-            )
-    for path in composite_files:
-        records = read_composite_jsonl(path)[:max_samples]
+        task_records = {task: read_jsonl(os.path.join(data_root, task, f"{split}.jsonl"))[:max_samples]
+                        for task in names}
+    composite_sets = [(path, read_composite_jsonl(path)[:max_samples]) for path in composite_files]
+    for _, records in composite_sets:
         check_oracle([t for r in records for t in r["tasks"]])
+
+    for task, records in task_records.items():
+        force = adapter_for_task[task] if adapter_for_task is not None else force_adapter
+        results["tasks"][task] = evaluate_records(
+            generator, tokenizer, records, metric_for(task), routing_temperature=routing_temperature,
+            force_adapter=force, **common
+        )
+    for path, records in composite_sets:
         sizes = {len(r["tasks"]) for r in records}
         n = sizes.pop() if len(sizes) == 1 else None
         temp = composite_temperature or COMPOSITE_TEMPERATURES.get(n, routing_temperature)

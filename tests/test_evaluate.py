@@ -109,3 +109,29 @@ def test_evaluate_task_and_table_for_single_tasks():
     assert "0.5000" in text and "0.6000" in text and "rouge2" in text
     with pytest.raises(ValueError, match="unknown metric"):
         ev.evaluate_task(["a"], ["a"], "meteor")
+
+
+@pytest.mark.parametrize("bad", ["task", "composite"])
+def test_run_evaluation_validates_every_file_before_generating(tmp_path, bad):
+    """A malformed task or composite file (the last one read) stops the evaluation before any
+    generation, with the file and line, and nothing is written."""
+    from meteora_jax.data import DataError, write_jsonl
+
+    class NoGeneration:
+        def __getattr__(self, name):
+            raise AssertionError(f"generator.{name} used before every input file was validated")
+
+    good = [{"prompt": "1+1=", "response": "2"}, {"prompt": "2+2=", "response": "4"}]
+    for task in ("a_task", "z_task"):
+        (tmp_path / "data" / task).mkdir(parents=True)
+        write_jsonl(tmp_path / "data" / task / "test.jsonl", good)
+    composite = tmp_path / "composite.jsonl"
+    write_jsonl(composite, [{"prompt": "1+1= @@@@ 2+2=", "response": "2@@@@\n4", "tasks": ["a_task", "z_task"]}])
+    broken = tmp_path / "data" / "z_task" / "test.jsonl" if bad == "task" else composite
+    with open(broken, "a") as f:
+        f.write('{"prompt": "3+3="}\n')
+    with pytest.raises(DataError, match=rf"{broken.name}:\d+: missing field 'response'"):
+        ev.run_evaluation(NoGeneration(), NoGeneration(), data_root=str(tmp_path / "data"),
+                          composite_files=[str(composite)], routing_pictures=str(tmp_path / "pics"),
+                          adapter_names=["a_task", "z_task"], output=str(tmp_path / "out" / "r.json"))
+    assert not (tmp_path / "pics").exists() and not (tmp_path / "out").exists()
