@@ -94,6 +94,8 @@ def save_checkpoint(
                               "through its Orbax CheckpointManager")
     if path.exists() and not overwrite:
         raise CheckpointError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
+    if path.exists() and not is_checkpoint(path) and not (path.is_dir() and not any(path.iterdir())):
+        raise CheckpointError(f"{path} exists and is not a checkpoint; overwrite replaces only checkpoints")
     flat = _flatten(params)
     meta = dict(metadata or {})
     meta.update(

@@ -154,6 +154,9 @@ class ModelConfig:
                 raise ConfigError(f"HF config has {flag}=True; LLaMA projections without bias are supported")
         if hf.get("hidden_act", "silu") != "silu":
             raise ConfigError(f"hidden_act={hf.get('hidden_act')!r}; only 'silu' (SwiGLU) is supported")
+        missing = [key for key in _HF_REQUIRED if not isinstance(hf.get(key), int)]
+        if missing:
+            raise ConfigError(f"HF config lacks integer keys {missing}")
         rope_theta, rope_scaling = _rope_from_hf(hf)
         num_heads = hf["num_attention_heads"]
         values = dict(
@@ -173,6 +176,9 @@ class ModelConfig:
         )
         values.update(overrides)
         return cls(**values)
+
+
+_HF_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 
 def _rope_from_hf(hf: Mapping[str, Any]) -> tuple[float, RopeScaling | None]:

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from meteora_jax import LlamaForCausalLM, Routing
-from meteora_jax.checkpoint import read_metadata, restore_checkpoint
+from meteora_jax.checkpoint import is_checkpoint, read_metadata, restore_checkpoint
 from meteora_jax.config import ALL_PROJECTIONS
 from meteora_jax.convert.cli import main
 from meteora_jax.convert.hf_base import hf_projection_name
@@ -380,6 +380,10 @@ BAD_ADAPTERS = {
     "non-finite": (lambda p, t: _edit_tensors(p, lambda d: d[KEY].__setitem__((0, 3), np.nan)), ["adapter 'alpha'", f"tensor {KEY!r} has 1 non-finite values"]),
     "truncated": (lambda p, t: _truncate(p / "adapter_model.safetensors"), ["adapter 'alpha'", "adapter_model.safetensors: cannot read weights, the file is truncated or corrupt"]),
     "corrupt-header": (lambda p, t: _corrupt(p / "adapter_model.safetensors"), ["adapter 'alpha'", "truncated or corrupt"]),
+    "config-not-object": (lambda p, t: (p / "adapter_config.json").write_text("[1, 2]"), ["adapter 'alpha'", "holds a JSON list, not an object"]),
+    "config-not-utf8": (lambda p, t: (p / "adapter_config.json").write_bytes(b'{"r": "\xff"}'), ["adapter 'alpha'", "is not valid UTF-8 JSON"]),
+    "targets-not-strings": (lambda p, t: _edit_config(p, target_modules=[1, 2]), ["key 'target_modules' must be a string or a list of strings, got [1, 2]"]),
+    "rank-pattern-not-object": (lambda p, t: _edit_config(p, rank_pattern=["x"]), ["key 'rank_pattern' must be an object of positive integers"]),
 }
 
 
@@ -425,16 +429,79 @@ def test_duplicate_names_and_missing_order(base_ckpt, tiny_peft_adapters, tmp_pa
 
 
 def test_existing_output_needs_overwrite(base_ckpt, tiny_peft_adapters, tmp_path, capsys):
-    name, path = tiny_peft_adapters[0]
+    """--overwrite replaces a checkpoint, never another folder or an input; a location that cannot be
+    written is refused before any work."""
+    (name, path), (other, other_path) = tiny_peft_adapters[:2]
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     args = ["loras", "--base", str(base_ckpt), "--adapters", f"{name}={path}", "-o", str(out), "--quiet"]
     assert main(args) == 1
     assert f"{out} exists; pass --overwrite" in capsys.readouterr().err
+    assert main([*args, "--overwrite"]) == 1
+    assert f"{out} exists and is not a meteora-jax checkpoint" in capsys.readouterr().err
     assert os.listdir(out) == ["keep.txt"] and os.listdir(tmp_path) == ["out"]
-    assert main([*args, "--overwrite"]) == 0
-    assert read_metadata(out)["adapters"][0]["name"] == name and os.listdir(tmp_path) == ["out"]
+
+    ckpt = tmp_path / "ckpt"
+    args[6] = str(ckpt)
+    assert main(args) == 0 and read_metadata(ckpt)["adapters"][0]["name"] == name
+    args[4] = f"{other}={other_path}"
+    assert main([*args, "--overwrite"]) == 0  # a checkpoint is replaced
+    assert read_metadata(ckpt)["adapters"][0]["name"] == other and sorted(os.listdir(tmp_path)) == ["ckpt", "out"]
+
+    for output, message in ((base_ckpt, "is, or holds, the input"), (Path(path).parent, "is, or holds, the input"),
+                            (out / "keep.txt" / "x", "is not a writable folder")):
+        assert main(["loras", "--base", str(base_ckpt), "--adapters", f"{name}={path}", "-o", str(output),
+                     "--overwrite", "--quiet"]) == 1
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    assert is_checkpoint(base_ckpt) and os.listdir(path) and os.listdir(out) == ["keep.txt"]
+
+
+def test_adapters_checked_before_the_base_loads(tiny_peft_adapters, tmp_path, capsys, monkeypatch):
+    """Adapter directories, --top-k and --gate-std are checked before the (slow) base model load."""
+    from meteora_jax.convert import cli
+
+    monkeypatch.setattr(cli, "load_base", lambda *a, **k: pytest.fail("the base model loaded first"))
+    name, path = tiny_peft_adapters[0]
+    base = ["loras", "--base", str(tmp_path / "no-base"), "-o", str(tmp_path / "out"), "--quiet"]
+    for extra, message in (
+        (["--adapters", f"{name}={tmp_path / 'missing'}"], f"adapter {name!r}: {tmp_path / 'missing'} is not a directory"),
+        (["--adapters", f"{name}={path}", "--top-k", "0"], "--top-k 0 must be >= 1"),
+        (["--adapters", f"{name}={path}", "--gate-std", "nan"], "--gate-std nan must be a finite number >= 0"),
+    ):
+        assert main(base + extra) == 1
+        assert message in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
+
+
+def test_order_file_with_bom_and_identical_adapters(base_ckpt, tiny_peft_adapters, tmp_path, caplog):
+    """An adapters.txt saved with a UTF-8 BOM and a trailing '/' on a name; two names for one
+    adapter's weights convert with a warning."""
+    (name, path), (other, other_path) = tiny_peft_adapters[:2]
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    for n, p in ((name, path), (other, other_path)):
+        shutil.copytree(p, folder / n)
+    shutil.copytree(path, folder / "copy")
+    (folder / "adapters.txt").write_bytes("\ufeff".encode() + f"{name}/\n{other}\ncopy\n".encode())
+    with caplog.at_level(logging.WARNING, logger="meteora_jax"):
+        assert main(["loras", "--base", str(base_ckpt), "--adapter-dir", str(folder), "-o", str(tmp_path / "o"),
+                     "--quiet"]) == 0
+    assert [a["name"] for a in read_metadata(tmp_path / "o")["adapters"]] == [name, other, "copy"]
+    assert f"adapters {name!r} and 'copy' have identical weights" in caplog.text
+
+
+def test_base_config_without_a_required_key(tiny_hf_llama_dir, tmp_path, capsys):
+    src = tmp_path / "base"
+    shutil.copytree(tiny_hf_llama_dir, src)
+    config = json.loads((src / "config.json").read_text())
+    del config["hidden_size"]
+    (src / "config.json").write_text(json.dumps(config))
+    assert main(["base", str(src), "-o", str(tmp_path / "out"), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert f"{src}: HF config lacks integer keys ['hidden_size']" in err and err.count("\n") == 1
+    assert sorted(os.listdir(tmp_path)) == ["base"]
 
 
 def test_help_documents_everything(capsys):

@@ -21,6 +21,7 @@ import argparse
 import datetime
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -213,7 +214,7 @@ def _adapter_list(args) -> list[tuple[str, Path]]:
         for item in args.adapters:
             name, sep, target = item.partition("=")
             if not sep:
-                target, name = item, Path(item).name
+                target, name = item, Path(item).resolve().name  # "." and "dir/" name the folder itself
             entries.append((name, Path(target)))
         return entries
     order = args.order_file
@@ -237,20 +238,49 @@ def _header(kind: str, dtype: str) -> dict:
     }
 
 
+def _check_output(args, inputs: Sequence[Path]) -> None:
+    """The output location, before any work: --overwrite replaces only a checkpoint (or an empty
+    folder), never one of the inputs or a folder holding one, and the location must be writable."""
+    out = args.output.resolve()
+    for given in inputs:
+        source = Path(given).resolve()
+        if out == source or out in source.parents:
+            raise ConversionError(f"output {args.output} is, or holds, the input {given}; choose another output")
+    if out.exists():
+        if not args.overwrite:
+            raise CheckpointError(f"{args.output} exists; pass --overwrite to replace it")
+        if not is_checkpoint(out) and not (out.is_dir() and not any(out.iterdir())):
+            raise CheckpointError(f"{args.output} exists and is not a meteora-jax checkpoint; --overwrite replaces only "
+                                  "checkpoints (remove it yourself, or choose another output)")
+    parent = next(p for p in out.parents if p.exists())  # the folders below it are created
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ConversionError(f"cannot write {args.output}: {parent} is not a writable folder")
+
+
 def _run_base(args) -> Path:
     progress = not args.quiet
+    _check_output(args, [args.source])
     config, params, base_meta = load_base(args.source, args.dtype, args.gguf_file, progress)
     check_param_tree(params, config, str(args.source))
     return save_checkpoint(args.output, params, config, {**_header("base", args.dtype), "base": base_meta, "adapters": []},
                            overwrite=args.overwrite)
 
 
+def _check_top_k(args) -> None:
+    if args.top_k < 1:
+        raise ConversionError(f"--top-k {args.top_k} must be >= 1")
+
+
 def _run_loras(args) -> Path:
-    from meteora_jax.convert.peft import adapters_metadata, check_adapter_names, load_peft_adapters, stack_adapters
+    from meteora_jax.convert.peft import adapters_metadata, check_adapter_dirs, load_peft_adapters, stack_adapters
 
     progress = not args.quiet
+    _check_top_k(args)
+    if not (np.isfinite(args.gate_std) and args.gate_std >= 0):
+        raise ConversionError(f"--gate-std {args.gate_std} must be a finite number >= 0")
     entries = _adapter_list(args)
-    check_adapter_names([name for name, _ in entries])
+    _check_output(args, [args.base, *(path for _, path in entries)])
+    check_adapter_dirs(entries)  # before the base model, which may take minutes to load
     config, params, base_meta = load_base(args.base, args.dtype, args.gguf_file, progress)
     adapters = load_peft_adapters(entries, config, progress=progress)
     params, config = stack_adapters(
@@ -275,6 +305,8 @@ def _run_reference(args) -> Path:
         raise ConversionError("--rslora needs --lora-alpha")
     if args.names and args.order_file:
         raise ConversionError("give adapter names with --names or --order-file, not both")
+    _check_top_k(args)
+    _check_output(args, [args.base, args.checkpoint])
     names = None
     if args.names:
         names = [name.strip() for name in args.names.split(",")]
@@ -351,11 +383,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "inspect":
             _run_inspect(args)
             return 0
-        if args.output.exists() and not args.overwrite:  # fail before any work
-            raise CheckpointError(f"{args.output} exists; pass --overwrite to replace it")
         run = {"base": _run_base, "loras": _run_loras, "reference": _run_reference}[args.command]
         path = run(args)
     except (ConversionError, WeightsError, ConfigError, CheckpointError) as err:
+        print(f"meteora-convert {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:  # the disk, not the inputs: full, or the output taken away meanwhile
         print(f"meteora-convert {args.command}: error: {err}", file=sys.stderr)
         return 1
     print(f"wrote {path}")

@@ -132,9 +132,12 @@ def read_hf_config(model_dir: str | os.PathLike) -> dict:
     if not path.exists():
         raise WeightsError(f"{path}: missing (an HF model directory needs config.json)")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise WeightsError(f"{path}: not valid JSON ({err})") from err
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise WeightsError(f"{path}: not valid UTF-8 JSON ({err})") from err
+    if not isinstance(config, dict):
+        raise WeightsError(f"{path}: holds a JSON {type(config).__name__}, not an object")
+    return config
 
 
 def _gguf_state_dict(gguf_path: Path) -> tuple[dict, Callable[[str], np.ndarray]]:

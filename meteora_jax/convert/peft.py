@@ -156,10 +156,13 @@ def _read_adapter_config(name: str, path: Path) -> dict:
     if not config_path.is_file():
         raise ConversionError(f"adapter {name!r}: {config_path} is missing (every PEFT adapter directory needs it)")
     try:
-        cfg = json.loads(config_path.read_text())
-    except json.JSONDecodeError as err:
-        raise ConversionError(f"adapter {name!r}: {config_path} is not valid JSON ({err})") from err
+        cfg = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConversionError(f"adapter {name!r}: {config_path} is not valid UTF-8 JSON ({err})") from err
     what = f"adapter {name!r} ({config_path})"
+    if not isinstance(cfg, dict):
+        raise ConversionError(f"{what}: holds a JSON {type(cfg).__name__}, not an object")
+    _check_types(cfg, what)
     if cfg.get("peft_type", "LORA") != "LORA":
         raise ConversionError(f"{what}: key 'peft_type' is {cfg['peft_type']!r}; only LORA adapters are supported")
     for key in ("r", "lora_alpha"):
@@ -170,9 +173,7 @@ def _read_adapter_config(name: str, path: Path) -> dict:
     for key, feature in _UNSUPPORTED.items():
         if cfg.get(key):
             raise ConversionError(f"{what}: key {key!r} = {cfg[key]!r}: {feature} is not supported")
-    targets = cfg.get("target_modules")
-    if targets is None:
-        raise ConversionError(f"{what}: key 'target_modules' is missing")
+    targets = cfg["target_modules"]
     if not isinstance(targets, str):
         for entry in targets:
             if entry.split(".")[-1] not in ALL_PROJECTIONS:
@@ -181,6 +182,29 @@ def _read_adapter_config(name: str, path: Path) -> dict:
                     f"{ALL_PROJECTIONS} can carry MeteoRA adapters"
                 )
     return cfg
+
+
+def _is_str_list(value) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _check_types(cfg: dict, what: str) -> None:
+    """The adapter_config.json keys this converter reads, with the JSON types PEFT writes."""
+    kinds = {  # key: (check, what it must be); None (absent) is fine for all but target_modules
+        "target_modules": (lambda v: isinstance(v, str) or _is_str_list(v), "a string or a list of strings"),
+        "exclude_modules": (lambda v: v is None or isinstance(v, str) or _is_str_list(v), "a string or a list of strings"),
+        "layers_to_transform": (lambda v: v is None or isinstance(v, int) or (isinstance(v, list) and all(
+            isinstance(i, int) for i in v)), "an integer or a list of integers"),
+        "rank_pattern": (lambda v: v is None or (isinstance(v, dict) and all(
+            isinstance(r, int) and r > 0 for r in v.values())), "an object of positive integers"),
+        "alpha_pattern": (lambda v: v is None or (isinstance(v, dict) and all(
+            isinstance(a, (int, float)) and a > 0 for a in v.values())), "an object of positive numbers"),
+    }
+    for key, (ok, kind) in kinds.items():
+        if key == "target_modules" and cfg.get(key) is None:
+            raise ConversionError(f"{what}: key 'target_modules' is missing")
+        if not ok(cfg.get(key)):
+            raise ConversionError(f"{what}: key {key!r} must be {kind}, got {cfg.get(key)!r}")
 
 
 def _weights_file(name: str, path: Path) -> Path:
@@ -299,6 +323,15 @@ def check_adapter_names(names: Sequence[str]) -> None:
         seen.add(name)
 
 
+def check_adapter_dirs(adapters: Sequence[tuple[str, str | os.PathLike]]) -> None:
+    """The cheap checks of `(name, directory)` pairs, for before the base model loads: unique names,
+    each directory's adapter_config.json, and a weights file."""
+    check_adapter_names([name for name, _ in adapters])
+    for name, path in adapters:
+        _read_adapter_config(name, Path(path))
+        _weights_file(name, Path(path))
+
+
 def load_peft_adapters(
     adapters: Sequence[tuple[str, str | os.PathLike]],
     config: ModelConfig,
@@ -311,6 +344,12 @@ def load_peft_adapters(
     loaded = []
     for name, path in tqdm(adapters, desc="read adapters", disable=not progress, leave=False):
         loaded.append(load_peft_adapter(name, path, config))
+    first_with = {}
+    for adapter in loaded:  # allowed (an A/B of one adapter under two names), but rarely meant
+        if adapter.sha256 in first_with:
+            log.warning("adapters %r and %r have identical weights (%s); both are stacked", first_with[adapter.sha256],
+                        adapter.name, adapter.weights_file.name)
+        first_with.setdefault(adapter.sha256, adapter.name)
     return loaded
 
 
@@ -398,7 +437,7 @@ def read_order_file(path: str | os.PathLike, parent: Optional[str | os.PathLike]
         raise ConversionError(f"order file {path} not found")
     parent = Path(parent) if parent is not None else path.parent
     entries = []
-    for number, raw in enumerate(path.read_text().splitlines(), 1):
+    for number, raw in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
         line = raw.split("#", 1)[0].strip()
         if not line:
             continue
@@ -406,7 +445,8 @@ def read_order_file(path: str | os.PathLike, parent: Optional[str | os.PathLike]
             name, target = (part.strip() for part in line.split("=", 1))
             target_path = Path(target) if Path(target).is_absolute() else path.parent / target
         else:
-            name, target_path = line, parent / line
+            name = line.rstrip("/")
+            target_path = parent / name
         if not name:
             raise ConversionError(f"order file {path}, line {number}: empty adapter name")
         entries.append((name, target_path))
