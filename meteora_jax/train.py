@@ -391,6 +391,23 @@ def run_settings(config) -> dict:
     }
 
 
+def _flat_config(config) -> dict:
+    """The run's config as {"section.key": value}, JSON-normalised (kept in each train checkpoint)."""
+    return json.loads(json.dumps(traverse_util.flatten_dict(config.to_dict(), sep="."), default=str))
+
+
+def _warn_changed_settings(before: dict | None, now: dict, step: int, workdir: str) -> None:
+    """A resumed run goes on with its own config; says which settings differ from the checkpoint's run."""
+    if before is None:  # a checkpoint from before the config was kept
+        return
+    changed = sorted(key for key in before.keys() | now.keys() if before.get(key) != now.get(key))
+    if changed:
+        shown = ", ".join(f"{key} {before.get(key)!r} -> {now.get(key)!r}" for key in changed[:8])
+        more = f" and {len(changed) - 8} more" if len(changed) > 8 else ""
+        warnings.warn(f"resuming from step {step} in {workdir}, written by a run with other settings: {shown}{more}",
+                      stacklevel=2)
+
+
 # ----------------------------------------------------------------------------------------------
 # Loop helpers
 
@@ -563,7 +580,8 @@ class Trainer:
     # -- checkpoints -----------------------------------------------------------------------------
 
     def _meta(self) -> dict:
-        return {"adapter_names": self.setup.adapter_names, "model_checkpoint": self.config.model_checkpoint}
+        return {"adapter_names": self.setup.adapter_names, "model_checkpoint": self.config.model_checkpoint,
+                "config": _flat_config(self.config)}
 
     def save(self, step: int) -> None:
         self.manager.save(
@@ -597,6 +615,7 @@ class Trainer:
                 f"checkpoint in {self.workdir} was trained with adapters {restored.meta.get('adapter_names')}, "
                 f"this run has {self.setup.adapter_names}; use another workdir"
             )
+        _warn_changed_settings(restored.meta.get("config"), _flat_config(self.config), step, self.workdir)
         self.state = restored.state
         self.iterator.load_state_dict(restored.data)
         return int(step)

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -268,7 +269,8 @@ def test_resume_from_earlier_checkpoint_logs_each_step_once(make_config):
     ckpts = os.path.join(first.workdir, "checkpoints")
     for step in (3, 4):  # resume from step 2: the log already holds steps 3 and 4
         shutil.rmtree(os.path.join(ckpts, str(step)))
-    summary = train_lib.train(make_config("relog", train=dict(steps=5), checkpoint=dict(every=1, keep=10)))
+    with pytest.warns(UserWarning, match=r"resuming from step 2 in .*relog.* other settings: train\.steps 4 -> 5$"):
+        summary = train_lib.train(make_config("relog", train=dict(steps=5), checkpoint=dict(every=1, keep=10)))
     assert summary["history"][0]["step"] == 3 and summary["resumed_from"] == 2
     records = [json.loads(l) for l in open(os.path.join(first.workdir, "metrics.jsonl"))]
     steps = [r["step"] for r in records if r["split"] == "train"]
@@ -363,7 +365,10 @@ def test_resume_equals_uninterrupted(make_config):
             open(os.path.join(root, f), "w").close()  # truncated files
 
     t2 = train_lib.Trainer(train_lib.prepare(parts))
-    summary = t2.run()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        summary = t2.run()
+    assert not [w for w in caught if "other settings" in str(w.message)]  # the same config: nothing to say
     assert summary["status"] == "done" and summary["step"] == 2 * n
     assert summary["history"][0]["step"] == n + 1
     got = _leaves(t2.state.gates)
