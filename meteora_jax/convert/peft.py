@@ -269,16 +269,21 @@ def load_peft_adapter(name: str, path: str | os.PathLike, config: ModelConfig) -
         raise ConversionError(f"{what}: holds no LoRA tensors")
 
     expected = _expected_modules(cfg, config)
+    last_layer = max(layer for layer, _ in factors)
     for layer, projection in sorted(expected - set(factors)):
+        fewer = (f" (its keys stop at layer {last_layer}, the base model has {config.num_layers} layers: trained on "
+                 f"a different base?)" if layer > last_layer else "")
         raise ConversionError(
             f"{what}: key {saved_key(layer, projection, 'lora_A')!r} is missing, although adapter_config.json "
-            f"targets {module_name(layer, projection)}"
+            f"targets {module_name(layer, projection)}{fewer}"
         )
+    selection = ", ".join(f"{key}={cfg[key]!r}" for key in ("target_modules", "exclude_modules", "layers_to_transform")
+                          if cfg.get(key) is not None)
     for layer, projection in sorted(set(factors) - expected):
         key = next(iter(factors[(layer, projection)].values()))[0]
         raise ConversionError(
             f"{what}: key {key!r} adapts {module_name(layer, projection)}, which adapter_config.json does not "
-            f"target (target_modules={cfg['target_modules']!r})"
+            f"target ({selection})"
         )
 
     use_rslora = bool(cfg.get("use_rslora", False))
