@@ -44,6 +44,7 @@ from meteora_jax.fused_layout import fuse_projections
 from meteora_jax.gates import load_gate_settings, load_gates, merge_params
 from meteora_jax.model import KVCache, LlamaForCausalLM, unstack_layers
 from meteora_jax.routing import Routing
+from pallas_kernels.routed_lora import check_routing_temperature
 
 __all__ = [
     "CliOptions",
@@ -173,6 +174,9 @@ class Generator:
                                        fused_projections=self.fused_projections)
         self.eos_token_ids = tuple(int(t) for t in eos_token_ids if t is not None)
         self.pad_token_id = int(pad_token_id)
+        for name, token in [("pad_token_id", self.pad_token_id)] + [("eos_token_ids", t) for t in self.eos_token_ids]:
+            if not 0 <= token < config.vocab_size:  # an id past the embedding reads NaN (every padded row)
+                raise ValueError(f"{name} holds {token}, outside the model's vocabulary [0, {config.vocab_size})")
         self.min_prompt_bucket = int(min_prompt_bucket)
         self.min_new_tokens_bucket = int(min_new_tokens_bucket)
         self.max_prefill_logits_bytes = int(max_prefill_logits_bytes)
@@ -301,13 +305,24 @@ class Generator:
         bucketed arrays and the unpadded rows."""
         if isinstance(prompts, tuple) and len(prompts) == 2 and np.ndim(prompts[0]) == 2:
             ids, mask = np.asarray(prompts[0]), np.asarray(prompts[1]).astype(bool)
-            rows = [[int(t) for t in r[m]] for r, m in zip(ids, mask)]
+            if ids.shape != mask.shape:
+                raise ValueError(f"input_ids {ids.shape} and attention_mask {mask.shape} must have one shape [B, P]")
+            rows = [r[m] for r, m in zip(ids, mask)]
+        elif isinstance(prompts, (str, bytes)) or any(np.ndim(p) != 1 or isinstance(p, (str, bytes)) for p in prompts):
+            raise ValueError("prompts must be a list of token-id lists (encode text first: `encode_prompt`), "
+                             "or an (input_ids [B, P], attention_mask [B, P]) pair")
         else:
-            rows = [[int(t) for t in p] for p in prompts]
+            rows = [np.asarray(p) for p in prompts]
         if not rows:
             raise ValueError("no prompts given")
         if any(len(r) == 0 for r in rows):
             raise ValueError("every prompt needs at least one token")
+        for r in rows:  # an id past the embedding reads NaN, silently
+            if not np.issubdtype(r.dtype, np.integer) or r.min() < 0 or r.max() >= self.config.vocab_size:
+                bad = r if not np.issubdtype(r.dtype, np.integer) else r[(r < 0) | (r >= self.config.vocab_size)]
+                raise ValueError(f"prompt token {bad[0].item()!r} is not an id in the model's vocabulary "
+                                 f"[0, {self.config.vocab_size})")
+        rows = [[int(t) for t in r] for r in rows]
         batch = bucket_length(len(rows), minimum=1)
         length = bucket_length(max(len(r) for r in rows), self.min_prompt_bucket)
         ids = np.full((batch, length), self.pad_token_id, np.int32)
@@ -346,7 +361,8 @@ class Generator:
         where `run()` executes prefill + decode and returns the device outputs without waiting or
         copying them to the host (for benchmarks: `jax.block_until_ready(run())`). Arguments as
         `generate`."""
-        check_sampling_options(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+        check_sampling_options(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                               routing_temperature=routing_temperature)
         L = self.config.meteora.num_adapters
         if return_routing and L == 0:
             raise ValueError("return_routing needs a model with adapters (num_adapters > 0)")
@@ -601,8 +617,10 @@ def cli_options(
 LAYER_LAYOUTS = ("fused", "unrolled", "scan")
 
 
-def check_sampling_options(*, max_new_tokens: int, temperature: float, top_p: float) -> None:
+def check_sampling_options(*, max_new_tokens: int, temperature: float, top_p: float,
+                           routing_temperature: float = 1.0) -> None:
     """Raises ValueError for sampling options `Generator.generate` cannot take."""
+    check_routing_temperature(routing_temperature)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
     if not 0.0 < top_p <= 1.0:

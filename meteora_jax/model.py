@@ -85,6 +85,23 @@ class ModelOutput:
     cache: Optional[KVCache] = None
 
 
+def _check_inputs(input_ids, attention_mask, positions, vocab_size: int) -> None:
+    """Shapes always; token ids where they are concrete (an id past the embedding reads NaN, silently;
+    under jit it is not caught)."""
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be [B, S], got shape {input_ids.shape}")
+    for name, array in (("attention_mask", attention_mask), ("positions", positions)):
+        if array is not None and array.shape != input_ids.shape:
+            raise ValueError(f"{name} must have input_ids' shape {input_ids.shape}, got {array.shape}")
+    if not jnp.issubdtype(input_ids.dtype, jnp.integer):
+        raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+    if not isinstance(input_ids, jax.core.Tracer) and input_ids.size:
+        ids = np.asarray(input_ids)
+        if ids.min() < 0 or ids.max() >= vocab_size:
+            raise ValueError(f"input_ids holds {ids.min() if ids.min() < 0 else ids.max()}, outside the vocabulary "
+                             f"[0, {vocab_size})")
+
+
 class LlamaForCausalLM(nn.Module):
     config: ModelConfig
     collect_gate_logits: bool = True
@@ -103,6 +120,7 @@ class LlamaForCausalLM(nn.Module):
         routing: Routing = Routing(),
     ) -> ModelOutput:
         cfg = self.config
+        _check_inputs(input_ids, attention_mask, positions, cfg.vocab_size)
         batch, seq = input_ids.shape
         if attention_mask is None:
             attention_mask = jnp.ones((batch, seq), bool)

@@ -21,9 +21,9 @@ class Routing:
     """Call-time routing options.
 
     temperature: divides the top-k logits before the softmax (the original uses 15-30 for
-      composite prompts).
-    forced_weights: [L] fixed mixture used for every token instead of the gate (one-hot forces a
-      single adapter, as a PEFT model with that adapter active). Every non-zero entry is used,
+      composite prompts); > 0 (`routed_lora` checks a concrete one).
+    forced_weights: [L] fixed mixture (>= 0) used for every token instead of the gate (one-hot forces
+      a single adapter, as a PEFT model with that adapter active). Every non-zero entry is used,
       whatever the layer's top_k; gate logits are still computed and returned.
     """
 
@@ -34,17 +34,21 @@ class Routing:
     forced_top_k: int = flax.struct.field(pytree_node=False, default=0)
 
     def __post_init__(self):
+        # (The temperature is checked where it is used, `routed_lora`: a pytree unflatten rebuilds this
+        # class with placeholder leaves, e.g. vmap's in_axes.)
         weights = self.forced_weights
         if weights is None or self.forced_top_k or isinstance(weights, jax.core.Tracer):
             return
         weights = np.asarray(weights)
-        if weights.ndim != 1 or not np.count_nonzero(weights):
-            raise ValueError(f"forced_weights must be [L] with a non-zero entry, got {weights!r}")
+        if weights.ndim != 1 or not np.count_nonzero(weights) or not np.all(weights >= 0):
+            raise ValueError(f"forced_weights must be [L], >= 0 with a non-zero entry, got {weights!r}")
         object.__setattr__(self, "forced_top_k", int(np.count_nonzero(weights)))
 
     @classmethod
     def force_adapter(cls, index: int, num_adapters: int) -> "Routing":
         """Routes every token to adapter `index` with weight 1."""
+        if not isinstance(index, (int, np.integer)) or isinstance(index, bool):
+            raise ValueError(f"adapter index must be an integer, got {index!r}")
         if not 0 <= index < num_adapters:
             raise ValueError(f"adapter index {index} out of range for {num_adapters} adapters")
         return cls(forced_weights=jax.nn.one_hot(index, num_adapters, dtype=jnp.float32))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 from pallas_kernels.grouped_lora_pallas import grouped_lora_pallas
 from pallas_kernels.grouped_lora_xla import XLA_FORMULATIONS, grouped_lora_dense
@@ -16,6 +18,8 @@ def check_adapter_shapes(x, lora_a, lora_b, scaling):
     """x [T, d_in], lora_a [L, d_in, r], lora_b [L, r, d_out], scaling [L], or a ValueError."""
     if x.ndim != 2:
         raise ValueError(f"x must be [T, d_in], got shape {x.shape}")
+    if lora_a.ndim != 3 or lora_b.ndim != 3:
+        raise ValueError(f"lora_a must be [L, d_in, r] and lora_b [L, r, d_out], got {lora_a.shape} and {lora_b.shape}")
     num_adapters, d_in, rank = lora_a.shape
     if x.shape[1] != d_in:
         raise ValueError(f"x has d_in={x.shape[1]} but lora_a is {lora_a.shape} ([L, d_in, r])")
@@ -25,13 +29,29 @@ def check_adapter_shapes(x, lora_a, lora_b, scaling):
         raise ValueError(f"scaling must be [L]=[{num_adapters}], got {scaling.shape}")
 
 
-def _check_shapes(x, lora_a, lora_b, scaling, expert_idx, expert_weight):
+def check_base_shape(base, x, lora_b):
+    """base is None or [T, d_out] (no broadcasting: a [1, d_out] base is a mistake, not a bias)."""
+    if base is not None and base.shape != (x.shape[0], lora_b.shape[2]):
+        raise ValueError(f"base must be [T, d_out]=[{x.shape[0]}, {lora_b.shape[2]}], got {base.shape}")
+
+
+def _check_shapes(x, lora_a, lora_b, scaling, expert_idx, expert_weight, base):
     check_adapter_shapes(x, lora_a, lora_b, scaling)
-    if expert_idx.shape != expert_weight.shape or expert_idx.shape[0] != x.shape[0]:
+    if expert_idx.ndim != 2 or expert_idx.shape != expert_weight.shape or expert_idx.shape[0] != x.shape[0]:
         raise ValueError(
             f"expert_idx {expert_idx.shape} and expert_weight {expert_weight.shape} must both be [T, k] "
             f"with T={x.shape[0]}"
         )
+    if not jnp.issubdtype(expert_idx.dtype, jnp.integer):
+        raise ValueError(f"expert_idx must hold integer adapter indices, got dtype {expert_idx.dtype}")
+    # The range is checked where the indices are concrete; under jit an out-of-range index is not
+    # caught, and each impl treats it differently (dropped, clamped or NaN).
+    if not isinstance(expert_idx, jax.core.Tracer) and expert_idx.size:
+        idx = np.asarray(expert_idx)
+        if idx.min() < 0 or idx.max() >= lora_a.shape[0]:
+            raise ValueError(f"expert_idx holds {idx.min() if idx.min() < 0 else idx.max()}, outside [0, L) for "
+                             f"L={lora_a.shape[0]} adapters")
+    check_base_shape(base, x, lora_b)
 
 
 @functools.partial(jax.named_call, name="grouped_lora")
@@ -53,12 +73,13 @@ def grouped_lora(
     T and r: `_auto_impl`).
     base: optional [T, d_out] (the layer's `x @ kernel`); when given the result is `base + out`,
     and the Pallas kernel adds it in its epilogue instead of a separate pass over the output.
+    expert_idx must hold indices in [0, L): checked when it is concrete, undefined under jit.
     Differentiable in x, expert_weight, base, scaling and (only when differentiated, e.g. MixLoRA)
     lora_a / lora_b.
     """
     if impl not in IMPLS:
         raise ValueError(f"unknown grouped_lora impl {impl!r}; choose one of {IMPLS}")
-    _check_shapes(x, lora_a, lora_b, scaling, expert_idx, expert_weight)
+    _check_shapes(x, lora_a, lora_b, scaling, expert_idx, expert_weight, base)
     if impl == "auto":
         impl = _auto_impl(x.shape[0], lora_a.shape[2])
     if impl == "pallas":

@@ -74,7 +74,8 @@ def main(argv=None) -> int:
     try:
         if args.batch_size < 1:
             raise ValueError(f"--batch-size {args.batch_size} must be >= 1")
-        check_sampling_options(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
+        check_sampling_options(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                               routing_temperature=args.routing_temperature)
         _check_outputs(args)
         prompts = _read_prompts(args)
     except ValueError as e:

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from meteora_jax import LlamaForCausalLM, MeteoRAConfig, ModelConfig, init_params
+from meteora_jax import LlamaForCausalLM, MeteoRAConfig, ModelConfig, Routing, init_params
 from meteora_jax.generate import Generator, bucket_length, encode_prompt, sample_token, token_routing
 
 CONFIG = ModelConfig(
@@ -299,3 +299,45 @@ def test_readme_python_example_runs(tiny_inference_world):
     model, params, ids = scope["model"], scope["params"], scope["ids"]
     forced = model.apply({"params": params}, ids, routing=scope["Routing"].force_adapter(1, 3)).logits
     assert not np.allclose(np.asarray(forced), np.asarray(out.logits))
+
+
+def test_generator_and_model_reject_bad_inputs():
+    """Token ids past the vocabulary (which read NaN from the embedding, silently), a bad pad id,
+    a routing temperature <= 0, and inputs of the wrong form: one ValueError each."""
+    config = ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2,
+                         num_kv_heads=1, head_dim=8, max_position_embeddings=64,
+                         meteora=MeteoRAConfig(num_adapters=3, rank=2, top_k=2))
+    params = init_params(config, jax.random.key(0))
+    gen = Generator(config, params, pad_token_id=0)
+    for prompts, kwargs, message in (
+        ([[1, 2, 32]], {}, r"prompt token 32 is not an id in the model's vocabulary \[0, 32\)"),
+        ([[1, -5]], {}, "prompt token -5 is not an id"),
+        ([[1.7, 2]], {}, "prompt token 1.7 is not an id"),
+        ([1, 2, 3], {}, "prompts must be a list of token-id lists"),
+        (["reverse lamp"], {}, "prompts must be a list of token-id lists"),
+        ((np.ones((2, 3), np.int32), np.ones((2, 4), bool)), {}, r"input_ids \(2, 3\) and attention_mask \(2, 4\)"),
+        ([[1, 2]], {"routing_temperature": 0.0}, "routing temperature must be a finite number > 0"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            gen.generate(prompts, max_new_tokens=2, **kwargs)
+    with pytest.raises(ValueError, match=r"pad_token_id holds 32, outside the model's vocabulary \[0, 32\)"):
+        Generator(config, params, pad_token_id=32)
+    with pytest.raises(ValueError, match="eos_token_ids holds 40"):
+        Generator(config, params, eos_token_ids=[2, 40])
+
+    model = LlamaForCausalLM(config)
+    ids = jnp.array([[1, 2, 3, 4]])
+    for args, message in (
+        ((jnp.array([[1, 2, 3, 32]]),), r"input_ids holds 32, outside the vocabulary \[0, 32\)"),
+        ((jnp.array([1, 2, 3]),), r"input_ids must be \[B, S\], got shape \(3,\)"),
+        ((ids.astype(jnp.float32),), "input_ids must hold integer token ids"),
+        ((ids, jnp.ones((1, 3))), r"attention_mask must have input_ids' shape \(1, 4\), got \(1, 3\)"),
+        ((ids, None, jnp.arange(4)), r"positions must have input_ids' shape \(1, 4\), got \(4,\)"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            model.apply({"params": params}, *args)
+    for index, message in ((1.5, "adapter index must be an integer, got 1.5"), (3, "out of range for 3 adapters")):
+        with pytest.raises(ValueError, match=message):
+            Routing.force_adapter(index, 3)
+    with pytest.raises(ValueError, match=">= 0 with a non-zero entry"):
+        Routing(forced_weights=jnp.array([0.5, -0.5, 0.0]))

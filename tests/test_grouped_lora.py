@@ -577,6 +577,25 @@ def test_rejects_bad_arguments():
         grouped_lora_pallas(x, jnp.zeros((3, 16, 129)), jnp.zeros((3, 129, 12)), s, idx, w)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_rejects_bad_inputs_for_every_impl(impl):
+    """Inputs that some impls would take silently (a broadcast base, float or out-of-range indices) or
+    that fail deep inside an impl: one ValueError naming the argument, whatever the impl."""
+    x, a, b, s, idx, w, base = _inputs((6,), 4, 16, 12, 3, 2, 2, jnp.float32)
+    call = functools.partial(grouped_lora, impl=impl)
+    for args, kwargs, message in (
+        ((x, a[0], b, s, idx, w), {}, r"lora_a must be \[L, d_in, r\]"),
+        ((x, a, b[0], s, idx, w), {}, r"lora_b \[L, r, d_out\]"),
+        ((x, a, b, s, idx[:, 0], w[:, 0]), {}, r"must both be \[T, k\]"),
+        ((x, a, b, s, idx.astype(jnp.float32), w), {}, "expert_idx must hold integer adapter indices"),
+        ((x, a, b, s, idx.at[1, 0].set(3), w), {}, r"expert_idx holds 3, outside \[0, L\) for L=3"),
+        ((x, a, b, s, idx.at[2, 1].set(-1), w), {}, r"expert_idx holds -1, outside \[0, L\)"),
+        ((x, a, b, s, idx, w), {"base": base[:1]}, r"base must be \[T, d_out\]=\[4, 12\], got \(1, 12\)"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            call(*args, **kwargs)
+
+
 def test_rank_padded():
     """lora_a padded to rank R = pow2_at_least(r) (>= 16) with zero columns; unchanged when r == R."""
     from pallas_kernels.grouped_lora_pallas import rank_padded

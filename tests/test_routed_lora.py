@@ -157,6 +157,17 @@ def test_dispatcher_choices_and_errors():
     for kernel in KERNELS.values():
         with pytest.raises(ValueError, match="top_k=4 must be in"):
             kernel(x, gate, a, b, s, 1.0, top_k=4)
+    # The same error from every impl (the XLA composition took top_k=0 as a zero delta, and failed
+    # inside lax.top_k above L), and inputs that would be taken silently.
+    for impl in ("auto", "pallas", "xla", "xla_gather"):
+        for top_k in (0, 4):
+            with pytest.raises(ValueError, match=rf"top_k={top_k} must be in \[1, L=3\]"):
+                routed_lora(x, gate, a, b, s, top_k=top_k, impl=impl)
+        with pytest.raises(ValueError, match=r"base must be \[T, d_out\]=\[4, 16\], got \(1, 16\)"):
+            routed_lora(x, gate, a, b, s, top_k=2, impl=impl, base=base[:1])
+        for temperature in (0.0, -1.0, float("inf")):  # 0 gives NaN weights, < 0 favours the losers
+            with pytest.raises(ValueError, match="routing temperature must be a finite number > 0"):
+                routed_lora(x, gate, a, b, s, temperature, top_k=2, impl=impl)
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
