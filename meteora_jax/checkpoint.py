@@ -85,7 +85,8 @@ def save_checkpoint(
 
     Atomic: written into a hidden temporary directory next to `path` and renamed into place at
     the end, so a failure leaves nothing behind. An existing `path` is an error unless
-    `overwrite`, in which case it is replaced only once the new checkpoint is complete.
+    `overwrite`, in which case it is replaced only once the new checkpoint is complete, and only
+    if it is a checkpoint (or an empty folder): anything else is an error either way.
     Returns the absolute path.
     """
     path = Path(path).absolute()

@@ -70,6 +70,17 @@ class DataError(ValueError):
 TASK_FIELDS = {"prompt": str, "response": str}  # what every task and composite record holds
 
 
+def read_text_lines(path: str | os.PathLike) -> list[str]:
+    """The lines of a UTF-8 text file without their line ends (split on newlines only, not on the
+    other Unicode line separators a JSON string may hold); a `DataError` naming the file if it is not
+    UTF-8."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return [line.removesuffix("\r") for line in f.read().split("\n")]
+    except UnicodeDecodeError as e:
+        raise DataError(f"{os.fspath(path)}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
 def read_jsonl(
     path: str | os.PathLike,
     *,
@@ -91,29 +102,27 @@ def read_jsonl(
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
     records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                # without the newline: an error at the end of the line would be at column 1 of the next
-                obj = json.loads(line.rstrip("\r\n"))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            for field, typ in required.items():
-                if field not in obj:
-                    raise DataError(f"{path}:{lineno}: missing field {field!r}")
-                if not isinstance(obj[field], typ):
-                    raise DataError(
-                        f"{path}:{lineno}: field {field!r} must be {typ.__name__}, "
-                        f"got {type(obj[field]).__name__}"
-                    )
-            problem = check(obj) if check is not None else None
-            if problem:
-                raise DataError(f"{path}:{lineno}: {problem}")
-            records.append(obj)
+    for lineno, line in enumerate(read_text_lines(path), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+        for field, typ in required.items():
+            if field not in obj:
+                raise DataError(f"{path}:{lineno}: missing field {field!r}")
+            if not isinstance(obj[field], typ):
+                raise DataError(
+                    f"{path}:{lineno}: field {field!r} must be {typ.__name__}, "
+                    f"got {type(obj[field]).__name__}"
+                )
+        problem = check(obj) if check is not None else None
+        if problem:
+            raise DataError(f"{path}:{lineno}: {problem}")
+        records.append(obj)
     if not records:
         raise DataError(f"{path}: empty dataset (no records)")
     return records
@@ -176,8 +185,8 @@ def load_tokenizer(path: str | os.PathLike):
 
     try:
         return AutoTokenizer.from_pretrained(path)
-    except Exception as e:  # transformers raises many kinds
-        raise DataError(f"cannot load the tokenizer from {path!r}: {e}") from None
+    except Exception as e:  # transformers raises many kinds, some with several lines of advice
+        raise DataError(f"cannot load the tokenizer from {path!r}: {' '.join(str(e).split())}") from None
 
 
 def _pad_id(tokenizer) -> int:

@@ -174,9 +174,9 @@ class Generator:
                                        fused_projections=self.fused_projections)
         self.eos_token_ids = tuple(int(t) for t in eos_token_ids if t is not None)
         self.pad_token_id = int(pad_token_id)
-        for name, token in [("pad_token_id", self.pad_token_id)] + [("eos_token_ids", t) for t in self.eos_token_ids]:
-            if not 0 <= token < config.vocab_size:  # an id past the embedding reads NaN (every padded row)
-                raise ValueError(f"{name} holds {token}, outside the model's vocabulary [0, {config.vocab_size})")
+        if not 0 <= self.pad_token_id < config.vocab_size:  # past the embedding it reads NaN (every padded row)
+            raise ValueError(f"pad_token_id={self.pad_token_id} is outside the model's vocabulary "
+                             f"[0, {config.vocab_size})")
         self.min_prompt_bucket = int(min_prompt_bucket)
         self.min_new_tokens_bucket = int(min_new_tokens_bucket)
         self.max_prefill_logits_bytes = int(max_prefill_logits_bytes)
@@ -300,9 +300,29 @@ class Generator:
     # ------------------------------------------------------------------------------------------
     # Host side
 
+    def check_prompts(self, prompts, max_new_tokens: int) -> list[list[int]]:
+        """Everything `generate` checks of its prompts (their form, token ids, lengths with
+        max_new_tokens), without generating: raises ValueError; returns the unpadded rows."""
+        rows = self._rows(prompts)
+        self.check_lengths(rows, max_new_tokens)
+        return rows
+
     def _pack(self, prompts) -> tuple[np.ndarray, np.ndarray, list[list[int]]]:
         """Prompts (lists of ids, or (ids [B, P], mask [B, P]) padded either side) -> left-padded
         bucketed arrays and the unpadded rows."""
+        rows = self._rows(prompts)
+        batch = bucket_length(len(rows), minimum=1)
+        length = bucket_length(max(len(r) for r in rows), self.min_prompt_bucket)
+        ids = np.full((batch, length), self.pad_token_id, np.int32)
+        mask = np.zeros((batch, length), bool)
+        for b in range(batch):
+            r = rows[b] if b < len(rows) else rows[0]  # filler rows repeat the first prompt
+            ids[b, length - len(r) :] = r
+            mask[b, length - len(r) :] = True
+        return ids, mask, rows
+
+    def _rows(self, prompts) -> list[list[int]]:
+        """Prompts (as `_pack` takes them) -> validated unpadded rows of token ids."""
         if isinstance(prompts, tuple) and len(prompts) == 2 and np.ndim(prompts[0]) == 2:
             ids, mask = np.asarray(prompts[0]), np.asarray(prompts[1]).astype(bool)
             if ids.shape != mask.shape:
@@ -322,16 +342,7 @@ class Generator:
                 bad = r if not np.issubdtype(r.dtype, np.integer) else r[(r < 0) | (r >= self.config.vocab_size)]
                 raise ValueError(f"prompt token {bad[0].item()!r} is not an id in the model's vocabulary "
                                  f"[0, {self.config.vocab_size})")
-        rows = [[int(t) for t in r] for r in rows]
-        batch = bucket_length(len(rows), minimum=1)
-        length = bucket_length(max(len(r) for r in rows), self.min_prompt_bucket)
-        ids = np.full((batch, length), self.pad_token_id, np.int32)
-        mask = np.zeros((batch, length), bool)
-        for b in range(batch):
-            r = rows[b] if b < len(rows) else rows[0]  # filler rows repeat the first prompt
-            ids[b, length - len(r) :] = r
-            mask[b, length - len(r) :] = True
-        return ids, mask, rows
+        return [[int(t) for t in r] for r in rows]
 
     def check_lengths(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
         """Raises ValueError if the longest prompt (token ids) plus max_new_tokens exceeds the model's
@@ -625,7 +636,7 @@ def check_sampling_options(*, max_new_tokens: int, temperature: float, top_p: fl
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p={top_p} must be in (0, 1]")
-    if temperature < 0:
+    if not temperature >= 0:  # NaN too
         raise ValueError(f"temperature={temperature} must be >= 0")
 
 

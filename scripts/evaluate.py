@@ -18,8 +18,8 @@ Metrics (--metrics: JSON object or JSON file, task -> metric; others get --defau
 accuracy, accuracy_contains, bleu, rouge1, rouge2, rougeL. Composite-n samples are asked as chained
 turns by default (sub-prompt 1, the model's answer, sub-prompt 2, ... in one conversation, so the
 routing must switch adapters inside one sequence); --composite-mode joint asks the numbered prompt
-at once and leaves the "@@@@" separators to the model. Answers are split on "@@@@" and scored per
-sub-task; the routing temperature defaults to the original's (T = 15/20/30 for n = 3/5/10),
+at once and leaves the "@@@@" separators to the model, whose answer is split on them. Each
+sub-task's answer is scored on its own; the routing temperature defaults to the original's (T = 15/20/30 for n = 3/5/10),
 --composite-temperature overrides it. With --gates, the chat template, top_k and compute
 dtype default to the training run's (recorded with the gates).
 """
@@ -31,6 +31,24 @@ import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+def _check_options(args) -> None:
+    """The numeric options, the output location and the given composite files; ValueError if bad."""
+    from meteora_jax.data import read_composite_jsonl
+    from pallas_kernels.routed_lora import check_routing_temperature
+
+    for flag, value in (("--batch-size", args.batch_size), ("--composite-samples", args.composite_samples),
+                        ("--max-new-tokens", args.max_new_tokens), ("--max-samples", args.max_samples)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} {value} must be >= 1")
+    for temperature in (args.routing_temperature, args.composite_temperature):
+        if temperature is not None:
+            check_routing_temperature(temperature)
+    if os.path.isdir(args.output):
+        raise ValueError(f"--output {args.output} is a folder; give the results file's path")
+    for path in args.composite:
+        read_composite_jsonl(path)
 
 
 def main(argv=None) -> int:
@@ -77,6 +95,7 @@ def main(argv=None) -> int:
     # Every input is checked, and the model loaded, before a composite set is written.
     try:
         metrics = ev.parse_metric_spec(args.metrics)
+        _check_options(args)
     except ValueError as e:
         cli_fail(p, str(e))
     tasks = args.tasks.split(",") if args.tasks else None

@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 def _read_prompts(args) -> list[str]:
     """--prompt values, then --prompts-file's; a bad file raises `DataError` naming it (and the line)."""
-    from meteora_jax.data import DataError, read_jsonl
+    from meteora_jax.data import DataError, read_jsonl, read_text_lines
 
     prompts = list(args.prompt or [])
     path = args.prompts_file
@@ -34,8 +34,7 @@ def _read_prompts(args) -> list[str]:
     elif path:
         if not os.path.isfile(path):
             raise DataError(f"{path}: no such file")
-        with open(path, encoding="utf-8") as f:
-            prompts += [line.rstrip("\n").replace("\\n", "\n") for line in f if line.strip()]
+        prompts += [line.replace("\\n", "\n") for line in read_text_lines(path) if line.strip()]
     return prompts
 
 
@@ -90,7 +89,7 @@ def main(argv=None) -> int:
         generator, tokenizer, names, opts = generator_from_args(args)
         force, chat = opts.force_adapter, opts.chat_template
         prompt_ids = [encode_prompt(tokenizer, q, chat_template=chat) for q in prompts]
-        generator.check_lengths(prompt_ids, args.max_new_tokens)
+        generator.check_prompts(prompt_ids, args.max_new_tokens)  # all of them, before the first batch
     except ValueError as e:
         cli_fail(p, str(e))
     pictures = bool(args.routing_pictures) and generator.config.meteora.num_adapters > 0

@@ -49,12 +49,44 @@ def _flag_error_message(error: BaseException, argv: list[str]) -> str | None:
     if isinstance(error, OSError):
         reason = str(error.__cause__ or error).strip().splitlines()[-1].strip()
         return f"cannot load the --config file: {reason}"
-    if isinstance(error, KeyError) and error.args:
-        key, _, hint = str(error.args[0]).partition("\n")
-        overrides = [arg.split("=", 1)[0] for arg in argv[1:] if arg.startswith("--config.")]
-        flag = next((o for o in overrides if key.strip("'\"") in o.split(".")[1:]), None)
-        if flag is not None:
-            return f"{flag}: unknown config key {key}" + (f". {hint}" if hint else "")
+    if isinstance(error, KeyError):
+        return _unknown_override(argv)
+    return None
+
+
+def _unknown_override(argv: list[str]) -> str | None:
+    """The first --config.<path> override whose path the config file lacks, described; None if none
+    does (then the error came from elsewhere, e.g. the config file itself)."""
+    import difflib
+    import importlib.util
+
+    from ml_collections import ConfigDict
+
+    files = [arg.split("=", 1)[1] for arg in argv[1:] if arg.startswith("--config=")]
+    files += [argv[i + 1] for i, arg in enumerate(argv[1:-1], 1) if arg == "--config"]
+    if not files:
+        return None
+    try:
+        spec = importlib.util.spec_from_file_location("config_file", files[-1].split(":", 1)[0])
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        config = module.get_config(*files[-1].split(":", 1)[1:])
+    except Exception:  # the config file itself is broken: absl's own error says how
+        return None
+    for arg in argv[1:]:
+        if not arg.startswith("--config."):
+            continue
+        flag = arg.split("=", 1)[0]
+        node, walked = config, []
+        for part in flag.removeprefix("--config.").split("."):
+            if isinstance(node, (ConfigDict, dict)) and part in node:
+                node, walked = node[part], walked + [part]
+                continue
+            where = "config." + ".".join(walked) if walked else "the config"
+            if not isinstance(node, (ConfigDict, dict)):
+                return f"{flag}: {where} is a {type(node).__name__}, it has no key {part!r}"
+            close = difflib.get_close_matches(part, list(node.keys()), n=1)
+            return f"{flag}: {where} has no key {part!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
     return None
 
 

@@ -382,6 +382,7 @@ BAD_ADAPTERS = {
     "non-finite": (lambda p, t: _edit_tensors(p, lambda d: d[KEY].__setitem__((0, 3), np.nan)), ["adapter 'alpha'", f"tensor {KEY!r} has 1 non-finite values"]),
     "truncated": (lambda p, t: _truncate(p / "adapter_model.safetensors"), ["adapter 'alpha'", "adapter_model.safetensors: cannot read weights, the file is truncated or corrupt"]),
     "corrupt-header": (lambda p, t: _corrupt(p / "adapter_model.safetensors"), ["adapter 'alpha'", "truncated or corrupt"]),
+    "prefix-tuning": (lambda p, t: _edit_config(p, peft_type="PREFIX_TUNING", target_modules=None), ["adapter 'alpha'", "key 'peft_type' is 'PREFIX_TUNING'; only LORA adapters"]),
     "config-not-object": (lambda p, t: (p / "adapter_config.json").write_text("[1, 2]"), ["adapter 'alpha'", "holds a JSON list, not an object"]),
     "config-not-utf8": (lambda p, t: (p / "adapter_config.json").write_bytes(b'{"r": "\xff"}'), ["adapter 'alpha'", "is not valid UTF-8 JSON"]),
     "targets-not-strings": (lambda p, t: _edit_config(p, target_modules=[1, 2]), ["key 'target_modules' must be a string or a list of strings, got [1, 2]"]),
@@ -492,6 +493,16 @@ def test_order_file_with_bom_and_identical_adapters(base_ckpt, tiny_peft_adapter
                      "--quiet"]) == 0
     assert [a["name"] for a in read_metadata(tmp_path / "o")["adapters"]] == [name, other, "copy"]
     assert f"adapters {name!r} and 'copy' have identical weights" in caplog.text
+
+
+def test_bare_adapter_dir_named_after_the_link(base_ckpt, tiny_peft_adapters, tmp_path):
+    """A bare DIR is named after its folder as given, not after a symlink's target."""
+    name, path = tiny_peft_adapters[0]
+    (tmp_path / "links").mkdir()
+    os.symlink(path, tmp_path / "links" / "math")
+    assert main(["loras", "--base", str(base_ckpt), "--adapters", str(tmp_path / "links" / "math"), "-o",
+                 str(tmp_path / "o"), "--quiet"]) == 0
+    assert read_metadata(tmp_path / "o")["adapters"][0]["name"] == "math" != name
 
 
 def test_base_config_without_a_required_key(tiny_hf_llama_dir, tmp_path, capsys):

@@ -112,6 +112,7 @@ def _bad_generate_inputs(w, tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"prompt": "1+2="}\n{"prompt": "3+4="\n')
     (tmp_path / "noprompt.jsonl").write_text('{"text": "1+2="}\n')
     (tmp_path / "a_file").write_text("")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1"))
     missing = tmp_path / "none"
     return [
         (["--prompts-file", str(missing / "p.txt")], f"{missing / 'p.txt'}: no such file"),
@@ -124,6 +125,9 @@ def _bad_generate_inputs(w, tmp_path):
         (["--prompt", "1+2=", "--routing-pictures", str(tmp_path / "a_file")], "exists and is not a folder"),
         (["--prompt", "1+2=", "--tokenizer", str(missing)], f"tokenizer folder {str(missing)!r} does not exist"),
         (["--prompt", "1+2 " * 400], "exceeds the model's max_position_embeddings=512"),
+        (["--prompt", "1+2=", "--temperature", "nan"], "temperature=nan must be >= 0"),
+        (["--prompt", "1+2=", "--routing-temperature", "0"], "routing temperature must be a finite number > 0"),
+        (["--prompts-file", str(tmp_path / "latin1.txt")], "latin1.txt: not UTF-8 text"),
     ]
 
 
@@ -149,6 +153,14 @@ def test_scripts_stop_on_bad_input_with_one_line(tiny_inference_world, tmp_path,
     ev_out = ["--output", str(outputs / "r.json"), "--composite-out", str(outputs)]
     cases += [
         (evaluate, base + ["--data-root", str(tmp_path / "none")] + ev_out, "--data-root"),
+        (evaluate, base + ["--data-root", str(data), "--build-composite", "2", "--output", str(tmp_path),
+                           "--composite-out", str(outputs)], f"--output {tmp_path} is a folder"),
+        (evaluate, base + ["--data-root", str(data), "--build-composite", "2", "--batch-size", "0"] + ev_out,
+         "--batch-size 0 must be >= 1"),
+        (evaluate, base + ["--data-root", str(data), "--build-composite", "2", "--composite-temperature", "0"] + ev_out,
+         "routing temperature must be a finite number > 0"),
+        (evaluate, base + ["--composite", str(data / "reverse" / "test.jsonl")] + ev_out,
+         "test.jsonl:1: missing field 'tasks'"),
         (evaluate, base + ["--data-root", str(data), "--build-composite", "2"] + ev_out,
          "reverse/test.jsonl:5: field 'response' must be str, got int"),
         (evaluate, ["--checkpoint", str(tmp_path), "--tokenizer", w.tokenizer, "--data-root", w.data_root,

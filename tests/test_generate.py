@@ -320,10 +320,12 @@ def test_generator_and_model_reject_bad_inputs():
     ):
         with pytest.raises(ValueError, match=message):
             gen.generate(prompts, max_new_tokens=2, **kwargs)
-    with pytest.raises(ValueError, match=r"pad_token_id holds 32, outside the model's vocabulary \[0, 32\)"):
+    with pytest.raises(ValueError, match=r"pad_token_id=32 is outside the model's vocabulary \[0, 32\)"):
         Generator(config, params, pad_token_id=32)
-    with pytest.raises(ValueError, match="eos_token_ids holds 40"):
-        Generator(config, params, eos_token_ids=[2, 40])
+    with pytest.raises(ValueError, match="prompt token 32 is not an id"):  # the same checks, without generating
+        gen.check_prompts([[1, 2], [1, 32]], max_new_tokens=2)
+    with pytest.raises(ValueError, match="exceeds the model's max_position_embeddings=64"):
+        gen.check_prompts([[1, 2] * 32], max_new_tokens=2)
 
     model = LlamaForCausalLM(config)
     ids = jnp.array([[1, 2, 3, 4]])

@@ -539,7 +539,9 @@ def test_script_bad_input_exit_code_and_unknown_key(world, tmp_path):
     assert not os.path.exists(tmp_path / "w")  # stopped before the trainer made its workdir
     # Bad flags: one line on stderr, exit status 2, no traceback.
     bad_flags = {
-        "--config.train.stepz=3": "error: --config.train.stepz: unknown config key 'stepz'. Did you mean \"steps\"",
+        "--config.train.stepz=3": "error: --config.train.stepz: config.train has no key 'stepz' (did you mean 'steps'?)",
+        "--config.data.steps=3": "error: --config.data.steps: config.data has no key 'steps'",
+        "--config.train.steps.every=3": "error: --config.train.steps.every: config.train.steps is a int, it has no key 'every'",
         "--config.train.steps=ten": "error: flag --config.train.steps=ten: invalid literal for int()",
         f"--config={tmp_path / 'no_such_config.py'}": "error: cannot load the --config file: [Errno 2] No such file",
     }

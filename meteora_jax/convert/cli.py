@@ -214,7 +214,7 @@ def _adapter_list(args) -> list[tuple[str, Path]]:
         for item in args.adapters:
             name, sep, target = item.partition("=")
             if not sep:
-                target, name = item, Path(item).resolve().name  # "." and "dir/" name the folder itself
+                target, name = item, Path(os.path.abspath(item)).name  # "." names the folder itself (links kept)
             entries.append((name, Path(target)))
         return entries
     order = args.order_file

@@ -162,7 +162,6 @@ def _read_adapter_config(name: str, path: Path) -> dict:
     what = f"adapter {name!r} ({config_path})"
     if not isinstance(cfg, dict):
         raise ConversionError(f"{what}: holds a JSON {type(cfg).__name__}, not an object")
-    _check_types(cfg, what)
     if cfg.get("peft_type", "LORA") != "LORA":
         raise ConversionError(f"{what}: key 'peft_type' is {cfg['peft_type']!r}; only LORA adapters are supported")
     for key in ("r", "lora_alpha"):
@@ -173,6 +172,7 @@ def _read_adapter_config(name: str, path: Path) -> dict:
     for key, feature in _UNSUPPORTED.items():
         if cfg.get(key):
             raise ConversionError(f"{what}: key {key!r} = {cfg[key]!r}: {feature} is not supported")
+    _check_types(cfg, what)  # after the unsupported kinds, whose own message says more
     targets = cfg["target_modules"]
     if not isinstance(targets, str):
         for entry in targets:
