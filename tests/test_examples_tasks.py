@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -182,6 +183,37 @@ def test_train_adapters_toy(tiny_hf_base_with_tokenizer, tmp_path, capsys):
     results = json.loads((tmp_path / "eval.json").read_text())["results"]
     assert set(results) == {"base", "own", "lora_b"}
     assert all(set(r) == {"arithmetic", "sort_numbers"} for r in results.values())
+
+    # Re-training one task keeps the other in adapters.txt (manifest order, every adapter present).
+    shutil.rmtree(out / "sort_numbers")
+    assert train_adapters.main(common + ["--tasks", "sort_numbers"]) == 0
+    assert (out / "adapters.txt").read_text().split() == ["arithmetic", "sort_numbers"]
+
+
+def test_example_scripts_stop_on_bad_input(tmp_path, capsys):
+    """train_adapters.py / baseline_eval.py: bad counts, data and names stop before the model loads,
+    with one line naming the file or flag, and nothing is written."""
+    train_adapters, baseline_eval = _load("train_adapters"), _load("baseline_eval")
+    tasks_root, out = tmp_path / "tasks", tmp_path / "adapters"
+    make_tasks.main(["--out", str(tasks_root), "--train-size", "8", "--test-size", "2", "--tasks", "arithmetic,sort_numbers"])
+    with open(tasks_root / "sort_numbers" / "train.jsonl", "a") as f:
+        f.write('{"prompt": "3 1 2"}\n')
+    common = ["--tasks-root", str(tasks_root), "--out", str(out), "--base-dir", str(tmp_path / "no-model")]
+    for main, argv, message in (
+        (train_adapters.main, common + ["--steps", "0"], "argument --steps: 0 is not >= 1"),
+        (train_adapters.main, common + ["--time-budget", "0"], "argument --time-budget: 0.0 is not a finite number > 0"),
+        (train_adapters.main, common + ["--tasks", "arithmetic", "--mixed", "--mixed-name", "base"],
+         "adapter 'base' would replace the base model export"),
+        (train_adapters.main, common, "sort_numbers/train.jsonl:9: missing field 'response'"),
+        (train_adapters.main, ["--tasks-root", str(tmp_path / "none"), "--out", str(out)], "is not a folder"),
+        (baseline_eval.main, ["--tasks-root", str(tasks_root), "--limit", "-1"], "argument --limit: -1 is not >= 1"),
+        (baseline_eval.main, ["--tasks-root", str(tasks_root), "--out", str(tmp_path)], "is a folder"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err + str(e.value.code)
+        assert e.value.code != 0 and message in err, (argv, err)
+    assert not out.exists()
 
 
 def test_greedy_generate_left_padding_matches_one_by_one(tiny_hf_base_with_tokenizer):
