@@ -53,8 +53,8 @@ def main(argv=None) -> int:
     tasks = hc.select_tasks(manifest, args.tasks)
     if args.out and Path(args.out).is_dir():
         raise SystemExit(f"error: --out {args.out} is a folder; give the results file's path")
-    for task in tasks:  # every file checked before the model loads
-        hc.read_jsonl(Path(args.tasks_root) / task / f"{args.split}.jsonl")
+    # every file read and checked before the model loads
+    records_of = {task: hc.read_jsonl(Path(args.tasks_root) / task / f"{args.split}.jsonl") for task in tasks}
     base, tokenizer = hc.load_base(args.base_dir, args.gguf, device=device)
 
     model, systems = base, ["base"]
@@ -75,7 +75,7 @@ def main(argv=None) -> int:
 
     results: dict[str, dict[str, dict]] = {s: {} for s in systems}
     for task in tasks:
-        records = hc.read_jsonl(Path(args.tasks_root) / task / f"{args.split}.jsonl")[: args.limit]
+        records = records_of[task][: args.limit]
         prompts = [r["prompt"] for r in records]
         refs = [r["response"] for r in records]
         metric = manifest[task].get("metric", "accuracy")

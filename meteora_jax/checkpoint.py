@@ -73,6 +73,13 @@ def is_checkpoint(path: str | os.PathLike) -> bool:
     return (path / PARAMS_ITEM).is_dir() and (path / METADATA_ITEM).is_dir()
 
 
+def replaceable(path: str | os.PathLike) -> bool:
+    """Whether `overwrite` may replace an existing `path`: a checkpoint, or an empty folder (never any
+    other folder or file)."""
+    path = Path(path)
+    return is_checkpoint(path) or (path.is_dir() and not any(path.iterdir()))
+
+
 def save_checkpoint(
     path: str | os.PathLike,
     params: Mapping,
@@ -95,7 +102,7 @@ def save_checkpoint(
                               "through its Orbax CheckpointManager")
     if path.exists() and not overwrite:
         raise CheckpointError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
-    if path.exists() and not is_checkpoint(path) and not (path.is_dir() and not any(path.iterdir())):
+    if path.exists() and not replaceable(path):
         raise CheckpointError(f"{path} exists and is not a checkpoint; overwrite replaces only checkpoints")
     flat = _flatten(params)
     meta = dict(metadata or {})

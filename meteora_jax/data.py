@@ -72,8 +72,10 @@ TASK_FIELDS = {"prompt": str, "response": str}  # what every task and composite 
 
 def read_text_lines(path: str | os.PathLike) -> list[str]:
     """The lines of a UTF-8 text file without their line ends (split on newlines only, not on the
-    other Unicode line separators a JSON string may hold); a `DataError` naming the file if it is not
-    UTF-8."""
+    other Unicode line separators a JSON string may hold); a `DataError` naming the file if it is
+    missing or not UTF-8."""
+    if not os.path.isfile(path):
+        raise DataError(f"{os.fspath(path)}: no such file")
     try:
         with open(path, encoding="utf-8") as f:
             return [line.removesuffix("\r") for line in f.read().split("\n")]
@@ -99,8 +101,6 @@ def read_jsonl(
     """
     path = os.fspath(path)
     required = {**fields, **(extra_fields or {})}
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: no such file")
     records = []
     for lineno, line in enumerate(read_text_lines(path), start=1):
         if not line.strip():

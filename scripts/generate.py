@@ -25,15 +25,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 def _read_prompts(args) -> list[str]:
     """--prompt values, then --prompts-file's; a bad file raises `DataError` naming it (and the line)."""
-    from meteora_jax.data import DataError, read_jsonl, read_text_lines
+    from meteora_jax.data import read_jsonl, read_text_lines
 
     prompts = list(args.prompt or [])
     path = args.prompts_file
     if path and path.endswith(".jsonl"):
         prompts += [r["prompt"] for r in read_jsonl(path, fields={"prompt": str})]
     elif path:
-        if not os.path.isfile(path):
-            raise DataError(f"{path}: no such file")
         prompts += [line.replace("\\n", "\n") for line in read_text_lines(path) if line.strip()]
     return prompts
 

@@ -41,17 +41,10 @@ def _flag_error_message(error: BaseException, argv: list[str]) -> str | None:
     """One line for a bad flag, naming it; None for an error no flag explains."""
     if isinstance(error, flags.Error):
         return " ".join(str(error).split())
-    # ml_collections raises an unknown override key as KeyError("'key'\nDid you mean ...?"), at a
-    # leaf wrapped in an AttributeError, and a config file that failed to load as an OSError whose
-    # cause's last line says why.
-    while error.args and isinstance(error.args[0], BaseException):
-        error = error.args[0]
-    if isinstance(error, OSError):
+    if isinstance(error, OSError):  # ml_collections: a config file that failed to load; the cause says why
         reason = str(error.__cause__ or error).strip().splitlines()[-1].strip()
         return f"cannot load the --config file: {reason}"
-    if isinstance(error, KeyError):
-        return _unknown_override(argv)
-    return None
+    return _unknown_override(argv)  # ml_collections' KeyError / AttributeError for an override path
 
 
 def _unknown_override(argv: list[str]) -> str | None:

@@ -28,7 +28,14 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from meteora_jax.checkpoint import CheckpointError, is_checkpoint, read_metadata, restore_checkpoint, save_checkpoint
+from meteora_jax.checkpoint import (
+    CheckpointError,
+    is_checkpoint,
+    read_metadata,
+    replaceable,
+    restore_checkpoint,
+    save_checkpoint,
+)
 from meteora_jax.config import ConfigError, ModelConfig
 from meteora_jax.convert.common import ConversionError, check_param_tree, check_params_finite
 from meteora_jax.convert.hf_base import WeightsError, load_hf_llama
@@ -249,7 +256,7 @@ def _check_output(args, inputs: Sequence[Path]) -> None:
     if out.exists():
         if not args.overwrite:
             raise CheckpointError(f"{args.output} exists; pass --overwrite to replace it")
-        if not is_checkpoint(out) and not (out.is_dir() and not any(out.iterdir())):
+        if not replaceable(out):
             raise CheckpointError(f"{args.output} exists and is not a meteora-jax checkpoint; --overwrite replaces only "
                                   "checkpoints (remove it yourself, or choose another output)")
     parent = next(p for p in out.parents if p.exists())  # the folders below it are created
