@@ -267,30 +267,46 @@ TASKS: dict[str, Task] = {
 # Splits and files
 
 
-def draw_unique(sample: Sampler, rng: random.Random, n: int, exclude: set[str], max_tries: int) -> list[dict]:
-    """`n` records with prompts distinct from each other and from `exclude` (which is updated)."""
-    records, tries = [], 0
+# A pool is taken as exhausted after this many draws in a row without a new prompt (at ~150 us a draw
+# for the slowest task, a few seconds); a pool with unseen prompts left at rate p passes this test
+# with probability (1 - p) ** MAX_MISSES.
+MAX_MISSES = 20_000
+
+
+def draw_unique(sample: Sampler, rng: random.Random, n: int, exclude: set[str], bar=None) -> list[dict]:
+    """`n` records with prompts distinct from each other and from `exclude` (which is updated); a
+    ValueError if MAX_MISSES draws in a row find no new prompt. `bar` (tqdm) counts the records."""
+    records, misses = [], 0
     while len(records) < n:
-        tries += 1
-        if tries > max_tries:
-            raise RuntimeError(f"only {len(records)} distinct prompts of {n} after {max_tries} draws")
         prompt, response = sample(rng)
         if prompt in exclude:
+            misses += 1
+            if misses == MAX_MISSES:
+                raise ValueError(f"only {len(records)} distinct prompts of {n} ({MAX_MISSES} draws in a row "
+                                 f"found no new one)")
             continue
+        misses = 0
         exclude.add(prompt)
         records.append({"prompt": prompt, "response": response})
+        if bar is not None:
+            bar.update(1)
     return records
 
 
-def make_task(task: Task, seed: int, train_size: int, test_size: int) -> dict[str, list[dict]]:
-    """{"train": [...], "test": [...]} for one task, a pure function of (task, seed, sizes)."""
+def make_task(task: Task, seed: int, train_size: int, test_size: int, bar=None) -> dict[str, list[dict]]:
+    """{"train": [...], "test": [...]} for one task, a pure function of (task, seed, sizes); a
+    ValueError naming the task and split when it has too few distinct prompts for the sizes."""
     sample = task.build()
     seen: set[str] = set()
-    # Separate string-seeded streams (seeded through SHA-512, independent of PYTHONHASHSEED).
-    test = draw_unique(sample, random.Random(f"{seed}/{task.name}/test"), test_size, seen, 100 * test_size + 1000)
-    train = draw_unique(sample, random.Random(f"{seed}/{task.name}/train"), train_size, seen,
-                        100 * train_size + 1000)
-    return {"train": train, "test": test}
+    splits = {}
+    # Separate string-seeded streams (seeded through SHA-512, independent of PYTHONHASHSEED); test first,
+    # so that it does not depend on the train size.
+    for split, size in (("test", test_size), ("train", train_size)):
+        try:
+            splits[split] = draw_unique(sample, random.Random(f"{seed}/{task.name}/{split}"), size, seen, bar)
+        except ValueError as e:
+            raise ValueError(f"task {task.name!r}, {split} split: {e}; ask for fewer with --{split}-size") from None
+    return {"train": splits["train"], "test": splits["test"]}
 
 
 def _write_jsonl(path: str, records: list[dict]) -> None:
@@ -300,11 +316,18 @@ def _write_jsonl(path: str, records: list[dict]) -> None:
 
 
 def write_tasks(out: str, names: list[str], seed: int, train_size: int, test_size: int) -> dict:
-    """Writes the selected tasks and the manifests; returns the tasks.json content."""
+    """Writes the selected tasks and the manifests; returns the tasks.json content. Every task is
+    drawn before anything is written, so a task that cannot be drawn leaves `out` as it was."""
+    from tqdm.auto import tqdm
+
+    drawn = {}
+    with tqdm(total=len(names) * (train_size + test_size), desc="drawing", unit="record", dynamic_ncols=True) as bar:
+        for name in names:
+            bar.set_postfix_str(name)
+            drawn[name] = make_task(TASKS[name], seed, train_size, test_size, bar)
     manifest = {}
-    for name in names:
+    for name, splits in drawn.items():
         task = TASKS[name]
-        splits = make_task(task, seed, train_size, test_size)
         os.makedirs(os.path.join(out, name), exist_ok=True)
         for split, records in splits.items():
             _write_jsonl(os.path.join(out, name, f"{split}.jsonl"), records)
@@ -340,7 +363,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown task(s) {unknown}; known: {list(TASKS)}")
     if args.train_size < 1 or args.test_size < 1:
         p.error("--train-size and --test-size must be positive")
-    write_tasks(args.out, names, args.seed, args.train_size, args.test_size)
+    try:
+        write_tasks(args.out, names, args.seed, args.train_size, args.test_size)
+    except ValueError as e:
+        p.error(str(e))
     return 0
 
 

@@ -87,6 +87,19 @@ def test_test_split_does_not_depend_on_train_size(task_roots, tmp_path):
     assert (tmp_path / "arithmetic" / "test.jsonl").read_bytes() == want
 
 
+def test_too_large_split_stops_before_writing(tmp_path, capsys):
+    """A size past a task's pool of distinct prompts (roman_numerals has 3,999) is one line naming the
+    task, the split and the flag, within seconds, and no task is written (the arithmetic drawn first
+    included)."""
+    with pytest.raises(SystemExit) as e:
+        make_tasks.main(["--out", str(tmp_path / "t"), "--train-size", "4500", "--test-size", "5",
+                         "--tasks", "arithmetic,roman_numerals"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 2
+    assert "task 'roman_numerals', train split: only" in err and "--train-size" in err, err
+    assert not (tmp_path / "t").exists()
+
+
 def _shape(text):
     # The format of a string: digits, letters and the rest collapsed to classes.
     return re.sub(r"[^\W\d_]+", "a", re.sub(r"\d+", "0", text))
