@@ -22,6 +22,7 @@ from pallas_kernels import grouped_lora, routed_lora
 from pallas_kernels.lora_columns import extended_width, fill_lora_columns, side_products, side_splits
 from pallas_kernels.lora_columns_pallas import fill_lora_columns_pallas, side_products_pallas
 from pallas_kernels.pallas_common import dot_precision  # float32 inputs: float32 products, not TF32
+from pallas_kernels.routed_lora_xla import gate_logits as routed_gate_logits
 
 # Logical axis names of each projection's kernel [d_in, d_out].
 PROJECTION_AXES = {
@@ -160,7 +161,7 @@ class MeteoRALinear(nn.Module):
             y, gate_logits = routed_lora(tokens, gate, lora_a, lora_b, lora_scaling, routing.temperature,
                                          top_k=self.top_k, impl=self.kernel_impl, base=base)
         else:
-            gate_logits = jnp.dot(tokens.astype(jnp.float32), gate)  # [T, L], float32 as the loss needs
+            gate_logits = routed_gate_logits(tokens, gate)  # [T, L] float32, as the routed kernels
             expert_idx, expert_weight = routing.select(gate_logits, self.top_k)
             y = grouped_lora(tokens, lora_a, lora_b, lora_scaling, expert_idx, expert_weight.astype(self.dtype),
                              impl=self.kernel_impl, base=base)

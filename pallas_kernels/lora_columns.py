@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.grouped_lora_xla import dense_routing_weights
+from pallas_kernels.pallas_common import gate_halves
 
 # The extended width is a multiple of this. Otherwise XLA pads the GEMMs' contracting dimension to
 # one on an H100, which copies the weights at every call (seen as [4352, 4096] copies of the
@@ -135,8 +136,8 @@ def side_weight(
     if jnp.dtype(dtype) == jnp.float32:
         parts = gates
     else:
-        hi = [g.astype(dtype) for g in gates]
-        parts = hi + [(g - h.astype(jnp.float32)).astype(dtype) for g, h in zip(gates, hi)]
+        hi, lo = zip(*(gate_halves(g, dtype) for g in gates))
+        parts = [*hi, *lo]
     return jnp.concatenate(a_flat + parts, axis=1)
 
 

@@ -9,8 +9,8 @@ Contract: `pallas_kernels.routed_lora_xla.routed_lora_xla`.
 2. Top-k and softmax of the logits (`top_k_routing`), each column of x @ A_flat weighted by its
    adapter's routing weight (zero unless chosen), times lora_b as one [L*r, d_out] matrix, plus base.
 
-The composition instead runs a float32 gate GEMM over a float32 copy of x and, above 1024 tokens, the
-sorted Pallas product. On an H100 (LLaMA-3-8B projections, L = 28, r = 8, T = 64 / 512 / 16384) this
+The composition instead computes the same logits in a GEMM of its own (`gate_logits`) and, above 1024
+tokens, the sorted Pallas product. On an H100 (LLaMA-3-8B projections, L = 28, r = 8, T = 64 / 512 / 16384) this
 formulation's cost over the base GEMM was 0.45-0.87x the composition's (docs/benchmarks.md,
 "Prefill (session 4)").
 A Pallas kernel that fused the routing, the second GEMM and the base add (token tiles x output
@@ -26,11 +26,10 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from pallas_kernels.grouped_lora_xla import dense_routing_weights, top_k_routing
-from pallas_kernels.pallas_common import dot_precision  # float32 inputs: float32 products, not TF32
-from pallas_kernels.routed_lora_xla import with_composition_vjp
+from pallas_kernels.pallas_common import dot_precision, gate_halves  # float32 inputs: float32 products, not TF32
+from pallas_kernels.routed_lora_xla import gate_logits, with_composition_vjp
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,12 +49,11 @@ def side_products(x: jax.Array, gate: jax.Array, lora_a: jax.Array) -> tuple[jax
     a_flat = lora_a.transpose(1, 0, 2).reshape(depth, columns).astype(x.dtype)
     if x.dtype == jnp.bfloat16:
         # x is bf16, so x @ gate = x @ hi + x @ lo is float32-accurate (error ~2^-17 of |gate|).
-        hi = gate.astype(jnp.bfloat16)
-        lo = (gate - hi.astype(jnp.float32)).astype(jnp.bfloat16)
+        hi, lo = gate_halves(gate, jnp.bfloat16)
         side = jnp.dot(x, jnp.concatenate([a_flat, hi, lo], axis=1), preferred_element_type=jnp.float32)
         return side[:, :columns], side[:, columns:columns + num_adapters] + side[:, columns + num_adapters:]
     xa = jnp.dot(x, a_flat, preferred_element_type=jnp.float32, precision=dot_precision(x.dtype))
-    return xa, jnp.dot(x.astype(jnp.float32), gate, precision=lax.Precision.HIGHEST)
+    return xa, gate_logits(x, gate)
 
 
 def _prefill_two_gemms(x, gate, lora_a, lora_b, scaling, temperature, base, cfg):

@@ -9,10 +9,41 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
 from pallas_kernels.grouped_lora import grouped_lora
 from pallas_kernels.grouped_lora_xla import top_k_routing
+from pallas_kernels.pallas_common import dot_precision, gate_halves
+
+
+@jax.custom_vjp
+def gate_logits(x: jax.Array, gate: jax.Array) -> jax.Array:
+    """x [T, d_in] @ gate [d_in, L] float32 -> [T, L] float32, float32-accurate on every backend, as
+    the routed kernels compute it: bfloat16 x against the gate's two bfloat16 halves, other x at HIGHEST.
+    A default-precision float32 dot is TF32 on recent GPUs: ~1e-3 relative error, enough to flip
+    near-tied top-k choices between gate training and inference. The gradients are the plain dot's."""
+    if x.dtype == jnp.bfloat16:
+        hi, lo = gate_halves(gate, jnp.bfloat16)
+        both = jnp.dot(x, jnp.concatenate([hi, lo], axis=1), preferred_element_type=jnp.float32)
+        return both[:, :gate.shape[1]] + both[:, gate.shape[1]:]
+    return jnp.dot(x.astype(jnp.float32), gate, precision=lax.Precision.HIGHEST)
+
+
+def _gate_logits_fwd(x, gate):
+    return gate_logits(x, gate), (x, gate)
+
+
+def _gate_logits_bwd(res, g):  # g [T, L] float32
+    x, gate = res
+    # float32 x: HIGHEST, as every float32 product here. bfloat16 x: TF32 at most rounds g and the gate
+    # to 10 bits (x fits), finer than dx's own bfloat16 rounding.
+    precision = dot_precision(x.dtype)
+    dx = jnp.dot(g, gate.T, precision=precision).astype(x.dtype)
+    return dx, jnp.dot(x.astype(jnp.float32).T, g, precision=precision)
+
+
+gate_logits.defvjp(_gate_logits_fwd, _gate_logits_bwd)
 
 
 def routed_lora_xla(
@@ -28,10 +59,10 @@ def routed_lora_xla(
     base: jax.Array | None = None,  # [T, d_out]
 ) -> tuple[jax.Array, jax.Array]:  # y [T, d_out] x.dtype, gate_logits [T, L] float32
     """The op-by-op composition; `impl` is the `grouped_lora` implementation of the product."""
-    gate_logits = jnp.dot(x.astype(jnp.float32), gate.astype(jnp.float32))
-    expert_idx, expert_weight = top_k_routing(gate_logits, top_k, temperature)
+    logits = gate_logits(x, gate.astype(jnp.float32))
+    expert_idx, expert_weight = top_k_routing(logits, top_k, temperature)
     y = grouped_lora(x, lora_a, lora_b, scaling, expert_idx, expert_weight.astype(x.dtype), impl=impl, base=base)
-    return y, gate_logits
+    return y, logits
 
 
 ARG_NAMES = ("x", "gate", "lora_a", "lora_b", "scaling", "temperature", "base")

@@ -17,11 +17,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.extend.core import jaxprs_in_params
 
+from meteora_jax.layers import MeteoRALinear
+from meteora_jax.routing import Routing
 from pallas_kernels import routed_lora, routed_lora_xla
 from pallas_kernels.routed_lora import ROUTED_MAX_COLUMNS, ROUTED_MAX_TOKENS, routed_path
 from pallas_kernels.routed_lora_pallas import routed_lora_pallas
 from pallas_kernels.routed_lora_prefill import routed_lora_prefill
+from pallas_kernels.routed_lora_xla import gate_logits
 
 SEED = np.random.SeedSequence().entropy
 SMALL = dict(block_k=16, block_n=16)  # several d_in chunks and output blocks at test sizes
@@ -132,6 +136,62 @@ def test_gradients_match_autodiff_of_composition(kernel, dtype):
     for name, g, w in zip(("x", "gate", "lora_a", "lora_b", "scaling", "base", "temperature"), got, want):
         assert g.shape == w.shape, name
         assert _rel(g, w) <= TOL[dtype], f"seed={SEED}: d{name} relative error {_rel(g, w):.2e}"
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_gate_logits_are_float32_accurate_with_the_dot_gradients(dtype):
+    """`gate_logits` (every path's logits when differentiated, and the forced-routing layer's) against
+    float64: within 2^-16 of |x| @ |gate| per logit (bf16 x: the gate's two bf16 halves, error ~2^-17);
+    its gradients are the dot's (float64 formulas, relative 1e-5 in float32, 1e-2 in bf16)."""
+    x, gate, *_ = _inputs((11,), dtype, t=19, d_in=300, d_out=8, num_adapters=7, rank=2)
+    x64, gate64 = np.asarray(x, np.float64), np.asarray(gate, np.float64)
+    got = np.asarray(jax.jit(gate_logits)(x, gate), np.float64)
+    bound = 2.0**-16 * (np.abs(x64) @ np.abs(gate64))
+    assert np.all(np.abs(got - x64 @ gate64) <= bound), f"seed={SEED}"
+
+    probe = jnp.asarray(np.random.default_rng([SEED % 2**63, 12]).standard_normal((19, 7)), jnp.float32)
+    dx, dgate = jax.grad(lambda x, g: jnp.sum(gate_logits(x, g) * probe), argnums=(0, 1))(x, gate)
+    assert dx.dtype == x.dtype and dgate.dtype == jnp.float32
+    assert _rel(dx, np.asarray(probe, np.float64) @ gate64.T) <= TOL[dtype], f"seed={SEED}"
+    assert _rel(dgate, x64.T @ np.asarray(probe, np.float64)) <= TOL[dtype], f"seed={SEED}"
+
+
+def _dots(jaxpr):
+    """(precision, operand and output shapes) of every dot_general in a jaxpr, sub-jaxprs (custom VJPs)
+    included."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            found.append((eqn.params["precision"], {v.aval.shape for v in [*eqn.invars, *eqn.outvars]}))
+        for sub in jaxprs_in_params(eqn.params):
+            found += _dots(sub)
+    return found
+
+
+def test_float32_gate_training_takes_no_tf32_product():
+    """float32 gate training multiplies at HIGHEST in the routed products and the gate logits (XLA's
+    default is TF32 on recent GPUs: ~1e-3 relative logit error, which flips near-tied top-k choices
+    between training and inference): the routed layer and the forced-routing layer, forward and
+    backward. (The base linear keeps JAX's default precision, which `jax_default_matmul_precision` sets.)"""
+    x, gate, a, b, s, base = _inputs((13,), jnp.float32, t=6, d_in=40, d_out=24, num_adapters=5, rank=4)
+
+    def routed(x, gate):
+        y, logits = routed_lora_xla(x, gate, a, b, s, 1.0, top_k=2, impl="xla", base=base)
+        return jnp.sum(y) + jnp.sum(logits**2)
+
+    layer = MeteoRALinear(features=24, axes=("embed", "mlp"), num_adapters=5, rank=4, kernel_impl="xla")
+    forced = Routing(temperature=jnp.float32(1.0), forced_weights=jnp.full((5,), 0.2, jnp.float32))
+    params = layer.init(jax.random.key(0), x, forced)
+
+    def forced_loss(params):
+        y, logits = layer.apply(params, x, forced)
+        return jnp.sum(y) + jnp.sum(logits**2)
+
+    highest = (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)
+    for name, jaxpr in (("routed", jax.make_jaxpr(jax.grad(routed, argnums=(0, 1)))(x, gate)),
+                        ("forced", jax.make_jaxpr(jax.grad(forced_loss))(params))):
+        dots = [p for p, shapes in _dots(jaxpr.jaxpr) if not shapes & {(40, 24), (24, 40)}]  # not the base's
+        assert len(dots) >= 6 and all(p == highest for p in dots), (name, dots)
 
 
 def test_dispatcher_choices_and_errors():
