@@ -15,7 +15,8 @@ Per example, every array has the fixed sequence length S (right padding):
     lm_mask        [S] int32  1 where a token is an LM target: response (+ its end token) only, or
                               prompt + response with `lm_on_prompt=True` (as the original)
     gate_labels    [S] int32  the adapter index of the example's task, on every position
-    gate_mask      [S] int32  1 on every non-padding token (`gate_scope="all"`), or from the first
+    gate_mask      [S] int32  1 on every non-padding token but a leading BOS (`gate_scope="all"`,
+                              as the original, which tokenises without one), or from the first
                               token of the prompt text on (`gate_scope="task"`: not on the BOS or
                               the chat template's head, e.g. a default system prompt, which are
                               the same for every task and so carry no task to route by)
@@ -275,7 +276,8 @@ def encode_example(
         p, r = _ids(tokenizer, prompt), _ids(tokenizer, response)
         eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
         ids, n_head, n_prompt = head + p + r + eos, len(head), len(head) + len(p)
-    n_head = n_head if gate_scope == "task" else 0
+    if gate_scope == "all":  # all but a leading BOS: the same token for every task (the original has none)
+        n_head = int(bool(ids) and ids[0] == tokenizer.bos_token_id)
     return _to_arrays(ids, n_head, n_prompt, _pad_id(tokenizer), seq_len, task_index, lm_on_prompt)
 
 

@@ -63,9 +63,9 @@ def _add_training_sections(config: ml_collections.ConfigDict) -> None:
             seq_len=512,
             chat_template=False,
             lm_on_prompt=False,  # True: prompt tokens are LM targets too (as the original)
-            # Tokens the gate loss and gate accuracy cover: "all" non-padding tokens (as the
-            # original), or "task": from the prompt text on, leaving out the BOS / chat-template head
-            # (e.g. a default system prompt) that is the same for every task.
+            # Tokens the gate loss and gate accuracy cover: "all" non-padding tokens but a BOS (as
+            # the original), or "task": from the prompt text on, leaving out the BOS / chat-template
+            # head (e.g. a default system prompt) that is the same for every task.
             gate_scope="all",
             mixing="round_robin",  # or "uniform"
             eval_split="test",

@@ -51,7 +51,9 @@ def test_hand_made_example_labels_and_masks():
     # Targets: the response token and the EOS after it, nothing of BOS/prompt/padding.
     np.testing.assert_array_equal(arrays["lm_mask"], [0, 0, 0, 0, 0, 1, 1, 0, 0, 0])
     np.testing.assert_array_equal(arrays["gate_labels"], [3] * 10)
-    np.testing.assert_array_equal(arrays["gate_mask"], [1] * 7 + [0] * 3)
+    # Gate targets: every real token but the BOS, which is the same for every task (the original,
+    # tokenising without special tokens, has none).
+    np.testing.assert_array_equal(arrays["gate_mask"], [0] + [1] * 6 + [0] * 3)
     np.testing.assert_array_equal(arrays["attention_mask"], [1] * 7 + [0] * 3)
     assert all(a.dtype == np.int32 and a.shape == (10,) for a in arrays.values())
 
@@ -77,7 +79,10 @@ def test_truncation_and_no_bos_and_pad_fallback():
 def _check_chat_masks(tok, prompt, response, seq_len):
     arrays, truncated = data.encode_example(tok, prompt, response, seq_len=seq_len, task_index=0, chat_template=True)
     assert not truncated
-    ids, lm, valid = arrays["input_ids"], arrays["lm_mask"].astype(bool), arrays["gate_mask"].astype(bool)
+    ids, lm, valid = arrays["input_ids"], arrays["lm_mask"].astype(bool), arrays["attention_mask"].astype(bool)
+    # The gate covers every real token but a leading BOS.
+    leading_bos = ids[0] == tok.bos_token_id
+    np.testing.assert_array_equal(arrays["gate_mask"].astype(bool), valid & (np.arange(len(ids)) >= leading_bos))
     user = [{"role": "user", "content": prompt}]
     head = tok.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
     full = tok.apply_chat_template(user + [{"role": "assistant", "content": response}], tokenize=False)
