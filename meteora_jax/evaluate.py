@@ -138,10 +138,14 @@ def evaluate_task(predictions: Sequence[str], references: Sequence[str], metric:
 def split_composite(text: str, n: int | None = None) -> list[str]:
     """Splits a composite answer on "@@@@" (any whitespace around it), parts stripped.
 
-    A separator at the very start or end makes no empty part. With `n`, the parts are padded with
-    "" or truncated to exactly n (a model may emit fewer or more answers than asked).
+    With exactly n - 1 separators the n parts are taken as they are, empty ones included (an empty
+    first answer keeps its place). Otherwise a separator at the very start or end makes no empty
+    part, and with `n` the parts are padded with "" or truncated to exactly n (a model may emit
+    fewer or more answers than asked).
     """
     body = _SEPARATOR_RE.sub("@@@@", text.strip())
+    if n is not None and n > 1 and body.count("@@@@") == n - 1:
+        return [p.strip() for p in body.split("@@@@")]
     body = body.removeprefix("@@@@").removesuffix("@@@@")
     parts = [p.strip() for p in body.split("@@@@")] if body.strip() else [""]
     if n is not None:
@@ -150,16 +154,19 @@ def split_composite(text: str, n: int | None = None) -> list[str]:
 
 
 def score_composite(
-    predictions: Sequence[str],
+    predictions: Sequence[str | Sequence[str]],
     references: Sequence[str],
     tasks: Sequence[Sequence[str]],
     metric_for_task: Mapping[str, str] | Callable[[str], str],
 ) -> dict[str, Any]:
     """Scores composite answers per sub-task.
 
-    predictions, references: one composite string per sample; tasks[i]: sub-task names of sample
-    i, in answer order. Both strings are split into len(tasks[i]) parts, and each sub-task's
-    metric (from `metric_for_task`) is computed over all its parts across samples.
+    predictions: per sample, one composite string (split on "@@@@", as a model answering all
+    sub-prompts at once writes it) or the list of its answers (chained turns: taken as they are,
+    so an empty answer or one holding "@@@@" keeps its place); references: one composite string per
+    sample; tasks[i]: sub-task names of sample i, in answer order. Both are cut into len(tasks[i])
+    parts, and each sub-task's metric (from `metric_for_task`) is computed over all its parts across
+    samples.
     "average" is the unweighted mean over sub-tasks (mixing scales if metrics differ; see
     "average_by_metric" for one mean per metric).
     """
@@ -173,7 +180,8 @@ def score_composite(
     refs: dict[str, list[str]] = {}
     for pred, ref, names in zip(predictions, references, tasks):
         n = len(names)
-        for task, p, r in zip(names, split_composite(pred, n), split_composite(ref, n)):
+        pred_parts = split_composite(pred, n) if isinstance(pred, str) else ([p.strip() for p in pred] + [""] * n)[:n]
+        for task, p, r in zip(names, pred_parts, split_composite(ref, n)):
             preds.setdefault(task, []).append(p)
             refs.setdefault(task, []).append(r)
     per_task = {t: evaluate_task(preds[t], refs[t], get_metric(t)) for t in sorted(preds)}
@@ -317,16 +325,15 @@ def generate_chained(
     routing_temperature: float = 1.0,
     force_adapter: int | None = None,
     force_adapters: Sequence[Sequence[int]] | None = None,
-) -> list[str]:
+) -> list[list[str]]:
     """Composite answers by chained turns: sample j's sub-prompts are asked one after another in one
     conversation, each answered (greedy, up to `max_new_tokens`) with every earlier prompt and the
     model's own earlier answers in context, so routing must switch adapters inside one sequence.
-    Returns per sample the answers joined by COMPOSITE_SEPARATOR.
+    Returns per sample its answers, one per turn.
 
     force_adapters[j][i]: the adapter that answers turn i of sample j (oracle routing per
     segment; the whole conversation is re-read with it); overrides `force_adapter`.
     """
-    from meteora_jax.data import COMPOSITE_SEPARATOR
     from meteora_jax.generate import encode_turns
 
     answers: list[list[str]] = [[] for _ in sub_prompts]
@@ -350,7 +357,7 @@ def generate_chained(
             )
             for j, text in zip(members, texts):
                 answers[j].append(text)
-    return [COMPOSITE_SEPARATOR.join(a) for a in answers]
+    return answers
 
 
 def _auto_max_new_tokens(tokenizer, references: Sequence[str], margin: int = 8) -> int:
@@ -394,7 +401,7 @@ def save_chained_routing_picture(
     generator,
     tokenizer,
     record: Mapping[str, Any],
-    prediction: str,
+    answers: Sequence[str],
     stem: str,
     adapter_names: Sequence[str],
     *,
@@ -403,14 +410,14 @@ def save_chained_routing_picture(
     routing_temperature: float = 1.0,
 ) -> list[str]:
     """Routing picture (PNG + HTML, `meteora_jax.viz`) of one composite sample answered in chained
-    turns: the last turn is generated again with every earlier prompt and answer of `prediction`
-    in context, so the picture covers the whole conversation (prefill routing of the earlier turns,
+    turns: the last turn is generated again with every earlier prompt and answer (`answers`, one per
+    turn, as `generate_chained` returns them) in context, so the picture covers the whole conversation (prefill routing of the earlier turns,
     decode routing of the last answer). Returns the two paths."""
     from meteora_jax import viz
     from meteora_jax.generate import encode_turns
 
     subs = list(record["prompts"])
-    ids = encode_turns(tokenizer, subs, split_composite(prediction, len(subs))[:-1], chat_template=chat_template)
+    ids = encode_turns(tokenizer, subs, list(answers)[: len(subs) - 1], chat_template=chat_template)
     out = generator.generate(
         [ids], max_new_tokens=max_new_tokens, routing_temperature=routing_temperature, return_routing=True
     )
@@ -447,6 +454,8 @@ def evaluate_composite_records(
     pictures (turns mode, learned routing): (stem prefix, adapter names, count): routing pictures of
     the first `count` samples (`save_chained_routing_picture`), listed under "pictures".
     """
+    from meteora_jax.data import COMPOSITE_SEPARATOR
+
     if mode not in COMPOSITE_MODES:
         raise ValueError(f"composite mode {mode!r}; choose one of {COMPOSITE_MODES}")
     refs = [r["response"] for r in records]
@@ -469,9 +478,9 @@ def evaluate_composite_records(
         )
         if pictures and forced is None and generate_kw.get("force_adapter") is None:
             prefix, names, count = pictures
-            for i, (r, pred) in enumerate(list(zip(records, preds))[:count]):
+            for i, (r, answers) in enumerate(list(zip(records, preds))[:count]):
                 paths += save_chained_routing_picture(
-                    generator, tokenizer, r, pred, f"{prefix}_{i:02d}", names, max_new_tokens=turn_tokens,
+                    generator, tokenizer, r, answers, f"{prefix}_{i:02d}", names, max_new_tokens=turn_tokens,
                     chat_template=generate_kw.get("chat_template"),
                     routing_temperature=generate_kw.get("routing_temperature", 1.0),
                 )
@@ -485,7 +494,8 @@ def evaluate_composite_records(
     if paths:
         result["pictures"] = paths
     result["examples"] = [
-        {"prompt": r["prompt"], "reference": r["response"], "prediction": p, "tasks": list(r["tasks"])}
+        {"prompt": r["prompt"], "reference": r["response"], "tasks": list(r["tasks"]),
+         "prediction": p if isinstance(p, str) else COMPOSITE_SEPARATOR.join(p)}
         for r, p in zip(records[:num_examples], preds[:num_examples])
     ]
     return result

@@ -62,10 +62,31 @@ def test_rouge_by_hand_and_against_rouge_score():
         ("a@@@@b@@@@c@@@@d", 2, ["a", "b"]),  # too many: truncated
         ("", 2, ["", ""]),
         ("just one answer", None, ["just one answer"]),
+        ("@@@@\nb@@@@\nc", 3, ["", "b", "c"]),  # exactly n - 1 separators: an empty first part keeps its place
+        ("a@@@@\n@@@@\n", 3, ["a", "", ""]),
+        ("@@@@\nb@@@@\nc", None, ["b", "c"]),  # n unknown: a leading separator makes no part
     ],
 )
 def test_split_composite(text, n, expect):
     assert ev.split_composite(text, n) == expect
+
+
+def test_score_composite_keeps_turn_answers_in_place(monkeypatch):
+    """Chained turns are scored from their answer lists: an empty first answer, or one that holds the
+    separator itself, leaves every later answer with its own sub-task (they moved up one before)."""
+    tasks = [["arith", "reverse", "shout"]] * 2
+    refs = ["4@@@@\ngod pmal@@@@\nQUIET RIVER!"] * 2
+    answers = [["", "god pmal", "QUIET RIVER!"], ["4 @@@@ 5", "god pmal", "QUIET RIVER!"]]
+    res = ev.score_composite(answers, refs, tasks, lambda t: "accuracy")
+    assert {t: r["score"] for t, r in res["per_task"].items()} == {"arith": 0.0, "reverse": 1.0, "shout": 1.0}
+
+    # evaluate_composite_records passes generate_chained's lists on (its generation stubbed here).
+    monkeypatch.setattr(ev, "generate_chained", lambda *a, **k: answers)
+    records = [{"prompt": "1. 2+2\n2. lamp dog\n3. quiet river", "response": refs[0], "tasks": tasks[0],
+                "prompts": ["2+2", "lamp dog", "quiet river"]}] * 2
+    res = ev.evaluate_composite_records(None, None, records, lambda t: "accuracy", max_new_tokens=4)
+    assert {t: r["score"] for t, r in res["per_task"].items()} == {"arith": 0.0, "reverse": 1.0, "shout": 1.0}
+    assert res["examples"][0]["prediction"] == "@@@@\ngod pmal@@@@\nQUIET RIVER!"
 
 
 def test_score_composite_hand_made():
