@@ -199,6 +199,7 @@ class Generator:
         params,
         input_ids,  # [B, P] int32, left-padded
         attention_mask,  # [B, P] bool
+        num_rows,  # [] int32: rows past it fill the batch bucket and start done
         max_new_tokens,  # [] int32 <= max_new_bucket
         temperature,  # [] float32
         top_p,  # [] float32
@@ -249,7 +250,9 @@ class Generator:
         first = choose(last_logits, key)
         n_buf = max_new_bucket + 1  # slot N takes the token sampled after the last one (dropped)
         tokens = jnp.full((batch, n_buf), pad, jnp.int32).at[:, 0].set(first)
-        state = dict(i=jnp.int32(0), tok=first, done=jnp.zeros((batch,), bool), cache=cache, tokens=tokens, rng=rng)
+        # Filler rows start done: sampled, they would otherwise keep the loop running after every real row stopped.
+        filler = jnp.arange(batch) >= num_rows
+        state = dict(i=jnp.int32(0), tok=first, done=filler, cache=cache, tokens=tokens, rng=rng)
         if return_logits:
             state["logits"] = jnp.zeros((batch, n_buf, cfg.vocab_size), jnp.float32).at[:, 0].set(last_logits)
         if collect_routing:
@@ -389,6 +392,7 @@ class Generator:
             self.params,
             jnp.asarray(ids),
             jnp.asarray(mask),
+            jnp.int32(len(rows)),
             jnp.int32(max_new_tokens),
             jnp.float32(max(temperature, 0.0)),
             jnp.float32(top_p),

@@ -80,6 +80,8 @@ def main(argv=None) -> int:
     if not prompts:
         cli_fail(p, "give --prompt and/or --prompts-file")
 
+    import jax
+
     from meteora_jax import viz
     from meteora_jax.generate import encode_prompt, generator_from_args
 
@@ -100,7 +102,7 @@ def main(argv=None) -> int:
             max_new_tokens=args.max_new_tokens,
             temperature=args.temperature,
             top_p=args.top_p,
-            seed=args.seed + start,
+            seed=jax.random.fold_in(jax.random.key(args.seed), start),  # --seed 1 shares no batch key with --seed 0
             routing_temperature=args.routing_temperature,
             force_adapter=force,
             return_routing=pictures,

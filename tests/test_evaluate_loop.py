@@ -191,6 +191,22 @@ def test_generate_script_writes_outputs_after_all_prompts(tiny_inference_world, 
     assert all(f"### output\n{r['output']}\n" in printed for r in records)
 
 
+def test_generate_script_seeds_share_no_batch_key(tiny_inference_world, tmp_path):
+    """Sampling one prompt in batches of 1: each batch draws its own key from --seed, so --seed 1's
+    first batch is not --seed 0's second one (seed + batch start made them equal before)."""
+    w = tiny_inference_world
+    generate = runpy.run_path(os.path.join(REPO, "scripts", "generate.py"), run_name="cli_script")["main"]
+    outputs = {}
+    for seed in (0, 1):
+        argv = ["--checkpoint", w.model, "--tokenizer", w.tokenizer, "--prompt", "1+2=", "--prompt", "1+2=",
+                "--batch-size", "1", "--max-new-tokens", "12", "--temperature", "5", "--seed", str(seed),
+                "--json", str(tmp_path / f"s{seed}.jsonl")]
+        assert generate(argv) == 0
+        outputs[seed] = [json.loads(line)["output"] for line in open(tmp_path / f"s{seed}.jsonl")]
+    assert outputs[0][0] != outputs[0][1]  # the two batches of one run differ
+    assert outputs[1][0] != outputs[0][1]
+
+
 # ------------------------------------------------------------------------------------------------
 # Composite samples as chained turns, and oracle routing
 

@@ -201,6 +201,16 @@ def test_top_p_to_zero_is_greedy_and_seeds_reproduce(generator, batch_out):
     assert not np.array_equal(a.tokens, batch_out.tokens)
 
 
+def test_filler_rows_start_done(generator):
+    """The rows that fill a batch of 3 up to its bucket of 4 generate nothing (only pad after the
+    first slot), so a sampled batch stops when its real rows do; the real rows still sample."""
+    run, rows, _ = generator.device_call(PROMPTS[:3], max_new_tokens=8, temperature=1.0, seed=3, eos_token_ids=[-5])
+    tokens = np.asarray(run()["tokens"])
+    assert len(rows) == 3 and tokens.shape[0] == 4
+    assert (tokens[3, 1:] == generator.pad_token_id).all()
+    assert (tokens[:3, 1:] != generator.pad_token_id).any()
+
+
 def test_eos_stops_each_row(generator, batch_out):
     eos = int(batch_out.tokens[0, 3])  # row 0 emits it at step 3 at the latest
     out = generator.generate(PROMPTS, max_new_tokens=NEW, eos_token_ids=[eos])
