@@ -23,8 +23,17 @@ COMPOSITE_SYSTEMS = ("lora_b", "oracle", "meteora")
 
 
 def _load_json(path: Path):
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    """A JSON file's content; a missing or malformed file stops the script with one line naming it."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SystemExit(f"error: {path}: no such file") from None
+    except UnicodeDecodeError as e:
+        raise SystemExit(f"error: {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"error: {path}: malformed JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
 
 
 def _points(result: dict) -> float:
@@ -48,10 +57,16 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def last_eval(metrics_jsonl: Path) -> dict:
-    records = [json.loads(line) for line in metrics_jsonl.read_text().splitlines() if line.strip()]
+    """The last eval record of a gate training's metrics.jsonl (scripts/train.py)."""
+    from meteora_jax.data import DataError, read_jsonl
+
+    try:
+        records = read_jsonl(metrics_jsonl, fields={})
+    except DataError as e:
+        raise SystemExit(f"error: {e}") from None
     evals = [r for r in records if r.get("split") == "eval"]
-    if not evals:
-        raise SystemExit(f"{metrics_jsonl}: no eval record (did the gate training finish?)")
+    if not evals or "gate_acc_top1" not in evals[-1]:
+        raise SystemExit(f"error: {metrics_jsonl}: no eval record with gate_acc_top1 (did the gate training finish?)")
     return evals[-1]
 
 
@@ -161,7 +176,18 @@ def main(argv=None) -> int:
     p.add_argument("--pictures", default="3,5", help="composite sizes whose routing pictures are copied")
     p.add_argument("--notes", default=None, help="a markdown file appended as is (method notes, caveats)")
     args = p.parse_args(argv)
+    earlier = []  # (label, metrics.jsonl, eval json or None)
+    for spec in args.earlier:
+        label, _, files = spec.partition("=")
+        metrics_path, _, eval_path = files.partition(",")
+        if not label or not metrics_path:
+            p.error(f"--earlier {spec!r}: want LABEL=METRICS_JSONL[,EVAL_JSON]")
+        earlier.append((label, Path(metrics_path), Path(eval_path) if eval_path else None))
+    if args.notes and not Path(args.notes).is_file():
+        p.error(f"--notes {args.notes}: no such file")
     runs, out = Path(args.runs), Path(args.out)
+    if out.is_dir():
+        p.error(f"--out {out} is a folder; give the results file's path")
     e2e = runs / "e2e"
     evals = {s: _load_json(e2e / f"eval_{s}.json") for s in SYSTEMS if (e2e / f"eval_{s}.json").is_file()}
     if "meteora" not in evals:
@@ -224,12 +250,9 @@ def main(argv=None) -> int:
         single,
         *composite_parts,
     ]
-    if args.earlier:
-        runs_rows = []
-        for spec in args.earlier:
-            label, _, files = spec.partition("=")
-            metrics_path, _, eval_path = files.partition(",")
-            runs_rows.append((label, _load_json(Path(eval_path)) if eval_path else None, last_eval(Path(metrics_path))))
+    if earlier:
+        runs_rows = [(label, _load_json(eval_path) if eval_path else None, last_eval(metrics_path))
+                     for label, metrics_path, eval_path in earlier]
         runs_rows.append((args.final_label, evals["meteora"], gate_eval))
         parts += ["", "## Gate-training runs", "", runs_section(runs_rows)]
     if (e2e / "hf_eval.json").is_file():

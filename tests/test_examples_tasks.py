@@ -229,6 +229,47 @@ def test_example_scripts_stop_on_bad_input(tmp_path, capsys):
     assert not out.exists()
 
 
+def test_write_results_stops_on_bad_input(tmp_path, capsys):
+    """write_results.py: a malformed --earlier, a missing or malformed eval / metrics file is one line
+    naming the flag or the file (tracebacks before), and no results file is written."""
+    write_results = _load("write_results")
+    runs, out = tmp_path / "runs", tmp_path / "docs" / "results.md"
+    (runs / "e2e").mkdir(parents=True)
+    metrics = runs / "smollm2_135m" / "metrics.jsonl"
+    common = ["--runs", str(runs), "--out", str(out)]
+    cases = [
+        (common + ["--earlier", "run0"], "--earlier 'run0': want LABEL=METRICS_JSONL[,EVAL_JSON]"),
+        (common + ["--notes", str(tmp_path / "none.md")], "none.md: no such file"),
+        (["--runs", str(runs), "--out", str(tmp_path)], "is a folder"),
+        (common, "eval_meteora.json: missing"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as e:
+            write_results.main(argv)
+        err = capsys.readouterr().err + str(e.value.code)
+        assert e.value.code != 0 and message in err, (argv, err)
+
+    (runs / "e2e" / "eval_meteora.json").write_text('{"tasks": {}')
+    for argv, message in [(common, "eval_meteora.json: malformed JSON")]:
+        with pytest.raises(SystemExit) as e:
+            write_results.main(argv)
+        assert message in str(e.value.code), e.value.code
+    (runs / "e2e" / "eval_meteora.json").write_text('{"tasks": {}}')
+    with pytest.raises(SystemExit) as e:
+        write_results.main(common)
+    assert "metrics.jsonl: no such file" in str(e.value.code), e.value.code
+    metrics.parent.mkdir()
+    metrics.write_text('{"split": "train", "loss": 1.0}\n{"split": "eval"\n')
+    with pytest.raises(SystemExit) as e:
+        write_results.main(common)
+    assert "metrics.jsonl:2: malformed JSON" in str(e.value.code), e.value.code
+    metrics.write_text('{"split": "train", "loss": 1.0}\n')
+    with pytest.raises(SystemExit) as e:
+        write_results.main(common)
+    assert "no eval record" in str(e.value.code), e.value.code
+    assert not out.exists()
+
+
 def test_greedy_generate_left_padding_matches_one_by_one(tiny_hf_base_with_tokenizer):
     tiny_base_dir = tiny_hf_base_with_tokenizer
     from transformers import AutoModelForCausalLM, AutoTokenizer
