@@ -36,6 +36,14 @@ ADAPTER_ARGS=${ADAPTER_ARGS:-}
 GATE_ARGS=${GATE_ARGS:-}
 EVAL_ARGS=${EVAL_ARGS:-}
 HF_ARGS=${HF_ARGS:-}
+stages=("$@")
+[[ ${#stages[@]} -eq 0 ]] && stages=(adapters convert gates eval hf)
+for s in "${stages[@]}"; do  # every name before any work
+  case $s in
+    adapters|convert|gates|eval|hf) ;;
+    *) echo "unknown stage $s (adapters convert gates eval hf)" >&2; exit 2 ;;
+  esac
+done
 mkdir -p "$OUT"
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$(realpath -m "$RUNS/jax_cache")}
 
@@ -126,16 +134,7 @@ run_hf() {
     --adapters $RUNS/adapters --base-dir $RUNS/adapters/base --out "$OUT/hf_eval.json" --show 0 $HF_ARGS
 }
 
-stages=("$@")
-[[ ${#stages[@]} -eq 0 ]] && stages=(adapters convert gates eval hf)
 for s in "${stages[@]}"; do
-  case $s in
-    adapters) run_adapters ;;
-    convert) run_convert ;;
-    gates) run_gates ;;
-    eval) run_eval ;;
-    hf) run_hf ;;
-    *) echo "unknown stage $s (adapters convert gates eval hf)" >&2; exit 2 ;;
-  esac
+  "run_$s"
 done
 echo "=== done: ${stages[*]}" >&2

@@ -18,7 +18,8 @@ Output, under --out:
 
 Resumable: an adapter whose folder already holds adapter_model.safetensors is skipped, so a long
 job splits over several runs with --max-tasks-per-run or --time-budget (run the same command
-again). Each adapter is written to a temporary folder and renamed when complete.
+again). Each adapter is written to a temporary folder and renamed when complete. A finished
+adapter trained with another rank, alpha, lr or max-len than the run asks is kept, with a warning.
 
 Training: plain torch loop, AdamW, linear warm-up then linear decay, loss on the response tokens
 only (chat template of the tokenizer, as `meteora_jax.data` with chat_template=True), bf16 autocast
@@ -176,6 +177,20 @@ def is_done(out: Path, name: str) -> bool:
     return (out / name / "adapter_model.safetensors").is_file() and (out / name / "adapter_config.json").is_file()
 
 
+# The settings every adapter of a run shares (steps and batch differ for the mixed one).
+SHARED_SETTINGS = ("rank", "alpha", "lr", "max_len")
+
+
+def changed_settings(out: Path, name: str, args) -> list[str]:
+    """The shared settings with which a finished adapter was trained that differ from this run's
+    ("rank 8 -> 16"); none if its training.json is missing or unreadable."""
+    try:
+        log = json.loads((out / name / "training.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    return [f"{k} {log[k]} -> {getattr(args, k)}" for k in SHARED_SETTINGS if k in log and log[k] != getattr(args, k)]
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     t_start = time.perf_counter()
@@ -194,6 +209,11 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     todo = [j for j in jobs if not is_done(out, j)]
     print(f"[plan] {len(jobs)} adapters, {len(jobs) - len(todo)} already done, to train: {todo}", flush=True)
+    for name in (j for j in jobs if j not in todo):
+        changed = changed_settings(out, name, args)
+        if changed:
+            print(f"[warning] {name} is kept as trained, with other settings than this run's ({', '.join(changed)}); "
+                  f"delete {out / name} to train it again", file=sys.stderr, flush=True)
     need_export = export is not None and not (export / "config.json").is_file()
     if not todo and not need_export:
         _write_order(out, manifest, tasks)

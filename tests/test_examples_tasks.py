@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -164,8 +166,9 @@ def test_train_adapters_toy(tiny_hf_base_with_tokenizer, tmp_path, capsys):
     assert (out / "adapters.txt").read_text().split() == ["arithmetic", "sort_numbers"]  # both task adapters exist
     assert not (out / "lora_b").exists()
     assert train_adapters.main(common) == 0
-    log = capsys.readouterr().out
-    assert "already done" in log and "remaining: none" in log
+    captured = capsys.readouterr()
+    assert "already done" in captured.out and "remaining: none" in captured.out
+    assert "[warning]" not in captured.err  # same settings: nothing to say
     assert (out / "adapters.txt").read_text().split() == ["arithmetic", "sort_numbers"]
     assert (out / "base" / "config.json").is_file()
 
@@ -197,6 +200,14 @@ def test_train_adapters_toy(tiny_hf_base_with_tokenizer, tmp_path, capsys):
     assert set(results) == {"base", "own", "lora_b"}
     assert all(set(r) == {"arithmetic", "sort_numbers"} for r in results.values())
 
+    # A run with other settings keeps the finished adapters, and says so, naming each changed setting.
+    other = list(common)
+    other[other.index("--rank") + 1] = "8"
+    assert train_adapters.main(other) == 0
+    err = capsys.readouterr().err
+    for name in ("arithmetic", "sort_numbers", "lora_b"):
+        assert f"[warning] {name} is kept as trained, with other settings than this run's (rank 4 -> 8)" in err, err
+
     # Re-training one task keeps the other in adapters.txt (manifest order, every adapter present).
     shutil.rmtree(out / "sort_numbers")
     assert train_adapters.main(common + ["--tasks", "sort_numbers"]) == 0
@@ -227,6 +238,16 @@ def test_example_scripts_stop_on_bad_input(tmp_path, capsys):
         err = capsys.readouterr().err + str(e.value.code)
         assert e.value.code != 0 and message in err, (argv, err)
     assert not out.exists()
+
+
+def test_e2e_stages_checks_every_stage_name_first(tmp_path):
+    """An unknown stage name stops e2e_stages.sh before any stage runs (it ran the earlier stages
+    first before) and before it creates the runs folder."""
+    runs = tmp_path / "runs"
+    done = subprocess.run(["bash", str(EXAMPLES / "e2e_stages.sh"), "convert", "bogus"], capture_output=True, text=True,
+                          env={**os.environ, "RUNS": str(runs)}, timeout=120)
+    assert done.returncode == 2 and "unknown stage bogus" in done.stderr, done.stderr
+    assert "=== " not in done.stderr and not runs.exists()
 
 
 def test_write_results_stops_on_bad_input(tmp_path, capsys):
