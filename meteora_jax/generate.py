@@ -644,12 +644,6 @@ def check_sampling_options(*, max_new_tokens: int, temperature: float, top_p: fl
         raise ValueError(f"temperature={temperature} must be >= 0")
 
 
-def cli_fail(parser, message: str):
-    """Stops a script on bad input: one line on stderr, exit status 2 (argparse's `parser.error` also
-    prints the whole usage block, which buries the message)."""
-    parser.exit(2, f"{parser.prog}: error: {message}\n")
-
-
 def add_inference_arguments(parser) -> None:
     """The options scripts/generate.py and scripts/evaluate.py share: how the checkpoint is loaded
     and routed (`generator_from_args` reads them back)."""

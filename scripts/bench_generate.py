@@ -49,13 +49,14 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from meteora_jax.config import MeteoRAConfig, ModelConfig, RopeScaling  # noqa: E402
+from meteora_jax.cli import check_writable, choice_list, cli_fail, int_list, positive_int  # noqa: E402
 from meteora_jax.generate import Generator, inference_params  # noqa: E402
 from meteora_jax.model import KVCache, LlamaForCausalLM, init_params  # noqa: E402
 from meteora_jax.routing import Routing  # noqa: E402
 
 TARGETS = {"prefill": 0.85, "decode": 0.75}
 LAYOUTS = ("scan", "unrolled", "fused")
-
+MODEL_NAMES = ("base", "1lora", "meteora")  # --models: `benchmark_models`' names, lower case without spaces
 
 def llama3_8b(num_layers: int, meteora: MeteoRAConfig) -> ModelConfig:
     return ModelConfig(
@@ -296,12 +297,12 @@ def _option_value(text: str):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "runs"), "bench_generate.json"))
-    p.add_argument("--num-layers", type=int, default=32)
-    p.add_argument("--batches", default="1,32")
-    p.add_argument("--prompt-len", type=int, default=512)
-    p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--num-layers", type=positive_int, default=32)
+    p.add_argument("--batches", type=int_list(), default="1,32")
+    p.add_argument("--prompt-len", type=positive_int, default=512)
+    p.add_argument("--new-tokens", type=int, default=128, help="at least 2 (decode time: N - 1 steps)")
+    p.add_argument("--reps", type=positive_int, default=5)
+    p.add_argument("--rank", type=positive_int, default=8)
     p.add_argument("--models", default="base,1lora,meteora", help="subset of base,1lora,meteora")
     p.add_argument("--layouts", default="unrolled,fused", help="subset of scan,unrolled,fused (decoder-layer layouts)")
     p.add_argument("--step-diagnostic", action="store_true",
@@ -311,22 +312,24 @@ def main(argv=None) -> int:
                         "e.g. xla_gpu_enable_command_buffer=FUSION,CUBLAS; repeatable")
     p.add_argument("--tiny", action="store_true", help="tiny shapes, for a CPU dry run of the script")
     args = p.parse_args(argv)
-    batches = [int(b) for b in args.batches.split(",")]
+    batches = args.batches
+    if args.new_tokens < 2:  # the decode time is T(N) - T(1)
+        cli_fail(p, f"--new-tokens {args.new_tokens}: must be >= 2 (decode time = N - 1 steps)")
     compiler_options = {}
     for option in args.compiler_option:
         name, sep, value = option.partition("=")
         if not sep or not name:
             p.error(f"--compiler-option {option!r}: expected NAME=VALUE")
         compiler_options[name] = _option_value(value)
-    layouts = [x for x in args.layouts.split(",") if x]
-    if not layouts or set(layouts) - set(LAYOUTS):
-        p.error(f"--layouts {args.layouts!r}: choose from {','.join(LAYOUTS)}")
+    layouts = choice_list(p, "--layouts", args.layouts, LAYOUTS)
+    model_names = choice_list(p, "--models", args.models, MODEL_NAMES)
+    check_writable(p, "--out", args.out)
     make = tiny if args.tiny else llama3_8b
 
     dev = jax.devices()[0]
     print(f"jax {jax.__version__}, device {dev.device_kind} ({dev.platform}), {args.num_layers} layers", flush=True)
     models = [(name, *model) for name, model in benchmark_models(make, args.num_layers, args.rank).items()
-              if name.replace(" ", "").lower() in args.models.split(",")]
+              if name.replace(" ", "").lower() in model_names]
     rows = []
     for layout in layouts:
         for name, cfg, params, force in models:

@@ -40,6 +40,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from meteora_jax.cli import check_writable, choice_list, cli_fail, positive_int  # noqa: E402
 from meteora_jax.layers import FusedProjections  # noqa: E402
 from meteora_jax.routing import Routing  # noqa: E402
 from pallas_kernels.grouped_lora import grouped_lora  # noqa: E402
@@ -313,40 +314,43 @@ FB_PATHS = ("pallas_fb_sorted", "pallas_fb_dense", "pallas_fb_decode", "pallas_f
 # GPU correctness check
 
 
+CHECK_CASES = [  # (T, d_in, d_out, r, k, dtype, path)
+    (1, 4096, 4096, 64, 2, jnp.bfloat16, "auto"),
+    (16, 4096, 14336, 8, 2, jnp.bfloat16, "auto"),
+    (300, 4096, 4096, 16, 2, jnp.bfloat16, "auto"),
+    # float32 through the concat grad path (HIGHEST-precision GEMMs: TF32 gave 3e-4), below and above
+    # ROUTING_GRAD_GATHER_MIN_TOKENS
+    (300, 200, 333, 7, 3, jnp.float32, "auto"),
+    (2048, 100, 333, 5, 2, jnp.float32, "auto"),
+    (300, 4096, 4096, 16, 2, jnp.bfloat16, "decode"),
+    (1, 4096, 4096, 8, 2, jnp.bfloat16, "decode"),
+    (16, 4096, 14336, 64, 2, jnp.bfloat16, "decode"),
+    (9, 4096, 4096, 8, 2, jnp.bfloat16, "decode"),
+    (4096, 4096, 4096, 64, 2, jnp.bfloat16, "sorted"),  # the default depth tile (128) at a benchmark row
+    (1000, 200, 333, 7, 3, jnp.float32, "sorted"),
+    (37, 130, 90, 128, 1, jnp.float32, "decode"),
+    (37, 130, 90, 128, 28, jnp.bfloat16, "sorted"),
+    (300, 4096, 4096, 16, 2, jnp.bfloat16, "dense"),
+    (77, 200, 333, 5, 3, jnp.float32, "dense"),
+    (16, 4096, 4096, 64, 2, jnp.bfloat16, "dense"),
+    (256, 4096, 14336, 8, 2, jnp.bfloat16, "dense"),
+    (4096, 4096, 4096, 16, 2, jnp.bfloat16, "dense"),
+    (1000, 200, 333, 7, 28, jnp.float32, "dense"),
+    (4096, 4096, 4096, 16, 2, jnp.bfloat16, "combo"),
+    (16384, 4096, 14336, 8, 2, jnp.bfloat16, "combo"),
+    (300, 4096, 4096, 64, 2, jnp.bfloat16, "combo"),
+    (1000, 200, 333, 7, 3, jnp.float32, "combo"),
+    (37, 130, 90, 128, 28, jnp.bfloat16, "combo"),
+]
+CHECK_PATHS = tuple(dict.fromkeys(case[-1] for case in CHECK_CASES))  # --check-paths
+
+
 def check(log, paths=None):
     """The Pallas paths (all, or those in `paths`) against the float32 XLA reference, outputs and
     gradients, on this GPU."""
     rng = np.random.default_rng()
     ok = True
-    cases = [  # (T, d_in, d_out, r, k, dtype, path)
-        (1, 4096, 4096, 64, 2, jnp.bfloat16, "auto"),
-        (16, 4096, 14336, 8, 2, jnp.bfloat16, "auto"),
-        (300, 4096, 4096, 16, 2, jnp.bfloat16, "auto"),
-        # float32 through the concat grad path (HIGHEST-precision GEMMs: TF32 gave 3e-4), below and above
-        # ROUTING_GRAD_GATHER_MIN_TOKENS
-        (300, 200, 333, 7, 3, jnp.float32, "auto"),
-        (2048, 100, 333, 5, 2, jnp.float32, "auto"),
-        (300, 4096, 4096, 16, 2, jnp.bfloat16, "decode"),
-        (1, 4096, 4096, 8, 2, jnp.bfloat16, "decode"),
-        (16, 4096, 14336, 64, 2, jnp.bfloat16, "decode"),
-        (9, 4096, 4096, 8, 2, jnp.bfloat16, "decode"),
-        (4096, 4096, 4096, 64, 2, jnp.bfloat16, "sorted"),  # the default depth tile (128) at a benchmark row
-        (1000, 200, 333, 7, 3, jnp.float32, "sorted"),
-        (37, 130, 90, 128, 1, jnp.float32, "decode"),
-        (37, 130, 90, 128, 28, jnp.bfloat16, "sorted"),
-        (300, 4096, 4096, 16, 2, jnp.bfloat16, "dense"),
-        (77, 200, 333, 5, 3, jnp.float32, "dense"),
-        (16, 4096, 4096, 64, 2, jnp.bfloat16, "dense"),
-        (256, 4096, 14336, 8, 2, jnp.bfloat16, "dense"),
-        (4096, 4096, 4096, 16, 2, jnp.bfloat16, "dense"),
-        (1000, 200, 333, 7, 28, jnp.float32, "dense"),
-        (4096, 4096, 4096, 16, 2, jnp.bfloat16, "combo"),
-        (16384, 4096, 14336, 8, 2, jnp.bfloat16, "combo"),
-        (300, 4096, 4096, 64, 2, jnp.bfloat16, "combo"),
-        (1000, 200, 333, 7, 3, jnp.float32, "combo"),
-        (37, 130, 90, 128, 28, jnp.bfloat16, "combo"),
-    ]
-    for case in cases:
+    for case in CHECK_CASES:
         if paths and case[-1] not in paths:
             continue
         try:
@@ -397,14 +401,16 @@ def _check_case(log, rng, t, d_in, d_out, r, k, dtype, path):
 
 
 def parse_row(spec):
-    """'d_out:r:T' or 'd_out:r:T:skew' -> (d_out, r, T, skew)."""
+    """'d_out:r:T' or 'd_out:r:T:skew' -> (d_out, r, T, skew); ValueError naming the spec."""
     parts = spec.split(":")
     if len(parts) not in (3, 4) or (len(parts) == 4 and parts[3] != "skew"):
-        raise SystemExit(f"--rows: {spec!r} is not d_out:r:T or d_out:r:T:skew")
+        raise ValueError(f"{spec!r} is not d_out:r:T or d_out:r:T:skew")
     try:
         d_out, r, t = (int(v) for v in parts[:3])
     except ValueError:
-        raise SystemExit(f"--rows: {spec!r} has a non-integer d_out, r or T") from None
+        raise ValueError(f"{spec!r} has a non-integer d_out, r or T") from None
+    if min(d_out, r, t) < 1:
+        raise ValueError(f"{spec!r}: d_out, r and T must be >= 1")
     return d_out, r, t, len(parts) == 4
 
 
@@ -416,15 +422,49 @@ def main():
     parser.add_argument("--check-only", action="store_true")
     parser.add_argument("--no-check", action="store_true")
     parser.add_argument("--check-paths", default="", help="comma-separated paths the GPU check covers (default all)")
-    parser.add_argument("--dout", type=int, default=0, help="only rows with this d_out")
-    parser.add_argument("--iters", type=int, default=30)
-    parser.add_argument("--only", default="", help="comma-separated column names")
+    parser.add_argument("--dout", type=int, choices=(0, 4096, 14336), default=0,
+                        help="only rows with this d_out (0: all)")
+    parser.add_argument("--iters", type=positive_int, default=30)
+    parser.add_argument("--only", default="",
+                        help="comma-separated column names (the pallas_* path variants need --variants)")
     parser.add_argument("--rows", default="", help="explicit rows 'd_out:r:T[:skew],...' (overrides --quick/--dout)")
     parser.add_argument("--skip", default="", help="comma-separated column names to leave out")
     parser.add_argument("--decode-max-t", type=int, default=1 << 30, help="time the decode path only up to this T")
     parser.add_argument("--hlo-dir", default="", help="also write each timed column's compiled HLO here (to map the "
                         "per-kernel breakdown's fusion names to their ops)")
     args = parser.parse_args()
+
+    # Every option is checked here, before the GPU check and the first compile.
+    if args.no_check and (args.check_only or args.check_paths):
+        cli_fail(parser, "--no-check excludes --check-only and --check-paths")
+    check_paths = choice_list(parser, "--check-paths", args.check_paths, CHECK_PATHS) if args.check_paths else []
+    rows = [(d_out, r, t, False) for d_out in (4096, 14336) for r in (8, 16, 64) for t in (1, 16, 256, 4096, 16384)]
+    rows.append((4096, 16, 4096, True))
+    if args.quick:
+        rows = [(4096, r, t, False) for r in (8, 64) for t in (1, 16, 256, 4096, 16384)] + [(4096, 16, 4096, True)]
+    if args.dout:
+        rows = [row for row in rows if row[0] == args.dout]
+    if args.rows:
+        try:
+            rows = [parse_row(spec) for spec in args.rows.split(",")]
+        except ValueError as e:
+            cli_fail(parser, f"--rows: {e}")
+    if not rows:  # --quick --dout 14336
+        cli_fail(parser, f"--dout {args.dout}: --quick has rows of d_out 4096 only")
+    cols = columns(args.variants)
+    for flag, text in (("--only", args.only), ("--skip", args.skip)):
+        names = choice_list(parser, flag, text, list(columns(variants=True))) if text else []
+        if set(names) - set(cols):
+            cli_fail(parser, f"{flag} {text!r}: {','.join(sorted(set(names) - set(cols)))}: add --variants")
+    if args.only:
+        cols = {k: v for k, v in cols.items() if k in args.only.split(",")}
+    if args.skip:
+        cols = {k: v for k, v in cols.items() if k not in args.skip.split(",")}
+    if not cols and not args.check_only:
+        cli_fail(parser, f"--only {args.only!r} and --skip {args.skip!r} leave no column")
+    check_writable(parser, "--out", args.out)
+    if args.hlo_dir:
+        check_writable(parser, "--hlo-dir", args.hlo_dir, folder=True)
 
     lines = []
 
@@ -439,24 +479,11 @@ def main():
     if args.no_check:
         log("gpu check skipped (--no-check)")
     else:
-        ok = check(log, [p for p in args.check_paths.split(",") if p])
+        ok = check(log, check_paths)
         log(f"gpu check {'passed' if ok else 'FAILED'} in {time.time() - t0:.0f}s")
     if args.check_only:
-        return 0 if ok else 1  # with --no-check nothing was checked: 1
+        return 0 if ok else 1
 
-    rows = [(d_out, r, t, False) for d_out in (4096, 14336) for r in (8, 16, 64) for t in (1, 16, 256, 4096, 16384)]
-    rows.append((4096, 16, 4096, True))
-    if args.quick:
-        rows = [(4096, r, t, False) for r in (8, 64) for t in (1, 16, 256, 4096, 16384)] + [(4096, 16, 4096, True)]
-    if args.dout:
-        rows = [row for row in rows if row[0] == args.dout]
-    if args.rows:
-        rows = [parse_row(spec) for spec in args.rows.split(",")]
-    cols = columns(args.variants)
-    if args.only:
-        cols = {k: v for k, v in cols.items() if k in args.only.split(",")}
-    if args.skip:
-        cols = {k: v for k, v in cols.items() if k not in args.skip.split(",")}
     if MGPU is not None and "mgpu_ragged" in cols and args.only != "mgpu_ragged":
         # jax's Mosaic GPU kernel can fault the CUDA context (seen: misaligned address on the
         # skewed row), so it runs in its own process and its numbers are merged afterwards.
@@ -548,6 +575,7 @@ def main():
         row["faster_than_xla"] = bool(xla) and isinstance(ms.get(main_col), float) and ms[main_col] < min(xla)
         results.append(row)
         log(json.dumps(row))
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
             json.dump(dict(device=dev.device_kind, jax=jax.__version__, check_ok=ok, rows=results), f, indent=1)
 
@@ -557,6 +585,7 @@ def main():
         sub_out = os.path.splitext(args.out)[0] + "_mgpu.json"
         cmd = [sys.executable, os.path.abspath(__file__), "--no-check", "--only", "mgpu_ragged",
                "--iters", str(args.iters), "--out", sub_out, "--dout", str(args.dout)] + (["--quick"] if args.quick else [])
+        cmd += ["--rows", args.rows] if args.rows else []  # the same rows as this run's
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         log(f"mgpu subprocess rc={proc.returncode}")
         sub = {}
@@ -564,6 +593,9 @@ def main():
             with open(sub_out) as f:
                 sub = {(r["d_out"], r["r"], r["T"], r["skew"]): r for r in json.load(f)["rows"]}
             os.remove(sub_out)
+        sub_table = os.path.splitext(sub_out)[0] + "_table.txt"  # merged into this run's table below
+        if os.path.exists(sub_table):
+            os.remove(sub_table)
         for row in results:
             other = sub.get((row["d_out"], row["r"], row["T"], row["skew"]), {})
             row["ms"]["mgpu_ragged"] = other.get("ms", {}).get("mgpu_ragged", "n/a")

@@ -33,6 +33,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from meteora_jax.cli import check_writable, cli_fail, int_list, positive_int  # noqa: E402
 from pallas_kernels.routed_lora import ROUTED_MAX_TOKENS, routed_lora_xla  # noqa: E402
 from pallas_kernels.routed_lora_pallas import routed_lora_pallas  # noqa: E402
 from pallas_kernels.routed_lora_prefill import routed_lora_prefill  # noqa: E402
@@ -46,6 +47,17 @@ DECODE_BLOCKS = [
     dict(block_k=256, min_programs=512, num_stages=2),
     dict(block_k=128, min_programs=512, num_warps=2, num_stages=2),
 ]
+
+
+def shape_list(text: str) -> list[tuple[int, int]]:
+    """argparse type: "4096x4096,4096x1024" -> [(4096, 4096), (4096, 1024)], sizes >= 1."""
+    shapes = []
+    for shape in text.split(","):
+        d_in, sep, d_out = shape.partition("x")
+        if not (sep and d_in.isdigit() and d_out.isdigit() and int(d_in) > 0 and int(d_out) > 0):
+            raise argparse.ArgumentTypeError(f"{shape!r} is not d_in x d_out (e.g. 4096x1024, sizes >= 1)")
+        shapes.append((int(d_in), int(d_out)))
+    return shapes
 
 
 def variant_name(blocks):
@@ -88,28 +100,32 @@ def time_loop(layer, x, iters, trace=False):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tokens", default="1,32,512,16384")
-    p.add_argument("--shapes", default=SHAPES, help="d_in x d_out of each projection")
-    p.add_argument("--sweep-tokens", default="1,32", help="token counts that get the decode kernel's block sweep")
-    p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--adapters", type=int, default=28)
-    p.add_argument("--iters", type=int, default=200)
+    p.add_argument("--tokens", type=int_list(), default="1,32,512,16384")
+    p.add_argument("--shapes", type=shape_list, default=SHAPES, help="d_in x d_out of each projection")
+    p.add_argument("--sweep-tokens", type=int_list(), default="1,32",
+                   help="token counts that get the decode kernel's block sweep")
+    p.add_argument("--rank", type=positive_int, default=8)
+    p.add_argument("--adapters", type=int, default=28, help="at least 2 (top-2 routing)")
+    p.add_argument("--iters", type=positive_int, default=200)
     p.add_argument("--trace", action="store_true", help="also time each kernel (us per call) from a profile")
     p.add_argument("--no-block-sweep", dest="block_sweep", action="store_false",
                    help="the fused kernel with its default blocks only")
     p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "runs"), "bench_routed_lora.json"))
     args = p.parse_args(argv)
+    if args.adapters < 2:
+        cli_fail(p, f"--adapters {args.adapters}: top-2 routing needs at least 2")
+    check_writable(p, "--out", args.out)
     dev = jax.devices()[0]
     L, r, dtype = args.adapters, args.rank, jnp.bfloat16
     rows = []
-    for d_in, d_out in (map(int, shape.split("x")) for shape in args.shapes.split(",")):
+    for d_in, d_out in args.shapes:
         keys = jax.random.split(jax.random.key(d_in * 7 + d_out), 5)
         kernel = (jax.random.normal(keys[0], (d_in, d_out)) / np.sqrt(d_in)).astype(dtype)
         gate = jax.random.normal(keys[1], (d_in, L), jnp.float32) / np.sqrt(d_in)
         lora_a = (jax.random.normal(keys[2], (L, d_in, r)) / np.sqrt(d_in)).astype(dtype)
         lora_b = (jax.random.normal(keys[3], (L, r, d_out)) * 0.01).astype(dtype)
         scaling = jnp.full((L,), 2.0, jnp.float32)
-        for t in (int(v) for v in args.tokens.split(",")):
+        for t in args.tokens:
             x = jax.random.normal(keys[4], (t, d_in)).astype(dtype)
             decode = t <= ROUTED_MAX_TOKENS
             fused, sweep = (routed_lora_pallas, DECODE_BLOCKS) if decode else (routed_lora_prefill, [])
@@ -121,7 +137,7 @@ def main(argv=None) -> int:
             if decode:
                 variants["opbyop pallas"] = lambda x: routed_lora_xla(x, gate, lora_a, lora_b, scaling, 1.0, top_k=2,
                                                                       impl="pallas", base=x @ kernel)[0]
-            swept = args.block_sweep and str(t) in args.sweep_tokens.split(",")
+            swept = args.block_sweep and t in args.sweep_tokens
             for blocks in [{}] + (sweep if swept else []):
                 variants[variant_name(blocks)] = (
                     lambda x, blocks=blocks: fused(x, gate, lora_a, lora_b, scaling, 1.0, top_k=2, base=x @ kernel,

@@ -39,6 +39,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from meteora_jax.cli import check_writable, choice_list, cli_fail, int_list, positive_int  # noqa: E402
 from pallas_kernels.lora_columns import side_products, side_splits  # noqa: E402
 from pallas_kernels.lora_columns_pallas import fill_lora_columns_pallas, side_products_pallas  # noqa: E402
 from profile_decode import fold, kernel_events  # noqa: E402
@@ -47,6 +48,17 @@ GROUPS = {"qkv": (4096, 3), "o": (4096, 1), "gate_up": (4096, 2), "down": (14336
 NUM_ADAPTERS, RANK = 28, 8
 DEFAULT_VARIANTS = "one,pair,partials4,partials8,partials16,pside16,route,proute16"
 VARIANT = re.compile(r"(one|pair|triton_only|cublas_only|partials|pside|route|proute)(\d*)(?:x(\d+))?(?:k(\d+))?")
+
+
+def is_variant(variant: str) -> bool:
+    """Whether `variant` names one: numbers >= 1, and only where its kind takes them (P: partials,
+    pside, route, proute; xB and kK: pside, proute)."""
+    match = VARIANT.fullmatch(variant)
+    if not match:
+        return False
+    kind, *numbers = match.groups()
+    takes = {"partials": 1, "route": 1, "pside": 3, "proute": 3}.get(kind, 0)
+    return not any(numbers[takes:]) and all(int(n) >= 1 for n in numbers if n)
 
 
 def side_gemm(variant: str):
@@ -115,29 +127,36 @@ def measure(fn, args, reps: int) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tokens", default="1,32,512,16384")
+    p.add_argument("--tokens", type=int_list(), default="1,32,512,16384")
     p.add_argument("--variants", default=DEFAULT_VARIANTS)
     p.add_argument("--groups", default=",".join(GROUPS))
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--reps", type=int, default=50)
-    p.add_argument("--fill-blocks", default="0", help="routing-kernel token tiles of the route variants (0: default)")
+    p.add_argument("--layers", type=positive_int, default=8)
+    p.add_argument("--reps", type=positive_int, default=50)
+    p.add_argument("--fill-blocks", type=int_list(minimum=0), default="0",
+                   help="routing-kernel token tiles of the route variants (0: default)")
     p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "runs"), "bench_side_gemm.json"))
     args = p.parse_args(argv)
+    groups = choice_list(p, "--groups", args.groups, GROUPS)
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in variants if not is_variant(v)]
+    if unknown or not variants:
+        problem = f"unknown {','.join(unknown)}" if unknown else "no variant"
+        cli_fail(p, f"--variants {args.variants!r}: {problem}; choose from one, pair, triton_only, cublas_only, "
+                    "partialsP, psideP[xB][kK], routeP, prouteP[xB][kK] (numbers >= 1)")
+    check_writable(p, "--out", args.out)
     rows = []
-    for group in args.groups.split(","):
+    for group in groups:
         depth, projections = GROUPS[group]
         columns = projections * NUM_ADAPTERS * (RANK + 2)
-        for num_tokens in (int(t) for t in args.tokens.split(",")):
+        for num_tokens in args.tokens:
             key = jax.random.key(num_tokens + depth)
             xs = [jax.random.normal(jax.random.fold_in(key, i), (num_tokens, depth), jnp.bfloat16)
                   for i in range(args.layers)]
             ss = [0.02 * jax.random.normal(jax.random.fold_in(key, 1000 + i), (depth, columns), jnp.bfloat16)
                   for i in range(args.layers)]
-            for variant in args.variants.split(","):
-                if not VARIANT.fullmatch(variant):
-                    p.error(f"unknown variant {variant!r}")
+            for variant in variants:
                 routed = is_routed(variant)
-                for block_t in ([int(b) for b in args.fill_blocks.split(",")] if routed else [0]):
+                for block_t in (args.fill_blocks if routed else [0]):
                     if block_t > max(num_tokens, 1):
                         continue
                     name = f"{variant}@{block_t or 'auto'}" if routed else variant

@@ -221,6 +221,43 @@ def _sharded_gate_step(args, config, model, model_config, params, batch):
     return step_fn, state, frozen, batch
 
 
+def _check_args(parser, args) -> None:
+    """Stops the script on a bad option before any mode runs (in --mode all, each child would fail on
+    it in turn, and a bad --json only after the first mode's minutes). Imports jax: only the modes
+    need it, so it stays out of the module's imports."""
+    from meteora_jax.cli import check_writable, choice_list, cli_fail
+    from meteora_jax.config import MODEL_KERNEL_IMPLS
+    from meteora_jax.sharding import MESH_AXES
+
+    for flag in ("layers", "adapters", "batch", "seq", "steps", "timeout"):
+        if getattr(args, flag) < 1:
+            cli_fail(parser, f"--{flag} {getattr(args, flag)} must be >= 1")
+    if not os.path.isfile(args.config):
+        cli_fail(parser, f"--config {args.config}: no such file")
+    try:  # the config's own checks too, e.g. top_k <= --adapters
+        _model_config(args.config, args.layers, args.adapters)
+    except Exception as e:  # noqa: BLE001 - a config file can raise anything: one line naming it
+        cli_fail(parser, f"--config {args.config} with --layers {args.layers} --adapters {args.adapters}: "
+                         f"{type(e).__name__}: {e}")
+    if args.kernel_impl not in MODEL_KERNEL_IMPLS:
+        cli_fail(parser, f"--kernel-impl {args.kernel_impl!r}: choose from {','.join(MODEL_KERNEL_IMPLS)}")
+    choice_list(parser, "--gate-impls", args.gate_impls, MODEL_KERNEL_IMPLS)
+    if args.mesh:
+        if args.mode != "gate":  # the other modes would ignore it
+            cli_fail(parser, f"--mesh runs --mode gate only, not --mode {args.mode}")
+        axes = [part.partition("=") for part in args.mesh.split(",")]
+        for axis, _, size in axes:
+            if axis not in MESH_AXES or not size.isdigit() or int(size) < 1:
+                cli_fail(parser, f"--mesh {args.mesh!r}: {axis}={size} is not AXIS=SIZE with AXIS one of "
+                                 f"{','.join(MESH_AXES)} and SIZE >= 1")
+        if len({axis for axis, _, _ in axes}) < len(axes):
+            cli_fail(parser, f"--mesh {args.mesh!r}: an axis given twice")
+    if args.json and args.mode != "all":
+        cli_fail(parser, f"--json collects the runs of --mode all; --mode {args.mode} prints one RESULT line")
+    if args.json:
+        check_writable(parser, "--json", args.json)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mode", choices=MODES + ("all",), default="all")
@@ -238,11 +275,19 @@ def main():
         "--mesh", default="", help="--mode gate over a mesh, e.g. data=1,fsdp=2,tensor=1 (batch = global batch); default: one device"
     )
     args = parser.parse_args()
+    _check_args(parser, args)
 
     if args.mode != "all":
         print("RESULT " + json.dumps(run_mode(args.mode, args)), flush=True)
         return
     impls = [i for i in args.gate_impls.split(",") if i]
+
+    def save(results):
+        if args.json:
+            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=1)
+
     runs = [("gate", impls[0])] + [("base_full", None), ("base_acts", None)] + [("gate", i) for i in impls[1:]]
     results = []
     for mode, impl in runs:
@@ -265,12 +310,8 @@ def main():
             continue
         results.append(dict(json.loads(lines[-1][len("RESULT ") :]), mode=name))
         print(json.dumps(results[-1]), flush=True)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(results, f, indent=1)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+        save(results)
+    save(results)
     ok = {r["mode"]: r for r in results if "error" not in r}
     print(f"\n| run | layers | adapters | B x S | step s | tokens/s | peak GiB | vs base_full | vs base_acts |")
     print("|---|---|---|---|---|---|---|---|---|")

@@ -90,7 +90,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from meteora_jax import evaluate as ev
-    from meteora_jax.generate import cli_fail, generator_from_args
+    from meteora_jax.cli import cli_fail
+    from meteora_jax.generate import generator_from_args
 
     # Every input is checked, and the model loaded, before a composite set is written.
     try:

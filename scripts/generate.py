@@ -49,7 +49,8 @@ def _check_outputs(args) -> None:
 
 
 def main(argv=None) -> int:
-    from meteora_jax.generate import add_inference_arguments, check_sampling_options, cli_fail
+    from meteora_jax.cli import cli_fail
+    from meteora_jax.generate import add_inference_arguments, check_sampling_options
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="model checkpoint folder (meteora_jax.checkpoint)")

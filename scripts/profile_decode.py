@@ -41,6 +41,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from bench_generate import (  # noqa: E402
+    MODEL_NAMES,
     benchmark_models,
     half_full_cache,
     layout_params,
@@ -49,6 +50,7 @@ from bench_generate import (  # noqa: E402
     step_apply_fn,
     tiny,
 )
+from meteora_jax.cli import check_writable, choice_list, cli_fail, int_list, positive_int  # noqa: E402
 routed_lora_module = importlib.import_module("pallas_kernels.routed_lora")  # the module, not the function
 routed_kernel_module = importlib.import_module("pallas_kernels.routed_lora_pallas")
 
@@ -69,15 +71,16 @@ def fused_routing(enabled: bool, blocks: dict | None = None):
 
 
 def parse_blocks(text: str) -> list[dict]:
-    """"block_k=128,min_programs=512;block_k=64" -> [{...}, {...}]."""
+    """"block_k=128,min_programs=512;block_k=64" -> [{...}, {...}]; ValueError naming the bad item."""
     settings = []
     for part in filter(None, text.split(";")):
         setting = {}
         for item in part.split(","):
             key, _, value = item.partition("=")
             if key not in routed_kernel_module.DEFAULT_BLOCKS:
-                raise SystemExit(f"--routed-blocks: unknown option {key!r}; choose from "
-                                 f"{sorted(routed_kernel_module.DEFAULT_BLOCKS)}")
+                raise ValueError(f"unknown option {key!r}; choose from {sorted(routed_kernel_module.DEFAULT_BLOCKS)}")
+            if not value.isdigit() or int(value) < 1:
+                raise ValueError(f"{key} needs an integer >= 1, got {value!r}")
             setting[key] = int(value)
         settings.append(setting)
     return settings
@@ -122,27 +125,35 @@ def fold(name: str) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "runs"), "profile_decode.json"))
-    p.add_argument("--num-layers", type=int, default=8)
-    p.add_argument("--batches", default="1,32")
-    p.add_argument("--models", default="base,1lora,meteora")
-    p.add_argument("--cache-len", type=int, default=640)
-    p.add_argument("--tokens", type=int, default=1, help="tokens per row and step (> 1: a prefill chunk)")
-    p.add_argument("--reps", type=int, default=50)
-    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--num-layers", type=positive_int, default=8)
+    p.add_argument("--batches", type=int_list(), default="1,32")
+    p.add_argument("--models", default="base,1lora,meteora", help="subset of base,1lora,meteora,opbyop")
+    p.add_argument("--cache-len", type=positive_int, default=640)
+    p.add_argument("--tokens", type=positive_int, default=1, help="tokens per row and step (> 1: a prefill chunk)")
+    p.add_argument("--reps", type=positive_int, default=50)
+    p.add_argument("--rank", type=positive_int, default=8)
     p.add_argument("--trace", action="store_true")
     p.add_argument("--compare", action="store_true", help="fused vs op-by-op MeteoRA next-token logits")
     p.add_argument("--routed-blocks", default="",
                    help="also run MeteoRA with these routed-kernel block options, e.g. "
                         "'block_k=128,min_programs=512;block_k=64,min_programs=1024' (one model per setting)")
-    p.add_argument("--top", type=int, default=25, help="kernel-table rows per model and batch")
+    p.add_argument("--top", type=positive_int, default=25, help="kernel-table rows per model and batch")
     p.add_argument("--layout", choices=("unrolled", "fused"), default="unrolled",
                    help="decoder-layer layout (bench_generate's LAYOUTS; fused: meteora_jax.fused_layout)")
     p.add_argument("--tiny", action="store_true")
     args = p.parse_args(argv)
-    if args.layout == "fused" and (args.compare or args.routed_blocks or "opbyop" in args.models.split(",")):
+    model_names = choice_list(p, "--models", args.models, MODEL_NAMES + ("opbyop",))
+    try:
+        routed_blocks = parse_blocks(args.routed_blocks)
+    except ValueError as e:
+        cli_fail(p, f"--routed-blocks {args.routed_blocks!r}: {e}")
+    if args.layout == "fused" and (args.compare or routed_blocks or "opbyop" in model_names):
         p.error("--compare, --routed-blocks and model opbyop switch routed_lora's paths: use --layout unrolled")
+    if args.compare and "meteora" not in model_names:  # it compares that model's two paths
+        cli_fail(p, f"--compare needs model meteora in --models {args.models!r}")
+    check_writable(p, "--out", args.out)
     make = tiny if args.tiny else llama3_8b
-    batches = [int(b) for b in args.batches.split(",")]
+    batches = args.batches
     dev = jax.devices()[0]
     flags = os.environ.get("XLA_FLAGS", "")
     print(f"jax {jax.__version__}, {dev.device_kind}, {args.num_layers} layers, XLA_FLAGS={flags!r}", flush=True)
@@ -150,8 +161,8 @@ def main(argv=None) -> int:
     models = {name.replace(" ", "").lower(): model for name, model in
               benchmark_models(make, args.num_layers, args.rank).items()}
     models["opbyop"] = models["meteora"]
-    runs = [(name, name, {}) for name in args.models.split(",")]
-    for blocks in parse_blocks(args.routed_blocks):
+    runs = [(name, name, {}) for name in model_names]
+    for blocks in routed_blocks:
         runs.append(("meteora", "meteora[" + ",".join(f"{k}={v}" for k, v in blocks.items()) + "]", blocks))
     rows, comparisons = [], []
     for model_name, name, blocks in runs:

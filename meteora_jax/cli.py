@@ -1,0 +1,74 @@
+"""Command-line argument checks shared by the scripts (scripts/*.py, examples/): bad input stops a
+script in seconds with one line and exit status 2, before weights are made or anything compiles,
+rather than with a traceback after the run."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+
+def cli_fail(parser, message: str):
+    """Stops a script on bad input: one line on stderr, exit status 2 (argparse's `parser.error` also
+    prints the whole usage block, which buries the message)."""
+    parser.exit(2, f"{parser.prog}: error: {message}\n")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not >= 1")
+    return value
+
+
+def int_list(minimum: int = 1):
+    """argparse type: comma-separated integers >= `minimum`, "1,32" -> [1, 32]."""
+
+    def parse(text: str) -> list[int]:
+        try:
+            values = [int(v) for v in text.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+        if min(values) < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r}: every value must be >= {minimum}")
+        return values
+
+    return parse
+
+
+def choice_list(parser, flag: str, text: str, choices) -> list[str]:
+    """The comma-separated names in `text` (empty ones dropped), each one of `choices`; else the
+    script stops with one line naming `flag`."""
+    names = [n for n in text.split(",") if n]
+    unknown = [n for n in names if n not in choices]
+    if unknown or not names:
+        problem = f"unknown {','.join(unknown)}" if unknown else "no names"
+        cli_fail(parser, f"{flag} {text!r}: {problem}; choose from {','.join(choices)}")
+    return names
+
+
+def check_writable(parser, flag: str, path: str, *, folder: bool = False) -> None:
+    """Stops the script unless `path` can be written: a file (or with `folder`, a folder) there, the
+    missing folders above it made at write time. Checked up front so that a bad path fails before the
+    benchmark rather than after it."""
+    full = os.path.abspath(path)
+    if os.path.exists(full) and os.path.isdir(full) != folder:
+        want, got = ("folder", "file") if folder else ("file", "folder")
+        cli_fail(parser, f"{flag} {path} is a {got}; give a {want} path")
+    parent = os.path.dirname(full)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        cli_fail(parser, f"{flag} {path}: {parent} is a file, not a folder")
+    if not os.access(full if os.path.exists(full) else parent, os.W_OK):
+        cli_fail(parser, f"{flag} {path} is not writable")
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{value} is not a finite number > 0")
+    return value
+
