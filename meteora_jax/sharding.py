@@ -10,10 +10,14 @@ them to the axes of a named `jax.sharding.Mesh`, so sharding is configuration, n
 Rules are tried in order and a mesh axis is used at most once per array (flax's priority rule), so
 `("batch", ("data", "fsdp"))` before `("embed", "fsdp")` shards base weights over `fsdp` while
 activations `("batch", "length", "embed")` keep `fsdp` for the batch.
+
+A mesh or rule table that cannot work raises `ShardingError`, one line naming the config key
+(`mesh.shape.fsdp=3: 4 devices are not divisible by 3 ...`), before anything is computed.
 """
 
 from __future__ import annotations
 
+import difflib
 import math
 import warnings
 from collections.abc import Mapping, Sequence
@@ -23,6 +27,8 @@ import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from meteora_jax.config import ConfigError
 
 __all__ = [
     "DEFAULT_RULES",
@@ -58,33 +64,58 @@ DEFAULT_RULES = (
 )
 
 
-class ShardingError(ValueError):
-    """A mesh or rule table that cannot work with the devices or the data."""
+class ShardingError(ConfigError):
+    """A mesh or rule table that cannot work with the devices or the model.
+
+    A `ConfigError`, so the CLIs report it as a bad config: one line and exit status 2.
+    """
+
+
+def _axis_value(name: str, value: Any) -> int:
+    """One mesh.shape entry: a size >= 1, or -1 (the devices the other axes leave)."""
+    # Strict: int(2.5) would silently give 2, int("x") a traceback.
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or (value < 1 and value != -1):
+        raise ShardingError(
+            f"mesh.shape.{name}={value!r}: want a size >= 1, or -1 for the devices the other axes leave"
+        )
+    return int(value)
+
+
+def _shape_keys(sizes: Mapping[str, int]) -> str:
+    """`mesh.shape.fsdp=3, mesh.shape.tensor=2`: the entries that split devices (all if none does)."""
+    keys = [f"mesh.shape.{n}={s}" for n, s in sizes.items() if s > 1]
+    return ", ".join(keys) if keys else f"mesh.shape={dict(sizes)}"
 
 
 def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A named mesh over `devices` (default: all). One axis may be -1: it takes what is left.
 
     `shape` is ordered (e.g. {"data": -1, "fsdp": 1, "tensor": 1}); the last axis varies fastest,
-    so put the axis with the most communication (tensor) last.
+    so put the axis with the most communication (tensor) last. The sizes must multiply to the
+    number of devices.
     """
     devices = list(jax.devices() if devices is None else devices)
-    names = tuple(shape)
-    sizes = [int(shape[n]) for n in names]
-    if not names:
+    if not shape:
         raise ShardingError("mesh.shape is empty; give e.g. {data: -1, fsdp: 1, tensor: 1}")
-    if sum(s == -1 for s in sizes) > 1:
-        raise ShardingError(f"mesh.shape={dict(shape)}: at most one axis may be -1")
-    if any(s == 0 or s < -1 for s in sizes):
-        raise ShardingError(f"mesh.shape={dict(shape)}: sizes must be positive or -1")
-    known = math.prod(s for s in sizes if s != -1)
-    if -1 in sizes:
+    names = tuple(shape)
+    sizes = [_axis_value(n, shape[n]) for n in names]
+    free = [n for n, s in zip(names, sizes) if s == -1]
+    if len(free) > 1:
+        keys = ", ".join(f"mesh.shape.{n}=-1" for n in free)
+        raise ShardingError(f"{keys}: at most one axis may be -1 (it takes the devices the others leave)")
+    fixed = {n: s for n, s in zip(names, sizes) if s != -1}
+    known = math.prod(fixed.values())
+    if free:
         if len(devices) % known:
-            raise ShardingError(f"mesh.shape={dict(shape)} does not divide the {len(devices)} devices")
-        sizes[sizes.index(-1)] = len(devices) // known
-    if math.prod(sizes) != len(devices):
+            raise ShardingError(
+                f"{_shape_keys(fixed)}: {len(devices)} devices are not divisible by {known} "
+                f"(mesh.shape.{free[0]}=-1 takes the devices the other axes leave)"
+            )
+        sizes[names.index(free[0])] = len(devices) // known
+    elif known != len(devices):
         raise ShardingError(
-            f"mesh.shape={dict(zip(names, sizes))} needs {math.prod(sizes)} devices, {len(devices)} are present"
+            f"{_shape_keys(fixed)} needs {known} device{'s' * (known != 1)}, {len(devices)} are present "
+            "(set one axis to -1 to take the devices the others leave)"
         )
     try:
         from jax.experimental import mesh_utils
@@ -97,24 +128,50 @@ def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = N
     return Mesh(grid, names)
 
 
+def _names(axes) -> tuple[str, ...]:
+    """The mesh axis names of one rule's target: None, "fsdp" or ("data", "fsdp")."""
+    return () if axes is None else tuple(axes) if isinstance(axes, (list, tuple)) else (axes,)
+
+
+def _did_you_mean(name: str, options: Sequence[str]) -> str:
+    close = difflib.get_close_matches(name, list(options), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
 def logical_rules(rules: Any, mesh: Mesh | None = None) -> tuple[tuple[str, Any], ...]:
     """Normalises a config rule table (list of [name, axis | [axes] | None]) to flax's form.
 
-    With a mesh, every named mesh axis must exist in it.
+    With a mesh, every mesh axis a rule names must exist in it, and every mesh axis of size > 1
+    must be named by some rule (else its devices would all do the same work).
     """
     out = []
     for item in rules:
         if len(item) != 2:
-            raise ShardingError(f"mesh rule {item!r} must be (logical_name, mesh_axes)")
+            raise ShardingError(f"mesh.rules entry {item!r} must be (logical_name, mesh_axes)")
         name, axes = item
         if isinstance(axes, (list, tuple)):
             axes = tuple(axes) if len(axes) != 1 else axes[0]
             axes = axes or None
-        if mesh is not None:
-            for a in (axes,) if isinstance(axes, str) else (axes or ()):
-                if a not in mesh.axis_names:
-                    raise ShardingError(f"mesh rule ({name!r}, {axes!r}) names axis {a!r}; the mesh has {mesh.axis_names}")
+        names = _names(axes)
+        if not all(isinstance(a, str) for a in names) or len(set(names)) != len(names):
+            raise ShardingError(f"mesh.rules entry {item!r}: want a mesh axis name, a list of distinct names, or None")
         out.append((str(name), axes))
+    if mesh is None:
+        return tuple(out)
+    for name, axes in out:
+        for a in _names(axes):
+            if a not in mesh.axis_names:
+                raise ShardingError(
+                    f"mesh.rules entry ({name!r}, {axes!r}) names mesh axis {a!r}, which mesh.shape lacks "
+                    f"(it has {', '.join(mesh.axis_names)}{_did_you_mean(a, mesh.axis_names)})"
+                )
+    named = sorted({a for _, axes in out for a in _names(axes)})
+    for a in mesh.axis_names:
+        if mesh.shape[a] > 1 and a not in named:
+            raise ShardingError(
+                f"mesh.shape.{a}={mesh.shape[a]}: no mesh.rules entry maps onto mesh axis {a!r}, so its "
+                f"{mesh.shape[a]} devices would all do the same work (the rules use {', '.join(named) or 'none'})"
+            )
     return tuple(out)
 
 
@@ -124,31 +181,39 @@ def mesh_axes_of(logical: Sequence[str | None], rules) -> PartitionSpec:
 
 
 def _axis_size(mesh: Mesh, axes) -> int:
-    if axes is None:
-        return 1
-    if isinstance(axes, str):
-        axes = (axes,)
-    return math.prod(mesh.shape[a] for a in axes)
-
-
-def _fit(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
-    """Drops the sharding of dimensions that the mesh axes do not divide (they stay whole)."""
-    entries = list(spec) + [None] * (len(shape) - len(spec))
-    return PartitionSpec(*(a if dim % _axis_size(mesh, a) == 0 else None for a, dim in zip(entries, shape)))
+    return math.prod(mesh.shape[a] for a in _names(axes))
 
 
 def param_shardings(logical_specs, abstract_params, mesh: Mesh, rules) -> Any:
     """NamedShardings for a params tree from its logical specs (`param_logical_axes`).
 
-    `abstract_params` (arrays or ShapeDtypeStructs, same structure) gives the shapes, so that a
-    dimension the mesh cannot divide evenly (3 adapters over 2 devices) is left unsharded.
+    `abstract_params` (arrays or ShapeDtypeStructs, same structure) gives the shapes. Every
+    dimension that a rule shards must be a multiple of its mesh axes' size: a ShardingError names
+    the mesh key and the dimensions otherwise. (Leaving such a dimension whole instead would hide
+    the mistake: with tensor=3 on a model 64 wide nothing would be split, and the 3 devices would
+    all do the same work.)
     """
+    misfits: dict[Any, dict[str, int]] = {}  # mesh axes -> {logical name: dimension}
+    examples: dict[Any, str] = {}  # mesh axes -> the first parameter they misfit, "path [shape]"
 
-    def one(spec, leaf):
-        mesh_spec = mesh_axes_of(tuple(spec) if spec is not None else (), rules) if spec else PartitionSpec()
-        return NamedSharding(mesh, _fit(mesh_spec, leaf.shape, mesh))
+    def one(path, spec, leaf):
+        logical = tuple(spec) if spec else ()
+        mesh_spec = mesh_axes_of(logical, rules) if logical else PartitionSpec()
+        for name, axes, dim in zip(logical, mesh_spec, leaf.shape):
+            if dim % _axis_size(mesh, axes):
+                misfits.setdefault(axes, {}).setdefault(name, dim)
+                examples.setdefault(axes, f"{'/'.join(str(getattr(k, 'key', k)) for k in path)} {list(leaf.shape)}")
+        return NamedSharding(mesh, mesh_spec)
 
-    return jax.tree.map(one, logical_specs, abstract_params, is_leaf=lambda x: isinstance(x, PartitionSpec))
+    out = jax.tree.map_with_path(one, logical_specs, abstract_params, is_leaf=lambda x: isinstance(x, PartitionSpec))
+    if misfits:  # one line, for the first mesh axes that misfit
+        axes, dims = next(iter(misfits.items()))
+        raise ShardingError(
+            f"{' x '.join(f'mesh.shape.{a}={mesh.shape[a]}' for a in _names(axes))} does not divide the parameter "
+            f"dimension(s) {', '.join(f'{n} ({d})' for n, d in dims.items())} (e.g. {examples[axes]}); use a size that "
+            f"divides them, or map {', '.join(map(repr, dims))} to None in mesh.rules"
+        )
+    return out
 
 
 def batch_sharding(mesh: Mesh, rules) -> NamedSharding:

@@ -187,16 +187,11 @@ def _load_tokenizer(path: str):
 def prepare(config) -> Setup:
     """Validates the config and inputs and loads model, tokenizer and data; no compute.
 
-    Order: config values, mesh, model checkpoint (+ architecture vs. seq_len/top_k), tokenizer,
-    task data (all JSONL files validated before tokenising).
+    Order: config values, mesh, model checkpoint (+ architecture vs. seq_len/top_k, the mesh vs. the
+    parameter shapes), tokenizer, task data (all JSONL files validated before tokenising).
     """
     _check_train_config(config)
-    if config.tiny_world:
-        from meteora_jax.tiny import build_tiny_world
-
-        build_tiny_world(config.tiny_world, ModelConfig.from_dict(config.model))
-
-    try:
+    try:  # before the tiny world: building it initialises and writes a model
         mesh = sharding_lib.make_mesh(dict(config.mesh.shape))
         rules = sharding_lib.logical_rules(config.mesh.rules, mesh)
     except sharding_lib.ShardingError as e:
@@ -211,6 +206,10 @@ def prepare(config) -> Setup:
         config.train.eval_batch_size % dp == 0,
         f"train.eval_batch_size={config.train.eval_batch_size} is not a multiple of the {dp} data-parallel devices",
     )
+    if config.tiny_world:
+        from meteora_jax.tiny import build_tiny_world
+
+        build_tiny_world(config.tiny_world, ModelConfig.from_dict(config.model))
 
     path = config.model_checkpoint
     _check(bool(path), "config.model_checkpoint is empty: give a converted model checkpoint (scripts/convert.py)")
@@ -226,6 +225,15 @@ def prepare(config) -> Setup:
     try:
         model_config = _runtime_model_config(stored_config, config.model)
     except ConfigError as e:
+        raise TrainError(str(e)) from None
+    # The mesh against the model's dimensions (abstract shapes only), before any data is tokenised.
+    abstract = {
+        k: jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype)) for k, (shape, dtype) in metadata["param_shapes"].items()
+    }
+    abstract = traverse_util.unflatten_dict(abstract, sep="/")
+    try:
+        shardings = sharding_lib.param_shardings(param_logical_axes(model_config), abstract, mesh, rules)
+    except sharding_lib.ShardingError as e:
         raise TrainError(str(e)) from None
     seq_len = int(config.data.seq_len)
     _check(
@@ -256,11 +264,6 @@ def prepare(config) -> Setup:
     data_lib.BalancedBatchIterator(train_data, config.train.batch_size, seed=config.seed, mixing=config.data.mixing)
 
     # Last: read the weights straight into their shardings (I/O only).
-    abstract = {
-        k: jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype)) for k, (shape, dtype) in metadata["param_shapes"].items()
-    }
-    abstract = traverse_util.unflatten_dict(abstract, sep="/")
-    shardings = sharding_lib.param_shardings(param_logical_axes(model_config), abstract, mesh, rules)
     params, _, _ = model_ckpt.restore_checkpoint(path, shardings=shardings)
     return Setup(config, model_config, params, names, train_data, eval_data, mesh, rules)
 

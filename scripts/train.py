@@ -10,6 +10,7 @@ stop with a message and exit status 2 before any compute; a non-finite loss exit
 """
 
 import os
+import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -28,7 +29,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
     try:
         remaining = flags.FLAGS(argv)
         _CONFIG.value.keys()  # ml_collections defers a config file's load error to its first use
-    except (flags.Error, KeyError, AttributeError, OSError) as e:
+    except (flags.Error, KeyError, AttributeError, OSError, ValueError) as e:
         message = _flag_error_message(e, argv)
         if message is None:
             raise  # not a bad flag (a bug inside the config file, say): keep the traceback
@@ -44,6 +45,9 @@ def _flag_error_message(error: BaseException, argv: list[str]) -> str | None:
     if isinstance(error, OSError):  # ml_collections: a config file that failed to load; the cause says why
         reason = str(error.__cause__ or error).strip().splitlines()[-1].strip()
         return f"cannot load the --config file: {reason}"
+    if isinstance(error, ValueError):  # ml_collections: an override path it cannot parse
+        path = re.search(r"Could not parse '([^']*)'", str(error))
+        return f"--config.{path.group(1)}: not a config path (index a list as key[0])" if path else None
     return _unknown_override(argv)  # ml_collections' KeyError / AttributeError for an override path
 
 

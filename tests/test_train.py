@@ -543,6 +543,7 @@ def test_script_bad_input_exit_code_and_unknown_key(world, tmp_path):
         "--config.data.steps=3": "error: --config.data.steps: config.data has no key 'steps'",
         "--config.train.steps.every=3": "error: --config.train.steps.every: config.train.steps is a int, it has no key 'every'",
         "--config.train.steps=ten": "error: flag --config.train.steps=ten: invalid literal for int()",
+        "--config.mesh.rules.0.1=dat": "error: --config.mesh.rules.0.1: not a config path (index a list as key[0])",
         f"--config={tmp_path / 'no_such_config.py'}": "error: cannot load the --config file: [Errno 2] No such file",
     }
     for flag, message in bad_flags.items():
