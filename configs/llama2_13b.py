@@ -26,8 +26,9 @@ def get_config():
     config.data.seq_len = 2048
     config.workdir = "runs/llama2_13b"
     config.train.update(steps=2000, batch_size=8, grad_accum_steps=4, eval_every=500, eval_batch_size=8, eval_max_batches=50)
-    # The original's gate training (run_meteora_train_fsdp.sh): AdamW at 5e-4, weight decay 0.01, cosine.
-    config.optimizer.update(learning_rate=5e-4, weight_decay=0.01)
+    # The original's gate training (run_meteora_train_fsdp.sh, meteora_train.py): AdamW at 5e-4, weight decay
+    # 0.01, gradients clipped at norm 0.3, cosine (its warm-up: 0.5% of 15,000 steps).
+    config.optimizer.update(learning_rate=5e-4, weight_decay=0.01, clip_norm=0.3)
     config.schedule.update(kind="cosine", warmup_steps=100)
     config.checkpoint.update(every=500, keep=3)
     return config

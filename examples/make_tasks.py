@@ -273,16 +273,20 @@ TASKS: dict[str, Task] = {
 MAX_MISSES = 20_000
 
 
+class PoolExhausted(ValueError):
+    """A task has fewer distinct prompts than a split asks for."""
+
+
 def draw_unique(sample: Sampler, rng: random.Random, n: int, exclude: set[str], bar=None) -> list[dict]:
-    """`n` records with prompts distinct from each other and from `exclude` (which is updated); a
-    ValueError if MAX_MISSES draws in a row find no new prompt. `bar` (tqdm) counts the records."""
+    """`n` records with prompts distinct from each other and from `exclude` (which is updated);
+    PoolExhausted if MAX_MISSES draws in a row find no new prompt. `bar` (tqdm) counts the records."""
     records, misses = [], 0
     while len(records) < n:
         prompt, response = sample(rng)
         if prompt in exclude:
             misses += 1
             if misses == MAX_MISSES:
-                raise ValueError(f"only {len(records)} distinct prompts of {n} ({MAX_MISSES} draws in a row "
+                raise PoolExhausted(f"only {len(records)} distinct prompts of {n} ({MAX_MISSES} draws in a row "
                                  f"found no new one)")
             continue
         misses = 0
@@ -294,8 +298,8 @@ def draw_unique(sample: Sampler, rng: random.Random, n: int, exclude: set[str], 
 
 
 def make_task(task: Task, seed: int, train_size: int, test_size: int, bar=None) -> dict[str, list[dict]]:
-    """{"train": [...], "test": [...]} for one task, a pure function of (task, seed, sizes); a
-    ValueError naming the task and split when it has too few distinct prompts for the sizes."""
+    """{"train": [...], "test": [...]} for one task, a pure function of (task, seed, sizes);
+    PoolExhausted naming the task and split when it has too few distinct prompts for the sizes."""
     sample = task.build()
     seen: set[str] = set()
     splits = {}
@@ -304,8 +308,8 @@ def make_task(task: Task, seed: int, train_size: int, test_size: int, bar=None) 
     for split, size in (("test", test_size), ("train", train_size)):
         try:
             splits[split] = draw_unique(sample, random.Random(f"{seed}/{task.name}/{split}"), size, seen, bar)
-        except ValueError as e:
-            raise ValueError(f"task {task.name!r}, {split} split: {e}; ask for fewer with --{split}-size") from None
+        except PoolExhausted as e:  # (a sampler's own error keeps its traceback)
+            raise PoolExhausted(f"task {task.name!r}, {split} split: {e}; ask for fewer with --{split}-size") from None
     return {"train": splits["train"], "test": splits["test"]}
 
 
@@ -365,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--train-size and --test-size must be positive")
     try:
         write_tasks(args.out, names, args.seed, args.train_size, args.test_size)
-    except ValueError as e:
+    except PoolExhausted as e:
         p.error(str(e))
     return 0
 

@@ -56,15 +56,20 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def last_eval(metrics_jsonl: Path) -> dict:
-    """The last eval record of a gate training's metrics.jsonl (scripts/train.py)."""
+def _records(path: Path, fields: dict) -> list[dict]:
+    """A JSONL file's records, each holding `fields`; a bad file stops the script with one line
+    naming it and the line."""
     from meteora_jax.data import DataError, read_jsonl
 
     try:
-        records = read_jsonl(metrics_jsonl, fields={})
+        return read_jsonl(path, fields=fields)
     except DataError as e:
         raise SystemExit(f"error: {e}") from None
-    evals = [r for r in records if r.get("split") == "eval"]
+
+
+def last_eval(metrics_jsonl: Path) -> dict:
+    """The last eval record of a gate training's metrics.jsonl (scripts/train.py)."""
+    evals = [r for r in _records(metrics_jsonl, {}) if r.get("split") == "eval"]
     if not evals or "gate_acc_top1" not in evals[-1]:
         raise SystemExit(f"error: {metrics_jsonl}: no eval record with gate_acc_top1 (did the gate training finish?)")
     return evals[-1]
@@ -139,16 +144,17 @@ def adapters_section(runs: Path) -> str:
     return _table(header, rows)
 
 
-def times_section(times_jsonl: Path) -> str:
-    """Wall-clock per stage, summed over the runs a resumable stage took."""
+TIME_FIELDS = {"stage": str, "seconds": float, "device": str, "status": int}  # e2e_stages.sh's records
+
+
+def times_section(times: list[dict]) -> str:
+    """Wall-clock per stage (times.jsonl records), summed over the runs a resumable stage took."""
     totals: dict[str, list] = {}
-    for line in times_jsonl.read_text().splitlines():
-        if line.strip():
-            r = json.loads(line)
-            t = totals.setdefault(r["stage"], [0.0, 0, r["device"], 0])
-            t[0] += r["seconds"]
-            t[1] += 1
-            t[3] = r["status"]
+    for r in times:
+        t = totals.setdefault(r["stage"], [0.0, 0, r["device"], 0])
+        t[0] += r["seconds"]
+        t[1] += 1
+        t[3] = r["status"]
     rows = [[s, f"{v[0]:.0f}", str(v[1]), v[2], "ok" if v[3] == 0 else f"exit {v[3]}"] for s, v in totals.items()]
     return _table(["stage", "seconds", "runs", "device", "last status"], rows)
 
@@ -193,6 +199,12 @@ def main(argv=None) -> int:
     if "meteora" not in evals:
         raise SystemExit(f"{e2e / 'eval_meteora.json'}: missing; run examples/e2e_stages.sh eval first")
     gate_eval = last_eval(Path(args.gates_workdir or runs / "smollm2_135m") / "metrics.jsonl")
+    # Every other input too, before the pictures are copied: a bad file leaves nothing written.
+    earlier_runs = [(label, _load_json(eval_path) if eval_path else None, last_eval(metrics_path))
+                    for label, metrics_path, eval_path in earlier]
+    hf = _load_json(e2e / "hf_eval.json") if (e2e / "hf_eval.json").is_file() else None
+    times = _records(e2e / "times.jsonl", TIME_FIELDS) if (e2e / "times.jsonl").is_file() else None
+    notes = Path(args.notes).read_text(encoding="utf-8").rstrip() if args.notes else None
     pic_dir = out.parent / out.stem  # docs/results/
 
     single, s = single_task_section(evals, gate_eval)
@@ -250,21 +262,19 @@ def main(argv=None) -> int:
         single,
         *composite_parts,
     ]
-    if earlier:
-        runs_rows = [(label, _load_json(eval_path) if eval_path else None, last_eval(metrics_path))
-                     for label, metrics_path, eval_path in earlier]
-        runs_rows.append((args.final_label, evals["meteora"], gate_eval))
+    if earlier_runs:
+        runs_rows = earlier_runs + [(args.final_label, evals["meteora"], gate_eval)]
         parts += ["", "## Gate-training runs", "", runs_section(runs_rows)]
-    if (e2e / "hf_eval.json").is_file():
+    if hf is not None:
         parts += ["", "## Cross-check with transformers + PEFT", "",
                   "The same test prompts through `examples/baseline_eval.py` (PyTorch, float32, PEFT adapters "
                   "as saved); ours is the converted checkpoint through `scripts/evaluate.py` (JAX, float32).",
-                  "", hf_section(_load_json(e2e / "hf_eval.json"), evals)]
+                  "", hf_section(hf, evals)]
     parts += ["", "## Task adapters (examples/train_adapters.py)", "", adapters_section(runs)]
-    if (e2e / "times.jsonl").is_file():
-        parts += ["", "## Wall-clock per stage", "", times_section(e2e / "times.jsonl")]
-    if args.notes:
-        parts += ["", Path(args.notes).read_text(encoding="utf-8").rstrip()]
+    if times is not None:
+        parts += ["", "## Wall-clock per stage", "", times_section(times)]
+    if notes is not None:
+        parts += ["", notes]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(parts) + "\n", encoding="utf-8")
     print(f"wrote {out}")

@@ -22,6 +22,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{value} is not a finite number > 0")
+    return value
+
+
 def int_list(minimum: int = 1):
     """argparse type: comma-separated integers >= `minimum`, "1,32" -> [1, 32]."""
 
@@ -63,12 +71,3 @@ def check_writable(parser, flag: str, path: str, *, folder: bool = False) -> Non
         cli_fail(parser, f"{flag} {path}: {parent} is a file, not a folder")
     if not os.access(full if os.path.exists(full) else parent, os.W_OK):
         cli_fail(parser, f"{flag} {path} is not writable")
-
-
-def positive_float(text: str) -> float:
-    """argparse type: a finite number > 0."""
-    value = float(text)
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"{value} is not a finite number > 0")
-    return value
-

@@ -411,8 +411,9 @@ def save_chained_routing_picture(
 ) -> list[str]:
     """Routing picture (PNG + HTML, `meteora_jax.viz`) of one composite sample answered in chained
     turns: the last turn is generated again with every earlier prompt and answer (`answers`, one per
-    turn, as `generate_chained` returns them) in context, so the picture covers the whole conversation (prefill routing of the earlier turns,
-    decode routing of the last answer). Returns the two paths."""
+    turn, as `generate_chained` returns them) in context, so the picture covers the whole
+    conversation (prefill routing of the earlier turns, decode routing of the last answer). Returns
+    the two paths."""
     from meteora_jax import viz
     from meteora_jax.generate import encode_turns
 

@@ -187,32 +187,39 @@ def _axis_size(mesh: Mesh, axes) -> int:
 def param_shardings(logical_specs, abstract_params, mesh: Mesh, rules) -> Any:
     """NamedShardings for a params tree from its logical specs (`param_logical_axes`).
 
-    `abstract_params` (arrays or ShapeDtypeStructs, same structure) gives the shapes. Every
-    dimension that a rule shards must be a multiple of its mesh axes' size: a ShardingError names
-    the mesh key and the dimensions otherwise. (Leaving such a dimension whole instead would hide
-    the mistake: with tensor=3 on a model 64 wide nothing would be split, and the 3 devices would
-    all do the same work.)
+    `abstract_params` (arrays or ShapeDtypeStructs, same structure) gives the shapes. A dimension
+    that its mesh axes do not divide (a vocab of 32001 over tensor=4) stays whole, with a warning
+    naming the mesh key. A mesh axis of size > 1 that then splits no parameter and not the batch
+    is a ShardingError: its devices would all do the same work (tensor=3 on a model 64 wide).
     """
     misfits: dict[Any, dict[str, int]] = {}  # mesh axes -> {logical name: dimension}
     examples: dict[Any, str] = {}  # mesh axes -> the first parameter they misfit, "path [shape]"
+    splitting = set(_names(mesh_axes_of(("batch",), rules)[0]))  # mesh axes that split something
 
     def one(path, spec, leaf):
         logical = tuple(spec) if spec else ()
-        mesh_spec = mesh_axes_of(logical, rules) if logical else PartitionSpec()
-        for name, axes, dim in zip(logical, mesh_spec, leaf.shape):
+        entries = list(mesh_axes_of(logical, rules) if logical else PartitionSpec())
+        for i, (name, axes, dim) in enumerate(zip(logical, entries, leaf.shape)):
             if dim % _axis_size(mesh, axes):
                 misfits.setdefault(axes, {}).setdefault(name, dim)
                 examples.setdefault(axes, f"{'/'.join(str(getattr(k, 'key', k)) for k in path)} {list(leaf.shape)}")
-        return NamedSharding(mesh, mesh_spec)
+                entries[i] = None
+            else:
+                splitting.update(_names(axes))
+        return NamedSharding(mesh, PartitionSpec(*entries))
 
     out = jax.tree.map_with_path(one, logical_specs, abstract_params, is_leaf=lambda x: isinstance(x, PartitionSpec))
-    if misfits:  # one line, for the first mesh axes that misfit
-        axes, dims = next(iter(misfits.items()))
-        raise ShardingError(
-            f"{' x '.join(f'mesh.shape.{a}={mesh.shape[a]}' for a in _names(axes))} does not divide the parameter "
-            f"dimension(s) {', '.join(f'{n} ({d})' for n, d in dims.items())} (e.g. {examples[axes]}); use a size that "
-            f"divides them, or map {', '.join(map(repr, dims))} to None in mesh.rules"
-        )
+    for axes, dims in misfits.items():
+        keys = " x ".join(f"mesh.shape.{a}={mesh.shape[a]}" for a in _names(axes))
+        what = f"the parameter dimension(s) {', '.join(f'{n} ({d})' for n, d in dims.items())} (e.g. {examples[axes]})"
+        idle = [a for a in _names(axes) if mesh.shape[a] > 1 and a not in splitting]
+        if idle:
+            raise ShardingError(
+                f"{keys} does not divide {what}, and mesh axis {idle[0]!r} splits nothing else: its devices would "
+                f"all do the same work; use a size that divides them, or map {', '.join(map(repr, dims))} to None "
+                "in mesh.rules"
+            )
+        warnings.warn(f"{keys} does not divide {what}: those dimensions stay whole on every device", stacklevel=2)
     return out
 
 

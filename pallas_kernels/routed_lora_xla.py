@@ -36,11 +36,11 @@ def _gate_logits_fwd(x, gate):
 
 def _gate_logits_bwd(res, g):  # g [T, L] float32
     x, gate = res
-    # float32 x: HIGHEST, as every float32 product here. bfloat16 x: TF32 at most rounds g and the gate
-    # to 10 bits (x fits), finer than dx's own bfloat16 rounding.
+    # float32 x: HIGHEST, as every float32 product here. bfloat16 / float16 x: TF32 at most rounds g and
+    # the gate to 10 bits (x fits), finer than dx's own rounding.
     precision = dot_precision(x.dtype)
     dx = jnp.dot(g, gate.T, precision=precision).astype(x.dtype)
-    return dx, jnp.dot(x.astype(jnp.float32).T, g, precision=precision)
+    return dx, jnp.dot(x.astype(jnp.float32).T, g, precision=precision).astype(gate.dtype)
 
 
 gate_logits.defvjp(_gate_logits_fwd, _gate_logits_bwd)

@@ -58,6 +58,7 @@ TARGETS = {"prefill": 0.85, "decode": 0.75}
 LAYOUTS = ("scan", "unrolled", "fused")
 MODEL_NAMES = ("base", "1lora", "meteora")  # --models: `benchmark_models`' names, lower case without spaces
 
+
 def llama3_8b(num_layers: int, meteora: MeteoRAConfig) -> ModelConfig:
     return ModelConfig(
         vocab_size=128256,

@@ -101,6 +101,15 @@ def test_too_large_split_stops_before_writing(tmp_path, capsys):
     assert "task 'roman_numerals', train split: only" in err and "--train-size" in err, err
     assert not (tmp_path / "t").exists()
 
+    # A sampler's own bug is not reported as a size problem: its error comes through as it is.
+    def broken():
+        return lambda rng: (int("x"), "")
+
+    task = make_tasks.Task("broken", "accuracy", "", "procedural", broken)
+    with pytest.raises(ValueError, match="invalid literal") as e:
+        make_tasks.make_task(task, 0, 5, 5)
+    assert not isinstance(e.value, make_tasks.PoolExhausted)
+
 
 def _shape(text):
     # The format of a string: digits, letters and the rest collapsed to classes.
@@ -288,7 +297,22 @@ def test_write_results_stops_on_bad_input(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         write_results.main(common)
     assert "no eval record" in str(e.value.code), e.value.code
-    assert not out.exists()
+
+    # A bad later input (times.jsonl, an --earlier file) stops it before the routing pictures are copied.
+    metrics.write_text('{"split": "eval", "gate_acc_top1": 0.9}\n')
+    (runs / "e2e" / "eval_meteora.json").write_text(json.dumps({"tasks": {}, "composite": {"composite-3": {
+        "per_task": {}, "pictures": ["/gpu/pictures/c3_00.png"]}}}))
+    (runs / "e2e" / "pictures").mkdir()
+    (runs / "e2e" / "pictures" / "c3_00.png").write_bytes(b"png")
+    (runs / "e2e" / "times.jsonl").write_text('{"stage": "gates", "seconds": "ten", "device": "cpu", "status": 0}\n')
+    with pytest.raises(SystemExit) as e:
+        write_results.main(common)
+    assert "times.jsonl:1: field 'seconds' must be float, got str" in str(e.value.code), e.value.code
+    (runs / "e2e" / "times.jsonl").unlink()
+    with pytest.raises(SystemExit) as e:
+        write_results.main(common + ["--earlier", f"run0={tmp_path / 'none.jsonl'}"])
+    assert "none.jsonl: no such file" in str(e.value.code), e.value.code
+    assert not out.exists() and not (out.parent / "results").exists()
 
 
 def test_greedy_generate_left_padding_matches_one_by_one(tiny_hf_base_with_tokenizer):

@@ -76,20 +76,24 @@ def test_bad_mesh_shape_and_rules_one_line_exit_2(tmp_path):
     _expect_errors(4, cases, tmp_path)
 
 
-def test_mesh_that_cannot_split_the_model_one_line_exit_2(tiny_inference_world, tmp_path):
-    # The tiny model is 64 wide (vocab 256, 2 kv heads x 16, mlp 128): nothing divides by 3. Before,
-    # such dimensions were silently left whole and the run went on with 3 devices doing one's work.
+def test_mesh_that_cannot_split_the_model(tiny_inference_world, tmp_path):
+    """The tiny model is 64 wide (vocab 256, 2 kv heads x 16, mlp 128): nothing divides by 3.
+    tensor=3 then splits nothing at all, which is one line and exit 2 (before, the run went on with 3
+    devices doing one's work); fsdp=3 still splits the batch, so the run goes on with the parameters
+    whole and a warning naming the key."""
     batch = ("--config.train.batch_size=12", "--config.train.eval_batch_size=12")
     cases = {
         ("--config.mesh.shape.tensor=3", *batch): (
             "mesh.shape.tensor=3 does not divide the parameter dimension(s) vocab (256), mlp (128), kv_heads (32), "
-            "q_heads (64) (e.g. embed_tokens/embedding [256, 64]); use a size that divides them, or map"
-        ),
-        ("--config.mesh.shape.fsdp=3", *batch): (
-            "mesh.shape.fsdp=3 does not divide the parameter dimension(s) embed (64) "
+            "q_heads (64) (e.g. embed_tokens/embedding [256, 64]), and mesh axis 'tensor' splits nothing else"
         ),
     }
+    fsdp = _train_cli(3, tmp_path / "fsdp", "--config.mesh.shape.fsdp=3", *batch, world=tiny_inference_world)
     _expect_errors(3, cases, tmp_path, world=tiny_inference_world)
+    out, err = fsdp.communicate(timeout=240)
+    assert fsdp.returncode == 0, err[-2000:]
+    assert "mesh.shape.fsdp=3 does not divide the parameter dimension(s) embed (64)" in err, err[-2000:]
+    assert "those dimensions stay whole on every device" in err
 
 
 def test_rule_entries_validated():

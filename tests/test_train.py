@@ -106,7 +106,7 @@ def test_step_loss_matches_hand_computation(make_config):
     for k in ("lm_mask", "gate_mask", "attention_mask"):
         batch[k][3] = 0
     batch["lm_mask"][1] = 0
-    assert (batch["gate_mask"][:3] == 0).any(), "want padded positions in the real rows too"
+    assert (batch["attention_mask"][:3] == 0).any(), "want padded positions in the real rows too"
     params = jax.device_get(train_lib.merge_params(trainer.state.gates, trainer.frozen))
     out = LlamaForCausalLM(trainer.setup.model_config).apply(
         {"params": params}, batch["input_ids"], batch["attention_mask"]
