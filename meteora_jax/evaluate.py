@@ -445,7 +445,8 @@ def evaluate_composite_records(
     **generate_kw,
 ) -> dict[str, Any]:
     """Generates answers to composite records {"prompt", "response", "tasks"[, "prompts"]} and scores
-    each sub-task (score_composite), plus "examples".
+    each sub-task (score_composite), plus "examples" ({"prompt", "reference", "tasks", "prediction"},
+    and in turns mode "answers": the turns' answers apart).
 
     mode "turns": the sub-prompts ("prompts") are chained turns of one conversation
     (`generate_chained`); max_new_tokens applies per turn (default: longest sub-answer + 8).
@@ -494,9 +495,11 @@ def evaluate_composite_records(
     result["mode"] = mode
     if paths:
         result["pictures"] = paths
+    # Chained turns keep their answers apart too: a joined answer that holds "@@@@" cannot be split back.
     result["examples"] = [
         {"prompt": r["prompt"], "reference": r["response"], "tasks": list(r["tasks"]),
          "prediction": p if isinstance(p, str) else COMPOSITE_SEPARATOR.join(p)}
+        | ({} if isinstance(p, str) else {"answers": list(p)})
         for r, p in zip(records[:num_examples], preds[:num_examples])
     ]
     return result

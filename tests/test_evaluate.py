@@ -87,6 +87,7 @@ def test_score_composite_keeps_turn_answers_in_place(monkeypatch):
     res = ev.evaluate_composite_records(None, None, records, lambda t: "accuracy", max_new_tokens=4)
     assert {t: r["score"] for t, r in res["per_task"].items()} == {"arith": 0.0, "reverse": 1.0, "shout": 1.0}
     assert res["examples"][0]["prediction"] == "@@@@\ngod pmal@@@@\nQUIET RIVER!"
+    assert res["examples"][1]["answers"] == answers[1]
 
 
 def test_score_composite_hand_made():
