@@ -139,6 +139,7 @@ class Setup:
     eval_data: dict | None
     mesh: jax.sharding.Mesh
     rules: tuple
+    param_shardings: Any  # NamedSharding per param (prepare checked them against the mesh once)
 
 
 def _check(cond: bool, message: str) -> None:
@@ -265,7 +266,7 @@ def prepare(config) -> Setup:
 
     # Last: read the weights straight into their shardings (I/O only).
     params, _, _ = model_ckpt.restore_checkpoint(path, shardings=shardings)
-    return Setup(config, model_config, params, names, train_data, eval_data, mesh, rules)
+    return Setup(config, model_config, params, names, train_data, eval_data, mesh, rules, shardings)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -517,9 +518,7 @@ class Trainer:
         self.schedule = make_schedule(cfg.schedule, cfg.optimizer, int(cfg.train.steps))
         self.tx = make_optimizer(cfg.optimizer, self.schedule)
 
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), setup.params)
-        shardings = sharding_lib.param_shardings(param_logical_axes(setup.model_config), abstract, self.mesh, self.rules)
-        self.gate_shardings, self.frozen_shardings = split_params(shardings)
+        self.gate_shardings, self.frozen_shardings = split_params(setup.param_shardings)
         gates, frozen = split_params(setup.params)
         self.frozen = jax.device_put(frozen, self.frozen_shardings)
         setup.params = None  # the host copy is no longer needed

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -142,7 +143,7 @@ def run_mode(mode: str, args) -> dict:
         carry, loss = step(carry)
         jax.block_until_ready((carry, loss))
         times.append(time.perf_counter() - t0)
-    devices = jax.devices()[: _mesh_size(args.mesh)] if args.mesh else jax.devices()[:1]
+    devices = jax.devices()[: math.prod(args.mesh_shape.values())]
     peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use", 0) / 2**30 for d in devices]
     median = float(np.median(times))
     return {
@@ -164,13 +165,6 @@ def run_mode(mode: str, args) -> dict:
     }
 
 
-def _mesh_size(mesh: str) -> int:
-    size = 1
-    for part in mesh.split(","):
-        size *= int(part.split("=")[1])
-    return size
-
-
 def _sharded_gate_step(args, config, model, model_config, params, batch):
     """The gate train step over a (data, fsdp, tensor) mesh, jitted with explicit shardings, as
     `meteora_jax.train.Trainer` builds it (FSDP over base weights, batch over data x fsdp)."""
@@ -185,8 +179,7 @@ def _sharded_gate_step(args, config, model, model_config, params, batch):
     from meteora_jax import train as train_lib
     from meteora_jax.model import param_logical_axes
 
-    shape = {k: int(v) for k, v in (part.split("=") for part in args.mesh.split(","))}
-    mesh = sharding_lib.make_mesh(shape, jax.devices()[: _mesh_size(args.mesh)])
+    mesh = sharding_lib.make_mesh(args.mesh_shape, jax.devices()[: math.prod(args.mesh_shape.values())])
     rules = sharding_lib.logical_rules(sharding_lib.DEFAULT_RULES, mesh)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
     shardings = sharding_lib.param_shardings(param_logical_axes(model_config), abstract, mesh, rules)
@@ -252,6 +245,7 @@ def _check_args(parser, args) -> None:
                                  f"{','.join(MESH_AXES)} and SIZE >= 1")
         if len({axis for axis, _, _ in axes}) < len(axes):
             cli_fail(parser, f"--mesh {args.mesh!r}: an axis given twice")
+    args.mesh_shape = {axis: int(size) for axis, _, size in axes} if args.mesh else {}  # {}: one device
     if args.json and args.mode != "all":
         cli_fail(parser, f"--json collects the runs of --mode all; --mode {args.mode} prints one RESULT line")
     if args.json:
