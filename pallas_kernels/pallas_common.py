@@ -47,10 +47,15 @@ def dot_precision(dtype):
 def gate_halves(gate: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
     """hi, lo [d_in, L] in `dtype` with gate = hi + lo (float32 gate [d_in, L]): x @ hi + x @ lo, for
     x in `dtype` (bfloat16) with float32 accumulation and output, carries ~16 bits of each gate entry
-    at tensor-core speed. (Inside an XLA GEMM on an H200 the result measured 2e-4 of |x| @ |gate|,
-    bfloat16-like: docs/benchmarks.md, session 30.)"""
-    hi = gate.astype(dtype)
-    return hi, (gate - hi.astype(jnp.float32)).astype(dtype)
+    at tensor-core speed.
+
+    hi is rounded with `lax.reduce_precision`, not by a round trip through `dtype`: XLA on GPU
+    removes a float32 -> bfloat16 -> float32 round trip (its "excess precision" rewrite,
+    openxla/xla#41605), which made lo zero there and the logits bfloat16-coarse (2e-4 of
+    |x| @ |gate| on an H200; docs/benchmarks.md, sessions 30-31)."""
+    info = jnp.finfo(dtype)
+    hi = lax.reduce_precision(gate, exponent_bits=info.nexp, mantissa_bits=info.nmant)
+    return hi.astype(dtype), (gate - hi).astype(dtype)
 
 
 # An index past any buffer, for the elements a masked store leaves out: interpret mode writes masked-off

@@ -3,8 +3,8 @@ Contract: `pallas_kernels.routed_lora_xla.routed_lora_xla`.
 
 1. `side_products`: x @ [A_flat | gate_hi | gate_lo], one GEMM with float32 output, where A_flat
    [d_in, L*r] is every adapter's lora_a side by side and gate = gate_hi + gate_lo are the float32
-   gate's two bf16 halves (meant as float32-accurate logits on the tensor cores, as in the decode kernel;
-   measured 2e-4 of |x| @ |gate| on an H200 in this XLA GEMM: docs/benchmarks.md, session 30).
+   gate's two bf16 halves (float32-accurate logits on the tensor cores, as in the decode kernel:
+   4e-7 of |x| @ |gate| on an H200, docs/benchmarks.md, session 31).
    Every adapter's x @ A is computed: at L * r = 224 that is a few percent of the base GEMM's flops,
    and no product waits for the routing.
 2. Top-k and softmax of the logits (`top_k_routing`), each column of x @ A_flat weighted by its
@@ -49,7 +49,7 @@ def side_products(x: jax.Array, gate: jax.Array, lora_a: jax.Array) -> tuple[jax
     columns = num_adapters * rank
     a_flat = lora_a.transpose(1, 0, 2).reshape(depth, columns).astype(x.dtype)
     if x.dtype == jnp.bfloat16:
-        # x is bf16, so x @ gate = x @ hi + x @ lo (gate_halves: measured 2e-4 of |x| @ |gate| on an H200).
+        # x is bf16, so x @ gate = x @ hi + x @ lo (gate_halves).
         hi, lo = gate_halves(gate, jnp.bfloat16)
         side = jnp.dot(x, jnp.concatenate([a_flat, hi, lo], axis=1), preferred_element_type=jnp.float32)
         return side[:, :columns], side[:, columns:columns + num_adapters] + side[:, columns + num_adapters:]

@@ -25,6 +25,9 @@ from pallas_kernels import routed_lora, routed_lora_xla
 from pallas_kernels.routed_lora import ROUTED_MAX_COLUMNS, ROUTED_MAX_TOKENS, routed_path
 from pallas_kernels.routed_lora_pallas import routed_lora_pallas
 from pallas_kernels.routed_lora_prefill import routed_lora_prefill
+from pallas_kernels.lora_columns import side_weight
+from pallas_kernels.pallas_common import gate_halves
+from pallas_kernels.routed_lora_prefill import side_products as prefill_side_products
 from pallas_kernels.routed_lora_xla import gate_logits
 
 SEED = np.random.SeedSequence().entropy
@@ -154,6 +157,44 @@ def test_gate_logits_are_float32_accurate_with_the_dot_gradients(dtype):
     assert dx.dtype == x.dtype and dgate.dtype == jnp.float32
     assert _rel(dx, np.asarray(probe, np.float64) @ gate64.T) <= TOL[dtype], f"seed={SEED}"
     assert _rel(dgate, x64.T @ np.asarray(probe, np.float64)) <= TOL[dtype], f"seed={SEED}"
+
+
+def _narrowing_round_trips(jaxpr):
+    """Every convert back to a float type from a narrower one that was converted from it
+    (float32 -> bfloat16 -> float32), sub-jaxprs included."""
+    narrowed, found = {}, []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "convert_element_type":
+            (src,), (out,) = eqn.invars, eqn.outvars
+            wide = narrowed.get(src) if isinstance(src, jax.extend.core.Var) else None
+            if wide is not None and jnp.dtype(out.aval.dtype) == wide:
+                found.append(str(eqn))
+            if jnp.dtype(out.aval.dtype).itemsize < jnp.dtype(src.aval.dtype).itemsize:
+                narrowed[out] = jnp.dtype(src.aval.dtype)
+        for sub in jaxprs_in_params(eqn.params):
+            found += _narrowing_round_trips(sub)
+    return found
+
+
+def test_gate_halves_do_not_rely_on_a_round_trip_xla_gpu_removes():
+    """XLA on GPU rewrites convert(convert(gate, bf16), f32) to gate (openxla/xla#41605): halves
+    computed as gate - f32(bf16(gate)) had lo = 0 there, and every bf16 path's logits were
+    bf16-coarse (2e-4 of |x| @ |gate| on an H200, 18 of 4096 top-2 sets wrong; docs/benchmarks.md,
+    session 31). The CPU keeps the round trip, so the values alone cannot show it: the jaxprs of
+    every place that builds the halves must hold no such round trip."""
+    x, gate, a, *_ = _inputs((14,), jnp.bfloat16, t=5, d_in=32, d_out=8, num_adapters=3, rank=2)
+    builders = {
+        "gate_halves": lambda g: gate_halves(g, jnp.bfloat16),
+        "gate_logits": lambda g: gate_logits(x, g),
+        "prefill side_products": lambda g: prefill_side_products(x, g, a),
+        "fused layout side_weight": lambda g: side_weight([a], [g], jnp.bfloat16),
+    }
+    for name, build in builders.items():
+        assert not _narrowing_round_trips(jax.make_jaxpr(build)(gate).jaxpr), name
+    hi, lo = jax.jit(builders["gate_halves"])(gate)
+    assert np.all(np.asarray(hi, np.float32) == np.asarray(gate.astype(jnp.bfloat16), np.float32))
+    assert np.all(np.abs(np.asarray(hi, np.float64) + np.asarray(lo, np.float64) - np.asarray(gate, np.float64))
+                  <= 2.0**-16 * np.abs(np.asarray(gate, np.float64))), f"seed={SEED}"
 
 
 def _dots(jaxpr):
