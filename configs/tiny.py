@@ -28,10 +28,12 @@ def get_config():
     config.model.meteora.update(num_adapters=3, rank=4, top_k=2)
 
     config.tiny_world = TINY_WORLD
-    config.model_checkpoint = f"{TINY_WORLD}/model"
-    config.tokenizer = f"{TINY_WORLD}/tokenizer"
+    # The world's paths follow config.tiny_world (an override of it moves all three).
+    world = config.get_ref("tiny_world")
+    config.model_checkpoint = world + "/model"
+    config.tokenizer = world + "/tokenizer"
     config.workdir = "runs/tiny"
-    config.data.update(root=f"{TINY_WORLD}/data", seq_len=32)
+    config.data.update(root=world + "/data", seq_len=32)
     config.train.update(steps=300, batch_size=16, eval_every=100, eval_batch_size=16, eval_max_batches=0)
     config.optimizer.update(learning_rate=3e-3, weight_decay=0.0)
     config.schedule.update(kind="cosine", warmup_steps=20, end_factor=0.1)

@@ -50,6 +50,23 @@ def merge_params(trainable: Mapping, frozen: Mapping) -> dict:
     return traverse_util.unflatten_dict({**traverse_util.flatten_dict(frozen), **traverse_util.flatten_dict(trainable)})
 
 
+def check_gates_fit(gates: Mapping, params: Mapping, where: str) -> None:
+    """ValueError unless `gates` holds exactly the gate leaves of `params`, each of the same shape
+    (gates trained on another model would otherwise fail deep in the model, or route with some
+    of the checkpoint's untrained gates). `where` names the gates in the message."""
+    want = {k: v.shape for k, v in traverse_util.flatten_dict(split_params(params)[0]).items()}
+    got = {k: v.shape for k, v in traverse_util.flatten_dict(gates).items()}
+    for key in sorted(want.keys() | got.keys()):
+        name = "/".join(map(str, key))
+        if key not in got:
+            raise ValueError(f"gates in {where} have no {name}, which the model checkpoint has: trained for another model?")
+        if key not in want:
+            raise ValueError(f"gates in {where} have {name}, which the model checkpoint has not: trained for another model?")
+        if tuple(got[key]) != tuple(want[key]):
+            raise ValueError(f"gates in {where}: {name} has shape {tuple(got[key])}, the model checkpoint's is "
+                             f"{tuple(want[key])}: trained for another model?")
+
+
 def export_gates(path, gates, adapter_names, settings: Mapping[str, Any] | None = None) -> str:
     """Saves only the gates (Orbax, replacing an older export) plus `adapter_names.json` and, when
     given, `settings.json` (the run's `run_settings`: read back by `load_gate_settings`).

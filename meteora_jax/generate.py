@@ -41,7 +41,7 @@ import numpy as np
 
 from meteora_jax.config import ALL_PROJECTIONS, ModelConfig
 from meteora_jax.fused_layout import fuse_projections
-from meteora_jax.gates import load_gate_settings, load_gates, merge_params
+from meteora_jax.gates import check_gates_fit, load_gate_settings, load_gates, merge_params
 from meteora_jax.model import KVCache, LlamaForCausalLM, unstack_layers
 from meteora_jax.routing import Routing
 from pallas_kernels.routed_lora import check_routing_temperature
@@ -559,6 +559,7 @@ def load_for_inference(
         gate_tree, gate_names = load_gates(gates)
         if names and list(gate_names) != names:
             raise ValueError(f"gates in {gates!r} are for adapters {gate_names}, the checkpoint has {names}")
+        check_gates_fit(gate_tree, params, repr(gates))
         params = merge_params(gate_tree, params)
         settings = load_gate_settings(gates)
         if dtype is None:

@@ -12,8 +12,10 @@ them apart:
     reverse  "reverse lamp dog"   -> "god pmal"            lower-case words
     shout    "SHOUT QUIET RIVER"  -> "QUIET RIVER!"        upper-case words and !
 
-Building is deterministic; a folder already holding the same world (same spec) is reused, and a
-new one is written to a temporary folder and renamed, so concurrent builders do not collide.
+Building is deterministic; a folder already holding the same world (same spec; routing settings
+such as top_k may differ) is reused, and a new one is written to a temporary folder and renamed, so
+concurrent builders do not collide. A folder holding another world, or anything else, is refused
+and left as it is (gates trained on a world only fit that world's model).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import numpy as np
 
 from meteora_jax.config import ModelConfig
 
-__all__ = ["TASKS", "TinyWorld", "build_tiny_world", "task_records"]
+__all__ = ["TASKS", "TinyWorld", "TinyWorldError", "build_tiny_world", "task_records"]
 
 TASKS = ("arith", "reverse", "shout")
 _VERSION = 1
@@ -105,6 +107,38 @@ def _spec(model_config: ModelConfig, n_train: int, n_test: int, seed: int) -> di
     }
 
 
+class TinyWorldError(ValueError):
+    """The tiny world's folder holds something else: another world, or files that are not one."""
+
+
+# Model settings that the world's files do not depend on (the run's config supplies them).
+_ROUTING_ONLY = ("top_k", "kernel_impl")
+
+
+def _files_spec(spec) -> dict | None:
+    """The part of a world's spec that its files depend on."""
+    if not isinstance(spec, dict) or not isinstance(spec.get("model"), dict):
+        return None
+    spec = json.loads(json.dumps(spec))  # as stored (tuples as lists)
+    model = spec["model"]
+    model["meteora"] = {k: v for k, v in dict(model.get("meteora") or {}).items() if k not in _ROUTING_ONLY}
+    return {**spec, "model": model}
+
+
+def _spec_changes(old, new: dict) -> str:
+    """'model.hidden_size 64 -> 32, ...': the spec keys that differ (flattened)."""
+
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in (d or {}).items() if isinstance(d, dict) else ():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    old_flat, new_flat = flat(_files_spec(old)), flat(_files_spec(new))
+    keys = sorted(k for k in old_flat.keys() | new_flat.keys() if old_flat.get(k) != new_flat.get(k))
+    return ", ".join(f"{k} {old_flat.get(k)!r} -> {new_flat.get(k)!r}" for k in keys[:6]) + (", ..." if len(keys) > 6 else "")
+
+
 def _paths(root: str) -> TinyWorld:
     return TinyWorld(
         root=root,
@@ -138,8 +172,16 @@ def build_tiny_world(
     stamp = os.path.join(root, "WORLD.json")
     if os.path.isfile(stamp):
         with open(stamp) as f:
-            if json.load(f).get("digest") == digest:
-                return _paths(root)
+            stored = json.load(f)
+        if stored.get("digest") == digest or _files_spec(stored.get("spec")) == _files_spec(spec):
+            return _paths(root)
+        # Gates trained on the old world (e.g. runs/tiny/gates) would no longer fit its model.
+        raise TinyWorldError(
+            f"{root} holds a tiny world built for another model ({_spec_changes(stored.get('spec'), spec)}); "
+            "it is left as it is: set config.tiny_world to another folder, or delete this one")
+    if os.path.isdir(root) and os.listdir(root):
+        raise TinyWorldError(f"{root} is not empty and holds no tiny world (no WORLD.json): it is left as it is; "
+                             "set config.tiny_world to a new folder")
 
     parent = os.path.dirname(root)
     os.makedirs(parent, exist_ok=True)
@@ -162,8 +204,8 @@ def build_tiny_world(
         save_checkpoint(world.model, params, model_config, {"adapters": [{"name": task} for task in TASKS]})
         with open(os.path.join(tmp, "WORLD.json"), "w") as f:
             json.dump({"digest": digest, "spec": spec}, f, indent=1)
-        if os.path.isdir(root):  # a stale world (other spec): replace it
-            shutil.rmtree(root)
+        if os.path.isdir(root) and not os.listdir(root):  # (a non-empty one: another builder's, same world)
+            os.rmdir(root)
         try:
             os.rename(tmp, root)
         except OSError:  # another process finished first with the same world

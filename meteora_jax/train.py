@@ -208,9 +208,12 @@ def prepare(config) -> Setup:
         f"train.eval_batch_size={config.train.eval_batch_size} is not a multiple of the {dp} data-parallel devices",
     )
     if config.tiny_world:
-        from meteora_jax.tiny import build_tiny_world
+        from meteora_jax.tiny import TinyWorldError, build_tiny_world
 
-        build_tiny_world(config.tiny_world, ModelConfig.from_dict(config.model))
+        try:
+            build_tiny_world(config.tiny_world, ModelConfig.from_dict(config.model))
+        except TinyWorldError as e:
+            raise TrainError(f"config.tiny_world={config.tiny_world!r}: {e}") from None
 
     path = config.model_checkpoint
     _check(bool(path), "config.model_checkpoint is empty: give a converted model checkpoint (scripts/convert.py)")
@@ -606,12 +609,20 @@ class Trainer:
         abstract = jax.tree.map(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), self.state, self.state_shardings
         )
-        restored = self.manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()
-            ),
-        )
+        try:
+            restored = self.manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()
+                ),
+            )
+        except ValueError as e:  # e.g. gates of another model's shapes (orbax names the shapes)
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise TrainError(
+                f"checkpoint step {step} in {self.workdir} cannot be restored for this run ({reason}); it was "
+                "probably trained for another model: use another workdir, or --config.checkpoint.resume=False "
+                "to start over"
+            ) from None
         if restored.meta.get("adapter_names") != self.setup.adapter_names:
             raise TrainError(
                 f"checkpoint in {self.workdir} was trained with adapters {restored.meta.get('adapter_names')}, "

@@ -100,6 +100,34 @@ def test_generate_cli_names_a_bad_gates_folder(tiny_inference_world, tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+def test_gates_of_another_model_are_refused_by_name(tiny_inference_world, tmp_path):
+    """Gates trained on another model with the same adapter names: `load_for_inference` names the
+    first gate whose shape differs (it was a concatenate / ScopeParamShapeError traceback deep in
+    the model), and one missing from an export; scripts/generate.py exits 2 with that line."""
+    from meteora_jax.generate import load_for_inference
+
+    names = list(tiny_inference_world.adapter_names)
+    gates, _ = split_params(_params())  # intermediate 24: the tiny world's model has 128
+    other = export_gates(tmp_path / "other_model", gates, names)
+    with pytest.raises(ValueError, match=r"gates in .*other_model.*: layers/mlp/down_proj/gate has shape \(2, 24, 3\), the model checkpoint's is \(2, 128, 3\)"):
+        load_for_inference(tiny_inference_world.model, other)
+
+    params, _, _ = load_for_inference(tiny_inference_world.model)
+    own = traverse_util.flatten_dict(split_params(params)[0])
+    dropped = sorted(own)[0]
+    partial = export_gates(tmp_path / "partial", traverse_util.unflatten_dict(
+        {k: v for k, v in own.items() if k != dropped}), names)
+    with pytest.raises(ValueError, match=f"have no {'/'.join(dropped)}, which the model checkpoint has"):
+        load_for_inference(tiny_inference_world.model, partial)
+
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "scripts", "generate.py"), "--checkpoint", tiny_inference_world.model,
+         "--tokenizer", tiny_inference_world.tokenizer, "--gates", str(other), "--prompt", "hi"],
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2 and "the model checkpoint's is" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def test_inference_loads_gates_without_training_dependencies(tiny_inference_world, tmp_path):
     """Loading a model with trained gates for generation imports neither the trainer nor its data
     and optimizer libraries (datasets, optax, ml_collections), which an inference-only install may

@@ -277,6 +277,55 @@ def test_resume_from_earlier_checkpoint_logs_each_step_once(make_config):
     assert steps == [1, 2, 3, 4, 5]
 
 
+def _tiny_model(**changes) -> ModelConfig:
+    model = _tiny_config_module().get_config().model
+    model.update(**{k: v for k, v in changes.items() if k != "top_k"})
+    if "top_k" in changes:
+        model.meteora.top_k = changes["top_k"]
+    return ModelConfig.from_dict(model)
+
+
+def test_tiny_world_of_another_model_is_kept_and_refused(tmp_path):
+    """A tiny world folder is reused for the same model (routing settings may differ), and a world
+    built for another model, or a folder that is not a world, is refused and left as it is (it used
+    to be replaced silently, and the gates trained on it no longer fitted)."""
+    from meteora_jax.tiny import TinyWorldError
+
+    root = tmp_path / "world"
+    build_tiny_world(root, _tiny_model())
+    stamp = (root / "WORLD.json").read_text()
+    assert build_tiny_world(root, _tiny_model(top_k=1)).model == str(root / "model")
+    with pytest.raises(TinyWorldError, match=r"hidden_size 64 -> 32.*left as it is"):
+        build_tiny_world(root, _tiny_model(hidden_size=32, head_dim=8))
+    assert (root / "WORLD.json").read_text() == stamp and (root / "model").is_dir()
+
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    with pytest.raises(TinyWorldError, match="holds no tiny world"):
+        build_tiny_world(other, _tiny_model())
+    assert sorted(p.name for p in other.iterdir()) == ["keep.txt"]
+
+
+def test_train_refuses_another_model_s_tiny_world_and_checkpoint(make_config, tmp_path):
+    """Both ways a run can meet another model's files end in a TrainError (exit 2 from the script),
+    not an Orbax traceback: a tiny_world folder built for another model, and a workdir whose
+    checkpoint holds gates of another shape."""
+    config = make_config("mixed", train=dict(steps=1), checkpoint=dict(every=1))
+    train_lib.train(config)
+
+    small = build_tiny_world(tmp_path / "small_world", _tiny_model(hidden_size=32, head_dim=8))
+    world_config = make_config("mixed")
+    world_config.tiny_world = small.root
+    world_config.model.update(hidden_size=64)  # the tiny config's model, not the world's
+    _expect(world_config, train_lib.TrainError, r"config.tiny_world=.*hidden_size 32 -> 64")
+
+    resumed = make_config("mixed", train=dict(steps=2), checkpoint=dict(every=1))
+    resumed.model_checkpoint, resumed.tokenizer, resumed.data.root = small.model, small.tokenizer, small.data_root
+    resumed.model.update(hidden_size=32, head_dim=8)
+    _expect(resumed, train_lib.TrainError, r"checkpoint step 1 in .*mixed cannot be restored for this run")
+
+
 def test_exported_gates_carry_the_run_settings(make_config, world, monkeypatch, capsys):
     from meteora_jax.generate import cli_options, load_for_inference
 
@@ -564,3 +613,15 @@ def test_configs_have_training_sections(name):
     assert config.data.seq_len <= config.model.max_position_embeddings
     assert config.train.batch_size % config.train.grad_accum_steps == 0
     sharding_lib.logical_rules(config.mesh.rules)
+
+
+def test_tiny_config_paths_follow_its_world():
+    """--config.tiny_world=... moves the model, tokenizer and data paths with it (they pointed at
+    runs/tiny_world whatever the world, so a changed world trained the old world's model)."""
+    config = _tiny_config_module().get_config()
+    config.tiny_world = "runs/other_world"
+    assert (config.model_checkpoint, config.tokenizer, config.data.root) == (
+        "runs/other_world/model", "runs/other_world/tokenizer", "runs/other_world/data")
+    config.model_checkpoint = "ckpt/mine"  # an explicit path stays
+    config.tiny_world = "runs/third"
+    assert config.model_checkpoint == "ckpt/mine" and config.tokenizer == "runs/third/tokenizer"
