@@ -45,6 +45,7 @@ __all__ = [
     "score_composite",
     "sentence_bleu",
     "split_composite",
+    "tasks_with_split",
 ]
 
 _SEPARATOR_RE = re.compile(r"\s*@@@@\s*")
@@ -226,10 +227,13 @@ def format_table(results: Mapping[str, Any]) -> str:
 COMPOSITE_TEMPERATURES = {3: 15.0, 5: 20.0, 10: 30.0}
 
 
-def parse_metric_spec(spec: str | Mapping[str, str] | None) -> dict[str, str]:
+def parse_metric_spec(
+    spec: str | Mapping[str, str] | None, *, tasks: Sequence[str] | None = None
+) -> dict[str, str]:
     """A task -> metric mapping from a dict, a JSON string, or the path of a JSON file.
 
-    Every metric must be a key of METRICS; "" or None gives {}.
+    Every metric must be a key of METRICS; "" or None gives {}. With `tasks`, every key must also be
+    one of them: a misspelt task would otherwise be scored with the default metric, silently.
     """
     import json
     import os
@@ -251,7 +255,21 @@ def parse_metric_spec(spec: str | Mapping[str, str] | None) -> dict[str, str]:
     unknown = {t: m for t, m in mapping.items() if m not in METRICS}
     if unknown:
         raise ValueError(f"unknown metric(s) {unknown}; known: {sorted(METRICS)}")
+    if tasks is not None:
+        unknown_tasks = sorted(set(mapping) - set(tasks))
+        if unknown_tasks:
+            raise ValueError(
+                f"metric spec names unknown task(s) {unknown_tasks}; known tasks: {sorted(set(tasks))}"
+            )
     return mapping
+
+
+def tasks_with_split(data_root: str, split: str = "test") -> list[str]:
+    """The task folders of `data_root` that hold `<split>.jsonl`, sorted: the tasks evaluated (and
+    composed) when none are named. A folder without that file is skipped, not an error."""
+    import os
+
+    return sorted(d for d in os.listdir(data_root) if os.path.isfile(os.path.join(data_root, d, f"{split}.jsonl")))
 
 
 def _generate_batched(
@@ -516,13 +534,16 @@ def build_composite_file(
     split: str = "test",
 ) -> list[dict]:
     """Writes a composite-n test set (JSONL {"prompt", "response", "tasks"}) built from the
-    single-task `<data_root>/<task>/<split>.jsonl` files; returns its records."""
+    single-task `<data_root>/<task>/<split>.jsonl` files of `tasks` (a missing one is a DataError
+    naming it; other folders of `data_root` are ignored); returns its records."""
     import os
 
-    from meteora_jax.data import build_composite, find_task_dirs, read_jsonl, write_jsonl
+    from meteora_jax.data import build_composite, read_jsonl, write_jsonl
 
-    files = find_task_dirs(data_root, list(tasks), split=split)
-    records = build_composite({t: read_jsonl(p) for t, p in files.items()}, n, num_samples, seed=seed)
+    # Only the named tasks' files are read, as in run_evaluation: training's find_task_dirs would
+    # take every other task folder (not selected, or without this split) for an unknown adapter.
+    test_sets = {t: read_jsonl(os.path.join(data_root, t, f"{split}.jsonl")) for t in tasks}
+    records = build_composite(test_sets, n, num_samples, seed=seed)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     write_jsonl(path, records)
     return records
@@ -593,9 +614,7 @@ def run_evaluation(
     # evaluation would waste it (and leave the earlier sets' routing pictures behind).
     task_records = {}
     if data_root:
-        names = list(tasks) if tasks else sorted(
-            d for d in os.listdir(data_root) if os.path.isfile(os.path.join(data_root, d, f"{split}.jsonl"))
-        )
+        names = list(tasks) if tasks else tasks_with_split(data_root, split)
         check_oracle(names)
         task_records = {task: read_jsonl(os.path.join(data_root, task, f"{split}.jsonl"))[:max_samples]
                         for task in names}

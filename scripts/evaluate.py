@@ -14,7 +14,8 @@ r"""Per-task and composite-n evaluation of a meteora-jax checkpoint; writes JSON
     python scripts/evaluate.py ... --oracle
     python scripts/evaluate.py ... --force-adapter lora_b
 
-Metrics (--metrics: JSON object or JSON file, task -> metric; others get --default-metric):
+Metrics (--metrics: JSON object or JSON file, task -> metric; others get --default-metric; a key
+naming no task of the data root or of a composite file is an error, a typo would go unnoticed):
 accuracy, accuracy_contains, bleu, rouge1, rouge2, rougeL. Composite-n samples are asked as chained
 turns by default (sub-prompt 1, the model's answer, sub-prompt 2, ... in one conversation, so the
 routing must switch adapters inside one sequence); --composite-mode joint asks the numbered prompt
@@ -33,8 +34,9 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 
-def _check_options(args) -> None:
-    """The numeric options, the output location and the given composite files; ValueError if bad."""
+def _check_options(args) -> set[str]:
+    """Checks the numeric options, the output location and the given composite files (ValueError if
+    bad); returns the tasks those files hold."""
     from meteora_jax.data import read_composite_jsonl
     from pallas_kernels.routed_lora import check_routing_temperature
 
@@ -47,8 +49,7 @@ def _check_options(args) -> None:
             check_routing_temperature(temperature)
     if os.path.isdir(args.output):
         raise ValueError(f"--output {args.output} is a folder; give the results file's path")
-    for path in args.composite:
-        read_composite_jsonl(path)
+    return {t for path in args.composite for r in read_composite_jsonl(path) for t in r["tasks"]}
 
 
 def main(argv=None) -> int:
@@ -95,8 +96,7 @@ def main(argv=None) -> int:
 
     # Every input is checked, and the model loaded, before a composite set is written.
     try:
-        metrics = ev.parse_metric_spec(args.metrics)
-        _check_options(args)
+        composite_tasks = _check_options(args)
     except ValueError as e:
         cli_fail(p, str(e))
     tasks = args.tasks.split(",") if args.tasks else None
@@ -104,6 +104,19 @@ def main(argv=None) -> int:
         cli_fail(p, f"--data-root {args.data_root} is not a folder")
     if args.build_composite and not args.data_root:
         cli_fail(p, "--build-composite needs --data-root")
+    root_tasks = ev.tasks_with_split(args.data_root, args.split) if args.data_root else []
+    try:
+        # A --metrics key must name a task of the data root or of a composite file (else it is a typo
+        # that leaves its task on --default-metric); tasks left out by --tasks or --no-single are
+        # fine, so that one metrics file serves every subset.
+        metrics = ev.parse_metric_spec(args.metrics, tasks=[*root_tasks, *(tasks or []), *composite_tasks])
+    except ValueError as e:
+        cli_fail(p, str(e))
+    if args.build_composite:  # every n checked before any set is written (or the model loaded)
+        names = tasks or root_tasks
+        too_many = [n for n in args.build_composite if not 1 <= n <= len(names)]
+        if too_many:
+            cli_fail(p, f"--build-composite {too_many[0]}: composite-n needs 1 <= n <= the {len(names)} tasks {names}")
     if not args.build_only:
         if not args.checkpoint or not args.tokenizer:
             cli_fail(p, "--checkpoint and --tokenizer are required to evaluate")
@@ -116,9 +129,6 @@ def main(argv=None) -> int:
 
     composite_files = list(args.composite)
     if args.build_composite:
-        names = tasks or sorted(
-            d for d in os.listdir(args.data_root) if os.path.isfile(os.path.join(args.data_root, d, f"{args.split}.jsonl"))
-        )
         for n in args.build_composite:
             out = args.composite_out
             if out is None or not out.endswith(".jsonl") or len(args.build_composite) > 1:

@@ -157,3 +157,78 @@ def test_run_evaluation_validates_every_file_before_generating(tmp_path, bad):
                           composite_files=[str(composite)], routing_pictures=str(tmp_path / "pics"),
                           adapter_names=["a_task", "z_task"], output=str(tmp_path / "out" / "r.json"))
     assert not (tmp_path / "pics").exists() and not (tmp_path / "out").exists()
+
+
+def _evaluate_main():
+    import os
+    import runpy
+
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "evaluate.py")
+    return runpy.run_path(script, run_name="cli_script")["main"]
+
+
+def _task_root(root, with_test=("arith", "reverse", "shout"), without_test=("notes",)):
+    """A data root: folders with a 3-record test.jsonl, and folders holding only a train.jsonl."""
+    from meteora_jax.data import write_jsonl
+
+    for task in (*with_test, *without_test):
+        (root / task).mkdir(parents=True)
+        recs = [{"prompt": f"{task} {i}", "response": f"{task} answer {i}"} for i in range(3)]
+        write_jsonl(root / task / ("test.jsonl" if task in with_test else "train.jsonl"), recs)
+    return root
+
+
+def test_build_composite_uses_only_the_selected_tasks(tmp_path, capsys):
+    """--tasks with --build-composite composes just those tasks: the other folders of the data root
+    (real tasks, or folders without test.jsonl) are no error, as in the single-task evaluation."""
+    from meteora_jax.data import read_composite_jsonl
+
+    main, data, out = _evaluate_main(), _task_root(tmp_path / "data"), tmp_path / "out"
+    build = ["--data-root", str(data), "--build-composite", "2", "--composite-samples", "10", "--build-only"]
+    assert main(build + ["--tasks", "arith,reverse", "--composite-out", str(out / "c2.jsonl")]) == 0
+    records = read_composite_jsonl(out / "c2.jsonl")
+    assert len(records) == 10 and all(sorted(r["tasks"]) == ["arith", "reverse"] for r in records)
+
+    # No --tasks: every folder with a test.jsonl; "notes" (train.jsonl only) is skipped.
+    assert main(build + ["--composite-out", str(out / "all.jsonl")]) == 0
+    assert {t for r in read_composite_jsonl(out / "all.jsonl") for t in r["tasks"]} == {"arith", "reverse", "shout"}
+
+    # A selected task without test.jsonl: one line naming that file, nothing written.
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(build + ["--tasks", "arith,notes", "--composite-out", str(out / "bad.jsonl")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1
+    assert f"{data / 'notes' / 'test.jsonl'}: no such file" in err
+    assert not (out / "bad.jsonl").exists()
+
+    # Several n, one too large for the tasks: refused before the first set is written.
+    with pytest.raises(SystemExit) as e:
+        main(["--data-root", str(data), "--build-composite", "2", "--build-composite", "4", "--build-only",
+              "--composite-out", str(out / "multi")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--build-composite 4: composite-n needs 1 <= n <= the 3 tasks" in err
+    assert not (out / "multi").exists()
+
+
+def test_metric_spec_rejects_unknown_task(tmp_path, capsys):
+    """A --metrics key that names no task is rejected like an unknown metric (it used to leave the
+    misspelt task on the default metric without a word), before anything is written."""
+    assert ev.parse_metric_spec({"arith": "bleu"}, tasks=["arith"]) == {"arith": "bleu"}
+    with pytest.raises(ValueError, match=r"unknown task\(s\) \['arth'\]; known tasks: \['arith', 'reverse'\]"):
+        ev.parse_metric_spec('{"arth": "bleu"}', tasks=["reverse", "arith"])
+
+    main, data, out = _evaluate_main(), _task_root(tmp_path / "data"), tmp_path / "out"
+    build = ["--data-root", str(data), "--build-composite", "2", "--build-only", "--composite-out", str(out / "c2.jsonl")]
+    with pytest.raises(SystemExit) as e:
+        main(build + ["--metrics", json.dumps({"arth": "bleu", "reverse": "bleu"})])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1
+    assert "unknown task(s) ['arth']; known tasks: ['arith', 'reverse', 'shout']" in err
+    assert not out.exists()
+
+    # A task left out by --tasks, or one only a composite file holds, is a known task.
+    composite = tmp_path / "c.jsonl"
+    composite.write_text(json.dumps({"prompt": "1. a\n2. b", "response": "x@@@@\ny", "tasks": ["qa", "mt"]}) + "\n")
+    metrics = json.dumps({"shout": "rougeL", "qa": "accuracy"})
+    assert main(build + ["--tasks", "arith,reverse", "--composite", str(composite), "--metrics", metrics]) == 0
