@@ -8,6 +8,7 @@ turns their `model` section into a `ModelConfig`.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Mapping
 
 import jax.numpy as jnp
@@ -154,24 +155,27 @@ class ModelConfig:
                 raise ConfigError(f"HF config has {flag}=True; LLaMA projections without bias are supported")
         if hf.get("hidden_act", "silu") != "silu":
             raise ConfigError(f"hidden_act={hf.get('hidden_act')!r}; only 'silu' (SwiGLU) is supported")
-        missing = [key for key in _HF_REQUIRED if not isinstance(hf.get(key), int)]
+        missing = [key for key in _HF_REQUIRED if not _is_int(hf.get(key))]
         if missing:
             raise ConfigError(f"HF config lacks integer keys {missing}")
         rope_theta, rope_scaling = _rope_from_hf(hf)
-        num_heads = hf["num_attention_heads"]
+        num_heads = _hf_int(hf, "num_attention_heads")
+        tie = hf.get("tie_word_embeddings", False)
+        if not isinstance(tie, bool):  # bool("false") would be True
+            raise ConfigError(f"HF config key 'tie_word_embeddings' must be true or false, got {tie!r}")
         values = dict(
-            vocab_size=hf["vocab_size"],
-            hidden_size=hf["hidden_size"],
-            intermediate_size=hf["intermediate_size"],
-            num_layers=hf["num_hidden_layers"],
+            vocab_size=_hf_int(hf, "vocab_size"),
+            hidden_size=_hf_int(hf, "hidden_size"),
+            intermediate_size=_hf_int(hf, "intermediate_size"),
+            num_layers=_hf_int(hf, "num_hidden_layers"),
             num_heads=num_heads,
-            num_kv_heads=hf.get("num_key_value_heads") or num_heads,
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // num_heads,
-            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            num_kv_heads=_hf_int(hf, "num_key_value_heads", num_heads),
+            head_dim=_hf_int(hf, "head_dim", hf["hidden_size"] // num_heads),
+            rms_norm_eps=_hf_float(hf, "rms_norm_eps", 1e-6),
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
-            max_position_embeddings=hf.get("max_position_embeddings", 2048),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            max_position_embeddings=_hf_int(hf, "max_position_embeddings", 2048),
+            tie_word_embeddings=tie,
             meteora=meteora,
         )
         values.update(overrides)
@@ -181,20 +185,61 @@ class ModelConfig:
 _HF_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON true is not a size
+
+
+def _hf_int(hf: Mapping[str, Any], key: str, default: int | None = None, label: str | None = None) -> int:
+    """A positive integer of the HF config; `default` when the key is absent or null."""
+    value = hf.get(key)
+    if value is None and default is not None:
+        return default
+    if not (_is_int(value) and value > 0):
+        raise ConfigError(f"HF config key {label or key!r} must be a positive integer, got {value!r}")
+    return value
+
+
+def _hf_float(hf: Mapping[str, Any], key: str, default: float | None, label: str | None = None) -> float:
+    """A finite positive number of the HF config; `default` when the key is absent or null."""
+    value = hf.get(key)
+    if value is None and default is not None:
+        return default
+    if not ((_is_int(value) or (isinstance(value, float) and math.isfinite(value))) and value > 0):
+        raise ConfigError(f"HF config key {label or key!r} must be a finite positive number, got {value!r}")
+    return float(value)
+
+
 def _rope_from_hf(hf: Mapping[str, Any]) -> tuple[float, RopeScaling | None]:
     """Reads rope theta and scaling from either the transformers 4.x or 5.x config layout."""
-    params = dict(hf.get("rope_parameters") or {})  # transformers >= 5
+    for key in ("rope_parameters", "rope_scaling"):
+        if hf.get(key) is not None and not isinstance(hf[key], Mapping):
+            raise ConfigError(f"HF config key {key!r} must be an object, got {hf[key]!r}")
+    current = dict(hf.get("rope_parameters") or {})  # transformers >= 5
     legacy = dict(hf.get("rope_scaling") or {})  # transformers 4.x
-    params = {**legacy, **params}
-    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    params = {**legacy, **current}
+
+    def label(key: str) -> str:  # where a key came from, for messages
+        return f"{'rope_parameters' if key in current else 'rope_scaling'}.{key}"
+
+    if "rope_theta" in params:
+        theta = _hf_float(params, "rope_theta", None, label=label("rope_theta"))
+    else:
+        theta = _hf_float(hf, "rope_theta", 10000.0)
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type in (None, "default"):
-        return float(theta), None
+        return theta, None
     if rope_type != "llama3":
         raise ConfigError(f"rope_type={rope_type!r} is not supported; supported: default, llama3")
-    return float(theta), RopeScaling(
-        factor=float(params["factor"]),
-        low_freq_factor=float(params["low_freq_factor"]),
-        high_freq_factor=float(params["high_freq_factor"]),
-        original_max_position_embeddings=int(params["original_max_position_embeddings"]),
+    missing = [key for key in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+               if params.get(key) is None]
+    if missing:
+        where = "rope_parameters" if current else "rope_scaling"
+        raise ConfigError(f"HF config key {where!r} (rope_type 'llama3') lacks {missing}")
+    return theta, RopeScaling(
+        factor=_hf_float(params, "factor", None, label=label("factor")),
+        low_freq_factor=_hf_float(params, "low_freq_factor", None, label=label("low_freq_factor")),
+        high_freq_factor=_hf_float(params, "high_freq_factor", None, label=label("high_freq_factor")),
+        original_max_position_embeddings=_hf_int(
+            params, "original_max_position_embeddings", label=label("original_max_position_embeddings")
+        ),
     )

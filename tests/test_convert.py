@@ -239,6 +239,65 @@ def test_bin_weights_and_key_variants(converted, base_ckpt, tiny_peft_adapters, 
         np.testing.assert_array_equal(got["lora_scaling"][:, 0], want[projection]["lora_scaling"][:, 0])
 
 
+def test_pissa_adapter_refused_until_peft_converts_it(tiny_hf_llama_dir, base_ckpt, tmp_path, apply_fn, capsys):
+    """PiSSA rewrites the base (W - s*B@A) at initialisation, so its adapter does not fit the original
+    base: refused. PEFT's path_initial_model_for_weight_conversion turns it into a plain LoRA, which
+    converts and reproduces the trained PiSSA model on the original base."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM as HFLlama
+
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights="pissa")
+    model = get_peft_model(HFLlama.from_pretrained(tiny_hf_llama_dir), config)
+    model.save_pretrained(tmp_path / "init")
+    with torch.no_grad():  # stands in for training
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.add_(0.05 * torch.randn_like(param))
+    model.save_pretrained(tmp_path / "pissa")
+    model.save_pretrained(tmp_path / "lora", path_initial_model_for_weight_conversion=str(tmp_path / "init"))
+
+    out = tmp_path / "out"
+    capsys.readouterr()  # transformers' progress bars
+    assert main(["loras", "--base", str(base_ckpt), "--adapters", f"p={tmp_path / 'pissa'}", "-o", str(out), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "key 'init_lora_weights' = 'pissa'" in err and "path_initial_model_for_weight_conversion" in err
+    assert err.count("\n") == 1 and not out.exists()
+
+    assert main(["loras", "--base", str(base_ckpt), "--adapters", f"p={tmp_path / 'lora'}", "-o", str(out), "--quiet"]) == 0
+    params, config, _ = restore_checkpoint(out)
+    ids, mask, positions = _batch(config.vocab_size, seed=3)
+    want = hf_logits(model.eval(), ids, mask, positions)  # the trained PiSSA model, on its residual base
+    got = apply_fn(config, params, ids, mask, positions, Routing.force_adapter(0, 1))
+    assert relative_error(got, want, mask) <= TOL
+
+
+def test_peft_target_rules(tiny_hf_llama_dir, base_ckpt, tiny_peft_adapters, tmp_path, apply_fn):
+    """As in PEFT: a full module name in target_modules is adapted whatever layers_to_transform says,
+    and the "all-linear" shorthand is matched in any case."""
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM as HFLlama
+
+    exact = make_peft_adapter(tiny_hf_llama_dir, tmp_path / "exact", seed=5, r=4, lora_alpha=8,
+                              target_modules=["model.layers.0.self_attn.q_proj", "v_proj"], layers_to_transform=[1])
+    out = tmp_path / "out"
+    assert main(["loras", "--base", str(base_ckpt), "--adapters", f"exact={exact}", "-o", str(out), "--quiet"]) == 0
+    params, config, _ = restore_checkpoint(out)
+    attn = params["layers"]["self_attn"]
+    np.testing.assert_array_equal(attn["q_proj"]["lora_scaling"], [[2.0], [0.0]])
+    np.testing.assert_array_equal(attn["v_proj"]["lora_scaling"], [[0.0], [2.0]])
+    peft = PeftModel.from_pretrained(HFLlama.from_pretrained(tiny_hf_llama_dir), exact).eval()
+    ids, mask, positions = _batch(config.vocab_size, seed=4)
+    got = apply_fn(config, params, ids, mask, positions, Routing.force_adapter(0, 1))
+    assert relative_error(got, hf_logits(peft, ids, mask, positions), mask) <= TOL
+
+    beta = tmp_path / "beta"  # adapts all seven projections in every layer
+    shutil.copytree(dict(tiny_peft_adapters)["beta"], beta)
+    _edit_config(beta, target_modules="ALL-LINEAR")
+    assert main(["loras", "--base", str(base_ckpt), "--adapters", f"beta={beta}", "-o", str(tmp_path / "all"), "--quiet"]) == 0
+    assert read_metadata(tmp_path / "all")["adapters"][0]["target_modules"] == list(ALL_PROJECTIONS)
+
+
 # ----------------------------------------------------------------------------------- reference
 
 
@@ -337,6 +396,24 @@ def test_reference_bad_input(base_ckpt, tmp_path, capsys, mutate, message):
     assert os.listdir(outdir) == []
 
 
+@pytest.mark.parametrize("flag", [["--lora-alpha", "nan"], ["--scaling", "inf"], ["--lora-alpha", "-16"],
+                                  ["--scaling", "0"], ["--scaling", "1", "0", "2"]], ids=" ".join)
+def test_reference_bad_scaling(base_ckpt, tmp_path, capsys, flag):
+    """A scaling or alpha that is not a finite positive number is refused, not stored."""
+    from safetensors.torch import save_file
+
+    _, base_config, _ = restore_checkpoint(base_ckpt)
+    save_file(_reference_state(base_config), tmp_path / "ref.safetensors")
+    outdir = tmp_path / "outdir"
+    outdir.mkdir()
+    assert main(["reference", "--base", str(base_ckpt), str(tmp_path / "ref.safetensors"), *flag,
+                 "-o", str(outdir / "out"), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    bad = next(v for v in flag[1:] if not 0 < float(v) < float("inf"))
+    assert f"{flag[0]}: {float(bad)} must be a finite number > 0" in err and err.count("\n") == 1, err
+    assert os.listdir(outdir) == []
+
+
 # ----------------------------------------------------------------------------------- bad input
 
 
@@ -387,6 +464,15 @@ BAD_ADAPTERS = {
     "config-not-utf8": (lambda p, t: (p / "adapter_config.json").write_bytes(b'{"r": "\xff"}'), ["adapter 'alpha'", "is not valid UTF-8 JSON"]),
     "targets-not-strings": (lambda p, t: _edit_config(p, target_modules=[1, 2]), ["key 'target_modules' must be a string or a list of strings, got [1, 2]"]),
     "rank-pattern-not-object": (lambda p, t: _edit_config(p, rank_pattern=["x"]), ["key 'rank_pattern' must be an object of positive integers"]),
+    "olora": (lambda p, t: _edit_config(p, init_lora_weights="OLoRA"), ["adapter 'alpha'", "key 'init_lora_weights' = 'OLoRA'", "modifies the base weights", "path_initial_model_for_weight_conversion"]),
+    "corda": (lambda p, t: _edit_config(p, init_lora_weights="corda"), ["key 'init_lora_weights' = 'corda'", "path_initial_model_for_weight_conversion"]),
+    "lora-ga": (lambda p, t: _edit_config(p, init_lora_weights="lora_ga"), ["key 'init_lora_weights' = 'lora_ga'", "path_initial_model_for_weight_conversion"]),
+    "loftq": (lambda p, t: _edit_config(p, init_lora_weights="loftq", loftq_config={"loftq_bits": 4}), ["key 'init_lora_weights' = 'loftq'", "LoftQ's quantised base"]),
+    "bad-target-regex": (lambda p, t: _edit_config(p, target_modules="model.*(q_proj|v_proj"), ["adapter_config.json): key 'target_modules' holds 'model.*(q_proj|v_proj', not a valid regular expression"]),
+    "bad-exclude-regex": (lambda p, t: _edit_config(p, exclude_modules="("), ["key 'exclude_modules' holds '(', not a valid regular expression"]),
+    "bad-rank-pattern-regex": (lambda p, t: _edit_config(p, rank_pattern={"q_proj(": 4}), ["key 'rank_pattern' holds 'q_proj(', not a valid regular expression"]),
+    "bad-alpha-pattern-regex": (lambda p, t: _edit_config(p, alpha_pattern={"[v_proj": 8}), ["key 'alpha_pattern' holds '[v_proj', not a valid regular expression"]),
+    "regex-with-layers": (lambda p, t: _edit_config(p, target_modules=r".*\.(q|v)_proj", layers_to_transform=[1]), ["key 'layers_to_transform' cannot be used when 'target_modules' is a string"]),
 }
 
 
@@ -409,6 +495,7 @@ def test_bad_adapter_is_refused(case, base_ckpt, tiny_peft_adapters, tmp_path, c
         adapters[name] = tmp_path / name
         shutil.copytree(path, adapters[name])
     breaker(adapters["alpha"], tmp_path)
+    capsys.readouterr()  # what building a broken adapter printed
     outdir = tmp_path / "outdir"
     outdir.mkdir()
     rc = main(["loras", "--base", str(base_ckpt), "--adapters", *(f"{n}={p}" for n, p in adapters.items()),
@@ -417,6 +504,7 @@ def test_bad_adapter_is_refused(case, base_ckpt, tiny_peft_adapters, tmp_path, c
     assert rc == 1, err
     for message in messages:
         assert message in err
+    assert err.count("\n") == 1, err
     assert os.listdir(outdir) == []
 
 
@@ -472,6 +560,7 @@ def test_adapters_checked_before_the_base_loads(tiny_peft_adapters, tmp_path, ca
         (["--adapters", f"{name}={tmp_path / 'missing'}"], f"adapter {name!r}: {tmp_path / 'missing'} is not a directory"),
         (["--adapters", f"{name}={path}", "--top-k", "0"], "--top-k 0 must be >= 1"),
         (["--adapters", f"{name}={path}", "--gate-std", "nan"], "--gate-std nan must be a finite number >= 0"),
+        (["--adapters", f"{name}={path}", "--seed", "-1"], "--seed -1 must be >= 0"),
     ):
         assert main(base + extra) == 1
         assert message in capsys.readouterr().err
@@ -495,6 +584,18 @@ def test_order_file_with_bom_and_identical_adapters(base_ckpt, tiny_peft_adapter
     assert f"adapters {name!r} and 'copy' have identical weights" in caplog.text
 
 
+def test_order_file_not_utf8(tiny_peft_adapters, tmp_path, capsys):
+    name, path = tiny_peft_adapters[0]
+    folder = tmp_path / "loras"
+    shutil.copytree(path, folder / name)
+    (folder / "adapters.txt").write_bytes(f"{name}\n".encode() + b"\xff\xfe b\n")
+    assert main(["loras", "--base", str(tmp_path / "no-base"), "--adapter-dir", str(folder), "-o", str(tmp_path / "o"),
+                 "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert f"order file {folder / 'adapters.txt'} is not UTF-8 text" in err and err.count("\n") == 1
+    assert sorted(os.listdir(tmp_path)) == ["loras"]
+
+
 def test_bare_adapter_dir_named_after_the_link(base_ckpt, tiny_peft_adapters, tmp_path):
     """A bare DIR is named after its folder as given, not after a symlink's target."""
     name, path = tiny_peft_adapters[0]
@@ -513,8 +614,85 @@ def test_base_config_without_a_required_key(tiny_hf_llama_dir, tmp_path, capsys)
     (src / "config.json").write_text(json.dumps(config))
     assert main(["base", str(src), "-o", str(tmp_path / "out"), "--quiet"]) == 1
     err = capsys.readouterr().err
-    assert f"{src}: HF config lacks integer keys ['hidden_size']" in err and err.count("\n") == 1
+    assert f"{src / 'config.json'}: HF config lacks integer keys ['hidden_size']" in err and err.count("\n") == 1
     assert sorted(os.listdir(tmp_path)) == ["base"]
+
+
+@pytest.fixture(scope="module")
+def sharded_hf_llama_dir(tiny_hf_llama_dir, tmp_path_factory):
+    """The tiny HF LLaMA saved in several safetensors shards with a model.safetensors.index.json."""
+    from transformers import LlamaForCausalLM as HFLlama
+
+    path = tmp_path_factory.mktemp("sharded")
+    HFLlama.from_pretrained(tiny_hf_llama_dir).save_pretrained(path, max_shard_size="50KB")
+    assert (path / "model.safetensors.index.json").is_file()
+    return path
+
+
+def _edit_json(path, fn):
+    path.write_text(json.dumps(fn(json.loads(path.read_text()))))
+
+
+def _edit_hf_config(**changes):
+    return lambda d: _edit_json(d / "config.json", lambda c: {**c, **changes})
+
+
+_INDEX = "model.safetensors.index.json"
+BAD_BASES = {  # case: (sharded source?, breaker(dir), file named in the error, message)
+    "weight-map-list": (True, lambda d: _edit_json(d / _INDEX, lambda j: {**j, "weight_map": list(j["weight_map"])}),
+                        _INDEX, "key 'weight_map' must be an object of tensor name -> shard file name"),
+    "index-not-object": (True, lambda d: (d / _INDEX).write_text("[]"), _INDEX, "holds a JSON list, not an object"),
+    "eps-string": (False, _edit_hf_config(rms_norm_eps="x"), "config.json",
+                   "HF config key 'rms_norm_eps' must be a finite positive number, got 'x'"),
+    "max-positions-string": (False, _edit_hf_config(max_position_embeddings="2048"), "config.json",
+                             "HF config key 'max_position_embeddings' must be a positive integer, got '2048'"),
+    "size-bool": (False, _edit_hf_config(hidden_size=True), "config.json", "HF config lacks integer keys ['hidden_size']"),
+    "tie-string": (False, _edit_hf_config(tie_word_embeddings="false"), "config.json",
+                   "HF config key 'tie_word_embeddings' must be true or false, got 'false'"),
+    "rope-theta-string": (False, _edit_hf_config(rope_parameters={"rope_type": "default", "rope_theta": "ten thousand"}),
+                          "config.json", "HF config key 'rope_parameters.rope_theta' must be a finite positive number"),
+    "llama3-missing-keys": (False, _edit_hf_config(rope_parameters={"rope_type": "llama3", "factor": 8.0, "rope_theta": 1e4}),
+                            "config.json", "HF config key 'rope_parameters' (rope_type 'llama3') lacks "
+                            "['low_freq_factor', 'high_freq_factor', 'original_max_position_embeddings']"),
+    "more-layers-than-config": (False, _edit_hf_config(num_hidden_layers=1), "model.safetensors",
+                                "is for layer 1, but {src}/config.json says num_hidden_layers=1"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_BASES))
+def test_bad_base_is_refused(case, tiny_hf_llama_dir, sharded_hf_llama_dir, tmp_path, capsys):
+    sharded, breaker, file, message = BAD_BASES[case]
+    src = tmp_path / "base"
+    shutil.copytree(sharded_hf_llama_dir if sharded else tiny_hf_llama_dir, src)
+    breaker(src)
+    assert main(["base", str(src), "-o", str(tmp_path / "out"), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert f"error: {src / file}: " in err and message.format(src=src) in err and err.count("\n") == 1, err
+    assert sorted(os.listdir(tmp_path)) == ["base"]
+
+
+def test_base_tensors_the_model_does_not_use(tmp_path, caplog):
+    """Recomputed rotary buffers and a tied lm_head.weight equal to the embeddings pass silently;
+    any other unused tensor, or a tied lm_head.weight of its own, is named in a warning."""
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "base"
+    make_tiny_hf_llama(src, tie=True)
+    tensors = load_file(src / "model.safetensors")
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+    tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)
+    save_file(tensors, src / "model.safetensors")
+    with caplog.at_level(logging.WARNING, logger="meteora_jax"):
+        assert main(["base", str(src), "-o", str(tmp_path / "silent"), "--quiet"]) == 0
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("meteora_jax")] == []
+
+    tensors["lm_head.weight"] += 1
+    tensors["model.vision_tower.weight"] = torch.ones(2)
+    save_file(tensors, src / "model.safetensors")
+    with caplog.at_level(logging.WARNING, logger="meteora_jax"):
+        assert main(["base", str(src), "-o", str(tmp_path / "warned"), "--quiet"]) == 0
+    assert "lm_head.weight differs from the embeddings, but config.json ties them" in caplog.text
+    assert "1 tensors are not used by the model and are ignored: model.vision_tower.weight" in caplog.text
 
 
 def test_help_documents_everything(capsys):

@@ -130,9 +130,11 @@ adapts stays a plain linear layer. Gates are fresh: normal(0, --gate-std) float3
 
 Refused with an error naming the adapter, file and key: missing adapter_config.json or weights,
 shapes of another base model, DoRA, bias != "none", lora_bias, modules_to_save, fan_in_fan_out,
-target_parameters, layer_replication, trainable tokens, targets other than the seven LLaMA
-projections, keys that adapter_config.json does not explain (or missing ones), non-finite values,
-truncated or corrupt weight files, duplicate adapter names.
+target_parameters, layer_replication, trainable tokens, initialisations that modify the base
+(init_lora_weights pissa, olora, corda, lora_ga: convert those to plain LoRA with PEFT's
+path_initial_model_for_weight_conversion; loftq), malformed regular expressions, targets other
+than the seven LLaMA projections, keys that adapter_config.json does not explain (or missing ones),
+non-finite values, truncated or corrupt weight files, duplicate adapter names.
 Accepted key variants: with or without the base_model.model. prefix, with or without an adapter
 name segment (lora_A.default.weight).""",
     )
@@ -285,6 +287,8 @@ def _run_loras(args) -> Path:
     _check_top_k(args)
     if not (np.isfinite(args.gate_std) and args.gate_std >= 0):
         raise ConversionError(f"--gate-std {args.gate_std} must be a finite number >= 0")
+    if args.seed < 0:  # numpy's generator takes non-negative seeds only
+        raise ConversionError(f"--seed {args.seed} must be >= 0")
     entries = _adapter_list(args)
     _check_output(args, [args.base, *(path for _, path in entries)])
     check_adapter_dirs(entries)  # before the base model, which may take minutes to load

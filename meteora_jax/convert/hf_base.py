@@ -3,7 +3,8 @@
 Sources: a local HF model directory (`config.json` with `model.safetensors`, `pytorch_model.bin`,
 or their sharded `*.index.json` variants), or a GGUF file, which transformers dequantises.
 Every tensor is checked against the shape the config implies, so weights from another model, or
-a config that does not match them, fail with the tensor's name and both shapes.
+a config that does not match them, fail with the tensor's name and both shapes. Weights of more
+layers than config.json says are an error too; other tensors the model does not use get a warning.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -23,6 +25,7 @@ log = logging.getLogger(__name__)
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
+_LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
 
 
 
@@ -78,9 +81,17 @@ class HFCheckpointReader:
             index = self.dir / index_name
             if index.exists():
                 try:
-                    weight_map = json.loads(index.read_text())["weight_map"]
-                except (json.JSONDecodeError, KeyError) as err:
+                    content = json.loads(index.read_text(encoding="utf-8"))
+                except (json.JSONDecodeError, UnicodeDecodeError) as err:
                     raise WeightsError(f"{index}: unreadable shard index ({err})") from err
+                if not isinstance(content, dict):
+                    raise WeightsError(f"{index}: holds a JSON {type(content).__name__}, not an object")
+                weight_map = content.get("weight_map")
+                if not (isinstance(weight_map, dict) and all(isinstance(f, str) for f in weight_map.values())):
+                    raise WeightsError(
+                        f"{index}: key 'weight_map' must be an object of tensor name -> shard file name, got "
+                        f"{weight_map!r:.80}"
+                    )
                 return {name: self.dir / shard for name, shard in weight_map.items()}
         for single in ("model.safetensors", "pytorch_model.bin"):
             path = self.dir / single
@@ -114,6 +125,9 @@ class HFCheckpointReader:
 
     def names(self) -> list[str]:
         return list(self._files)
+
+    def file_of(self, name: str) -> Path:
+        return self._files[name]
 
     def get(self, name: str) -> np.ndarray:
         if name not in self._files:
@@ -238,14 +252,49 @@ def load_hf_llama(
         source = path
         hf_config = read_hf_config(path)
         reader = HFCheckpointReader(path)
-        get = reader.get
+        used: set[str] = set()
+
+        def get(name: str) -> np.ndarray:
+            used.add(name)
+            return reader.get(name)
+
     try:
         config = ModelConfig.from_hf(hf_config, meteora=meteora, **config_overrides)
     except ConfigError as err:
-        raise ConfigError(f"{source}: {err}") from err
+        raise ConfigError(f"{source if gguf_file else path / 'config.json'}: {err}") from err
+    if gguf_file is None:
+        _check_layer_count(reader, config)
     params = hf_tensors_to_params(get, config, source=str(source), progress=progress)
+    if gguf_file is None:
+        _warn_unused(reader, used, config)
     log.info("loaded %s: %d layers, hidden %d, vocab %d", source, config.num_layers, config.hidden_size, config.vocab_size)
     return config, params
+
+
+def _check_layer_count(reader: HFCheckpointReader, config: ModelConfig) -> None:
+    """Weights of more layers than config.json says would otherwise be cut off without a word."""
+    extra = [(int(m[1]), name) for name in reader.names()
+             if (m := _LAYER_KEY.match(name)) and int(m[1]) >= config.num_layers]
+    if extra:
+        layer, name = max(extra)
+        raise WeightsError(
+            f"{reader.file_of(name)}: tensor {name!r} is for layer {layer}, but {reader.dir / 'config.json'} says "
+            f"num_hidden_layers={config.num_layers} (the weights hold layers up to {layer})"
+        )
+
+
+def _warn_unused(reader: HFCheckpointReader, used: set[str], config: ModelConfig) -> None:
+    """Names the tensors the model does not use. Rotary inv_freq buffers are recomputed, and a tied
+    lm_head.weight that only repeats the embeddings is expected, so neither is mentioned."""
+    unused = [name for name in reader.names() if name not in used and not name.endswith("rotary_emb.inv_freq")]
+    if config.tie_word_embeddings and "lm_head.weight" in unused:
+        unused.remove("lm_head.weight")
+        if not np.array_equal(reader.get("lm_head.weight"), reader.get("model.embed_tokens.weight")):
+            log.warning("%s: lm_head.weight differs from the embeddings, but config.json ties them "
+                        "(tie_word_embeddings=true); it is ignored", reader.dir)
+    if unused:
+        log.warning("%s: %d tensors are not used by the model and are ignored: %s", reader.dir, len(unused),
+                    ", ".join(unused[:5]) + (", ..." if len(unused) > 5 else ""))
 
 
 def smollm2_gguf_path() -> Path:

@@ -16,7 +16,9 @@ Accepted variants: without the `base_model.model.` prefix, and with an adapter-n
 Refused (ConversionError naming the adapter, the file and the key): DoRA, `bias != "none"`,
 `lora_bias`, `modules_to_save`, `fan_in_fan_out`, `target_parameters`, `layer_replication`,
 `trainable_token_indices`, `alora_invocation_tokens`, QA-LoRA, BD-LoRA, Arrow, MonteCLoRA,
-KaSA, targets other than the seven LLaMA
+KaSA, initialisations that modify the base (`init_lora_weights` PiSSA, OLoRA, CorDA, LoRA-GA,
+LoftQ; PEFT's `path_initial_model_for_weight_conversion` turns the first four into plain LoRA),
+malformed regular expressions, targets other than the seven LLaMA
 projections, shapes of another base model, non-finite values, unreadable files.
 
 Stacking (`stack_adapters`): adapter l of L fills `lora_a[:, l] [n, d_in, r_max]` (A transposed,
@@ -72,6 +74,17 @@ _UNSUPPORTED = {
     "monteclora_config": "MonteCLoRA (monteclora_config)",
     "kasa_config": "KaSA (kasa_config)",
 }
+
+
+def _base_changing_init(init) -> Optional[str]:
+    """`init_lora_weights` (lower case) when that initialisation also rewrote the base weights, else
+    None: the trained adapter then fits PEFT's modified base, not the original one stacked here."""
+    if not isinstance(init, str):
+        return None
+    init = init.lower()
+    if init.startswith(("pissa", "corda")) or init in ("olora", "lora_ga", "loftq"):  # "pissa_niter_16" too
+        return init
+    return None
 
 
 def module_name(layer: int, projection: str) -> str:
@@ -172,7 +185,24 @@ def _read_adapter_config(name: str, path: Path) -> dict:
     for key, feature in _UNSUPPORTED.items():
         if cfg.get(key):
             raise ConversionError(f"{what}: key {key!r} = {cfg[key]!r}: {feature} is not supported")
+    init = _base_changing_init(cfg.get("init_lora_weights"))
+    if init == "loftq":
+        raise ConversionError(
+            f"{what}: key 'init_lora_weights' = {cfg['init_lora_weights']!r}: LoftQ adapters are trained on "
+            f"LoftQ's quantised base, not on the original weights; they are not supported"
+        )
+    if init is not None:
+        raise ConversionError(
+            f"{what}: key 'init_lora_weights' = {cfg['init_lora_weights']!r}: this initialisation modifies the "
+            f"base weights, so the adapter does not fit the original base. Convert it to a plain LoRA adapter "
+            f"with PEFT first: save_pretrained(..., path_initial_model_for_weight_conversion=<the adapter saved "
+            f"right after initialisation>)"
+        )
     _check_types(cfg, what)  # after the unsupported kinds, whose own message says more
+    if isinstance(cfg["target_modules"], str) and cfg.get("layers_to_transform") is not None:
+        raise ConversionError(  # PEFT's LoraConfig refuses the same
+            f"{what}: key 'layers_to_transform' cannot be used when 'target_modules' is a string"
+        )
     targets = cfg["target_modules"]
     if not isinstance(targets, str):
         for entry in targets:
@@ -205,6 +235,16 @@ def _check_types(cfg: dict, what: str) -> None:
             raise ConversionError(f"{what}: key 'target_modules' is missing")
         if not ok(cfg.get(key)):
             raise ConversionError(f"{what}: key {key!r} must be {kind}, got {cfg.get(key)!r}")
+    # Regular expressions, compiled now: a broken one would otherwise fail only after the base has loaded.
+    patterns = [(key, cfg[key]) for key in ("target_modules", "exclude_modules") if isinstance(cfg.get(key), str)]
+    patterns += [(key, pattern) for key in ("rank_pattern", "alpha_pattern") for pattern in cfg.get(key) or {}]
+    for key, pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise ConversionError(
+                f"{what}: key {key!r} holds {pattern!r}, not a valid regular expression ({err})"
+            ) from err
 
 
 def _weights_file(name: str, path: Path) -> Path:
@@ -214,23 +254,31 @@ def _weights_file(name: str, path: Path) -> Path:
     raise ConversionError(f"adapter {name!r}: {path} has no {' or '.join(WEIGHT_FILES)}")
 
 
-def _expected_modules(cfg: dict, config: ModelConfig) -> set[tuple[int, str]]:
-    """(layer, projection) pairs that adapter_config.json says the adapter adapts."""
+def _targeted(cfg: dict, layer: int, name: str) -> bool:
+    """PEFT's check_target_module_exists, in its order: exclusions first; a regex or "all-linear"
+    (any case) string; an exact module name in the list, which skips layers_to_transform; else a
+    list entry matching the name's tail, then layers_to_transform."""
     targets, exclude = cfg["target_modules"], cfg.get("exclude_modules")
+    if exclude and _listed(exclude, name):
+        return False
+    if isinstance(targets, str):
+        return targets.lower() == "all-linear" or _listed(targets, name)
+    if name in targets:
+        return True
     layers = cfg.get("layers_to_transform")
     if isinstance(layers, int):
         layers = [layers]
-    expected = set()
-    for layer in range(config.num_layers):
-        if layers and layer not in layers:
-            continue
-        for projection in ALL_PROJECTIONS:
-            name = module_name(layer, projection)
-            if exclude and _listed(exclude, name):
-                continue
-            if targets == "all-linear" or _listed(targets, name):
-                expected.add((layer, projection))
-    return expected
+    return _listed(targets, name) and (not layers or layer in layers)
+
+
+def _expected_modules(cfg: dict, config: ModelConfig) -> set[tuple[int, str]]:
+    """(layer, projection) pairs that adapter_config.json says the adapter adapts."""
+    return {
+        (layer, projection)
+        for layer in range(config.num_layers)
+        for projection in ALL_PROJECTIONS
+        if _targeted(cfg, layer, module_name(layer, projection))
+    }
 
 
 def load_peft_adapter(name: str, path: str | os.PathLike, config: ModelConfig) -> PeftAdapter:
@@ -442,7 +490,11 @@ def read_order_file(path: str | os.PathLike, parent: Optional[str | os.PathLike]
         raise ConversionError(f"order file {path} not found")
     parent = Path(parent) if parent is not None else path.parent
     entries = []
-    for number, raw in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ConversionError(f"order file {path} is not UTF-8 text ({err})") from err
+    for number, raw in enumerate(text.splitlines(), 1):
         line = raw.split("#", 1)[0].strip()
         if not line:
             continue

@@ -84,6 +84,9 @@ def _per_adapter(values, num: int, what: str) -> list[float]:
     values = [float(values)] * num if np.ndim(values) == 0 else [float(v) for v in values]
     if len(values) != num:
         raise ConversionError(f"{what}: {len(values)} values given for {num} adapters")
+    for value in values:  # a NaN, infinite, zero or negative scaling would be stored as given
+        if not (math.isfinite(value) and value > 0):
+            raise ConversionError(f"{what}: {value} must be a finite number > 0")
     return values
 
 
