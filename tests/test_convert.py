@@ -378,8 +378,10 @@ def test_reference_checkpoint_round_trip(base_ckpt, tiny_hf_llama_dir, tmp_path,
         (lambda s: s.__setitem__("model.layers.0.self_attn.q_proj.lora_A.weight", torch.zeros(13, 64)), "want [L*r, 64] with L=3"),
         (lambda s: s.__setitem__("model.layers.0.self_attn.q_proj.weird.weight", torch.zeros(1)), "'model.layers.0.self_attn.q_proj.weird.weight' is not a MeteoRA tensor"),
         (lambda s: s["model.layers.0.mlp.down_proj.lora_B.weight"].__setitem__((0, 0), float("inf")), "non-finite"),
+        (lambda s: s.__setitem__("model.layers.0.self_attn.q_proj.lora_A.weight", torch.zeros(0, 64)),
+         "bad.safetensors: key 'model.layers.0.self_attn.q_proj.lora_A.weight' has shape (0, 64), want [L*r, 64] with L=3, r >= 1"),
     ],
-    ids=["missing-key", "bad-shape", "unknown-key", "non-finite"],
+    ids=["missing-key", "bad-shape", "unknown-key", "non-finite", "rank-zero"],
 )
 def test_reference_bad_input(base_ckpt, tmp_path, capsys, mutate, message):
     from safetensors.torch import save_file

@@ -166,9 +166,9 @@ def load_reference(
             )
             if g.shape != (num, d_in):
                 raise ConversionError(f"reference checkpoint {file_g}: key {key_g!r} has shape {g.shape}, want {(num, d_in)}")
-            if a.ndim != 2 or a.shape[1] != d_in or a.shape[0] % num:
+            if a.ndim != 2 or a.shape[1] != d_in or a.shape[0] % num or a.shape[0] < num:  # r >= 1
                 raise ConversionError(
-                    f"reference checkpoint {file_a}: key {key_a!r} has shape {a.shape}, want [L*r, {d_in}] with L={num}"
+                    f"reference checkpoint {file_a}: key {key_a!r} has shape {a.shape}, want [L*r, {d_in}] with L={num}, r >= 1"
                 )
             rank = a.shape[0] // num
             if b.shape != (d_out, num * rank):
