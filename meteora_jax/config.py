@@ -182,6 +182,14 @@ class ModelConfig:
         return cls(**values)
 
 
+def describe_changes(before: Mapping[str, Any], now: Mapping[str, Any], limit: int = 8) -> str:
+    """'key old -> new, ...' for the keys of two flat {"section.key": value} dicts whose values
+    differ (sorted; after `limit` of them, "and N more"); "" when none differ."""
+    changed = sorted(key for key in before.keys() | now.keys() if before.get(key) != now.get(key))
+    shown = ", ".join(f"{key} {before.get(key)!r} -> {now.get(key)!r}" for key in changed[:limit])
+    return shown + (f" and {len(changed) - limit} more" if len(changed) > limit else "")
+
+
 _HF_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 

@@ -29,8 +29,9 @@ import tempfile
 
 import jax
 import numpy as np
+from flax import traverse_util
 
-from meteora_jax.config import ModelConfig
+from meteora_jax.config import ModelConfig, describe_changes
 
 __all__ = ["TASKS", "TinyWorld", "TinyWorldError", "build_tiny_world", "task_records"]
 
@@ -126,17 +127,9 @@ def _files_spec(spec) -> dict | None:
 
 
 def _spec_changes(old, new: dict) -> str:
-    """'model.hidden_size 64 -> 32, ...': the spec keys that differ (flattened)."""
-
-    def flat(d, prefix=""):
-        out = {}
-        for k, v in (d or {}).items() if isinstance(d, dict) else ():
-            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-        return out
-
-    old_flat, new_flat = flat(_files_spec(old)), flat(_files_spec(new))
-    keys = sorted(k for k in old_flat.keys() | new_flat.keys() if old_flat.get(k) != new_flat.get(k))
-    return ", ".join(f"{k} {old_flat.get(k)!r} -> {new_flat.get(k)!r}" for k in keys[:6]) + (", ..." if len(keys) > 6 else "")
+    """'model.hidden_size 64 -> 32, ...': the keys of the files' spec that differ."""
+    old_flat, new_flat = (traverse_util.flatten_dict(_files_spec(spec) or {}, sep=".") for spec in (old, new))
+    return describe_changes(old_flat, new_flat)
 
 
 def _paths(root: str) -> TinyWorld:

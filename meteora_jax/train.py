@@ -40,7 +40,7 @@ from flax import traverse_util
 from meteora_jax import checkpoint as model_ckpt
 from meteora_jax import data as data_lib
 from meteora_jax import sharding as sharding_lib
-from meteora_jax.config import ConfigError, ModelConfig
+from meteora_jax.config import ConfigError, ModelConfig, describe_changes
 from meteora_jax.gates import export_gates, is_trainable, load_gate_settings, load_gates, merge_params, split_params
 from meteora_jax.loss import joint_loss, per_task_accuracy
 from meteora_jax.model import LlamaForCausalLM, param_logical_axes
@@ -407,11 +407,9 @@ def _warn_changed_settings(before: dict | None, now: dict, step: int, workdir: s
     """A resumed run goes on with its own config; says which settings differ from the checkpoint's run."""
     if before is None:  # a checkpoint from before the config was kept
         return
-    changed = sorted(key for key in before.keys() | now.keys() if before.get(key) != now.get(key))
-    if changed:
-        shown = ", ".join(f"{key} {before.get(key)!r} -> {now.get(key)!r}" for key in changed[:8])
-        more = f" and {len(changed) - 8} more" if len(changed) > 8 else ""
-        warnings.warn(f"resuming from step {step} in {workdir}, written by a run with other settings: {shown}{more}",
+    changes = describe_changes(before, now)
+    if changes:
+        warnings.warn(f"resuming from step {step} in {workdir}, written by a run with other settings: {changes}",
                       stacklevel=2)
 
 
