@@ -530,31 +530,29 @@ class BalancedBatchIterator:
 
 
 def eval_batches(task_datasets, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-    """Every example once, tasks in order, as fixed-shape batches [B, S].
+    """Every example once, as fixed-shape batches [B, S], the tasks taken in turn.
 
-    The last batch is filled with padding rows (all masks 0) so a jitted step sees one shape.
+    Example i of every task comes before example i + 1 of any, so the first batches, which an
+    eval capped at a number of batches reads, hold every task in equal shares until the smallest
+    is used up. The last batch is filled with padding rows (all masks 0) so a jitted step sees one
+    shape.
     """
     data = _as_task_list(task_datasets)
-    buf: dict[str, list[np.ndarray]] = {k: [] for k in ARRAY_KEYS}
-    n_buf = 0
-    for ds in data:
-        for start in range(0, len(ds), batch_size):
-            part = ds[start : start + batch_size]
-            for k in ARRAY_KEYS:
-                buf[k].append(part[k])
-            n_buf += len(part["input_ids"])
-            while n_buf >= batch_size:
-                cat = {k: np.concatenate(v) for k, v in buf.items()}
-                yield {k: v[:batch_size] for k, v in cat.items()}
-                buf = {k: [v[batch_size:]] for k, v in cat.items()}
-                n_buf -= batch_size
-    if n_buf:
-        cat = {k: np.concatenate(v) for k, v in buf.items()}
-        n_fill = batch_size - n_buf
-        filler = {k: np.repeat(cat[k][:1], n_fill, axis=0) for k in ARRAY_KEYS}
-        for k in ("lm_mask", "gate_mask", "attention_mask"):
-            filler[k][:] = 0
-        yield {k: np.concatenate([cat[k], filler[k]]) for k in ARRAY_KEYS}
+    task = np.concatenate([np.full(len(ds), t) for t, ds in enumerate(data)])
+    row = np.concatenate([np.arange(len(ds)) for ds in data])
+    order = np.lexsort((task, row))  # by row, then task
+    task, row = task[order], row[order]
+    for start in range(0, len(order), batch_size):
+        tasks, rows = task[start : start + batch_size], row[start : start + batch_size]
+        parts = [data[t][rows[tasks == t].tolist()] for t in np.unique(tasks)]
+        batch = {k: np.concatenate([p[k] for p in parts]) for k in ARRAY_KEYS}
+        n_fill = batch_size - len(rows)
+        if n_fill:
+            filler = {k: np.repeat(batch[k][:1], n_fill, axis=0) for k in ARRAY_KEYS}
+            for k in ("lm_mask", "gate_mask", "attention_mask"):
+                filler[k][:] = 0
+            batch = {k: np.concatenate([batch[k], filler[k]]) for k in ARRAY_KEYS}
+        yield batch
 
 
 # ----------------------------------------------------------------------------------------------

@@ -310,6 +310,17 @@ def test_eval_batches_cover_everything_once(toy):
     assert last["gate_mask"][2:].sum() == 0 and last["lm_mask"][2:].sum() == 0  # 38 = 9*4 + 2
 
 
+def test_eval_batches_take_the_tasks_in_turn(toy):
+    """An eval capped at a few batches (eval_max_batches) sees every task, in equal shares while
+    the smallest lasts: example i of each task comes before example i + 1 of any."""
+    tasks = np.concatenate([b["gate_labels"][:, 0] for b in data.eval_batches(toy, 4)])[:38]
+    sizes = {t: len(ds) for t, ds in enumerate(toy.values())}  # 3, 10, 25
+    for n in (4, 8):  # the first one and two batches: 9 rows before task 0 (3 examples) runs out
+        counts = collections.Counter(tasks[:n].tolist())
+        assert len(counts) == 3 and max(counts.values()) - min(counts.values()) <= 1, (n, counts)
+    assert collections.Counter(tasks.tolist()) == collections.Counter({t: n for t, n in sizes.items()})
+
+
 # ------------------------------------------------------------------------------------------------
 # Composite-n
 
