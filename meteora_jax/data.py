@@ -84,6 +84,15 @@ def read_text_lines(path: str | os.PathLike) -> list[str]:
         raise DataError(f"{os.fspath(path)}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
+def _is_utf8_encodable(text: str) -> bool:
+    # json.loads accepts a lone "\ud800"; Arrow (datasets) and tokenizers cannot encode it.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def read_jsonl(
     path: str | os.PathLike,
     *,
@@ -120,6 +129,8 @@ def read_jsonl(
                     f"{path}:{lineno}: field {field!r} must be {typ.__name__}, "
                     f"got {type(obj[field]).__name__}"
                 )
+            if isinstance(obj[field], str) and not _is_utf8_encodable(obj[field]):
+                raise DataError(f"{path}:{lineno}: field {field!r} holds an unpaired surrogate escape (e.g. \\ud800)")
         problem = check(obj) if check is not None else None
         if problem:
             raise DataError(f"{path}:{lineno}: {problem}")
@@ -215,6 +226,19 @@ def _render(tokenizer, messages, **kwargs) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
 
 
+def _rfind_content(text: str, content: str, start: int, end: int) -> int:
+    """Where `content` starts in text[start:end] (last match), as a chat template renders it:
+    as is, or stripped (the Llama-2 and Llama-3 templates trim a turn's content). An empty
+    content is found at `end`; -1 if absent."""
+    for candidate in (content, content.strip()):
+        if not candidate:
+            return end
+        at = text.rfind(candidate, start, end)
+        if at >= 0:
+            return at
+    return -1
+
+
 def _encode_chat(tokenizer, prompt: str, response: str) -> tuple[list[int], int, int]:
     """Returns (ids, n_head, n_prompt): the chat-formatted pair, how many leading tokens come
     before the prompt text (the template's head) and how many are prompt (head included)."""
@@ -224,10 +248,14 @@ def _encode_chat(tokenizer, prompt: str, response: str) -> tuple[list[int], int,
     if full.startswith(head):
         boundary = len(head)
     else:  # templates that rewrite earlier turns: find the response text itself
-        boundary = full.rfind(response)
-        if not response or boundary < 0:
+        boundary = _rfind_content(full, response, 0, len(full)) if response.strip() else -1
+        if boundary < 0:
             raise DataError("chat template output starts neither with the prompt turn nor holds the response")
-    prompt_start = full.rfind(prompt, 0, boundary) if prompt else boundary
+    # The prompt is searched for inside the user turn only: a short prompt ("assistant") can also
+    # be part of the generation prompt that follows it.
+    user_turn = _render(tokenizer, user)
+    user_end = len(user_turn) if full.startswith(user_turn) else boundary
+    prompt_start = _rfind_content(full, prompt, 0, min(user_end, boundary))
     if prompt_start < 0:
         raise DataError("chat template output does not hold the prompt text")
     # The rendered text carries the template's special tokens already: no extra BOS/EOS.
@@ -346,10 +374,13 @@ def tokenize_records(
         add_bos=tokenizer_adds_bos(tokenizer),
     )
 
-    def encode(batch):
+    def encode(batch, indices):
         out = {k: [] for k in (*ARRAY_KEYS, "truncated")}
-        for prompt, response in zip(batch["prompt"], batch["response"]):
-            arrays, truncated = encode_example(tokenizer, prompt, response, **kw)
+        for i, prompt, response in zip(indices, batch["prompt"], batch["response"]):
+            try:
+                arrays, truncated = encode_example(tokenizer, prompt, response, **kw)
+            except DataError as e:
+                raise DataError(f"record {i + 1} (prompt {prompt[:40]!r}): {e}") from None
             for k, v in arrays.items():
                 out[k].append(v)
             out["truncated"].append(truncated)
@@ -367,7 +398,7 @@ def tokenize_records(
         {k: datasets.List(datasets.Value("int32"), length=seq_len) for k in ARRAY_KEYS}
         | {"truncated": datasets.Value("bool")}
     )
-    ds = ds.map(encode, batched=True, remove_columns=["prompt", "response"], features=features, new_fingerprint=fp)
+    ds = ds.map(encode, batched=True, with_indices=True, remove_columns=["prompt", "response"], features=features, new_fingerprint=fp)
     n_truncated = int(sum(ds["truncated"]))
     ds = ds.remove_columns("truncated").with_format("numpy", dtype=np.int32)
     return ds, n_truncated
@@ -397,15 +428,18 @@ def load_task_datasets(
     records = {task: read_jsonl(path) for task, path in paths.items()}  # all validated first
     out, truncated = {}, {}
     for task, recs in records.items():
-        out[task], n = tokenize_records(
-            recs,
-            tokenizer,
-            seq_len=seq_len,
-            task_index=list(adapter_names).index(task),
-            chat_template=chat_template,
-            lm_on_prompt=lm_on_prompt,
-            gate_scope=gate_scope,
-        )
+        try:
+            out[task], n = tokenize_records(
+                recs,
+                tokenizer,
+                seq_len=seq_len,
+                task_index=list(adapter_names).index(task),
+                chat_template=chat_template,
+                lm_on_prompt=lm_on_prompt,
+                gate_scope=gate_scope,
+            )
+        except DataError as e:
+            raise DataError(f"{paths[task]}: {e}") from None
         if n:
             truncated[task] = n
     if truncated:

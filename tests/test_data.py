@@ -6,10 +6,13 @@ import collections
 import importlib.util
 import json
 import os
+import re
 import warnings
 
 import numpy as np
 import pytest
+
+from conftest import TINY_CHAT_TEMPLATE
 
 from meteora_jax import data
 from meteora_jax.data import DataError
@@ -130,6 +133,46 @@ def test_gate_scope_task_leaves_out_the_shared_head(tiny_tokenizer):
     assert tok.decode(task["input_ids"][gate]) == full[full.index(prompt) :]
     assert tok.decode(task["input_ids"][every["gate_mask"].astype(bool) & ~gate]) == full[: full.index(prompt)]
     np.testing.assert_array_equal(task["lm_mask"], every["lm_mask"])
+
+
+def _with_template(tokenizer, template):
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = template
+    return tok
+
+
+def test_chat_templates_that_trim_content(tiny_tokenizer):
+    """Llama-2/3 chat templates strip a turn's content: a prompt with surrounding whitespace is
+    found as rendered, and a short prompt is looked for inside the user turn only."""
+    tok = _with_template(tiny_tokenizer, TINY_CHAT_TEMPLATE.replace("{{ m['content'] }}", "{{ m['content'] | trim }}"))
+    for prompt, response in (("  Q: 2+2?\n", " 4 \n"), ("assistant", "ok")):
+        arrays, _ = data.encode_example(tok, prompt, response, seq_len=64, task_index=0, chat_template=True, gate_scope="task")
+        full = tok.apply_chat_template(
+            [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}], tokenize=False
+        )
+        gate, lm = arrays["gate_mask"].astype(bool), arrays["lm_mask"].astype(bool)
+        # The user turn opens with "<|im_start|>user\n": the gate covers what follows it.
+        user_text = full.index("user\n") + len("user\n")
+        assert tok.decode(arrays["input_ids"][gate]) == full[user_text:], prompt
+        assert tok.decode(arrays["input_ids"][lm]) == f"{response.strip()}<|im_end|>\n", prompt
+
+
+def test_untokenisable_record_names_file_and_record(tmp_path, tiny_tokenizer):
+    # A template that rewrites the content: the prompt text is nowhere in its output.
+    tok = _with_template(tiny_tokenizer, TINY_CHAT_TEMPLATE.replace("{{ m['content'] }}", "{{ m['content'] | upper }}"))
+    _write_task(tmp_path, "qa", [{"prompt": "WHAT", "response": "X"}, {"prompt": "why not", "response": "X"}])
+    path = os.path.join(tmp_path, "qa", "train.jsonl")
+    with pytest.raises(DataError, match=re.escape(f"{path}: record 2 (prompt 'why not'): chat template output does not hold")):
+        data.load_task_datasets(tmp_path, ["qa"], tok, seq_len=32, chat_template=True)
+
+
+def test_lone_surrogate_is_refused_with_its_line(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"prompt": "fine", "response": "x"}\n\n{"prompt": "bad \\ud800", "response": "x"}\n')
+    with pytest.raises(DataError, match=re.escape(f"{path}:3: field 'prompt' holds an unpaired surrogate")):
+        data.read_jsonl(path)
 
 
 def _smollm_dir():
