@@ -96,10 +96,14 @@ def _read_json(path: str, what: str):
         raise ValueError(f"{path}: {what} is not valid JSON ({err})") from None
 
 
-def load_gates(path) -> tuple[dict, list[str]]:
+def load_gates(path, sharding: jax.sharding.Sharding | None = None) -> tuple[dict, list[str]]:
     """-> (gates tree as `split_params(params)[0]`, adapter names). Merge with `merge_params`.
     A folder that is not a gate export raises ValueError naming what is missing (as
-    `checkpoint.restore_checkpoint` does for a model checkpoint: the CLIs report both alike)."""
+    `checkpoint.restore_checkpoint` does for a model checkpoint: the CLIs report both alike).
+
+    sharding: where every gate goes; None puts them on the first local device (as
+    `restore_checkpoint` does with the params), whatever mesh the training run saved them from.
+    """
     path = os.path.abspath(os.fspath(path))
     names_path, gates_path = os.path.join(path, ADAPTER_NAMES_FILE), os.path.join(path, "gates")
     for needed in (gates_path, names_path):
@@ -109,8 +113,13 @@ def load_gates(path) -> tuple[dict, list[str]]:
     names = _read_json(names_path, "the adapter names")
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise ValueError(f"{names_path}: expected a JSON list of adapter names, got {names!r}")
+    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     with ocp.StandardCheckpointer() as ckptr:
-        gates = ckptr.restore(gates_path)
+        # Without a target Orbax rebuilds the saving run's mesh: gates trained on several devices
+        # would not load on one, nor sit beside params restored on one device.
+        stored = ckptr.metadata(gates_path).item_metadata.tree
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), stored)
+        gates = ckptr.restore(gates_path, target)
     return gates, names
 
 

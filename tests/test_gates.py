@@ -61,6 +61,35 @@ def test_export_load_round_trip(tmp_path):
     assert load_gate_settings(folder) == {}
 
 
+_EXPORT_SHARDED = """
+import sys
+import jax, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from meteora_jax.gates import export_gates
+
+mesh = Mesh(np.array(jax.devices()).reshape(2, 2), ("fsdp", "tensor"))
+values = np.random.default_rng(int(sys.argv[2])).standard_normal((2, 8, 3)).astype(np.float32)
+gates = {"layers": {"self_attn": {"q_proj": {"gate": jax.device_put(values, NamedSharding(mesh, P("tensor", "fsdp", None)))}}}}
+export_gates(sys.argv[1], gates, ["a", "b", "c"])
+"""
+
+
+def test_gates_saved_on_several_devices_load_on_one(tmp_path):
+    """A training run on 4 devices exports sharded gates; inference on one device loads them onto
+    that device (Orbax restored the saving mesh: a topology-mismatch error)."""
+    seed = SEED % 2**31
+    env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4"}
+    proc = subprocess.run([sys.executable, "-c", _EXPORT_SHARDED, str(tmp_path / "export"), str(seed)],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    gates, names = load_gates(tmp_path / "export")
+    gate = gates["layers"]["self_attn"]["q_proj"]["gate"]
+    assert names == ["a", "b", "c"] and gate.sharding == jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    want = np.random.default_rng(seed).standard_normal((2, 8, 3)).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(gate), want)
+
+
 def test_folders_that_are_not_exports(tmp_path):
     """Each missing or malformed part is named, as a ValueError (what the CLIs report)."""
     missing = tmp_path / "nothing_here"
