@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from meteora_jax.config import ModelConfig
+from meteora_jax.config import ConfigError, ModelConfig
 
 FORMAT = "meteora-jax"
 VERSION = 1
@@ -174,7 +174,10 @@ def restore_checkpoint(
     """
     path = Path(path).absolute()
     meta = read_metadata(path)
-    config = ModelConfig.from_dict(meta["model_config"])
+    try:
+        config = ModelConfig.from_dict(meta["model_config"])
+    except ConfigError as e:  # written by another version, or edited
+        raise CheckpointError(f"{path}: model config: {e}") from None
     shapes = meta["param_shapes"]
     if shardings is None:
         shardings = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])

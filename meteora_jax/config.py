@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import Any, Mapping
 
 import jax.numpy as jnp
@@ -73,6 +74,10 @@ class MeteoRAConfig:
         return self.num_adapters > 0 and projection in self.targets
 
 
+_POSITIVE_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                  "head_dim", "max_position_embeddings")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """A LLaMA-architecture decoder with MeteoRA projections."""
@@ -95,6 +100,16 @@ class ModelConfig:
     meteora: MeteoRAConfig = MeteoRAConfig()
 
     def __post_init__(self):
+        for name in _POSITIVE_INTS:
+            value = getattr(self, name)
+            if not (isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0):
+                raise ConfigError(f"{name}={value!r} must be a positive integer")
+        for name in ("rms_norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            if not (isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and value > 0):
+                raise ConfigError(f"{name}={value!r} must be a finite positive number")
+        if not isinstance(self.tie_word_embeddings, bool):
+            raise ConfigError(f"tie_word_embeddings={self.tie_word_embeddings!r} must be True or False")
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
         if self.head_dim % 2:
@@ -128,8 +143,15 @@ class ModelConfig:
         unknown = set(values) - known
         if unknown:
             raise ConfigError(f"unknown model config keys {sorted(unknown)}; known: {sorted(known)}")
+        missing = sorted(f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING and f.name not in values)
+        if missing:
+            raise ConfigError(f"model config lacks keys {missing}")
         if values.get("rope_scaling"):
-            values["rope_scaling"] = RopeScaling(**dict(values["rope_scaling"]))
+            rope = dict(values["rope_scaling"])
+            rope_keys = [f.name for f in dataclasses.fields(RopeScaling)]
+            if sorted(rope) != sorted(rope_keys):
+                raise ConfigError(f"rope_scaling has keys {sorted(rope)}; want exactly {rope_keys} (llama3 scaling)")
+            values["rope_scaling"] = RopeScaling(**rope)
         meteora = dict(values.get("meteora") or {})
         unknown = set(meteora) - {f.name for f in dataclasses.fields(MeteoRAConfig)}
         if unknown:

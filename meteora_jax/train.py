@@ -211,7 +211,11 @@ def prepare(config) -> Setup:
         from meteora_jax.tiny import TinyWorldError, build_tiny_world
 
         try:
-            build_tiny_world(config.tiny_world, ModelConfig.from_dict(config.model))
+            tiny_config = ModelConfig.from_dict(config.model)
+        except ConfigError as e:
+            raise TrainError(f"config.model: {e}") from None
+        try:
+            build_tiny_world(config.tiny_world, tiny_config)
         except TinyWorldError as e:
             raise TrainError(f"config.tiny_world={config.tiny_world!r}: {e}") from None
 
@@ -219,7 +223,10 @@ def prepare(config) -> Setup:
     _check(bool(path), "config.model_checkpoint is empty: give a converted model checkpoint (scripts/convert.py)")
     _check(os.path.exists(path), f"model checkpoint {path!r} does not exist")
     metadata = model_ckpt.read_metadata(path)  # no arrays read yet
-    stored_config = ModelConfig.from_dict(metadata["model_config"])
+    try:
+        stored_config = ModelConfig.from_dict(metadata["model_config"])
+    except ConfigError as e:
+        raise TrainError(f"model checkpoint {path!r}: model config: {e}") from None
     names = model_ckpt.adapter_names(metadata)
     L = stored_config.meteora.num_adapters
     _check(L > 0, f"model checkpoint {path!r} has no adapters (num_adapters=0): there are no gates to train")

@@ -6,6 +6,8 @@
 - Zero-padding adapter ranks changes no output.
 """
 
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -204,3 +206,32 @@ def test_bad_meteora_config(kwargs, message):
 def test_unknown_config_key():
     with pytest.raises(ConfigError, match="unknown model config keys"):
         ModelConfig.from_dict({"vocab_size": 10, "hiden_size": 4})
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (dict(num_kv_heads=0), "num_kv_heads=0 must be a positive integer"),  # was a ZeroDivisionError
+        (dict(hidden_size=-1), "hidden_size=-1 must be a positive integer"),
+        (dict(vocab_size=True), "vocab_size=True must be a positive integer"),
+        (dict(head_dim=8.0), "head_dim=8.0 must be a positive integer"),
+        (dict(rms_norm_eps=-1.0), "rms_norm_eps=-1.0 must be a finite positive number"),  # trained to NaN before
+        (dict(rope_theta=float("inf")), "rope_theta=inf must be a finite positive number"),
+        (dict(tie_word_embeddings="false"), "tie_word_embeddings='false' must be True or False"),
+    ],
+)
+def test_bad_model_config_values(change, message):
+    values = _tiny_config(num_adapters=2).to_dict()
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        ModelConfig.from_dict({**values, **change})
+
+
+def test_model_config_missing_or_foreign_keys():
+    values = _tiny_config(num_adapters=2).to_dict()
+    del values["vocab_size"]
+    with pytest.raises(ConfigError, match=re.escape("model config lacks keys ['vocab_size']")):
+        ModelConfig.from_dict(values)
+    hf_rope = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=8192)  # as HF writes it
+    with pytest.raises(ConfigError, match=r"rope_scaling has keys \[.*'rope_type'\]; want exactly"):
+        ModelConfig.from_dict({**_tiny_config(num_adapters=2).to_dict(), "rope_scaling": hf_rope})
