@@ -22,6 +22,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import signal
 import time
 import warnings
@@ -36,6 +37,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import traverse_util
+from jax.experimental import multihost_utils
 
 from meteora_jax import checkpoint as model_ckpt
 from meteora_jax import data as data_lib
@@ -424,6 +426,18 @@ def _warn_changed_settings(before: dict | None, now: dict, step: int, workdir: s
 # Loop helpers
 
 
+def _start_over(checkpoints: str) -> None:
+    """checkpoint.resume=False: an earlier run's checkpoints are removed (kept, their steps would
+    mix with this run's: a later resume would take the old run's latest step, and a save of a step
+    they hold would fail)."""
+    if os.path.isdir(checkpoints) and os.listdir(checkpoints):
+        if jax.process_index() == 0:
+            warnings.warn(f"checkpoint.resume=False: removing the earlier run's checkpoints in {checkpoints}")
+            shutil.rmtree(checkpoints)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("meteora_jax.train: earlier checkpoints removed")
+
+
 class _StopRequest:
     """SIGTERM/SIGINT set a flag; the loop finishes its step, saves and returns."""
 
@@ -571,8 +585,11 @@ class Trainer:
         )
         self.workdir = os.path.abspath(cfg.workdir)
         os.makedirs(self.workdir, exist_ok=True)
+        checkpoints = os.path.join(self.workdir, "checkpoints")
+        if not cfg.checkpoint.resume:
+            _start_over(checkpoints)
         self.manager = ocp.CheckpointManager(
-            os.path.join(self.workdir, "checkpoints"),
+            checkpoints,
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=int(cfg.checkpoint.keep),
                 create=True,
@@ -674,8 +691,9 @@ class Trainer:
         """Trains to train.steps (resuming if a checkpoint exists). Returns a summary dict.
 
         summary: status ("done" | "interrupted"), step, resumed_from (the step of the checkpoint this
-        run started from, or None), train (last logged scalars), eval (last eval), history (every
-        logged train/eval record), gates_dir (exported gates or None).
+        run started from, or None), saved_step, signal (the number of the signal that interrupted
+        the run, or None), train (last logged scalars), eval (last eval), history (every logged
+        train/eval record), gates_dir (exported gates or None).
         """
         cfg = self.config
         total = int(cfg.train.steps)
@@ -755,7 +773,7 @@ class Trainer:
                     pending = (step, metrics)
                     at_end = step == total
                     due_log = step % log_every == 0 or at_end
-                    due_ckpt = (ckpt_every and step % ckpt_every == 0) or at_end or stop.signum is not None
+                    due_ckpt = (ckpt_every and step % ckpt_every == 0) or at_end
                     due_eval = (eval_every > 0 and step % eval_every == 0) or (at_end and eval_every >= 0)
                     if due_log or due_ckpt or due_eval:
                         window.append(check(pending))
@@ -767,11 +785,19 @@ class Trainer:
                     if due_ckpt:
                         self.save(step)
                         saved_step = step
-                    if due_eval:
+                    if due_eval and (stop.signum is None or at_end):  # a stopping run saves first
                         run_eval(step)
+                    # Checked after the blocking work above: a signal that came during it stops
+                    # here too, and the step is saved whatever was due.
                     if stop.signum is not None and not at_end:
                         status = "interrupted"
+                        if pending is not None:
+                            window.append(check(pending))  # never save a non-finite state
+                            pending = None
                         flush_window(step)
+                        if saved_step != step:
+                            self.save(step)
+                            saved_step = step
                         msg = f"signal {signal.Signals(stop.signum).name}: saved step {step} in {self.manager.directory}"
                         (bar.write if bar is not None else print)(msg)
                         break
@@ -794,6 +820,7 @@ class Trainer:
             "step": step,
             "resumed_from": start or None,
             "saved_step": saved_step,
+            "signal": int(stop.signum) if status == "interrupted" else None,
             "train": last_train,
             "eval": last_eval,
             "history": history,

@@ -6,7 +6,9 @@ r"""Trains the MeteoRA gates of a converted model on JSONL task data.
         --config.data.root=/data/tasks --config.train.steps=2000
 
 Any `--config.<key>=<value>` overrides the config file; an unknown key is an error. Bad inputs
-stop with a message and exit status 2 before any compute; a non-finite loss exits with 3.
+stop with a message and exit status 2 before any compute; a non-finite loss exits with 3. SIGTERM
+or Ctrl-C saves the current step and exits with 128 + the signal's number (143 / 130), as a shell
+reports a killed command: the run is not done and exported no gates; running it again resumes.
 """
 
 import os
@@ -112,7 +114,7 @@ def main(argv):
         print(f"resumed from the checkpoint at step {summary['resumed_from']} in {_CONFIG.value.workdir} "
               "(another workdir, or --config.checkpoint.resume=False, starts over)")
     print(f"{summary['status']} at step {summary['step']}{acc}; gates: {summary['gates_dir']}")
-    return 0
+    return 128 + summary["signal"] if summary["status"] == "interrupted" else 0
 
 
 if __name__ == "__main__":

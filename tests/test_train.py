@@ -429,6 +429,40 @@ def test_resume_equals_uninterrupted(make_config):
     t2.close()
 
 
+def test_signal_during_eval_still_saves(make_config):
+    """A SIGTERM that arrives while the loop blocks after the save decision (here in an eval; on a
+    GPU mostly while it waits for a step's metrics) stops the run with that step saved."""
+    config = make_config("eval_signal", train=dict(steps=6, eval_every=2), checkpoint=dict(every=0))
+    trainer = train_lib.Trainer(train_lib.prepare(config))
+    real_evaluate = trainer.evaluate
+
+    def evaluate_then_signal():
+        out = real_evaluate()
+        os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    trainer.evaluate = evaluate_then_signal
+    summary = trainer.run()
+    assert summary["status"] == "interrupted" and summary["step"] == 2 and summary["saved_step"] == 2
+    assert summary["signal"] == signal.SIGTERM  # scripts/train.py exits with 128 + 15
+    assert trainer.manager.all_steps() == [2]
+    trainer.close()
+
+
+def test_resume_false_starts_over(make_config):
+    """checkpoint.resume=False in a workdir holding an earlier run's checkpoints: they are removed,
+    so a later resume continues this run (it took the old run's latest step), and a save of a step
+    the old run held does not fail (Orbax: StepAlreadyExistsError)."""
+    train_lib.train(make_config("again", train=dict(steps=4), checkpoint=dict(every=2)))
+    fresh = make_config("again", train=dict(steps=3), checkpoint=dict(every=2, resume=False))
+    with pytest.warns(UserWarning, match="checkpoint.resume=False: removing the earlier run's checkpoints"):
+        trainer = train_lib.Trainer(train_lib.prepare(fresh))
+    summary = trainer.run()
+    assert summary["status"] == "done" and summary["resumed_from"] is None and summary["step"] == 3
+    assert trainer.manager.all_steps() == [2, 3]
+    trainer.close()
+
+
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(make_config):
     good = make_config("nan", train=dict(steps=3), checkpoint=dict(every=1))
     train_lib.train(good)
