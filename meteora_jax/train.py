@@ -412,16 +412,6 @@ def _flat_config(config) -> dict:
     return json.loads(json.dumps(traverse_util.flatten_dict(config.to_dict(), sep="."), default=str))
 
 
-def _warn_changed_settings(before: dict | None, now: dict, step: int, workdir: str) -> None:
-    """A resumed run goes on with its own config; says which settings differ from the checkpoint's run."""
-    if before is None:  # a checkpoint from before the config was kept
-        return
-    changes = describe_changes(before, now)
-    if changes:
-        warnings.warn(f"resuming from step {step} in {workdir}, written by a run with other settings: {changes}",
-                      stacklevel=2)
-
-
 # ----------------------------------------------------------------------------------------------
 # Loop helpers
 
@@ -628,31 +618,33 @@ class Trainer:
         step = self.manager.latest_step()
         if step is None:
             return None
+        where = f"checkpoint step {step} in {self.workdir}"
+        start_over = "use another workdir, or --config.checkpoint.resume=False to start over"
+        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        if meta.get("adapter_names") != self.setup.adapter_names:
+            raise TrainError(
+                f"checkpoint in {self.workdir} was trained with adapters {meta.get('adapter_names')}, "
+                f"this run has {self.setup.adapter_names}; use another workdir"
+            )
+        changes = describe_changes(meta["config"], _flat_config(self.config)) if meta.get("config") else ""
+        cause = f"written by a run with other settings: {changes}" if changes else "probably trained for another model"
         abstract = jax.tree.map(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), self.state, self.state_shardings
         )
         try:
             restored = self.manager.restore(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()
-                ),
+                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore())
             )
         except ValueError as e:  # e.g. gates of another model's shapes (orbax names the shapes)
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise TrainError(
-                f"checkpoint step {step} in {self.workdir} cannot be restored for this run ({reason}); it was "
-                "probably trained for another model: use another workdir, or --config.checkpoint.resume=False "
-                "to start over"
-            ) from None
-        if restored.meta.get("adapter_names") != self.setup.adapter_names:
-            raise TrainError(
-                f"checkpoint in {self.workdir} was trained with adapters {restored.meta.get('adapter_names')}, "
-                f"this run has {self.setup.adapter_names}; use another workdir"
-            )
-        _warn_changed_settings(restored.meta.get("config"), _flat_config(self.config), step, self.workdir)
+            reason = " ".join(str(e).split())[:300] or type(e).__name__
+            raise TrainError(f"{where} cannot be restored for this run ({reason}); it was {cause}: {start_over}") from None
+        try:
+            self.iterator.load_state_dict(restored.data)
+        except data_lib.DataError as e:
+            raise TrainError(f"{where}: the data position does not fit this run ({e}); it was {cause}: {start_over}") from None
+        if changes:
+            warnings.warn(f"resuming from step {step} in {self.workdir}, written by a run with other settings: {changes}")
         self.state = restored.state
-        self.iterator.load_state_dict(restored.data)
         return int(step)
 
     # -- eval ------------------------------------------------------------------------------------

@@ -326,6 +326,21 @@ def test_train_refuses_another_model_s_tiny_world_and_checkpoint(make_config, tm
     _expect(resumed, train_lib.TrainError, r"checkpoint step 1 in .*mixed cannot be restored for this run")
 
 
+def test_resume_refusals_name_the_changed_settings(make_config):
+    """A resume that cannot restore the optimizer state (clipping switched off) or the data position
+    (another batch size) is one TrainError naming the checkpoint and the settings that changed (the
+    first cut Orbax's reason off at a colon and blamed another model; the second named neither)."""
+    train_lib.train(make_config("changed", train=dict(steps=1), checkpoint=dict(every=1)))
+    no_clip = make_config("changed", train=dict(steps=2), optimizer=dict(clip_norm=0.0))
+    _expect(no_clip, train_lib.TrainError,
+            r"checkpoint step 1 in .*changed cannot be restored for this run \(.+\); it was written by a run with "
+            r"other settings: .*optimizer.clip_norm 1.0 -> 0.0.*--config.checkpoint.resume=False to start over")
+    batch = make_config("changed", train=dict(steps=2, batch_size=8))
+    _expect(batch, train_lib.TrainError,
+            r"checkpoint step 1 in .*changed: the data position does not fit this run \(data state was saved with "
+            r"seed=0, batch_size=16.*\); it was written by a run with other settings: .*train.batch_size 16 -> 8")
+
+
 def test_exported_gates_carry_the_run_settings(make_config, world, monkeypatch, capsys):
     from meteora_jax.generate import cli_options, load_for_inference
 
