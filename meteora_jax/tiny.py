@@ -157,9 +157,11 @@ def build_tiny_world(
 
     root = os.path.abspath(os.fspath(root))
     if model_config.meteora.num_adapters != len(TASKS):
-        raise ValueError(
+        raise TinyWorldError(
             f"the tiny world has {len(TASKS)} tasks; model.meteora.num_adapters is {model_config.meteora.num_adapters}"
         )
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise TinyWorldError(f"{root} is a file, not a folder: set config.tiny_world to a new folder")
     spec = _spec(model_config, n_train, n_test, seed)
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
     stamp = os.path.join(root, "WORLD.json")
@@ -191,7 +193,8 @@ def build_tiny_world(
         corpus = [r["prompt"] + " " + r["response"] for t in TASKS for r in splits[t]["train"]]
         tokenizer = _build_tokenizer(corpus, vocab_size=model_config.vocab_size)
         if len(tokenizer) > model_config.vocab_size:
-            raise ValueError(f"tiny tokenizer has {len(tokenizer)} tokens > vocab_size={model_config.vocab_size}")
+            raise TinyWorldError(f"the tiny tokenizer has {len(tokenizer)} tokens: model.vocab_size={model_config.vocab_size} "
+                                 "is too small for it (nothing was written)")
         tokenizer.save_pretrained(world.tokenizer)
         params = init_params(model_config, jax.random.key(seed))
         save_checkpoint(world.model, params, model_config, {"adapters": [{"name": task} for task in TASKS]})

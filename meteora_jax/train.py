@@ -161,6 +161,9 @@ def _check_train_config(config) -> None:
     _check(t.eval_batch_size >= 1, f"train.eval_batch_size={t.eval_batch_size} must be >= 1")
     _check(config.schedule.kind in _SCHEDULES, f"schedule.kind={config.schedule.kind!r}; choose one of {_SCHEDULES}")
     _check(config.optimizer.learning_rate > 0, f"optimizer.learning_rate={config.optimizer.learning_rate} must be > 0")
+    _check(config.schedule.warmup_steps >= 0, f"schedule.warmup_steps={config.schedule.warmup_steps} must be >= 0")
+    _check(0 <= config.schedule.end_factor <= 1, f"schedule.end_factor={config.schedule.end_factor} must be in [0, 1]")
+    _check(0 <= config.seed < 2**32, f"seed={config.seed} must be in [0, 2**32)")  # numpy's Generator and PRNGKey
     _check(config.checkpoint.every >= 0, f"checkpoint.every={config.checkpoint.every} must be >= 0 (0: only at the end)")
     _check(config.checkpoint.keep >= 1, f"checkpoint.keep={config.checkpoint.keep} must be >= 1")
     _check(config.logging.every >= 1, f"logging.every={config.logging.every} must be >= 1")
@@ -500,7 +503,9 @@ class _MetricLog:
 
     def write(self, step: int, split: str, scalars: Mapping[str, float]) -> None:
         if self.jsonl is not None:
-            self.jsonl.write(json.dumps({"step": step, "split": split, **scalars}) + "\n")
+            # null, not NaN: strict JSON readers refuse NaN (a task without eval tokens has no accuracy)
+            finite = {k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in scalars.items()}
+            self.jsonl.write(json.dumps({"step": step, "split": split, **finite}, allow_nan=False) + "\n")
             self.jsonl.flush()
         if self.tb is not None:
             for k, v in scalars.items():
@@ -690,6 +695,9 @@ class Trainer:
         cfg = self.config
         total = int(cfg.train.steps)
         start = self.maybe_restore() or 0
+        if start > total:
+            raise TrainError(f"the checkpoint in {self.workdir} is at step {start}, past train.steps={total}: give "
+                             f"train.steps >= {start}, or another workdir")
         metric_log = _MetricLog(self.workdir, cfg.logging, keep_up_to=start)
         history, last_train, last_eval = [], {}, {}
         eval_every, ckpt_every, log_every = int(cfg.train.eval_every), int(cfg.checkpoint.every), int(cfg.logging.every)

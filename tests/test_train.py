@@ -307,6 +307,44 @@ def test_tiny_world_of_another_model_is_kept_and_refused(tmp_path):
     assert sorted(p.name for p in other.iterdir()) == ["keep.txt"]
 
 
+def test_tiny_world_inputs_it_cannot_build(tmp_path):
+    """Each is a TinyWorldError (one line, exit 2 from train.py; they were tracebacks) and leaves
+    nothing behind."""
+    from meteora_jax.tiny import TinyWorldError
+
+    with pytest.raises(TinyWorldError, match="the tiny world has 3 tasks; model.meteora.num_adapters is 4"):
+        build_tiny_world(tmp_path / "w4", _tiny_model(meteora=dict(num_adapters=4)))
+    with pytest.raises(TinyWorldError, match=r"the tiny tokenizer has \d+ tokens: model.vocab_size=40 is too small"):
+        build_tiny_world(tmp_path / "v40", _tiny_model(vocab_size=40))
+    a_file = tmp_path / "a_file"
+    a_file.write_text("mine")
+    with pytest.raises(TinyWorldError, match="a_file is a file, not a folder"):
+        build_tiny_world(a_file, _tiny_model())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
+def test_metrics_jsonl_is_strict_json(tmp_path):
+    """A non-finite scalar (the accuracy of a task without eval tokens) is written as null."""
+    import ml_collections
+
+    log = train_lib._MetricLog(str(tmp_path), ml_collections.ConfigDict(dict(jsonl=True, tensorboard=False)))
+    log.write(3, "eval", {"gate_acc/a": float("nan"), "loss": 1.5})
+    log.close()
+
+    def refuse(name):
+        raise ValueError(f"not strict JSON: {name}")
+
+    record = json.loads((tmp_path / "metrics.jsonl").read_text(), parse_constant=refuse)
+    assert record == {"step": 3, "split": "eval", "gate_acc/a": None, "loss": 1.5}
+
+
+def test_checkpoint_past_train_steps_is_refused(make_config):
+    """Resuming a step-2 checkpoint with train.steps=1 exported the step-2 gates as 'done at step 2'."""
+    train_lib.train(make_config("past", train=dict(steps=2), checkpoint=dict(every=1)))
+    _expect(make_config("past", train=dict(steps=1)), train_lib.TrainError,
+            r"the checkpoint in .*past is at step 2, past train.steps=1: give train.steps >= 2, or another workdir")
+
+
 def test_train_refuses_another_model_s_tiny_world_and_checkpoint(make_config, tmp_path):
     """Both ways a run can meet another model's files end in a TrainError (exit 2 from the script),
     not an Orbax traceback: a tiny_world folder built for another model, and a workdir whose
@@ -618,6 +656,21 @@ def test_bad_batch_vs_mesh_and_missing_checkpoint(make_config, no_compute, tmp_p
     _expect(make_config(train=dict(batch_size=6, grad_accum_steps=4)), train_lib.TrainError, "not a multiple of train.grad_accum_steps")
     _expect(make_config(model_checkpoint=str(tmp_path / "none")), train_lib.TrainError, "does not exist")
     _expect(make_config(mesh=dict(shape=dict(data=3, fsdp=1, tensor=1))), train_lib.TrainError, "needs 3 devices")
+
+
+@pytest.mark.parametrize(
+    "section,values,message",
+    [
+        ("seed", -1, r"seed=-1 must be in \[0, 2\*\*32\)"),  # a numpy traceback after compiling
+        ("schedule", dict(warmup_steps=-5), r"schedule.warmup_steps=-5 must be >= 0"),  # cosine began at 0.91 lr
+        ("schedule", dict(end_factor=1.5), r"schedule.end_factor=1.5 must be in \[0, 1\]"),
+        ("model", dict(num_kv_heads=0), r"config.model: num_kv_heads=0 must be a positive integer"),
+    ],
+)
+def test_bad_run_values(make_config, no_compute, section, values, message):
+    config = make_config(**{section: values})
+    config.tiny_world = "unused" if section == "model" else ""  # the model section builds only a tiny world
+    _expect(config, train_lib.TrainError, message)
 
 
 def test_script_bad_input_exit_code_and_unknown_key(world, tmp_path):
