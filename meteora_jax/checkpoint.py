@@ -152,6 +152,21 @@ def read_metadata(path: str | os.PathLike) -> dict:
     return meta
 
 
+def model_config_of(path: str | os.PathLike, metadata: Mapping) -> ModelConfig:
+    """The `ModelConfig` stored in a checkpoint's metadata; CheckpointError naming the checkpoint
+    if it cannot be built (written by another version, or edited)."""
+    try:
+        return ModelConfig.from_dict(metadata["model_config"])
+    except ConfigError as e:
+        raise CheckpointError(f"{Path(path).absolute()}: model config: {e}") from None
+
+
+def abstract_params(metadata: Mapping) -> dict:
+    """The params tree of a checkpoint's metadata as `jax.ShapeDtypeStruct` leaves (no arrays read)."""
+    shapes = metadata["param_shapes"]
+    return _unflatten({key: jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype)) for key, (shape, dtype) in shapes.items()})
+
+
 def adapter_names(metadata: Mapping) -> list[str]:
     """The adapter names of a checkpoint's metadata, in index order (gate column i = adapter i).
 
@@ -174,10 +189,7 @@ def restore_checkpoint(
     """
     path = Path(path).absolute()
     meta = read_metadata(path)
-    try:
-        config = ModelConfig.from_dict(meta["model_config"])
-    except ConfigError as e:  # written by another version, or edited
-        raise CheckpointError(f"{path}: model config: {e}") from None
+    config = model_config_of(path, meta)
     shapes = meta["param_shapes"]
     if shardings is None:
         shardings = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])

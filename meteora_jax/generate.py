@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from meteora_jax.config import ALL_PROJECTIONS, ModelConfig
+from meteora_jax.config import ALL_PROJECTIONS, DTYPES, ModelConfig
 from meteora_jax.fused_layout import fuse_projections
 from meteora_jax.gates import check_gates_fit, load_gate_settings, load_gates, merge_params
 from meteora_jax.model import KVCache, LlamaForCausalLM, unstack_layers
@@ -551,16 +551,16 @@ def load_for_inference(
     with the gates, see `meteora_jax.train.run_settings`) replace the checkpoint's. Explicit
     `dtype` / `top_k` arguments win over both.
     """
-    from meteora_jax.checkpoint import adapter_names, restore_checkpoint
+    from meteora_jax.checkpoint import abstract_params, adapter_names, model_config_of, read_metadata, restore_checkpoint
 
-    params, config, metadata = restore_checkpoint(checkpoint)
-    names = adapter_names(metadata)
+    # Everything that can be wrong is checked on the metadata, before the weights are read.
+    metadata = read_metadata(checkpoint)
+    config, names = model_config_of(checkpoint, metadata), adapter_names(metadata)
     if gates:
         gate_tree, gate_names = load_gates(gates)
         if names and list(gate_names) != names:
             raise ValueError(f"gates in {gates!r} are for adapters {gate_names}, the checkpoint has {names}")
-        check_gates_fit(gate_tree, params, repr(gates))
-        params = merge_params(gate_tree, params)
+        check_gates_fit(gate_tree, abstract_params(metadata), repr(gates))
         settings = load_gate_settings(gates)
         if dtype is None:
             dtype = settings.get("dtype")
@@ -570,6 +570,9 @@ def load_for_inference(
         config = config.replace(dtype=dtype)
     if top_k is not None:
         config = config.replace(meteora=dataclasses.replace(config.meteora, top_k=int(top_k)))
+    params, _, _ = restore_checkpoint(checkpoint)
+    if gates:
+        params = merge_params(gate_tree, params)
     return params, config, names
 
 
@@ -653,8 +656,8 @@ def add_inference_arguments(parser) -> None:
     parser.add_argument("--chat-template", choices=("auto", "yes", "no"), default=None,
                         help="default: as the training run recorded with --gates; auto (the tokenizer's template "
                         "if it has one) without gates")
-    parser.add_argument("--dtype", default=None,
-                        help="compute dtype override, float32 or bfloat16 (default: the gates' run, else the checkpoint's)")
+    parser.add_argument("--dtype", default=None, choices=tuple(DTYPES),
+                        help="compute dtype override (default: the gates' run, else the checkpoint's)")
     parser.add_argument("--layer-layout", choices=LAYER_LAYOUTS, default="fused",
                         help="fused (default): per-layer weights with the projections that share an input as one "
                         "GEMM, fastest; unrolled: per-layer weights, one GEMM per projection; scan: one scanned "

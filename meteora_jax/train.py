@@ -229,9 +229,9 @@ def prepare(config) -> Setup:
     _check(os.path.exists(path), f"model checkpoint {path!r} does not exist")
     metadata = model_ckpt.read_metadata(path)  # no arrays read yet
     try:
-        stored_config = ModelConfig.from_dict(metadata["model_config"])
-    except ConfigError as e:
-        raise TrainError(f"model checkpoint {path!r}: model config: {e}") from None
+        stored_config = model_ckpt.model_config_of(path, metadata)
+    except model_ckpt.CheckpointError as e:
+        raise TrainError(str(e)) from None
     names = model_ckpt.adapter_names(metadata)
     L = stored_config.meteora.num_adapters
     _check(L > 0, f"model checkpoint {path!r} has no adapters (num_adapters=0): there are no gates to train")
@@ -243,10 +243,7 @@ def prepare(config) -> Setup:
     except ConfigError as e:
         raise TrainError(str(e)) from None
     # The mesh against the model's dimensions (abstract shapes only), before any data is tokenised.
-    abstract = {
-        k: jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype)) for k, (shape, dtype) in metadata["param_shapes"].items()
-    }
-    abstract = traverse_util.unflatten_dict(abstract, sep="/")
+    abstract = model_ckpt.abstract_params(metadata)
     try:
         shardings = sharding_lib.param_shardings(param_logical_axes(model_config), abstract, mesh, rules)
     except sharding_lib.ShardingError as e:

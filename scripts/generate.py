@@ -29,23 +29,21 @@ def _read_prompts(args) -> list[str]:
 
     prompts = list(args.prompt or [])
     path = args.prompts_file
-    if path and path.endswith(".jsonl"):
+    if path and path.lower().endswith(".jsonl"):
         prompts += [r["prompt"] for r in read_jsonl(path, fields={"prompt": str})]
     elif path:
         prompts += [line.replace("\\n", "\n") for line in read_text_lines(path) if line.strip()]
     return prompts
 
 
-def _check_outputs(args) -> None:
+def _check_outputs(parser, args) -> None:
     """Output paths, checked before any work (a bad one would otherwise fail after all of it)."""
+    from meteora_jax.cli import check_writable
+
     if args.json:
-        folder = os.path.dirname(os.path.abspath(args.json))
-        if not os.path.isdir(folder):
-            raise ValueError(f"--json {args.json}: folder {folder} does not exist")
-        if os.path.isdir(args.json):
-            raise ValueError(f"--json {args.json} is a folder, not a file")
-    if args.routing_pictures and os.path.exists(args.routing_pictures) and not os.path.isdir(args.routing_pictures):
-        raise ValueError(f"--routing-pictures {args.routing_pictures} exists and is not a folder")
+        check_writable(parser, "--json", args.json)
+    if args.routing_pictures:
+        check_writable(parser, "--routing-pictures", args.routing_pictures, folder=True)
 
 
 def main(argv=None) -> int:
@@ -56,11 +54,13 @@ def main(argv=None) -> int:
     p.add_argument("--checkpoint", required=True, help="model checkpoint folder (meteora_jax.checkpoint)")
     p.add_argument("--tokenizer", required=True, help="HF tokenizer folder")
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
-    p.add_argument("--prompts-file", default=None, help="text file (one prompt per line) or JSONL with 'prompt'")
+    p.add_argument("--prompts-file", default=None,
+                   help="a .jsonl file whose lines hold {'prompt': ...}, or a text file of one prompt per line "
+                   "(where a literal \\n stands for a line break)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed, 0 <= seed < 2**32")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--routing-temperature", type=float, default=1.0)
     p.add_argument("--json", default=None, help="also write {prompt, output} lines to this JSONL file")
@@ -72,9 +72,14 @@ def main(argv=None) -> int:
     try:
         if args.batch_size < 1:
             raise ValueError(f"--batch-size {args.batch_size} must be >= 1")
+        if not 0 <= args.seed < 2**32:
+            raise ValueError(f"--seed {args.seed} must be in [0, 2**32)")
+        if args.routing_pictures and args.force_adapter is not None:
+            raise ValueError("--routing-pictures draws the gates' choices; with --force-adapter every token uses "
+                             "that adapter, so there is nothing to draw")
         check_sampling_options(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                                routing_temperature=args.routing_temperature)
-        _check_outputs(args)
+        _check_outputs(p, args)
         prompts = _read_prompts(args)
     except ValueError as e:
         cli_fail(p, str(e))
@@ -91,9 +96,11 @@ def main(argv=None) -> int:
         force, chat = opts.force_adapter, opts.chat_template
         prompt_ids = [encode_prompt(tokenizer, q, chat_template=chat) for q in prompts]
         generator.check_prompts(prompt_ids, args.max_new_tokens)  # all of them, before the first batch
+        if args.routing_pictures and generator.config.meteora.num_adapters == 0:
+            raise ValueError(f"--routing-pictures: the model in {args.checkpoint} has no adapters to route to")
     except ValueError as e:
         cli_fail(p, str(e))
-    pictures = bool(args.routing_pictures) and generator.config.meteora.num_adapters > 0
+    pictures = bool(args.routing_pictures)
 
     records, routed = [], []  # routed: (prompt number, token pieces, routing, prompt length)
     for start in range(0, len(prompts), args.batch_size):
@@ -115,14 +122,15 @@ def main(argv=None) -> int:
             if pictures:
                 full = ids[j] + [int(t) for t in out.tokens[j, : out.lengths[j]]]
                 routed.append((start + j, viz.token_pieces(tokenizer, full), out.routing[j], len(ids[j])))
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w", encoding="utf-8") as f:
+            for r in records:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
     for number, pieces, routing, prompt_length in routed:
         stem = os.path.join(args.routing_pictures, f"prompt_{number:03d}")
         viz.save_routing_png(stem + ".png", pieces, routing, names, prompt_length=prompt_length)
         viz.save_routing_html(stem + ".html", pieces, routing, names, prompt_length=prompt_length)
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            for r in records:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
     return 0
 
 

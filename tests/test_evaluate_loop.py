@@ -121,8 +121,13 @@ def _bad_generate_inputs(w, tmp_path):
         (["--prompt", "1+2=", "--batch-size", "0"], "--batch-size 0 must be >= 1"),
         (["--prompt", "1+2=", "--top-p", "0"], "top_p=0.0 must be in (0, 1]"),
         (["--prompt", "1+2=", "--max-new-tokens", "-1"], "max_new_tokens=-1 must be >= 1"),
-        (["--prompt", "1+2=", "--json", str(missing / "out.jsonl")], f"folder {missing} does not exist"),
-        (["--prompt", "1+2=", "--routing-pictures", str(tmp_path / "a_file")], "exists and is not a folder"),
+        (["--prompt", "1+2=", "--json", str(tmp_path / "a_file" / "out.jsonl")], "a_file is a file, not a folder"),
+        (["--prompt", "1+2=", "--routing-pictures", str(tmp_path / "a_file")], "a_file is a file; give a folder path"),
+        # A picture's parent that is a file failed with a traceback after generating everything.
+        (["--prompt", "1+2=", "--routing-pictures", str(tmp_path / "a_file" / "pics")], "a_file is a file, not a folder"),
+        (["--prompt", "1+2=", "--routing-pictures", str(missing), "--force-adapter", "arith"],
+         "with --force-adapter every token uses that adapter"),  # the pictures showed the gates' unused choices
+        (["--prompt", "1+2=", "--seed", str(2**64)], f"--seed {2**64} must be in [0, 2**32)"),  # a traceback after loading
         (["--prompt", "1+2=", "--tokenizer", str(missing)], f"tokenizer folder {str(missing)!r} does not exist"),
         (["--prompt", "1+2 " * 400], "exceeds the model's max_position_embeddings=512"),
         (["--prompt", "1+2=", "--temperature", "nan"], "temperature=nan must be >= 0"),
@@ -173,6 +178,22 @@ def test_scripts_stop_on_bad_input_with_one_line(tiny_inference_world, tmp_path,
         assert e.value.code == 2, (argv, err)
         assert message in err and err.count("\n") == 1 and ": error: " in err, (argv, err)
         assert not os.listdir(outputs), (argv, sorted(os.listdir(outputs)))
+
+
+def test_load_for_inference_checks_before_reading_weights(tiny_inference_world, monkeypatch):
+    """A bad --top-k / --dtype, or gates of another shape, fail on the metadata: a 13B restore is
+    minutes (they were checked after it)."""
+    import meteora_jax.checkpoint as ckpt
+    from meteora_jax.generate import load_for_inference
+
+    def no_restore(*a, **k):
+        raise AssertionError("weights were read before the options were checked")
+
+    monkeypatch.setattr(ckpt, "restore_checkpoint", no_restore)
+    with pytest.raises(ValueError, match="top_k=9 must be between 1 and num_adapters=3"):
+        load_for_inference(tiny_inference_world.model, top_k=9)
+    with pytest.raises(ValueError, match="dtype='bf16'; choose one of"):
+        load_for_inference(tiny_inference_world.model, dtype="bf16")
 
 
 def test_generate_script_writes_outputs_after_all_prompts(tiny_inference_world, tmp_path, capsys):
