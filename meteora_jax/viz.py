@@ -71,11 +71,18 @@ def adapter_colors(num_adapters: int) -> list[str]:
 
 def token_pieces(tokenizer, token_ids: Sequence[int]) -> list[str]:
     """The surface text of each token: decode(ids[:i+1]) minus decode(ids[:i]), special tokens
-    kept; falls back to the token's own decoding where a prefix does not extend."""
+    kept; falls back to the token's own decoding where a prefix does not extend.
+
+    A character whose UTF-8 bytes span several tokens (byte-level BPE, byte fallback) is the piece
+    of the token that completes it; the tokens before get "" (decoded alone, each would be U+FFFD).
+    """
     ids = [int(t) for t in token_ids]
     pieces, prev = [], ""
     for i in range(len(ids)):
         text = tokenizer.decode(ids[: i + 1], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        if text.endswith("\ufffd") and i + 1 < len(ids):  # an unfinished character: its end comes later
+            pieces.append("")
+            continue
         if text.startswith(prev) and len(text) > len(prev):
             pieces.append(text[len(prev) :])
         else:

@@ -94,6 +94,18 @@ def test_token_pieces_rebuild_the_text(tiny_tokenizer):
     assert "".join(pieces) == tiny_tokenizer.decode(ids, skip_special_tokens=False)
 
 
+def test_token_pieces_of_characters_split_across_tokens(tiny_tokenizer):
+    """Byte-level BPE splits 'ï', CJK and emoji into byte tokens: the pieces still rebuild the
+    text, each character whole in the token that completes it (they were U+FFFD boxes)."""
+    text = "naïve 你好 🙂 ok"
+    ids = tiny_tokenizer(text, add_special_tokens=False)["input_ids"]
+    pieces = viz.token_pieces(tiny_tokenizer, ids)
+    assert len(pieces) == len(ids) > len(text.split())
+    assert "".join(pieces) == text and "\ufffd" not in "".join(pieces)
+    assert "" in pieces  # some tokens hold only part of a character
+    assert any("你" in p for p in pieces) and any("🙂" in p for p in pieces)
+
+
 def test_mismatched_inputs_are_refused(tmp_path):
     with pytest.raises(ValueError, match="3 token pieces but routing covers 4"):
         viz.routing_html(["a", "b", "c"], ROUTING, NAMES)
