@@ -126,6 +126,12 @@ class LlamaForCausalLM(nn.Module):
             attention_mask = jnp.ones((batch, seq), bool)
         attention_mask = attention_mask.astype(bool)
         cache_index = jnp.zeros((), jnp.int32) if cache is None else cache.index
+        if cache is not None and not isinstance(cache_index, jax.core.Tracer):
+            # Past its end, dynamic_update_slice would clamp the write onto earlier slots: wrong
+            # logits, no error. (Under jit the caller sizes the cache, as `Generator` does.)
+            if int(cache_index) + seq > cache.max_length:
+                raise ValueError(f"the KV cache holds {cache.max_length} slots; {int(cache_index)} are used and "
+                                 f"{seq} more do not fit (KVCache.init with a larger max_length)")
         query_slots = cache_index + jnp.arange(seq, dtype=jnp.int32)
         if positions is None:
             positions = jnp.broadcast_to(query_slots, (batch, seq))

@@ -85,3 +85,17 @@ def test_scanned_model_refuses_a_per_layer_cache():
     cache = KVCache.init(CONFIG, 1, 8, per_layer=True)
     with pytest.raises(ValueError, match="stacked KV cache"):
         LlamaForCausalLM(CONFIG).apply({"params": params}, jnp.ones((1, 3), jnp.int32), cache=cache)
+
+
+def test_cache_overflow_is_refused():
+    """A write past the cache's last slot was clamped onto earlier slots by dynamic_update_slice:
+    wrong logits and an index past max_length, without an error."""
+    params = init_params(CONFIG, jax.random.key(0))
+    model = LlamaForCausalLM(CONFIG)
+    ids = jnp.asarray(np.random.default_rng().integers(0, CONFIG.vocab_size, (1, 7)))
+    out = model.apply({"params": params}, ids[:, :6], cache=KVCache.init(CONFIG, 1, 8))
+    step = model.apply({"params": params}, ids[:, 6:], cache=out.cache)  # slot 7 of 8: fits
+    with pytest.raises(ValueError, match="the KV cache holds 8 slots; 7 are used and 2 more do not fit"):
+        model.apply({"params": params}, ids[:, :2], cache=step.cache)
+    with pytest.raises(ValueError, match="0 are used and 9 more do not fit"):
+        model.apply({"params": params}, jnp.zeros((1, 9), jnp.int32), cache=KVCache.init(CONFIG, 1, 8))
