@@ -1,4 +1,4 @@
-"""LLaMA-3-8B (GQA 32/8 heads, llama3 rope scaling) with 28 adapters, top-2."""
+"""LLaMA-3-8B (GQA 32/8 heads, rope theta 500000) with 28 adapters, top-2."""
 
 from meteora_jax.defaults import base_config
 
@@ -17,9 +17,8 @@ def get_config():
         max_position_embeddings=8192,
         tie_word_embeddings=False,
     )
-    config.model.rope_scaling = dict(
-        factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192
-    )
+    # Meta-Llama-3-8B has no rope scaling (Llama-3.1's llama3 scaling, factor 8, comes with 131072
+    # positions); a converted checkpoint's own config.json decides in any case.
     config.model.meteora.update(num_adapters=28, rank=8, top_k=2)
     # Gate training (scripts/train.py): point these at your converted checkpoint and task data,
     # e.g. --config.model_checkpoint=... --config.data.root=... on the command line.
@@ -30,8 +29,8 @@ def get_config():
     config.workdir = "runs/llama3_8b"
     config.train.update(steps=2000, batch_size=8, grad_accum_steps=4, eval_every=500, eval_batch_size=8, eval_max_batches=50)
     # The original's gate training (run_meteora_train_fsdp.sh, meteora_train.py): AdamW at 5e-4, weight decay
-    # 0.01, gradients clipped at norm 0.3, cosine (its warm-up: 0.5% of 15,000 steps).
+    # 0.01, gradients clipped at norm 0.3, cosine down to 0 as HF's (its warm-up: 0.5% of 15,000 steps).
     config.optimizer.update(learning_rate=5e-4, weight_decay=0.01, clip_norm=0.3)
-    config.schedule.update(kind="cosine", warmup_steps=100)
+    config.schedule.update(kind="cosine", warmup_steps=100, end_factor=0.0)
     config.checkpoint.update(every=500, keep=3)
     return config
