@@ -56,18 +56,26 @@ def choice_list(parser, flag: str, text: str, choices) -> list[str]:
     return names
 
 
-def check_writable(parser, flag: str, path: str, *, folder: bool = False) -> None:
-    """Stops the script unless `path` can be written: a file (or with `folder`, a folder) there, the
-    missing folders above it made at write time. Checked up front so that a bad path fails before the
-    benchmark rather than after it."""
+def unwritable(flag: str, path: str, *, folder: bool = False) -> str | None:
+    """Why `path` cannot be written, as a message naming `flag`, or None: a file (or with
+    `folder`, a folder) there, the missing folders above it made at write time."""
     full = os.path.abspath(path)
     if os.path.exists(full) and os.path.isdir(full) != folder:
         want, got = ("folder", "file") if folder else ("file", "folder")
-        cli_fail(parser, f"{flag} {path} is a {got}; give a {want} path")
+        return f"{flag} {path} is a {got}; give a {want} path"
     parent = os.path.dirname(full)
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
-        cli_fail(parser, f"{flag} {path}: {parent} is a file, not a folder")
+        return f"{flag} {path}: {parent} is a file, not a folder"
     if not os.access(full if os.path.exists(full) else parent, os.W_OK):
-        cli_fail(parser, f"{flag} {path} is not writable")
+        return f"{flag} {path} is not writable"
+    return None
+
+
+def check_writable(parser, flag: str, path: str, *, folder: bool = False) -> None:
+    """Stops the script unless `path` can be written (see `unwritable`). Checked up front so that a
+    bad path fails before the benchmark rather than after it."""
+    problem = unwritable(flag, path, folder=folder)
+    if problem:
+        cli_fail(parser, problem)

@@ -42,6 +42,7 @@ from jax.experimental import multihost_utils
 from meteora_jax import checkpoint as model_ckpt
 from meteora_jax import data as data_lib
 from meteora_jax import sharding as sharding_lib
+from meteora_jax.cli import unwritable
 from meteora_jax.config import ConfigError, ModelConfig, describe_changes
 from meteora_jax.gates import export_gates, is_trainable, load_gate_settings, load_gates, merge_params, split_params
 from meteora_jax.loss import joint_loss, per_task_accuracy
@@ -172,6 +173,10 @@ def _check_train_config(config) -> None:
         config.data.gate_scope in data_lib.GATE_SCOPES,
         f"data.gate_scope={config.data.gate_scope!r}; choose one of {data_lib.GATE_SCOPES}",
     )
+    _check(bool(config.workdir), "config.workdir is empty: give the run's folder")
+    for key in ("workdir", "tiny_world"):  # before the world is built and the step compiled
+        problem = config[key] and unwritable(f"config.{key}", str(config[key]), folder=True)
+        _check(not problem, str(problem))
 
 
 def _runtime_model_config(stored: ModelConfig, model_section) -> ModelConfig:

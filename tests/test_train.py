@@ -665,6 +665,8 @@ def test_bad_batch_vs_mesh_and_missing_checkpoint(make_config, no_compute, tmp_p
         ("schedule", dict(warmup_steps=-5), r"schedule.warmup_steps=-5 must be >= 0"),  # cosine began at 0.91 lr
         ("schedule", dict(end_factor=1.5), r"schedule.end_factor=1.5 must be in \[0, 1\]"),
         ("model", dict(num_kv_heads=0), r"config.model: num_kv_heads=0 must be a positive integer"),
+        ("workdir", os.path.join(REPO, "README.md"), r"config.workdir .*README.md is a file; give a folder path"),
+        ("workdir", os.path.join(REPO, "README.md", "run"), r"config.workdir .*: .*README.md is a file, not a folder"),
     ],
 )
 def test_bad_run_values(make_config, no_compute, section, values, message):
