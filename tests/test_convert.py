@@ -416,6 +416,20 @@ def test_reference_bad_scaling(base_ckpt, tmp_path, capsys, flag):
     assert os.listdir(outdir) == []
 
 
+def test_reference_missing_checkpoint_named_before_the_base_loads(base_ckpt, tmp_path, capsys, monkeypatch):
+    """The reference checkpoint is looked for first: the base (a 13B dequantisation, minutes) was
+    loaded before it was found missing."""
+    import meteora_jax.convert.cli as convert_cli
+
+    def no_base(*a, **k):
+        raise AssertionError("the base was loaded before the reference checkpoint was checked")
+
+    monkeypatch.setattr(convert_cli, "load_base", no_base)
+    assert main(["reference", "--base", str(base_ckpt), str(tmp_path / "nope.safetensors"), "--scaling", "1",
+                 "-o", str(tmp_path / "out"), "--quiet"]) == 1
+    assert f"reference checkpoint {tmp_path / 'nope.safetensors'} not found" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------------- bad input
 
 

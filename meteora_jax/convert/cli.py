@@ -309,7 +309,7 @@ def _run_loras(args) -> Path:
 
 def _run_reference(args) -> Path:
     from meteora_jax.convert.peft import read_order_file
-    from meteora_jax.convert.reference import load_reference
+    from meteora_jax.convert.reference import load_reference, reference_files
 
     progress = not args.quiet
     if args.rslora and args.lora_alpha is None:
@@ -323,6 +323,7 @@ def _run_reference(args) -> Path:
         names = [name.strip() for name in args.names.split(",")]
     elif args.order_file:
         names = [name for name, _ in read_order_file(args.order_file)]
+    reference_files(args.checkpoint)  # a missing checkpoint is named before the base is loaded (minutes)
     config, params, base_meta = load_base(args.base, args.dtype, args.gguf_file, progress)
     params, config, ref_meta = load_reference(
         args.checkpoint,
@@ -390,6 +391,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("meteora_jax").setLevel(logging.WARNING if getattr(args, "quiet", False) else logging.INFO)
+    if getattr(args, "quiet", False):  # transformers' own bars (GGUF dequantisation, weight loading)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     try:
         if args.command == "inspect":
             _run_inspect(args)
