@@ -188,14 +188,18 @@ def find_task_dirs(
 
 
 def load_tokenizer(path: str | os.PathLike):
-    """The HF tokenizer saved in the folder `path` (never a Hub download: a wrong path is an error
-    naming it, not a network attempt)."""
+    """The HF tokenizer saved in the folder `path`, or the one inside a GGUF file (never a Hub
+    download: a wrong path is an error naming it, not a network attempt)."""
     path = os.fspath(path)
-    if not os.path.isdir(path):
-        raise DataError(f"tokenizer folder {path!r} does not exist")
+    is_gguf = os.path.isfile(path) and path.lower().endswith(".gguf")
+    if not (os.path.isdir(path) or is_gguf):
+        problem = "is neither a folder nor a .gguf file" if os.path.exists(path) else "does not exist"
+        raise DataError(f"tokenizer folder {path!r} {problem}")
     from transformers import AutoTokenizer
 
     try:
+        if is_gguf:
+            return AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)), gguf_file=os.path.basename(path))
         return AutoTokenizer.from_pretrained(path)
     except Exception as e:  # transformers raises many kinds, some with several lines of advice
         raise DataError(f"cannot load the tokenizer from {path!r}: {' '.join(str(e).split())}") from None

