@@ -27,7 +27,10 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/*.py file",
 
 def _parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing, where a bad --config file or override stops with one line on stderr and
-    exit status 2 (absl and ml_collections would print a traceback or exit with 1)."""
+    exit status 2 (absl and ml_collections would print a traceback or exit with 1). -h / --help
+    print the usage and exit with 0, as the other scripts do (absl exits with 1 and knows no -h)."""
+    if any(arg in ("-h", "--help") for arg in argv[1:]):
+        app.usage(shorthelp=True, writeto_stdout=True, exitcode=0)
     try:
         remaining = flags.FLAGS(argv)
         _CONFIG.value.keys()  # ml_collections defers a config file's load error to its first use

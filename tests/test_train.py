@@ -706,6 +706,13 @@ def test_script_bad_input_exit_code_and_unknown_key(world, tmp_path):
     assert not os.path.exists(tmp_path / "w")
 
 
+def test_script_help_exits_0():
+    for flag in ("-h", "--help"):  # absl knew no -h (exit 2) and exited 1 after --help
+        proc = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "train.py"), flag],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0 and "Trains the MeteoRA gates" in proc.stdout and "--config" in proc.stdout, proc
+
+
 @pytest.mark.parametrize("name", ["tiny", "smollm2_135m", "llama3_8b", "llama2_13b"])
 def test_configs_have_training_sections(name):
     spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "configs", f"{name}.py"))
