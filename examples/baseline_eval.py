@@ -29,7 +29,7 @@ from meteora_jax.cli import positive_int  # noqa: E402
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+        description=" ".join(__doc__.split("\n\n")[0].split()), formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--tasks-root", required=True)
     p.add_argument("--tasks", default=None, help="comma-separated subset (default: all)")
