@@ -311,7 +311,9 @@ def main(argv=None) -> int:
     p.add_argument("--compiler-option", action="append", default=[], metavar="NAME=VALUE",
                    help="an XLA option for every model's generation program (Generator compiler_options), "
                         "e.g. xla_gpu_enable_command_buffer=FUSION,CUBLAS; repeatable")
-    p.add_argument("--tiny", action="store_true", help="tiny shapes, for a CPU dry run of the script")
+    p.add_argument("--tiny", action="store_true",
+                   help="a tiny model's widths; layers, batches, lengths and reps stay as given, so a CPU dry run "
+                        "also passes e.g. --num-layers 1 --batches 1 --prompt-len 4 --new-tokens 3 --reps 1")
     args = p.parse_args(argv)
     batches = args.batches
     if args.new_tokens < 2:  # the decode time is T(N) - T(1)
