@@ -477,6 +477,7 @@ def token_routing(
     if config.meteora.num_adapters == 0:
         raise ValueError("token_routing needs a model with adapters (num_adapters > 0)")
     ids = jnp.asarray([list(token_ids)], jnp.int32)
+    check_routing_temperature(routing.temperature)  # concrete here; traced (unchecked) under the jit below
     routing = Routing(temperature=jnp.float32(routing.temperature), forced_weights=routing.forced_weights)
     return np.asarray(_routing_forward(config)(params, ids, routing))
 

@@ -37,6 +37,7 @@ import numpy as np
 from meteora_jax.config import ModelConfig
 from meteora_jax.layers import DecoderLayer, RMSNorm
 from meteora_jax.routing import Routing
+from pallas_kernels.routed_lora import check_routing_temperature
 
 _REMAT_POLICIES = {
     "full": None,  # save nothing, recompute the layer in the backward pass
@@ -121,6 +122,7 @@ class LlamaForCausalLM(nn.Module):
     ) -> ModelOutput:
         cfg = self.config
         _check_inputs(input_ids, attention_mask, positions, cfg.vocab_size)
+        check_routing_temperature(routing.temperature)  # (the fused layout does not reach routed_lora's check)
         batch, seq = input_ids.shape
         if attention_mask is None:
             attention_mask = jnp.ones((batch, seq), bool)

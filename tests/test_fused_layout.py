@@ -87,6 +87,22 @@ def test_fused_model_matches_separate_projections(impl, targets, num_adapters, t
             assert _rel(got.gate_logits[name], want.gate_logits[name]) < 1e-5, f"seed {SEED}, {name}"
 
 
+def test_bad_routing_temperature_is_refused_by_every_layout():
+    """A temperature of 0 (NaN logits) or below 0 (favours the lowest-scoring adapters): the fused
+    layout never reached routed_lora's check, and neither did the jitted token_routing."""
+    from meteora_jax.generate import token_routing
+
+    config = _config()
+    separate, fused = _both_layouts(config, 0)
+    ids = jnp.ones((1, 3), jnp.int32)
+    for temperature in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="routing temperature must be a finite number > 0"):
+            LlamaForCausalLM(config, scan_layers=False, fused_projections=True).apply(
+                {"params": fused}, ids, routing=Routing(temperature=temperature))
+        with pytest.raises(ValueError, match="routing temperature must be a finite number > 0"):
+            token_routing(config, init_params(config, jax.random.key(0)), [1, 2, 3], Routing(temperature=temperature))
+
+
 def test_fused_single_token_matches_separate():
     """One token (a B = 1 decode step's shape, where the side GEMM runs as `side_products_pallas`):
     the fused model with the Pallas kernels equals the separate one within 1e-5 in float32."""
