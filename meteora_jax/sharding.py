@@ -63,6 +63,9 @@ DEFAULT_RULES = (
     ("lora_rank", None),
 )
 
+# Every logical axis name that a parameter (`model.param_logical_axes`) or an activation has.
+LOGICAL_AXES = tuple(name for name, _ in DEFAULT_RULES)
+
 
 class ShardingError(ConfigError):
     """A mesh or rule table that cannot work with the devices or the model.
@@ -155,6 +158,9 @@ def logical_rules(rules: Any, mesh: Mesh | None = None) -> tuple[tuple[str, Any]
         names = _names(axes)
         if not all(isinstance(a, str) for a in names) or len(set(names)) != len(names):
             raise ShardingError(f"mesh.rules entry {item!r}: want a mesh axis name, a list of distinct names, or None")
+        if name not in LOGICAL_AXES:  # a misspelt name would leave its arrays whole, silently
+            raise ShardingError(f"mesh.rules entry {item!r} names logical axis {name!r}, which no array has "
+                                f"(they are {', '.join(LOGICAL_AXES)}{_did_you_mean(str(name), LOGICAL_AXES)})")
         out.append((str(name), axes))
     if mesh is None:
         return tuple(out)

@@ -102,6 +102,9 @@ def test_rule_entries_validated():
     with pytest.raises(sharding_lib.ShardingError, match=r"mesh.rules entry \('batch', 3\): want a mesh axis name"):
         sharding_lib.logical_rules([("batch", 3)])
     assert sharding_lib.logical_rules([["batch", ["data"]], ["embed", []]]) == (("batch", "data"), ("embed", None))
+    # A misspelt logical name matched no array: the adapters silently stayed whole on every device.
+    with pytest.raises(sharding_lib.ShardingError, match=r"names logical axis 'adapter', which no array has .*did you mean 'adapters'"):
+        sharding_lib.logical_rules([("adapter", "tensor")] + list(sharding_lib.DEFAULT_RULES))
 
 
 _GRADS = textwrap.dedent(
