@@ -622,6 +622,10 @@ def build_composite(
     for t in tasks:
         if not test_sets[t]:
             raise DataError(f"task {t!r} has an empty test set")
+        for i, record in enumerate(test_sets[t]):
+            if "@@@@" in record["response"]:  # the scorer splits the reference there
+                raise DataError(f"task {t!r}, test record {i + 1}: the response holds '@@@@', the separator "
+                                "of composite answers")
     rng = np.random.default_rng(seed)
     samples = []
     for _ in range(num_samples):

@@ -384,6 +384,15 @@ def test_eval_batches_take_the_tasks_in_turn(toy):
 # Composite-n
 
 
+def test_composite_refuses_a_response_holding_the_separator():
+    """The scorer splits a composite reference on '@@@@': a sub-answer holding it would shift every
+    later part onto the wrong task."""
+    sets = {t: _records(t, 3) for t in ("qa", "sum")}
+    sets["sum"][1] = {"prompt": "p", "response": "a @@@@ b"}
+    with pytest.raises(DataError, match=r"task 'sum', test record 2: the response holds '@@@@'"):
+        data.build_composite(sets, 2, 4, seed=0)
+
+
 def test_composite_builder(tmp_path):
     sets = {t: _records(t, 5) for t in ("qa", "sum", "nli", "mt")}
     samples = data.build_composite(sets, 3, 20, seed=11)
