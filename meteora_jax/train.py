@@ -453,6 +453,15 @@ class _StopRequest:
             raise KeyboardInterrupt
         self.signum = signum
 
+    def agreed(self) -> int | None:
+        """The signal to stop on, the same in every process (None: go on). A signal can reach the
+        hosts of a multi-host run at different steps; one that stopped alone would leave the others
+        waiting in the next step's collectives. Every process must call it at the same point."""
+        if jax.process_count() == 1:
+            return self.signum
+        signums = multihost_utils.process_allgather(np.int32(self.signum or 0))
+        return int(np.max(signums)) or None
+
     def __exit__(self, *exc):
         for s, h in self._old.items():
             signal.signal(s, h)
@@ -764,7 +773,7 @@ class Trainer:
 
         try:
             with _StopRequest() as stop:
-                step = start
+                step, stopped_by = start, None
                 while step < total:
                     batch = sharding_lib.put_batch(next(self.iterator), self.batch_sharding)
                     with self._context():
@@ -787,11 +796,12 @@ class Trainer:
                     if due_ckpt:
                         self.save(step)
                         saved_step = step
-                    if due_eval and (stop.signum is None or at_end):  # a stopping run saves first
+                    if due_eval and (at_end or stop.agreed() is None):  # a stopping run saves first
                         run_eval(step)
                     # Checked after the blocking work above: a signal that came during it stops
                     # here too, and the step is saved whatever was due.
-                    if stop.signum is not None and not at_end:
+                    stopped_by = None if at_end else stop.agreed()
+                    if stopped_by is not None:
                         status = "interrupted"
                         if pending is not None:
                             window.append(check(pending))  # never save a non-finite state
@@ -800,7 +810,7 @@ class Trainer:
                         if saved_step != step:
                             self.save(step)
                             saved_step = step
-                        msg = f"signal {signal.Signals(stop.signum).name}: saved step {step} in {self.manager.directory}"
+                        msg = f"signal {signal.Signals(stopped_by).name}: saved step {step} in {self.manager.directory}"
                         (bar.write if bar is not None else print)(msg)
                         break
                 if pending is not None:
@@ -822,7 +832,7 @@ class Trainer:
             "step": step,
             "resumed_from": start or None,
             "saved_step": saved_step,
-            "signal": int(stop.signum) if status == "interrupted" else None,
+            "signal": stopped_by if status == "interrupted" else None,
             "train": last_train,
             "eval": last_eval,
             "history": history,

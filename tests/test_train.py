@@ -516,6 +516,37 @@ def test_resume_false_starts_over(make_config):
     trainer.close()
 
 
+_AGREE = """
+import signal, sys
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+from meteora_jax.train import _StopRequest
+stop = _StopRequest()
+before = stop.agreed()
+if jax.process_index() == 0:
+    stop.signum = signal.SIGTERM  # only the first host got the signal
+print("AGREED", before, stop.agreed(), flush=True)
+"""
+
+
+def test_two_processes_agree_on_a_stop():
+    """A signal that reached one host of a two-process run stops both at the same step (one that
+    stopped alone would leave the other waiting in the next step's collectives)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        address = f"localhost:{s.getsockname()[1]}"
+    env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}
+    procs = [subprocess.Popen([sys.executable, "-c", _AGREE, address, str(i)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env) for i in range(2)]
+    for proc in procs:
+        out, err = proc.communicate(timeout=180)
+        assert proc.returncode == 0, err[-2000:]
+        assert f"AGREED None {int(signal.SIGTERM)}" in out, (out, err[-2000:])
+
+
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(make_config):
     good = make_config("nan", train=dict(steps=3), checkpoint=dict(every=1))
     train_lib.train(good)
