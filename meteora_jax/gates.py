@@ -106,10 +106,14 @@ def load_gates(path, sharding: jax.sharding.Sharding | None = None) -> tuple[dic
     """
     path = os.path.abspath(os.fspath(path))
     names_path, gates_path = os.path.join(path, ADAPTER_NAMES_FILE), os.path.join(path, "gates")
+    if not os.path.exists(path):
+        raise ValueError(f"gates folder {path} does not exist")
     for needed in (gates_path, names_path):
         if not os.path.exists(needed):
+            inside = os.path.join(gates_path, ADAPTER_NAMES_FILE)  # a training workdir holds the export in gates/
+            hint = f"; did you mean {gates_path}?" if os.path.isfile(inside) else ""
             raise ValueError(f"{path} is not a gate export (expected gates/ and {ADAPTER_NAMES_FILE}): "
-                             f"{needed} is missing")
+                             f"{needed} is missing{hint}")
     names = _read_json(names_path, "the adapter names")
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise ValueError(f"{names_path}: expected a JSON list of adapter names, got {names!r}")

@@ -93,10 +93,15 @@ def test_gates_saved_on_several_devices_load_on_one(tmp_path):
 def test_folders_that_are_not_exports(tmp_path):
     """Each missing or malformed part is named, as a ValueError (what the CLIs report)."""
     missing = tmp_path / "nothing_here"
-    with pytest.raises(ValueError, match=r"nothing_here is not a gate export .*gates is missing"):
+    with pytest.raises(ValueError, match=r"gates folder .*nothing_here does not exist"):
+        load_gates(missing)
+    missing.mkdir()
+    with pytest.raises(ValueError, match=r"nothing_here is not a gate export .*gates is missing$"):
         load_gates(missing)
     gates, _ = split_params(_params())
-    folder = export_gates(tmp_path / "export", gates, ["a", "b", "c"], {"top_k": 2})
+    folder = export_gates(tmp_path / "workdir" / "gates", gates, ["a", "b", "c"], {"top_k": 2})
+    with pytest.raises(ValueError, match=r"workdir is not a gate export .*is missing; did you mean .*workdir/gates\?"):
+        load_gates(tmp_path / "workdir")  # the training run's workdir, not its export
     names_file = os.path.join(folder, "adapter_names.json")
     with open(names_file, "w") as f:
         f.write('["a", "b"')  # cut short
