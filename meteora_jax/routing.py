@@ -40,8 +40,8 @@ class Routing:
         if weights is None or self.forced_top_k or isinstance(weights, jax.core.Tracer):
             return
         weights = np.asarray(weights)
-        if weights.ndim != 1 or not np.count_nonzero(weights) or not np.all(weights >= 0):
-            raise ValueError(f"forced_weights must be [L], >= 0 with a non-zero entry, got {weights!r}")
+        if weights.ndim != 1 or not np.count_nonzero(weights) or not np.all((weights >= 0) & np.isfinite(weights)):
+            raise ValueError(f"forced_weights must be [L], finite and >= 0 with a non-zero entry, got {weights!r}")
         object.__setattr__(self, "forced_top_k", int(np.count_nonzero(weights)))
 
     @classmethod

@@ -351,5 +351,6 @@ def test_generator_and_model_reject_bad_inputs():
     for index, message in ((1.5, "adapter index must be an integer, got 1.5"), (3, "out of range for 3 adapters")):
         with pytest.raises(ValueError, match=message):
             Routing.force_adapter(index, 3)
-    with pytest.raises(ValueError, match=">= 0 with a non-zero entry"):
-        Routing(forced_weights=jnp.array([0.5, -0.5, 0.0]))
+    for weights in ([0.5, -0.5, 0.0], [float("inf"), 0.0, 0.0], [float("nan"), 1.0, 0.0]):  # inf gave NaN logits
+        with pytest.raises(ValueError, match="finite and >= 0 with a non-zero entry"):
+            Routing(forced_weights=jnp.array(weights))
