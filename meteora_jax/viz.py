@@ -166,10 +166,12 @@ def routing_html(
     adapter_names: Sequence[str],
     *,
     prompt_length: int | None = None,
-    title: str = "MeteoRA routing",
+    title: str | None = None,
 ) -> str:
     """A self-contained HTML page (inline CSS, no scripts or external files): every token in the
-    colour of its dominant adapter, its per-adapter shares in a tooltip, and a legend."""
+    colour of its dominant adapter, its per-adapter shares in a tooltip, and a legend. `title`
+    defaults to "MeteoRA routing"."""
+    title = title or "MeteoRA routing"
     routing = _check(pieces, routing, adapter_names)
     L = len(adapter_names)
     shares = routing_shares(routing, L)

@@ -74,9 +74,6 @@ def main(argv=None) -> int:
             raise ValueError(f"--batch-size {args.batch_size} must be >= 1")
         if not 0 <= args.seed < 2**32:
             raise ValueError(f"--seed {args.seed} must be in [0, 2**32)")
-        if args.routing_pictures and args.force_adapter is not None:
-            raise ValueError("--routing-pictures draws the gates' choices; with --force-adapter every token uses "
-                             "that adapter, so there is nothing to draw")
         check_sampling_options(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                                routing_temperature=args.routing_temperature)
         _check_outputs(p, args)
@@ -127,10 +124,12 @@ def main(argv=None) -> int:
         with open(args.json, "w", encoding="utf-8") as f:
             for r in records:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    # Forced routing: every token used that adapter; the pictures show what the gates would pick.
+    title = None if force is None else f"forced to {names[force]}; colours: the gates' own top-1 choices (unused)"
     for number, pieces, routing, prompt_length in routed:
         stem = os.path.join(args.routing_pictures, f"prompt_{number:03d}")
-        viz.save_routing_png(stem + ".png", pieces, routing, names, prompt_length=prompt_length)
-        viz.save_routing_html(stem + ".html", pieces, routing, names, prompt_length=prompt_length)
+        viz.save_routing_png(stem + ".png", pieces, routing, names, prompt_length=prompt_length, title=title)
+        viz.save_routing_html(stem + ".html", pieces, routing, names, prompt_length=prompt_length, title=title)
     return 0
 
 

@@ -125,8 +125,6 @@ def _bad_generate_inputs(w, tmp_path):
         (["--prompt", "1+2=", "--routing-pictures", str(tmp_path / "a_file")], "a_file is a file; give a folder path"),
         # A picture's parent that is a file failed with a traceback after generating everything.
         (["--prompt", "1+2=", "--routing-pictures", str(tmp_path / "a_file" / "pics")], "a_file is a file, not a folder"),
-        (["--prompt", "1+2=", "--routing-pictures", str(missing), "--force-adapter", "arith"],
-         "with --force-adapter every token uses that adapter"),  # the pictures showed the gates' unused choices
         (["--prompt", "1+2=", "--seed", str(2**64)], f"--seed {2**64} must be in [0, 2**32)"),  # a traceback after loading
         (["--prompt", "1+2=", "--tokenizer", str(missing)], f"tokenizer folder {str(missing)!r} does not exist"),
         (["--prompt", "1+2 " * 400], "exceeds the model's max_position_embeddings=512"),
@@ -178,6 +176,18 @@ def test_scripts_stop_on_bad_input_with_one_line(tiny_inference_world, tmp_path,
         assert e.value.code == 2, (argv, err)
         assert message in err and err.count("\n") == 1 and ": error: " in err, (argv, err)
         assert not os.listdir(outputs), (argv, sorted(os.listdir(outputs)))
+
+
+def test_forced_routing_pictures_say_so(tiny_inference_world, tmp_path):
+    """With --force-adapter every token uses that adapter; the pictures (the gates' own choices)
+    carry that in their title rather than looking like the routing that ran."""
+    w = tiny_inference_world
+    generate = runpy.run_path(os.path.join(REPO, "scripts", "generate.py"), run_name="cli_script")["main"]
+    argv = ["--checkpoint", w.model, "--tokenizer", w.tokenizer, "--prompt", "1+2=", "--max-new-tokens", "2",
+            "--force-adapter", "reverse", "--routing-pictures", str(tmp_path / "pics")]
+    assert generate(argv) == 0
+    page = (tmp_path / "pics" / "prompt_000.html").read_text()
+    assert "forced to reverse; colours: the gates&#x27; own top-1 choices (unused)" in page
 
 
 def test_load_for_inference_checks_before_reading_weights(tiny_inference_world, monkeypatch):
