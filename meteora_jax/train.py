@@ -425,7 +425,10 @@ def _start_over(checkpoints: str) -> None:
     """checkpoint.resume=False: an earlier run's checkpoints are removed (kept, their steps would
     mix with this run's: a later resume would take the old run's latest step, and a save of a step
     they hold would fail)."""
-    if os.path.isdir(checkpoints) and os.listdir(checkpoints):
+    earlier = os.path.isdir(checkpoints) and bool(os.listdir(checkpoints))
+    if jax.process_count() > 1:  # process 0's view, for all: on a shared disk it may be removing them already
+        earlier = bool(multihost_utils.broadcast_one_to_all(np.int32(earlier)))
+    if earlier:
         if jax.process_index() == 0:
             warnings.warn(f"checkpoint.resume=False: removing the earlier run's checkpoints in {checkpoints}")
             shutil.rmtree(checkpoints)
@@ -453,12 +456,19 @@ class _StopRequest:
             raise KeyboardInterrupt
         self.signum = signum
 
-    def agreed(self) -> int | None:
+    def agreed(self, blocking: bool = True) -> int | None:
         """The signal to stop on, the same in every process (None: go on). A signal can reach the
         hosts of a multi-host run at different steps; one that stopped alone would leave the others
-        waiting in the next step's collectives. Every process must call it at the same point."""
+        waiting in the next step's collectives. Every process must call it at the same point.
+
+        With several processes agreeing is a host sync, which waits for the queued step: at a step
+        that does not block anyway (`blocking=False`: no log, save or eval due) it is skipped, so a
+        signal takes effect at the next logging step at the latest.
+        """
         if jax.process_count() == 1:
             return self.signum
+        if not blocking:
+            return None
         signums = multihost_utils.process_allgather(np.int32(self.signum or 0))
         return int(np.max(signums)) or None
 
@@ -800,7 +810,7 @@ class Trainer:
                         run_eval(step)
                     # Checked after the blocking work above: a signal that came during it stops
                     # here too, and the step is saved whatever was due.
-                    stopped_by = None if at_end else stop.agreed()
+                    stopped_by = None if at_end else stop.agreed(blocking=due_log or due_ckpt or due_eval)
                     if stopped_by is not None:
                         status = "interrupted"
                         if pending is not None:

@@ -8,7 +8,8 @@ r"""Trains the MeteoRA gates of a converted model on JSONL task data.
 Any `--config.<key>=<value>` overrides the config file; an unknown key is an error. Bad inputs
 stop with a message and exit status 2 before any compute; a non-finite loss exits with 3. SIGTERM
 or Ctrl-C saves the current step and exits with 128 + the signal's number (143 / 130), as a shell
-reports a killed command: the run is not done and exported no gates; running it again resumes.
+reports a killed command: the run is not done and exported no gates; running it again (without
+--config.checkpoint.resume=False, which would remove that step) goes on from there.
 """
 
 import os
@@ -116,8 +117,12 @@ def main(argv):
     if summary["resumed_from"]:
         print(f"resumed from the checkpoint at step {summary['resumed_from']} in {_CONFIG.value.workdir} "
               "(another workdir, or --config.checkpoint.resume=False, starts over)")
-    print(f"{summary['status']} at step {summary['step']}{acc}; gates: {summary['gates_dir']}")
-    return 128 + summary["signal"] if summary["status"] == "interrupted" else 0
+    if summary["status"] == "interrupted":
+        print(f"interrupted at step {summary['step']}{acc}; run the command again, without "
+              "--config.checkpoint.resume=False, to go on from there")
+        return 128 + summary["signal"]
+    print(f"done at step {summary['step']}{acc}; gates: {summary['gates_dir']}")
+    return 0
 
 
 if __name__ == "__main__":

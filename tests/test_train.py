@@ -516,35 +516,45 @@ def test_resume_false_starts_over(make_config):
     trainer.close()
 
 
-_AGREE = """
-import signal, sys
+_TWO_HOSTS = """
+import os, signal, sys, time, warnings
 import jax
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
-from meteora_jax.train import _StopRequest
+from meteora_jax.train import _StopRequest, _start_over
+
+warnings.simplefilter("ignore")
+if jax.process_index() == 1:
+    time.sleep(2)  # process 0 has removed the shared folder by now
+_start_over(sys.argv[3])
+print("STARTED_OVER", os.path.exists(sys.argv[3]), flush=True)
 stop = _StopRequest()
-before = stop.agreed()
+before = stop.agreed(), stop.agreed(blocking=False)
 if jax.process_index() == 0:
     stop.signum = signal.SIGTERM  # only the first host got the signal
-print("AGREED", before, stop.agreed(), flush=True)
+print("AGREED", *before, stop.agreed(blocking=False), stop.agreed(), flush=True)
 """
 
 
-def test_two_processes_agree_on_a_stop():
-    """A signal that reached one host of a two-process run stops both at the same step (one that
-    stopped alone would leave the other waiting in the next step's collectives)."""
+def test_two_processes_agree_on_a_stop_and_a_start_over(tmp_path):
+    """Two processes of one run on a shared disk: a signal that reached one host stops both at the
+    same (blocking) step, as one that stopped alone would leave the other in the next step's
+    collectives; resume=False removes the earlier checkpoints once, both passing the same barrier
+    (a process that looked after process 0 had removed them skipped it)."""
     import socket
 
     with socket.socket() as s:
         s.bind(("localhost", 0))
         address = f"localhost:{s.getsockname()[1]}"
+    checkpoints = tmp_path / "checkpoints"
+    (checkpoints / "7").mkdir(parents=True)
     env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}
-    procs = [subprocess.Popen([sys.executable, "-c", _AGREE, address, str(i)], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env=env) for i in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-c", _TWO_HOSTS, address, str(i), str(checkpoints)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for i in range(2)]
     for proc in procs:
         out, err = proc.communicate(timeout=180)
         assert proc.returncode == 0, err[-2000:]
-        assert f"AGREED None {int(signal.SIGTERM)}" in out, (out, err[-2000:])
+        assert "STARTED_OVER False" in out and f"AGREED None None None {int(signal.SIGTERM)}" in out, (out, err[-2000:])
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(make_config):
