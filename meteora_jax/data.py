@@ -29,6 +29,7 @@ every problem is a `DataError`.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import warnings
@@ -57,6 +58,7 @@ __all__ = [
 ARRAY_KEYS = ("input_ids", "lm_labels", "lm_mask", "gate_labels", "gate_mask", "attention_mask")
 GATE_SCOPES = ("all", "task")  # which tokens the gate loss (and gate accuracy) covers
 COMPOSITE_SEPARATOR = "@@@@\n"  # between sub-answers of a composite sample (DESIGN.md section 6)
+SEPARATOR_MARK = COMPOSITE_SEPARATOR.strip()  # what the scorer splits at, whatever whitespace surrounds it
 _MIXING = ("round_robin", "uniform")
 
 
@@ -243,6 +245,26 @@ def _rfind_content(text: str, content: str, start: int, end: int) -> int:
     return -1
 
 
+_CONTENT_MARK = "\u2063MeteoRA\u2063"  # a user content no template alters (invisible separators)
+
+
+def _prompt_start(tokenizer, full: str, prompt: str, boundary: int) -> int:
+    """Where the prompt text starts in `full` (the rendered conversation; the response starts at
+    `boundary`), -1 if it is not there. A short prompt ("end", "assistant") also occurs in the
+    template's own text, so the template is rendered once with a marker as the user content: the
+    text before the marker is where any content starts. A template whose text around the content
+    depends on the content falls back to the last match inside the user turn."""
+    marked = _render(tokenizer, [{"role": "user", "content": _CONTENT_MARK}])
+    start = marked.find(_CONTENT_MARK)
+    if start >= 0 and full.startswith(marked[:start]):
+        for candidate in (prompt, prompt.strip()):  # as is, or trimmed by the template
+            if full.startswith(candidate, start):
+                return start
+    user_turn = _render(tokenizer, [{"role": "user", "content": prompt}])
+    user_end = len(user_turn) if full.startswith(user_turn) else boundary
+    return _rfind_content(full, prompt, 0, min(user_end, boundary))
+
+
 def _encode_chat(tokenizer, prompt: str, response: str) -> tuple[list[int], int, int]:
     """Returns (ids, n_head, n_prompt): the chat-formatted pair, how many leading tokens come
     before the prompt text (the template's head) and how many are prompt (head included)."""
@@ -255,11 +277,7 @@ def _encode_chat(tokenizer, prompt: str, response: str) -> tuple[list[int], int,
         boundary = _rfind_content(full, response, 0, len(full)) if response.strip() else -1
         if boundary < 0:
             raise DataError("chat template output starts neither with the prompt turn nor holds the response")
-    # The prompt is searched for inside the user turn only: a short prompt ("assistant") can also
-    # be part of the generation prompt that follows it.
-    user_turn = _render(tokenizer, user)
-    user_end = len(user_turn) if full.startswith(user_turn) else boundary
-    prompt_start = _rfind_content(full, prompt, 0, min(user_end, boundary))
+    prompt_start = _prompt_start(tokenizer, full, prompt, boundary)
     if prompt_start < 0:
         raise DataError("chat template output does not hold the prompt text")
     # The rendered text carries the template's special tokens already: no extra BOS/EOS.
@@ -355,6 +373,20 @@ def _fingerprint(*parts: Any) -> str:
     return h.hexdigest()[:32]
 
 
+class _RecordError(DataError):
+    """A record that cannot be encoded; `index` (0-based) lets the caller name its file line."""
+
+    def __init__(self, index: int, problem: str):
+        super().__init__(f"record {index + 1}: {problem}")
+        self.index, self.problem = index, problem
+
+
+def _line_of_record(path: str, index: int) -> int:
+    """The 1-based line of record `index` of a JSONL file (`read_jsonl` skips blank lines)."""
+    records = (lineno for lineno, line in enumerate(read_text_lines(path), start=1) if line.strip())
+    return next(itertools.islice(records, index, None))
+
+
 def tokenize_records(
     records: Sequence[Mapping[str, str]],
     tokenizer,
@@ -384,7 +416,7 @@ def tokenize_records(
             try:
                 arrays, truncated = encode_example(tokenizer, prompt, response, **kw)
             except DataError as e:
-                raise DataError(f"record {i + 1} (prompt {prompt[:40]!r}): {e}") from None
+                raise _RecordError(i, f"prompt {prompt[:40]!r}: {e}") from None
             for k, v in arrays.items():
                 out[k].append(v)
             out["truncated"].append(truncated)
@@ -442,8 +474,8 @@ def load_task_datasets(
                 lm_on_prompt=lm_on_prompt,
                 gate_scope=gate_scope,
             )
-        except DataError as e:
-            raise DataError(f"{paths[task]}: {e}") from None
+        except _RecordError as e:
+            raise DataError(f"{paths[task]}:{_line_of_record(paths[task], e.index)}: {e.problem}") from None
         if n:
             truncated[task] = n
     if truncated:
@@ -619,18 +651,22 @@ def build_composite(
         raise DataError(f"composite-{n} needs {n} distinct tasks, only {len(tasks)} given: {tasks}")
     if num_samples < 1:
         raise DataError(f"num_samples={num_samples} must be >= 1")
+    # The scorer splits a composite reference at the separator: a response holding it cannot be
+    # part of one (each later part would be scored against the wrong task).
+    usable = {t: [r for r in test_sets[t] if SEPARATOR_MARK not in r["response"]] for t in tasks}
     for t in tasks:
         if not test_sets[t]:
             raise DataError(f"task {t!r} has an empty test set")
-        for i, record in enumerate(test_sets[t]):
-            if "@@@@" in record["response"]:  # the scorer splits the reference there
-                raise DataError(f"task {t!r}, test record {i + 1}: the response holds '@@@@', the separator "
-                                "of composite answers")
+        if not usable[t]:
+            raise DataError(f"task {t!r}: every test response holds {SEPARATOR_MARK!r}, the separator of composite answers")
+        if len(usable[t]) < len(test_sets[t]):
+            warnings.warn(f"task {t!r}: {len(test_sets[t]) - len(usable[t])} test records whose response holds "
+                          f"{SEPARATOR_MARK!r} (the separator of composite answers) are left out of composites")
     rng = np.random.default_rng(seed)
     samples = []
     for _ in range(num_samples):
         chosen = [tasks[i] for i in rng.choice(len(tasks), size=n, replace=False)]
-        subs = [test_sets[t][int(rng.integers(len(test_sets[t])))] for t in chosen]
+        subs = [usable[t][int(rng.integers(len(usable[t])))] for t in chosen]
         samples.append(
             {
                 "prompt": "\n".join(f"{i + 1}. {s['prompt']}" for i, s in enumerate(subs)),

@@ -145,9 +145,10 @@ def _with_template(tokenizer, template):
 
 def test_chat_templates_that_trim_content(tiny_tokenizer):
     """Llama-2/3 chat templates strip a turn's content: a prompt with surrounding whitespace is
-    found as rendered, and a short prompt is looked for inside the user turn only."""
+    found as rendered; a short prompt that the template's own text also holds ("assistant" in the
+    generation prompt, "end" in <|im_end|>) is found where the content starts."""
     tok = _with_template(tiny_tokenizer, TINY_CHAT_TEMPLATE.replace("{{ m['content'] }}", "{{ m['content'] | trim }}"))
-    for prompt, response in (("  Q: 2+2?\n", " 4 \n"), ("assistant", "ok")):
+    for prompt, response in (("  Q: 2+2?\n", " 4 \n"), ("assistant", "ok"), ("end", "ok"), ("im", "ok")):
         arrays, _ = data.encode_example(tok, prompt, response, seq_len=64, task_index=0, chat_template=True, gate_scope="task")
         full = tok.apply_chat_template(
             [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}], tokenize=False
@@ -162,9 +163,11 @@ def test_chat_templates_that_trim_content(tiny_tokenizer):
 def test_untokenisable_record_names_file_and_record(tmp_path, tiny_tokenizer):
     # A template that rewrites the content: the prompt text is nowhere in its output.
     tok = _with_template(tiny_tokenizer, TINY_CHAT_TEMPLATE.replace("{{ m['content'] }}", "{{ m['content'] | upper }}"))
-    _write_task(tmp_path, "qa", [{"prompt": "WHAT", "response": "X"}, {"prompt": "why not", "response": "X"}])
     path = os.path.join(tmp_path, "qa", "train.jsonl")
-    with pytest.raises(DataError, match=re.escape(f"{path}: record 2 (prompt 'why not'): chat template output does not hold")):
+    os.makedirs(os.path.dirname(path))
+    with open(path, "w") as f:  # a blank line: record 2 is on line 3
+        f.write('{"prompt": "WHAT", "response": "X"}\n\n{"prompt": "why not", "response": "X"}\n')
+    with pytest.raises(DataError, match=re.escape(f"{path}:3: prompt 'why not': chat template output does not hold")):
         data.load_task_datasets(tmp_path, ["qa"], tok, seq_len=32, chat_template=True)
 
 
@@ -384,12 +387,17 @@ def test_eval_batches_take_the_tasks_in_turn(toy):
 # Composite-n
 
 
-def test_composite_refuses_a_response_holding_the_separator():
+def test_composite_leaves_out_responses_holding_the_separator():
     """The scorer splits a composite reference on '@@@@': a sub-answer holding it would shift every
-    later part onto the wrong task."""
+    later part onto the wrong task, so such records are left out (with a warning)."""
     sets = {t: _records(t, 3) for t in ("qa", "sum")}
     sets["sum"][1] = {"prompt": "p", "response": "a @@@@ b"}
-    with pytest.raises(DataError, match=r"task 'sum', test record 2: the response holds '@@@@'"):
+    with pytest.warns(UserWarning, match=r"task 'sum': 1 test records whose response holds '@@@@'"):
+        samples = data.build_composite(sets, 2, 40, seed=0)
+    assert all(s["response"].count("@@@@") == 1 for s in samples)
+    assert {p for s in samples for p in s["prompts"]} == {r["prompt"] for t in sets for r in sets[t]} - {"p"}
+    sets["sum"] = [sets["sum"][1]]
+    with pytest.raises(DataError, match=r"task 'sum': every test response holds '@@@@'"):
         data.build_composite(sets, 2, 4, seed=0)
 
 
