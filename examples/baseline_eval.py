@@ -24,12 +24,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import hf_common as hc  # noqa: E402
-from meteora_jax.cli import positive_int  # noqa: E402
+from meteora_jax.cli import doc_summary, positive_int  # noqa: E402
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
-        description=" ".join(__doc__.split("\n\n")[0].split()), formatter_class=argparse.RawDescriptionHelpFormatter
+        description=doc_summary(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--tasks-root", required=True)
     p.add_argument("--tasks", default=None, help="comma-separated subset (default: all)")

@@ -354,7 +354,7 @@ def write_tasks(out: str, names: list[str], seed: int, train_size: int, test_siz
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])  # a whole sentence
     p.add_argument("--out", required=True, help="root folder of the task folders")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-size", type=int, default=2000, help="train samples per task (default 2000)")

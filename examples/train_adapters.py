@@ -43,7 +43,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import hf_common as hc  # noqa: E402
-from meteora_jax.cli import positive_float, positive_int  # noqa: E402
+from meteora_jax.cli import doc_summary, positive_float, positive_int  # noqa: E402
 
 ALL_PROJECTIONS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -51,7 +51,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
-        description=" ".join(__doc__.split("\n\n")[0].split()), formatter_class=argparse.RawDescriptionHelpFormatter
+        description=doc_summary(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--tasks-root", required=True, help="folder of <task>/train.jsonl (+ tasks.json)")
     p.add_argument("--out", required=True, help="folder of the adapter folders")

@@ -172,7 +172,9 @@ def runs_section(runs: list[tuple[str, dict | None, dict]]) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
+    from meteora_jax.cli import doc_summary
+
+    p = argparse.ArgumentParser(description=doc_summary(__doc__))
     p.add_argument("--runs", default="runs")
     p.add_argument("--out", default="docs/results.md")
     p.add_argument("--gates-workdir", default=None, help="default: <runs>/smollm2_135m")

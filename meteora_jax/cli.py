@@ -6,12 +6,19 @@ from __future__ import annotations
 
 import argparse
 import os
+import textwrap
 
 
 def cli_fail(parser, message: str):
     """Stops a script on bad input: one line on stderr, exit status 2 (argparse's `parser.error` also
     prints the whole usage block, which buries the message)."""
     parser.exit(2, f"{parser.prog}: error: {message}\n")
+
+
+def doc_summary(doc: str, width: int = 100) -> str:
+    """A script's --help description: the first paragraph of its docstring, wrapped (the whole
+    docstring's usage lines, where a script shows them, are for the module reader)."""
+    return textwrap.fill(" ".join(doc.split("\n\n")[0].split()), width)
 
 
 def positive_int(text: str) -> int:

@@ -195,8 +195,9 @@ def load_tokenizer(path: str | os.PathLike):
     path = os.fspath(path)
     is_gguf = os.path.isfile(path) and path.lower().endswith(".gguf")
     if not (os.path.isdir(path) or is_gguf):
-        problem = "is neither a folder nor a .gguf file" if os.path.exists(path) else "does not exist"
-        raise DataError(f"tokenizer folder {path!r} {problem}")
+        if os.path.exists(path):
+            raise DataError(f"tokenizer {path!r} is neither a folder nor a .gguf file")
+        raise DataError(f"tokenizer {'file' if path.lower().endswith('.gguf') else 'folder'} {path!r} does not exist")
     from transformers import AutoTokenizer
 
     try:

