@@ -8,16 +8,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.grouped_lora_pallas import grouped_lora_pallas
+from pallas_kernels.grouped_lora_pallas import MAX_RANK, grouped_lora_pallas
 from pallas_kernels.grouped_lora_xla import XLA_FORMULATIONS, grouped_lora_dense
 
 IMPLS = ("auto", "xla", "pallas", *(f"xla_{name}" for name in XLA_FORMULATIONS))
 
 
 def check_adapter_shapes(x, lora_a, lora_b, scaling):
-    """x [T, d_in], lora_a [L, d_in, r], lora_b [L, r, d_out], scaling [L], or a ValueError."""
+    """x [T, d_in] floating, lora_a [L, d_in, r], lora_b [L, r, d_out], scaling [L], or a ValueError."""
     if x.ndim != 2:
         raise ValueError(f"x must be [T, d_in], got shape {x.shape}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):  # an integer x came back as integer garbage
+        raise ValueError(f"x must hold floating-point values, got dtype {x.dtype}")
     if lora_a.ndim != 3 or lora_b.ndim != 3:
         raise ValueError(f"lora_a must be [L, d_in, r] and lora_b [L, r, d_out], got {lora_a.shape} and {lora_b.shape}")
     num_adapters, d_in, rank = lora_a.shape
@@ -74,12 +76,18 @@ def grouped_lora(
     base: optional [T, d_out] (the layer's `x @ kernel`); when given the result is `base + out`,
     and the Pallas kernel adds it in its epilogue instead of a separate pass over the output.
     expert_idx must hold indices in [0, L): checked when it is concrete, undefined under jit.
+    Every adapter's weights must be finite, the unrouted ones too: the dense and concat formulations
+    multiply their products by a weight of 0 (the converter refuses non-finite weights).
     Differentiable in x, expert_weight, base, scaling and (only when differentiated, e.g. MixLoRA)
-    lora_a / lora_b.
+    lora_a / lora_b: first-order reverse mode (`jax.grad`, `jax.vjp`), as the Pallas and concat
+    paths are custom VJPs (no `jax.jvp`, no gradient of a gradient).
     """
     if impl not in IMPLS:
         raise ValueError(f"unknown grouped_lora impl {impl!r}; choose one of {IMPLS}")
     _check_shapes(x, lora_a, lora_b, scaling, expert_idx, expert_weight, base)
+    if x.shape[0] == 0 or lora_a.shape[0] == 0 or expert_idx.shape[1] == 0:  # no tokens, adapters or slots
+        delta = jnp.zeros((x.shape[0], lora_b.shape[2]), x.dtype)
+        return delta if base is None else (base + delta).astype(x.dtype)
     if impl == "auto":
         impl = _auto_impl(x.shape[0], lora_a.shape[2])
     if impl == "pallas":
@@ -122,7 +130,7 @@ def _auto_impl(num_tokens: int, rank: int) -> str:
       at T 256 0.0545 vs concat 0.0696 ms (d_out 4096); at d_out 14336 a tie (two runs: 0.0950 vs
       0.0933, then 0.0902 vs 0.0940).
     """
-    if jax.default_backend() != "gpu":
+    if jax.default_backend() != "gpu" or rank > MAX_RANK:  # (the kernels take r <= MAX_RANK)
         return "xla"
     if num_tokens <= 32 or rank > 16:
         return "pallas"

@@ -439,6 +439,7 @@ CONCAT_GRAD_LARGE_T = 4096  # from here on, concat only up to rank CONCAT_GRAD_M
 CONCAT_GRAD_MAX_RANK_LARGE_T = 8
 SORTED_GRAD_MIN_RANK = 64  # from this rank and SORTED_GRAD_MIN_TOKENS up, sorted rather than concat
 SORTED_GRAD_MIN_TOKENS = 256
+MAX_RANK = 128  # the kernels' largest rank (issue #4: r from 1 to 128); `grouped_lora(impl="auto")` takes XLA above
 COMBO_MAX_RANK = 64  # above it (R = 128) sorted, forward and backward
 COMBO_MIN_TOKENS = 8192  # forward: combo from here up ...
 COMBO_MIN_TOKENS_LOW_RANK = 4096  # ... and from here up to rank COMBO_LOW_RANK
@@ -555,8 +556,8 @@ def grouped_lora_pallas(
     """
     num_tokens = x.shape[0]
     num_adapters, _, rank = lora_a.shape
-    if not 1 <= rank <= 128:
-        raise ValueError(f"rank r={rank} must be in [1, 128]")
+    if not 1 <= rank <= MAX_RANK:
+        raise ValueError(f"rank r={rank} must be in [1, {MAX_RANK}]")
     if num_tokens == 0 or num_adapters == 0 or expert_idx.shape[1] == 0:
         delta = jnp.zeros((num_tokens, lora_b.shape[2]), x.dtype)
         return delta if base is None else (base + delta).astype(x.dtype)

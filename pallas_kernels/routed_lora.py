@@ -20,6 +20,7 @@ import jax
 import numpy as np
 
 from pallas_kernels.grouped_lora import IMPLS, check_adapter_shapes, check_base_shape
+from pallas_kernels.grouped_lora_pallas import MAX_RANK
 from pallas_kernels.routed_lora_pallas import routed_lora_pallas
 from pallas_kernels.routed_lora_prefill import routed_lora_prefill
 from pallas_kernels.routed_lora_xla import routed_lora_xla
@@ -54,6 +55,8 @@ def routed_path(impl: str, num_tokens: int, num_adapters: int, rank: int) -> str
         return "composition"
     if impl == "auto" and jax.default_backend() != "gpu":
         return "composition"  # on CPU the Pallas kernels only run in interpret mode
+    if num_tokens == 0 or rank > MAX_RANK:  # nothing to route; ranks the kernels do not take
+        return "composition"
     if num_tokens > ROUTED_MAX_TOKENS:
         return "prefill"
     return "decode" if num_adapters * rank <= ROUTED_MAX_COLUMNS else "composition"
@@ -77,7 +80,8 @@ def routed_lora(
     impl: a `grouped_lora` impl. "auto" and "pallas" take the decode kernel for T <= ROUTED_MAX_TOKENS
     (when L * r <= ROUTED_MAX_COLUMNS) and the prefill path above ("auto" only on GPU; on CPU the
     composition); the "xla*" impls always take the composition. Under differentiation every path
-    returns the composition's value and gradients (`with_composition_vjp`), with `grouped_lora(impl)`.
+    returns the composition's value and gradients (`with_composition_vjp`), with `grouped_lora(impl)`:
+    first-order reverse mode only, as `grouped_lora`.
     """
     if impl not in IMPLS:
         raise ValueError(f"unknown grouped_lora impl {impl!r}; choose one of {IMPLS}")

@@ -561,8 +561,21 @@ def test_dispatcher_auto_rule(monkeypatch):
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     want = {(1, 8): "pallas", (32, 64): "pallas", (33, 8): "xla_concat", (2048, 8): "xla_concat",
             (4095, 8): "xla_concat", (4096, 8): "pallas", (383, 16): "xla_concat", (384, 16): "pallas",
-            (256, 12): "xla_concat", (33, 17): "pallas", (256, 64): "pallas", (16384, 16): "pallas"}
+            (256, 12): "xla_concat", (33, 17): "pallas", (256, 64): "pallas", (16384, 16): "pallas",
+            (5, 128): "pallas", (5, 200): "xla", (100, 200): "xla"}  # the kernels refuse r > 128
     assert {shape: _auto_impl(*shape) for shape in want} == want
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_no_tokens_and_integer_inputs(impl):
+    """T = 0 gives [0, d_out] (base, when given) on every impl (xla_concat divided by zero); an
+    integer x is refused (it came back as integer garbage)."""
+    x, a, b, s, idx, w, _ = _inputs((5,), 4, 16, 12, 3, 2, 2, jnp.float32)
+    base = jnp.zeros((0, 12), jnp.float32)
+    assert grouped_lora(x[:0], a, b, s, idx[:0], w[:0], impl=impl).shape == (0, 12)
+    assert grouped_lora(x[:0], a, b, s, idx[:0], w[:0], impl=impl, base=base).shape == (0, 12)
+    with pytest.raises(ValueError, match="x must hold floating-point values, got dtype int32"):
+        grouped_lora(x.astype(jnp.int32), a, b, s, idx, w, impl=impl)
 
 
 def test_rejects_bad_arguments():

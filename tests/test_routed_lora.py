@@ -240,6 +240,8 @@ def test_dispatcher_choices_and_errors():
     assert routed_path("pallas", ROUTED_MAX_TOKENS + 1, 4, 8) == "prefill"
     assert routed_path("pallas", 1, ROUTED_MAX_COLUMNS + 1, 1) == "composition"
     assert routed_path("xla", 1, 4, 8) == "composition"
+    assert routed_path("pallas", 0, 4, 8) == "composition"  # T = 0: the decode kernel's gather failed
+    assert routed_path("pallas", 1, 2, 256) == "composition"  # r > 128: the kernels' limit
     on_gpu = jax.default_backend() == "gpu"
     assert routed_path("auto", 1, 4, 8) == ("decode" if on_gpu else "composition")
     assert routed_path("auto", 512, 28, 8) == ("prefill" if on_gpu else "composition")
