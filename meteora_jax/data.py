@@ -691,6 +691,10 @@ def read_composite_jsonl(path: str | os.PathLike) -> list[dict]:
             not isinstance(subs, list) or len(subs) != len(r["tasks"]) or not all(isinstance(x, str) for x in subs)
         ):
             return f"field 'prompts' must be a list of {len(r['tasks'])} strings (one per task)"
+        parts = r["response"].count(SEPARATOR_MARK) + 1
+        if parts != len(r["tasks"]):  # a missing part would be scored as "" against its task's answer
+            return (f"field 'response' holds {parts} answer(s) separated by {SEPARATOR_MARK!r}, field 'tasks' "
+                    f"names {len(r['tasks'])}")
         return None
 
     return read_jsonl(path, extra_fields={"tasks": list}, check=check)

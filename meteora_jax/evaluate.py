@@ -87,11 +87,14 @@ def sentence_bleu(prediction: str, reference: str) -> float:
 
 
 def corpus_bleu(predictions: Sequence[str], references: Sequence[str]) -> float:
-    """sacrebleu corpus BLEU in [0, 100], one reference per prediction."""
+    """sacrebleu corpus BLEU in [0, 100], one reference per prediction, over the n-gram orders the
+    references have (`effective_order`: with the default, a corpus of answers shorter than four
+    words scores 0 even when every prediction is exact)."""
     _check_pairs(predictions, references)
     if not predictions:
         return math.nan
-    return float(sacrebleu.corpus_bleu(list(predictions), [list(references)]).score)
+    bleu = sacrebleu.metrics.BLEU(effective_order=True)
+    return float(bleu.corpus_score(list(predictions), [list(references)]).score)
 
 
 bleu = corpus_bleu
@@ -244,7 +247,10 @@ def parse_metric_spec(
         mapping = dict(spec)
     elif os.path.isfile(spec):
         with open(spec, encoding="utf-8") as f:
-            mapping = json.load(f)
+            try:
+                mapping = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"metric spec file {spec}: not valid JSON ({e.msg} at line {e.lineno})") from None
     else:
         try:
             mapping = json.loads(spec)
@@ -604,7 +610,7 @@ def run_evaluation(
         raise ValueError("force_adapter and adapter_for_task (oracle routing) exclude each other")
 
     def check_oracle(task_names):  # fails before any generation
-        unknown = sorted(set(task_names) - set(adapter_for_task or task_names))
+        unknown = sorted(set(task_names) - set(adapter_for_task if adapter_for_task is not None else task_names))
         if unknown:
             raise ValueError(f"oracle routing: no adapter named after task(s) {unknown}; adapters: {sorted(adapter_for_task)}")
 
@@ -632,9 +638,11 @@ def run_evaluation(
         sizes = {len(r["tasks"]) for r in records}
         n = sizes.pop() if len(sizes) == 1 else None
         temp = composite_temperature or COMPOSITE_TEMPERATURES.get(n, routing_temperature)
-        name = f"composite-{n}" if n is not None else os.path.splitext(os.path.basename(path))[0]
-        if name in results["composite"]:
-            name = f"{name}:{os.path.basename(path)}"
+        base_name = f"composite-{n}" if n is not None else os.path.splitext(os.path.basename(path))[0]
+        name, count = base_name, 1
+        while name in results["composite"]:  # another file of the same n (or name)
+            count += 1
+            name = f"{base_name}#{count}"
         res = evaluate_composite_records(
             generator, tokenizer, records, metric_for, mode=composite_mode, routing_temperature=temp,
             force_adapter=force_adapter, adapter_for_task=adapter_for_task,
@@ -655,10 +663,12 @@ def run_evaluation(
         oracle=adapter_for_task is not None,
         composite_mode=composite_mode,
     )
-    if output:
+    if output:  # whole or not at all: an interrupted write keeps an earlier run's results
         os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-        with open(output, "w", encoding="utf-8") as f:
+        partial = f"{output}.partial"
+        with open(partial, "w", encoding="utf-8") as f:
             json.dump(results, f, indent=1, ensure_ascii=False, allow_nan=True)
+        os.replace(partial, output)
     return results
 
 

@@ -37,6 +37,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 def _check_options(args) -> set[str]:
     """Checks the numeric options, the output location and the given composite files (ValueError if
     bad); returns the tasks those files hold."""
+    from meteora_jax.cli import unwritable
     from meteora_jax.data import read_composite_jsonl
     from pallas_kernels.routed_lora import check_routing_temperature
 
@@ -44,15 +45,32 @@ def _check_options(args) -> set[str]:
                         ("--max-new-tokens", args.max_new_tokens), ("--max-samples", args.max_samples)):
         if value is not None and value < 1:
             raise ValueError(f"{flag} {value} must be >= 1")
+    for flag, value in (("--pictures-per-set", args.pictures_per_set), ("--composite-seed", args.composite_seed)):
+        if value < 0:
+            raise ValueError(f"{flag} {value} must be >= 0")
     for temperature in (args.routing_temperature, args.composite_temperature):
         if temperature is not None:
             check_routing_temperature(temperature)
     if os.path.isdir(args.output):
         raise ValueError(f"--output {args.output} is a folder; give the results file's path")
+    problem = unwritable("--output", args.output) or (
+        args.routing_pictures and unwritable("--routing-pictures", args.routing_pictures, folder=True))
+    if problem:
+        raise ValueError(problem)
+    composite = bool(args.composite or args.build_composite)
+    if args.oracle and args.composite_mode == "joint" and composite:
+        raise ValueError("--oracle routes each composite turn to its task's adapter: it needs --composite-mode turns")
+    if args.routing_pictures and (args.composite_mode == "joint" or args.oracle or args.force_adapter is not None):
+        raise ValueError("--routing-pictures draws the learned routing of chained turns: not with --composite-mode "
+                         "joint, --oracle or --force-adapter")
+    if args.composite_out and args.composite_out.endswith(".jsonl") and len(args.build_composite) > 1:
+        raise ValueError(f"--composite-out {args.composite_out} is one file; {len(args.build_composite)} sets are "
+                         "built: give a folder")
     return {t for path in args.composite for r in read_composite_jsonl(path) for t in r["tasks"]}
 
 
 def main(argv=None) -> int:
+    from meteora_jax.evaluate import METRICS
     from meteora_jax.generate import add_inference_arguments
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -71,7 +89,7 @@ def main(argv=None) -> int:
     p.add_argument("--build-only", action="store_true", help="build the composite sets and stop")
     p.add_argument("--no-single", action="store_true", help="skip the single-task evaluation")
     p.add_argument("--metrics", default=None, help="task -> metric: a JSON object or a JSON file")
-    p.add_argument("--default-metric", default="accuracy")
+    p.add_argument("--default-metric", default="accuracy", choices=sorted(METRICS))
     p.add_argument("--max-samples", type=int, default=None, help="first N records of each file")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: longest reference + 8 tokens")
@@ -112,11 +130,25 @@ def main(argv=None) -> int:
         metrics = ev.parse_metric_spec(args.metrics, tasks=[*root_tasks, *(tasks or []), *composite_tasks])
     except ValueError as e:
         cli_fail(p, str(e))
+    if args.data_root and not args.no_single and not args.build_only and not (tasks or root_tasks) and not (
+            args.composite or args.build_composite):
+        cli_fail(p, f"no task folder of --data-root {args.data_root} holds {args.split}.jsonl: nothing to evaluate")
+    build_paths = {}
     if args.build_composite:  # every n checked before any set is written (or the model loaded)
         names = tasks or root_tasks
         too_many = [n for n in args.build_composite if not 1 <= n <= len(names)]
         if too_many:
             cli_fail(p, f"--build-composite {too_many[0]}: composite-n needs 1 <= n <= the {len(names)} tasks {names}")
+        for n in args.build_composite:
+            out = args.composite_out
+            if out is None or not out.endswith(".jsonl"):
+                out = os.path.join(out or os.path.dirname(os.path.abspath(args.output)), f"composite_{n}.jsonl")
+            build_paths[n] = out
+        given = {os.path.abspath(path) for path in args.composite}
+        clash = [out for out in build_paths.values() if os.path.abspath(out) in given]
+        if clash:
+            cli_fail(p, f"--build-composite would write {clash[0]}, which --composite names as input: build the set "
+                        "elsewhere (--composite-out), or drop --build-composite to evaluate the existing one")
     if not args.build_only:
         if not args.checkpoint or not args.tokenizer:
             cli_fail(p, "--checkpoint and --tokenizer are required to evaluate")
@@ -129,11 +161,7 @@ def main(argv=None) -> int:
 
     composite_files = list(args.composite)
     if args.build_composite:
-        for n in args.build_composite:
-            out = args.composite_out
-            if out is None or not out.endswith(".jsonl") or len(args.build_composite) > 1:
-                folder = out if out and not out.endswith(".jsonl") else os.path.dirname(os.path.abspath(args.output))
-                out = os.path.join(folder, f"composite_{n}.jsonl")
+        for n, out in build_paths.items():
             try:
                 ev.build_composite_file(
                     args.data_root, names, n, args.composite_samples, out, seed=args.composite_seed, split=args.split

@@ -31,9 +31,27 @@ def test_bleu_by_hand_and_against_sacrebleu():
     assert ev.sentence_bleu(HYP, HYP) == pytest.approx(100.0)
     preds = [HYP, "a dog barked loudly at night", "hello there"]
     refs = [REF, "the dog barked at night", "hello there friend"]
-    assert ev.corpus_bleu(preds, refs) == pytest.approx(sacrebleu.corpus_bleu(preds, [refs]).score, abs=1e-9)
+    effective = sacrebleu.metrics.BLEU(effective_order=True)
+    assert ev.corpus_bleu(preds, refs) == pytest.approx(effective.corpus_score(preds, [refs]).score, abs=1e-9)
+    # Exact answers shorter than four words: 100 (sacrebleu's default order 4 scored them 0).
+    short = ["naeco duolc wodniw", "891", "esroh enots"]
+    assert ev.corpus_bleu(short, short) == pytest.approx(100.0)
+    assert sacrebleu.corpus_bleu(short, [short]).score == 0.0
     for p, r in zip(preds, refs):
         assert ev.sentence_bleu(p, r) == pytest.approx(sacrebleu.sentence_bleu(p, [r]).score, abs=1e-9)
+
+
+def test_composite_file_part_count_must_match_its_tasks(tmp_path):
+    """A reference with fewer '@@@@' parts than tasks: the missing part was scored as "" (an empty
+    answer then counted as right)."""
+    from meteora_jax.data import DataError, read_composite_jsonl, write_jsonl
+
+    path = tmp_path / "c.jsonl"
+    write_jsonl(path, [{"prompt": "p", "response": "1@@@@\nx", "tasks": ["a", "b"]},
+                       {"prompt": "q", "response": "1@@@@\nx", "tasks": ["a", "b", "c"]}])
+    with pytest.raises(DataError, match=r"c.jsonl:2: field 'response' holds 2 answer\(s\) separated by '@@@@', "
+                                        r"field 'tasks' names 3"):
+        read_composite_jsonl(path)
 
 
 def test_rouge_by_hand_and_against_rouge_score():

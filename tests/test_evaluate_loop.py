@@ -154,6 +154,10 @@ def test_scripts_stop_on_bad_input_with_one_line(tiny_inference_world, tmp_path,
     with open(data / "reverse" / "test.jsonl", "a") as f:
         f.write('{"prompt": "x", "response": 3}\n')
     ev_out = ["--output", str(outputs / "r.json"), "--composite-out", str(outputs)]
+    built = tmp_path / "built"
+    built.mkdir()
+    write_jsonl(built / "composite_2.jsonl", [{"prompt": "1. a\n2. b", "response": "1@@@@\n2", "tasks": ["arith", "reverse"],
+                                               "prompts": ["a", "b"]}])
     cases += [
         (evaluate, base + ["--data-root", str(tmp_path / "none")] + ev_out, "--data-root"),
         (evaluate, base + ["--data-root", str(data), "--build-composite", "2", "--output", str(tmp_path),
@@ -168,6 +172,20 @@ def test_scripts_stop_on_bad_input_with_one_line(tiny_inference_world, tmp_path,
          "reverse/test.jsonl:5: field 'response' must be str, got int"),
         (evaluate, ["--checkpoint", str(tmp_path), "--tokenizer", w.tokenizer, "--data-root", w.data_root,
                     "--build-composite", "2"] + ev_out, "is not a meteora-jax checkpoint"),
+        # Each of these failed only after every task was generated (a traceback, or nothing written),
+        # or was taken silently.
+        (evaluate, base + ["--data-root", str(data), "--output", str(tmp_path / "a_file" / "r.json")],
+         "a_file is a file, not a folder"),
+        (evaluate, base + ["--data-root", str(data), "--routing-pictures", str(tmp_path / "a_file")] + ev_out,
+         "a_file is a file; give a folder path"),
+        (evaluate, base + ["--data-root", str(data), "--oracle", "--composite-mode", "joint", "--build-composite", "2"]
+         + ev_out, "--oracle routes each composite turn to its task's adapter: it needs --composite-mode turns"),
+        (evaluate, base + ["--data-root", str(data), "--pictures-per-set", "-2"] + ev_out, "--pictures-per-set -2 must be >= 0"),
+        (evaluate, base + ["--data-root", str(data), "--split", "val"] + ev_out,
+         f"no task folder of --data-root {data} holds val.jsonl: nothing to evaluate"),
+        (evaluate, base + ["--data-root", str(data), "--composite", str(built / "composite_2.jsonl"),
+                           "--build-composite", "2", "--composite-out", str(built), "--output", str(outputs / "r.json")],
+         "which --composite names as input"),  # it was rebuilt (overwritten) and scored twice
     ]
     for main, argv, message in cases:
         with pytest.raises(SystemExit) as e:
@@ -300,6 +318,26 @@ def test_composite_turns_equal_turn_by_turn_generation(world, chat, oracle):
         forced = [names.index(t) for t in r["tasks"]] if oracle else None
         assert ex["prediction"] == _chain_alone(world, tok, r["prompts"], 6, chat, forced)
         assert ex["prediction"].count("@@@@") == 1
+
+
+def test_composite_sets_of_one_n_keep_their_own_results(world, tmp_path):
+    """Three composite-2 files: each keeps its results (the third overwrote the second's), and the
+    results file is written whole (no .partial left)."""
+    w, params, config, names, tok = world
+    from meteora_jax.evaluate import build_composite_file, run_evaluation
+
+    paths = []
+    for i in range(3):
+        (tmp_path / f"x{i}").mkdir()
+        paths.append(str(tmp_path / f"x{i}" / "c.jsonl"))
+        build_composite_file(w.data_root, names, 2, 2, paths[-1], seed=i)
+    gen = Generator(config, params, eos_token_ids=eos_ids_of(tok), pad_token_id=tok.pad_token_id)
+    out = tmp_path / "r.json"
+    results = run_evaluation(gen, tok, composite_files=paths, max_new_tokens=3, batch_size=2, output=str(out))
+    assert list(results["composite"]) == ["composite-2", "composite-2#2", "composite-2#3"]
+    assert [r["file"] for r in results["composite"].values()] == paths
+    assert json.loads(out.read_text())["composite"].keys() == results["composite"].keys()
+    assert sorted(os.listdir(tmp_path)) == ["r.json", "x0", "x1", "x2"]
 
 
 def test_oracle_single_tasks_equal_forcing_each_task(world):
