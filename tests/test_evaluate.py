@@ -177,6 +177,21 @@ def test_run_evaluation_validates_every_file_before_generating(tmp_path, bad):
     assert not (tmp_path / "pics").exists() and not (tmp_path / "out").exists()
 
 
+def test_oracle_without_adapters_is_refused_before_generation(tmp_path):
+    """adapter_for_task == {} (a checkpoint without adapters): one ValueError naming the tasks, not a
+    KeyError after the files were read."""
+    from meteora_jax.data import write_jsonl
+
+    class NoGeneration:
+        def __getattr__(self, name):
+            raise AssertionError(f"generator.{name} used before the oracle was checked")
+
+    (tmp_path / "arith").mkdir()
+    write_jsonl(tmp_path / "arith" / "test.jsonl", [{"prompt": "1+1=", "response": "2"}])
+    with pytest.raises(ValueError, match=r"oracle routing: no adapter named after task\(s\) \['arith'\]"):
+        ev.run_evaluation(NoGeneration(), NoGeneration(), data_root=str(tmp_path), adapter_for_task={})
+
+
 def _evaluate_main():
     import os
     import runpy
