@@ -518,7 +518,8 @@ class _MetricLog:
             try:
                 from tensorboardX import SummaryWriter
 
-                self.tb = SummaryWriter(os.path.join(workdir, "tb"))
+                # purge_step: TensorBoard drops the earlier events of the steps this run logs again
+                self.tb = SummaryWriter(os.path.join(workdir, "tb"), purge_step=keep_up_to + 1)
             except ImportError:
                 warnings.warn("tensorboardX is not installed: no TensorBoard events (metrics.jsonl is written)")
 

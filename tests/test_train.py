@@ -338,6 +338,41 @@ def test_metrics_jsonl_is_strict_json(tmp_path):
     assert record == {"step": 3, "split": "eval", "gate_acc/a": None, "loss": 1.5}
 
 
+def _tb_events(folder):
+    """Every event of the TFRecord event files in `folder` (length, crc, payload, crc per record)."""
+    import glob
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    events = []
+    for path in sorted(glob.glob(os.path.join(folder, "events.out.tfevents.*"))):
+        data, at = open(path, "rb").read(), 0
+        while at < len(data):
+            (length,) = struct.unpack("<Q", data[at : at + 8])
+            events.append(event_pb2.Event.FromString(data[at + 12 : at + 12 + length]))
+            at += 12 + length + 4
+    return events
+
+
+def test_resumed_tensorboard_log_purges_the_steps_it_logs_again(tmp_path):
+    """A run resumed from step 2 tells TensorBoard to drop the earlier run's events from step 3 on
+    (a SessionLog START at step 3), as metrics.jsonl drops its records: each step is shown once."""
+    import ml_collections
+
+    cfg = ml_collections.ConfigDict(dict(jsonl=True, tensorboard=True))
+    log = train_lib._MetricLog(str(tmp_path), cfg)
+    for step in range(1, 6):
+        log.write(step, "train", {"loss": float(step)})
+    log.close()
+    log = train_lib._MetricLog(str(tmp_path), cfg, keep_up_to=2)
+    log.write(3, "train", {"loss": 30.0})
+    log.close()
+    starts = [e.step for e in _tb_events(tmp_path / "tb") if e.HasField("session_log") and e.session_log.status == 1]
+    assert 3 in starts, starts
+    assert [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")] == [1, 2, 3]
+
+
 def test_checkpoint_past_train_steps_is_refused(make_config):
     """Resuming a step-2 checkpoint with train.steps=1 exported the step-2 gates as 'done at step 2'."""
     train_lib.train(make_config("past", train=dict(steps=2), checkpoint=dict(every=1)))
