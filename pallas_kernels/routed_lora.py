@@ -17,13 +17,12 @@ from __future__ import annotations
 import functools
 
 import jax
-import numpy as np
 
 from pallas_kernels.grouped_lora import IMPLS, check_adapter_shapes, check_base_shape
 from pallas_kernels.grouped_lora_pallas import MAX_RANK
 from pallas_kernels.routed_lora_pallas import routed_lora_pallas
 from pallas_kernels.routed_lora_prefill import routed_lora_prefill
-from pallas_kernels.routed_lora_xla import routed_lora_xla
+from pallas_kernels.routed_lora_xla import check_routing_temperature, check_top_k, routed_lora_xla
 
 # The decode kernel's range (above ROUTED_MAX_TOKENS: the prefill path). Tokens: decode steps up to
 # batch 32, where it beat the op-by-op path on an H100 (LLaMA-3-8B shapes, L = 28, r = 8: decode step
@@ -33,16 +32,6 @@ from pallas_kernels.routed_lora_xla import routed_lora_xla
 # op-by-op routing's cost per projection).
 ROUTED_MAX_TOKENS = 32
 ROUTED_MAX_COLUMNS = 1024  # L * r
-
-
-def check_routing_temperature(temperature) -> None:
-    """A concrete routing temperature must be a finite number > 0 (it divides the top-k logits: 0
-    gives NaN weights, a negative one favours the lower-scoring adapters). A traced one is not checked."""
-    if isinstance(temperature, jax.core.Tracer) or not isinstance(temperature, (int, float, np.number, np.ndarray, jax.Array)):
-        return
-    value = np.asarray(temperature)
-    if value.ndim or not (np.isfinite(value) and value > 0):
-        raise ValueError(f"routing temperature must be a finite number > 0, got {temperature!r}")
 
 
 def routed_path(impl: str, num_tokens: int, num_adapters: int, rank: int) -> str:
@@ -89,8 +78,7 @@ def routed_lora(
     if gate.shape != (x.shape[1], lora_a.shape[0]):
         raise ValueError(f"gate must be [d_in, L]=[{x.shape[1]}, {lora_a.shape[0]}], got {gate.shape}")
     num_adapters, _, rank = lora_a.shape
-    if not 1 <= top_k <= num_adapters:
-        raise ValueError(f"top_k={top_k} must be in [1, L={num_adapters}]")
+    check_top_k(top_k, num_adapters)
     check_base_shape(base, x, lora_b)
     check_routing_temperature(temperature)
     path = routed_path(impl, x.shape[0], num_adapters, rank)

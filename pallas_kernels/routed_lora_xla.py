@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
@@ -48,6 +49,22 @@ def _gate_logits_bwd(res, g):  # g [T, L] float32
 gate_logits.defvjp(_gate_logits_fwd, _gate_logits_bwd)
 
 
+def check_routing_temperature(temperature) -> None:
+    """A concrete routing temperature must be a finite number > 0 (it divides the top-k logits: 0
+    gives NaN weights, a negative one favours the lower-scoring adapters). A traced one is not checked."""
+    if isinstance(temperature, jax.core.Tracer) or not isinstance(temperature, (int, float, np.number, np.ndarray, jax.Array)):
+        return
+    value = np.asarray(temperature)
+    if value.ndim or not (np.isfinite(value) and value > 0):
+        raise ValueError(f"routing temperature must be a finite number > 0, got {temperature!r}")
+
+
+def check_top_k(top_k, num_adapters: int) -> None:
+    """top_k must be an integer in [1, L] (0 gave an all-zero delta, silently)."""
+    if not isinstance(top_k, (int, np.integer)) or isinstance(top_k, bool) or not 1 <= top_k <= num_adapters:
+        raise ValueError(f"top_k={top_k!r} must be in [1, L={num_adapters}] (an integer)")
+
+
 def routed_lora_xla(
     x: jax.Array,  # [T, d_in]
     gate: jax.Array,  # [d_in, L] float32
@@ -61,6 +78,8 @@ def routed_lora_xla(
     base: jax.Array | None = None,  # [T, d_out]
 ) -> tuple[jax.Array, jax.Array]:  # y [T, d_out] x.dtype, gate_logits [T, L] float32
     """The op-by-op composition; `impl` is the `grouped_lora` implementation of the product."""
+    check_top_k(top_k, lora_a.shape[0])
+    check_routing_temperature(temperature)
     logits = gate_logits(x, gate.astype(jnp.float32))
     expert_idx, expert_weight = top_k_routing(logits, top_k, temperature)
     y = grouped_lora(x, lora_a, lora_b, scaling, expert_idx, expert_weight.astype(x.dtype), impl=impl, base=base)

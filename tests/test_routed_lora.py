@@ -271,6 +271,11 @@ def test_dispatcher_choices_and_errors():
         for temperature in (0.0, -1.0, float("inf")):  # 0 gives NaN weights, < 0 favours the losers
             with pytest.raises(ValueError, match="routing temperature must be a finite number > 0"):
                 routed_lora(x, gate, a, b, s, temperature, top_k=2, impl=impl)
+    # The public XLA reference checks the same (it took top_k=0 and temperature 0 silently).
+    for top_k, temperature, message in ((0, 1.0, r"top_k=0 must be in \[1, L=3\]"), (2.0, 1.0, "top_k=2.0 must be in"),
+                                        (2, 0.0, "routing temperature must be a finite number > 0")):
+        with pytest.raises(ValueError, match=message):
+            routed_lora_xla(x, gate, a, b, s, temperature, top_k=top_k)
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
