@@ -843,7 +843,7 @@ class Trainer:
             "step": step,
             "resumed_from": start or None,
             "saved_step": saved_step,
-            "signal": stopped_by if status == "interrupted" else None,
+            "signal": stopped_by,  # set only where the loop stopped on it
             "train": last_train,
             "eval": last_eval,
             "history": history,

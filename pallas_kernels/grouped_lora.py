@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.grouped_lora_pallas import MAX_RANK, grouped_lora_pallas
+from pallas_kernels.grouped_lora_pallas import MAX_RANK, empty_product, grouped_lora_pallas
 from pallas_kernels.grouped_lora_xla import XLA_FORMULATIONS, grouped_lora_dense
 
 IMPLS = ("auto", "xla", "pallas", *(f"xla_{name}" for name in XLA_FORMULATIONS))
@@ -85,9 +85,9 @@ def grouped_lora(
     if impl not in IMPLS:
         raise ValueError(f"unknown grouped_lora impl {impl!r}; choose one of {IMPLS}")
     _check_shapes(x, lora_a, lora_b, scaling, expert_idx, expert_weight, base)
-    if x.shape[0] == 0 or lora_a.shape[0] == 0 or expert_idx.shape[1] == 0:  # no tokens, adapters or slots
-        delta = jnp.zeros((x.shape[0], lora_b.shape[2]), x.dtype)
-        return delta if base is None else (base + delta).astype(x.dtype)
+    empty = empty_product(x, lora_a, lora_b, expert_idx, base)  # (the XLA formulations divide by T * L)
+    if empty is not None:
+        return empty
     if impl == "auto":
         impl = _auto_impl(x.shape[0], lora_a.shape[2])
     if impl == "pallas":

@@ -525,6 +525,15 @@ def default_config(num_tokens, top_k, num_adapters, rank, *, path="auto", interp
     return Config(**cfg)
 
 
+def empty_product(x, lora_a, lora_b, expert_idx, base):
+    """The result where there is nothing to compute (no tokens, adapters or slots): zeros [T, d_out],
+    or `base` when given; None otherwise."""
+    if x.shape[0] and lora_a.shape[0] and expert_idx.shape[1]:
+        return None
+    delta = jnp.zeros((x.shape[0], lora_b.shape[2]), x.dtype)
+    return delta if base is None else (base + delta).astype(x.dtype)
+
+
 def grouped_lora_pallas(
     x: jax.Array,  # [T, d_in]
     lora_a: jax.Array,  # [L, d_in, r]
@@ -558,9 +567,9 @@ def grouped_lora_pallas(
     num_adapters, _, rank = lora_a.shape
     if not 1 <= rank <= MAX_RANK:
         raise ValueError(f"rank r={rank} must be in [1, {MAX_RANK}]")
-    if num_tokens == 0 or num_adapters == 0 or expert_idx.shape[1] == 0:
-        delta = jnp.zeros((num_tokens, lora_b.shape[2]), x.dtype)
-        return delta if base is None else (base + delta).astype(x.dtype)
+    empty = empty_product(x, lora_a, lora_b, expert_idx, base)
+    if empty is not None:
+        return empty
     if base is not None and base.shape != (num_tokens, lora_b.shape[2]):
         raise ValueError(f"base must be [T, d_out]=[{num_tokens}, {lora_b.shape[2]}], got {base.shape}")
     lora_a = lora_a.astype(x.dtype)
