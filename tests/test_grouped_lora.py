@@ -1,4 +1,5 @@
-"""Pallas grouped_lora kernels (interpret mode on CPU) vs the plain-XLA reference.
+"""Pallas grouped_lora kernels (interpret mode on CPU, compiled by Triton on a GPU) vs the plain-XLA
+reference.
 
 Fresh random inputs every run: the seed comes from np.random.SeedSequence() and is printed in every
 assertion message, so a failure can be replayed by setting SEED below.
@@ -19,6 +20,7 @@ from pallas_kernels import IMPLS, grouped_lora, grouped_lora_dense
 from pallas_kernels.grouped_lora_pallas import default_config, grouped_lora_pallas
 
 SEED = np.random.SeedSequence().entropy
+INTERPRET = jax.default_backend() == "cpu"  # on a GPU the same cases run the compiled kernels
 SMALL = dict(block_t=16, block_k=16, block_n=16, block_n_tgmm=16, block_k_decode=16, block_k_decode_grad=16,
              block_n_decode=16, block_n_decode_out=16,
              block_t_dense=16, block_c_dense=16, block_k_dense=16, block_t_combo=16, block_n_combo=16,
@@ -88,10 +90,10 @@ def test_forward_matches_reference(case, path, dtype):
     x, a, b, s, idx, w, base = _inputs((_salt(case), 0), t, d_in, d_out, num_adapters, rank, k, dtype,
                                        routing)
     ref = _reference(x, a, b, s, idx, w)
-    fn = jax.jit(lambda *v: grouped_lora_pallas(*v, path=path, poison=True, interpret=True, **SMALL))
+    fn = jax.jit(lambda *v: grouped_lora_pallas(*v, path=path, poison=True, interpret=INTERPRET, **SMALL))
     err = _rel(fn(x, a, b, s, idx, w), ref)
     assert err <= TOL[dtype], f"seed={SEED} case={case} path={path}: rel err {err:.2e}"
-    fused = jax.jit(lambda *v: grouped_lora_pallas(*v[:-1], base=v[-1], path=path, interpret=True, **SMALL))
+    fused = jax.jit(lambda *v: grouped_lora_pallas(*v[:-1], base=v[-1], path=path, interpret=INTERPRET, **SMALL))
     err = _rel(fused(x, a, b, s, idx, w, base), ref + base.astype(jnp.float32))
     assert err <= TOL[dtype], f"seed={SEED} case={case} path={path} (base fused): rel err {err:.2e}"
 
@@ -124,7 +126,7 @@ def test_gradients_match_autodiff_of_reference(case, path, dtype):
     def pallas_fn(x, a, b, s, idx, w, base):
         if path.startswith("xla_"):
             return grouped_lora(x, a, b, s, idx, w, impl=path, base=base)
-        return grouped_lora_pallas(x, a, b, s, idx, w, base=base, path=path, poison=True, interpret=True,
+        return grouped_lora_pallas(x, a, b, s, idx, w, base=base, path=path, poison=True, interpret=INTERPRET,
                                    **SMALL)
 
     argnums = (0, 1, 2, 3, 4, 5)
@@ -203,11 +205,11 @@ def test_plan_kernels_match_reference(case, blocks, monkeypatch):
     want = routing_plan(idx, num_adapters, block_t)
     want_coef = row_coef(want, idx, w, s)
     got, coef = jax.jit(lambda i, w, s: plan_pallas.routing_plan_pallas(i, w, s, num_adapters, block_t,
-                                                                          interpret=True))(idx, w, s)
+                                                                          interpret=INTERPRET))(idx, w, s)
     for name in ("rows", "tile_expert", "tile_start", "num_tiles", "pair_row"):
         np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=f"seed={SEED} {name}")
     np.testing.assert_array_equal(coef, want_coef, err_msg=f"seed={SEED} coef")
-    got = jax.jit(lambda p, c, i: plan_pallas.combo_plan_pallas(p, c, i, num_adapters, block_c, interpret=True))(
+    got = jax.jit(lambda p, c, i: plan_pallas.combo_plan_pallas(p, c, i, num_adapters, block_c, interpret=INTERPRET))(
         want, want_coef, idx)
     want = combo_plan(want, want_coef, idx, num_adapters, block_c)
     for name in ("rows", "pair", "idx", "coef", "present"):
@@ -281,7 +283,7 @@ def test_shrink_depth_splits():
         if tok < case[0]:
             want[row, :case[4]] = x64[tok] @ a64[tile_expert[row // block_t]]
     for splits in (1, 3, None):
-        got = shrink(plan, x, a, rank=case[4], transpose_w=False, block_t=block_t, block_k=16, interpret=True,
+        got = shrink(plan, x, a, rank=case[4], transpose_w=False, block_t=block_t, block_k=16, interpret=INTERPRET,
                      splits=splits)
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=f"seed={SEED} splits={splits}")
     # (tiles, depth, block_k, R) -> parts: below one wave of tiles split to two programs per SM; from one
@@ -308,7 +310,7 @@ def test_combo_expand_adds_kept_shrink_parts(monkeypatch, dx_dots):
         return lambda x, w, s, a, b: jnp.sum(fn(x, a, b, s, idx, w) * g)
 
     pallas = lambda *v: grouped_lora_pallas(  # noqa: E731
-        *v, path="combo", poison=True, interpret=True, **{**SMALL, "dx_dots": dx_dots})
+        *v, path="combo", poison=True, interpret=INTERPRET, **{**SMALL, "dx_dots": dx_dots})
     with jax.default_matmul_precision("highest"):
         want_out = grouped_lora_dense(x, a, b, s, idx, w)
         want = jax.grad(loss(grouped_lora_dense), argnums=(0, 1, 2, 3, 4))(x, w, s, a, b)
@@ -339,7 +341,7 @@ def test_decode_routing_gradients_without_dx():
         return lambda x, s, w: jnp.sum(fn(x, a, b, s, idx, w) * g)
 
     pallas = lambda *v: grouped_lora_pallas(  # noqa: E731
-        *v, path="decode", poison=True, interpret=True, **SMALL)
+        *v, path="decode", poison=True, interpret=INTERPRET, **SMALL)
     with jax.default_matmul_precision("highest"):
         want = jax.grad(loss(grouped_lora_dense), argnums=(1, 2))(x, s, w)
     for argnums in ((1, 2), (0, 1, 2)):
@@ -365,7 +367,7 @@ def test_concat_routing_gradients(gather_from, monkeypatch):
     def loss(fn):
         return lambda x, s, w: jnp.sum(fn(x, a, b, s, idx, w) * g)
 
-    concat = lambda *v: grouped_lora_pallas(*v, path="auto", interpret=True)  # noqa: E731
+    concat = lambda *v: grouped_lora_pallas(*v, path="auto", interpret=INTERPRET)  # noqa: E731
     assert default_config(case[0], 2, case[3], case[4]).grad_path == "concat"
     with jax.default_matmul_precision("highest"):
         want = jax.grad(loss(grouped_lora_dense), argnums=(0, 1, 2))(x, s, w)
@@ -418,7 +420,7 @@ def test_sorted_routing_gradients_from_dx_expand(path):
     def loss(fn):
         return lambda x, s, w: jnp.sum(fn(x, a, b, s, idx, w) * g)
 
-    pallas = lambda *v: grouped_lora_pallas(*v, path=path, poison=True, interpret=True, **SMALL)  # noqa: E731
+    pallas = lambda *v: grouped_lora_pallas(*v, path=path, poison=True, interpret=INTERPRET, **SMALL)  # noqa: E731
     with jax.default_matmul_precision("highest"):
         want = jax.grad(loss(grouped_lora_dense), argnums=(0, 1, 2))(x, s, w)
     for argnums in ((0, 2), (0, 1, 2)):
@@ -449,7 +451,7 @@ def test_xla_products_take_float32_precision(impl):
 
         def loss(x, w, a, b, s, idx):
             out = grouped_lora(x, a, b, s, idx, w, impl=impl) if impl != "pallas" else grouped_lora_pallas(
-                x, a, b, s, idx, w, path="auto", interpret=True)  # the concat grad path at this size
+                x, a, b, s, idx, w, path="auto", interpret=INTERPRET)  # the concat grad path at this size
             return jnp.sum(out.astype(jnp.float32))
 
         precisions = _dot_precisions(
@@ -463,7 +465,7 @@ def test_lora_gradients_only_when_asked():
     x, a, b, s, idx, w, _ = _inputs((7,), 21, 20, 18, 4, 3, 2, jnp.float32)
 
     def loss(x, w, a, b, path="sorted"):
-        return jnp.sum(grouped_lora_pallas(x, a, b, s, idx, w, path=path, interpret=True, **SMALL) ** 2)
+        return jnp.sum(grouped_lora_pallas(x, a, b, s, idx, w, path=path, interpret=INTERPRET, **SMALL) ** 2)
 
     gate_only = str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(x, w, a, b))
     mixlora = str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2, 3)))(x, w, a, b))
