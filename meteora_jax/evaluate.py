@@ -578,6 +578,7 @@ def run_evaluation(
     adapter_names: Sequence[str] = (),
     pictures_per_set: int = 1,
     output: str | None = None,
+    model: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Per-task and composite-n evaluation; returns (and writes to `output` as JSON)
 
@@ -595,6 +596,9 @@ def run_evaluation(
     `force_adapter`; every evaluated task must be in it).
     routing_pictures: a folder for routing pictures of the first `pictures_per_set` samples of each
     composite set (learned routing, turns mode), `<folder>/<set name>_<i>.png/.html`.
+    model: where the answers came from (checkpoint, gates, top_k, dtype, ...; `model_settings`),
+    recorded in the results' settings with the evaluation's own options, so that a results file
+    says how to reproduce it.
     """
     import json
     import os
@@ -652,13 +656,17 @@ def run_evaluation(
         res.update(routing_temperature=temp, file=os.path.abspath(path))
         results["composite"][name] = res
     results["settings"] = dict(
+        model=dict(model or {}),
+        data_root=os.path.abspath(data_root) if data_root else None,
         split=split,
         metrics={**{t: metric_for(t) for t in results["tasks"]}},
         default_metric=default_metric,
         max_samples=max_samples,
         batch_size=batch_size,
         max_new_tokens=max_new_tokens,
+        chat_template=bool(getattr(tokenizer, "chat_template", None)) if chat_template is None else chat_template,
         routing_temperature=routing_temperature,
+        composite_temperature=composite_temperature,
         force_adapter=force_adapter,
         oracle=adapter_for_task is not None,
         composite_mode=composite_mode,

@@ -69,6 +69,20 @@ def _check_options(args) -> set[str]:
     return {t for path in args.composite for r in read_composite_jsonl(path) for t in r["tasks"]}
 
 
+def _model_settings(args, generator) -> dict:
+    """Where the evaluated answers come from, for the results' settings: the paths as given and
+    the options as resolved (the gates' recorded top_k and dtype when not overridden)."""
+    absolute = lambda path: os.path.abspath(path) if path else None  # noqa: E731
+    return dict(
+        checkpoint=absolute(args.checkpoint),
+        gates=absolute(args.gates),
+        tokenizer=absolute(args.tokenizer),
+        top_k=generator.config.meteora.top_k,
+        dtype=generator.config.dtype,
+        layer_layout=args.layer_layout,
+    )
+
+
 def main(argv=None) -> int:
     from meteora_jax.evaluate import METRICS
     from meteora_jax.generate import add_inference_arguments
@@ -196,6 +210,7 @@ def main(argv=None) -> int:
             adapter_names=adapter_names,
             pictures_per_set=args.pictures_per_set,
             output=args.output,
+            model=_model_settings(args, generator),
         )
     except ValueError as e:
         cli_fail(p, str(e))

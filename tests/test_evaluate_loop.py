@@ -87,6 +87,15 @@ def test_evaluate_script_scores_independent_predictions(world, tmp_path, capsys)
     assert sorted(c["per_task"]) == sorted({t for r in comp for t in r["tasks"]})
     assert sum(v["count"] for v in c["per_task"].values()) == 10
 
+    # The settings say how to reproduce the file: the model's source and resolved options too.
+    settings = results["settings"]
+    assert settings["model"] == dict(checkpoint=os.path.abspath(w.model), gates=None,
+                                     tokenizer=os.path.abspath(w.tokenizer), top_k=2, dtype="float32",
+                                     layer_layout="fused")
+    assert settings["data_root"] == str(data) and settings["batch_size"] == 4
+    assert settings["chat_template"] is bool(getattr(tok, "chat_template", None))  # as resolved, not None
+    assert settings["composite_temperature"] is None
+
     # The printed tables carry the same numbers.
     assert "single tasks" in printed and "composite-2" in printed
     assert f"arith    accuracy  {0.5:.4f}  {N}" in printed
