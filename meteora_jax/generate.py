@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from collections.abc import Sequence
 from typing import Any, Optional
 
@@ -647,6 +648,9 @@ def check_sampling_options(*, max_new_tokens: int, temperature: float, top_p: fl
         raise ValueError(f"top_p={top_p} must be in (0, 1]")
     if not temperature >= 0:  # NaN too
         raise ValueError(f"temperature={temperature} must be >= 0")
+    if temperature == 0 and top_p < 1:
+        warnings.warn(f"top_p={top_p} has no effect with temperature=0 (greedy decoding): set a temperature > 0 "
+                      "to sample from the nucleus", UserWarning, stacklevel=2)
 
 
 def add_inference_arguments(parser) -> None:

@@ -4,6 +4,8 @@ numpy nucleus, and a count of compilations."""
 
 from __future__ import annotations
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -199,6 +201,16 @@ def test_top_p_to_zero_is_greedy_and_seeds_reproduce(generator, batch_out):
     np.testing.assert_array_equal(a.tokens, b.tokens)
     assert not np.array_equal(a.tokens, c.tokens)
     assert not np.array_equal(a.tokens, batch_out.tokens)
+
+
+def test_top_p_without_temperature_warns(generator, batch_out):
+    """Greedy decoding ignores top_p: the user who set one is told so (and still gets greedy)."""
+    with pytest.warns(UserWarning, match="top_p=0.9 has no effect with temperature=0"):
+        out = generator.generate(PROMPTS, max_new_tokens=NEW, temperature=0.0, top_p=0.9)
+    np.testing.assert_array_equal(out.tokens, batch_out.tokens)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # sampling uses it: no warning
+        generator.generate(PROMPTS, max_new_tokens=NEW, temperature=0.5, top_p=0.9)
 
 
 def test_filler_rows_start_done(generator):
