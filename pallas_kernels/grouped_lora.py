@@ -14,6 +14,12 @@ from pallas_kernels.grouped_lora_xla import XLA_FORMULATIONS, grouped_lora_dense
 IMPLS = ("auto", "xla", "pallas", *(f"xla_{name}" for name in XLA_FORMULATIONS))
 
 
+def as_arrays(*args):
+    """The arguments as arrays (numpy arrays, lists and Python numbers too, for the shape checks);
+    None stays None. Tracers pass through unchanged."""
+    return tuple(None if a is None else jnp.asarray(a) for a in args)
+
+
 def check_adapter_shapes(x, lora_a, lora_b, scaling):
     """x [T, d_in] floating, lora_a [L, d_in, r], lora_b [L, r, d_out], scaling [L], or a ValueError."""
     if x.ndim != 2:
@@ -84,6 +90,8 @@ def grouped_lora(
     """
     if impl not in IMPLS:
         raise ValueError(f"unknown grouped_lora impl {impl!r}; choose one of {IMPLS}")
+    x, lora_a, lora_b, scaling, expert_idx, expert_weight, base = as_arrays(
+        x, lora_a, lora_b, scaling, expert_idx, expert_weight, base)
     _check_shapes(x, lora_a, lora_b, scaling, expert_idx, expert_weight, base)
     empty = empty_product(x, lora_a, lora_b, expert_idx, base)  # (the XLA formulations divide by T * L)
     if empty is not None:

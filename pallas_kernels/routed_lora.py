@@ -18,7 +18,7 @@ import functools
 
 import jax
 
-from pallas_kernels.grouped_lora import IMPLS, check_adapter_shapes, check_base_shape
+from pallas_kernels.grouped_lora import IMPLS, as_arrays, check_adapter_shapes, check_base_shape
 from pallas_kernels.grouped_lora_pallas import MAX_RANK
 from pallas_kernels.routed_lora_pallas import routed_lora_pallas
 from pallas_kernels.routed_lora_prefill import routed_lora_prefill
@@ -74,6 +74,7 @@ def routed_lora(
     """
     if impl not in IMPLS:
         raise ValueError(f"unknown grouped_lora impl {impl!r}; choose one of {IMPLS}")
+    x, gate, lora_a, lora_b, scaling, base = as_arrays(x, gate, lora_a, lora_b, scaling, base)
     check_adapter_shapes(x, lora_a, lora_b, scaling)
     if gate.shape != (x.shape[1], lora_a.shape[0]):
         raise ValueError(f"gate must be [d_in, L]=[{x.shape[1]}, {lora_a.shape[0]}], got {gate.shape}")

@@ -13,7 +13,7 @@ import numpy as np
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
-from pallas_kernels.grouped_lora import grouped_lora
+from pallas_kernels.grouped_lora import as_arrays, grouped_lora
 from pallas_kernels.grouped_lora_xla import top_k_routing
 from pallas_kernels.pallas_common import dot_precision, gate_halves
 
@@ -78,6 +78,7 @@ def routed_lora_xla(
     base: jax.Array | None = None,  # [T, d_out]
 ) -> tuple[jax.Array, jax.Array]:  # y [T, d_out] x.dtype, gate_logits [T, L] float32
     """The op-by-op composition; `impl` is the `grouped_lora` implementation of the product."""
+    x, gate, lora_a, lora_b, scaling, base = as_arrays(x, gate, lora_a, lora_b, scaling, base)
     check_top_k(top_k, lora_a.shape[0])
     check_routing_temperature(temperature)
     logits = gate_logits(x, gate.astype(jnp.float32))

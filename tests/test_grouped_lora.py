@@ -606,9 +606,14 @@ def test_rejects_bad_inputs_for_every_impl(impl):
         ((x, a, b, s, idx.at[1, 0].set(3), w), {}, r"expert_idx holds 3, outside \[0, L\) for L=3"),
         ((x, a, b, s, idx.at[2, 1].set(-1), w), {}, r"expert_idx holds -1, outside \[0, L\)"),
         ((x, a, b, s, idx, w), {"base": base[:1]}, r"base must be \[T, d_out\]=\[4, 12\], got \(1, 12\)"),
+        ((x, a, b, 2.0, idx, w), {}, r"scaling must be \[L\]=\[3\], got \(\)"),  # a number, not [L]
     ):
         with pytest.raises(ValueError, match=message):
             call(*args, **kwargs)
+    # numpy arrays and lists are arrays too (they were AttributeErrors): the same result as jax arrays
+    as_numpy = [np.asarray(v) for v in (x, a, b, s, idx, w)]
+    want = call(x, a, b, s, idx, w)
+    np.testing.assert_array_equal(call(*as_numpy[:3], as_numpy[3].tolist(), *as_numpy[4:]), want)
 
 
 def test_rank_padded():

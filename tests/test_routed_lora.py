@@ -276,6 +276,12 @@ def test_dispatcher_choices_and_errors():
                                         (2, 0.0, "routing temperature must be a finite number > 0")):
         with pytest.raises(ValueError, match=message):
             routed_lora_xla(x, gate, a, b, s, temperature, top_k=top_k)
+    # numpy arrays and lists are taken as arrays (they were AttributeErrors), with the same result
+    with jax.default_matmul_precision("highest"):
+        for fn in (routed_lora, lambda *v, **kw: routed_lora_xla(*v, 1.0, **kw)):
+            y, _ = fn(np.asarray(x), np.asarray(gate).tolist(), np.asarray(a), np.asarray(b), np.asarray(s).tolist(),
+                      top_k=2, base=np.asarray(base))
+            assert _rel(y, want) <= 1e-5, f"seed={SEED}"
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
