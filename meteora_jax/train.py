@@ -44,6 +44,7 @@ from meteora_jax import data as data_lib
 from meteora_jax import sharding as sharding_lib
 from meteora_jax.cli import unwritable
 from meteora_jax.config import ConfigError, ModelConfig, describe_changes
+from meteora_jax.convert.common import sha256_file
 from meteora_jax.gates import export_gates, is_trainable, load_gate_settings, load_gates, merge_params, split_params
 from meteora_jax.loss import joint_loss, per_task_accuracy
 from meteora_jax.model import LlamaForCausalLM, param_logical_axes
@@ -143,6 +144,7 @@ class Setup:
     mesh: jax.sharding.Mesh
     rules: tuple
     param_shardings: Any  # NamedSharding per param (prepare checked them against the mesh once)
+    train_files: dict = dataclasses.field(default_factory=dict)  # {task: sha256 of its train.jsonl}
 
 
 def _check(cond: bool, message: str) -> None:
@@ -276,6 +278,8 @@ def prepare(config) -> Setup:
         for p in data_lib.find_task_dirs(config.data.root, names, split=split).values():
             data_lib.read_jsonl(p)
     train_data = data_lib.load_task_datasets(config.data.root, names, tokenizer, split="train", **kw)
+    # Recorded with every checkpoint: a resume over edited files is told so.
+    train_files = {task: sha256_file(p) for task, p in data_lib.find_task_dirs(config.data.root, names).items()}
     eval_data = None
     if config.train.eval_every >= 0:
         eval_data = data_lib.load_task_datasets(config.data.root, names, tokenizer, split=config.data.eval_split, **kw)
@@ -283,7 +287,7 @@ def prepare(config) -> Setup:
 
     # Last: read the weights straight into their shardings (I/O only).
     params, _, _ = model_ckpt.restore_checkpoint(path, shardings=shardings)
-    return Setup(config, model_config, params, names, train_data, eval_data, mesh, rules, shardings)
+    return Setup(config, model_config, params, names, train_data, eval_data, mesh, rules, shardings, train_files)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -625,7 +629,7 @@ class Trainer:
 
     def _meta(self) -> dict:
         return {"adapter_names": self.setup.adapter_names, "model_checkpoint": self.config.model_checkpoint,
-                "config": _flat_config(self.config)}
+                "config": _flat_config(self.config), "train_files": self.setup.train_files}
 
     def save(self, step: int) -> None:
         self.manager.save(
@@ -671,6 +675,11 @@ class Trainer:
             raise TrainError(f"{where}: the data position does not fit this run ({e}); it was {cause}: {start_over}") from None
         if changes:
             warnings.warn(f"resuming from step {step} in {self.workdir}, written by a run with other settings: {changes}")
+        edited = [t for t, digest in meta.get("train_files", {}).items() if self.setup.train_files.get(t) != digest]
+        if edited:
+            warnings.warn(f"resuming from step {step} in {self.workdir}: the train.jsonl of {edited} changed since "
+                          "the checkpoint was written; training continues from the saved data position over the "
+                          "new files")
         self.state = restored.state
         return int(step)
 

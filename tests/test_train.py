@@ -277,6 +277,24 @@ def test_resume_from_earlier_checkpoint_logs_each_step_once(make_config):
     assert steps == [1, 2, 3, 4, 5]
 
 
+def test_resume_over_edited_train_data_says_which_task(make_config, world, tmp_path):
+    """A train.jsonl edited between runs (same example count, so the data position still fits) is
+    named when the run resumes; the other tasks, unchanged, are not."""
+    data = tmp_path / "data"
+    shutil.copytree(world.data_root, data)
+    first = make_config("edited", data=dict(root=str(data)), train=dict(steps=2), checkpoint=dict(every=1))
+    train_lib.train(first)
+    tasks = sorted(os.listdir(data))
+    path = data / tasks[1] / "train.jsonl"
+    records = data_lib.read_jsonl(str(path))
+    records[0] = dict(records[0], response=records[0]["response"] + " (fixed)")
+    data_lib.write_jsonl(str(path), records)
+    with pytest.warns(UserWarning, match=rf"the train.jsonl of \['{tasks[1]}'\] changed since the checkpoint"):
+        summary = train_lib.train(make_config("edited", data=dict(root=str(data)), train=dict(steps=3),
+                                              checkpoint=dict(every=1)))
+    assert summary["resumed_from"] == 2 and summary["step"] == 3
+
+
 def _tiny_model(**changes) -> ModelConfig:
     model = _tiny_config_module().get_config().model
     model.update(**{k: v for k, v in changes.items() if k != "top_k"})
@@ -506,6 +524,7 @@ def test_resume_equals_uninterrupted(make_config):
         warnings.simplefilter("always")
         summary = t2.run()
     assert not [w for w in caught if "other settings" in str(w.message)]  # the same config: nothing to say
+    assert not [w for w in caught if "changed since" in str(w.message)]  # nor the same data
     assert summary["status"] == "done" and summary["step"] == 2 * n
     assert summary["history"][0]["step"] == n + 1
     got = _leaves(t2.state.gates)
