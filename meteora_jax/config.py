@@ -101,10 +101,10 @@ class ModelConfig:
 
     def __post_init__(self):
         for name in _POSITIVE_INTS:
-            if not _is_positive_int(getattr(self, name)):
+            if not is_positive_int(getattr(self, name)):
                 raise ConfigError(f"{name}={getattr(self, name)!r} must be a positive integer")
         for name in ("rms_norm_eps", "rope_theta"):
-            if not _is_positive_number(getattr(self, name)):
+            if not is_positive_number(getattr(self, name)):
                 raise ConfigError(f"{name}={getattr(self, name)!r} must be a finite positive number")
         if not isinstance(self.tie_word_embeddings, bool):
             raise ConfigError(f"tie_word_embeddings={self.tie_word_embeddings!r} must be True or False")
@@ -217,11 +217,12 @@ def _is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)  # JSON true is not a size
 
 
-def _is_positive_int(value) -> bool:
+def is_positive_int(value) -> bool:
+    """An integer > 0 (not a bool: JSON true is not a size)."""
     return _is_int(value) and value > 0
 
 
-def _is_positive_number(value) -> bool:
+def is_positive_number(value) -> bool:
     """A finite number > 0 (an int too, not a bool)."""
     return (_is_int(value) or (isinstance(value, numbers.Real) and not isinstance(value, bool)
                                and math.isfinite(value))) and value > 0
@@ -232,7 +233,7 @@ def _hf_int(hf: Mapping[str, Any], key: str, default: int | None = None, label: 
     value = hf.get(key)
     if value is None and default is not None:
         return default
-    if not _is_positive_int(value):
+    if not is_positive_int(value):
         raise ConfigError(f"HF config key {label or key!r} must be a positive integer, got {value!r}")
     return value
 
@@ -242,7 +243,7 @@ def _hf_float(hf: Mapping[str, Any], key: str, default: float | None, label: str
     value = hf.get(key)
     if value is None and default is not None:
         return default
-    if not _is_positive_number(value):
+    if not is_positive_number(value):
         raise ConfigError(f"HF config key {label or key!r} must be a finite positive number, got {value!r}")
     return float(value)
 

@@ -297,6 +297,19 @@ def test_peft_target_rules(tiny_hf_llama_dir, base_ckpt, tiny_peft_adapters, tmp
     assert main(["loras", "--base", str(base_ckpt), "--adapters", f"beta={beta}", "-o", str(tmp_path / "all"), "--quiet"]) == 0
     assert read_metadata(tmp_path / "all")["adapters"][0]["target_modules"] == list(ALL_PROJECTIONS)
 
+    # A generic target list (entries for other architectures, which match nothing here) and bias="lora_only"
+    # (LLaMA's projections have no bias: nothing extra is trained) convert as the plain adapter does.
+    alpha = dict(tiny_peft_adapters)["alpha"]
+    generic = tmp_path / "generic"
+    shutil.copytree(alpha, generic)
+    targets = json.loads((Path(alpha) / "adapter_config.json").read_text())["target_modules"]
+    _edit_config(generic, target_modules=[*targets, "query_key_value", "c_attn"], bias="lora_only")
+    for name, path in (("plain", alpha), ("generic", generic)):
+        assert main(["loras", "--base", str(base_ckpt), "--adapters", f"a={path}", "-o", str(tmp_path / f"{name}.ckpt"), "--quiet"]) == 0
+    plain, generic_params = (restore_checkpoint(tmp_path / f"{name}.ckpt")[0] for name in ("plain", "generic"))
+    for want, got in zip(jax.tree.leaves(plain), jax.tree.leaves(generic_params), strict=True):
+        np.testing.assert_array_equal(got, want)
+
 
 # ----------------------------------------------------------------------------------- reference
 
@@ -464,7 +477,17 @@ BAD_ADAPTERS = {
     "missing-weights": (lambda p, t: os.remove(p / "adapter_model.safetensors"), ["adapter 'alpha'", "has no adapter_model.safetensors or adapter_model.bin"]),
     "other-base": (_other_base_adapter, ["adapter 'alpha'", "'base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight' has shape (4, 48)", "different base"]),
     "dora": (lambda p, t: _edit_config(p, use_dora=True), ["adapter 'alpha'", "key 'use_dora'", "DoRA"]),
-    "bias": (lambda p, t: _edit_config(p, bias="lora_only"), ["adapter 'alpha'", "key 'bias' is 'lora_only'"]),
+    "bias-tensor": (lambda p, t: (_edit_config(p, bias="lora_only"), _edit_tensors(p, lambda d: d.__setitem__(
+        "base_model.model.model.layers.0.self_attn.q_proj.bias", np.zeros(64, np.float32)))),
+        ["adapter 'alpha'", "key 'base_model.model.model.layers.0.self_attn.q_proj.bias' is a trained bias "
+         "(adapter_config.json bias='lora_only')"]),
+    "resized-vocab": (lambda p, t: _edit_tensors(p, lambda d: d.__setitem__("base_model.model.lm_head.weight", np.zeros(
+        (136, 64), np.float32))), ["key 'base_model.model.lm_head.weight' is a full (136, 64) weight", "resized vocabulary"]),
+    "alpha-nan": (lambda p, t: _edit_config(p, lora_alpha=float("nan")), ["key 'lora_alpha' must be a finite number > 0, got nan"]),
+    "alpha-inf": (lambda p, t: _edit_config(p, lora_alpha=float("inf")), ["key 'lora_alpha' must be a finite number > 0, got inf"]),
+    "alpha-pattern-inf": (lambda p, t: _edit_config(p, alpha_pattern={"v_proj": float("inf")}), ["key 'alpha_pattern' must be an object of finite numbers > 0"]),
+    "rank-true": (lambda p, t: _edit_config(p, r=True), ["key 'r' must be a positive integer, got True"]),
+    "rank-float": (lambda p, t: _edit_config(p, r=4.0), ["key 'r' must be a positive integer, got 4.0"]),
     "modules-to-save": (lambda p, t: _edit_config(p, modules_to_save=["lm_head"]), ["adapter 'alpha'", "key 'modules_to_save'"]),
     "embedding-target": (lambda p, t: _edit_config(p, target_modules=["q_proj", "embed_tokens"]), ["key 'target_modules' lists 'embed_tokens'"]),
     "rank-pattern-mismatch": (lambda p, t: _edit_config(p, rank_pattern={"v_proj": 2}), ["key 'base_model.model.model.layers.0.self_attn.v_proj.lora_A.weight' has shape (4, 64) but adapter_config.json implies rank 2"]),

@@ -40,7 +40,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from meteora_jax.config import ALL_PROJECTIONS, MeteoRAConfig, ModelConfig, block_of
+from meteora_jax.config import ALL_PROJECTIONS, MeteoRAConfig, ModelConfig, block_of, is_positive_int, is_positive_number
 from meteora_jax.convert.common import (
     ConversionError,
     check_finite,
@@ -58,6 +58,10 @@ _KEY = re.compile(
     r"^(?:base_model\.model\.)?model\.layers\.(?P<layer>\d+)\.(?P<block>self_attn|mlp)\.(?P<proj>\w+?)"
     r"\.(?P<ab>lora_A|lora_B)\.(?:(?P<name>[^.]+)\.)?weight$"
 )
+# LLaMA modules that match a target_modules entry but cannot carry a MeteoRA adapter.
+_LLAMA_NON_PROJECTIONS = ("embed_tokens", "lm_head", "norm", "input_layernorm", "post_attention_layernorm",
+                          "self_attn", "mlp", "layers", "model", "rotary_emb", "act_fn")
+
 # adapter_config.json fields that change the computation in ways a plain stacked LoRA cannot hold.
 _UNSUPPORTED = {
     "use_dora": "DoRA (use_dora=true)",
@@ -177,11 +181,13 @@ def _read_adapter_config(name: str, path: Path) -> dict:
         raise ConversionError(f"{what}: holds a JSON {type(cfg).__name__}, not an object")
     if cfg.get("peft_type", "LORA") != "LORA":
         raise ConversionError(f"{what}: key 'peft_type' is {cfg['peft_type']!r}; only LORA adapters are supported")
-    for key in ("r", "lora_alpha"):
-        if not isinstance(cfg.get(key), (int, float)) or cfg[key] <= 0:
-            raise ConversionError(f"{what}: key {key!r} must be a positive number, got {cfg.get(key)!r}")
-    if cfg.get("bias", "none") != "none":
-        raise ConversionError(f"{what}: key 'bias' is {cfg['bias']!r}; only bias='none' is supported")
+    # (NaN, Infinity and true are valid JSON for Python's json module: a NaN alpha gave NaN scalings)
+    if not is_positive_int(cfg.get("r")):
+        raise ConversionError(f"{what}: key 'r' must be a positive integer, got {cfg.get('r')!r}")
+    if not is_positive_number(cfg.get("lora_alpha")):
+        raise ConversionError(f"{what}: key 'lora_alpha' must be a finite number > 0, got {cfg.get('lora_alpha')!r}")
+    # bias="lora_only" / "all" on LLaMA trains nothing (its projections have no bias); bias tensors
+    # in the weights file are refused by key.
     for key, feature in _UNSUPPORTED.items():
         if cfg.get(key):
             raise ConversionError(f"{what}: key {key!r} = {cfg[key]!r}: {feature} is not supported")
@@ -205,8 +211,10 @@ def _read_adapter_config(name: str, path: Path) -> dict:
         )
     targets = cfg["target_modules"]
     if not isinstance(targets, str):
+        # Entries that match no LLaMA module are ignored, as PEFT does (generic lists such as
+        # ["q_proj", "v_proj", "query_key_value", "c_attn"]); a LLaMA module that is not a projection is refused.
         for entry in targets:
-            if entry.split(".")[-1] not in ALL_PROJECTIONS:
+            if entry.split(".")[-1] in _LLAMA_NON_PROJECTIONS:
                 raise ConversionError(
                     f"{what}: key 'target_modules' lists {entry!r}; only the LLaMA projections "
                     f"{ALL_PROJECTIONS} can carry MeteoRA adapters"
@@ -225,10 +233,10 @@ def _check_types(cfg: dict, what: str) -> None:
         "exclude_modules": (lambda v: v is None or isinstance(v, str) or _is_str_list(v), "a string or a list of strings"),
         "layers_to_transform": (lambda v: v is None or isinstance(v, int) or (isinstance(v, list) and all(
             isinstance(i, int) for i in v)), "an integer or a list of integers"),
-        "rank_pattern": (lambda v: v is None or (isinstance(v, dict) and all(
-            isinstance(r, int) and r > 0 for r in v.values())), "an object of positive integers"),
-        "alpha_pattern": (lambda v: v is None or (isinstance(v, dict) and all(
-            isinstance(a, (int, float)) and a > 0 for a in v.values())), "an object of positive numbers"),
+        "rank_pattern": (lambda v: v is None or (isinstance(v, dict) and all(map(is_positive_int, v.values()))),
+                         "an object of positive integers"),
+        "alpha_pattern": (lambda v: v is None or (isinstance(v, dict) and all(map(is_positive_number, v.values()))),
+                          "an object of finite numbers > 0"),
     }
     for key, (ok, kind) in kinds.items():
         if key == "target_modules" and cfg.get(key) is None:
@@ -298,6 +306,12 @@ def load_peft_adapter(name: str, path: str | os.PathLike, config: ModelConfig) -
                 raise ConversionError(f"{what}: key {key!r} is a DoRA magnitude; DoRA is not supported")
             if "modules_to_save" in key or "original_module" in key:
                 raise ConversionError(f"{what}: key {key!r} belongs to modules_to_save, which is not supported")
+            if key.endswith(".bias"):
+                raise ConversionError(f"{what}: key {key!r} is a trained bias (adapter_config.json bias="
+                                      f"{cfg.get('bias')!r}); only LoRA factors are supported")
+            if key.endswith(("embed_tokens.weight", "lm_head.weight")):
+                raise ConversionError(f"{what}: key {key!r} is a full {tuple(value.shape)} weight: the adapter was "
+                                      "trained with a resized vocabulary or trained embeddings, which is not supported")
             if "lora_embedding" in key:
                 raise ConversionError(f"{what}: key {key!r} is an embedding LoRA; only projections are supported")
             raise ConversionError(f"{what}: key {key!r} is not a LoRA factor of a LLaMA projection")
