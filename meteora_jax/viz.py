@@ -56,17 +56,17 @@ def layer_majority(routing: np.ndarray, num_adapters: int) -> np.ndarray:
 
 
 def adapter_colors(num_adapters: int) -> list[str]:
-    """One distinct hex colour per adapter (tab10/tab20, then evenly spaced hues)."""
+    """One hex colour per adapter: colorcet's Glasbey palette that starts with matplotlib's tab10
+    (the first 10 are tab10's; every further one is chosen to differ most from those before it, so
+    the 28 adapters of the paper's configs stay apart, where tab20's light/dark pairs or evenly
+    spaced hues did not). Past its 256 colours, evenly spaced hues."""
+    import colorcet
     import matplotlib
 
-    if num_adapters <= 10:
-        cmap = matplotlib.colormaps["tab10"]
-        return [matplotlib.colors.to_hex(cmap(i)) for i in range(num_adapters)]
-    if num_adapters <= 20:
-        cmap = matplotlib.colormaps["tab20"]
-        return [matplotlib.colors.to_hex(cmap(i)) for i in range(num_adapters)]
-    cmap = matplotlib.colormaps["hsv"]
-    return [matplotlib.colors.to_hex(cmap(i / num_adapters)) for i in range(num_adapters)]
+    palette = list(colorcet.palette["glasbey_category10"][:num_adapters])
+    hues = matplotlib.colormaps["hsv"]
+    extra = num_adapters - len(palette)
+    return palette + [matplotlib.colors.to_hex(hues(i / extra)) for i in range(extra)]
 
 
 def token_pieces(tokenizer, token_ids: Sequence[int]) -> list[str]:
@@ -106,19 +106,22 @@ def _label(piece: str) -> str:
     return piece.replace("\n", "\\n").replace("\t", "\\t").replace("$", r"\$") or "''"
 
 
-def save_routing_png(
-    path: str | os.PathLike,
+# Past this many tokens the PNG labels every n-th token only: one label per column would overlap.
+MAX_TOKEN_LABELS = 300
+
+
+def routing_figure(
     pieces: Sequence[str],
     routing: np.ndarray,  # [T, n_layers, n_proj]
     adapter_names: Sequence[str],
     *,
     prompt_length: int | None = None,
     title: str | None = None,
-    dpi: int = 100,
-) -> str:
-    """Writes a PNG with two heatmaps over the tokens: top, each adapter's share of the token's
-    top-1 picks across layers and projections; bottom, each layer's majority adapter. A dashed
-    line marks where the prompt ends. Returns the path."""
+):
+    """A matplotlib Figure with two heatmaps over the tokens, column t of both at the same x: top,
+    each adapter's share of the token's top-1 picks across layers and projections; bottom, each
+    layer's majority adapter. The colour bar and the legend sit in a column of their own, so the
+    heatmaps share their width. A dashed line marks where the prompt ends."""
     # The object API with the Agg canvas: no pyplot state, works under any backend.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.colors import ListedColormap
@@ -132,31 +135,56 @@ def save_routing_png(
     layers = layer_majority(routing, L)  # [n_layers, T]
     width = min(max(6.0, 0.28 * T + 2.5), 60.0)
     height = 2.0 + 0.3 * L + 0.25 * n_layers + 1.0
-    fig = Figure(figsize=(width, height), dpi=dpi)
+    side = 0.4 + 0.07 * max((len(n) for n in adapter_names), default=0)  # inches: legend names at fontsize 7
+    fig = Figure(figsize=(width + side, height))
     FigureCanvasAgg(fig)
-    ax_share, ax_layer = fig.subplots(2, 1, gridspec_kw={"height_ratios": [max(L, 1), max(n_layers, 1)]})
+    (ax_share, ax_bar), (ax_layer, ax_key) = fig.subplots(2, 2, gridspec_kw={
+        "height_ratios": [max(L, 1), max(n_layers, 1)], "width_ratios": [width, side]})
     im = ax_share.imshow(shares.T, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
     ax_share.set_yticks(range(L), list(adapter_names))
     ax_share.set_xticks([])
     ax_share.set_title(title or "top-1 adapter share across layers and projections")
-    fig.colorbar(im, ax=ax_share, fraction=0.02, pad=0.01)
+    ax_bar.axis("off")
+    fig.colorbar(im, cax=ax_bar.inset_axes([0.0, 0.0, min(0.15 / side, 1.0), 1.0]))
 
     colors = ["#ffffff"] + adapter_colors(L)  # -1 (unrouted) is white
     ax_layer.imshow(
         layers + 1, aspect="auto", cmap=ListedColormap(colors), vmin=-0.5, vmax=L + 0.5, interpolation="nearest"
     )
     ax_layer.set_yticks(range(n_layers), [f"layer {i}" for i in range(n_layers)])
-    ax_layer.set_xticks(range(T), [_label(p) for p in pieces], rotation=90, fontsize=7)
+    every = -(-T // MAX_TOKEN_LABELS)
+    ax_layer.set_xticks(range(0, T, every), [_label(p) for p in pieces[::every]], rotation=90, fontsize=7)
+    if every > 1:
+        ax_layer.set_xlabel(f"every {every}th token labelled (the HTML page shows them all)", fontsize=7)
     ax_layer.set_title("majority adapter per layer")
+    ax_key.axis("off")
     handles = [Rectangle((0, 0), 1, 1, color=c) for c in colors[1:]]
-    ax_layer.legend(handles, list(adapter_names), loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7)
+    ax_key.legend(handles, list(adapter_names), loc="upper left", fontsize=7, frameon=False)
     if prompt_length is not None and 0 < prompt_length < T:
         for ax in (ax_share, ax_layer):
             ax.axvline(prompt_length - 0.5, color="red", linestyle="--", linewidth=1)
     fig.tight_layout()
+    return fig
+
+
+def save_routing_png(
+    path: str | os.PathLike,
+    pieces: Sequence[str],
+    routing: np.ndarray,  # [T, n_layers, n_proj]
+    adapter_names: Sequence[str],
+    *,
+    prompt_length: int | None = None,
+    title: str | None = None,
+    dpi: int = 100,
+) -> str:
+    """Writes `routing_figure(...)` as a PNG; returns the path. The file is replaced only once the
+    picture is complete."""
+    fig = routing_figure(pieces, routing, adapter_names, prompt_length=prompt_length, title=title)
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=dpi)
+    partial = f"{path}.partial"
+    fig.savefig(partial, dpi=dpi, format="png")
+    os.replace(partial, path)
     return path
 
 
@@ -170,7 +198,8 @@ def routing_html(
 ) -> str:
     """A self-contained HTML page (inline CSS, no scripts or external files): every token in the
     colour of its dominant adapter, its per-adapter shares in a tooltip, and a legend. `title`
-    defaults to "MeteoRA routing"."""
+    defaults to "MeteoRA routing". Its styles apply only inside its `meteora-routing` block, so the
+    page can also be shown inline (a notebook's `display(HTML(...))`) without restyling the host."""
     title = title or "MeteoRA routing"
     routing = _check(pieces, routing, adapter_names)
     L = len(adapter_names)
@@ -193,27 +222,31 @@ def routing_html(
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>
-body {{ font-family: sans-serif; margin: 2em; }}
-.text {{ font-family: monospace; font-size: 15px; line-height: 2.1; white-space: pre-wrap; }}
-.tok {{ padding: 2px 0; border-radius: 2px; }}
-.sep {{ color: #c00; padding: 0 4px; }}
-.legend {{ margin: 1em 0; }}
-.key {{ margin-right: 1.2em; white-space: nowrap; }}
-.swatch {{ display: inline-block; width: 0.9em; height: 0.9em; margin-right: 0.3em; vertical-align: middle; }}
-</style></head><body>
+.meteora-routing {{ font-family: sans-serif; margin: 2em; }}
+.meteora-routing .text {{ font-family: monospace; font-size: 15px; line-height: 2.1; white-space: pre-wrap; }}
+.meteora-routing .tok {{ padding: 2px 0; border-radius: 2px; }}
+.meteora-routing .sep {{ color: #c00; padding: 0 4px; }}
+.meteora-routing .legend {{ margin: 1em 0; }}
+.meteora-routing .key {{ margin-right: 1.2em; white-space: nowrap; }}
+.meteora-routing .swatch {{ display: inline-block; width: 0.9em; height: 0.9em; margin-right: 0.3em;
+  vertical-align: middle; }}
+</style></head><body><div class="meteora-routing">
 <h2>{html.escape(title)}</h2>
 <p>Each token is coloured by its dominant adapter: the one picked most often as top-1 across all
 layers and projections (hover for the shares).</p>
 <div class="legend">{legend}</div>
 <div class="text">{"".join(spans)}</div>
-</body></html>
+</div></body></html>
 """
 
 
 def save_routing_html(path: str | os.PathLike, pieces, routing, adapter_names, **kwargs) -> str:
-    """Writes `routing_html(...)` to `path`; returns the path."""
+    """Writes `routing_html(...)` to `path`, whole or not at all; returns the path."""
+    page = routing_html(pieces, routing, adapter_names, **kwargs)  # (bad input raises before any write)
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(routing_html(pieces, routing, adapter_names, **kwargs))
+    partial = f"{path}.partial"
+    with open(partial, "w", encoding="utf-8") as f:
+        f.write(page)
+    os.replace(partial, path)
     return path

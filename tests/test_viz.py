@@ -4,6 +4,7 @@ colours, and an HTML page with every token in its dominant adapter's colour."""
 from __future__ import annotations
 
 import html
+import os
 import re
 from html.parser import HTMLParser
 
@@ -42,13 +43,57 @@ def test_png_has_the_stated_size_and_the_adapter_colours(tmp_path):
     path = viz.save_routing_png(tmp_path / "r.png", pieces, ROUTING, NAMES, prompt_length=3, dpi=80)
     img = Image.open(path)
     assert img.format == "PNG"
-    width_in = min(max(6.0, 0.28 * len(pieces) + 2.5), 60.0)
+    legend_in = 0.4 + 0.07 * max(map(len, NAMES))  # the colour bar and legend column
+    width_in = min(max(6.0, 0.28 * len(pieces) + 2.5), 60.0) + legend_in
     height_in = 2.0 + 0.3 * len(NAMES) + 0.25 * ROUTING.shape[1] + 1.0
     assert img.size == (round(width_in * 80), round(height_in * 80))
     pixels = {tuple(p[:3]) for p in np.asarray(img.convert("RGB")).reshape(-1, 3)}
     for color in viz.adapter_colors(3):  # the per-layer heatmap and the legend use all three
         rgb = tuple(int(color[i : i + 2], 16) for i in (1, 3, 5))
         assert rgb in pixels, color
+
+
+def test_both_heatmaps_put_a_token_at_the_same_x():
+    """Column t of the shares map lies above column t of the per-layer map (the colour bar took
+    its width from the top panel only, which shifted its columns left of their labels by up to
+    one column per 40 tokens)."""
+    rng = np.random.default_rng()
+    for num_tokens in (4, 40, 700):
+        routing = rng.integers(-1, 3, (num_tokens, 2, 3))
+        fig = viz.routing_figure([f"t{i}" for i in range(num_tokens)], routing, NAMES, prompt_length=2)
+        fig.canvas.draw()
+        ax_share, ax_layer = fig.axes[0], fig.axes[2]
+        assert ax_share.get_ylabel() == "" and ax_layer.get_title() == "majority adapter per layer"
+        top, bottom = ax_share.get_position(), ax_layer.get_position()
+        assert abs(top.x0 - bottom.x0) < 1e-9 and abs(top.x1 - bottom.x1) < 1e-9, (num_tokens, top, bottom)
+        assert ax_share.get_xlim() == ax_layer.get_xlim()
+        labels = ax_layer.get_xticks()
+        assert len(labels) <= viz.MAX_TOKEN_LABELS  # 700 tokens: every 3rd labelled
+        assert list(labels[:2]) == ([0, 1] if num_tokens <= viz.MAX_TOKEN_LABELS else [0, 3])
+
+
+def test_adapter_colours_stay_apart_for_the_paper_configs():
+    """28 adapters (llama2_13b / llama3_8b): every pair at least 50 apart in RGB (0-441); evenly
+    spaced hues put adapters 9 and 10 37 apart, tab20's pairs at 20 adapters 25. The first 10 are
+    tab10's."""
+    import matplotlib
+
+    rgb = np.array([[int(c[i : i + 2], 16) for i in (1, 3, 5)] for c in viz.adapter_colors(28)], float)
+    gaps = np.linalg.norm(rgb[:, None] - rgb[None], axis=-1)[np.triu_indices(28, 1)]
+    assert gaps.min() >= 50, gaps.min()
+    tab10 = np.array([matplotlib.colors.to_rgb(matplotlib.colormaps["tab10"](i)) for i in range(10)]) * 255
+    assert np.abs(rgb[:10] - tab10).max() <= 1.5
+    assert len(set(viz.adapter_colors(300))) == 300
+
+
+def test_a_failed_picture_leaves_the_old_file(tmp_path):
+    for save, name in ((viz.save_routing_html, "r.html"), (viz.save_routing_png, "r.png")):
+        path = save(tmp_path / name, ["a", "b", "c", "d"], ROUTING, NAMES)
+        before = open(path, "rb").read()
+        with pytest.raises(ValueError, match="3 token pieces but routing covers 4"):
+            save(path, ["a", "b", "c"], ROUTING, NAMES)
+        assert open(path, "rb").read() == before
+    assert sorted(os.listdir(tmp_path)) == ["r.html", "r.png"]
 
 
 class _Spans(HTMLParser):
@@ -84,6 +129,9 @@ def test_html_colours_every_token_by_its_dominant_adapter(tmp_path):
         assert re.search(rf"border-bottom:3px solid {colors[dom]}", style)
     for name, color in zip(NAMES, colors):
         assert html.escape(name) in page and color in page
+    # Styles only inside the page's own block: shown inline in a notebook, it restyles nothing else.
+    rules = re.findall(r"^([^{}\n]+)\{", page.split("<style>")[1].split("</style>")[0], re.M)
+    assert rules and all(rule.strip().startswith(".meteora-routing") for rule in rules), rules
 
 
 def test_token_pieces_rebuild_the_text(tiny_tokenizer):
