@@ -18,6 +18,7 @@ source paths and sha256 hashes).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import uuid
@@ -39,6 +40,20 @@ METADATA_ITEM = "metadata"
 
 class CheckpointError(ValueError):
     """A checkpoint path that is missing, exists already, or does not hold a meteora-jax checkpoint."""
+
+
+@contextlib.contextmanager
+def orbax_read(path: str | os.PathLike, what: str):
+    """Turns what Orbax and tensorstore raise on damaged files (truncated JSON, an OCDBT read past
+    the end, missing array data) into one CheckpointError naming `path` and `what` was being read.
+    Our own CheckpointErrors pass through."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 (tensorstore read errors reach us as a bare Exception)
+        reason = " ".join(str(e).split())[:240] or type(e).__name__
+        raise CheckpointError(f"{path}: cannot read {what} (a truncated or damaged copy?): {reason}") from None
 
 
 def _flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
@@ -145,8 +160,9 @@ def read_metadata(path: str | os.PathLike) -> dict:
     path = Path(path).absolute()
     if not is_checkpoint(path):
         raise CheckpointError(f"{path} is not a meteora-jax checkpoint (expected {PARAMS_ITEM}/ and {METADATA_ITEM}/)")
-    restored = _checkpointer().restore(path, args=ocp.args.Composite(**{METADATA_ITEM: ocp.args.JsonRestore()}))
-    meta = dict(restored[METADATA_ITEM])
+    with orbax_read(path, "its metadata"):
+        restored = _checkpointer().restore(path, args=ocp.args.Composite(**{METADATA_ITEM: ocp.args.JsonRestore()}))
+        meta = dict(restored[METADATA_ITEM])
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path}: metadata format is {meta.get('format')!r}, not {FORMAT!r}")
     return meta
@@ -206,7 +222,8 @@ def restore_checkpoint(
             for key, (shape, dtype) in shapes.items()
         }
     )
-    restored = _checkpointer().restore(
-        path, args=ocp.args.Composite(**{PARAMS_ITEM: ocp.args.StandardRestore(abstract)})
-    )
+    with orbax_read(path, "its params"):
+        restored = _checkpointer().restore(
+            path, args=ocp.args.Composite(**{PARAMS_ITEM: ocp.args.StandardRestore(abstract)})
+        )
     return dict(restored[PARAMS_ITEM]), config, meta

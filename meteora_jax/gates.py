@@ -27,6 +27,8 @@ import jax
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
+from meteora_jax.checkpoint import CheckpointError, orbax_read
+
 TRAINABLE_LEAF = "gate"
 GATE_SETTINGS_FILE = "settings.json"
 ADAPTER_NAMES_FILE = "adapter_names.json"
@@ -118,11 +120,14 @@ def load_gates(path, sharding: jax.sharding.Sharding | None = None) -> tuple[dic
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise ValueError(f"{names_path}: expected a JSON list of adapter names, got {names!r}")
     sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    with ocp.StandardCheckpointer() as ckptr:
+    with ocp.StandardCheckpointer() as ckptr, orbax_read(gates_path, "the gates"):
         # Without a target Orbax rebuilds the saving run's mesh: gates trained on several devices
         # would not load on one, nor sit beside params restored on one device.
-        stored = ckptr.metadata(gates_path).item_metadata.tree
-        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), stored)
+        stored = ckptr.metadata(gates_path)
+        if stored is None or stored.item_metadata is None:
+            raise CheckpointError(f"{gates_path}: holds no Orbax checkpoint metadata (an empty or damaged export)")
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
+                              stored.item_metadata.tree)
         gates = ckptr.restore(gates_path, target)
     return gates, names
 

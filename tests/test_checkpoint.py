@@ -153,6 +153,24 @@ def test_failed_save_leaves_nothing(saved, tmp_path, monkeypatch):
     assert read_metadata(path)["v"] == 1  # the old checkpoint survives a failed overwrite
 
 
+def test_damaged_copies_are_named(saved, tmp_path):
+    """A checkpoint cut short (an interrupted copy): its metadata or params cannot be read, and the
+    error names the checkpoint and the part (they were a JSONDecodeError, or a tensorstore
+    OUT_OF_RANGE deep in Orbax)."""
+    import shutil
+
+    path = saved[0]
+    for part in ("metadata", "params"):
+        damaged = tmp_path / f"cut_{part}"
+        shutil.copytree(path, damaged)
+        files = [Path(root) / f for root, _, names in os.walk(damaged / part) for f in names]
+        for f in files if part == "metadata" else [max(files, key=lambda f: f.stat().st_size)]:
+            data = f.read_bytes()
+            f.write_bytes(data[: len(data) // 2])
+        with pytest.raises(CheckpointError, match=rf"cut_{part}: cannot read its {part} \(a truncated or damaged copy\?\)"):
+            restore_checkpoint(damaged)
+
+
 def test_not_a_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="is not a meteora-jax checkpoint"):
         restore_checkpoint(tmp_path)

@@ -119,6 +119,13 @@ def test_folders_that_are_not_exports(tmp_path):
     with pytest.raises(ValueError, match=r"settings.json: expected a JSON object of run settings"):
         load_gate_settings(folder)
 
+    # An empty gates/ (an interrupted copy): one error naming it (it was an AttributeError)
+    empty = tmp_path / "empty"
+    (empty / "gates").mkdir(parents=True)
+    (empty / "adapter_names.json").write_text('["a", "b", "c"]')
+    with pytest.raises(ValueError, match=r"empty/gates: holds no Orbax checkpoint metadata"):
+        load_gates(empty)
+
 
 def test_generate_cli_names_a_bad_gates_folder(tiny_inference_world, tmp_path):
     """scripts/generate.py with --gates pointing at a folder that is no export: one line naming it,
