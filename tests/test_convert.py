@@ -213,6 +213,17 @@ def test_bf16_output_from_hf_base(tiny_hf_llama_dir, tiny_peft_adapters, tmp_pat
     assert q["kernel"].dtype == q["lora_a"].dtype == jax.numpy.bfloat16
     assert q["gate"].dtype == q["lora_scaling"].dtype == np.float32
 
+    # A bf16 base checkpoint keeps its dtype when --dtype is not given (it was upcast to fp32, twice
+    # the memory); --dtype still overrides; the metadata names the stored dtype.
+    base = tmp_path / "bf16-base"
+    assert main(["base", str(tiny_hf_llama_dir), "-o", str(base), "--dtype", "bf16", "--quiet"]) == 0
+    for extra, want in (([], "bfloat16"), (["--dtype", "fp32"], "float32")):
+        out = tmp_path / f"from-base-{want}"
+        assert main(["loras", "--base", str(base), "--adapters", f"{name}={path}", "-o", str(out), "--quiet", *extra]) == 0
+        params, config, meta = restore_checkpoint(out)
+        assert config.param_dtype == config.dtype == meta["dtype"] == want
+        assert params["layers"]["self_attn"]["q_proj"]["kernel"].dtype == np.dtype(want)
+
 
 def test_bin_weights_and_key_variants(converted, base_ckpt, tiny_peft_adapters, tmp_path):
     """adapter_model.bin with keys lacking `base_model.model.` and carrying `.default` converts to

@@ -26,7 +26,9 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+import jax
 import numpy as np
+from jax.sharding import SingleDeviceSharding
 
 from meteora_jax.checkpoint import (
     CheckpointError,
@@ -64,9 +66,9 @@ def _common(parser: argparse.ArgumentParser, dtype: bool = True) -> None:
         parser.add_argument(
             "--dtype",
             choices=sorted(DTYPES),
-            default="fp32",
+            default=None,
             help="storage and compute dtype of base weights and LoRA factors (gates and scalings stay "
-            "float32); default fp32",
+            "float32); default: a --base checkpoint's own, else fp32",
         )
     parser.add_argument("--quiet", action="store_true", help="no progress bars, warnings and errors only")
 
@@ -187,17 +189,24 @@ def _dtype_overrides(dtype: str) -> dict:
     return {"dtype": DTYPES[dtype], "param_dtype": DTYPES[dtype]}
 
 
-def load_base(path: Path, dtype: str, gguf_file: Optional[str] = None, progress: bool = True) -> tuple[ModelConfig, dict, dict]:
-    """(config, numpy params without adapters, metadata about the source) of a base model."""
-    overrides = _dtype_overrides(dtype)
+def load_base(path: Path, dtype: Optional[str], gguf_file: Optional[str] = None, progress: bool = True
+              ) -> tuple[ModelConfig, dict, dict]:
+    """(config, numpy params without adapters, metadata about the source) of a base model.
+
+    dtype: "fp32" / "bf16", or None: a checkpoint's own dtype (a bf16 base stays bf16), fp32 for an
+    HF model or GGUF file.
+    """
     if is_checkpoint(path):
-        params, config, meta = restore_checkpoint(path)
+        # Into host memory: conversion never computes, and a large base need not fit one GPU.
+        params, config, meta = restore_checkpoint(path, shardings=SingleDeviceSharding(jax.devices("cpu")[0]))
         if config.meteora.num_adapters:
             raise ConversionError(f"{path}: checkpoint already holds {config.meteora.num_adapters} adapters; give a base")
+        overrides = _dtype_overrides(dtype) if dtype else {}
         weight_dtype = ModelConfig.from_dict({**config.to_dict(), **overrides}).weight_dtype
         params = _map(params, lambda x: np.asarray(x).astype(weight_dtype))
         config = config.replace(**overrides)
         return config, params, {**meta.get("base", {}), "checkpoint": str(path.absolute())}
+    overrides = _dtype_overrides(dtype or "fp32")
     if not path.exists():
         raise ConversionError(f"base model {path} not found")
     config, params = load_hf_llama(path, gguf_file=gguf_file, progress=progress, **overrides)
@@ -238,10 +247,10 @@ def _adapter_list(args) -> list[tuple[str, Path]]:
     return read_order_file(order, parent=args.adapter_dir)
 
 
-def _header(kind: str, dtype: str) -> dict:
+def _header(kind: str, config: ModelConfig) -> dict:
     return {
         "kind": kind,
-        "dtype": DTYPES[dtype],
+        "dtype": config.param_dtype,
         "created_by": "meteora-convert",
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -271,7 +280,7 @@ def _run_base(args) -> Path:
     _check_output(args, [args.source])
     config, params, base_meta = load_base(args.source, args.dtype, args.gguf_file, progress)
     check_param_tree(params, config, str(args.source))
-    return save_checkpoint(args.output, params, config, {**_header("base", args.dtype), "base": base_meta, "adapters": []},
+    return save_checkpoint(args.output, params, config, {**_header("base", config), "base": base_meta, "adapters": []},
                            overwrite=args.overwrite)
 
 
@@ -299,7 +308,7 @@ def _run_loras(args) -> Path:
     )
     check_param_tree(params, config, str(args.output))
     metadata = {
-        **_header("loras", args.dtype),
+        **_header("loras", config),
         "base": base_meta,
         "adapters": adapters_metadata(adapters),
         "gates": {"init": "normal", "std": args.gate_std, "seed": args.seed},
@@ -337,7 +346,7 @@ def _run_reference(args) -> Path:
         top_k=args.top_k,
     )
     check_param_tree(params, config, str(args.output))
-    metadata = {**_header("reference", args.dtype), "base": base_meta, **ref_meta}
+    metadata = {**_header("reference", config), "base": base_meta, **ref_meta}
     return save_checkpoint(args.output, params, config, metadata, overwrite=args.overwrite)
 
 
