@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import jax
@@ -555,6 +556,42 @@ def test_bad_adapter_is_refused(case, base_ckpt, tiny_peft_adapters, tmp_path, c
     for message in messages:
         assert message in err
     assert err.count("\n") == 1, err
+    assert os.listdir(outdir) == []
+
+
+def test_sigterm_during_the_save_leaves_nothing(base_ckpt, tiny_peft_adapters, tmp_path):
+    """SIGTERM (a scheduler's time limit) while the checkpoint is being written: exit 143 and no
+    hidden staging folder left beside the output (it stayed, a model's size, for every later run)."""
+    import signal
+    import time
+
+    name, path = tiny_peft_adapters[0]
+    outdir = tmp_path / "outdir"
+    outdir.mkdir()
+    # The save is held open (a sleep after Orbax has written) so the signal lands inside it.
+    script = textwrap.dedent(f"""
+        import sys, time
+        import meteora_jax.checkpoint as checkpoint
+        real = checkpoint._checkpointer
+        class Slow:
+            def save(self, *a, **k):
+                real().save(*a, **k)
+                time.sleep(60)
+            def restore(self, *a, **k):
+                return real().restore(*a, **k)
+        checkpoint._checkpointer = Slow
+        from meteora_jax.convert.cli import main
+        sys.exit(main(["loras", "--base", {str(base_ckpt)!r}, "--adapters", "{name}={path}", "-o", {str(outdir / "ck")!r}, "--quiet"]))
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(outdir.glob(".ck.tmp-*/checkpoint/metadata")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 143, err
+    assert "stopped by SIGTERM; nothing written" in err
     assert os.listdir(outdir) == []
 
 
