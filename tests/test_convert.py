@@ -357,7 +357,7 @@ def _reference_merged_model(tiny_hf_llama_dir, state, index, rank, scaling):
     return model
 
 
-def test_reference_checkpoint_round_trip(base_ckpt, tiny_hf_llama_dir, tmp_path, apply_fn):
+def test_reference_checkpoint_round_trip(base_ckpt, tiny_hf_llama_dir, tmp_path, apply_fn, capsys):
     from safetensors.torch import save_file
 
     _, base_config, _ = restore_checkpoint(base_ckpt)
@@ -369,16 +369,30 @@ def test_reference_checkpoint_round_trip(base_ckpt, tiny_hf_llama_dir, tmp_path,
     with_base = {f"base_model.model.{k}": v for k, v in state.items()}
     with_base.update({f"base_model.model.{k}": v for k, v in HFLlama.from_pretrained(tiny_hf_llama_dir).state_dict().items()})
     torch.save({"state_dict": with_base}, tmp_path / "meteora.pt")
+    # And as the original's FSDP training saves it: a torch.distributed.checkpoint folder of {"model": ...}.
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save({"model": with_base}, checkpoint_id=str(tmp_path / "pytorch_model_fsdp_0"))
 
     outs = {}
-    for source in ("meteora.safetensors", "meteora.pt"):
+    for source in ("meteora.safetensors", "meteora.pt", "pytorch_model_fsdp_0"):
         out = tmp_path / f"out-{source}"
         rc = main(["reference", "--base", str(base_ckpt), str(tmp_path / source), "--lora-alpha", "8",
                    "--names", "x,y,z", "-o", str(out), "--quiet"])
         assert rc == 0
         outs[source] = restore_checkpoint(out)
-    (params, config, meta), (params_pt, _, _) = outs.values()
+    (params, config, meta), (params_pt, _, _), (params_dcp, _, meta_dcp) = outs.values()
     jax.tree.map(np.testing.assert_array_equal, params, params_pt)
+    jax.tree.map(np.testing.assert_array_equal, params, params_dcp)
+    assert [Path(f["path"]).name for f in meta_dcp["reference"]["files"]] == [".metadata", "__0_0.distcp"]
+    damaged = tmp_path / "damaged_fsdp"
+    shutil.copytree(tmp_path / "pytorch_model_fsdp_0", damaged)
+    (damaged / "__0_0.distcp").write_bytes((damaged / "__0_0.distcp").read_bytes()[:100])
+    assert main(["reference", "--base", str(base_ckpt), str(damaged), "--lora-alpha", "8", "-o", str(tmp_path / "no"),
+                 "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert f"reference checkpoint {damaged}: cannot read the torch.distributed.checkpoint folder" in err, err
+    assert err.count("\n") == 1 and not (tmp_path / "no").exists()
     assert [a["name"] for a in meta["adapters"]] == ["x", "y", "z"]
     assert (config.meteora.num_adapters, config.meteora.rank, config.meteora.targets) == (3, 4, ("q_proj", "v_proj", "down_proj"))
     assert meta["reference"]["files"][0]["sha256"] == hashlib.sha256((tmp_path / "meteora.safetensors").read_bytes()).hexdigest()

@@ -1,8 +1,11 @@
 """Checkpoints of the original PyTorch MeteoRA implementation -> our stacked adapter layout.
 
 Accepted files: one `.safetensors` file, one torch pickle (`.bin` / `.pt` / `.pth`, a state dict
-or `{"state_dict": ...}` / `{"model": ...}` around one), or a directory of such files (all
-`*.safetensors` in it, else all `*.bin` / `*.pt` / `*.pth`; a key may appear in only one file).
+or `{"state_dict": ...}` / `{"model": ...}` around one), a directory of such files (all
+`*.safetensors` in it, else all `*.bin` / `*.pt` / `*.pth`; a key may appear in only one file), or
+a torch.distributed.checkpoint folder (`.metadata` + `*.distcp`: what the original's FSDP training
+saves, e.g. `checkpoint-5000/pytorch_model_fsdp_0`), read with torch's `dcp_to_torch_save` into a
+temporary file (it needs free space in the temp directory for the whole state dict).
 
 Accepted keys, per decoder layer `i` and adapted projection `P` (`self_attn.{q,k,v,o}_proj`,
 `mlp.{gate,up,down}_proj`), with an optional `base_model.model.` prefix and an optional adapter
@@ -58,22 +61,57 @@ _BASE_KEY = re.compile(
 _TORCH_SUFFIXES = (".bin", ".pt", ".pth")
 
 
+def _is_dcp(path: Path) -> bool:
+    """A torch.distributed.checkpoint folder: its `.metadata` and one `*.distcp` file per rank."""
+    return path.is_dir() and (path / ".metadata").is_file() and any(path.glob("*.distcp"))
+
+
 def reference_files(path: str | os.PathLike) -> list[Path]:
+    """The files of a reference checkpoint (for a DCP folder: `.metadata` and the `*.distcp`)."""
     path = Path(path)
     if path.is_file():
         return [path]
     if not path.is_dir():
         raise ConversionError(f"reference checkpoint {path} not found")
+    if _is_dcp(path):
+        return [path / ".metadata", *sorted(path.glob("*.distcp"))]
     files = sorted(path.glob("*.safetensors")) or sorted(p for p in path.iterdir() if p.suffix in _TORCH_SUFFIXES)
     if not files:
-        raise ConversionError(f"reference checkpoint {path}: no *.safetensors, *.bin, *.pt or *.pth files")
+        raise ConversionError(f"reference checkpoint {path}: no *.safetensors, *.bin, *.pt or *.pth files, and not a "
+                              "torch.distributed.checkpoint folder (.metadata + *.distcp)")
     return files
 
 
+def _read_dcp(folder: Path, keep) -> dict[str, np.ndarray]:
+    import tempfile
+
+    from torch.distributed.checkpoint.api import CheckpointException  # (a BaseException)
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory(prefix="meteora-dcp-") as tmp:
+        single = Path(tmp) / "state.pt"
+        try:
+            dcp_to_torch_save(folder, single)
+        except (Exception, CheckpointException) as err:  # a missing rank file, a truncated .distcp or .metadata
+            # A CheckpointException's text is each rank's whole traceback: name the first rank's error only.
+            cause = next((e for e, _ in getattr(err, "failures", {}).values()), err)
+            reason = " ".join(f"{type(cause).__name__}: {cause}".split())[:300]
+            raise ConversionError(f"reference checkpoint {folder}: cannot read the torch.distributed.checkpoint "
+                                  f"folder ({reason})") from None
+        try:
+            return read_tensor_file(single, "reference checkpoint", keep=keep)
+        except ConversionError as err:
+            raise ConversionError(str(err).replace(str(single), str(folder))) from None
+
+
 def _read_reference(files: Sequence[Path]) -> dict[str, tuple[Path, np.ndarray]]:
+    keep = lambda key: not _BASE_KEY.match(key)  # noqa: E731
+    if files and files[0].name == ".metadata":  # a DCP folder: one state dict over all its files
+        folder = files[0].parent
+        return {key: (folder, value) for key, value in _read_dcp(folder, keep).items()}
     tensors: dict[str, tuple[Path, np.ndarray]] = {}
     for file in files:
-        for key, value in read_tensor_file(file, "reference checkpoint", keep=lambda k: not _BASE_KEY.match(k)).items():
+        for key, value in read_tensor_file(file, "reference checkpoint", keep=keep).items():
             if key in tensors:
                 raise ConversionError(f"reference checkpoint: key {key!r} is in both {tensors[key][0]} and {file}")
             tensors[key] = (file, value)
