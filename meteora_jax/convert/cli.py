@@ -346,6 +346,7 @@ def _run_reference(args) -> Path:
         lora_alpha=None if args.lora_alpha is None else (args.lora_alpha if len(args.lora_alpha) > 1 else args.lora_alpha[0]),
         use_rslora=args.rslora,
         top_k=args.top_k,
+        progress=progress,
     )
     check_param_tree(params, config, str(args.output))
     metadata = {**_header("reference", config), "base": base_meta, **ref_meta}

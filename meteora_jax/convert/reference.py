@@ -104,13 +104,15 @@ def _read_dcp(folder: Path, keep) -> dict[str, np.ndarray]:
             raise ConversionError(str(err).replace(str(single), str(folder))) from None
 
 
-def _read_reference(files: Sequence[Path]) -> dict[str, tuple[Path, np.ndarray]]:
+def _read_reference(files: Sequence[Path], progress: bool = False) -> dict[str, tuple[Path, np.ndarray]]:
+    from tqdm.auto import tqdm
+
     keep = lambda key: not _BASE_KEY.match(key)  # noqa: E731
     if files and files[0].name == ".metadata":  # a DCP folder: one state dict over all its files
         folder = files[0].parent
         return {key: (folder, value) for key, value in _read_dcp(folder, keep).items()}
     tensors: dict[str, tuple[Path, np.ndarray]] = {}
-    for file in files:
+    for file in tqdm(files, desc="read reference", disable=not progress, leave=False):
         for key, value in read_tensor_file(file, "reference checkpoint", keep=keep).items():
             if key in tensors:
                 raise ConversionError(f"reference checkpoint: key {key!r} is in both {tensors[key][0]} and {file}")
@@ -139,6 +141,7 @@ def load_reference(
     lora_alpha=None,
     use_rslora: bool = False,
     top_k: int = 2,
+    progress: bool = True,
 ) -> tuple[dict, ModelConfig, dict]:
     """Adds a reference MeteoRA checkpoint's adapters and trained gates to base params.
 
@@ -146,13 +149,16 @@ def load_reference(
     names: adapter names in index order (default `adapter_0 ... adapter_{L-1}`).
     scaling / lora_alpha (+ use_rslora): exactly one of them, a number or one per adapter.
     Returns `(params, config, metadata)`; metadata lists the adapters and the source files.
+    progress: tqdm bars over the files read, the projections stacked and the files hashed.
     """
+    from tqdm.auto import tqdm
+
     from meteora_jax.convert.peft import check_adapter_names
 
     if (scaling is None) == (lora_alpha is None):
         raise ConversionError("give exactly one of scaling (--scaling) or lora_alpha (--lora-alpha)")
     files = reference_files(path)
-    tensors = _read_reference(files)
+    tensors = _read_reference(files, progress)
     parts: dict[str, dict[int, dict[str, tuple[str, Path, np.ndarray]]]] = {}
     for key, (file, value) in tensors.items():
         match = _KEY.match(key)
@@ -188,7 +194,7 @@ def load_reference(
     n = config.num_layers
     ranks = {}
     stacked = {}
-    for projection in targets:
+    for projection in tqdm(targets, desc="stack adapters", disable=not progress, leave=False):
         d_in, d_out = projection_shape(config, projection)
         for layer in range(n):
             for part in ("lora_A", "lora_B", "moe_gate"):
@@ -266,7 +272,8 @@ def load_reference(
         ],
         "reference": {
             "source": str(Path(path).resolve()),
-            "files": [{"path": str(f.resolve()), "sha256": sha256_file(f)} for f in files],
+            "files": [{"path": str(f.resolve()), "sha256": sha256_file(f)}
+                      for f in tqdm(files, desc="hash reference files", disable=not progress, leave=False)],
         },
         "gates": "trained (from moe_gate.weight)",
     }
