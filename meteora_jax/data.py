@@ -39,6 +39,8 @@ from typing import Any
 import datasets
 import numpy as np
 
+from meteora_jax.files import written_whole
+
 __all__ = [
     "ARRAY_KEYS",
     "COMPOSITE_SEPARATOR",
@@ -143,8 +145,8 @@ def read_jsonl(
 
 
 def write_jsonl(path: str | os.PathLike, records: Sequence[Mapping[str, Any]]) -> None:
-    """Writes one JSON object per line (UTF-8, non-ASCII kept as is)."""
-    with open(path, "w", encoding="utf-8") as f:
+    """Writes one JSON object per line (UTF-8, non-ASCII kept as is), whole or not at all."""
+    with written_whole(path) as f:
         for r in records:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
 

@@ -23,6 +23,8 @@ from typing import Any
 import sacrebleu
 from rouge_score import rouge_scorer
 
+from meteora_jax.files import written_whole
+
 __all__ = [
     "METRICS",
     "accuracy",
@@ -672,11 +674,8 @@ def run_evaluation(
         composite_mode=composite_mode,
     )
     if output:  # whole or not at all: an interrupted write keeps an earlier run's results
-        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-        partial = f"{output}.partial"
-        with open(partial, "w", encoding="utf-8") as f:
+        with written_whole(output) as f:
             json.dump(results, f, indent=1, ensure_ascii=False, allow_nan=True)
-        os.replace(partial, output)
     return results
 
 

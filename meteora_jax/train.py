@@ -45,6 +45,7 @@ from meteora_jax import sharding as sharding_lib
 from meteora_jax.cli import unwritable
 from meteora_jax.config import ConfigError, ModelConfig, describe_changes
 from meteora_jax.convert.common import sha256_file
+from meteora_jax.files import written_whole
 from meteora_jax.gates import export_gates, is_trainable, load_gate_settings, load_gates, merge_params, split_params
 from meteora_jax.loss import joint_loss, per_task_accuracy
 from meteora_jax.model import LlamaForCausalLM, param_logical_axes
@@ -498,10 +499,8 @@ def _truncate_jsonl(path: str, keep_up_to: int) -> None:
             else:
                 dropped = True
     if dropped:
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
+        with written_whole(path) as f:
             f.writelines(kept)
-        os.replace(tmp, path)
 
 
 class _MetricLog:

@@ -19,6 +19,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from meteora_jax.files import written_whole
+
 __all__ = [
     "adapter_colors",
     "dominant_adapter",
@@ -155,7 +157,7 @@ def routing_figure(
     every = -(-T // MAX_TOKEN_LABELS)
     ax_layer.set_xticks(range(0, T, every), [_label(p) for p in pieces[::every]], rotation=90, fontsize=7)
     if every > 1:
-        ax_layer.set_xlabel(f"every {every}th token labelled (the HTML page shows them all)", fontsize=7)
+        ax_layer.set_xlabel(f"one label every {every} tokens (the HTML page shows them all)", fontsize=7)
     ax_layer.set_title("majority adapter per layer")
     ax_key.axis("off")
     handles = [Rectangle((0, 0), 1, 1, color=c) for c in colors[1:]]
@@ -181,10 +183,8 @@ def save_routing_png(
     picture is complete."""
     fig = routing_figure(pieces, routing, adapter_names, prompt_length=prompt_length, title=title)
     path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    partial = f"{path}.partial"
-    fig.savefig(partial, dpi=dpi, format="png")
-    os.replace(partial, path)
+    with written_whole(path, "wb") as f:
+        fig.savefig(f, dpi=dpi, format="png")
     return path
 
 
@@ -244,9 +244,6 @@ def save_routing_html(path: str | os.PathLike, pieces, routing, adapter_names, *
     """Writes `routing_html(...)` to `path`, whole or not at all; returns the path."""
     page = routing_html(pieces, routing, adapter_names, **kwargs)  # (bad input raises before any write)
     path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    partial = f"{path}.partial"
-    with open(partial, "w", encoding="utf-8") as f:
+    with written_whole(path) as f:
         f.write(page)
-    os.replace(partial, path)
     return path
