@@ -44,16 +44,30 @@ class CheckpointError(ValueError):
 
 @contextlib.contextmanager
 def orbax_read(path: str | os.PathLike, what: str):
-    """Turns what Orbax and tensorstore raise on damaged files (truncated JSON, an OCDBT read past
-    the end, missing array data) into one CheckpointError naming `path` and `what` was being read.
-    Our own CheckpointErrors pass through."""
+    """Turns what Orbax and tensorstore raise while reading files (truncated JSON, an OCDBT read past
+    the end, missing array data: tensorstore's errors reach us as a bare Exception) into one
+    CheckpointError naming `path` and `what` was being read, chained to the original. Callers check
+    their own arguments (shardings, targets) before, so what is left is about the files. Our own
+    CheckpointErrors pass through."""
     try:
         yield
     except CheckpointError:
         raise
-    except Exception as e:  # noqa: BLE001 (tensorstore read errors reach us as a bare Exception)
-        reason = " ".join(str(e).split())[:240] or type(e).__name__
-        raise CheckpointError(f"{path}: cannot read {what} (a truncated or damaged copy?): {reason}") from None
+    except Exception as e:  # noqa: BLE001
+        reason = " ".join(str(e).split()) or type(e).__name__
+        if len(reason) > 400:
+            reason = reason[:400].rsplit(" ", 1)[0] + " ..."
+        raise CheckpointError(f"{path}: cannot read {what} (damaged or incomplete files?): {reason}") from e
+
+
+def check_shardings_fit(where: str, shardings: Mapping[str, Any], shapes: Mapping[str, Any]) -> None:
+    """CheckpointError naming the first leaf whose sharding does not divide its shape (a mesh or
+    config mistake, which Orbax would report in the middle of reading)."""
+    for key, shape in shapes.items():
+        try:
+            shardings[key].shard_shape(tuple(shape))
+        except ValueError as e:
+            raise CheckpointError(f"{where}: the sharding given for {key} {tuple(shape)} does not fit it: {e}") from None
 
 
 def _flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
@@ -216,6 +230,7 @@ def restore_checkpoint(
         if set(flat_shardings) != set(shapes):
             missing, extra = sorted(set(shapes) - set(flat_shardings)), sorted(set(flat_shardings) - set(shapes))
             raise CheckpointError(f"{path}: shardings do not fit the params (missing {missing}, unexpected {extra})")
+    check_shardings_fit(str(path), flat_shardings, {key: shape for key, (shape, _) in shapes.items()})
     abstract = _unflatten(
         {
             key: jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype), sharding=flat_shardings[key])

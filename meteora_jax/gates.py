@@ -27,7 +27,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
-from meteora_jax.checkpoint import CheckpointError, orbax_read
+from meteora_jax.checkpoint import CheckpointError, check_shardings_fit, orbax_read
 
 TRAINABLE_LEAF = "gate"
 GATE_SETTINGS_FILE = "settings.json"
@@ -126,9 +126,10 @@ def load_gates(path, sharding: jax.sharding.Sharding | None = None) -> tuple[dic
         stored = ckptr.metadata(gates_path)
         if stored is None or stored.item_metadata is None:
             raise CheckpointError(f"{gates_path}: holds no Orbax checkpoint metadata (an empty or damaged export)")
-        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
-                              stored.item_metadata.tree)
-        gates = ckptr.restore(gates_path, target)
+        stored = traverse_util.flatten_dict(stored.item_metadata.tree, sep="/")
+        check_shardings_fit(gates_path, dict.fromkeys(stored, sharding), {k: m.shape for k, m in stored.items()})
+        target = {k: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding) for k, m in stored.items()}
+        gates = ckptr.restore(gates_path, traverse_util.unflatten_dict(target, sep="/"))
     return gates, names
 
 

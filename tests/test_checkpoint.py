@@ -115,12 +115,20 @@ def test_sharded_restore_four_devices(saved, tmp_path):
                 sharded += 1
             np.testing.assert_array_equal(np.asarray(v).astype(np.float32), want[jax.tree_util.keystr(k)])
         print("sharded", sharded)
+        # A sharding that does not divide its leaf (a mesh mistake) is named as such, not as damage.
+        bad = jax.tree.map(lambda _: NamedSharding(mesh, P("fsdp")), tree)
+        try:
+            restore_checkpoint({str(path)!r}, shardings=bad)
+        except ValueError as e:
+            print("error:", e)
         """
     )
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert int(proc.stdout.split("sharded")[-1]) >= 10
+    assert int(proc.stdout.split("sharded")[-1].split()[0]) >= 10
+    error = proc.stdout.split("error:")[-1]
+    assert "the sharding given for" in error and "does not fit it" in error and "damaged" not in error, error
 
 
 def test_existing_path_and_overwrite(saved, tmp_path):
@@ -167,7 +175,7 @@ def test_damaged_copies_are_named(saved, tmp_path):
         for f in files if part == "metadata" else [max(files, key=lambda f: f.stat().st_size)]:
             data = f.read_bytes()
             f.write_bytes(data[: len(data) // 2])
-        with pytest.raises(CheckpointError, match=rf"cut_{part}: cannot read its {part} \(a truncated or damaged copy\?\)"):
+        with pytest.raises(CheckpointError, match=rf"cut_{part}: cannot read its {part} \(damaged or incomplete files\?\)"):
             restore_checkpoint(damaged)
 
 
