@@ -578,8 +578,9 @@ def test_bad_adapter_is_refused(case, base_ckpt, tiny_peft_adapters, tmp_path, c
 
 
 def test_sigterm_during_the_save_leaves_nothing(base_ckpt, tiny_peft_adapters, tmp_path):
-    """SIGTERM (a scheduler's time limit) while the checkpoint is being written: exit 143 and no
-    hidden staging folder left beside the output (it stayed, a model's size, for every later run)."""
+    """SIGTERM (a scheduler's time limit) while the checkpoint is being written: the command exits
+    143 and leaves no hidden staging folder beside the output (it stayed, a model's size, for every
+    later run). An in-process `main` call keeps the caller's SIGTERM handling."""
     import signal
     import time
 
@@ -598,8 +599,10 @@ def test_sigterm_during_the_save_leaves_nothing(base_ckpt, tiny_peft_adapters, t
             def restore(self, *a, **k):
                 return real().restore(*a, **k)
         checkpoint._checkpointer = Slow
-        from meteora_jax.convert.cli import main
-        sys.exit(main(["loras", "--base", {str(base_ckpt)!r}, "--adapters", "{name}={path}", "-o", {str(outdir / "ck")!r}, "--quiet"]))
+        from meteora_jax.convert.cli import console_main
+        sys.argv = ["meteora-convert", "loras", "--base", {str(base_ckpt)!r}, "--adapters", "{name}={path}",
+                    "-o", {str(outdir / "ck")!r}, "--quiet"]
+        sys.exit(console_main())
     """)
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
@@ -611,6 +614,8 @@ def test_sigterm_during_the_save_leaves_nothing(base_ckpt, tiny_peft_adapters, t
     assert proc.returncode == 143, err
     assert "stopped by SIGTERM; nothing written" in err
     assert os.listdir(outdir) == []
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["inspect", str(base_ckpt)]) == 0 and signal.getsignal(signal.SIGTERM) is before
 
 
 def test_duplicate_names_and_missing_order(base_ckpt, tiny_peft_adapters, tmp_path, capsys):

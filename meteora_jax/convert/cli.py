@@ -24,7 +24,6 @@ import logging
 import os
 import signal
 import sys
-import threading
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -407,27 +406,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    # SIGTERM (a scheduler's time limit) unwinds like Ctrl-C, so the hidden staging folder of an
-    # unfinished checkpoint is removed (by save_checkpoint's cleanup) instead of staying beside the output.
-    previous_handler = signal.signal(signal.SIGTERM, _raise_stop) if _in_main_thread() else None
     try:
         if args.command == "inspect":
             _run_inspect(args)
             return 0
         run = {"base": _run_base, "loras": _run_loras, "reference": _run_reference}[args.command]
         path = run(args)
-    except _Stopped:
-        print(f"meteora-convert {args.command}: stopped by SIGTERM; nothing written", file=sys.stderr)
-        return 128 + int(signal.SIGTERM)
     except (ConversionError, WeightsError, ConfigError, CheckpointError) as err:
         print(f"meteora-convert {args.command}: error: {err}", file=sys.stderr)
         return 1
     except OSError as err:  # the disk, not the inputs: full, or the output taken away meanwhile
         print(f"meteora-convert {args.command}: error: {err}", file=sys.stderr)
         return 1
-    finally:
-        if previous_handler is not None:
-            signal.signal(signal.SIGTERM, previous_handler)
     print(f"wrote {path}")
     return 0
 
@@ -440,9 +430,18 @@ def _raise_stop(signum, frame):
     raise _Stopped()
 
 
-def _in_main_thread() -> bool:
-    return threading.current_thread() is threading.main_thread()  # (signal handlers can only be set there)
+def console_main() -> int:
+    """The `meteora-convert` command (and scripts/convert.py): `main` with SIGTERM (a scheduler's
+    time limit) unwinding like Ctrl-C, so an unfinished checkpoint's hidden staging folder is
+    removed by save_checkpoint's cleanup instead of staying beside the output. Exit status 143.
+    Only the command sets the handler: a program that calls `main` keeps its own SIGTERM behaviour."""
+    signal.signal(signal.SIGTERM, _raise_stop)
+    try:
+        return main()
+    except _Stopped:
+        print("meteora-convert: stopped by SIGTERM; nothing written", file=sys.stderr)
+        return 128 + int(signal.SIGTERM)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console_main())
