@@ -4,8 +4,7 @@ Accepted files: one `.safetensors` file, one torch pickle (`.bin` / `.pt` / `.pt
 or `{"state_dict": ...}` / `{"model": ...}` around one), a directory of such files (all
 `*.safetensors` in it, else all `*.bin` / `*.pt` / `*.pth`; a key may appear in only one file), or
 a torch.distributed.checkpoint folder (`.metadata` + `*.distcp`: what the original's FSDP training
-saves, e.g. `checkpoint-5000/pytorch_model_fsdp_0`), read with torch's `dcp_to_torch_save` into a
-temporary file (it needs free space in the temp directory for the whole state dict).
+saves, e.g. `checkpoint-5000/pytorch_model_fsdp_0`; only its adapter and gate tensors are read).
 
 Accepted keys, per decoder layer `i` and adapted projection `P` (`self_attn.{q,k,v,o}_proj`,
 `mlp.{gate,up,down}_proj`), with an optional `base_model.model.` prefix and an optional adapter
@@ -45,7 +44,7 @@ from meteora_jax.convert.common import (
     read_tensor_file,
     sha256_file,
 )
-from meteora_jax.convert.hf_base import projection_shape
+from meteora_jax.convert.hf_base import projection_shape, tensor_to_numpy
 
 log = logging.getLogger(__name__)
 
@@ -83,25 +82,56 @@ def reference_files(path: str | os.PathLike) -> list[Path]:
 
 
 def _read_dcp(folder: Path, keep) -> dict[str, np.ndarray]:
-    import tempfile
+    """The kept tensors of a torch.distributed.checkpoint folder, read without a process group.
 
+    Only the kept keys are loaded (the frozen base weights the original saves alongside are never
+    read). The state dict may be wrapped in one `model` / `state_dict` entry, as the original's
+    FSDP training saves `{"model": ...}`; `planner_data` maps each stored name to its nested path.
+    """
+    import torch
+    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException  # (a BaseException)
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    with tempfile.TemporaryDirectory(prefix="meteora-dcp-") as tmp:
-        single = Path(tmp) / "state.pt"
-        try:
-            dcp_to_torch_save(folder, single)
-        except (Exception, CheckpointException) as err:  # a missing rank file, a truncated .distcp or .metadata
-            # A CheckpointException's text is each rank's whole traceback: name the first rank's error only.
-            cause = next((e for e, _ in getattr(err, "failures", {}).values()), err)
-            reason = " ".join(f"{type(cause).__name__}: {cause}".split())[:300]
-            raise ConversionError(f"reference checkpoint {folder}: cannot read the torch.distributed.checkpoint "
-                                  f"folder ({reason})") from None
-        try:
-            return read_tensor_file(single, "reference checkpoint", keep=keep)
-        except ConversionError as err:
-            raise ConversionError(str(err).replace(str(single), str(folder))) from None
+    def unreadable(err: BaseException) -> ConversionError:
+        # A CheckpointException's text is each rank's whole traceback: name the first rank's error only.
+        cause = next((e for e, _ in getattr(err, "failures", {}).values()), err)
+        reason = " ".join(f"{type(cause).__name__}: {cause}".split())[:300]
+        return ConversionError(f"reference checkpoint {folder}: cannot read the torch.distributed.checkpoint "
+                               f"folder ({reason})")
+
+    reader = dcp.FileSystemReader(str(folder))
+    try:
+        stored = reader.read_metadata()
+    except (Exception, CheckpointException) as err:
+        raise unreadable(err) from None
+    paths = stored.planner_data or {}
+    state: dict = {}
+    wanted: dict[str, tuple] = {}
+    for fqn, entry in stored.state_dict_metadata.items():
+        path = tuple(paths.get(fqn, (fqn,)))
+        key = ".".join(path[1:] if len(path) > 1 and path[0] in ("model", "state_dict") else path)
+        if not keep(key):
+            continue
+        if not isinstance(entry, TensorStorageMetadata):
+            raise ConversionError(f"reference checkpoint {folder}: entry {key!r} is not a tensor")
+        node = state
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = torch.empty(entry.size, dtype=entry.properties.dtype)
+        wanted[key] = path
+    try:
+        dcp.load(state, storage_reader=reader, no_dist=True)
+    except (Exception, CheckpointException) as err:  # a missing rank file, a truncated .distcp
+        raise unreadable(err) from None
+
+    def leaf(path):
+        node = state
+        for part in path:
+            node = node[part]
+        return node
+
+    return {key: tensor_to_numpy(leaf(path)) for key, path in wanted.items()}
 
 
 def _read_reference(files: Sequence[Path], progress: bool = False) -> dict[str, tuple[Path, np.ndarray]]:
