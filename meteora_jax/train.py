@@ -657,7 +657,10 @@ class Trainer:
                 f"this run has {self.setup.adapter_names}; use another workdir"
             )
         changes = describe_changes(meta["config"], _flat_config(self.config)) if meta.get("config") else ""
-        cause = f"written by a run with other settings: {changes}" if changes else "probably trained for another model"
+        edited = [t for t, digest in meta.get("train_files", {}).items() if self.setup.train_files.get(t) != digest]
+        edits = f"the train.jsonl of {edited} changed since the checkpoint was written" if edited else ""
+        cause = "; ".join(filter(None, [changes and f"it was written by a run with other settings: {changes}", edits]))
+        cause = cause or "it was probably trained for another model"
         abstract = jax.tree.map(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), self.state, self.state_shardings
         )
@@ -667,18 +670,16 @@ class Trainer:
             )
         except ValueError as e:  # e.g. gates of another model's shapes (orbax names the shapes)
             reason = " ".join(str(e).split())[:300] or type(e).__name__
-            raise TrainError(f"{where} cannot be restored for this run ({reason}); it was {cause}: {start_over}") from None
+            raise TrainError(f"{where} cannot be restored for this run ({reason}); {cause}: {start_over}") from None
         try:
             self.iterator.load_state_dict(restored.data)
         except data_lib.DataError as e:
-            raise TrainError(f"{where}: the data position does not fit this run ({e}); it was {cause}: {start_over}") from None
+            raise TrainError(f"{where}: the data position does not fit this run ({e}); {cause}: {start_over}") from None
         if changes:
             warnings.warn(f"resuming from step {step} in {self.workdir}, written by a run with other settings: {changes}")
-        edited = [t for t, digest in meta.get("train_files", {}).items() if self.setup.train_files.get(t) != digest]
         if edited:
-            warnings.warn(f"resuming from step {step} in {self.workdir}: the train.jsonl of {edited} changed since "
-                          "the checkpoint was written; training continues from the saved data position over the "
-                          "new files")
+            warnings.warn(f"resuming from step {step} in {self.workdir}: {edits}; training continues from the saved "
+                          "data position over the new files")
         self.state = restored.state
         return int(step)
 

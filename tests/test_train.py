@@ -294,6 +294,12 @@ def test_resume_over_edited_train_data_says_which_task(make_config, world, tmp_p
                                               checkpoint=dict(every=1)))
     assert summary["resumed_from"] == 2 and summary["step"] == 3
 
+    # Cut down below the saved data position, the resume cannot continue, and the refusal says why.
+    data_lib.write_jsonl(str(path), records[:1])
+    with pytest.raises(train_lib.TrainError, match=rf"the data position does not fit this run .*; the train.jsonl "
+                                                    rf"of \['{tasks[1]}'\] changed since the checkpoint was written: "):
+        train_lib.train(make_config("edited", data=dict(root=str(data)), train=dict(steps=4), checkpoint=dict(every=1)))
+
 
 def _tiny_model(**changes) -> ModelConfig:
     model = _tiny_config_module().get_config().model

@@ -204,7 +204,7 @@ def load_base(path: Path, dtype: Optional[str], gguf_file: Optional[str] = None,
             raise ConversionError(f"{path}: checkpoint already holds {config.meteora.num_adapters} adapters; give a base")
         overrides = _dtype_overrides(dtype) if dtype else {}
         weight_dtype = ModelConfig.from_dict({**config.to_dict(), **overrides}).weight_dtype
-        params = _map(params, lambda x: np.asarray(x).astype(weight_dtype))
+        params = _map(params, lambda x: np.asarray(x).astype(weight_dtype, copy=False))  # (a bf16 base: no second copy)
         config = config.replace(**overrides)
         return config, params, {**meta.get("base", {}), "checkpoint": str(path.absolute())}
     overrides = _dtype_overrides(dtype or "fp32")
