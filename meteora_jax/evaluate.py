@@ -598,14 +598,15 @@ def run_evaluation(
     `force_adapter`; every evaluated task must be in it).
     routing_pictures: a folder for routing pictures of the first `pictures_per_set` samples of each
     composite set (learned routing, turns mode), `<folder>/<set name>_<i>.png/.html`.
-    model: where the answers came from (checkpoint, gates, top_k, dtype, ...; `model_settings`),
-    recorded in the results' settings with the evaluation's own options, so that a results file
-    says how to reproduce it.
+    model: where the answers came from (scripts/evaluate.py gives the checkpoint, gates and
+    tokenizer paths, top_k, dtype and layer layout), recorded in the results' settings with the
+    evaluation's own options, so that a results file says how to reproduce it.
     """
     import json
     import os
 
     from meteora_jax.data import read_composite_jsonl, read_jsonl
+    from meteora_jax.generate import uses_chat_template
 
     metrics = dict(metrics or {})
     for name in [default_metric, *metrics.values()]:
@@ -666,7 +667,7 @@ def run_evaluation(
         max_samples=max_samples,
         batch_size=batch_size,
         max_new_tokens=max_new_tokens,
-        chat_template=bool(getattr(tokenizer, "chat_template", None)) if chat_template is None else chat_template,
+        chat_template=uses_chat_template(tokenizer, chat_template),  # as resolved for the prompts
         routing_temperature=routing_temperature,
         composite_temperature=composite_temperature,
         force_adapter=force_adapter,

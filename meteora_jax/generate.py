@@ -425,6 +425,9 @@ class Generator:
         eos_token_ids (None): overrides the generator's EOS ids for this call (same count: no
           recompilation).
         """
+        if options.get("temperature", 0.0) == 0 and options.get("top_p", 1.0) < 1:  # (told once, at the caller)
+            warnings.warn(f"top_p={options['top_p']} has no effect with temperature=0 (greedy decoding): set a "
+                          "temperature > 0 to sample from the nucleus", UserWarning, stacklevel=2)
         run, rows, eos = self.device_call(prompts, max_new_tokens=max_new_tokens, **options)
         result = jax.device_get(run())
         n = len(rows)
@@ -493,6 +496,12 @@ def encode_prompt(tokenizer, prompt: str, *, chat_template: bool | None = None) 
     return encode_turns(tokenizer, [prompt], [], chat_template=chat_template)
 
 
+def uses_chat_template(tokenizer, chat_template: bool | None) -> bool:
+    """Whether prompts are rendered with the chat template: as given, or (None) when the
+    tokenizer has one."""
+    return bool(getattr(tokenizer, "chat_template", None)) if chat_template is None else bool(chat_template)
+
+
 def encode_turns(
     tokenizer, prompts: Sequence[str], answers: Sequence[str], *, chat_template: bool | None = None
 ) -> list[int]:
@@ -505,8 +514,7 @@ def encode_turns(
     """
     if len(answers) != len(prompts) - 1:
         raise ValueError(f"{len(prompts)} prompts need {len(prompts) - 1} earlier answers, got {len(answers)}")
-    if chat_template is None:
-        chat_template = bool(getattr(tokenizer, "chat_template", None))
+    chat_template = uses_chat_template(tokenizer, chat_template)
     if chat_template:
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("chat_template=True but the tokenizer has no chat template")
@@ -648,9 +656,6 @@ def check_sampling_options(*, max_new_tokens: int, temperature: float, top_p: fl
         raise ValueError(f"top_p={top_p} must be in (0, 1]")
     if not temperature >= 0:  # NaN too
         raise ValueError(f"temperature={temperature} must be >= 0")
-    if temperature == 0 and top_p < 1:
-        warnings.warn(f"top_p={top_p} has no effect with temperature=0 (greedy decoding): set a temperature > 0 "
-                      "to sample from the nucleus", UserWarning, stacklevel=2)
 
 
 def add_inference_arguments(parser) -> None:

@@ -205,8 +205,9 @@ def test_top_p_to_zero_is_greedy_and_seeds_reproduce(generator, batch_out):
 
 def test_top_p_without_temperature_warns(generator, batch_out):
     """Greedy decoding ignores top_p: the user who set one is told so (and still gets greedy)."""
-    with pytest.warns(UserWarning, match="top_p=0.9 has no effect with temperature=0"):
+    with pytest.warns(UserWarning, match="top_p=0.9 has no effect with temperature=0") as caught:
         out = generator.generate(PROMPTS, max_new_tokens=NEW, temperature=0.0, top_p=0.9)
+    assert len(caught) == 1 and caught[0].filename == __file__  # once, pointing at the call
     np.testing.assert_array_equal(out.tokens, batch_out.tokens)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # sampling uses it: no warning

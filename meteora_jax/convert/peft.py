@@ -13,13 +13,17 @@ Accepted variants: without the `base_model.model.` prefix, and with an adapter-n
 `r` / `lora_alpha`. `target_modules` (list, regex or "all-linear"), `exclude_modules` and
 `layers_to_transform` decide which modules must be present; the weights must match exactly.
 
-Refused (ConversionError naming the adapter, the file and the key): DoRA, `bias != "none"`,
+Refused (ConversionError naming the adapter, the file and the key): DoRA, trained bias tensors,
 `lora_bias`, `modules_to_save`, `fan_in_fan_out`, `target_parameters`, `layer_replication`,
 `trainable_token_indices`, `alora_invocation_tokens`, QA-LoRA, BD-LoRA, Arrow, MonteCLoRA,
 KaSA, initialisations that modify the base (`init_lora_weights` PiSSA, OLoRA, CorDA, LoRA-GA,
 LoftQ; PEFT's `path_initial_model_for_weight_conversion` turns the first four into plain LoRA),
-malformed regular expressions, targets other than the seven LLaMA
-projections, shapes of another base model, non-finite values, unreadable files.
+full embedding / lm_head weights (a resized vocabulary), malformed regular expressions, targets
+that name a LLaMA module other than the seven projections, an `r` that is not a positive integer
+or a `lora_alpha` that is not a finite number > 0, shapes of another base model, non-finite
+values, unreadable files. Accepted as PEFT loads them: target-list entries that match no LLaMA
+module (generic lists such as ["q_proj", "v_proj", "query_key_value"]) and `bias="lora_only"`
+(LLaMA's projections have no bias, so nothing extra is trained).
 
 Stacking (`stack_adapters`): adapter l of L fills `lora_a[:, l] [n, d_in, r_max]` (A transposed,
 zero-padded to the largest rank), `lora_b[:, l] [n, r_max, d_out]` and `lora_scaling[:, l] [n]`;
