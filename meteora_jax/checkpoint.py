@@ -60,13 +60,13 @@ def orbax_read(path: str | os.PathLike, what: str):
         raise CheckpointError(f"{path}: cannot read {what} (damaged or incomplete files?): {reason}") from e
 
 
-def check_shardings_fit(where: str, shardings: Mapping[str, Any], shapes: Mapping[str, Any]) -> None:
+def check_shardings_fit(where: str, shardings: Mapping[Any, Any], shapes: Mapping[Any, Any]) -> None:
     """CheckpointError naming the first leaf whose sharding does not divide its shape (a mesh or
     config mistake, which Orbax would report in the middle of reading)."""
     for key, shape in shapes.items():
         try:
             shardings[key].shard_shape(tuple(shape))
-        except ValueError as e:
+        except (ValueError, IndexError) as e:  # (IndexError: a PartitionSpec longer than the rank)
             raise CheckpointError(f"{where}: the sharding given for {key} {tuple(shape)} does not fit it: {e}") from None
 
 

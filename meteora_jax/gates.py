@@ -126,10 +126,11 @@ def load_gates(path, sharding: jax.sharding.Sharding | None = None) -> tuple[dic
         stored = ckptr.metadata(gates_path)
         if stored is None or stored.item_metadata is None:
             raise CheckpointError(f"{gates_path}: holds no Orbax checkpoint metadata (an empty or damaged export)")
-        stored = traverse_util.flatten_dict(stored.item_metadata.tree, sep="/")
-        check_shardings_fit(gates_path, dict.fromkeys(stored, sharding), {k: m.shape for k, m in stored.items()})
-        target = {k: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding) for k, m in stored.items()}
-        gates = ckptr.restore(gates_path, traverse_util.unflatten_dict(target, sep="/"))
+        tree = stored.item_metadata.tree
+        shapes = {"/".join(k): m.shape for k, m in traverse_util.flatten_dict(tree).items()}  # (names for messages)
+        check_shardings_fit(gates_path, dict.fromkeys(shapes, sharding), shapes)
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), tree)
+        gates = ckptr.restore(gates_path, target)
     return gates, names
 
 

@@ -121,13 +121,19 @@ def test_sharded_restore_four_devices(saved, tmp_path):
             restore_checkpoint({str(path)!r}, shardings=bad)
         except ValueError as e:
             print("error:", e)
+        too_long = jax.tree.map(lambda _: NamedSharding(mesh, P(*[None] * 6, "fsdp")), tree)  # more axes than any leaf
+        try:
+            restore_checkpoint({str(path)!r}, shardings=too_long)
+        except ValueError as e:
+            print("rank error:", e)
         """
     )
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert int(proc.stdout.split("sharded")[-1].split()[0]) >= 10
-    error = proc.stdout.split("error:")[-1]
+    error = proc.stdout.split("rank error:")[0].split("error:")[-1]
+    assert "the sharding given for" in proc.stdout.split("rank error:")[-1]  # an IndexError inside jax before
     assert "the sharding given for" in error and "does not fit it" in error and "damaged" not in error, error
 
 

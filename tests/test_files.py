@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 
 import pytest
 
@@ -27,3 +28,27 @@ def test_an_error_mid_write_keeps_the_old_file_and_leaves_no_partial(tmp_path):
     with pytest.raises(ValueError, match="choose 'w' or 'wb'"):
         with written_whole(path, "a"):
             pass
+
+
+def test_links_permissions_special_files_and_long_names(tmp_path):
+    target = tmp_path / "real.jsonl"
+    target.write_text("old")
+    os.chmod(target, 0o600)
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(target)
+    with written_whole(link) as f:
+        f.write("new")
+    assert link.is_symlink() and target.read_text() == "new"  # written through the link
+    assert (target.stat().st_mode & 0o777) == 0o600  # kept, as open(path, "w") keeps it
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    with written_whole(fifo) as f:
+        f.write("through the pipe")
+    assert os.read(reader, 100) == b"through the pipe" and stat.S_ISFIFO(os.stat(fifo).st_mode)
+    os.close(reader)
+    long_name = tmp_path / ("x" * 250)  # a name open() takes: the temporary name must fit too
+    with written_whole(long_name) as f:
+        f.write("ok")
+    assert long_name.read_text() == "ok"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["real.jsonl", "link.jsonl", "pipe", "x" * 250])

@@ -32,6 +32,7 @@ import logging
 import math
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -110,18 +111,26 @@ def _read_dcp(folder: Path, keep) -> dict[str, np.ndarray]:
     wanted: dict[str, tuple] = {}
     for fqn, entry in stored.state_dict_metadata.items():
         path = tuple(paths.get(fqn, (fqn,)))
-        key = ".".join(path[1:] if len(path) > 1 and path[0] in ("model", "state_dict") else path)
+        key = ".".join(map(str, path[1:] if len(path) > 1 and path[0] in ("model", "state_dict") else path))
         if not keep(key):
             continue
         if not isinstance(entry, TensorStorageMetadata):
-            raise ConversionError(f"reference checkpoint {folder}: entry {key!r} is not a tensor")
+            unflattened = key in ("model", "state_dict")  # a whole state dict stored as one pickled object
+            raise ConversionError(
+                f"reference checkpoint {folder}: entry {key!r} is not a tensor"
+                + (" (saved with flatten_state_dict=False: convert the folder with torch's "
+                   "torch.distributed.checkpoint.format_utils.dcp_to_torch_save and give the .pt file)"
+                   if unflattened else "")
+            )
         node = state
         for part in path[:-1]:
             node = node.setdefault(part, {})
         node[path[-1]] = torch.empty(entry.size, dtype=entry.properties.dtype)
         wanted[key] = path
     try:
-        dcp.load(state, storage_reader=reader, no_dist=True)
+        with warnings.catch_warnings():  # ("torch.distributed is disabled ...": no_dist is what we ask for)
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, storage_reader=reader, no_dist=True)
     except (Exception, CheckpointException) as err:  # a missing rank file, a truncated .distcp
         raise unreadable(err) from None
 
