@@ -65,7 +65,9 @@ def choice_list(parser, flag: str, text: str, choices) -> list[str]:
 
 def unwritable(flag: str, path: str, *, folder: bool = False) -> str | None:
     """Why `path` cannot be written, as a message naming `flag`, or None: a file (or with
-    `folder`, a folder) there, the missing folders above it made at write time."""
+    `folder`, a folder) there, the missing folders above it made at write time. A file's folder
+    must be writable too: files are written beside their path and renamed over it
+    (`meteora_jax.files.written_whole`)."""
     full = os.path.abspath(path)
     if os.path.exists(full) and os.path.isdir(full) != folder:
         want, got = ("folder", "file") if folder else ("file", "folder")
@@ -75,8 +77,11 @@ def unwritable(flag: str, path: str, *, folder: bool = False) -> str | None:
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
         return f"{flag} {path}: {parent} is a file, not a folder"
-    if not os.access(full if os.path.exists(full) else parent, os.W_OK):
+    exists = os.path.exists(full)
+    if exists and not os.access(full, os.W_OK):
         return f"{flag} {path} is not writable"
+    if (not folder or not exists) and not os.access(parent, os.W_OK):
+        return f"{flag} {path}: its folder {parent} is not writable"
     return None
 
 

@@ -16,7 +16,6 @@ dtype are also the training run's (--top-k / --dtype override).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -86,6 +85,7 @@ def main(argv=None) -> int:
     import jax
 
     from meteora_jax import viz
+    from meteora_jax.data import write_jsonl
     from meteora_jax.generate import encode_prompt, generator_from_args
 
     try:
@@ -120,10 +120,7 @@ def main(argv=None) -> int:
                 full = ids[j] + [int(t) for t in out.tokens[j, : out.lengths[j]]]
                 routed.append((start + j, viz.token_pieces(tokenizer, full), out.routing[j], len(ids[j])))
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w", encoding="utf-8") as f:
-            for r in records:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        write_jsonl(args.json, records)  # whole or not at all
     # Forced routing: every token used that adapter; the pictures show what the gates would pick.
     title = None if force is None else f"forced to {names[force]}; colours: the gates' own top-1 choices (unused)"
     for number, pieces, routing, prompt_length in routed:
