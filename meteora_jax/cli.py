@@ -69,7 +69,8 @@ def unwritable(flag: str, path: str, *, folder: bool = False) -> str | None:
     must be writable too: files are written beside their path and renamed over it
     (`meteora_jax.files.written_whole`)."""
     full = os.path.abspath(path)
-    if os.path.exists(full) and os.path.isdir(full) != folder:
+    exists = os.path.exists(full)
+    if exists and os.path.isdir(full) != folder:
         want, got = ("folder", "file") if folder else ("file", "folder")
         return f"{flag} {path} is a {got}; give a {want} path"
     parent = os.path.dirname(full)
@@ -77,7 +78,6 @@ def unwritable(flag: str, path: str, *, folder: bool = False) -> str | None:
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
         return f"{flag} {path}: {parent} is a file, not a folder"
-    exists = os.path.exists(full)
     if exists and not os.access(full, os.W_OK):
         return f"{flag} {path} is not writable"
     if (not folder or not exists) and not os.access(parent, os.W_OK):

@@ -51,8 +51,6 @@ def _check_options(args) -> set[str]:
     for temperature in (args.routing_temperature, args.composite_temperature):
         if temperature is not None:
             check_routing_temperature(temperature)
-    if os.path.isdir(args.output):
-        raise ValueError(f"--output {args.output} is a folder; give the results file's path")
     problem = unwritable("--output", args.output) or (
         args.routing_pictures and unwritable("--routing-pictures", args.routing_pictures, folder=True))
     if problem:

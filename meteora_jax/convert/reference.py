@@ -107,8 +107,8 @@ def _read_dcp(folder: Path, keep) -> dict[str, np.ndarray]:
     except (Exception, CheckpointException) as err:
         raise unreadable(err) from None
     paths = stored.planner_data or {}
-    state: dict = {}
-    wanted: dict[str, tuple] = {}
+    state: dict = {}  # the nested state dict to load into, holding only the kept tensors
+    wanted: dict[str, "torch.Tensor"] = {}  # the same tensors by key: dcp.load fills them in place
     for fqn, entry in stored.state_dict_metadata.items():
         path = tuple(paths.get(fqn, (fqn,)))
         key = ".".join(map(str, path[1:] if len(path) > 1 and path[0] in ("model", "state_dict") else path))
@@ -125,22 +125,14 @@ def _read_dcp(folder: Path, keep) -> dict[str, np.ndarray]:
         node = state
         for part in path[:-1]:
             node = node.setdefault(part, {})
-        node[path[-1]] = torch.empty(entry.size, dtype=entry.properties.dtype)
-        wanted[key] = path
+        node[path[-1]] = wanted[key] = torch.empty(entry.size, dtype=entry.properties.dtype)
     try:
         with warnings.catch_warnings():  # ("torch.distributed is disabled ...": no_dist is what we ask for)
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp.load(state, storage_reader=reader, no_dist=True)
     except (Exception, CheckpointException) as err:  # a missing rank file, a truncated .distcp
         raise unreadable(err) from None
-
-    def leaf(path):
-        node = state
-        for part in path:
-            node = node[part]
-        return node
-
-    return {key: tensor_to_numpy(leaf(path)) for key, path in wanted.items()}
+    return {key: tensor_to_numpy(tensor) for key, tensor in wanted.items()}
 
 
 def _read_reference(files: Sequence[Path], progress: bool = False) -> dict[str, tuple[Path, np.ndarray]]:
