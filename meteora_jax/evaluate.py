@@ -17,10 +17,12 @@ from __future__ import annotations
 import functools
 import math
 import re
+import unicodedata
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import sacrebleu
+from nltk.stem import porter
 from rouge_score import rouge_scorer
 
 from meteora_jax.files import written_whole
@@ -44,6 +46,7 @@ __all__ = [
     "parse_metric_spec",
     "run_evaluation",
     "rouge",
+    "RougeTokenizer",
     "score_composite",
     "sentence_bleu",
     "split_composite",
@@ -102,15 +105,53 @@ def corpus_bleu(predictions: Sequence[str], references: Sequence[str]) -> float:
 bleu = corpus_bleu
 
 
+# Letters of scripts written without spaces between words: one token per character.
+_UNSPACED = ("CJK ", "HIRAGANA", "KATAKANA", "HANGUL SYLLABLE")
+
+
+class RougeTokenizer:
+    """ROUGE tokens of any script, for rouge-score's `RougeScorer(tokenizer=...)`: str -> list[str].
+
+    The text is NFKC-normalised and case-folded; a token is a run of letters, digits and combining
+    marks (any other character, "_" included, separates tokens), except that each CJK ideograph,
+    kana or Hangul syllable is a token of its own: "Hello, 世界! Été_2" -> ["hello", "世", "界", "été", "2"].
+    With `use_stemmer`, Latin-script tokens longer than 3 characters are Porter-stemmed. On ASCII
+    text the tokens are those of rouge-score's default tokenizer, stemmed or not.
+    """
+
+    def __init__(self, use_stemmer: bool = False):
+        self._stemmer = porter.PorterStemmer() if use_stemmer else None
+
+    def tokenize(self, text: str) -> list[str]:
+        chars = []
+        for c in unicodedata.normalize("NFKC", text).casefold():
+            if unicodedata.category(c)[0] not in "LNM":
+                c = " "
+            elif not c.isascii() and unicodedata.name(c, "").startswith(_UNSPACED):
+                c = f" {c} "
+            chars.append(c)
+        tokens = "".join(chars).split()
+        if self._stemmer is not None:
+            tokens = [self._stemmer.stem(t) if len(t) > 3 and _is_latin(t) else t for t in tokens]
+        return tokens
+
+
+def _is_latin(token: str) -> bool:
+    return all(c.isascii() or unicodedata.name(c, "").startswith("LATIN") for c in token)
+
+
 @functools.lru_cache(maxsize=4)
 def _scorer(use_stemmer: bool) -> rouge_scorer.RougeScorer:
-    return rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=use_stemmer)
+    return rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], tokenizer=RougeTokenizer(use_stemmer))
 
 
 def rouge(
     predictions: Sequence[str], references: Sequence[str], *, use_stemmer: bool = False
 ) -> dict[str, float]:
-    """Mean F-measure of ROUGE-1/2/L (rouge-score, sentence level) -> {"rouge1","rouge2","rougeL"}."""
+    """Mean F-measure of ROUGE-1/2/L (rouge-score, sentence level) -> {"rouge1","rouge2","rougeL"}.
+
+    Tokens are `RougeTokenizer`'s: rouge-score's default keeps only [a-z0-9], so answers in other
+    scripts scored 0; on ASCII text the scores are rouge-score's own."""
     _check_pairs(predictions, references)
     keys = ("rouge1", "rouge2", "rougeL")
     if not predictions:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import random
+import string
 
 import pytest
 import sacrebleu
@@ -68,6 +70,78 @@ def test_rouge_by_hand_and_against_rouge_score():
     # Precision and recall differ here, so the F-measure (not either) must be what is returned.
     asym = ev.rouge(["the cat"], ["the cat sat down"])["rouge1"]
     assert asym == pytest.approx(2 * 1.0 * 0.5 / 1.5)
+
+
+def _random_ascii_text(rng):
+    """Words (random letters and digits, or English words with suffixes the stemmer strips) in random
+    case, joined by runs of ASCII punctuation, whitespace and "_"."""
+    english = ["running", "cats", "generations", "happily", "agreed", "the", "on", "studies", "connected"]
+    separators = string.punctuation + string.whitespace + "_"
+    parts = []
+    for _ in range(rng.randrange(0, 12)):
+        word = rng.choice(english) if rng.random() < 0.5 else "".join(
+            rng.choices(string.ascii_letters + string.digits, k=rng.randrange(1, 9)))
+        word = "".join(c.upper() if rng.random() < 0.2 else c for c in word)
+        parts.append(word + "".join(rng.choices(separators, k=rng.randrange(1, 3))))
+    return "".join(parts)
+
+
+@pytest.mark.parametrize("use_stemmer", [False, True])
+def test_rouge_tokenizer_equals_rouge_score_default_on_ascii(use_stemmer):
+    """On ASCII text, tokens and scores are exactly rouge-score's own (fresh random texts each run)."""
+    seed = random.SystemRandom().randrange(2**32)
+    rng = random.Random(seed)
+    stock = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=use_stemmer)
+    ours = ev.RougeTokenizer(use_stemmer)
+    preds, refs = [], []
+    for _ in range(200):
+        p, r = _random_ascii_text(rng), _random_ascii_text(rng)
+        assert ours.tokenize(p) == stock._tokenizer.tokenize(p), f"seed {seed}: {p!r}"
+        preds.append(p)
+        refs.append(r if rng.random() < 0.5 else p[: len(p) // 2] + r)  # some overlap
+    direct = [stock.score(r, p) for p, r in zip(preds, refs)]
+    expect = {k: sum(d[k].fmeasure for d in direct) / len(direct) for k in ("rouge1", "rouge2", "rougeL")}
+    assert ev.rouge(preds, refs, use_stemmer=use_stemmer) == expect, f"seed {seed}"
+
+
+def test_rouge_tokenizer_tokens():
+    tok = ev.RougeTokenizer()
+    assert tok.tokenize("Hello, 世界! Été_2") == ["hello", "世", "界", "été", "2"]
+    assert tok.tokenize("こんにちは、カナ。한국") == ["こ", "ん", "に", "ち", "は", "カ", "ナ", "한", "국"]
+    assert tok.tokenize("नमस्ते दुनिया") == ["नमस्ते", "दुनिया"]  # vowel signs and virama stay in their word
+    assert tok.tokenize("e\u0301te\u0301 ＡＢＣ１２") == ["été", "abc12"]  # NFKC: composed accents, ASCII width
+    stem = ev.RougeTokenizer(use_stemmer=True)
+    assert stem.tokenize("Running générations приветствия cats") == ["run", "génération", "приветствия", "cat"]
+
+
+@pytest.mark.parametrize("text", ["今天天气很好", "こんにちは世界", "привет мир", "γεια σου κόσμε",
+                                  "مرحبا بالعالم", "नमस्ते दुनिया", "안녕하세요 세계"])
+def test_rouge_identical_non_latin_is_one(text):
+    """rouge-score's default tokenizer drops every non-[a-z0-9] character: these all scored 0."""
+    assert ev.rouge([text], [text]) == {"rouge1": 1.0, "rouge2": 1.0, "rougeL": 1.0}
+
+
+@pytest.mark.parametrize(
+    "pred, ref, expect",
+    [
+        # one token per character: 我 喜 欢 猫 / 我 很 喜 欢 狗; unigrams 3 shared: P 3/4, R 3/5;
+        # bigrams 喜欢 only: P 1/3, R 1/4; LCS 我喜欢 = 3.
+        ("我喜欢猫", "我很喜欢狗", {"rouge1": 2 / 3, "rouge2": 2 / 7, "rougeL": 2 / 3}),
+        # 今 天 天 气 很 好 / 今 天 天 气 不 错: 4 of 6 (天 twice), bigrams 3 of 5, LCS 今天天气.
+        ("今天天气很好", "今天天气不错", {"rouge1": 2 / 3, "rouge2": 3 / 5, "rougeL": 2 / 3}),
+        # case-folded Cyrillic: 3 of 4 words, bigrams "на ковре" 1 of 3, LCS 3.
+        ("Кошка сидит на ковре.", "кошка сидела на ковре", {"rouge1": 3 / 4, "rouge2": 1 / 3, "rougeL": 3 / 4}),
+        # Greek (final sigma folded): P 3/3, R 3/4 -> 6/7; bigrams P 2/2, R 2/3 -> 4/5.
+        ("Ο ΣΚΎΛΟΣ τρέχει", "ο σκύλος τρέχει γρήγορα", {"rouge1": 6 / 7, "rouge2": 4 / 5, "rougeL": 6 / 7}),
+        # accents are letters: "été" != "ete", "café" != "cafe" (rouge-score saw "t" / "ete", "caf" / "cafe").
+        ("été", "ete", {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}),
+        ("café crème", "cafe crème", {"rouge1": 1 / 2, "rouge2": 0.0, "rougeL": 1 / 2}),
+        # rouge-score made both "na ve caf" and scored a false 1.0.
+        ("naïve café", "na ve caf", {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}),
+    ],
+)
+def test_rouge_non_latin_by_hand(pred, ref, expect):
+    assert ev.rouge([pred], [ref]) == pytest.approx(expect, abs=1e-12, rel=0)
 
 
 @pytest.mark.parametrize(
