@@ -403,6 +403,7 @@ def generate_chained(
     """
     from meteora_jax.generate import encode_turns
 
+    _check_chain_lengths(generator, tokenizer, sub_prompts, max_new_tokens, chat_template)
     answers: list[list[str]] = [[] for _ in sub_prompts]
     for turn in range(max((len(s) for s in sub_prompts), default=0)):
         active = [j for j, s in enumerate(sub_prompts) if turn < len(s)]
@@ -425,6 +426,26 @@ def generate_chained(
             for j, text in zip(members, texts):
                 answers[j].append(text)
     return answers
+
+
+def _check_chain_lengths(generator, tokenizer, sub_prompts, max_new_tokens: int, chat_template) -> None:
+    """ValueError naming the first sample whose conversation could outgrow the model's positions:
+    its prompts and template, plus every turn's answer at max_new_tokens. Checked before the first
+    turn, as a late turn would otherwise fail after every earlier one was generated."""
+    from meteora_jax.generate import encode_turns
+
+    limit = generator.config.max_position_embeddings
+    for j, prompts in enumerate(sub_prompts):
+        if not prompts:
+            continue
+        asked = len(encode_turns(tokenizer, prompts, [""] * (len(prompts) - 1), chat_template=chat_template))
+        worst = asked + len(prompts) * max_new_tokens
+        if worst > limit:
+            raise ValueError(
+                f"composite sample {j + 1}: its {len(prompts)} chained turns can reach {worst} tokens ({asked} of "
+                f"prompts and template, {len(prompts)} answers of up to max_new_tokens={max_new_tokens}), past the "
+                f"model's max_position_embeddings={limit}; lower max_new_tokens or chain fewer tasks"
+            )
 
 
 def _auto_max_new_tokens(tokenizer, references: Sequence[str], margin: int = 8) -> int:
@@ -525,39 +546,28 @@ def evaluate_composite_records(
     """
     from meteora_jax.data import COMPOSITE_SEPARATOR
 
-    if mode not in COMPOSITE_MODES:
-        raise ValueError(f"composite mode {mode!r}; choose one of {COMPOSITE_MODES}")
     refs = [r["response"] for r in records]
     paths: list[str] = []
+    prompts, n_new = _composite_prompts(tokenizer, records, mode, max_new_tokens)
     if mode == "turns":
-        missing = next((i for i, r in enumerate(records) if not r.get("prompts")), None)
-        if missing is not None:
-            raise ValueError(
-                f"composite record {missing + 1} has no 'prompts' list (sub-prompts): the 'turns' mode needs it; "
-                "rebuild the set with build_composite_file or use mode 'joint'"
-            )
-        parts = [p for r in refs for p in split_composite(r)]
         forced = None
         if adapter_for_task is not None:
             forced = [[adapter_for_task[t] for t in r["tasks"]] for r in records]
-        turn_tokens = max_new_tokens or _auto_max_new_tokens(tokenizer, parts)
         preds = generate_chained(
-            generator, tokenizer, [r["prompts"] for r in records], max_new_tokens=turn_tokens, force_adapters=forced,
-            **generate_kw,
+            generator, tokenizer, prompts, max_new_tokens=n_new, force_adapters=forced, **generate_kw
         )
         if pictures and forced is None and generate_kw.get("force_adapter") is None:
             prefix, names, count = pictures
             for i, (r, answers) in enumerate(list(zip(records, preds))[:count]):
                 paths += save_chained_routing_picture(
-                    generator, tokenizer, r, answers, f"{prefix}_{i:02d}", names, max_new_tokens=turn_tokens,
+                    generator, tokenizer, r, answers, f"{prefix}_{i:02d}", names, max_new_tokens=n_new,
                     chat_template=generate_kw.get("chat_template"),
                     routing_temperature=generate_kw.get("routing_temperature", 1.0),
                 )
     else:
         if adapter_for_task is not None:
             raise ValueError("oracle routing per segment needs mode 'turns'")
-        n_new = max_new_tokens or _auto_max_new_tokens(tokenizer, refs)
-        preds = generate_texts(generator, tokenizer, [r["prompt"] for r in records], max_new_tokens=n_new, **generate_kw)
+        preds = generate_texts(generator, tokenizer, prompts, max_new_tokens=n_new, **generate_kw)
     result = score_composite(preds, refs, [r["tasks"] for r in records], metric_for_task)
     result["mode"] = mode
     if paths:
@@ -570,6 +580,25 @@ def evaluate_composite_records(
         for r, p in zip(records[:num_examples], preds[:num_examples])
     ]
     return result
+
+
+def _composite_prompts(tokenizer, records: Sequence[Mapping[str, Any]], mode: str, max_new_tokens: int | None):
+    """What `mode` asks of composite records -> (prompts, max_new_tokens): "turns": each record's
+    sub-prompts, and tokens per turn (default: the longest sub-answer + 8); "joint": each numbered
+    prompt, and tokens per answer (default: the longest answer + 8)."""
+    if mode not in COMPOSITE_MODES:
+        raise ValueError(f"composite mode {mode!r}; choose one of {COMPOSITE_MODES}")
+    refs = [r["response"] for r in records]
+    if mode == "joint":
+        return [r["prompt"] for r in records], max_new_tokens or _auto_max_new_tokens(tokenizer, refs)
+    missing = next((i for i, r in enumerate(records) if not r.get("prompts")), None)
+    if missing is not None:
+        raise ValueError(
+            f"composite record {missing + 1} has no 'prompts' list (sub-prompts): the 'turns' mode needs it; "
+            "rebuild the set with build_composite_file or use mode 'joint'"
+        )
+    parts = [p for r in refs for p in split_composite(r)]
+    return [r["prompts"] for r in records], max_new_tokens or _auto_max_new_tokens(tokenizer, parts)
 
 
 def build_composite_file(
@@ -676,6 +705,9 @@ def run_evaluation(
     for _, records in composite_sets:
         check_oracle([t for r in records for t in r["tasks"]])
 
+    _check_everything_fits(generator, tokenizer, task_records, composite_sets, composite_mode=composite_mode,
+                           max_new_tokens=max_new_tokens, chat_template=chat_template)
+
     for task, records in task_records.items():
         force = adapter_for_task[task] if adapter_for_task is not None else force_adapter
         results["tasks"][task] = evaluate_records(
@@ -719,6 +751,33 @@ def run_evaluation(
         with written_whole(output) as f:
             json.dump(results, f, indent=1, ensure_ascii=False, allow_nan=True)
     return results
+
+
+def _check_everything_fits(generator, tokenizer, task_records, composite_sets, *, composite_mode, max_new_tokens,
+                           chat_template) -> None:
+    """ValueError naming the task or composite file whose prompts with their answers could pass the
+    model's positions. Generation checks each batch as it reaches it, longest prompts last, so a
+    misfit would otherwise end an evaluation near its end."""
+    from meteora_jax.generate import encode_prompt
+
+    def check(where, prompts, n_new):
+        try:
+            generator.check_lengths([encode_prompt(tokenizer, p, chat_template=chat_template) for p in prompts], n_new)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+
+    for task, records in task_records.items():
+        check(f"task {task}", [r["prompt"] for r in records],
+              max_new_tokens or _auto_max_new_tokens(tokenizer, [r["response"] for r in records]))
+    for path, records in composite_sets:
+        prompts, n_new = _composite_prompts(tokenizer, records, composite_mode, max_new_tokens)
+        if composite_mode == "joint":
+            check(path, prompts, n_new)
+            continue
+        try:
+            _check_chain_lengths(generator, tokenizer, prompts, n_new, chat_template)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
 
 
 def format_results(results: Mapping[str, Any]) -> str:

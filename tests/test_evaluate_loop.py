@@ -5,6 +5,7 @@ prompt at a time, and scored by the libraries directly."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import runpy
@@ -327,6 +328,67 @@ def test_composite_turns_equal_turn_by_turn_generation(world, chat, oracle):
         forced = [names.index(t) for t in r["tasks"]] if oracle else None
         assert ex["prediction"] == _chain_alone(world, tok, r["prompts"], 6, chat, forced)
         assert ex["prediction"].count("@@@@") == 1
+
+
+def test_chains_that_could_outgrow_the_positions_are_refused_before_generating(world, tmp_path):
+    """A composite sample whose last turn could pass max_position_embeddings (every answer at
+    max_new_tokens) is refused, naming it, before any turn is generated, though its first turn alone
+    fits; at exactly the limit it is accepted."""
+    from meteora_jax import evaluate as ev
+
+    w, params, config, names, tok = world
+    records = ev.build_composite_file(w.data_root, names, 2, 3, str(tmp_path / "c2.jsonl"), seed=1)
+    max_new = 6
+
+    def ids(text):
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    # Without a chat template, by hand: [BOS] p1 (answer 1) [EOS] p2 (answer 2).
+    worst = [1 + len(ids(r["prompts"][0])) + 1 + len(ids(r["prompts"][1])) + 2 * max_new for r in records]
+    first = int(np.argmax(worst))
+    gen = Generator(dataclasses.replace(config, max_position_embeddings=worst[first] - 1), params,
+                    eos_token_ids=eos_ids_of(tok), pad_token_id=tok.pad_token_id)
+    gen.generate = lambda *a, **k: pytest.fail("generated before refusing")
+    assert 1 + len(ids(records[first]["prompts"][0])) + max_new <= worst[first] - 1  # turn 1 fits
+    with pytest.raises(ValueError, match=rf"composite sample {first + 1}: its 2 chained turns can reach {worst[first]} "
+                                         rf"tokens .* max_position_embeddings={worst[first] - 1}"):
+        ev.generate_chained(gen, tok, [r["prompts"] for r in records], max_new_tokens=max_new, chat_template=False)
+    gen.config = dataclasses.replace(config, max_position_embeddings=worst[first])
+    ev._check_chain_lengths(gen, tok, [r["prompts"] for r in records], max_new, False)
+
+
+@pytest.mark.parametrize("misfit", ["task", "turns", "joint"])
+def test_run_evaluation_checks_every_length_before_generating(world, tmp_path, misfit):
+    """One over-long prompt in the last task, or in a composite set (asked as turns or at once):
+    run_evaluation names the task or file before generating anything (generation checks each batch
+    only when it reaches it, the longest last)."""
+    from meteora_jax import evaluate as ev
+
+    w, params, config, names, tok = world
+    data = tmp_path / "data"
+    for task in names:
+        (data / task).mkdir(parents=True)
+        write_jsonl(data / task / "test.jsonl", read_jsonl(os.path.join(w.data_root, task, "test.jsonl"))[:3])
+    composite = str(tmp_path / "c2.jsonl")
+    records = ev.build_composite_file(str(data), names, 2, 3, composite, seed=2)
+    long_prompt = " ".join(["9 + 9"] * 60)
+    if misfit == "task":
+        write_jsonl(data / names[-1] / "test.jsonl", [{"prompt": long_prompt, "response": "18"}])
+    else:
+        key = "prompts" if misfit == "turns" else "prompt"
+        records[1][key] = [records[1]["prompts"][0], long_prompt] if misfit == "turns" else long_prompt
+        write_jsonl(composite, records)
+    limit = len(encode_prompt(tok, long_prompt)) + 2  # every other prompt fits with room
+    gen = Generator(dataclasses.replace(config, max_position_embeddings=limit), params,
+                    eos_token_ids=eos_ids_of(tok), pad_token_id=tok.pad_token_id)
+    gen.generate = lambda *a, **k: pytest.fail("generated before refusing")
+    expect = {"task": rf"task {names[-1]}: prompt of {limit - 2} tokens \+ max_new_tokens=6 exceeds",
+              "turns": rf"{composite}: composite sample 2: its 2 chained turns can reach",
+              "joint": rf"{composite}: prompt of {limit - 2} tokens \+ max_new_tokens=6 exceeds"}[misfit]
+    with pytest.raises(ValueError, match=expect):
+        ev.run_evaluation(gen, tok, data_root=str(data), composite_files=[composite], max_new_tokens=6,
+                          composite_mode="joint" if misfit == "joint" else "turns", output=str(tmp_path / "r.json"))
+    assert not (tmp_path / "r.json").exists()
 
 
 def test_composite_sets_of_one_n_keep_their_own_results(world, tmp_path):
