@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import re
 import unicodedata
 from collections.abc import Callable, Mapping, Sequence
@@ -282,7 +283,6 @@ def parse_metric_spec(
     one of them: a misspelt task would otherwise be scored with the default metric, silently.
     """
     import json
-    import os
 
     if not spec:
         return {}
@@ -316,8 +316,6 @@ def parse_metric_spec(
 def tasks_with_split(data_root: str, split: str = "test") -> list[str]:
     """The task folders of `data_root` that hold `<split>.jsonl`, sorted: the tasks evaluated (and
     composed) when none are named. A folder without that file is skipped, not an error."""
-    import os
-
     return sorted(d for d in os.listdir(data_root) if os.path.isfile(os.path.join(data_root, d, f"{split}.jsonl")))
 
 
@@ -564,6 +562,10 @@ def evaluate_composite_records(
                     chat_template=generate_kw.get("chat_template"),
                     routing_temperature=generate_kw.get("routing_temperature", 1.0),
                 )
+            from meteora_jax import viz
+
+            folder, name = os.path.split(prefix)
+            viz.remove_earlier_pictures(folder or ".", name + "_", min(count, len(records)))
     else:
         if adapter_for_task is not None:
             raise ValueError("oracle routing per segment needs mode 'turns'")
@@ -614,7 +616,6 @@ def build_composite_file(
     """Writes a composite-n test set (JSONL {"prompt", "response", "tasks"}) built from the
     single-task `<data_root>/<task>/<split>.jsonl` files of `tasks` (a missing one is a DataError
     naming it; other folders of `data_root` are ignored); returns its records."""
-    import os
 
     from meteora_jax.data import build_composite, read_jsonl, write_jsonl
 
@@ -667,13 +668,13 @@ def run_evaluation(
     each turn of a composite sample, are answered by that task's own adapter (excludes
     `force_adapter`; every evaluated task must be in it).
     routing_pictures: a folder for routing pictures of the first `pictures_per_set` samples of each
-    composite set (learned routing, turns mode), `<folder>/<set name>_<i>.png/.html`.
+    composite set (learned routing, turns mode), `<folder>/<set name>_<i>.png/.html`; an earlier
+    run's pictures of a set past this run's count are removed.
     model: where the answers came from (scripts/evaluate.py gives the checkpoint, gates and
     tokenizer paths, top_k, dtype and layer layout), recorded in the results' settings with the
     evaluation's own options, so that a results file says how to reproduce it.
     """
     import json
-    import os
 
     from meteora_jax.data import read_composite_jsonl, read_jsonl
     from meteora_jax.generate import uses_chat_template

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import html
 import os
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -25,6 +26,7 @@ __all__ = [
     "adapter_colors",
     "dominant_adapter",
     "layer_majority",
+    "remove_earlier_pictures",
     "routing_html",
     "routing_shares",
     "save_routing_html",
@@ -247,3 +249,17 @@ def save_routing_html(path: str | os.PathLike, pieces, routing, adapter_names, *
     with written_whole(path) as f:
         f.write(page)
     return path
+
+
+def remove_earlier_pictures(folder: str | os.PathLike, prefix: str, kept: int) -> list[str]:
+    """Deletes `<folder>/<prefix><n>.png` and `.html` for every number n >= kept: the pictures an
+    earlier run drew past this run's (`prompt_007.png` of an earlier run of eight prompts, beside
+    this run's five, would pass for one of them). Returns the removed paths, sorted."""
+    pattern = re.compile(re.escape(prefix) + r"(\d+)\.(?:png|html)")
+    removed = []
+    for name in sorted(os.listdir(folder)):
+        match = pattern.fullmatch(name)
+        if match and int(match.group(1)) >= kept and os.path.isfile(os.path.join(folder, name)):
+            os.remove(os.path.join(folder, name))
+            removed.append(os.path.join(folder, name))
+    return removed

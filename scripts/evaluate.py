@@ -114,7 +114,8 @@ def main(argv=None) -> int:
                    help="turns (default): a composite sample's sub-prompts are chained turns of one "
                    "conversation; joint: the numbered prompt at once, the model separates its answers with @@@@")
     p.add_argument("--routing-pictures", default=None,
-                   help="folder: routing pictures (PNG + HTML) of the first samples of each composite set")
+                   help="folder: routing pictures (PNG + HTML) of the first samples of each composite set "
+                   "(an earlier run's further ones of a set are removed)")
     p.add_argument("--pictures-per-set", type=int, default=1)
     p.add_argument("--output", default="runs/eval/results.json")
     add_inference_arguments(p)

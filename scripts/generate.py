@@ -63,7 +63,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--routing-temperature", type=float, default=1.0)
     p.add_argument("--json", default=None, help="also write {prompt, output} lines to this JSONL file")
-    p.add_argument("--routing-pictures", default=None, help="folder for a PNG + HTML routing picture per prompt")
+    p.add_argument("--routing-pictures", default=None, help="folder for a PNG + HTML routing picture per prompt, prompt_NNN (an earlier run's further ones are removed)")
     add_inference_arguments(p)
     args = p.parse_args(argv)
 
@@ -127,6 +127,10 @@ def main(argv=None) -> int:
         stem = os.path.join(args.routing_pictures, f"prompt_{number:03d}")
         viz.save_routing_png(stem + ".png", pieces, routing, names, prompt_length=prompt_length, title=title)
         viz.save_routing_html(stem + ".html", pieces, routing, names, prompt_length=prompt_length, title=title)
+    if pictures:
+        removed = viz.remove_earlier_pictures(args.routing_pictures, "prompt_", len(prompts))
+        if removed:
+            print(f"removed {len(removed)} routing pictures of an earlier run from {args.routing_pictures}", file=sys.stderr)
     return 0
 
 

@@ -242,9 +242,13 @@ def test_load_for_inference_checks_before_reading_weights(tiny_inference_world, 
 
 
 def test_generate_script_writes_outputs_after_all_prompts(tiny_inference_world, tmp_path, capsys):
-    """--json and --routing-pictures hold every prompt of every batch (written once generation is done)."""
+    """--json and --routing-pictures hold every prompt of every batch (written once generation is done);
+    pictures an earlier run drew past this run's prompts are removed, other files kept."""
     w = tiny_inference_world
     generate = runpy.run_path(os.path.join(REPO, "scripts", "generate.py"), run_name="cli_script")["main"]
+    (tmp_path / "pics").mkdir()
+    for earlier in ("prompt_001.png", "prompt_004.png", "prompt_012.html", "prompt_5.txt", "notes.txt"):
+        (tmp_path / "pics" / earlier).write_text("an earlier run")
     (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("1+2=", "5+5=", "abc")))
     argv = ["--checkpoint", w.model, "--tokenizer", w.tokenizer, "--prompts-file", str(tmp_path / "prompts.jsonl"),
             "--prompt", "9+1=", "--batch-size", "3", "--max-new-tokens", "4", "--json", str(tmp_path / "g.jsonl"),
@@ -252,8 +256,12 @@ def test_generate_script_writes_outputs_after_all_prompts(tiny_inference_world, 
     assert generate(argv) == 0
     records = [json.loads(line) for line in open(tmp_path / "g.jsonl")]
     assert [r["prompt"] for r in records] == ["9+1=", "1+2=", "5+5=", "abc"]
-    assert sorted(os.listdir(tmp_path / "pics")) == [f"prompt_{i:03d}.{ext}" for i in range(4) for ext in ("html", "png")]
-    printed = capsys.readouterr().out
+    assert sorted(os.listdir(tmp_path / "pics")) == ["notes.txt"] + [
+        f"prompt_{i:03d}.{ext}" for i in range(4) for ext in ("html", "png")] + ["prompt_5.txt"]
+    assert (tmp_path / "pics" / "prompt_001.png").read_bytes()[:4] == b"\x89PNG"
+    captured = capsys.readouterr()
+    assert "removed 2 routing pictures of an earlier run" in captured.err
+    printed = captured.out
     assert all(f"### output\n{r['output']}\n" in printed for r in records)
 
 
@@ -315,6 +323,9 @@ def test_composite_turns_equal_turn_by_turn_generation(world, chat, oracle):
     gen = Generator(config, params, eos_token_ids=eos_ids_of(tok), pad_token_id=tok.pad_token_id)
     adapter_for_task = {n: i for i, n in enumerate(names)} if oracle else None
     stem = os.path.join(w.data_root, "..", f"pics_{chat}_{oracle}", "c2")
+    os.makedirs(os.path.dirname(stem), exist_ok=True)
+    for earlier in ("c2_01.png", "c3_01.png"):  # an earlier run's second picture of this set, and another set's
+        open(os.path.join(os.path.dirname(stem), earlier), "w").close()
     res = evaluate_composite_records(
         gen, tok, records, lambda t: "accuracy", max_new_tokens=6, batch_size=3, chat_template=chat,
         adapter_for_task=adapter_for_task, num_examples=len(records), pictures=(stem, names, 1),
@@ -323,6 +334,8 @@ def test_composite_turns_equal_turn_by_turn_generation(world, chat, oracle):
     assert res.get("pictures", []) == ([] if oracle else [stem + "_00.png", stem + "_00.html"])
     if not oracle:
         assert os.path.getsize(stem + "_00.png") > 1000 and os.path.getsize(stem + "_00.html") > 1000
+    kept = ["c2_00.html", "c2_00.png"] if not oracle else ["c2_01.png"]  # oracle runs draw no pictures
+    assert sorted(os.listdir(os.path.dirname(stem))) == sorted(kept + ["c3_01.png"])
     assert res["mode"] == "turns" and res["num_samples"] == 4
     for r, ex in zip(records, res["examples"]):
         forced = [names.index(t) for t in r["tasks"]] if oracle else None
