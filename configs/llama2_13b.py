@@ -28,6 +28,8 @@ def get_config():
     config.train.update(steps=2000, batch_size=8, grad_accum_steps=4, eval_every=500, eval_batch_size=8, eval_max_batches=50)
     # The original's gate training (run_meteora_train_fsdp.sh, meteora_train.py): AdamW at 5e-4, weight decay
     # 0.01, gradients clipped at norm 0.3, cosine down to 0 as HF's (its warm-up: 0.5% of 15,000 steps).
+    # Its LoRA layers drop out 10% of the adapters' input in training (MoELoRA/layer.py, update_layer).
+    config.train.lora_dropout = 0.1
     config.optimizer.update(learning_rate=5e-4, weight_decay=0.01, clip_norm=0.3)
     config.schedule.update(kind="cosine", warmup_steps=100, end_factor=0.0)
     config.checkpoint.update(every=500, keep=3)

@@ -77,6 +77,7 @@ def _add_training_sections(config: ml_collections.ConfigDict) -> None:
             batch_size=8,  # global, per optimizer step
             grad_accum_steps=1,  # micro-batches of batch_size / grad_accum_steps, scanned
             loss_coef=50.0,  # loss = lm + coef * gate (the original's 50)
+            lora_dropout=0.0,  # dropout on the adapters' input while the gates train (the original's 0.1)
             eval_every=200,  # 0: only at the end
             eval_batch_size=8,
             eval_max_batches=0,  # 0: the whole test split

@@ -96,8 +96,9 @@ class MeteoRALinear(nn.Module):
 
     y = x @ kernel + grouped_lora(x, lora_a, lora_b, lora_scaling, top_k(x @ gate))
 
-    computed by `routed_lora` (routing and product as one op), or, when the routing is forced,
-    by `Routing.select` and `grouped_lora`.
+    computed by `routed_lora` (routing and product as one op), or, when the routing is forced or
+    the adapters' input dropped out (`Routing.lora_dropout`, training), by `Routing.select` and
+    `grouped_lora`.
 
     With num_adapters = 0 it is a plain bias-free linear layer and returns no gate logits.
     """
@@ -156,14 +157,18 @@ class MeteoRALinear(nn.Module):
         lora_a, lora_b = lora_a.astype(self.dtype), lora_b.astype(self.dtype)
         # The base output goes in as `base=` so the kernels add it in their epilogue (one pass less).
         base = y.reshape(-1, self.features)
-        if routing.forced_weights is None:
+        if routing.forced_weights is None and not routing.lora_dropout:
             # Gate logits, top-k and the routed product in one op (two launches when decoding).
             y, gate_logits = routed_lora(tokens, gate, lora_a, lora_b, lora_scaling, routing.temperature,
                                          top_k=self.top_k, impl=self.kernel_impl, base=base)
         else:
             gate_logits = routed_gate_logits(tokens, gate)  # [T, L] float32, as the routed kernels
             expert_idx, expert_weight = routing.select(gate_logits, self.top_k)
-            y = grouped_lora(tokens, lora_a, lora_b, lora_scaling, expert_idx, expert_weight.astype(self.dtype),
+            lora_x = tokens
+            if routing.lora_dropout:  # the adapters' input only: the gate routes on the whole token
+                keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - routing.lora_dropout, tokens.shape)
+                lora_x = jnp.where(keep, tokens / (1.0 - routing.lora_dropout), 0).astype(tokens.dtype)
+            y = grouped_lora(lora_x, lora_a, lora_b, lora_scaling, expert_idx, expert_weight.astype(self.dtype),
                              impl=self.kernel_impl, base=base)
         return y.reshape(*x.shape[:-1], self.features), gate_logits.reshape(*x.shape[:-1], L)
 

@@ -123,6 +123,8 @@ class LlamaForCausalLM(nn.Module):
         cfg = self.config
         _check_inputs(input_ids, attention_mask, positions, cfg.vocab_size)
         check_routing_temperature(routing.temperature)  # (the fused layout does not reach routed_lora's check)
+        if routing.lora_dropout and self.fused_projections:
+            raise ValueError("lora_dropout is a training option: the fused inference layout does not take it")
         batch, seq = input_ids.shape
         if attention_mask is None:
             attention_mask = jnp.ones((batch, seq), bool)
@@ -193,7 +195,7 @@ class LlamaForCausalLM(nn.Module):
         layers = nn.scan(
             block,
             variable_axes={"params": 0},
-            split_rngs={"params": True},
+            split_rngs={"params": True, "dropout": True},
             in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
             length=cfg.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},

@@ -25,6 +25,11 @@ class Routing:
     forced_weights: [L] fixed mixture (>= 0) used for every token instead of the gate (one-hot forces
       a single adapter, as a PEFT model with that adapter active). Every non-zero entry is used,
       whatever the layer's top_k; gate logits are still computed and returned.
+    lora_dropout: in [0, 1); during gate training, the share of the adapters' input elements
+      zeroed (the rest scaled by 1 / (1 - rate)), as the original's training does with 0.1; the gate
+      sees the whole input. One mask per token serves its k adapters (the original draws one per
+      adapter: our kernels take one input row per token). Needs a "dropout" rng in `apply`; the
+      fused inference layout refuses it.
     """
 
     temperature: jax.Array | float = 1.0
@@ -32,8 +37,11 @@ class Routing:
     # How many adapters the forced mixture uses (static, so it survives jit). Counted from concrete
     # forced_weights; 0 means "the layer's top_k" (traced weights, whose zeros cannot be counted).
     forced_top_k: int = flax.struct.field(pytree_node=False, default=0)
+    lora_dropout: float = flax.struct.field(pytree_node=False, default=0.0)
 
     def __post_init__(self):
+        if not (isinstance(self.lora_dropout, (int, float)) and 0.0 <= self.lora_dropout < 1.0):
+            raise ValueError(f"lora_dropout must be a number in [0, 1), got {self.lora_dropout!r}")
         # (The temperature is checked where it is used, `routed_lora`: a pytree unflatten rebuilds this
         # class with placeholder leaves, e.g. vmap's in_axes.)
         weights = self.forced_weights

@@ -49,6 +49,7 @@ from meteora_jax.files import written_whole
 from meteora_jax.gates import export_gates, is_trainable, load_gate_settings, load_gates, merge_params, split_params
 from meteora_jax.loss import joint_loss, per_task_accuracy
 from meteora_jax.model import LlamaForCausalLM, param_logical_axes
+from meteora_jax.routing import Routing
 
 __all__ = [
     "NonFiniteLossError",
@@ -125,7 +126,7 @@ class TrainState:
     step: jax.Array  # [] int32: optimizer steps taken
     gates: Any  # trainable params (nested dict of float32 [n_layers, d_in, L])
     opt_state: Any  # optax state of `gates` only
-    rng: jax.Array  # [2] uint32, split every step (for stochastic extensions; resumed exactly)
+    rng: jax.Array  # [2] uint32, split every step (the LoRA dropout keys; resumed exactly)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -163,6 +164,7 @@ def _check_train_config(config) -> None:
         f"train.batch_size={t.batch_size} is not a multiple of train.grad_accum_steps={t.grad_accum_steps}",
     )
     _check(t.eval_batch_size >= 1, f"train.eval_batch_size={t.eval_batch_size} must be >= 1")
+    _check(0 <= t.lora_dropout < 1, f"train.lora_dropout={t.lora_dropout} must be in [0, 1)")
     _check(config.schedule.kind in _SCHEDULES, f"schedule.kind={config.schedule.kind!r}; choose one of {_SCHEDULES}")
     _check(config.optimizer.learning_rate > 0, f"optimizer.learning_rate={config.optimizer.learning_rate} must be > 0")
     _check(config.schedule.warmup_steps >= 0, f"schedule.warmup_steps={config.schedule.warmup_steps} must be >= 0")
@@ -295,9 +297,14 @@ def prepare(config) -> Setup:
 # Steps
 
 
-def _loss_fn(model, coef: float, top_k: int):
-    def loss_fn(gates, frozen, batch):
-        out = model.apply({"params": merge_params(gates, frozen)}, batch["input_ids"], batch["attention_mask"])
+def _loss_fn(model, coef: float, top_k: int, lora_dropout: float = 0.0):
+    """(gates, frozen, batch[, dropout key]) -> (loss, metrics); the key only with lora_dropout > 0."""
+    routing = Routing(lora_dropout=lora_dropout)
+
+    def loss_fn(gates, frozen, batch, dropout_key=None):
+        rngs = {"dropout": dropout_key} if lora_dropout else None
+        out = model.apply({"params": merge_params(gates, frozen)}, batch["input_ids"], batch["attention_mask"],
+                          routing=routing, rngs=rngs)
         return joint_loss(out.logits, out.gate_logits, batch, coef=coef, top_k=top_k)
 
     return loss_fn
@@ -337,27 +344,32 @@ def _with_loss(metrics: Mapping, coef: float) -> dict:
     return dict(metrics, loss=metrics["lm_loss"] + coef * metrics["gate_loss"])
 
 
-def make_train_step(model, tx, *, coef: float, top_k: int, grad_accum_steps: int, batch_spec=None):
+def make_train_step(model, tx, *, coef: float, top_k: int, grad_accum_steps: int, batch_spec=None,
+                    lora_dropout: float = 0.0):
     """(state, frozen, batch [B, S]) -> (state, metrics). Pure; jit it with shardings.
+
+    lora_dropout > 0: the adapters' input is dropped out (`Routing.lora_dropout`) with a key drawn
+    from state.rng each step (and folded with the micro-batch index).
 
     With grad_accum_steps = A > 1 the batch is split into A micro-batches and the step optimises the
     same objective as A = 1: lm is the masked mean over all LM targets of the batch and gate the
     masked mean over all its gate tokens. Each micro-batch's lm (gate) loss is weighted by its share
     of the batch's LM targets (gate tokens), and the weighted gradients are summed.
     """
-    loss_fn = _loss_fn(model, coef, top_k)
+    loss_fn = _loss_fn(model, coef, top_k, lora_dropout)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def weighted_loss(gates, frozen, mb, lm_total, gate_total):
-        _, m = loss_fn(gates, frozen, mb)
+    def weighted_loss(gates, frozen, mb, lm_total, gate_total, dropout_key):
+        _, m = loss_fn(gates, frozen, mb, dropout_key)
         w_lm, w_gate = _token_weights(m, lm_total, gate_total)
         return m["lm_loss"] * w_lm + coef * m["gate_loss"] * w_gate, _weighted_metrics(m, w_lm, w_gate)
 
     weighted_grad_fn = jax.value_and_grad(weighted_loss, has_aux=True)
 
     def step(state: TrainState, frozen, batch):
+        rng, dropout_key = jax.random.split(state.rng)
         if grad_accum_steps == 1:
-            (_, metrics), grads = grad_fn(state.gates, frozen, batch)
+            (_, metrics), grads = grad_fn(state.gates, frozen, batch, dropout_key)
         else:
             A = grad_accum_steps
             lm_total, gate_total = _token_totals(batch)  # of the whole batch, before splitting
@@ -370,19 +382,21 @@ def make_train_step(model, tx, *, coef: float, top_k: int, grad_accum_steps: int
 
             micro = jax.tree.map(split, batch)
             first = jax.tree.map(lambda x: x[0], micro)
-            (_, m_shape), g_shape = jax.eval_shape(weighted_grad_fn, state.gates, frozen, first, lm_total, gate_total)
+            (_, m_shape), g_shape = jax.eval_shape(weighted_grad_fn, state.gates, frozen, first, lm_total, gate_total,
+                                                   dropout_key)
             zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (m_shape, g_shape))
 
-            def body(acc, mb):
-                (_, m), g = weighted_grad_fn(state.gates, frozen, mb, lm_total, gate_total)
+            def body(acc, indexed):
+                a, mb = indexed
+                key = jax.random.fold_in(dropout_key, a)
+                (_, m), g = weighted_grad_fn(state.gates, frozen, mb, lm_total, gate_total, key)
                 return jax.tree.map(jnp.add, acc, (m, g)), None
 
-            (metrics, grads), _ = jax.lax.scan(body, zeros, micro)
+            (metrics, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(A), micro))
             metrics = _with_loss(metrics, coef)
         updates, opt_state = tx.update(grads, state.opt_state, state.gates)
         gates = optax.apply_updates(state.gates, updates)
         metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
-        rng, _ = jax.random.split(state.rng)
         return TrainState(step=state.step + 1, gates=gates, opt_state=opt_state, rng=rng), metrics
 
     return step
@@ -586,7 +600,8 @@ class Trainer:
         coef = float(cfg.train.loss_coef)
         batch_spec = tuple(self.batch_sharding.spec)
         step = make_train_step(
-            self.model, self.tx, coef=coef, top_k=top_k, grad_accum_steps=int(cfg.train.grad_accum_steps), batch_spec=batch_spec
+            self.model, self.tx, coef=coef, top_k=top_k, grad_accum_steps=int(cfg.train.grad_accum_steps), batch_spec=batch_spec,
+            lora_dropout=float(cfg.train.lora_dropout),
         )
         with self._context():
             self.train_step = jax.jit(

@@ -103,6 +103,25 @@ def test_bad_routing_temperature_is_refused_by_every_layout():
             token_routing(config, init_params(config, jax.random.key(0)), [1, 2, 3], Routing(temperature=temperature))
 
 
+def test_lora_dropout_is_refused_by_the_fused_layout():
+    """The inference layout has no dropout step: a Routing with lora_dropout (a training option) is
+    named, not ignored; the separate layout drops out, scanned or unrolled."""
+    config = _config()
+    separate, fused = _both_layouts(config, 0)
+    ids = jnp.ones((1, 5), jnp.int32)
+    with pytest.raises(ValueError, match="lora_dropout is a training option: the fused inference layout"):
+        LlamaForCausalLM(config, scan_layers=False, fused_projections=True).apply(
+            {"params": fused}, ids, routing=Routing(lora_dropout=0.1), rngs={"dropout": jax.random.key(0)})
+    plain = LlamaForCausalLM(config, scan_layers=False).apply({"params": separate}, ids).logits
+    dropped = LlamaForCausalLM(config, scan_layers=False).apply(
+        {"params": separate}, ids, routing=Routing(lora_dropout=0.5), rngs={"dropout": jax.random.key(0)}).logits
+    assert np.isfinite(np.asarray(dropped)).all() and not np.allclose(dropped, plain)
+    scanned = LlamaForCausalLM(config).apply(
+        {"params": init_params(config, jax.random.key(0))}, ids, routing=Routing(lora_dropout=0.5),
+        rngs={"dropout": jax.random.key(0)}).logits
+    assert np.isfinite(np.asarray(scanned)).all()
+
+
 def test_fused_single_token_matches_separate():
     """One token (a B = 1 decode step's shape, where the side GEMM runs as `side_products_pallas`):
     the fused model with the Pallas kernels equals the separate one within 1e-5 in float32."""

@@ -219,6 +219,40 @@ def test_grad_accum_is_the_full_batch_objective(make_config):
     acc.close()
 
 
+def test_lora_dropout_in_the_train_step(make_config):
+    """train.lora_dropout: the gradient changes with it and is repeatable from the state's rng, which
+    advances as without dropout (a resumed run draws the same keys); each micro-batch draws its own
+    mask. The dropout itself is checked in tests/test_meteora_layer.py."""
+    config = make_config(train=dict(batch_size=4, loss_coef=7.0))
+    trainer = train_lib.Trainer(train_lib.prepare(config))
+    batch = {k: jnp.asarray(v) for k, v in next(trainer.iterator).items()}
+    sgd = optax.sgd(1.0)
+    gates0 = trainer.state.gates
+
+    def run(rate, A=1):
+        step = jax.jit(train_lib.make_train_step(trainer.model, sgd, coef=7.0, top_k=2, grad_accum_steps=A,
+                                                 lora_dropout=rate))
+        state = train_lib.TrainState(step=jnp.zeros((), jnp.int32), gates=gates0, opt_state=sgd.init(gates0),
+                                     rng=trainer.state.rng)
+        new, metrics = step(state, trainer.frozen, batch)
+        return new, _leaves(new.gates), float(metrics["loss"])
+
+    plain, plain_gates, plain_loss = run(0.0)
+    dropped, dropped_gates, dropped_loss = run(0.3)
+    again = run(0.3)[1]
+    assert dropped_loss != plain_loss and np.isfinite(dropped_loss)
+    assert any(not np.array_equal(dropped_gates[k], plain_gates[k]) for k in plain_gates)
+    for k in dropped_gates:
+        np.testing.assert_array_equal(again[k], dropped_gates[k])
+    np.testing.assert_array_equal(dropped.rng, plain.rng)
+    # Two micro-batches: other masks than the whole batch's, so another gradient (without dropout the
+    # two agree to 1e-4, test_grad_accum_is_the_full_batch_objective).
+    halves, start = run(0.3, A=2)[1], _leaves(gates0)
+    step_size = max(np.abs(dropped_gates[k] - start[k]).max() for k in start)
+    assert max(np.abs(halves[k] - dropped_gates[k]).max() for k in start) > 1e-2 * step_size
+    trainer.close()
+
+
 def test_eval_metrics_are_token_weighted(make_config, monkeypatch):
     config = make_config(train=dict(eval_every=0, eval_batch_size=4, eval_max_batches=0, loss_coef=7.0))
     trainer = train_lib.Trainer(train_lib.prepare(config))
@@ -765,6 +799,7 @@ def test_bad_batch_vs_mesh_and_missing_checkpoint(make_config, no_compute, tmp_p
         ("seed", -1, r"seed=-1 must be in \[0, 2\*\*32\)"),  # a numpy traceback after compiling
         ("schedule", dict(warmup_steps=-5), r"schedule.warmup_steps=-5 must be >= 0"),  # cosine began at 0.91 lr
         ("schedule", dict(end_factor=1.5), r"schedule.end_factor=1.5 must be in \[0, 1\]"),
+        ("train", dict(lora_dropout=1.0), r"train.lora_dropout=1.0 must be in \[0, 1\)"),  # NaN inputs (x / 0)
         ("model", dict(num_kv_heads=0), r"config.model: num_kv_heads=0 must be a positive integer"),
         ("workdir", os.path.join(REPO, "README.md"), r"config.workdir .*README.md is a file; give a folder path"),
         ("workdir", os.path.join(REPO, "README.md", "run"), r"config.workdir .*: .*README.md is a file, not a folder"),
