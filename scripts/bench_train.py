@@ -103,7 +103,8 @@ def run_mode(mode: str, args) -> dict:
             lambda g: train_lib.TrainState(jnp.zeros((), jnp.int32), g, tx.init(g), jax.random.PRNGKey(0))
         )(gates)
         step_fn = jax.jit(
-            train_lib.make_train_step(model, tx, coef=50.0, top_k=model_config.meteora.top_k, grad_accum_steps=1),
+            train_lib.make_train_step(model, tx, coef=50.0, top_k=model_config.meteora.top_k, grad_accum_steps=1,
+                                      lora_dropout=args.lora_dropout),
             donate_argnums=(0,),
         )
 
@@ -199,7 +200,8 @@ def _sharded_gate_step(args, config, model, model_config, params, batch):
     )(gates)
     batch_sh = sharding_lib.batch_sharding(mesh, rules)
     batch = sharding_lib.put_batch(jax.device_get(batch), batch_sh)
-    step = train_lib.make_train_step(model, tx, coef=50.0, top_k=model_config.meteora.top_k, grad_accum_steps=1)
+    step = train_lib.make_train_step(model, tx, coef=50.0, top_k=model_config.meteora.top_k, grad_accum_steps=1,
+                                     lora_dropout=args.lora_dropout)
     with contextlib.ExitStack() as stack:
         stack.enter_context(jax.set_mesh(mesh))
         stack.enter_context(nn.logical_axis_rules(rules))
@@ -232,6 +234,8 @@ def _check_args(parser, args) -> None:
     except Exception as e:  # noqa: BLE001 - a config file can raise anything: one line naming it
         cli_fail(parser, f"--config {args.config} with --layers {args.layers} --adapters {args.adapters}: "
                          f"{type(e).__name__}: {e}")
+    if not 0 <= args.lora_dropout < 1:
+        cli_fail(parser, f"--lora-dropout {args.lora_dropout} must be in [0, 1)")
     if args.kernel_impl not in MODEL_KERNEL_IMPLS:
         cli_fail(parser, f"--kernel-impl {args.kernel_impl!r}: choose from {','.join(MODEL_KERNEL_IMPLS)}")
     choice_list(parser, "--gate-impls", args.gate_impls, MODEL_KERNEL_IMPLS)
@@ -263,6 +267,7 @@ def main():
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--kernel-impl", default="xla", help="grouped_lora impl of --mode gate")
     parser.add_argument("--gate-impls", default="xla,auto", help="--mode all: gate runs, one per impl")
+    parser.add_argument("--lora-dropout", type=float, default=0.0, help="train.lora_dropout of the gate runs")
     parser.add_argument("--timeout", type=int, default=240, help="--mode all: seconds per mode")
     parser.add_argument("--json", default="", help="also write the results to this file")
     parser.add_argument(
@@ -286,7 +291,8 @@ def main():
     results = []
     for mode, impl in runs:
         cmd = [sys.executable, os.path.abspath(__file__), "--mode", mode] + [
-            f"--{k}={getattr(args, k)}" for k in ("config", "layers", "adapters", "batch", "seq", "steps")
+            f"--{k.replace('_', '-')}={getattr(args, k)}"
+            for k in ("config", "layers", "adapters", "batch", "seq", "steps", "lora_dropout")
         ]
         if impl:
             cmd.append(f"--kernel-impl={impl}")

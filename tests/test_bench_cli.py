@@ -37,6 +37,7 @@ BAD_INPUTS = {
     "side_gemm_layers_0": ("bench_side_gemm", ["--groups", "o", "--tokens", "1", "--variants", "one", "--layers", "0",
                                                "--out", "{out}"], "--layers"),
     "train_json_is_folder": ("bench_train", ["--timeout", "1", "--json", "{dir}"], "--json"),
+    "train_dropout_one": ("bench_train", ["--timeout", "1", "--lora-dropout", "1", "--json", "{out}"], "--lora-dropout"),
 }
 
 
