@@ -8,7 +8,8 @@ numbers of issue 7: "the base model alone must do clearly worse than its adapter
 
 Prompts are chat-formatted exactly as in training (a user turn, then the generation prompt).
 Metrics come from tasks.json (names of `meteora_jax.evaluate.METRICS`; ROUGE-L is computed here
-with rouge-score's tokenisation, without stemming). Writes a JSON file and prints a table.
+by rouge-score with `meteora_jax.evaluate.RougeTokenizer`, without stemming). Writes a JSON file and
+prints a table.
 """
 
 from __future__ import annotations

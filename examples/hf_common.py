@@ -215,7 +215,10 @@ def score(metric: str, predictions: list[str], references: list[str]) -> float:
     if metric in ("rougeL", "rouge"):
         from rouge_score import rouge_scorer
 
-        scorer = rouge_scorer.RougeScorer(["rougeL"])  # no stemming, as meteora_jax.evaluate.rouge
+        from meteora_jax.evaluate import RougeTokenizer
+
+        # Tokens as meteora_jax.evaluate.rouge takes them (any script; no stemming), so both sides agree.
+        scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=RougeTokenizer())
         return sum(scorer.score(r, p)["rougeL"].fmeasure for p, r in pairs) / len(pairs)
     if metric == "bleu":
         import sacrebleu

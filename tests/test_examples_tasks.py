@@ -338,6 +338,8 @@ def test_scores():
     assert hf_common.score("accuracy_contains", ["so: Answer: 3."], ["Answer: 3"]) == 1.0
     assert hf_common.score("rougeL", ["a b c d"], ["a b c d"]) == 1.0
     assert abs(hf_common.score("rougeL", ["a x c"], ["a b c"]) - 2 / 3) < 1e-9  # LCS 2 of 3 tokens each
+    assert hf_common.score("rougeL", ["Île-de-France"], ["île de france"]) == 1.0  # as meteora_jax.evaluate
+    assert abs(hf_common.score("rougeL", ["北京市"], ["北京"]) - 0.8) < 1e-9  # LCS 2: P 2/3, R 1
     preds = ["Paris is a city of France, code FR-75.", "nothing alike", "Answer: 3 "]
     refs = ["Paris is a metropolitan department of France, with code FR-75.", "Bulgan is a province of Mongolia.",
             "answer: 3"]
