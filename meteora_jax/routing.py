@@ -6,6 +6,7 @@ recompilation (it is a traced scalar) and routing can be forced for evaluation a
 
 from __future__ import annotations
 
+import numbers
 from typing import Optional
 
 import flax.struct
@@ -40,7 +41,7 @@ class Routing:
     lora_dropout: float = flax.struct.field(pytree_node=False, default=0.0)
 
     def __post_init__(self):
-        if not (isinstance(self.lora_dropout, (int, float)) and 0.0 <= self.lora_dropout < 1.0):
+        if not (isinstance(self.lora_dropout, numbers.Real) and 0.0 <= self.lora_dropout < 1.0):
             raise ValueError(f"lora_dropout must be a number in [0, 1), got {self.lora_dropout!r}")
         # (The temperature is checked where it is used, `routed_lora`: a pytree unflatten rebuilds this
         # class with placeholder leaves, e.g. vmap's in_axes.)
