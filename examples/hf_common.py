@@ -1,7 +1,7 @@
 """What the example scripts share: the base model, the task files, chat encoding, greedy
 generation and the task metrics (sacrebleu and rouge-score, scored as `meteora_jax.evaluate`
-scores), in plain torch + transformers (no jax, no `datasets`, so it runs on any machine that has
-torch, transformers, peft and the two metric packages).
+scores), in plain torch + transformers: no model runs in jax. The task files are read and ROUGE is
+tokenised by meteora_jax's own helpers, so the package must be installed (its import loads jax).
 
 The chat encoding matches `meteora_jax.data` with `chat_template=True`: a user turn holding the
 prompt and an assistant turn holding the response, rendered by the tokenizer's chat template;

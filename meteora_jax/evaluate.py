@@ -106,8 +106,9 @@ def corpus_bleu(predictions: Sequence[str], references: Sequence[str]) -> float:
 bleu = corpus_bleu
 
 
-# Letters of scripts written without spaces between words: one token per character.
-_UNSPACED = ("CJK ", "HIRAGANA", "KATAKANA", "HANGUL SYLLABLE")
+# Characters that are ROUGE tokens on their own: ideographs and kana (written without spaces
+# between words) and Hangul syllables (by syllable, as Korean ROUGE is commonly scored).
+_UNSPACED = ("CJK ", "IDEOGRAPHIC ", "HIRAGANA", "KATAKANA", "HANGUL SYLLABLE")
 
 
 class RougeTokenizer:
@@ -116,6 +117,7 @@ class RougeTokenizer:
     The text is NFKC-normalised and case-folded; a token is a run of letters, digits and combining
     marks (any other character, "_" included, separates tokens), except that each CJK ideograph,
     kana or Hangul syllable is a token of its own: "Hello, 世界! Été_2" -> ["hello", "世", "界", "été", "2"].
+    Other scripts written without spaces (Thai, Lao, Khmer, Burmese) stay one token per phrase.
     With `use_stemmer`, Latin-script tokens longer than 3 characters are Porter-stemmed. On ASCII
     text the tokens are those of rouge-score's default tokenizer, stemmed or not.
     """
@@ -429,7 +431,8 @@ def generate_chained(
 def _check_chain_lengths(generator, tokenizer, sub_prompts, max_new_tokens: int, chat_template) -> None:
     """ValueError naming the first sample whose conversation could outgrow the model's positions:
     its prompts and template, plus every turn's answer at max_new_tokens. Checked before the first
-    turn, as a late turn would otherwise fail after every earlier one was generated."""
+    turn, as a late turn would otherwise fail after every earlier one was generated. (An answer is
+    decoded and encoded again for the next turn, which can, rarely, take a token or two more.)"""
     from meteora_jax.generate import encode_turns
 
     limit = generator.config.max_position_embeddings
@@ -762,10 +765,11 @@ def _check_everything_fits(generator, tokenizer, task_records, composite_sets, *
     from meteora_jax.generate import encode_prompt
 
     def check(where, prompts, n_new):
-        try:
-            generator.check_lengths([encode_prompt(tokenizer, p, chat_template=chat_template) for p in prompts], n_new)
-        except ValueError as e:
-            raise ValueError(f"{where}: {e}") from None
+        for i, prompt in enumerate(prompts):
+            try:
+                generator.check_lengths([encode_prompt(tokenizer, prompt, chat_template=chat_template)], n_new)
+            except ValueError as e:
+                raise ValueError(f"{where}, record {i + 1}: {e}") from None
 
     for task, records in task_records.items():
         check(f"task {task}", [r["prompt"] for r in records],

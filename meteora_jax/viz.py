@@ -255,7 +255,9 @@ def remove_earlier_pictures(folder: str | os.PathLike, prefix: str, kept: int) -
     """Deletes `<folder>/<prefix><n>.png` and `.html` for every number n >= kept: the pictures an
     earlier run drew past this run's (`prompt_007.png` of an earlier run of eight prompts, beside
     this run's five, would pass for one of them). Returns the removed paths, sorted."""
-    pattern = re.compile(re.escape(prefix) + r"(\d+)\.(?:png|html)")
+    if not os.path.isdir(folder):  # nothing drawn here yet
+        return []
+    pattern = re.compile(re.escape(prefix) + r"([0-9]+)\.(?:png|html)")
     removed = []
     for name in sorted(os.listdir(folder)):
         match = pattern.fullmatch(name)

@@ -9,7 +9,7 @@ Random weights (bf16), configs/llama3_8b.py shapes, 28 adapters of rank 8, top-2
 Modes (each runs in a fresh process so that its peak memory is its own):
 
   gate       the real jitted train step of meteora_jax.train (joint loss, grads of the gates only,
-             AdamW update of the gates) on the MeteoRA model.
+             AdamW update of the gates, the config's train.lora_dropout) on the MeteoRA model.
   base_full  plain LLaMA (no adapters), LM loss, gradients of ALL parameters (no optimizer
              update): the usual "base-model forward+backward".
   base_acts  plain LLaMA, LM loss, gradients of the RMSNorm scales only: the full backward
@@ -156,6 +156,7 @@ def run_mode(mode: str, args) -> dict:
         "seq": S,
         "params_b": n_params / 1e9,
         "kernel_impl": model_config.meteora.kernel_impl,
+        "lora_dropout": args.lora_dropout if mode == "gate" else 0.0,
         "compile_s": compile_s,
         "step_s": median,
         "tokens_per_s": B * S / median,
@@ -230,10 +231,12 @@ def _check_args(parser, args) -> None:
     if not os.path.isfile(args.config):
         cli_fail(parser, f"--config {args.config}: no such file")
     try:  # the config's own checks too, e.g. top_k <= --adapters
-        _model_config(args.config, args.layers, args.adapters)
+        config = _model_config(args.config, args.layers, args.adapters)[0]
     except Exception as e:  # noqa: BLE001 - a config file can raise anything: one line naming it
         cli_fail(parser, f"--config {args.config} with --layers {args.layers} --adapters {args.adapters}: "
                          f"{type(e).__name__}: {e}")
+    if args.lora_dropout is None:
+        args.lora_dropout = float(config.train.lora_dropout)
     if not 0 <= args.lora_dropout < 1:
         cli_fail(parser, f"--lora-dropout {args.lora_dropout} must be in [0, 1)")
     if args.kernel_impl not in MODEL_KERNEL_IMPLS:
@@ -267,7 +270,8 @@ def main():
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--kernel-impl", default="xla", help="grouped_lora impl of --mode gate")
     parser.add_argument("--gate-impls", default="xla,auto", help="--mode all: gate runs, one per impl")
-    parser.add_argument("--lora-dropout", type=float, default=0.0, help="train.lora_dropout of the gate runs")
+    parser.add_argument("--lora-dropout", type=float, default=None,
+                        help="train.lora_dropout of the gate runs (default: the --config file's)")
     parser.add_argument("--timeout", type=int, default=240, help="--mode all: seconds per mode")
     parser.add_argument("--json", default="", help="also write the results to this file")
     parser.add_argument(
@@ -313,8 +317,8 @@ def main():
         save(results)
     save(results)
     ok = {r["mode"]: r for r in results if "error" not in r}
-    print(f"\n| run | layers | adapters | B x S | step s | tokens/s | peak GiB | vs base_full | vs base_acts |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"\n| run | layers | adapters | lora dropout | B x S | step s | tokens/s | peak GiB | vs base_full | vs base_acts |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         if "error" in r:
             print(f"| {r['mode']} | failed: {r['error'][:80]} |")
@@ -323,7 +327,8 @@ def main():
             f"{r['tokens_per_s'] / ok[b]['tokens_per_s']:.2f}" if b in ok else "-" for b in ("base_full", "base_acts")
         ]
         print(
-            f"| {r['mode']} | {r['layers']} | {r['adapters']} | {r['batch']} x {r['seq']} | {r['step_s']:.3f} | "
+            f"| {r['mode']} | {r['layers']} | {r['adapters']} | {r['lora_dropout']} | {r['batch']} x {r['seq']} | "
+            f"{r['step_s']:.3f} | "
             f"{r['tokens_per_s']:.0f} | {r['peak_gib']:.1f} | {ratios[0]} | {ratios[1]} |"
         )
 

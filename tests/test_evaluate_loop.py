@@ -395,9 +395,9 @@ def test_run_evaluation_checks_every_length_before_generating(world, tmp_path, m
     gen = Generator(dataclasses.replace(config, max_position_embeddings=limit), params,
                     eos_token_ids=eos_ids_of(tok), pad_token_id=tok.pad_token_id)
     gen.generate = lambda *a, **k: pytest.fail("generated before refusing")
-    expect = {"task": rf"task {names[-1]}: prompt of {limit - 2} tokens \+ max_new_tokens=6 exceeds",
+    expect = {"task": rf"task {names[-1]}, record 1: prompt of {limit - 2} tokens \+ max_new_tokens=6 exceeds",
               "turns": rf"{composite}: composite sample 2: its 2 chained turns can reach",
-              "joint": rf"{composite}: prompt of {limit - 2} tokens \+ max_new_tokens=6 exceeds"}[misfit]
+              "joint": rf"{composite}, record 2: prompt of {limit - 2} tokens \+ max_new_tokens=6 exceeds"}[misfit]
     with pytest.raises(ValueError, match=expect):
         ev.run_evaluation(gen, tok, data_root=str(data), composite_files=[composite], max_new_tokens=6,
                           composite_mode="joint" if misfit == "joint" else "turns", output=str(tmp_path / "r.json"))

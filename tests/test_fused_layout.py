@@ -116,10 +116,11 @@ def test_lora_dropout_is_refused_by_the_fused_layout():
     dropped = LlamaForCausalLM(config, scan_layers=False).apply(
         {"params": separate}, ids, routing=Routing(lora_dropout=0.5), rngs={"dropout": jax.random.key(0)}).logits
     assert np.isfinite(np.asarray(dropped)).all() and not np.allclose(dropped, plain)
+    stacked = init_params(config, jax.random.key(0))
     scanned = LlamaForCausalLM(config).apply(
-        {"params": init_params(config, jax.random.key(0))}, ids, routing=Routing(lora_dropout=0.5),
-        rngs={"dropout": jax.random.key(0)}).logits
+        {"params": stacked}, ids, routing=Routing(lora_dropout=0.5), rngs={"dropout": jax.random.key(0)}).logits
     assert np.isfinite(np.asarray(scanned)).all()
+    assert not np.allclose(scanned, LlamaForCausalLM(config).apply({"params": stacked}, ids).logits)
 
 
 def test_fused_single_token_matches_separate():

@@ -129,7 +129,7 @@ def test_lora_dropout_drops_the_adapters_input_only(impl):
     """Routing.lora_dropout = p: the adapters see x with a share ~p of its elements zeroed and the
     rest scaled by 1 / (1 - p), one mask per token for its k adapters; the base product and the gate
     see the whole x. With lora_a = lora_b = identity, the delta shows the dropped input exactly
-    (relative 1e-5); the dropped share is within 0.02 of p (over 5 standard deviations)."""
+    (relative 1e-5); the dropped share is within 0.03 of p (5 standard deviations of 5120 draws)."""
     seed = int(np.random.SeedSequence().entropy % 2**31)
     rng = np.random.default_rng(seed)
     d, num_adapters, tokens, p = 32, 3, 160, 0.25
@@ -157,7 +157,7 @@ def test_lora_dropout_drops_the_adapters_input_only(impl):
     kept = np.abs(x_dropped) > np.abs(x) / (2 * (1 - p))
     np.testing.assert_allclose(x_dropped, np.where(kept, x / (1 - p), 0.0), rtol=1e-5, atol=1e-5,
                                err_msg=f"seed {seed}")
-    assert abs((1 - kept.mean()) - p) < 0.02, f"seed {seed}: dropped share {1 - kept.mean():.3f}"
+    assert abs((1 - kept.mean()) - p) < 0.03, f"seed {seed}: dropped share {1 - kept.mean():.3f}"
 
     np.testing.assert_array_equal(run(p, seed)[0], y)  # the key decides the mask
     assert not np.array_equal(run(p, seed + 1)[0], y)
