@@ -159,3 +159,16 @@ def test_mismatched_inputs_are_refused(tmp_path):
         viz.routing_html(["a", "b", "c"], ROUTING, NAMES)
     with pytest.raises(ValueError, match="only 2 names"):
         viz.routing_html(["a", "b", "c", "d"], ROUTING, NAMES[:2])
+
+
+def test_remove_earlier_pictures(tmp_path):
+    """Only `<prefix><ASCII number>.png/.html` at or past `kept` go; a folder not made yet is no error."""
+    remove_earlier_pictures = viz.remove_earlier_pictures
+    assert remove_earlier_pictures(tmp_path / "not_made", "prompt_", 0) == []
+    names = ["c+3_00.png", "c+3_01.png", "c+3_01.html", "c+3_12.png", "c+3_١.png", "c+3_02.txt", "cc3_05.png",
+             "d_01.png"]
+    for name in names:
+        (tmp_path / name).write_text("x")
+    removed = remove_earlier_pictures(tmp_path, "c+3_", 1)  # "+": a regex character in a set name
+    assert removed == [str(tmp_path / n) for n in ("c+3_01.html", "c+3_01.png", "c+3_12.png")]
+    assert sorted(os.listdir(tmp_path)) == sorted(set(names) - {"c+3_01.html", "c+3_01.png", "c+3_12.png"})
