@@ -172,6 +172,8 @@ def save_checkpoint(
 def read_metadata(path: str | os.PathLike) -> dict:
     """The metadata JSON of a checkpoint (reads no arrays)."""
     path = Path(path).absolute()
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
     if not is_checkpoint(path):
         raise CheckpointError(f"{path} is not a meteora-jax checkpoint (expected {PARAMS_ITEM}/ and {METADATA_ITEM}/)")
     with orbax_read(path, "its metadata"):

@@ -122,7 +122,7 @@ def read_jsonl(
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+            raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg}, column {e.colno})") from None
         if not isinstance(obj, dict):
             raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
         for field, typ in required.items():

@@ -131,6 +131,8 @@ def main(argv=None) -> int:
         removed = viz.remove_earlier_pictures(args.routing_pictures, "prompt_", len(prompts))
         if removed:
             print(f"removed {len(removed)} routing pictures of an earlier run from {args.routing_pictures}", file=sys.stderr)
+        print(f"routing pictures: {os.path.join(args.routing_pictures, 'prompt_NNN')}.png and .html, "
+              f"NNN = 000 to {len(prompts) - 1:03d}", file=sys.stderr)
     return 0
 
 

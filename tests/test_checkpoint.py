@@ -188,6 +188,8 @@ def test_damaged_copies_are_named(saved, tmp_path):
 def test_not_a_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="is not a meteora-jax checkpoint"):
         restore_checkpoint(tmp_path)
+    with pytest.raises(CheckpointError, match=r"checkpoint .*misspelt does not exist"):  # not "is not a checkpoint"
+        restore_checkpoint(tmp_path / "misspelt")
 
 
 def test_failed_overwrite_keeps_the_old_checkpoint(tmp_path, monkeypatch):

@@ -577,7 +577,7 @@ def test_bad_adapter_is_refused(case, base_ckpt, tiny_peft_adapters, tmp_path, c
     assert os.listdir(outdir) == []
 
 
-def test_sigterm_during_the_save_leaves_nothing(base_ckpt, tiny_peft_adapters, tmp_path):
+def test_sigterm_during_the_save_leaves_nothing(base_ckpt, tiny_peft_adapters, tmp_path, capsys):
     """SIGTERM (a scheduler's time limit) while the checkpoint is being written: the command exits
     143 and leaves no hidden staging folder beside the output (it stayed, a model's size, for every
     later run). An in-process `main` call keeps the caller's SIGTERM handling."""
@@ -615,7 +615,9 @@ def test_sigterm_during_the_save_leaves_nothing(base_ckpt, tiny_peft_adapters, t
     assert "stopped by SIGTERM; nothing written" in err
     assert os.listdir(outdir) == []
     before = signal.getsignal(signal.SIGTERM)
+    capsys.readouterr()
     assert main(["inspect", str(base_ckpt)]) == 0 and signal.getsignal(signal.SIGTERM) is before
+    assert "meteora: no adapters (a plain LLaMA)" in capsys.readouterr().out  # not "0 adapters, padded rank 8"
 
 
 def test_duplicate_names_and_missing_order(base_ckpt, tiny_peft_adapters, tmp_path, capsys):

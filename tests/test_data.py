@@ -257,7 +257,7 @@ def test_task_folder_without_adapter_is_an_error(tmp_path, tiny_tokenizer):
     "lines, pattern",
     [
         (['{"prompt": "a", "response": "b"}', '{"prompt": "a", "response": }'], r"train\.jsonl:2: malformed JSON"),
-        (['{"prompt": "a", "response": "b"'], r"train\.jsonl:1: malformed JSON \(Expecting ',' delimiter at column 32\)"),
+        (['{"prompt": "a", "response": "b"'], r"train\.jsonl:1: malformed JSON \(Expecting ',' delimiter, column 32\)"),
         (['{"prompt": "a", "response": "b"}', "", '{"prompt": "a"}'], r"train\.jsonl:3: missing field 'response'"),
         (['{"response": "b"}'], r"train\.jsonl:1: missing field 'prompt'"),
         (['{"prompt": 3, "response": "b"}'], r"train\.jsonl:1: field 'prompt' must be str, got int"),

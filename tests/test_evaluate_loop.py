@@ -126,7 +126,7 @@ def _bad_generate_inputs(w, tmp_path):
     missing = tmp_path / "none"
     return [
         (["--prompts-file", str(missing / "p.txt")], f"{missing / 'p.txt'}: no such file"),
-        (["--prompts-file", str(tmp_path / "bad.jsonl")], "bad.jsonl:2: malformed JSON (Expecting ',' delimiter at column 18)"),
+        (["--prompts-file", str(tmp_path / "bad.jsonl")], "bad.jsonl:2: malformed JSON (Expecting ',' delimiter, column 18)"),
         (["--prompts-file", str(tmp_path / "noprompt.jsonl")], "noprompt.jsonl:1: missing field 'prompt'"),
         (["--prompt", "1+2=", "--batch-size", "0"], "--batch-size 0 must be >= 1"),
         (["--prompt", "1+2=", "--top-p", "0"], "top_p=0.0 must be in (0, 1]"),
@@ -261,6 +261,7 @@ def test_generate_script_writes_outputs_after_all_prompts(tiny_inference_world, 
     assert (tmp_path / "pics" / "prompt_001.png").read_bytes()[:4] == b"\x89PNG"
     captured = capsys.readouterr()
     assert "removed 2 routing pictures of an earlier run" in captured.err
+    assert f"routing pictures: {tmp_path / 'pics' / 'prompt_NNN'}.png and .html, NNN = 000 to 003" in captured.err
     printed = captured.out
     assert all(f"### output\n{r['output']}\n" in printed for r in records)
 

@@ -362,7 +362,7 @@ def describe(meta: dict) -> str:
         f"heads {cfg['num_heads']}/{cfg['num_kv_heads']} (head_dim {cfg['head_dim']}), vocab {cfg['vocab_size']}, "
         f"dtype {cfg['param_dtype']}, tied embeddings {cfg['tie_word_embeddings']}",
         f"meteora: {m['num_adapters']} adapters, padded rank {m['rank']}, top_k {m['top_k']}, "
-        f"targets {', '.join(m['targets']) if m['num_adapters'] else '-'}",
+        f"targets {', '.join(m['targets'])}" if m["num_adapters"] else "meteora: no adapters (a plain LLaMA)",
     ]
     adapters = meta.get("adapters") or []
     if adapters:
