@@ -619,7 +619,6 @@ def build_composite_file(
     """Writes a composite-n test set (JSONL {"prompt", "response", "tasks"}) built from the
     single-task `<data_root>/<task>/<split>.jsonl` files of `tasks` (a missing one is a DataError
     naming it; other folders of `data_root` are ignored); returns its records."""
-
     from meteora_jax.data import build_composite, read_jsonl, write_jsonl
 
     # Only the named tasks' files are read, as in run_evaluation: training's find_task_dirs would

@@ -164,10 +164,8 @@ class MeteoRALinear(nn.Module):
         else:
             gate_logits = routed_gate_logits(tokens, gate)  # [T, L] float32, as the routed kernels
             expert_idx, expert_weight = routing.select(gate_logits, self.top_k)
-            lora_x = tokens
-            if routing.lora_dropout:  # the adapters' input only: the gate routes on the whole token
-                keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - routing.lora_dropout, tokens.shape)
-                lora_x = jnp.where(keep, tokens / (1.0 - routing.lora_dropout), 0).astype(tokens.dtype)
+            # Dropout (training) reaches the adapters' input only: the gate routes on the whole token.
+            lora_x = nn.Dropout(routing.lora_dropout, deterministic=not routing.lora_dropout)(tokens)
             y = grouped_lora(lora_x, lora_a, lora_b, lora_scaling, expert_idx, expert_weight.astype(self.dtype),
                              impl=self.kernel_impl, base=base)
         return y.reshape(*x.shape[:-1], self.features), gate_logits.reshape(*x.shape[:-1], L)

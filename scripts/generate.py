@@ -63,7 +63,9 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--routing-temperature", type=float, default=1.0)
     p.add_argument("--json", default=None, help="also write {prompt, output} lines to this JSONL file")
-    p.add_argument("--routing-pictures", default=None, help="folder for a PNG + HTML routing picture per prompt, prompt_NNN (an earlier run's further ones are removed)")
+    p.add_argument("--routing-pictures", default=None,
+                   help="folder for a PNG + HTML routing picture per prompt, prompt_NNN (an earlier run's further "
+                   "ones are removed)")
     add_inference_arguments(p)
     args = p.parse_args(argv)
 
