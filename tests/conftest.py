@@ -13,6 +13,17 @@ import pytest
 # environment wins.
 os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def child_env(**overrides: str) -> dict:
+    """The environment for a test's child Python process: this one's, with the repository first on
+    PYTHONPATH (the caller's entries kept: dependencies installed there, as on a GPU image, were lost
+    when it was replaced) and `overrides` on top."""
+    pythonpath = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": pythonpath, **overrides}
+
+
 # A chat template in the ChatML style many instruct models use: every turn ends with <|im_end|>.
 TINY_CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+from conftest import child_env
 from meteora_jax import MeteoRAConfig, ModelConfig, init_params
 from meteora_jax.gates import export_gates, load_gate_settings, load_gates, merge_params, split_params
 
@@ -78,8 +79,8 @@ def test_gates_saved_on_several_devices_load_on_one(tmp_path):
     """A training run on 4 devices exports sharded gates; inference on one device loads them onto
     that device (Orbax restored the saving mesh: a topology-mismatch error)."""
     seed = SEED % 2**31
-    env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4"}
+    env = child_env(JAX_PLATFORMS="cpu",
+                    XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4")
     proc = subprocess.run([sys.executable, "-c", _EXPORT_SHARDED, str(tmp_path / "export"), str(seed)],
                           capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]

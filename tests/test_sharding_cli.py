@@ -15,6 +15,7 @@ import textwrap
 
 import pytest
 
+from conftest import child_env
 from meteora_jax import sharding as sharding_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,7 +23,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _env(devices: int) -> dict:
     flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
-    return {**os.environ, "XLA_FLAGS": flags.strip(), "JAX_PLATFORMS": "cpu"}
+    return child_env(XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu")
 
 
 def _train_cli(devices: int, workdir, *overrides: str, world=None) -> subprocess.Popen:
@@ -159,7 +160,7 @@ def test_sharded_gate_gradients_match_one_device(tiny_inference_world, tmp_path)
     world = dict(model=w.model, tokenizer=w.tokenizer, data=w.data_root)
     proc = subprocess.run(
         [sys.executable, "-c", _GRADS, json.dumps(world), str(tmp_path)],
-        capture_output=True, text=True, timeout=300, cwd=REPO, env={**_env(4), "PYTHONPATH": REPO},
+        capture_output=True, text=True, timeout=300, cwd=REPO, env=_env(4),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.split("RESULT")[-1])

@@ -20,6 +20,7 @@ import optax
 import pytest
 from flax import traverse_util
 
+from conftest import child_env
 from meteora_jax import checkpoint as model_ckpt
 from meteora_jax import data as data_lib
 from meteora_jax import sharding as sharding_lib
@@ -654,9 +655,7 @@ def test_two_processes_agree_on_a_stop_and_a_start_over(tmp_path):
         address = f"localhost:{s.getsockname()[1]}"
     checkpoints = tmp_path / "checkpoints"
     (checkpoints / "7").mkdir(parents=True)
-    # Keep the caller's PYTHONPATH (dependencies installed there): replacing it lost them on a GPU image.
-    pythonpath = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)
-    env = {**os.environ, "PYTHONPATH": pythonpath, "JAX_PLATFORMS": "cpu"}
+    env = child_env(JAX_PLATFORMS="cpu")
     procs = [subprocess.Popen([sys.executable, "-c", _TWO_HOSTS, address, str(i), str(checkpoints)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for i in range(2)]
     for proc in procs:
