@@ -24,6 +24,18 @@ def child_env(**overrides: str) -> dict:
     return {**os.environ, "PYTHONPATH": pythonpath, **overrides}
 
 
+@pytest.fixture
+def float32_matmuls():
+    """float32 products in full float32 for the test: on a GPU, JAX's default runs float32 matmuls in
+    TF32 (relative error ~3e-4; README, "Use from Python"), over the parity tolerances of 1e-5 / 1e-4.
+    Files opt in with `pytestmark = pytest.mark.usefixtures("float32_matmuls")`. Not for tests that
+    read the precisions in a jaxpr: the setting is written into every dot there."""
+    import jax
+
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
 # A chat template in the ChatML style many instruct models use: every turn ends with <|im_end|>.
 TINY_CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

@@ -14,6 +14,8 @@ import pytest
 from meteora_jax import LlamaForCausalLM, MeteoRAConfig, ModelConfig, Routing, init_params
 from meteora_jax.generate import Generator, bucket_length, encode_prompt, sample_token, token_routing
 
+pytestmark = pytest.mark.usefixtures("float32_matmuls")  # float32 parity, also on a GPU (no TF32)
+
 CONFIG = ModelConfig(
     vocab_size=97,
     hidden_size=32,

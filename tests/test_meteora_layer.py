@@ -20,12 +20,7 @@ from meteora_jax.layers import MeteoRALinear
 from torch_reference import hf_logits, merged_hf_model, relative_error
 
 
-@pytest.fixture(autouse=True)
-def _float32_products():
-    """Float32 products throughout, also on a GPU, whose default runs float32 matmuls in TF32 (relative
-    error ~3e-4, over these tests' 1e-5 / 1e-4; README, "Use from Python")."""
-    with jax.default_matmul_precision("highest"):
-        yield
+pytestmark = pytest.mark.usefixtures("float32_matmuls")  # float32 parity, also on a GPU (no TF32)
 
 
 def _tiny_config(num_adapters=3, rank=4, top_k=2, targets=None, tie=False):

@@ -171,6 +171,7 @@ def _uneven(batch):
     return batch
 
 
+@pytest.mark.usefixtures("float32_matmuls")
 def test_grad_accum_is_the_full_batch_objective(make_config):
     """grad_accum_steps=A optimises lm (mean over ALL the batch's LM targets) + coef * gate (mean over
     ALL its gate tokens), as A=1 does, whatever the micro-batches' token counts. Tolerance: fp32
@@ -192,8 +193,7 @@ def test_grad_accum_is_the_full_batch_objective(make_config):
         state = train_lib.TrainState(
             step=jnp.zeros((), jnp.int32), gates=gates0, opt_state=sgd.init(gates0), rng=trainer.state.rng
         )
-        with jax.default_matmul_precision("highest"):
-            new, m = step(state, trainer.frozen, {k: jnp.asarray(v) for k, v in batch.items()})
+        new, m = step(state, trainer.frozen, {k: jnp.asarray(v) for k, v in batch.items()})
         grads = jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), gates0, new.gates)
         return traverse_util.flatten_dict(grads), jax.device_get(m)
 
