@@ -51,8 +51,10 @@ def _check_options(args) -> set[str]:
     for temperature in (args.routing_temperature, args.composite_temperature):
         if temperature is not None:
             check_routing_temperature(temperature)
+    out = args.composite_out
     problem = unwritable("--output", args.output) or (
-        args.routing_pictures and unwritable("--routing-pictures", args.routing_pictures, folder=True))
+        args.routing_pictures and unwritable("--routing-pictures", args.routing_pictures, folder=True)) or (
+        out and args.build_composite and unwritable("--composite-out", out, folder=not out.endswith(".jsonl")))
     if problem:
         raise ValueError(problem)
     composite = bool(args.composite or args.build_composite)
@@ -143,9 +145,15 @@ def main(argv=None) -> int:
         metrics = ev.parse_metric_spec(args.metrics, tasks=[*root_tasks, *(tasks or []), *composite_tasks])
     except ValueError as e:
         cli_fail(p, str(e))
-    if args.data_root and not args.no_single and not args.build_only and not (tasks or root_tasks) and not (
-            args.composite or args.build_composite):
-        cli_fail(p, f"no task folder of --data-root {args.data_root} holds {args.split}.jsonl: nothing to evaluate")
+    if tasks and not args.data_root:
+        cli_fail(p, "--tasks names tasks of --data-root: give --data-root too")
+    # Nothing to evaluate would still load the model and then replace --output with empty results.
+    single = bool(args.data_root) and not args.no_single and bool(tasks or root_tasks)
+    if not args.build_only and not single and not (args.composite or args.build_composite):
+        if args.data_root and not args.no_single:
+            cli_fail(p, f"no task folder of --data-root {args.data_root} holds {args.split}.jsonl: nothing to evaluate")
+        cli_fail(p, "nothing to evaluate: give --data-root (its tasks, unless --no-single), --composite FILE or "
+                    "--build-composite N")
     build_paths = {}
     if args.build_composite:  # every n checked before any set is written (or the model loaded)
         names = tasks or root_tasks

@@ -196,6 +196,13 @@ def test_scripts_stop_on_bad_input_with_one_line(tiny_inference_world, tmp_path,
         (evaluate, base + ["--data-root", str(data), "--composite", str(built / "composite_2.jsonl"),
                            "--build-composite", "2", "--composite-out", str(built), "--output", str(outputs / "r.json")],
          "which --composite names as input"),  # it was rebuilt (overwritten) and scored twice
+        # Nothing to evaluate: these loaded the model and replaced --output with empty results (exit 0).
+        (evaluate, base + ["--tasks", "arith"] + ev_out, "--tasks names tasks of --data-root: give --data-root too"),
+        (evaluate, base + ["--data-root", str(data), "--no-single"] + ev_out,
+         "nothing to evaluate: give --data-root (its tasks, unless --no-single), --composite FILE or --build-composite N"),
+        # A file where the built sets' folder goes: an OSError traceback after the model had loaded.
+        (evaluate, base + ["--data-root", str(data), "--build-composite", "2", "--output", str(outputs / "r.json"),
+                           "--composite-out", str(tmp_path / "a_file")], "a_file is a file; give a folder path"),
     ]
     for main, argv, message in cases:
         with pytest.raises(SystemExit) as e:
