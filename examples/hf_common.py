@@ -221,7 +221,7 @@ def score(metric: str, predictions: list[str], references: list[str]) -> float:
         scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=RougeTokenizer())
         return sum(scorer.score(r, p)["rougeL"].fmeasure for p, r in pairs) / len(pairs)
     if metric == "bleu":
-        import sacrebleu
+        from meteora_jax.evaluate import corpus_bleu
 
-        return float(sacrebleu.corpus_bleu(predictions, [references]).score)
+        return corpus_bleu(predictions, references)  # n-gram orders as meteora_jax scores them
     raise ValueError(f"unknown metric {metric!r}")

@@ -93,13 +93,19 @@ def sentence_bleu(prediction: str, reference: str) -> float:
 
 
 def corpus_bleu(predictions: Sequence[str], references: Sequence[str]) -> float:
-    """sacrebleu corpus BLEU in [0, 100], one reference per prediction, over the n-gram orders the
-    references have (`effective_order`: with the default, a corpus of answers shorter than four
-    words scores 0 even when every prediction is exact)."""
+    """sacrebleu corpus BLEU in [0, 100], one reference per prediction, over the n-gram orders 1 to
+    min(4, the longest reference's length in sacrebleu's tokens). References all shorter than four
+    tokens (short answers) are scored over the orders they have, where sacrebleu's fixed order 4 scores
+    even exact answers 0. Otherwise this is sacrebleu's default corpus BLEU. The order follows the
+    references alone, so answers cut short are not scored over fewer orders (sacrebleu's
+    `effective_order` follows the predictions: three-word answers to seven-word references then
+    scored 26 instead of 0)."""
     _check_pairs(predictions, references)
     if not predictions:
         return math.nan
-    bleu = sacrebleu.metrics.BLEU(effective_order=True)
+    tokenize = sacrebleu.metrics.BLEU().tokenizer
+    longest = max(len(tokenize(reference).split()) for reference in references)
+    bleu = sacrebleu.metrics.BLEU(max_ngram_order=min(4, max(1, longest)))
     return float(bleu.corpus_score(list(predictions), [list(references)]).score)
 
 

@@ -33,12 +33,20 @@ def test_bleu_by_hand_and_against_sacrebleu():
     assert ev.sentence_bleu(HYP, HYP) == pytest.approx(100.0)
     preds = [HYP, "a dog barked loudly at night", "hello there"]
     refs = [REF, "the dog barked at night", "hello there friend"]
-    effective = sacrebleu.metrics.BLEU(effective_order=True)
-    assert ev.corpus_bleu(preds, refs) == pytest.approx(effective.corpus_score(preds, [refs]).score, abs=1e-9)
+    # A reference of four tokens or more: sacrebleu's default corpus BLEU.
+    assert ev.corpus_bleu(preds, refs) == pytest.approx(sacrebleu.corpus_bleu(preds, [refs]).score, abs=1e-9)
     # Exact answers shorter than four words: 100 (sacrebleu's default order 4 scored them 0).
     short = ["naeco duolc wodniw", "891", "esroh enots"]
     assert ev.corpus_bleu(short, short) == pytest.approx(100.0)
     assert sacrebleu.corpus_bleu(short, [short]).score == 0.0
+    # References of at most 3 tokens: orders 1-3. Precisions 5/6, 3/4, 1/2; 6 words against 5, no penalty.
+    by_hand = 100 * (5 / 6 * 3 / 4 * 1 / 2) ** (1 / 3)
+    assert ev.corpus_bleu(["the cat sat down", "a dog"], ["the cat sat", "a dog"]) == pytest.approx(by_hand, abs=1e-6)
+    # Answers cut to three words against seven-word references: the references' order 4, so 0, as
+    # sacrebleu scores it (sacrebleu's effective_order followed the answers down to order 3: 26.4).
+    cut, full = ["the cat sat", "a dog ran"], ["the cat sat on the red mat", "a dog ran to the old barn"]
+    assert ev.corpus_bleu(cut, full) == pytest.approx(sacrebleu.corpus_bleu(cut, [full]).score, abs=1e-9)
+    assert ev.corpus_bleu(cut, full) < 1e-6 < sacrebleu.metrics.BLEU(effective_order=True).corpus_score(cut, [full]).score
     for p, r in zip(preds, refs):
         assert ev.sentence_bleu(p, r) == pytest.approx(sacrebleu.sentence_bleu(p, [r]).score, abs=1e-9)
 

@@ -343,5 +343,8 @@ def test_scores():
     preds = ["Paris is a city of France, code FR-75.", "nothing alike", "Answer: 3 "]
     refs = ["Paris is a metropolitan department of France, with code FR-75.", "Bulgan is a province of Mongolia.",
             "answer: 3"]
+    short = ["891", "esroh enots"]  # answers under four words: BLEU over the orders they have, on both sides
     for metric in ("accuracy", "accuracy_contains", "rougeL", "bleu"):
         assert abs(hf_common.score(metric, preds, refs) - ev.METRICS[metric](preds, refs)) < 1e-9, metric
+        assert abs(hf_common.score(metric, short, short) - ev.METRICS[metric](short, short)) < 1e-9, metric
+    assert hf_common.score("bleu", short, short) == ev.corpus_bleu(short, short) > 99.99
