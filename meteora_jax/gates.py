@@ -18,16 +18,20 @@ without them.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import shutil
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 from flax import traverse_util
+from jax.experimental import multihost_utils
 
 from meteora_jax.checkpoint import CheckpointError, check_shardings_fit, orbax_read
+from meteora_jax.files import written_whole
 
 TRAINABLE_LEAF = "gate"
 GATE_SETTINGS_FILE = "settings.json"
@@ -70,24 +74,57 @@ def check_gates_fit(gates: Mapping, params: Mapping, where: str) -> None:
 
 
 def export_gates(path, gates, adapter_names, settings: Mapping[str, Any] | None = None) -> str:
-    """Saves only the gates (Orbax, replacing an older export) plus `adapter_names.json` and, when
-    given, `settings.json` (the run's `run_settings`: read back by `load_gate_settings`).
+    """Saves only the gates (Orbax) plus `adapter_names.json` and, when given, `settings.json` (the
+    run's `run_settings`: read back by `load_gate_settings`).
 
+    An older export in `path` is replaced only once the new gates are written: Orbax writes them to a
+    hidden `.gates.new` beside `gates/`, which is renamed into place at the end, and each JSON file
+    is written whole. A failed export leaves the older one loadable and nothing half-written.
     Every process calls it (Orbax writes sharded arrays cooperatively); returns the folder.
     """
     path = os.path.abspath(os.fspath(path))
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(os.path.join(path, "gates"), gates, force=True)
-    if jax.process_index() == 0:
-        with open(os.path.join(path, ADAPTER_NAMES_FILE), "w") as f:
+    final, staged = os.path.join(path, "gates"), os.path.join(path, _STAGED)
+    first = jax.process_index() == 0
+    if first:
+        _remove_staged(path)  # left by an export that was killed
+    _sync_processes("meteora_jax.gates: staging folder cleared")
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(staged, gates)
+    except BaseException:
+        if first:
+            _remove_staged(path)
+        raise
+    if first:
+        with written_whole(os.path.join(path, ADAPTER_NAMES_FILE)) as f:
             json.dump(list(adapter_names), f)
         settings_path = os.path.join(path, GATE_SETTINGS_FILE)
         if settings is not None:
-            with open(settings_path, "w") as f:
+            with written_whole(settings_path) as f:
                 json.dump(dict(settings), f, indent=1)
         elif os.path.exists(settings_path):  # not those of an older export
             os.remove(settings_path)
+        previous = os.path.join(path, _PREVIOUS)
+        if os.path.exists(final):
+            os.replace(final, previous)
+        os.replace(staged, final)
+        shutil.rmtree(previous, ignore_errors=True)
+    _sync_processes("meteora_jax.gates: export in place")
     return path
+
+
+_STAGED, _PREVIOUS = ".gates.new", ".gates.previous"
+
+
+def _remove_staged(path: str) -> None:
+    """Removes an unfinished export's folders: ours and Orbax's temporary one beside it."""
+    for leftover in glob.glob(os.path.join(glob.escape(path), _STAGED + "*")) + [os.path.join(path, _PREVIOUS)]:
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _sync_processes(name: str) -> None:
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
 
 
 def _read_json(path: str, what: str):

@@ -75,6 +75,26 @@ export_gates(sys.argv[1], gates, ["a", "b", "c"])
 """
 
 
+def test_a_failed_export_keeps_the_older_one(tmp_path):
+    """An export that fails while Orbax writes (here a leaf it cannot save; a full disk or a killed
+    job alike) leaves the older export loadable, its files unchanged and no partial folder (Orbax's
+    force=True had deleted gates/ first)."""
+    gates, _ = split_params(_params())
+    folder = export_gates(tmp_path / "export", gates, ["a", "b", "c"], {"top_k": 2})
+    before = sorted(os.listdir(folder))
+    broken = jax.tree.map(lambda _: object(), gates)
+    with pytest.raises(Exception):
+        export_gates(folder, broken, ["x", "y", "z"])
+    assert sorted(os.listdir(folder)) == before == ["adapter_names.json", "gates", "settings.json"]
+    got, names = load_gates(folder)
+    assert names == ["a", "b", "c"] and load_gate_settings(folder) == {"top_k": 2}
+    for path, leaf in traverse_util.flatten_dict(gates).items():
+        np.testing.assert_array_equal(np.asarray(traverse_util.flatten_dict(got)[path]), np.asarray(leaf))
+    # A re-export after the failure replaces it (without settings: the older ones go).
+    export_gates(folder, gates, ["d", "e", "f"])
+    assert sorted(os.listdir(folder)) == ["adapter_names.json", "gates"] and load_gates(folder)[1] == ["d", "e", "f"]
+
+
 def test_gates_saved_on_several_devices_load_on_one(tmp_path):
     """A training run on 4 devices exports sharded gates; inference on one device loads them onto
     that device (Orbax restored the saving mesh: a topology-mismatch error)."""
