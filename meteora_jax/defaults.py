@@ -84,7 +84,7 @@ def _add_training_sections(config: ml_collections.ConfigDict) -> None:
         )
     )
     config.optimizer = ml_collections.ConfigDict(
-        dict(learning_rate=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, clip_norm=1.0)
+        dict(learning_rate=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, clip_norm=1.0)  # clip_norm 0: no clipping
     )
     config.schedule = ml_collections.ConfigDict(
         dict(kind="cosine", warmup_steps=100, end_factor=0.1)  # kind: cosine | linear | constant

@@ -106,7 +106,7 @@ def make_schedule(schedule_cfg, optimizer_cfg, total_steps: int) -> optax.Schedu
 def make_optimizer(optimizer_cfg, schedule: optax.Schedule) -> optax.GradientTransformation:
     """Global-norm clipping then AdamW (moments in float32, as the gates)."""
     parts = []
-    if optimizer_cfg.clip_norm and optimizer_cfg.clip_norm > 0:
+    if optimizer_cfg.clip_norm:  # 0: no clipping
         parts.append(optax.clip_by_global_norm(float(optimizer_cfg.clip_norm)))
     parts.append(
         optax.adamw(
@@ -166,7 +166,13 @@ def _check_train_config(config) -> None:
     _check(t.eval_batch_size >= 1, f"train.eval_batch_size={t.eval_batch_size} must be >= 1")
     _check(0 <= t.lora_dropout < 1, f"train.lora_dropout={t.lora_dropout} must be in [0, 1)")
     _check(config.schedule.kind in _SCHEDULES, f"schedule.kind={config.schedule.kind!r}; choose one of {_SCHEDULES}")
-    _check(config.optimizer.learning_rate > 0, f"optimizer.learning_rate={config.optimizer.learning_rate} must be > 0")
+    _check(t.eval_max_batches >= 0, f"train.eval_max_batches={t.eval_max_batches} must be >= 0 (0: the whole split)")
+    o = config.optimizer
+    _check(0 < o.learning_rate < math.inf, f"optimizer.learning_rate={o.learning_rate} must be a finite number > 0")
+    _check(0 <= o.b1 < 1 and 0 <= o.b2 < 1, f"optimizer.b1={o.b1}, optimizer.b2={o.b2} must be in [0, 1)")
+    for key in ("eps", "weight_decay"):
+        _check(0 <= o[key] < math.inf, f"optimizer.{key}={o[key]} must be a finite number >= 0")
+    _check(0 <= o.clip_norm < math.inf, f"optimizer.clip_norm={o.clip_norm} must be a finite number >= 0 (0: no clipping)")
     _check(config.schedule.warmup_steps >= 0, f"schedule.warmup_steps={config.schedule.warmup_steps} must be >= 0")
     _check(0 <= config.schedule.end_factor <= 1, f"schedule.end_factor={config.schedule.end_factor} must be in [0, 1]")
     _check(0 <= config.seed < 2**32, f"seed={config.seed} must be in [0, 2**32)")  # numpy's Generator and PRNGKey

@@ -815,6 +815,15 @@ def test_bad_batch_vs_mesh_and_missing_checkpoint(make_config, no_compute, tmp_p
         ("schedule", dict(warmup_steps=-5), r"schedule.warmup_steps=-5 must be >= 0"),  # cosine began at 0.91 lr
         ("schedule", dict(end_factor=1.5), r"schedule.end_factor=1.5 must be in \[0, 1\]"),
         ("train", dict(lora_dropout=1.0), r"train.lora_dropout=1.0 must be in \[0, 1\)"),  # NaN inputs (x / 0)
+        # Each of these trained: a negative eval cap logged loss 0 and accuracy 0 from no batch; a
+        # negative clip_norm turned clipping off; b1 = 1 stopped at step 2 on a NaN loss, blaming it.
+        ("train", dict(eval_max_batches=-1), r"train.eval_max_batches=-1 must be >= 0 \(0: the whole split\)"),
+        ("optimizer", dict(clip_norm=-0.3), r"optimizer.clip_norm=-0.3 must be a finite number >= 0 \(0: no clipping\)"),
+        ("optimizer", dict(b1=1.0), r"optimizer.b1=1.0, optimizer.b2=0.999 must be in \[0, 1\)"),
+        ("optimizer", dict(b2=1.5), r"optimizer.b1=0.9, optimizer.b2=1.5 must be in \[0, 1\)"),
+        ("optimizer", dict(eps=-1.0), r"optimizer.eps=-1.0 must be a finite number >= 0"),
+        ("optimizer", dict(weight_decay=-0.5), r"optimizer.weight_decay=-0.5 must be a finite number >= 0"),
+        ("optimizer", dict(learning_rate=float("inf")), r"optimizer.learning_rate=inf must be a finite number > 0"),
         ("model", dict(num_kv_heads=0), r"config.model: num_kv_heads=0 must be a positive integer"),
         ("workdir", os.path.join(REPO, "README.md"), r"config.workdir .*README.md is a file; give a folder path"),
         ("workdir", os.path.join(REPO, "README.md", "run"), r"config.workdir .*: .*README.md is a file, not a folder"),
