@@ -83,7 +83,8 @@ def grouped_lora(
     and the Pallas kernel adds it in its epilogue instead of a separate pass over the output.
     expert_idx must hold indices in [0, L): checked when it is concrete, undefined under jit.
     Every adapter's weights must be finite, the unrouted ones too: the dense and concat formulations
-    multiply their products by a weight of 0 (the converter refuses non-finite weights).
+    multiply their products by a weight of 0 (the converter refuses non-finite weights). An unrouted
+    adapter's scaling is never read.
     Differentiable in x, expert_weight, base, scaling and (only when differentiated, e.g. MixLoRA)
     lora_a / lora_b: first-order reverse mode (`jax.grad`, `jax.vjp`), as the Pallas and concat
     paths are custom VJPs (no `jax.jvp`, no gradient of a gradient).
@@ -93,6 +94,7 @@ def grouped_lora(
     x, lora_a, lora_b, scaling, expert_idx, expert_weight, base = as_arrays(
         x, lora_a, lora_b, scaling, expert_idx, expert_weight, base)
     _check_shapes(x, lora_a, lora_b, scaling, expert_idx, expert_weight, base)
+    expert_idx = expert_idx.astype(jnp.int32)  # (a narrower type wraps around in the impls' index arithmetic)
     empty = empty_product(x, lora_a, lora_b, expert_idx, base)  # (the XLA formulations divide by T * L)
     if empty is not None:
         return empty

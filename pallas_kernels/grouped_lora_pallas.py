@@ -526,9 +526,9 @@ def default_config(num_tokens, top_k, num_adapters, rank, *, path="auto", interp
 
 
 def empty_product(x, lora_a, lora_b, expert_idx, base):
-    """The result where there is nothing to compute (no tokens, adapters or slots): zeros [T, d_out],
-    or `base` when given; None otherwise."""
-    if x.shape[0] and lora_a.shape[0] and expert_idx.shape[1]:
+    """The result where there is nothing to compute (no tokens, adapters, slots, input or output
+    features): zeros [T, d_out], or `base` when given; None otherwise."""
+    if x.shape[0] and x.shape[1] and lora_a.shape[0] and lora_b.shape[2] and expert_idx.shape[1]:
         return None
     delta = jnp.zeros((x.shape[0], lora_b.shape[2]), x.dtype)
     return delta if base is None else (base + delta).astype(x.dtype)

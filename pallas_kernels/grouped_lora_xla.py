@@ -45,12 +45,15 @@ def dense_routing_weights(
     expert_weight: jax.Array,  # [T, k]
     scaling: jax.Array,  # [L]
 ) -> jax.Array:
-    """Scatters the top-k weights into a dense `[T, L]` float32 matrix, times the adapter scaling.
+    """Scatters the top-k weights, each times its adapter's scaling, into a dense `[T, L]` float32
+    matrix.
 
     A masked sum over the k slots (no scatter), so it is differentiable in `expert_weight` and
-    fuses into one elementwise-reduce kernel.
+    fuses into one elementwise-reduce kernel. Scaled per slot, so an adapter no token chose leaves
+    exact zeros whatever its scaling (scaling the dense matrix turned an infinite one into NaN rows).
     """
-    return _slots_by_adapter(expert_idx, expert_weight, scaling.shape[0]) * scaling.astype(jnp.float32)[None, :]
+    per_slot = expert_weight.astype(jnp.float32) * scaling.astype(jnp.float32)[expert_idx]
+    return _slots_by_adapter(expert_idx, per_slot, scaling.shape[0])
 
 
 def _slots_by_adapter(
@@ -60,7 +63,7 @@ def _slots_by_adapter(
 ) -> jax.Array:  # [T, L] float32
     """Each (token, slot) value at its adapter's column, summed where a token's slots repeat an adapter:
     a masked sum over the k slots, not a scatter (XLA's GPU scatter adds in no fixed order)."""
-    hit = expert_idx[:, :, None] == jnp.arange(num_adapters, dtype=expert_idx.dtype)  # [T, k, L]
+    hit = expert_idx[:, :, None] == jnp.arange(num_adapters, dtype=jnp.int32)  # [T, k, L]
     return jnp.sum(jnp.where(hit, values.astype(jnp.float32)[:, :, None], 0.0), axis=1)
 
 

@@ -581,6 +581,47 @@ def test_no_tokens_and_integer_inputs(impl):
         grouped_lora(x.astype(jnp.int32), a, b, s, idx, w, impl=impl)
 
 
+def _loop(x, a, b, s, idx, w):
+    """The contract by hand, in float64: out[t] = sum_j w[t, j] * s[e] * (x[t] @ a[e]) @ b[e]."""
+    x, a, b, s, w = (np.asarray(v, np.float64) for v in (x, a, b, s, w))
+    out = np.zeros((x.shape[0], b.shape[2]))
+    for t, j in np.ndindex(*np.shape(idx)):
+        e = int(idx[t, j])
+        out[t] += w[t, j] * s[e] * (x[t] @ a[e]) @ b[e]
+    return out
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_an_unchosen_adapters_scaling_is_not_read(impl):
+    """Only the chosen adapters' scaling enters a token's output, as the contract says: an infinite
+    scaling on an adapter no token chose gave NaN in every row (and NaN gradients) on the dense and
+    concat formulations, which scaled the dense [T, L] weights after building them."""
+    x, a, b, s, idx, w, _ = _inputs((14,), 20, 16, 12, 5, 2, 2, jnp.float32, routing="few")  # adapters 3, 4 unused
+    assert not np.isin(np.asarray(idx), [3, 4]).any()
+    inf = s.at[4].set(jnp.inf)
+    got = grouped_lora(x, a, b, inf, idx, w, impl=impl)
+    assert _rel(got, _loop(x, a, b, s, idx, w)) <= 1e-5, f"seed={SEED}"
+    loss = lambda s, x, w: jnp.sum(grouped_lora(x, a, b, s, idx, w, impl=impl) ** 2)  # noqa: E731
+    for argnums in ((1,), (1, 2)):  # d x alone (gate training's other paths) and with d expert_weight
+        grad = jax.grad(loss, argnums=argnums)
+        for got, want in zip(grad(inf, x, w), grad(s, x, w)):
+            assert _rel(got, want) <= 1e-5, f"seed={SEED}, argnums {argnums}"
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_narrow_index_types_and_empty_feature_dims(impl):
+    """uint8 indices with more than 256 adapters (the dense and concat formulations compared them
+    with a uint8 range of adapters, which wraps around: index 1 also matched adapter 257); d_in = 0
+    or d_out = 0 (a zero or empty product; the Pallas paths raised gather or division errors)."""
+    x, a, b, s, idx, w, base = _inputs((15,), 7, 8, 6, 260, 2, 2, jnp.float32)
+    idx = jnp.asarray(_rng(15, 1).integers(0, 256, idx.shape), jnp.int32).at[0].set(jnp.array([1, 2]))  # 257, 258 wrapped
+    want = grouped_lora(x, a, b, s, idx, w, impl=impl)
+    assert _rel(want, _loop(x, a, b, s, idx, w)) <= 1e-5, f"seed={SEED}"
+    np.testing.assert_array_equal(grouped_lora(x, a, b, s, idx.astype(jnp.uint8), w, impl=impl), want)
+    np.testing.assert_array_equal(grouped_lora(x[:, :0], a[:, :0], b, s, idx, w, impl=impl, base=base), base)
+    assert grouped_lora(x, a, b[:, :, :0], s, idx, w, impl=impl).shape == (7, 0)
+
+
 def test_rejects_bad_arguments():
     x, a, b, s, idx, w, _ = _inputs((5,), 4, 16, 12, 3, 2, 2, jnp.float32)
     with pytest.raises(ValueError, match="impl"):
