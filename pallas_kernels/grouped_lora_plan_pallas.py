@@ -77,8 +77,8 @@ def _one_hot_rank(digit, valid, num_buckets_p):
     large positive number where not valid, so a masked-off store indexed by it stays out of range:
     interpret mode would wrap -1)."""
     one_hot = _one_hot(digit, valid, num_buckets_p)
-    running = jnp.cumsum(one_hot, axis=0)
-    return one_hot, jnp.where(valid, jnp.sum(running * one_hot, axis=1) - 1, OUT_OF_RANGE)
+    running = jnp.cumsum(one_hot, axis=0, dtype=jnp.int32)
+    return one_hot, jnp.where(valid, jnp.sum(running * one_hot, axis=1, dtype=jnp.int32) - 1, OUT_OF_RANGE)
 
 
 def _bucket_totals(hist_ref, sort, block, num_blocks, num_buckets_p):
@@ -90,7 +90,8 @@ def _bucket_totals(hist_ref, sort, block, num_blocks, num_buckets_p):
         sizes, before = carry
         blocks = c * HIST_CHUNK + jnp.arange(HIST_CHUNK, dtype=jnp.int32)
         h = masked_load(hist_ref, (sort, blocks[:, None], buckets[None, :]), (blocks < num_blocks)[:, None])
-        return sizes + jnp.sum(h, axis=0), before + jnp.sum(jnp.where((blocks < block)[:, None], h, 0), axis=0)
+        sizes = sizes + jnp.sum(h, axis=0, dtype=jnp.int32)
+        return sizes, before + jnp.sum(jnp.where((blocks < block)[:, None], h, 0), axis=0, dtype=jnp.int32)
 
     zeros = jnp.zeros((num_buckets_p,), jnp.int32)
     return lax.fori_loop(0, cdiv(num_blocks, HIST_CHUNK), body, (zeros, zeros))
@@ -99,7 +100,7 @@ def _bucket_totals(hist_ref, sort, block, num_blocks, num_buckets_p):
 def _pick(vec, idx):
     """vec [B] at idx [n] (a gather from a register vector): [n]."""
     hit = idx[:, None] == jnp.arange(vec.shape[0], dtype=jnp.int32)[None, :]
-    return jnp.sum(jnp.where(hit, vec[None, :], 0), axis=1)
+    return jnp.sum(jnp.where(hit, vec[None, :], 0), axis=1, dtype=jnp.int32)
 
 
 def _canonical(idx_ref, tok, valid, position, top_k):
@@ -141,8 +142,8 @@ def _count_kernel(*refs, size, length, num_tokens, num_buckets_p, slot, top_k, s
                                  slot=slot, top_k=top_k, start=start)
     buckets = jnp.arange(num_buckets_p, dtype=jnp.int32)
     every_bucket = buckets >= 0
-    masked_store(hist_ref, (sort, block, buckets), jnp.sum(_one_hot(digit, valid, num_buckets_p), axis=0),
-                 every_bucket)
+    sizes = jnp.sum(_one_hot(digit, valid, num_buckets_p), axis=0, dtype=jnp.int32)
+    masked_store(hist_ref, (sort, block, buckets), sizes, every_bucket)
 
 
 def _count(seq, expert_idx, *, size, num_sorts, length, num_buckets, slot, interpret, start=0, zeros=0):
@@ -185,7 +186,7 @@ def _place_sorted_kernel(hist_ref, idx_ref, weight_ref, scaling_ref, rows_ref, p
             * masked_load(scaling_ref, expert, valid).astype(jnp.float32))
     sizes, before = _bucket_totals(hist_ref, slot, block, num_blocks, num_buckets_p)
     num_tiles = (sizes + block_t - 1) // block_t  # [B]; 0 past the last adapter
-    tile_end = jnp.cumsum(num_tiles)  # slot-local
+    tile_end = jnp.cumsum(num_tiles, dtype=jnp.int32)  # slot-local
     tile_start = tile_end - num_tiles
     first_row = slot * tiles_slot * block_t
     buckets = jnp.arange(num_buckets_p, dtype=jnp.int32)
@@ -199,7 +200,7 @@ def _place_sorted_kernel(hist_ref, idx_ref, weight_ref, scaling_ref, rows_ref, p
     @pl.when(block < num_blocks)
     def _place():
         one_hot, rank = _one_hot_rank(expert, valid, num_buckets_p)
-        start = jnp.sum(one_hot * (tile_start * block_t + before)[None, :], axis=1)
+        start = jnp.sum(one_hot * (tile_start * block_t + before)[None, :], axis=1, dtype=jnp.int32)
         row = first_row + start + rank
         masked_store(rows_ref, row, tok, valid)
         masked_store(pair_ref, (source, tok), row, valid)
@@ -209,7 +210,7 @@ def _place_sorted_kernel(hist_ref, idx_ref, weight_ref, scaling_ref, rows_ref, p
     def _fill_padding():  # each tile's adapter; the padding rows' sentinel token T and coefficient 0
         tiles = (block - num_blocks) * FILL_TILES + jnp.arange(FILL_TILES, dtype=jnp.int32)
         in_slot = tiles < tiles_slot
-        expert = jnp.minimum(jnp.sum((tile_end[None, :] <= tiles[:, None]).astype(jnp.int32), axis=1),
+        expert = jnp.minimum(jnp.sum(tile_end[None, :] <= tiles[:, None], axis=1, dtype=jnp.int32),
                              num_adapters)
         used = jnp.where(expert < num_adapters,
                          _pick(sizes, expert) - (tiles - _pick(tile_start, expert)) * block_t, 0)
@@ -276,9 +277,9 @@ def _place_order_kernel(*refs, size, length, start, num_tokens, num_adapters, nu
         pair = masked_load(pair_row_ref, (j, tok), valid)
         gathered.append((pair, masked_load(idx_ref, (tok, j), valid), masked_load(coef_ref, pair, valid)))
     sizes, before = _bucket_totals(hist_ref, 0, block, num_blocks, num_buckets_p)
-    start = jnp.cumsum(sizes) - sizes
+    start = jnp.cumsum(sizes, dtype=jnp.int32) - sizes
     one_hot, rank = _one_hot_rank(digit, valid, num_buckets_p)
-    row = jnp.sum(one_hot * (start + before)[None, :], axis=1) + rank
+    row = jnp.sum(one_hot * (start + before)[None, :], axis=1, dtype=jnp.int32) + rank
     masked_store(out_ref, row, tok, valid)
     if not final:
         return

@@ -622,6 +622,16 @@ def test_narrow_index_types_and_empty_feature_dims(impl):
     assert grouped_lora(x, a, b[:, :, :0], s, idx, w, impl=impl).shape == (7, 0)
 
 
+@pytest.mark.parametrize("path", ["sorted", "combo"])
+def test_plan_kernels_with_x64_on(path):
+    """With jax_enable_x64 on (a user's setting), the Pallas plan kernels keep their integer sums in
+    int32: an int64 sum stored into an int32 buffer failed to trace ("Invalid dtype for swap")."""
+    x, a, b, s, idx, w, _ = _inputs((16,), 33, 16, 12, 3, 2, 2, jnp.float32)
+    with jax.enable_x64(True):
+        got = grouped_lora_pallas(x, a, b, s, idx, w, path=path, interpret=INTERPRET)  # plan="pallas", the default
+    assert _rel(got, _loop(x, a, b, s, idx, w)) <= 1e-5, f"seed={SEED}"
+
+
 def test_rejects_bad_arguments():
     x, a, b, s, idx, w, _ = _inputs((5,), 4, 16, 12, 3, 2, 2, jnp.float32)
     with pytest.raises(ValueError, match="impl"):
