@@ -36,6 +36,7 @@ from meteora_jax.files import written_whole
 TRAINABLE_LEAF = "gate"
 GATE_SETTINGS_FILE = "settings.json"
 ADAPTER_NAMES_FILE = "adapter_names.json"
+_STAGED, _PREVIOUS = ".gates.new", ".gates.previous"  # an export being written, the one it replaces
 
 
 def is_trainable(path: tuple[str, ...]) -> bool:
@@ -111,9 +112,6 @@ def export_gates(path, gates, adapter_names, settings: Mapping[str, Any] | None 
         shutil.rmtree(previous, ignore_errors=True)
     _sync_processes("meteora_jax.gates: export in place")
     return path
-
-
-_STAGED, _PREVIOUS = ".gates.new", ".gates.previous"
 
 
 def _remove_staged(path: str) -> None:
