@@ -7,17 +7,24 @@ The data goes to a uniquely named hidden `.partial` file beside the target, rena
 once the block has finished: an error (bad input found late, a full disk, Ctrl-C) leaves the
 earlier file as it was and no partial file behind, and two writers of one path never share a
 temporary file. A symlink is followed (its target is replaced) and an existing file keeps its
-permissions; a path that is not a regular file (a FIFO, /dev/stdout) is written directly.
+permissions; a stream (/dev/stdout, /dev/fd/N), a FIFO or a device is written directly.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
+import sys
 import uuid
 from collections.abc import Iterator
 from typing import IO
+
+
+# /dev/stdout's real path can be a pipe that does not exist as a file, or a file the shell redirected
+# to, which a rename would replace (losing what was printed before): such paths are written in place.
+_STREAM = re.compile(r"/dev/(stdout|stderr|fd/(\d+))|/proc/self/fd/(\d+)")
 
 
 @contextlib.contextmanager
@@ -27,8 +34,17 @@ def written_whole(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
     if mode not in ("w", "wb"):
         raise ValueError(f"mode={mode!r}; choose 'w' or 'wb'")
     encoding = None if "b" in mode else "utf-8"
-    path = os.path.realpath(os.fspath(path))  # a symlink's target is replaced, not the link
-    if os.path.exists(path) and not os.path.isfile(path):  # a FIFO or device (/dev/stdout): written as is
+    given = os.path.abspath(os.fspath(path))
+    path = os.path.realpath(given)  # a symlink's target is replaced, not the link
+    stream = _STREAM.fullmatch(given)
+    if stream:  # written through a copy of the descriptor, which shares the stream's position
+        fd = {"stdout": 1, "stderr": 2}.get(stream[1]) or int(stream[2] or stream[3])
+        sys.stdout.flush()
+        sys.stderr.flush()
+        with os.fdopen(os.dup(fd), mode, encoding=encoding) as f:
+            yield f
+        return
+    if os.path.exists(path) and not os.path.isfile(path):  # a FIFO or device: written as is
         with open(path, mode, encoding=encoding) as f:
             yield f
         return

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
+import sys
 
 import pytest
 
+from conftest import child_env
 from meteora_jax.files import written_whole
 
 
@@ -52,3 +55,29 @@ def test_links_permissions_special_files_and_long_names(tmp_path):
         f.write("ok")
     assert long_name.read_text() == "ok"
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["real.jsonl", "link.jsonl", "pipe", "x" * 250])
+
+
+_PRINT_AROUND = """
+import sys
+from meteora_jax.files import written_whole
+print("printed before", flush=True)
+with written_whole(sys.argv[1]) as f:
+    f.write("written whole\\n")
+print("printed after")
+"""
+
+
+@pytest.mark.parametrize("stream", ["/dev/stdout", "/dev/fd/1", "/proc/self/fd/1"])
+def test_stdout_piped_or_redirected(tmp_path, stream):
+    """/dev/stdout as the output path (e.g. generate.py --json /dev/stdout), into a pipe and into a
+    file the shell redirected to: every line arrives, in order. Through a pipe its real path does not
+    exist as a file (a FileNotFoundError after all the work); into a file it was replaced by a rename,
+    losing what had been printed before."""
+    want = "printed before\nwritten whole\nprinted after\n"
+    command = [sys.executable, "-c", _PRINT_AROUND, stream]
+    piped = subprocess.run(command, capture_output=True, text=True, timeout=120, env=child_env())
+    assert piped.returncode == 0 and piped.stdout == want, piped.stderr[-2000:]
+    redirected = tmp_path / "out.txt"
+    with open(redirected, "w") as out:
+        proc = subprocess.run(command, stdout=out, stderr=subprocess.PIPE, text=True, timeout=120, env=child_env())
+    assert proc.returncode == 0 and redirected.read_text() == want, proc.stderr[-2000:]
