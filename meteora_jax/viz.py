@@ -16,6 +16,7 @@ from __future__ import annotations
 import html
 import os
 import re
+import unicodedata
 from collections.abc import Sequence
 
 import numpy as np
@@ -99,6 +100,8 @@ def _check(pieces, routing, adapter_names):
     routing = np.asarray(routing)
     if routing.ndim != 3:
         raise ValueError(f"routing must be [T, n_layers, n_proj], got shape {routing.shape}")
+    if not routing.shape[0] or not len(adapter_names):
+        raise ValueError(f"nothing to draw: {routing.shape[0]} tokens, {len(adapter_names)} adapter names")
     if len(pieces) != routing.shape[0]:
         raise ValueError(f"{len(pieces)} token pieces but routing covers {routing.shape[0]} tokens")
     if routing.max(initial=-1) >= len(adapter_names):
@@ -106,8 +109,28 @@ def _check(pieces, routing, adapter_names):
     return routing
 
 
+# Longest token label in the PNG (a longer one is cut, with an ellipsis; the HTML page shows it whole):
+# one 64-character token made tight_layout give up and clipped its label at the image edge.
+MAX_LABEL_CHARS = 16
+
+
 def _label(piece: str) -> str:
-    return piece.replace("\n", "\\n").replace("\t", "\\t").replace("$", r"\$") or "''"
+    """A token piece as a PNG tick label: control characters escaped (\\n, \\t, \\r, \\x0b: they drew
+    as boxes), a piece of spaces shown as ␣ (it was an invisible label), cut to MAX_LABEL_CHARS."""
+    if not piece:
+        return "''"
+    if piece.isspace() and not any(unicodedata.category(c) == "Cc" for c in piece):
+        return "␣" * min(len(piece), MAX_LABEL_CHARS)
+    text = "".join(repr(c)[1:-1] if unicodedata.category(c) == "Cc" else c for c in piece)
+    if len(text) > MAX_LABEL_CHARS:
+        text = text[: MAX_LABEL_CHARS - 1] + "…"
+    return _mathtext_plain(text)
+
+
+def _mathtext_plain(text: str) -> str:
+    """`text` drawn as written: matplotlib reads a pair of $ as math (a name like "usd$_to_$eur" raised
+    a mathtext parse error)."""
+    return text.replace("$", r"\$")
 
 
 # Past this many tokens the PNG labels every n-th token only: one label per column would overlap.
@@ -145,9 +168,9 @@ def routing_figure(
     (ax_share, ax_bar), (ax_layer, ax_key) = fig.subplots(2, 2, gridspec_kw={
         "height_ratios": [max(L, 1), max(n_layers, 1)], "width_ratios": [width, side]})
     im = ax_share.imshow(shares.T, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
-    ax_share.set_yticks(range(L), list(adapter_names))
+    ax_share.set_yticks(range(L), [_mathtext_plain(n) for n in adapter_names])
     ax_share.set_xticks([])
-    ax_share.set_title(title or "top-1 adapter share across layers and projections")
+    ax_share.set_title(_mathtext_plain(title or "top-1 adapter share across layers and projections"))
     ax_bar.axis("off")
     fig.colorbar(im, cax=ax_bar.inset_axes([0.0, 0.0, min(0.15 / side, 1.0), 1.0]))
 
@@ -163,7 +186,7 @@ def routing_figure(
     ax_layer.set_title("majority adapter per layer")
     ax_key.axis("off")
     handles = [Rectangle((0, 0), 1, 1, color=c) for c in colors[1:]]
-    ax_key.legend(handles, list(adapter_names), loc="upper left", fontsize=7, frameon=False)
+    ax_key.legend(handles, [_mathtext_plain(n) for n in adapter_names], loc="upper left", fontsize=7, frameon=False)
     if prompt_length is not None and 0 < prompt_length < T:
         for ax in (ax_share, ax_layer):
             ax.axvline(prompt_length - 0.5, color="red", linestyle="--", linewidth=1)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import html
 import os
 import re
+import warnings
 from html.parser import HTMLParser
 
 import numpy as np
@@ -159,6 +160,31 @@ def test_mismatched_inputs_are_refused(tmp_path):
         viz.routing_html(["a", "b", "c"], ROUTING, NAMES)
     with pytest.raises(ValueError, match="only 2 names"):
         viz.routing_html(["a", "b", "c", "d"], ROUTING, NAMES[:2])
+    # Nothing to draw (a numpy reshape error, or "need at least one array to stack")
+    for pieces, routing, names in (([], ROUTING[:0], NAMES), (["a"], np.full((1, 2, 3), -1), [])):
+        for draw in (viz.routing_html, lambda *a: viz.save_routing_png(tmp_path / "r.png", *a)):
+            with pytest.raises(ValueError, match=f"nothing to draw: {len(pieces)} tokens, {len(names)} adapter names"):
+                draw(pieces, routing, names)
+
+
+def test_labels_names_and_titles_drawn_as_written():
+    """PNG text shows what it names: a pair of $ in an adapter name or the title stays text
+    (matplotlib read it as math: "usd$_to_$eur" was a parse error), control characters are escaped
+    (a \\r drew as a missing-glyph box), a piece of spaces is visible, and a long token is cut (a
+    64-character one made tight_layout give up, clipping its label at the image edge)."""
+    pieces = ["a\r\n", " ", "=" * 64, "$5_$10"]
+    names = ["usd$_to_$eur", "b$", "c"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a missing glyph or a failed tight layout warns
+        fig = viz.routing_figure(pieces, ROUTING, names, title="forced to usd$_to_$eur")
+        fig.canvas.draw()
+    ax_share, _, ax_layer, ax_key = fig.axes[:4]
+    labels = [t.get_text() for t in ax_layer.get_xticklabels()]
+    assert labels == ["a\\r\\n", "␣", "=" * 15 + "…", r"\$5_\$10"]
+    plain = [n.replace("$", r"\$") for n in names]
+    assert [t.get_text() for t in ax_share.get_yticklabels()] == plain
+    assert [t.get_text() for t in ax_key.get_legend().get_texts()] == plain
+    assert ax_share.get_title() == r"forced to usd\$_to_\$eur"
 
 
 def test_remove_earlier_pictures(tmp_path):
