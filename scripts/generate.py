@@ -37,12 +37,17 @@ def _read_prompts(args) -> list[str]:
 
 def _check_outputs(parser, args) -> None:
     """Output paths, checked before any work (a bad one would otherwise fail after all of it)."""
-    from meteora_jax.cli import check_writable
+    from meteora_jax.cli import check_writable, cli_fail
 
     if args.json:
         check_writable(parser, "--json", args.json)
     if args.routing_pictures:
         check_writable(parser, "--routing-pictures", args.routing_pictures, folder=True)
+    if args.json and args.routing_pictures:
+        pictures = os.path.realpath(args.routing_pictures)
+        if os.path.commonpath([pictures, os.path.realpath(args.json)]) == pictures:
+            cli_fail(parser, f"--json {args.json} lies in the --routing-pictures folder {args.routing_pictures}: "
+                             "give them different places")
 
 
 def main(argv=None) -> int:

@@ -144,6 +144,11 @@ def _bad_generate_inputs(w, tmp_path):
         (["--prompt", "1+2=", "--temperature", "nan"], "temperature=nan must be >= 0"),
         (["--prompt", "1+2=", "--routing-temperature", "0"], "routing temperature must be a finite number > 0"),
         (["--prompts-file", str(tmp_path / "latin1.txt")], "latin1.txt: not UTF-8 text"),
+        # The JSON file where the pictures' folder goes: a traceback at the first picture, after generating.
+        (["--prompt", "1+2=", "--json", str(tmp_path / "same"), "--routing-pictures", str(tmp_path / "same")],
+         "lies in the --routing-pictures folder"),
+        (["--prompt", "1+2=", "--json", str(tmp_path / "pics" / "g.jsonl"), "--routing-pictures", str(tmp_path / "pics")],
+         "lies in the --routing-pictures folder"),
     ]
 
 
