@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import shutil
+import string
 import tempfile
 
 import jax
@@ -84,7 +85,11 @@ def _build_tokenizer(corpus: list[str], vocab_size: int):
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=_SPECIALS, show_progress=False)
+    # Every printable ASCII character and the newline are tokens: the tasks' own text lacks ".", "\n"
+    # and "@", which composite prompts ("1. ...\n2. ...") and answers use; they were <unk>.
+    alphabet = sorted(set(string.printable) - set(" \t\r\x0b\x0c"))
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=_SPECIALS, initial_alphabet=alphabet,
+                                  show_progress=False)
     tok.train_from_iterator(corpus, trainer=trainer)
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", tok.token_to_id("<s>"))]
