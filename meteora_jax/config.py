@@ -1,7 +1,7 @@
 """Model and MeteoRA hyper-parameters, and their construction from an HF `LlamaConfig`.
 
 The model modules take these frozen dataclasses (hashable, so Flax can hold them as attributes).
-User-facing configs are ml_collections files under `configs/`; `ModelConfig.from_config_dict`
+User-facing configs are ml_collections files under `configs/`; `ModelConfig.from_dict`
 turns their `model` section into a `ModelConfig`.
 """
 
@@ -45,6 +45,18 @@ class RopeScaling:
     high_freq_factor: float
     original_max_position_embeddings: int
 
+    def __post_init__(self):
+        # (A factor of 0 gave NaN logits without an error; the smoothing divides by high - low.)
+        for name in ("factor", "low_freq_factor", "high_freq_factor"):
+            if not is_positive_number(getattr(self, name)):
+                raise ConfigError(f"rope_scaling.{name}={getattr(self, name)!r} must be a finite positive number")
+        if not is_positive_int(self.original_max_position_embeddings):
+            raise ConfigError(f"rope_scaling.original_max_position_embeddings={self.original_max_position_embeddings!r} "
+                              "must be a positive integer")
+        if self.high_freq_factor <= self.low_freq_factor:
+            raise ConfigError(f"rope_scaling.high_freq_factor={self.high_freq_factor} must exceed "
+                              f"low_freq_factor={self.low_freq_factor}")
+
 
 @dataclasses.dataclass(frozen=True)
 class MeteoRAConfig:
@@ -63,8 +75,10 @@ class MeteoRAConfig:
         unknown = set(self.targets) - set(ALL_PROJECTIONS)
         if unknown:
             raise ConfigError(f"meteora.targets has unknown projections {sorted(unknown)}; known: {ALL_PROJECTIONS}")
-        if self.num_adapters < 0 or self.rank < 1:
-            raise ConfigError(f"meteora needs num_adapters >= 0 and rank >= 1, got {self.num_adapters}, {self.rank}")
+        integers = all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in (self.num_adapters, self.rank))
+        if not (integers and self.num_adapters >= 0 and self.rank >= 1):
+            raise ConfigError(f"meteora needs integers num_adapters >= 0 and rank >= 1, got {self.num_adapters!r}, "
+                              f"{self.rank!r}")
         if self.kernel_impl not in MODEL_KERNEL_IMPLS:
             raise ConfigError(f"meteora.kernel_impl={self.kernel_impl!r}; choose one of {MODEL_KERNEL_IMPLS}")
         if self.num_adapters and not 1 <= self.top_k <= self.num_adapters:
@@ -144,7 +158,7 @@ class ModelConfig:
         missing = sorted(f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING and f.name not in values)
         if missing:
             raise ConfigError(f"model config lacks keys {missing}")
-        if values.get("rope_scaling"):
+        if values.get("rope_scaling") is not None:
             rope = dict(values["rope_scaling"])
             rope_keys = [f.name for f in dataclasses.fields(RopeScaling)]
             if sorted(rope) != sorted(rope_keys):

@@ -46,7 +46,12 @@ class Routing:
         # (The temperature is checked where it is used, `routed_lora`: a pytree unflatten rebuilds this
         # class with placeholder leaves, e.g. vmap's in_axes.)
         weights = self.forced_weights
-        if weights is None or self.forced_top_k or isinstance(weights, jax.core.Tracer):
+        if weights is None or isinstance(weights, jax.core.Tracer):
+            return
+        # Counted already (forced_top_k set): a pytree unflatten rebuilding the class with placeholder
+        # leaves (vmap's in_axes) is left alone, but new weights, as `Routing.replace` gives, are
+        # counted again (it kept the old count, dropping adapters of the new mixture).
+        if self.forced_top_k and not isinstance(weights, (np.ndarray, jax.Array)):
             return
         weights = np.asarray(weights)
         if weights.ndim != 1 or not np.count_nonzero(weights) or not np.all((weights >= 0) & np.isfinite(weights)):

@@ -88,6 +88,20 @@ def test_forced_mixture_equals_weighted_merge(top_k):
         assert relative_error(got, want) <= 1e-4, mixture
 
 
+def test_replaced_forced_weights_are_counted_again():
+    """`Routing.replace(forced_weights=...)` (flax.struct's) counts and checks the new mixture: it kept
+    the old count, so one adapter of a two-adapter mixture was dropped, and negative weights passed.
+    Under jit (traced weights) the count carried in the static field stays."""
+    one = Routing.force_adapter(0, 3)
+    mix = one.replace(forced_weights=jnp.array([0.5, 0.0, 0.5]))
+    idx, w = mix.select(jnp.zeros((2, 3)), top_k=1)
+    assert mix.forced_top_k == 2 and idx.tolist() == [[0, 2]] * 2 and w.tolist() == [[0.5, 0.5]] * 2
+    with pytest.raises(ValueError, match="forced_weights must be"):
+        one.replace(forced_weights=jnp.array([-1.0, 0.0, 0.0]))
+    idx, _ = jax.jit(lambda r: r.select(jnp.zeros((2, 3)), top_k=1))(mix)
+    assert idx.tolist() == [[0, 2]] * 2
+
+
 def _layer_reference(x, kernel, lora_a, lora_b, lora_scaling, gate, top_k, temperature):
     """Per-token numpy evaluation of DESIGN.md section 3, in float64."""
     x, kernel, lora_a, lora_b, scaling, gate = (
@@ -264,6 +278,18 @@ def test_unknown_config_key():
         (dict(rms_norm_eps=-1.0), "rms_norm_eps=-1.0 must be a finite positive number"),  # trained to NaN before
         (dict(rope_theta=float("inf")), "rope_theta=inf must be a finite positive number"),
         (dict(tie_word_embeddings="false"), "tie_word_embeddings='false' must be True or False"),
+        # rope_scaling's values (its keys were checked, not its values): a factor of 0 gave NaN logits,
+        # {} an AttributeError at the first call
+        (dict(rope_scaling=dict(factor=0.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64)),
+         "rope_scaling.factor=0.0 must be a finite positive number"),
+        (dict(rope_scaling=dict(factor=8.0, low_freq_factor=4.0, high_freq_factor=4.0, original_max_position_embeddings=64)),
+         "rope_scaling.high_freq_factor=4.0 must exceed low_freq_factor=4.0"),
+        (dict(rope_scaling=dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=6.4)),
+         "rope_scaling.original_max_position_embeddings=6.4 must be a positive integer"),
+        (dict(rope_scaling={}), "rope_scaling has keys []; want exactly"),
+        # meteora sizes that are not integers failed at init, inside jax's shape checks
+        (dict(meteora=dict(num_adapters=2, rank=2.5)), "meteora needs integers num_adapters >= 0 and rank >= 1, got 2, 2.5"),
+        (dict(meteora=dict(num_adapters=2.0)), "meteora needs integers num_adapters >= 0 and rank >= 1, got 2.0, 8"),
     ],
 )
 def test_bad_model_config_values(change, message):
