@@ -33,8 +33,10 @@ def lm_loss(
     lm_mask: jax.Array,  # [B, S], 1 on tokens to predict
 ) -> jax.Array:
     """Next-token cross-entropy: position t predicts token t+1, over lm_mask[:, 1:]. Scalar fp32."""
+    # A masked position's label is not read: HF's ignore label -100 there made the loss NaN (NaN * 0).
+    labels = jnp.where(lm_mask[:, 1:] > 0, lm_labels[:, 1:], 0)
     # Upcast before the log-softmax: bf16 log-probabilities lose the small ones.
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1].astype(jnp.float32), lm_labels[:, 1:])
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1].astype(jnp.float32), labels)
     return _masked_mean(ce, lm_mask[:, 1:])
 
 
@@ -72,7 +74,7 @@ def gate_loss(
         return zero, metrics | {k: empty for k in _GATE_SUMS}
     logits = _stack_gates(gate_logits, batch, seq)  # [G, B, S, L]
     n_gates, n_adapters = logits.shape[0], logits.shape[-1]
-    labels = jnp.broadcast_to(gate_labels, logits.shape[:-1])  # [G, B, S]
+    labels = jnp.broadcast_to(jnp.where(mask > 0, gate_labels, 0), logits.shape[:-1])  # [G, B, S] (masked: unread)
 
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)  # [G, B, S]
     per_gate = jnp.sum(ce * mask, axis=(1, 2)) / jnp.maximum(jnp.sum(mask), 1.0)  # [G]

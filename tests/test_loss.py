@@ -98,7 +98,10 @@ def test_joint_loss_matches_hand_computation(top_k):
     np.testing.assert_allclose(acc[0], expect["gate_task_correct"][0] / expect["gate_task_count"][0], rtol=1e-6)
 
 
-def test_padding_changes_nothing():
+@pytest.mark.parametrize("pad_label", ["random", -100])
+def test_padding_changes_nothing(pad_label):
+    """Padding positions (masks 0) change no value, whatever their logits and labels: -100 is HF's
+    ignore label, which made the loss NaN (an out-of-range label's cross-entropy times a mask of 0)."""
     logits, gates, batch = _batch(seed=1)
     _, base = L.joint_loss(logits, gates, batch)
     rng = np.random.default_rng(5)
@@ -108,17 +111,19 @@ def test_padding_changes_nothing():
         k: np.concatenate([g, rng.normal(size=(*g.shape[:2], pad, N_ADAPTERS)).astype(np.float32) * 10], axis=2)
         for k, g in gates.items()
     }
+    label = lambda high: rng.integers(0, high, size=(B, pad)) if pad_label == "random" else np.full((B, pad), pad_label)  # noqa: E731
     p_batch = {
-        "lm_labels": np.concatenate([batch["lm_labels"], rng.integers(0, V, size=(B, pad))], axis=1).astype(np.int32),
+        "lm_labels": np.concatenate([batch["lm_labels"], label(V)], axis=1).astype(np.int32),
         "lm_mask": np.pad(batch["lm_mask"], ((0, 0), (0, pad))),
-        "gate_labels": np.concatenate(
-            [batch["gate_labels"], rng.integers(0, N_ADAPTERS, size=(B, pad))], axis=1
-        ).astype(np.int32),
+        "gate_labels": np.concatenate([batch["gate_labels"], label(N_ADAPTERS)], axis=1).astype(np.int32),
         "gate_mask": np.pad(batch["gate_mask"], ((0, 0), (0, pad))),
     }
     _, padded = L.joint_loss(p_logits, p_gates, p_batch)
     for k in base:
         np.testing.assert_allclose(np.asarray(padded[k]), np.asarray(base[k]), rtol=1e-6, atol=1e-6, err_msg=k)
+    # and the gradient reaching the logits is finite (it is zero at the padding)
+    grads = jax.grad(lambda lg, g: L.joint_loss(lg, g, p_batch)[0], argnums=(0, 1))(p_logits, p_gates)
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(grads))
 
 
 def test_empty_masks_are_zero_not_nan():
