@@ -1,9 +1,9 @@
 """Generation benchmark (issue 6 point 6): prefill and decode tokens/s of the base model, the base
-+ one LoRA and MeteoRA, at LLaMA-3-8B shapes with random weights, in both decoder-layer layouts,
-all in one run.
++ one LoRA and MeteoRA, at LLaMA-3-8B shapes with random weights, in the unrolled and fused
+decoder-layer layouts (the default; scan on request), all in one run.
 
     python scripts/bench_generate.py [--out PATH] [--num-layers 32] [--batches 1,32]
-        [--prompt-len 512] [--new-tokens 128] [--reps 5] [--layouts scan,unrolled] [--tiny]
+        [--prompt-len 512] [--new-tokens 128] [--reps 5] [--layouts unrolled,fused] [--tiny]
 
 Models (bf16 weights and compute, rank 8 adapters on all 7 projections):
   base       plain LLaMA-3-8B (num_adapters = 0)

@@ -132,11 +132,13 @@ a projection contributes zero there (a warning says so once per adapter); a proj
 adapts stays a plain linear layer. Gates are fresh: normal(0, --gate-std) float32 from --seed.
 
 Refused with an error naming the adapter, file and key: missing adapter_config.json or weights,
-shapes of another base model, DoRA, bias != "none", lora_bias, modules_to_save, fan_in_fan_out,
+shapes of another base model, DoRA, trained bias tensors (bias="lora_only" or "all" converts: LLaMA's
+projections have no bias), lora_bias, modules_to_save, fan_in_fan_out,
 target_parameters, layer_replication, trainable tokens, initialisations that modify the base
 (init_lora_weights pissa, olora, corda, lora_ga: convert those to plain LoRA with PEFT's
-path_initial_model_for_weight_conversion; loftq), malformed regular expressions, targets other
-than the seven LLaMA projections, keys that adapter_config.json does not explain (or missing ones),
+path_initial_model_for_weight_conversion; loftq), malformed regular expressions, targets naming a
+LLaMA module other than the seven projections (entries that match no LLaMA module are ignored, as
+PEFT does), keys that adapter_config.json does not explain (or missing ones),
 non-finite values, truncated or corrupt weight files, duplicate adapter names.
 Accepted key variants: with or without the base_model.model. prefix, with or without an adapter
 name segment (lora_A.default.weight).""",
