@@ -31,6 +31,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from meteora_jax.config import ConfigError, ModelConfig
+from meteora_jax.files import replace_folder
 
 FORMAT = "meteora-jax"
 VERSION = 1
@@ -152,18 +153,9 @@ def save_checkpoint(
                 **{PARAMS_ITEM: ocp.args.StandardSave(dict(params)), METADATA_ITEM: ocp.args.JsonSave(meta)}
             ),
         )
-        if path.exists():
-            if not overwrite:  # appeared while we were writing
-                raise CheckpointError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
-            previous = staging / "previous"
-            os.replace(path, previous)
-            try:
-                os.replace(target, path)
-            except BaseException:
-                os.replace(previous, path)  # put the old checkpoint back before the cleanup below
-                raise
-        else:
-            os.replace(target, path)
+        if path.exists() and not overwrite:  # appeared while we were writing
+            raise CheckpointError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
+        replace_folder(target, path, staging / "previous")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return path

@@ -61,3 +61,18 @@ def written_whole(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
         with contextlib.suppress(FileNotFoundError):
             os.remove(partial)
         raise
+
+
+def replace_folder(new: str | os.PathLike, path: str | os.PathLike, previous: str | os.PathLike) -> None:
+    """Renames the finished folder `new` to `path`. An existing `path` is moved to `previous` first,
+    put back if the second rename fails, and deleted once `new` is in place."""
+    if not os.path.exists(path):
+        os.replace(new, path)
+        return
+    os.replace(path, previous)
+    try:
+        os.replace(new, path)
+    except BaseException:
+        os.replace(previous, path)
+        raise
+    shutil.rmtree(previous, ignore_errors=True)

@@ -31,7 +31,7 @@ from flax import traverse_util
 from jax.experimental import multihost_utils
 
 from meteora_jax.checkpoint import CheckpointError, check_shardings_fit, orbax_read
-from meteora_jax.files import written_whole
+from meteora_jax.files import replace_folder, written_whole
 
 TRAINABLE_LEAF = "gate"
 GATE_SETTINGS_FILE = "settings.json"
@@ -105,11 +105,7 @@ def export_gates(path, gates, adapter_names, settings: Mapping[str, Any] | None 
                 json.dump(dict(settings), f, indent=1)
         elif os.path.exists(settings_path):  # not those of an older export
             os.remove(settings_path)
-        previous = os.path.join(path, _PREVIOUS)
-        if os.path.exists(final):
-            os.replace(final, previous)
-        os.replace(staged, final)
-        shutil.rmtree(previous, ignore_errors=True)
+        replace_folder(staged, final, os.path.join(path, _PREVIOUS))
     _sync_processes("meteora_jax.gates: export in place")
     return path
 
