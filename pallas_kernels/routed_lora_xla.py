@@ -114,10 +114,10 @@ def with_composition_vjp(primal):
             return primal(*values, cfg), {}
 
         def composition(*needed):
-            full = dict(zip(ARG_NAMES, values))
+            full = dict(zip(ARG_NAMES, values))  # (temperature [1]: the composition takes a scalar)
             full.update(zip(need, needed))
             return routed_lora_xla(full["x"], full["gate"], full["lora_a"], full["lora_b"], full["scaling"],
-                                   full["temperature"], top_k=cfg.top_k, impl=cfg.grouped_impl,
+                                   full["temperature"][0], top_k=cfg.top_k, impl=cfg.grouped_impl,
                                    base=full["base"] if cfg.has_base else None)
 
         out, vjp = jax.vjp(composition, *(values[ARG_NAMES.index(name)] for name in need))

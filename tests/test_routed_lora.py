@@ -141,6 +141,22 @@ def test_gradients_match_autodiff_of_composition(kernel, dtype):
         assert _rel(g, w) <= TOL[dtype], f"seed={SEED}: d{name} relative error {_rel(g, w):.2e}"
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_eager_gradient_with_a_concrete_temperature(kernel):
+    """jax.grad outside jit, differentiating the gate only, with a Python-float temperature: the
+    composition's check saw the kernel's [1]-shaped temperature as concrete and refused it."""
+    x, gate, a, b, s, base = _inputs((11,), jnp.float32, t=5, d_in=40, d_out=24, num_adapters=5, rank=4)
+
+    def loss(g):
+        y, logits = KERNELS[kernel](x, g, a, b, s, 1.5, top_k=2, base=base)
+        return jnp.sum(y**2) + jnp.sum(logits**2)
+
+    with jax.default_matmul_precision("highest"):
+        eager = jax.grad(loss)(gate)
+        jitted = jax.jit(jax.grad(loss))(gate)
+    assert _rel(eager, jitted) <= 1e-5, f"seed={SEED}: relative error {_rel(eager, jitted):.2e}"
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 def test_gate_logits_are_float32_accurate_with_the_dot_gradients(dtype):
     """`gate_logits` (every path's logits when differentiated, and the forced-routing layer's) against
