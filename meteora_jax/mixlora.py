@@ -1,0 +1,137 @@
+"""MixLoRA (arXiv 2404.15159): trainable LoRA experts inside the FFN, a top-k router, and the
+load-balancing loss that keeps the router from favouring a few experts.
+
+Expert e is the frozen SwiGLU FFN with its own LoRA on each of gate, up and down:
+
+    expert_e(x) = down_e(silu(gate_e(x)) * up_e(x)),   proj_e(z) = z @ W_proj + s * (z @ A_e) @ B_e
+    y = sum_j w_j * expert_{e_j}(x)                    (e_j, w_j): the router's top-k for x
+
+with w = softmax of the top-k router logits (k = 1: w = 1), as MeteoRA routes. Unlike MeteoRA, the
+nonlinearity sits between an expert's projections, so each (token, slot) pair is a row of its own
+(`grouped_lora` with one slot per row). The frozen GEMMs still run once per token: x @ W_gate and
+x @ W_up are shared by the slots, and W_down is linear, so sum_j w_j (h_j @ W_down) is
+(sum_j w_j h_j) @ W_down.
+
+Status: this module (the FFN block and the loss) is tested against independent references; the
+model, configs and `scripts/train.py` do not use it yet (docs/mixlora.md: what remains).
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.grouped_lora import grouped_lora
+from pallas_kernels.grouped_lora_xla import top_k_routing
+
+class ExpertProjection(nn.Module):
+    """One FFN projection's frozen kernel [d_in, d_out] and its experts' LoRAs, lora_a [E, d_in, r]
+    and lora_b [E, r, d_out] (PEFT's init: A kaiming-uniform, B zero). Returns the three arrays."""
+
+    features: int
+    axes: tuple[str, str]  # logical names of [d_in, d_out]
+    num_experts: int
+    rank: int
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, d_in: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+        E, r, (in_axis, out_axis) = self.num_experts, self.rank, self.axes
+        kernel = self.param("kernel", nn.with_logical_partitioning(nn.initializers.lecun_normal(), self.axes),
+                            (d_in, self.features), self.param_dtype)
+        a_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform", in_axis=1, out_axis=2)
+        lora_a = self.param("lora_a", nn.with_logical_partitioning(a_init, ("adapters", in_axis, "lora_rank")),
+                            (E, d_in, r), self.param_dtype)
+        lora_b = self.param("lora_b", nn.with_logical_partitioning(nn.initializers.zeros,
+                                                                   ("adapters", "lora_rank", out_axis)),
+                            (E, r, self.features), self.param_dtype)
+        return kernel, lora_a, lora_b
+
+
+class MixLoRAFeedForward(nn.Module):
+    """A SwiGLU FFN with `num_experts` LoRA experts and a top-k router.
+
+    Params: `{gate,up,down}_proj/kernel` (frozen; named as `layers.MLP`'s, so a base checkpoint fills
+    them), `{gate,up,down}_proj/lora_a [E, d_in, r]` and `lora_b [E, r, d_out]` (trainable; B starts
+    at zero, so an untrained block is the base FFN), and `router [D, E]` float32 (trainable).
+    Returns (y [..., D], router_logits [..., E] float32).
+    """
+
+    intermediate_size: int
+    num_experts: int
+    rank: int = 8
+    alpha: float = 16.0
+    top_k: int = 2
+    kernel_impl: str = "auto"
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:  # x: [..., D]
+        if not (isinstance(self.top_k, int) and 1 <= self.top_k <= self.num_experts):
+            raise ValueError(f"MixLoRA top_k={self.top_k!r} must be an integer in [1, num_experts={self.num_experts}]")
+        D, F, E, k = x.shape[-1], self.intermediate_size, self.num_experts, self.top_k
+        def projection(name, d_in, d_out, axes):
+            arrays = ExpertProjection(d_out, axes, E, self.rank, self.param_dtype, name=name)(d_in)
+            return (a.astype(self.dtype) for a in arrays)
+
+        w_gate, a_gate, b_gate = projection("gate_proj", D, F, ("embed", "mlp"))
+        w_up, a_up, b_up = projection("up_proj", D, F, ("embed", "mlp"))
+        w_down, a_down, b_down = projection("down_proj", F, D, ("mlp", "embed"))
+        router = self.param("router", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed", "adapters")),
+                            (D, E), jnp.float32)
+        scaling = jnp.full((E,), mixlora_scaling(self.alpha, self.rank), jnp.float32)
+
+        tokens = x.reshape(-1, D).astype(self.dtype)  # [T, D]
+        router_logits = jnp.dot(tokens.astype(jnp.float32), router)  # [T, E]
+        expert_idx, expert_weight = top_k_routing(router_logits, k)  # [T, k], [T, k]
+
+        # One row per (token, slot): row t * k + j is token t through expert expert_idx[t, j].
+        pairs = expert_idx.reshape(-1, 1)  # [T*k, 1]
+        ones = jnp.ones(pairs.shape, self.dtype)
+        rows = jnp.repeat(tokens, k, axis=0)  # [T*k, D]
+
+        def expert_in(w, a, b):  # the shared base GEMM once per token, each pair's delta on top
+            base = jnp.repeat(jnp.dot(tokens, w), k, axis=0)  # [T*k, F]
+            return grouped_lora(rows, a, b, scaling, pairs, ones, impl=self.kernel_impl, base=base)
+
+        hidden = jax.nn.silu(expert_in(w_gate, a_gate, b_gate)) * expert_in(w_up, a_up, b_up)  # [T*k, F]
+        pair_weight = expert_weight.astype(self.dtype).reshape(-1, 1)  # [T*k, 1]
+        mixed_hidden = jnp.sum((hidden * pair_weight).reshape(-1, k, F), axis=1)  # [T, F]
+        deltas = grouped_lora(hidden, a_down, b_down, scaling, pairs, pair_weight, impl=self.kernel_impl)  # [T*k, D]
+        y = jnp.dot(mixed_hidden, w_down) + jnp.sum(deltas.reshape(-1, k, D), axis=1)
+        return y.reshape(x.shape), router_logits.reshape(*x.shape[:-1], E)
+
+
+def load_balancing_loss(
+    router_logits: jax.Array,  # [G, B, S, E]: every MixLoRA block's router logits (G blocks)
+    mask: jax.Array,  # [B, S]: 1 on tokens that count (not padding)
+    top_k: int,
+) -> jax.Array:  # [] float32
+    """Switch Transformer's auxiliary loss in Mixtral's top-k form, as MixLoRA trains with it:
+
+        E * sum_e f_e * P_e,   f_e = share of the (token, block) rows whose top-k holds e (summed over
+                               the k slots), P_e = mean router probability of e (softmax over all E),
+
+    both averaged over every block's unmasked tokens. 1 * k when balanced; up to E * k when one
+    expert takes everything. A batch with no unmasked token gives 0.
+    """
+    num_experts = router_logits.shape[-1]
+    probs = jax.nn.softmax(router_logits.astype(jnp.float32), axis=-1)  # [G, B, S, E]
+    _, chosen = jax.lax.top_k(probs, top_k)  # [G, B, S, k]
+    chosen_share = jnp.sum(jax.nn.one_hot(chosen, num_experts, dtype=jnp.float32), axis=-2)  # [G, B, S, E]
+    weight = jnp.broadcast_to(mask.astype(jnp.float32)[None, :, :, None], probs.shape[:-1] + (1,))
+    rows = jnp.maximum(jnp.sum(weight), 1.0)
+    tokens_per_expert = jnp.sum(chosen_share * weight, axis=(0, 1, 2)) / rows  # [E]
+    prob_per_expert = jnp.sum(probs * weight, axis=(0, 1, 2)) / rows  # [E]
+    return num_experts * jnp.sum(tokens_per_expert * prob_per_expert)
+
+
+def mixlora_scaling(alpha: float, rank: int) -> float:
+    """alpha / r, PEFT's (non-rs) LoRA scaling, which MixLoRA's experts use."""
+    if not (math.isfinite(alpha) and alpha > 0 and rank >= 1):
+        raise ValueError(f"MixLoRA needs a finite alpha > 0 and rank >= 1, got {alpha!r}, {rank!r}")
+    return alpha / rank
