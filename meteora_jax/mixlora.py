@@ -28,8 +28,10 @@ from pallas_kernels.grouped_lora import grouped_lora
 from pallas_kernels.grouped_lora_xla import top_k_routing
 
 class ExpertProjection(nn.Module):
-    """One FFN projection's frozen kernel [d_in, d_out] and its experts' LoRAs, lora_a [E, d_in, r]
-    and lora_b [E, r, d_out] (PEFT's init: A kaiming-uniform, B zero). Returns the three arrays."""
+    """One FFN projection's frozen kernel [d_in, d_out] and its experts' LoRAs, expert_lora_a
+    [E, d_in, r] and expert_lora_b [E, r, d_out] (PEFT's init: A kaiming-uniform, B zero). Named
+    apart from MeteoRA's frozen lora_a / lora_b, so trainability can follow the leaf name alone, as
+    it does for the gates (`gates.is_trainable`). Returns the three arrays."""
 
     features: int
     axes: tuple[str, str]  # logical names of [d_in, d_out]
@@ -43,9 +45,9 @@ class ExpertProjection(nn.Module):
         kernel = self.param("kernel", nn.with_logical_partitioning(nn.initializers.lecun_normal(), self.axes),
                             (d_in, self.features), self.param_dtype)
         a_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform", in_axis=1, out_axis=2)
-        lora_a = self.param("lora_a", nn.with_logical_partitioning(a_init, ("adapters", in_axis, "lora_rank")),
+        lora_a = self.param("expert_lora_a", nn.with_logical_partitioning(a_init, ("adapters", in_axis, "lora_rank")),
                             (E, d_in, r), self.param_dtype)
-        lora_b = self.param("lora_b", nn.with_logical_partitioning(nn.initializers.zeros,
+        lora_b = self.param("expert_lora_b", nn.with_logical_partitioning(nn.initializers.zeros,
                                                                    ("adapters", "lora_rank", out_axis)),
                             (E, r, self.features), self.param_dtype)
         return kernel, lora_a, lora_b
@@ -55,8 +57,9 @@ class MixLoRAFeedForward(nn.Module):
     """A SwiGLU FFN with `num_experts` LoRA experts and a top-k router.
 
     Params: `{gate,up,down}_proj/kernel` (frozen; named as `layers.MLP`'s, so a base checkpoint fills
-    them), `{gate,up,down}_proj/lora_a [E, d_in, r]` and `lora_b [E, r, d_out]` (trainable; B starts
-    at zero, so an untrained block is the base FFN), and `router [D, E]` float32 (trainable).
+    them), `{gate,up,down}_proj/expert_lora_a [E, d_in, r]` and `expert_lora_b [E, r, d_out]`
+    (trainable; B starts at zero, so an untrained block is the base FFN), and `router [D, E]`
+    float32 (trainable).
     Returns (y [..., D], router_logits [..., E] float32).
     """
 

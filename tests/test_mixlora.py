@@ -34,7 +34,8 @@ def _params(top_k, salt):
     x = jnp.zeros((1, 2, D))
     initial = nn.unbox(_block(top_k).init(jax.random.key(0), x))
     rng = _rng(salt)
-    return jax.tree.map(lambda a: jnp.asarray(rng.standard_normal(a.shape) / np.sqrt(a.shape[-2]), jnp.float32), initial)
+    return jax.tree.map(lambda a: jnp.asarray(rng.standard_normal(a.shape) / np.sqrt(a.shape[-2]), jnp.float32),
+                        initial)
 
 
 def _torch_reference(params, x, top_k):
@@ -49,7 +50,7 @@ def _torch_reference(params, x, top_k):
 
     def merged(name, e):
         q = p[name]
-        return q["kernel"] + ALPHA / R * q["lora_a"][e] @ q["lora_b"][e]
+        return q["kernel"] + ALPHA / R * q["expert_lora_a"][e] @ q["expert_lora_b"][e]
 
     rows = []
     for t in range(tokens.shape[0]):
@@ -106,7 +107,7 @@ def test_untrained_block_is_the_base_ffn():
     with jax.default_matmul_precision("highest"):
         want = (jax.nn.silu(x @ p["gate_proj"]["kernel"]) * (x @ p["up_proj"]["kernel"])) @ p["down_proj"]["kernel"]
     assert _rel(y, want) <= 1e-6, f"seed={SEED}"
-    assert not np.any(np.asarray(p["gate_proj"]["lora_a"]) == 0), "A must be random, or B's gradient is zero"
+    assert not np.any(np.asarray(p["gate_proj"]["expert_lora_a"]) == 0), "A must be random, or B's gradient is zero"
 
 
 def test_top_k_out_of_range_is_refused():
