@@ -30,6 +30,9 @@ def get_config():
     # 0.01, gradients clipped at norm 0.3, cosine down to 0 as HF's (its warm-up: 0.5% of 15,000 steps).
     # Its LoRA layers drop out 10% of the adapters' input in training (MoELoRA/layer.py, update_layer).
     config.train.lora_dropout = 0.1
+    # Its LM loss covers the prompt as well as the response (the loss's balance with the gate term, whose
+    # coefficient 50 was chosen for it).
+    config.data.lm_on_prompt = True
     config.optimizer.update(learning_rate=5e-4, weight_decay=0.01, clip_norm=0.3)
     config.schedule.update(kind="cosine", warmup_steps=100, end_factor=0.0)
     config.checkpoint.update(every=500, keep=3)

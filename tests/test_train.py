@@ -886,6 +886,21 @@ def test_configs_have_training_sections(name):
     sharding_lib.logical_rules(config.mesh.rules)
 
 
+@pytest.mark.parametrize("name", ["llama3_8b", "llama2_13b"])
+def test_paper_configs_train_as_the_original(name):
+    """The original's gate training (run_meteora_train_fsdp.sh, meteora_train.py): 28 adapters, top-2,
+    AdamW 5e-4, weight decay 0.01, clipping at 0.3, LoRA dropout 0.1, gate coefficient 50, and the LM
+    loss over prompt and response (the balance that coefficient was chosen for)."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "configs", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    assert (config.model.meteora.num_adapters, config.model.meteora.top_k) == (28, 2)
+    assert (config.optimizer.learning_rate, config.optimizer.weight_decay, config.optimizer.clip_norm) == (5e-4, 0.01, 0.3)
+    assert (config.train.lora_dropout, config.train.loss_coef) == (0.1, 50.0)
+    assert config.data.lm_on_prompt and config.data.gate_scope == "all"
+
+
 def test_tiny_config_paths_follow_its_world():
     """--config.tiny_world=... moves the model, tokenizer and data paths with it (they pointed at
     runs/tiny_world whatever the world, so a changed world trained the old world's model)."""
