@@ -124,7 +124,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from meteora_jax import evaluate as ev
-    from meteora_jax.cli import cli_fail
+    from meteora_jax.cli import check_outputs_apart, cli_fail
     from meteora_jax.generate import generator_from_args
 
     # Every input is checked, and the model loaded, before a composite set is written.
@@ -170,6 +170,14 @@ def main(argv=None) -> int:
         if clash:
             cli_fail(p, f"--build-composite would write {clash[0]}, which --composite names as input: build the set "
                         "elsewhere (--composite-out), or drop --build-composite to evaluate the existing one")
+    # An output over an input (the composite set, a task's split file, the metrics file) destroyed it.
+    check_outputs_apart(
+        p, [*([] if args.build_only else [("--output", args.output)]),
+            *((f"--build-composite {n} (written to)", out) for n, out in build_paths.items())],
+        [*(("--composite", path) for path in args.composite),
+         ("--metrics", args.metrics if args.metrics and os.path.isfile(args.metrics) else None),
+         ("--checkpoint", args.checkpoint), ("--gates", args.gates), ("--tokenizer", args.tokenizer)],
+        data_roots=[("--data-root", args.data_root)])
     if not args.build_only:
         if not args.checkpoint or not args.tokenizer:
             cli_fail(p, "--checkpoint and --tokenizer are required to evaluate")

@@ -37,7 +37,7 @@ def _read_prompts(args) -> list[str]:
 
 def _check_outputs(parser, args) -> None:
     """Output paths, checked before any work (a bad one would otherwise fail after all of it)."""
-    from meteora_jax.cli import check_writable, cli_fail
+    from meteora_jax.cli import check_outputs_apart, check_writable, cli_fail
 
     if args.json:
         check_writable(parser, "--json", args.json)
@@ -48,6 +48,10 @@ def _check_outputs(parser, args) -> None:
         if os.path.commonpath([pictures, os.path.realpath(args.json)]) == pictures:
             cli_fail(parser, f"--json {args.json} lies in the --routing-pictures folder {args.routing_pictures}: "
                              "give them different places")
+    # (--json over the prompts file replaced the prompts with the answers.)
+    check_outputs_apart(parser, [("--json", args.json), ("--routing-pictures", args.routing_pictures)],
+                        [("--prompts-file", args.prompts_file), ("--checkpoint", args.checkpoint),
+                         ("--gates", args.gates), ("--tokenizer", args.tokenizer)])
 
 
 def main(argv=None) -> int:

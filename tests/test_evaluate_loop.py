@@ -125,6 +125,7 @@ def _bad_generate_inputs(w, tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"prompt": "1+2="}\n{"prompt": "3+4="\n')
     (tmp_path / "noprompt.jsonl").write_text('{"text": "1+2="}\n')
     (tmp_path / "a_file").write_text("")
+    (tmp_path / "keep.jsonl").write_text('{"prompt": "1+2=", "id": 7}\n')
     (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1"))
     missing = tmp_path / "none"
     return [
@@ -149,6 +150,9 @@ def _bad_generate_inputs(w, tmp_path):
          "lies in the --routing-pictures folder"),
         (["--prompt", "1+2=", "--json", str(tmp_path / "pics" / "g.jsonl"), "--routing-pictures", str(tmp_path / "pics")],
          "lies in the --routing-pictures folder"),
+        # The answers replaced the prompts file (exit 0).
+        (["--prompts-file", str(tmp_path / "keep.jsonl"), "--json", str(tmp_path / "keep.jsonl")],
+         f"--json {tmp_path / 'keep.jsonl'} is the --prompts-file file"),
     ]
 
 
@@ -211,7 +215,17 @@ def test_scripts_stop_on_bad_input_with_one_line(tiny_inference_world, tmp_path,
         # A file where the built sets' folder goes: an OSError traceback after the model had loaded.
         (evaluate, base + ["--data-root", str(data), "--build-composite", "2", "--output", str(outputs / "r.json"),
                            "--composite-out", str(tmp_path / "a_file")], "a_file is a file; give a folder path"),
+        # An output over an input destroyed it (exit 0): the composite set, a task's split file, a set
+        # just built.
+        (evaluate, base + ["--composite", str(built / "composite_2.jsonl"), "--output", str(built / "composite_2.jsonl")],
+         "is the --composite file"),
+        (evaluate, base + ["--data-root", str(data), "--output", str(data / "arith" / "test.jsonl")],
+         f"lies inside --data-root {data}"),
+        (evaluate, base + ["--data-root", str(data), "--build-composite", "2", "--composite-out",
+                           str(outputs / "same.jsonl"), "--output", str(outputs / "same.jsonl")], "are the same file"),
     ]
+    inputs = {path: path.read_bytes() for path in (tmp_path / "keep.jsonl", built / "composite_2.jsonl",
+                                                   data / "arith" / "test.jsonl")}
     for main, argv, message in cases:
         with pytest.raises(SystemExit) as e:
             main(argv)
@@ -219,6 +233,7 @@ def test_scripts_stop_on_bad_input_with_one_line(tiny_inference_world, tmp_path,
         assert e.value.code == 2, (argv, err)
         assert message in err and err.count("\n") == 1 and ": error: " in err, (argv, err)
         assert not os.listdir(outputs), (argv, sorted(os.listdir(outputs)))
+    assert all(path.read_bytes() == content for path, content in inputs.items())
 
 
 def test_forced_routing_pictures_say_so(tiny_inference_world, tmp_path):
