@@ -705,9 +705,15 @@ def generator_for_cli(
     gates and their recorded settings), its tokenizer, a `Generator` in `layer_layout` (one of
     LAYER_LAYOUTS), the adapter names and the resolved `CliOptions`. Bad options raise ValueError
     with a message for the user."""
+    from meteora_jax.checkpoint import model_config_of, read_metadata
     from meteora_jax.data import load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer_dir)  # first: the cheaper check
+    # Another model's tokenizer ran, giving noise (ids past the embedding, or the wrong words), exit 0.
+    vocab_size = model_config_of(checkpoint, read_metadata(checkpoint)).vocab_size
+    if len(tokenizer) > vocab_size:
+        raise ValueError(f"tokenizer {tokenizer_dir!r} has {len(tokenizer)} tokens but the model in {checkpoint!r} "
+                         f"has vocab_size {vocab_size}: it belongs to another model")
     params, config, names = load_for_inference(checkpoint, gates, dtype=dtype, top_k=top_k)
     opts = cli_options(tokenizer, names, force_adapter=force_adapter, chat_template=chat_template, gates=gates)
     if layer_layout not in LAYER_LAYOUTS:

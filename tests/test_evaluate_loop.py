@@ -128,7 +128,16 @@ def _bad_generate_inputs(w, tmp_path):
     (tmp_path / "keep.jsonl").write_text('{"prompt": "1+2=", "id": 7}\n')
     (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1"))
     missing = tmp_path / "none"
+    # Another model's tokenizer: more tokens than the tiny model's vocabulary (it generated noise, exit 0).
+    from meteora_jax.checkpoint import model_config_of, read_metadata
+    from meteora_jax.tiny import _build_tokenizer
+
+    vocab = model_config_of(w.model, read_metadata(w.model)).vocab_size
+    big = _build_tokenizer(["1+2=3 " + " ".join(f"w{i}" for i in range(2 * vocab))], vocab_size=vocab + 40)
+    big.save_pretrained(str(tmp_path / "big_tokenizer"))
     return [
+        (["--prompt", "1+2=", "--tokenizer", str(tmp_path / "big_tokenizer")],
+         f"has {len(big)} tokens but the model in {w.model!r} has vocab_size {vocab}"),
         (["--prompts-file", str(missing / "p.txt")], f"{missing / 'p.txt'}: no such file"),
         (["--prompts-file", str(tmp_path / "bad.jsonl")], "bad.jsonl:2: malformed JSON (Expecting ',' delimiter, column 18)"),
         (["--prompts-file", str(tmp_path / "noprompt.jsonl")], "noprompt.jsonl:1: missing field 'prompt'"),
