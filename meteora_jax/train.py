@@ -184,10 +184,19 @@ def _check_train_config(config) -> None:
         config.data.gate_scope in data_lib.GATE_SCOPES,
         f"data.gate_scope={config.data.gate_scope!r}; choose one of {data_lib.GATE_SCOPES}",
     )
+    # (A negative coefficient trains the gates away from each token's task; NaN stopped at step 1.)
+    _check(0 <= t.loss_coef < math.inf, f"train.loss_coef={t.loss_coef} must be a finite number >= 0")
     _check(bool(config.workdir), "config.workdir is empty: give the run's folder")
     for key in ("workdir", "tiny_world"):  # before the world is built and the step compiled
-        problem = config[key] and unwritable(f"config.{key}", str(config[key]), folder=True)
+        built = key == "tiny_world" and config[key] and os.path.isfile(os.path.join(str(config[key]), "WORLD.json"))
+        problem = config[key] and not built and unwritable(f"config.{key}", str(config[key]), folder=True)
         _check(not problem, str(problem))
+    # A workdir in the data root put checkpoints/, gates/ and tb/ among the task folders: the next
+    # run read them as tasks.
+    if config.data.root:
+        root, workdir = os.path.realpath(str(config.data.root)), os.path.realpath(str(config.workdir))
+        _check(os.path.commonpath([root, workdir]) != root,
+               f"config.workdir={config.workdir!r} lies inside config.data.root={config.data.root!r}: give it its own folder")
 
 
 def _runtime_model_config(stored: ModelConfig, model_section) -> ModelConfig:

@@ -667,11 +667,12 @@ def test_two_processes_agree_on_a_stop_and_a_start_over(tmp_path):
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(make_config):
     good = make_config("nan", train=dict(steps=3), checkpoint=dict(every=1))
     train_lib.train(good)
-    bad = make_config("nan", train=dict(steps=6, loss_coef=float("inf")), checkpoint=dict(every=1))
-    with pytest.raises(train_lib.NonFiniteLossError, match=r"at step 4.*Last good checkpoint: step 3"):
+    # A learning rate this large sends the gates to inf after one update (an infinite loss_coef is refused).
+    bad = make_config("nan", train=dict(steps=6), optimizer=dict(learning_rate=1e38), checkpoint=dict(every=1))
+    with pytest.raises(train_lib.NonFiniteLossError, match=r"at step 5.*Last good checkpoint: step 4"):
         train_lib.train(bad)
     trainer = train_lib.Trainer(train_lib.prepare(good))
-    assert trainer.manager.latest_step() == 3
+    assert trainer.manager.latest_step() == 4
     trainer.close()
 
 
@@ -753,6 +754,28 @@ def test_bad_missing_data_root(make_config, no_compute, tmp_path):
     _expect(make_config(data=dict(root=str(tmp_path / "nope"))), data_lib.DataError, "is not a folder")
 
 
+def test_workdir_inside_the_data_root_is_refused(make_config, no_compute, data_copy):
+    """A workdir in the data root put checkpoints/, gates/ and tb/ among the task folders (exit 0); the
+    next run failed on them as tasks."""
+    for workdir in (data_copy, data_copy / "runs" / "a"):
+        config = make_config(data=dict(root=str(data_copy)))
+        config.workdir = str(workdir)
+        _expect(config, train_lib.TrainError, "lies inside config.data.root")
+    assert sorted(os.listdir(data_copy)) == sorted(os.listdir(make_config().data.root))
+
+
+def test_a_built_read_only_tiny_world_is_used(world, tmp_path, monkeypatch):
+    """A complete tiny world is only read: a read-only one was refused as "not writable"."""
+    config = _tiny_config_module().get_config()
+    config.tiny_world = str(tmp_path / "world")
+    shutil.copytree(os.path.dirname(world.model), config.tiny_world)
+    config.workdir = str(tmp_path / "run")
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: False if str(path).startswith(config.tiny_world) and mode == os.W_OK
+                        else real_access(path, mode))
+    assert train_lib.prepare(config).model_config.vocab_size > 0
+
+
 def test_bad_task_folder_without_adapter(make_config, no_compute, data_copy):
     shutil.copytree(data_copy / "arith", data_copy / "poetry")
     _expect(make_config(data=dict(root=str(data_copy))), data_lib.DataError, r"\['poetry'\].*match no adapter")
@@ -824,6 +847,9 @@ def test_bad_batch_vs_mesh_and_missing_checkpoint(make_config, no_compute, tmp_p
         ("optimizer", dict(eps=-1.0), r"optimizer.eps=-1.0 must be a finite number >= 0"),
         ("optimizer", dict(weight_decay=-0.5), r"optimizer.weight_decay=-0.5 must be a finite number >= 0"),
         ("optimizer", dict(learning_rate=float("inf")), r"optimizer.learning_rate=inf must be a finite number > 0"),
+        # A negative gate coefficient trained the gates away from each token's task (exit 0); NaN stopped at step 1.
+        ("train", dict(loss_coef=-1.0), r"train.loss_coef=-1.0 must be a finite number >= 0"),
+        ("train", dict(loss_coef=float("nan")), r"train.loss_coef=nan must be a finite number >= 0"),
         ("model", dict(num_kv_heads=0), r"config.model: num_kv_heads=0 must be a positive integer"),
         ("workdir", os.path.join(REPO, "README.md"), r"config.workdir .*README.md is a file; give a folder path"),
         ("workdir", os.path.join(REPO, "README.md", "run"), r"config.workdir .*: .*README.md is a file, not a folder"),
