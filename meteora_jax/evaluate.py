@@ -302,6 +302,10 @@ def parse_metric_spec(
                 mapping = json.load(f)
             except json.JSONDecodeError as e:
                 raise ValueError(f"metric spec file {spec}: not valid JSON ({e.msg} at line {e.lineno})") from None
+            except UnicodeDecodeError:
+                raise ValueError(f"metric spec file {spec}: not UTF-8 text") from None
+    elif not spec.lstrip().startswith("{"):  # a path, not inline JSON
+        raise ValueError(f"metric spec file {spec}: no such file (or give a JSON object)")
     else:
         try:
             mapping = json.loads(spec)

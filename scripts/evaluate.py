@@ -132,7 +132,11 @@ def main(argv=None) -> int:
         composite_tasks = _check_options(args)
     except ValueError as e:
         cli_fail(p, str(e))
-    tasks = args.tasks.split(",") if args.tasks else None
+    tasks = [t for t in args.tasks.split(",") if t] if args.tasks is not None else None
+    if tasks is not None and not tasks:
+        cli_fail(p, f"--tasks {args.tasks!r} names no task")
+    if args.build_only and not args.build_composite:
+        cli_fail(p, "--build-only builds composite sets and stops: give --build-composite N")
     if args.data_root and not os.path.isdir(args.data_root):
         cli_fail(p, f"--data-root {args.data_root} is not a folder")
     if args.build_composite and not args.data_root:
@@ -147,6 +151,10 @@ def main(argv=None) -> int:
         cli_fail(p, str(e))
     if tasks and not args.data_root:
         cli_fail(p, "--tasks names tasks of --data-root: give --data-root too")
+    unknown = [t for t in tasks or [] if t not in root_tasks]
+    if args.data_root and unknown:  # (found only after the model had loaded)
+        cli_fail(p, f"{os.path.join(args.data_root, unknown[0], args.split + '.jsonl')}: no such file (--tasks "
+                    f"{unknown[0]}; the tasks with one: {','.join(root_tasks) or 'none'})")
     # Nothing to evaluate would still load the model and then replace --output with empty results.
     single = bool(args.data_root) and not args.no_single and bool(tasks or root_tasks)
     if not args.build_only and not single and not (args.composite or args.build_composite):

@@ -232,6 +232,15 @@ def test_scripts_stop_on_bad_input_with_one_line(tiny_inference_world, tmp_path,
          f"lies inside --data-root {data}"),
         (evaluate, base + ["--data-root", str(data), "--build-composite", "2", "--composite-out",
                            str(outputs / "same.jsonl"), "--output", str(outputs / "same.jsonl")], "are the same file"),
+        # An unknown task failed only after the model had loaded; "," named the data root's own folder;
+        # --build-only alone did nothing (exit 0); a missing metrics file was "not a JSON object".
+        (evaluate, base + ["--data-root", str(data), "--tasks", "arith,nosuch"] + ev_out,
+         f"{data / 'nosuch' / 'test.jsonl'}: no such file (--tasks nosuch; the tasks with one: arith,reverse)"),
+        (evaluate, base + ["--data-root", str(data), "--tasks", ","] + ev_out, "--tasks ',' names no task"),
+        (evaluate, ["--data-root", str(data), "--build-only"] + ev_out,
+         "--build-only builds composite sets and stops: give --build-composite N"),
+        (evaluate, base + ["--data-root", str(data), "--metrics", str(tmp_path / "none.json")] + ev_out,
+         f"metric spec file {tmp_path / 'none.json'}: no such file (or give a JSON object)"),
     ]
     inputs = {path: path.read_bytes() for path in (tmp_path / "keep.jsonl", built / "composite_2.jsonl",
                                                    data / "arith" / "test.jsonl")}
