@@ -127,6 +127,8 @@ def _read_json(path: str, what: str):
             return json.load(f)
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: {what} is not valid JSON ({err})") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: {what} is not UTF-8 text") from None
 
 
 def load_gates(path, sharding: jax.sharding.Sharding | None = None) -> tuple[dict, list[str]]:
@@ -174,4 +176,14 @@ def load_gate_settings(path) -> dict:
     settings = _read_json(settings_path, "the run settings")
     if not isinstance(settings, dict):
         raise ValueError(f"{settings_path}: expected a JSON object of run settings, got {settings!r}")
+    for key, value in settings.items():  # (top_k 2.7 was cut to 2; "two" failed in int())
+        want = _SETTING_TYPES.get(key)
+        if want and (not isinstance(value, want) or (want is int and isinstance(value, bool))):
+            raise ValueError(f"{settings_path}: {key!r} must be {_TYPE_NAMES[want]}, got {value!r}")
     return settings
+
+
+# The value types of `train.run_settings`' keys (other keys are kept as they are).
+_SETTING_TYPES = {"top_k": int, "kernel_impl": str, "dtype": str, "chat_template": bool, "lm_on_prompt": bool,
+                  "gate_scope": str}
+_TYPE_NAMES = {int: "an integer", str: "a string", bool: "true or false"}

@@ -139,6 +139,20 @@ def test_folders_that_are_not_exports(tmp_path):
         f.write("[1, 2]")
     with pytest.raises(ValueError, match=r"settings.json: expected a JSON object of run settings"):
         load_gate_settings(folder)
+    # A value of the wrong type: 2.7 was cut to top_k 2, "two" failed inside int(); bytes that are not
+    # UTF-8 gave a bare codec error naming no file.
+    for settings, message in (({"top_k": 2.7}, r"settings.json: 'top_k' must be an integer, got 2.7"),
+                              ({"top_k": True}, r"settings.json: 'top_k' must be an integer, got True"),
+                              ({"dtype": 16}, r"settings.json: 'dtype' must be a string, got 16"),
+                              ({"chat_template": "yes"}, r"settings.json: 'chat_template' must be true or false")):
+        with open(os.path.join(folder, "settings.json"), "w") as f:
+            json.dump(settings, f)
+        with pytest.raises(ValueError, match=message):
+            load_gate_settings(folder)
+    with open(os.path.join(folder, "settings.json"), "wb") as f:
+        f.write(b'{"dtype": "\xff"}')
+    with pytest.raises(ValueError, match=r"settings.json: the run settings is not UTF-8 text"):
+        load_gate_settings(folder)
 
     # An empty gates/ (an interrupted copy): one error naming it (it was an AttributeError)
     empty = tmp_path / "empty"
