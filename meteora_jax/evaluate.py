@@ -14,6 +14,8 @@ Results are plain dicts of str/float/int (JSON-serialisable):
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
 import os
@@ -331,6 +333,24 @@ def tasks_with_split(data_root: str, split: str = "test") -> list[str]:
     return sorted(d for d in os.listdir(data_root) if os.path.isfile(os.path.join(data_root, d, f"{split}.jsonl")))
 
 
+# The progress bar of the running `run_evaluation` (None outside one): every batch of answers moves it,
+# wherever in the single-task or composite paths it was generated.
+_PROGRESS: contextvars.ContextVar = contextvars.ContextVar("evaluation_progress", default=None)
+
+
+@contextlib.contextmanager
+def _progress_bar(total: int, enabled: bool):
+    """A tqdm bar over `total` answers, installed as `_PROGRESS` for the `with` block."""
+    from tqdm.auto import tqdm
+
+    with tqdm(total=total, desc="evaluate", unit="answer", disable=not enabled, dynamic_ncols=True) as bar:
+        token = _PROGRESS.set(bar)
+        try:
+            yield bar
+        finally:
+            _PROGRESS.reset(token)
+
+
 def _generate_batched(
     generator,
     tokenizer,
@@ -362,6 +382,8 @@ def _generate_batched(
         )
         for i, seq in zip(chunk, out.sequences()):
             answers[i] = tokenizer.decode(seq, skip_special_tokens=True).strip()
+        if _PROGRESS.get() is not None:
+            _PROGRESS.get().update(len(chunk))
     return answers
 
 
@@ -664,6 +686,7 @@ def run_evaluation(
     pictures_per_set: int = 1,
     output: str | None = None,
     model: Mapping[str, Any] | None = None,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Per-task and composite-n evaluation; returns (and writes to `output` as JSON)
 
@@ -685,6 +708,7 @@ def run_evaluation(
     model: where the answers came from (scripts/evaluate.py gives the checkpoint, gates and
     tokenizer paths, top_k, dtype and layer layout), recorded in the results' settings with the
     evaluation's own options, so that a results file says how to reproduce it.
+    progress: a tqdm bar (stderr) over every answer to generate (a composite turn is one answer).
     """
     import json
 
@@ -721,29 +745,35 @@ def run_evaluation(
     _check_everything_fits(generator, tokenizer, task_records, composite_sets, composite_mode=composite_mode,
                            max_new_tokens=max_new_tokens, chat_template=chat_template)
 
-    for task, records in task_records.items():
-        force = adapter_for_task[task] if adapter_for_task is not None else force_adapter
-        results["tasks"][task] = evaluate_records(
-            generator, tokenizer, records, metric_for(task), routing_temperature=routing_temperature,
-            force_adapter=force, **common
-        )
-    for path, records in composite_sets:
-        sizes = {len(r["tasks"]) for r in records}
-        n = sizes.pop() if len(sizes) == 1 else None
-        temp = composite_temperature or COMPOSITE_TEMPERATURES.get(n, routing_temperature)
-        base_name = f"composite-{n}" if n is not None else os.path.splitext(os.path.basename(path))[0]
-        name, count = base_name, 1
-        while name in results["composite"]:  # another file of the same n (or name)
-            count += 1
-            name = f"{base_name}#{count}"
-        res = evaluate_composite_records(
-            generator, tokenizer, records, metric_for, mode=composite_mode, routing_temperature=temp,
-            force_adapter=force_adapter, adapter_for_task=adapter_for_task,
-            pictures=(os.path.join(routing_pictures, name), adapter_names, pictures_per_set) if routing_pictures else None,
-            **common,
-        )
-        res.update(routing_temperature=temp, file=os.path.abspath(path))
-        results["composite"][name] = res
+    answers = sum(map(len, task_records.values())) + sum(
+        len(records) if composite_mode == "joint" else sum(len(r["tasks"]) for r in records)
+        for _, records in composite_sets)
+    with _progress_bar(answers, progress) as bar:
+        for task, records in task_records.items():
+            bar.set_postfix_str(task)
+            force = adapter_for_task[task] if adapter_for_task is not None else force_adapter
+            results["tasks"][task] = evaluate_records(
+                generator, tokenizer, records, metric_for(task), routing_temperature=routing_temperature,
+                force_adapter=force, **common
+            )
+        for path, records in composite_sets:
+            bar.set_postfix_str(os.path.basename(path))
+            sizes = {len(r["tasks"]) for r in records}
+            n = sizes.pop() if len(sizes) == 1 else None
+            temp = composite_temperature or COMPOSITE_TEMPERATURES.get(n, routing_temperature)
+            base_name = f"composite-{n}" if n is not None else os.path.splitext(os.path.basename(path))[0]
+            name, count = base_name, 1
+            while name in results["composite"]:  # another file of the same n (or name)
+                count += 1
+                name = f"{base_name}#{count}"
+            res = evaluate_composite_records(
+                generator, tokenizer, records, metric_for, mode=composite_mode, routing_temperature=temp,
+                force_adapter=force_adapter, adapter_for_task=adapter_for_task,
+                pictures=(os.path.join(routing_pictures, name), adapter_names, pictures_per_set) if routing_pictures else None,
+                **common,
+            )
+            res.update(routing_temperature=temp, file=os.path.abspath(path))
+            results["composite"][name] = res
     results["settings"] = dict(
         model=dict(model or {}),
         data_root=os.path.abspath(data_root) if data_root else None,

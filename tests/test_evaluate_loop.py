@@ -453,9 +453,10 @@ def test_run_evaluation_checks_every_length_before_generating(world, tmp_path, m
     assert not (tmp_path / "r.json").exists()
 
 
-def test_composite_sets_of_one_n_keep_their_own_results(world, tmp_path):
+def test_composite_sets_of_one_n_keep_their_own_results(world, tmp_path, capsys):
     """Three composite-2 files: each keeps its results (the third overwrote the second's), and the
-    results file is written whole (no .partial left)."""
+    results file is written whole (no .partial left). A progress bar counts every answer (3 sets x
+    2 samples x 2 turns): the evaluation showed nothing until its table."""
     w, params, config, names, tok = world
     from meteora_jax.evaluate import build_composite_file, run_evaluation
 
@@ -471,6 +472,8 @@ def test_composite_sets_of_one_n_keep_their_own_results(world, tmp_path):
     assert [r["file"] for r in results["composite"].values()] == paths
     assert json.loads(out.read_text())["composite"].keys() == results["composite"].keys()
     assert sorted(os.listdir(tmp_path)) == ["r.json", "x0", "x1", "x2"]
+    last_update = capsys.readouterr().err.split("\r")[-1]
+    assert "evaluate: 100%" in last_update and "12/12" in last_update, last_update
 
 
 def test_oracle_single_tasks_equal_forcing_each_task(world):
