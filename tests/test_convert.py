@@ -423,8 +423,11 @@ def test_reference_checkpoint_round_trip(base_ckpt, tiny_hf_llama_dir, tmp_path,
         (lambda s: s["model.layers.0.mlp.down_proj.lora_B.weight"].__setitem__((0, 0), float("inf")), "non-finite"),
         (lambda s: s.__setitem__("model.layers.0.self_attn.q_proj.lora_A.weight", torch.zeros(0, 64)),
          "bad.safetensors: key 'model.layers.0.self_attn.q_proj.lora_A.weight' has shape (0, 64), want [L*r, 64] with L=3, r >= 1"),
+        (lambda s: s.__setitem__("model.layers.0.self_attn.q_proj.lora_A.weight", torch.from_numpy(
+            np.random.default_rng().integers(-3, 4, (12, 64)).astype(np.int32))),
+         "bad.safetensors: key 'model.layers.0.self_attn.q_proj.lora_A.weight' has dtype int32; weights must be floating point"),
     ],
-    ids=["missing-key", "bad-shape", "unknown-key", "non-finite", "rank-zero"],
+    ids=["missing-key", "bad-shape", "unknown-key", "non-finite", "rank-zero", "integer"],
 )
 def test_reference_bad_input(base_ckpt, tmp_path, capsys, mutate, message):
     from safetensors.torch import save_file
@@ -502,6 +505,15 @@ def _other_base_adapter(path, tmp_path):
     make_peft_adapter(base, path, seed=0, **TINY_PEFT_ADAPTERS["alpha"])
 
 
+def _integer_factor(dtype):
+    """Replaces KEY by random integers (or booleans) of its shape, fresh on every run: astype(float32)
+    used to turn them into 0/1 or integer weights without a word."""
+    def breaker(path, tmp_path):
+        rng = np.random.default_rng()
+        _edit_tensors(path, lambda d: d.__setitem__(KEY, rng.integers(-3, 4, d[KEY].shape).astype(dtype)))
+    return breaker
+
+
 BAD_ADAPTERS = {
     "missing-config": (lambda p, t: os.remove(p / "adapter_config.json"), ["adapter 'alpha'", "adapter_config.json is missing"]),
     "missing-weights": (lambda p, t: os.remove(p / "adapter_model.safetensors"), ["adapter 'alpha'", "has no adapter_model.safetensors or adapter_model.bin"]),
@@ -526,6 +538,8 @@ BAD_ADAPTERS = {
     "untargeted-layer": (lambda p, t: _edit_config(p, layers_to_transform=[1]), ["adapts model.layers.0.self_attn.q_proj, which adapter_config.json does not target (target_modules=", "layers_to_transform=[1])"]),
     "fewer-layers": (lambda p, t: _edit_tensors(p, lambda d: [d.pop(k) for k in list(d) if ".layers.1." in k]), ["key 'base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight' is missing", "its keys stop at layer 0, the base model has 2 layers: trained on a different base?"]),
     "non-finite": (lambda p, t: _edit_tensors(p, lambda d: d[KEY].__setitem__((0, 3), np.nan)), ["adapter 'alpha'", f"tensor {KEY!r} has 1 non-finite values"]),
+    **{f"lora-a-{np.dtype(dtype).name}": (_integer_factor(dtype), ["adapter 'alpha'", "adapter_model.safetensors): key "
+       f"{KEY!r} has dtype {np.dtype(dtype).name}; weights must be floating point"]) for dtype in (np.bool_, np.int8, np.int32)},
     "truncated": (lambda p, t: _truncate(p / "adapter_model.safetensors"), ["adapter 'alpha'", "adapter_model.safetensors: cannot read weights, the file is truncated or corrupt"]),
     "corrupt-header": (lambda p, t: _corrupt(p / "adapter_model.safetensors"), ["adapter 'alpha'", "truncated or corrupt"]),
     "prefix-tuning": (lambda p, t: _edit_config(p, peft_type="PREFIX_TUNING", target_modules=None), ["adapter 'alpha'", "key 'peft_type' is 'PREFIX_TUNING'; only LORA adapters"]),
@@ -749,6 +763,17 @@ def _edit_hf_config(**changes):
     return lambda d: _edit_json(d / "config.json", lambda c: {**c, **changes})
 
 
+def _integer_base_weight(name, dtype):
+    """Replaces the base tensor `name` by random integers (or booleans) of its shape, fresh on every run."""
+    def breaker(d):
+        from safetensors.numpy import load_file, save_file
+
+        tensors = load_file(d / "model.safetensors")
+        tensors[name] = np.random.default_rng().integers(-3, 4, tensors[name].shape).astype(dtype)
+        save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
+    return breaker
+
+
 _INDEX = "model.safetensors.index.json"
 BAD_BASES = {  # case: (sharded source?, breaker(dir), file named in the error, message)
     "weight-map-list": (True, lambda d: _edit_json(d / _INDEX, lambda j: {**j, "weight_map": list(j["weight_map"])}),
@@ -766,6 +791,10 @@ BAD_BASES = {  # case: (sharded source?, breaker(dir), file named in the error, 
     "llama3-missing-keys": (False, _edit_hf_config(rope_parameters={"rope_type": "llama3", "factor": 8.0, "rope_theta": 1e4}),
                             "config.json", "HF config key 'rope_parameters' (rope_type 'llama3') lacks "
                             "['low_freq_factor', 'high_freq_factor', 'original_max_position_embeddings']"),
+    "int8-weight": (False, _integer_base_weight("model.layers.1.mlp.down_proj.weight", np.int8), "model.safetensors",
+                    "tensor 'model.layers.1.mlp.down_proj.weight' has dtype int8; weights must be floating point"),
+    "bool-norm": (False, _integer_base_weight("model.norm.weight", np.bool_), "model.safetensors",
+                  "tensor 'model.norm.weight' has dtype bool; weights must be floating point"),
     "more-layers-than-config": (False, _edit_hf_config(num_hidden_layers=1), "model.safetensors",
                                 "is for layer 1, but {src}/config.json says num_hidden_layers=1"),
 }

@@ -105,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Converts an HF LLaMA-architecture model (config.json + model.safetensors / "
         "pytorch_model.bin, or their sharded *.index.json variants) or a GGUF file (dequantised by "
         "transformers; needs the `gguf` package) into a checkpoint of the base params and the model config. "
-        "Every tensor is checked against the shape the config implies and for non-finite values.",
+        "Every tensor is checked against the shape the config implies, for a floating-point dtype and for "
+        "non-finite values.",
     )
     base.add_argument("source", type=Path, help="HF model directory or .gguf file")
     base.add_argument("--gguf-file", help="GGUF file name inside SOURCE, when SOURCE is a directory")
@@ -139,7 +140,7 @@ target_parameters, layer_replication, trainable tokens, initialisations that mod
 path_initial_model_for_weight_conversion; loftq), malformed regular expressions, targets naming a
 LLaMA module other than the seven projections (entries that match no LLaMA module are ignored, as
 PEFT does), keys that adapter_config.json does not explain (or missing ones),
-non-finite values, truncated or corrupt weight files, duplicate adapter names.
+bool or integer tensors, non-finite values, truncated or corrupt weight files, duplicate adapter names.
 Accepted key variants: with or without the base_model.model. prefix, with or without an adapter
 name segment (lora_A.default.weight).""",
     )

@@ -1,5 +1,5 @@
 """Pieces shared by the PEFT and reference converters: the error type, tensor-file reading with
-clear errors, hashing, finiteness checks and the check that a parameter tree fits its config."""
+clear errors, hashing, dtype and finiteness checks and the check that a parameter tree fits its config."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Callable, Mapping, Optional
 import numpy as np
 
 from meteora_jax.config import ALL_PROJECTIONS, ModelConfig, block_of
-from meteora_jax.convert.hf_base import projection_shape, tensor_to_numpy
+from meteora_jax.convert.hf_base import non_float_dtype, projection_shape, tensor_to_numpy
 
 
 class ConversionError(ValueError):
@@ -76,6 +76,14 @@ def read_tensor_file(
             f"{prefix}{path}: cannot read weights, the file is truncated or corrupt ({type(err).__name__}: {err})"
         ) from err
     return tensors
+
+
+def check_float(value: np.ndarray, what: str, key: str) -> None:
+    """A weight read from a file is floating point: a bool or integer tensor (a damaged or foreign
+    file) would otherwise be stored as 0/1 or integer weights."""
+    dtype = non_float_dtype(value)
+    if dtype is not None:
+        raise ConversionError(f"{what}: key {key!r} has dtype {dtype}; weights must be floating point")
 
 
 def check_finite(value: np.ndarray, what: str, key: str) -> None:

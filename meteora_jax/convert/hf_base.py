@@ -65,6 +65,23 @@ def tensor_to_numpy(tensor) -> np.ndarray:
     return np.asarray(tensor)
 
 
+def non_float_dtype(value) -> Optional[str]:
+    """The dtype name of `value` when it is not floating point (bool, int, complex), else None.
+    `astype` would turn such a tensor into 0/1 or integer weights without a word. bf16 and fp8
+    (ml_dtypes, which numpy does not count as floating) are floating point."""
+    import jax.numpy as jnp
+
+    return None if jnp.issubdtype(value.dtype, jnp.floating) else np.dtype(value.dtype).name
+
+
+def check_float_weight(value: np.ndarray, where: str, name: str) -> np.ndarray:
+    """`value`, unless it is not floating point: then WeightsError naming `where` (the file) and `name`."""
+    dtype = non_float_dtype(value)
+    if dtype is not None:
+        raise WeightsError(f"{where}: tensor {name!r} has dtype {dtype}; weights must be floating point")
+    return value
+
+
 class HFCheckpointReader:
     """Reads named tensors of a local HF model directory, one at a time (shards opened lazily)."""
 
@@ -182,7 +199,7 @@ def _gguf_state_dict(gguf_path: Path) -> tuple[dict, Callable[[str], np.ndarray]
 
 
 def _checked(get: Callable[[str], np.ndarray], source: str, name: str, shape: tuple, dtype) -> np.ndarray:
-    value = get(name)
+    value = check_float_weight(get(name), source, name)  # (a GGUF's quantised tensors arrive dequantised)
     if tuple(value.shape) != tuple(shape):
         raise WeightsError(
             f"{source}: tensor {name!r} has shape {tuple(value.shape)} but the model config implies {tuple(shape)}"
@@ -256,7 +273,7 @@ def load_hf_llama(
 
         def get(name: str) -> np.ndarray:
             used.add(name)
-            return reader.get(name)
+            return check_float_weight(reader.get(name), str(reader.file_of(name)), name)  # (names the shard)
 
     try:
         config = ModelConfig.from_hf(hf_config, meteora=meteora, **config_overrides)

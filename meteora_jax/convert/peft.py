@@ -20,8 +20,8 @@ KaSA, initialisations that modify the base (`init_lora_weights` PiSSA, OLoRA, Co
 LoftQ; PEFT's `path_initial_model_for_weight_conversion` turns the first four into plain LoRA),
 full embedding / lm_head weights (a resized vocabulary), malformed regular expressions, targets
 that name a LLaMA module other than the seven projections, an `r` that is not a positive integer
-or a `lora_alpha` that is not a finite number > 0, shapes of another base model, non-finite
-values, unreadable files. Accepted as PEFT loads them: target-list entries that match no LLaMA
+or a `lora_alpha` that is not a finite number > 0, shapes of another base model, bool or integer
+tensors, non-finite values, unreadable files. Accepted as PEFT loads them: target-list entries that match no LLaMA
 module (generic lists such as ["q_proj", "v_proj", "query_key_value"]) and `bias="lora_only"`
 (LLaMA's projections have no bias, so nothing extra is trained).
 
@@ -48,6 +48,7 @@ from meteora_jax.config import ALL_PROJECTIONS, MeteoRAConfig, ModelConfig, bloc
 from meteora_jax.convert.common import (
     ConversionError,
     check_finite,
+    check_float,
     read_tensor_file,
     sha256_file,
 )
@@ -364,6 +365,7 @@ def load_peft_adapter(name: str, path: str | os.PathLike, config: ModelConfig) -
         rank = int(_pattern_value(cfg.get("rank_pattern"), mod, cfg["r"]))
         # (key, tensor, axis that must equal the base model's size, that size, full expected shape)
         for key, value, axis, size, want in ((key_a, a, 1, d_in, (rank, d_in)), (key_b, b, 0, d_out, (d_out, rank))):
+            check_float(value, what, key)
             if value.ndim != 2 or value.shape[axis] != size:
                 layout = f"[r, {d_in}]" if axis == 1 else f"[{d_out}, r]"
                 raise ConversionError(

@@ -42,6 +42,7 @@ from meteora_jax.config import ALL_PROJECTIONS, MeteoRAConfig, ModelConfig, bloc
 from meteora_jax.convert.common import (
     ConversionError,
     check_finite,
+    check_float,
     read_tensor_file,
     sha256_file,
 )
@@ -257,6 +258,7 @@ def load_reference(
                     f"have rank {ranks[projection]}"
                 )
             for key, file, value in ((key_a, file_a, a), (key_b, file_b, b), (key_g, file_g, g)):
+                check_float(value, f"reference checkpoint {file}", key)
                 check_finite(value, f"reference checkpoint {file}", key)
             a_list.append(np.asarray(a, np.float32).reshape(num, rank, d_in).transpose(0, 2, 1))  # [L, d_in, r]
             b_list.append(np.asarray(b, np.float32).reshape(d_out, num, rank).transpose(1, 2, 0))  # [L, r, d_out]
