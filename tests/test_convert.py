@@ -27,7 +27,7 @@ from meteora_jax.checkpoint import is_checkpoint, read_metadata, restore_checkpo
 from meteora_jax.config import ALL_PROJECTIONS
 from meteora_jax.convert.cli import main
 from meteora_jax.convert.hf_base import hf_projection_name
-from conftest import TINY_PEFT_ADAPTERS, make_peft_adapter, make_tiny_hf_llama
+from conftest import TINY_PEFT_ADAPTERS, child_env, make_peft_adapter, make_tiny_hf_llama
 from torch_reference import hf_logits, relative_error
 
 TOL = 1e-4
@@ -591,19 +591,17 @@ def test_bad_adapter_is_refused(case, base_ckpt, tiny_peft_adapters, tmp_path, c
     assert os.listdir(outdir) == []
 
 
-def test_sigterm_during_the_save_leaves_nothing(base_ckpt, tiny_peft_adapters, tmp_path, capsys):
-    """SIGTERM (a scheduler's time limit) while the checkpoint is being written: the command exits
-    143 and leaves no hidden staging folder beside the output (it stayed, a model's size, for every
-    later run). An in-process `main` call keeps the caller's SIGTERM handling."""
+def _stop_during_the_save(base_ckpt, adapter, output, signum):
+    """Runs `meteora-convert loras` in a child process, sends `signum` while the checkpoint is being
+    written (a sleep after Orbax has written holds the save open) and returns (exit status, stderr)."""
     import signal
     import time
 
-    name, path = tiny_peft_adapters[0]
-    outdir = tmp_path / "outdir"
-    outdir.mkdir()
-    # The save is held open (a sleep after Orbax has written) so the signal lands inside it.
+    name, path = adapter
+    # SIGINT as in a terminal: a child started in the background of a shell may inherit it ignored.
     script = textwrap.dedent(f"""
-        import sys, time
+        import signal, sys, time
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         import meteora_jax.checkpoint as checkpoint
         real = checkpoint._checkpointer
         class Slow:
@@ -615,18 +613,34 @@ def test_sigterm_during_the_save_leaves_nothing(base_ckpt, tiny_peft_adapters, t
         checkpoint._checkpointer = Slow
         from meteora_jax.convert.cli import console_main
         sys.argv = ["meteora-convert", "loras", "--base", {str(base_ckpt)!r}, "--adapters", "{name}={path}",
-                    "-o", {str(outdir / "ck")!r}, "--quiet"]
+                    "-o", {str(output)!r}, "--top-k", "1", "--quiet"]
         sys.exit(console_main())
     """)
-    proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stderr=subprocess.PIPE, text=True,
+                            env=child_env())
     deadline = time.monotonic() + 120
-    while not list(outdir.glob(".ck.tmp-*/checkpoint/metadata")) and proc.poll() is None and time.monotonic() < deadline:
+    staged = f".{output.name}.tmp-*/checkpoint/metadata"
+    while not list(output.parent.glob(staged)) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     time.sleep(0.5)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     err = proc.communicate(timeout=120)[1]
-    assert proc.returncode == 143, err
-    assert "stopped by SIGTERM; nothing written" in err
+    return proc.returncode, err
+
+
+@pytest.mark.parametrize("signame,status", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_stopped_during_the_save_leaves_nothing(base_ckpt, tiny_peft_adapters, tmp_path, capsys, signame, status):
+    """SIGTERM (a scheduler's time limit) or Ctrl-C while the checkpoint is being written: the command
+    exits 143 / 130 with one line (Ctrl-C printed a KeyboardInterrupt traceback and exited -2) and
+    leaves no hidden staging folder beside the output (it stayed, a model's size, for every later
+    run). An in-process `main` call keeps the caller's SIGTERM handling."""
+    import signal
+
+    outdir = tmp_path / "outdir"
+    outdir.mkdir()
+    rc, err = _stop_during_the_save(base_ckpt, tiny_peft_adapters[0], outdir / "ck", getattr(signal, signame))
+    assert rc == status, err
+    assert err == f"meteora-convert: stopped by {signame}; nothing written\n"
     assert os.listdir(outdir) == []
     before = signal.getsignal(signal.SIGTERM)
     capsys.readouterr()

@@ -11,8 +11,8 @@ Subcommands (run `meteora-convert SUBCOMMAND --help` for every flag):
   inspect    print what a checkpoint holds (adapters, ranks, shapes, dtypes, size).
 
 Every conversion writes into a hidden temporary directory next to the output and renames it at
-the end: on any error nothing is left behind and the exit status is 1. An existing output is
-refused unless --overwrite.
+the end: on any error nothing is left behind and the exit status is 1 (Ctrl-C: 130, SIGTERM: 143).
+An existing output is refused unless --overwrite.
 """
 
 from __future__ import annotations
@@ -436,14 +436,16 @@ def _raise_stop(signum, frame):
 def console_main() -> int:
     """The `meteora-convert` command (and scripts/convert.py): `main` with SIGTERM (a scheduler's
     time limit) unwinding like Ctrl-C, so an unfinished checkpoint's hidden staging folder is
-    removed by save_checkpoint's cleanup instead of staying beside the output. Exit status 143.
-    Only the command sets the handler: a program that calls `main` keeps its own SIGTERM behaviour."""
+    removed by save_checkpoint's cleanup instead of staying beside the output. Either ends with one
+    line and exit status 143 (SIGTERM) or 130 (Ctrl-C), not a traceback. Only the command sets the
+    handler: a program that calls `main` keeps its own SIGTERM and KeyboardInterrupt behaviour."""
     signal.signal(signal.SIGTERM, _raise_stop)
     try:
         return main()
-    except _Stopped:
-        print("meteora-convert: stopped by SIGTERM; nothing written", file=sys.stderr)
-        return 128 + int(signal.SIGTERM)
+    except (_Stopped, KeyboardInterrupt) as stop:
+        signum = signal.SIGTERM if isinstance(stop, _Stopped) else signal.SIGINT
+        print(f"meteora-convert: stopped by {signum.name}; nothing written", file=sys.stderr)
+        return 128 + int(signum)
 
 
 if __name__ == "__main__":
