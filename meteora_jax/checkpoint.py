@@ -19,7 +19,10 @@ source paths and sha256 hashes).
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import logging
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -32,6 +35,8 @@ import orbax.checkpoint as ocp
 
 from meteora_jax.config import ConfigError, ModelConfig
 from meteora_jax.files import replace_folder
+
+log = logging.getLogger(__name__)
 
 FORMAT = "meteora-jax"
 VERSION = 1
@@ -110,6 +115,61 @@ def replaceable(path: str | os.PathLike) -> bool:
     return is_checkpoint(path) or (path.is_dir() and not any(path.iterdir()))
 
 
+def _staging_prefix(path: Path) -> str:
+    """`save_checkpoint` writes `path` into the hidden folder `<prefix><8 hex digits>` beside it."""
+    return f".{path.name}.tmp-"
+
+
+def _lock(folder: Path) -> int:
+    """A descriptor of `folder` holding its exclusive flock, released when it is closed or the process
+    dies (kill -9 included): marks a save in progress. OSError where it cannot (BlockingIOError:
+    another process holds it)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def remove_stale_staging(path: str | os.PathLike) -> None:
+    """Removes the staging folders that saves of `path` killed mid-write (kill -9, an out-of-memory
+    kill, a power cut) left beside it, with a warning naming each: no cleanup ran in them, and each
+    holds up to a model's size. A folder whose save is still running (it holds the folder's flock) is
+    left alone. One holding the old checkpoint, moved aside by an overwrite that was killed before
+    the new one was renamed into place, gives it back first if `path` is missing."""
+    path = Path(path).absolute()
+    pattern = re.compile(re.escape(_staging_prefix(path)) + "[0-9a-f]{8}")
+    try:
+        names = os.listdir(path.parent)
+    except OSError:  # no folder yet, or not a folder: the caller reports that
+        return
+    for staging in (path.parent / name for name in names if pattern.fullmatch(name)):
+        if not staging.is_dir():
+            continue
+        try:
+            fd = _lock(staging)
+        except FileNotFoundError:  # finished meanwhile
+            continue
+        except BlockingIOError:
+            log.info("left %s alone: a save of %s is writing it", staging, path)
+            continue
+        except OSError as err:  # a file system without flock: a live save is not told from a killed one
+            log.warning("%s is left by a save of %s that was interrupted or is still running (%s); remove it "
+                        "if none is", staging, path, err)
+            continue
+        try:
+            previous = staging / "previous"
+            if not path.exists() and is_checkpoint(previous):
+                os.replace(previous, path)
+                log.warning("put %s back from %s, where an interrupted overwrite had moved it", path, previous)
+            shutil.rmtree(staging, ignore_errors=True)
+            log.warning("removed %s, left by a save of %s that was interrupted", staging, path)
+        finally:
+            os.close(fd)
+
+
 def save_checkpoint(
     path: str | os.PathLike,
     params: Mapping,
@@ -121,7 +181,8 @@ def save_checkpoint(
     """Writes `params` (nested dicts of numpy or jax arrays), `config` and JSON `metadata`.
 
     Atomic: written into a hidden temporary directory next to `path` and renamed into place at
-    the end, so a failure leaves nothing behind. An existing `path` is an error unless
+    the end, so a failure leaves nothing behind (a killed save's folder is removed by the next save
+    of `path`: `remove_stale_staging`). An existing `path` is an error unless
     `overwrite`, in which case it is replaced only once the new checkpoint is complete, and only
     if it is a checkpoint (or an empty folder): anything else is an error either way.
     Returns the absolute path.
@@ -130,6 +191,7 @@ def save_checkpoint(
     if jax.process_count() > 1:
         raise CheckpointError("save_checkpoint is single-process (converters, tools); multi-host training saves "
                               "through its Orbax CheckpointManager")
+    remove_stale_staging(path)  # (first: it may put back an old checkpoint that an overwrite moved aside)
     if path.exists() and not overwrite:
         raise CheckpointError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
     if path.exists() and not replaceable(path):
@@ -143,9 +205,12 @@ def save_checkpoint(
         param_shapes={k: [list(np.shape(v)), np.dtype(v.dtype).name] for k, v in flat.items()},
     )
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    staging = path.parent / f"{_staging_prefix(path)}{uuid.uuid4().hex[:8]}"
+    lock = None
     try:
         staging.mkdir()
+        with contextlib.suppress(OSError):  # (no flock there: other saves only report the folder)
+            lock = _lock(staging)  # so that another save's remove_stale_staging leaves it alone
         target = staging / "checkpoint"
         _checkpointer().save(
             target,
@@ -158,6 +223,8 @@ def save_checkpoint(
         replace_folder(target, path, staging / "previous")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if lock is not None:
+            os.close(lock)
     return path
 
 

@@ -591,10 +591,9 @@ def test_bad_adapter_is_refused(case, base_ckpt, tiny_peft_adapters, tmp_path, c
     assert os.listdir(outdir) == []
 
 
-def _stop_during_the_save(base_ckpt, adapter, output, signum):
-    """Runs `meteora-convert loras` in a child process, sends `signum` while the checkpoint is being
-    written (a sleep after Orbax has written holds the save open) and returns (exit status, stderr)."""
-    import signal
+def _convert_in_child(base_ckpt, adapter, output):
+    """Starts `meteora-convert loras` in a child process and returns it once it is inside the save,
+    held open by a sleep after Orbax has written (its staging folder then holds the checkpoint)."""
     import time
 
     name, path = adapter
@@ -616,16 +615,15 @@ def _stop_during_the_save(base_ckpt, adapter, output, signum):
                     "-o", {str(output)!r}, "--top-k", "1", "--quiet"]
         sys.exit(console_main())
     """)
+    staged = f".{output.name}.tmp-*/checkpoint/metadata"
+    before = set(output.parent.glob(staged))  # (another run's)
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stderr=subprocess.PIPE, text=True,
                             env=child_env())
     deadline = time.monotonic() + 120
-    staged = f".{output.name}.tmp-*/checkpoint/metadata"
-    while not list(output.parent.glob(staged)) and proc.poll() is None and time.monotonic() < deadline:
+    while not set(output.parent.glob(staged)) - before and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     time.sleep(0.5)
-    proc.send_signal(signum)
-    err = proc.communicate(timeout=120)[1]
-    return proc.returncode, err
+    return proc
 
 
 @pytest.mark.parametrize("signame,status", [("SIGTERM", 143), ("SIGINT", 130)])
@@ -638,14 +636,57 @@ def test_stopped_during_the_save_leaves_nothing(base_ckpt, tiny_peft_adapters, t
 
     outdir = tmp_path / "outdir"
     outdir.mkdir()
-    rc, err = _stop_during_the_save(base_ckpt, tiny_peft_adapters[0], outdir / "ck", getattr(signal, signame))
-    assert rc == status, err
+    proc = _convert_in_child(base_ckpt, tiny_peft_adapters[0], outdir / "ck")
+    proc.send_signal(getattr(signal, signame))
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == status, err
     assert err == f"meteora-convert: stopped by {signame}; nothing written\n"
     assert os.listdir(outdir) == []
     before = signal.getsignal(signal.SIGTERM)
     capsys.readouterr()
     assert main(["inspect", str(base_ckpt)]) == 0 and signal.getsignal(signal.SIGTERM) is before
     assert "meteora: no adapters (a plain LLaMA)" in capsys.readouterr().out  # not "0 adapters, padded rank 8"
+
+
+def test_the_next_run_cleans_up_after_a_killed_save(base_ckpt, tiny_peft_adapters, tmp_path, caplog, capsys):
+    """kill -9 during the save leaves its hidden staging folder (no cleanup can run); the next
+    conversion to that output removes it and says so (it stayed, a model's size, unmentioned). The
+    staging folder of a save still running is left alone, as is a folder that only looks alike. One
+    holding the old checkpoint (moved aside by --overwrite just before the kill) is put back."""
+    import signal
+
+    outdir = tmp_path / "outdir"
+    outdir.mkdir()
+    out = outdir / "ck"
+    (outdir / ".ck.tmp-notours").mkdir()
+    killed = _convert_in_child(base_ckpt, tiny_peft_adapters[0], out)
+    killed.kill()
+    killed.communicate(timeout=120)
+    [stale] = outdir.glob(".ck.tmp-????????")
+    running = _convert_in_child(base_ckpt, tiny_peft_adapters[1], out)  # removes it, then is killed mid-save
+    [live] = outdir.glob(".ck.tmp-????????")
+    assert live != stale
+    name, path = tiny_peft_adapters[2]
+    args = ["loras", "--base", str(base_ckpt), "--adapters", f"{name}={path}", "-o", str(out), "--quiet"]
+    assert main(args) == 0  # leaves the running save's folder alone
+    assert sorted(os.listdir(outdir)) == sorted([".ck.tmp-notours", live.name, "ck"])
+    assert read_metadata(out)["adapters"][0]["name"] == name
+    running.send_signal(signal.SIGTERM)
+    err = running.communicate(timeout=120)[1]
+    assert running.returncode == 143, err
+    assert f"removed {stale}, left by a save of {out} that was interrupted" in err
+    assert sorted(os.listdir(outdir)) == [".ck.tmp-notours", "ck"]
+
+    # Killed between moving the old checkpoint aside and renaming the new one into place.
+    shutil.move(out, outdir / ".ck.tmp-0123abcd" / "previous")
+    caplog.clear()
+    capsys.readouterr()
+    with caplog.at_level(logging.WARNING, logger="meteora_jax"):
+        assert main(args) == 1
+    assert f"put {out} back from {outdir / '.ck.tmp-0123abcd' / 'previous'}" in caplog.text
+    assert f"{out} exists; pass --overwrite" in capsys.readouterr().err
+    assert sorted(os.listdir(outdir)) == [".ck.tmp-notours", "ck"]
+    assert read_metadata(out)["adapters"][0]["name"] == name
 
 
 def test_duplicate_names_and_missing_order(base_ckpt, tiny_peft_adapters, tmp_path, capsys):

@@ -35,6 +35,7 @@ from meteora_jax.checkpoint import (
     CheckpointError,
     is_checkpoint,
     read_metadata,
+    remove_stale_staging,
     replaceable,
     restore_checkpoint,
     save_checkpoint,
@@ -262,12 +263,14 @@ def _header(kind: str, config: ModelConfig) -> dict:
 
 def _check_output(args, inputs: Sequence[Path]) -> None:
     """The output location, before any work: --overwrite replaces only a checkpoint (or an empty
-    folder), never one of the inputs or a folder holding one, and the location must be writable."""
+    folder), never one of the inputs or a folder holding one, and the location must be writable.
+    What killed conversions to it left (hidden staging folders) is removed first, with a warning."""
     out = args.output.resolve()
     for given in inputs:
         source = Path(given).resolve()
         if out == source or out in source.parents:
             raise ConversionError(f"output {args.output} is, or holds, the input {given}; choose another output")
+    remove_stale_staging(out)  # (before the base loads: frees their space; may give back an old checkpoint)
     if out.exists():
         if not args.overwrite:
             raise CheckpointError(f"{args.output} exists; pass --overwrite to replace it")
