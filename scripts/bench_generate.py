@@ -327,6 +327,10 @@ def main(argv=None) -> int:
     model_names = choice_list(p, "--models", args.models, MODEL_NAMES)
     check_writable(p, "--out", args.out)
     make = tiny if args.tiny else llama3_8b
+    positions = make(1, MeteoRAConfig()).max_position_embeddings  # (it failed after building the weights)
+    if args.prompt_len + args.new_tokens > positions:
+        cli_fail(p, f"--prompt-len {args.prompt_len} + --new-tokens {args.new_tokens} exceeds the model's "
+                    f"max_position_embeddings={positions}")
 
     dev = jax.devices()[0]
     print(f"jax {jax.__version__}, device {dev.device_kind} ({dev.platform}), {args.num_layers} layers", flush=True)

@@ -29,6 +29,8 @@ BAD_INPUTS = {
                                                  "--out", "{file}/x.json"], "--out"),
     "generate_batches": ("bench_generate", TINY_GENERATE + ["--batches", "1,,2", "--out", "{out}"], "--batches"),
     "generate_models": ("bench_generate", TINY_GENERATE + ["--models", "bogus", "--out", "{out}"], "--models"),
+    # Past the model's positions: a traceback after the weights were built and T(1) timed.
+    "generate_too_long": ("bench_generate", TINY_GENERATE + ["--prompt-len", "8190", "--out", "{out}"], "--prompt-len"),
     "profile_blocks": ("profile_decode", TINY_PROFILE + ["--routed-blocks", "block_k=x", "--out", "{out}"],
                        "--routed-blocks"),
     "profile_compare_without_meteora": ("profile_decode", TINY_PROFILE + ["--compare", "--models", "base",
