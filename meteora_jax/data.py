@@ -80,7 +80,7 @@ def read_text_lines(path: str | os.PathLike) -> list[str]:
     other Unicode line separators a JSON string may hold); a `DataError` naming the file if it is
     missing or not UTF-8."""
     if not os.path.isfile(path):
-        raise DataError(f"{os.fspath(path)}: no such file")
+        raise DataError(f"{os.fspath(path)}: {'a folder, not a file' if os.path.isdir(path) else 'no such file'}")
     try:
         with open(path, encoding="utf-8") as f:
             return [line.removesuffix("\r") for line in f.read().split("\n")]

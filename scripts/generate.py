@@ -91,7 +91,8 @@ def main(argv=None) -> int:
     except ValueError as e:
         cli_fail(p, str(e))
     if not prompts:
-        cli_fail(p, "give --prompt and/or --prompts-file")
+        cli_fail(p, f"--prompts-file {args.prompts_file} holds no prompt" if args.prompts_file
+                 else "give --prompt and/or --prompts-file")
 
     import jax
 

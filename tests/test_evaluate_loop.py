@@ -126,6 +126,7 @@ def _bad_generate_inputs(w, tmp_path):
     (tmp_path / "noprompt.jsonl").write_text('{"text": "1+2="}\n')
     (tmp_path / "a_file").write_text("")
     (tmp_path / "keep.jsonl").write_text('{"prompt": "1+2=", "id": 7}\n')
+    (tmp_path / "blank.txt").write_text("\n  \n")
     (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1"))
     missing = tmp_path / "none"
     # Another model's tokenizer: more tokens than the tiny model's vocabulary (it generated noise, exit 0).
@@ -154,6 +155,9 @@ def _bad_generate_inputs(w, tmp_path):
         (["--prompt", "1+2=", "--temperature", "nan"], "temperature=nan must be >= 0"),
         (["--prompt", "1+2=", "--routing-temperature", "0"], "routing temperature must be a finite number > 0"),
         (["--prompts-file", str(tmp_path / "latin1.txt")], "latin1.txt: not UTF-8 text"),
+        # These said "give --prompt and/or --prompts-file" and "no such file".
+        (["--prompts-file", str(tmp_path / "blank.txt")], f"--prompts-file {tmp_path / 'blank.txt'} holds no prompt"),
+        (["--prompts-file", str(tmp_path)], f"{tmp_path}: a folder, not a file"),
         # The JSON file where the pictures' folder goes: a traceback at the first picture, after generating.
         (["--prompt", "1+2=", "--json", str(tmp_path / "same"), "--routing-pictures", str(tmp_path / "same")],
          "lies in the --routing-pictures folder"),
