@@ -204,6 +204,24 @@ def test_gates_of_another_model_are_refused_by_name(tiny_inference_world, tmp_pa
     assert "Traceback" not in proc.stderr
 
 
+def test_inference_uses_the_exported_gate_values(tiny_inference_world, tmp_path):
+    """`load_for_inference` with an export returns its gates, not the checkpoint's own untrained ones
+    (merged the other way round, every check above still passed); every other leaf is the checkpoint's."""
+    from meteora_jax.generate import load_for_inference
+
+    base, _, _ = load_for_inference(tiny_inference_world.model)
+    gates, _ = split_params(base)
+    rng = np.random.default_rng([SEED % 2**63, 3])
+    trained = jax.tree.map(lambda g: np.asarray(rng.standard_normal(g.shape), np.float32), gates)
+    folder = export_gates(tmp_path / "gates", trained, list(tiny_inference_world.adapter_names))
+    params, _, _ = load_for_inference(tiny_inference_world.model, folder)
+    got = traverse_util.flatten_dict(params)
+    for path, want in traverse_util.flatten_dict(trained).items():
+        np.testing.assert_array_equal(np.asarray(got[path]), want, err_msg=f"seed={SEED}: {'/'.join(path)}")
+    for path, want in traverse_util.flatten_dict(split_params(base)[1]).items():
+        np.testing.assert_array_equal(np.asarray(got[path]), np.asarray(want), err_msg="/".join(path))
+
+
 def test_inference_loads_gates_without_training_dependencies(tiny_inference_world, tmp_path):
     """Loading a model with trained gates for generation imports neither the trainer nor its data
     and optimizer libraries (datasets, optax, ml_collections), which an inference-only install may
