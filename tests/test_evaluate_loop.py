@@ -480,6 +480,28 @@ def test_composite_sets_of_one_n_keep_their_own_results(world, tmp_path, capsys)
     assert "evaluate: 100%" in last_update and "12/12" in last_update, last_update
 
 
+def test_routing_temperatures_reach_the_generator(world, tmp_path, monkeypatch):
+    """The single tasks generate at routing_temperature, the composite sets at composite_temperature
+    (dropping either on its way to `Generator.generate` went unnoticed: every other test uses 1)."""
+    w, params, config, names, tok = world
+    from meteora_jax.evaluate import build_composite_file, run_evaluation
+
+    gen = Generator(config, params, eos_token_ids=eos_ids_of(tok), pad_token_id=tok.pad_token_id)
+    seen = []
+    real = gen.generate
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("routing_temperature"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gen, "generate", spy)
+    path = str(tmp_path / "c.jsonl")
+    build_composite_file(w.data_root, names, 2, 2, path, seed=0)
+    run_evaluation(gen, tok, data_root=w.data_root, tasks=[names[0]], composite_files=[path], max_samples=2,
+                   batch_size=2, max_new_tokens=2, routing_temperature=7.0, composite_temperature=11.0, progress=False)
+    assert seen[0] == 7.0 and set(seen) == {7.0, 11.0}, seen
+
+
 def test_oracle_single_tasks_equal_forcing_each_task(world):
     w, params, config, names, tok = world
     from meteora_jax.evaluate import run_evaluation

@@ -14,7 +14,7 @@ import pytest
 from meteora_jax import LlamaForCausalLM, MeteoRAConfig, ModelConfig, Routing, init_params
 from meteora_jax.generate import Generator, bucket_length, encode_prompt, sample_token, token_routing
 
-pytestmark = pytest.mark.usefixtures("float32_matmuls")  # float32 parity, also on a GPU (no TF32)
+pytestmark = pytest.mark.usefixtures("float32_matmuls_module")  # float32 parity, also on a GPU (no TF32)
 
 CONFIG = ModelConfig(
     vocab_size=97,
@@ -63,14 +63,15 @@ def batch_out(generator):
     return generator.generate(PROMPTS, max_new_tokens=NEW, return_logits=True)
 
 
-def _full_logits(config, params, rows, length=32):
+def _full_logits(config, params, rows, length=32, routing_temperature=1.0):
     """Uncached forward of each row alone (right-padded to `length`: causal, so the padding never
     reaches a real position) -> list of [len(row), V]."""
     model = LlamaForCausalLM(config, collect_gate_logits=False)
     ids = np.zeros((len(rows), length), np.int32)
     for b, r in enumerate(rows):
         ids[b, : len(r)] = r
-    logits = jax.jit(lambda p, x: model.apply({"params": p}, x).logits)(params, jnp.asarray(ids))
+    routing = Routing(temperature=jnp.float32(routing_temperature))
+    logits = jax.jit(lambda p, x: model.apply({"params": p}, x, routing=routing).logits)(params, jnp.asarray(ids))
     return [np.asarray(logits[b, : len(r)]) for b, r in enumerate(rows)]
 
 
@@ -115,6 +116,24 @@ def test_split_prefill_equals_single_prefill(params, batch_out):
     out = split.generate(PROMPTS, max_new_tokens=NEW, return_logits=True)
     np.testing.assert_array_equal(out.tokens, batch_out.tokens)
     np.testing.assert_allclose(out.logits, batch_out.logits, rtol=1e-4, atol=1e-4)
+    # The prompt's routing too (the two halves' gate choices were joined in either order unnoticed).
+    kw = dict(max_new_tokens=4, return_routing=True, eos_token_ids=[-5])
+    whole = Generator(CONFIG, params).generate(PROMPTS, **kw)
+    for got, want in zip(split.generate(PROMPTS, **kw).routing, whole.routing):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_routing_temperature_reaches_generation(params, generator, batch_out):
+    """The gate softmax temperature (the original's 15-30 for composite prompts) changes the mixture:
+    cached generation at T = 15 gives a full forward's logits at T = 15, not T = 1's."""
+    hot = generator.generate(PROMPTS, max_new_tokens=NEW, return_logits=True, routing_temperature=15.0)
+    rows = [p + list(hot.tokens[b]) for b, p in enumerate(PROMPTS)]
+    want_hot = _full_logits(CONFIG, params, rows, routing_temperature=15.0)
+    want_cold = _full_logits(CONFIG, params, rows)
+    for b, p in enumerate(PROMPTS):
+        positions = slice(len(p) - 1, len(p) - 1 + NEW)
+        np.testing.assert_allclose(hot.logits[b], want_hot[b][positions], rtol=2e-4, atol=2e-4)
+        assert np.max(np.abs(want_hot[b][positions] - want_cold[b][positions])) > 1e-2  # T matters here
 
 
 def _merged_plain_params(params, adapter: int):
