@@ -26,10 +26,21 @@ def child_env(**overrides: str) -> dict:
 
 @pytest.fixture
 def float32_matmuls():
-    """float32 products in full float32 for the test: on a GPU, JAX's default runs float32 matmuls in
+    """float32 products in full float32 for one test: on a GPU, JAX's default runs float32 matmuls in
     TF32 (relative error ~3e-4; README, "Use from Python"), over the parity tolerances of 1e-5 / 1e-4.
-    Files opt in with `pytestmark = pytest.mark.usefixtures("float32_matmuls")`. Not for tests that
-    read the precisions in a jaxpr: the setting is written into every dot there."""
+    Not for tests that read the precisions in a jaxpr: the setting is written into every dot there."""
+    import jax
+
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
+@pytest.fixture(scope="module")
+def float32_matmuls_module():
+    """`float32_matmuls` for a whole test module, its module-scoped fixtures included (e.g. one
+    generation every test compares with: set per test, that ran in TF32 and the tests in float32,
+    and greedy tokens differed on a GPU). Files opt in with
+    `pytestmark = pytest.mark.usefixtures("float32_matmuls_module")`."""
     import jax
 
     with jax.default_matmul_precision("highest"):

@@ -9,7 +9,7 @@ from meteora_jax import KVCache, LlamaForCausalLM, MeteoRAConfig, ModelConfig, i
 from meteora_jax.model import unstack_layers
 from torch_reference import relative_error
 
-pytestmark = pytest.mark.usefixtures("float32_matmuls")  # float32 parity, also on a GPU (no TF32)
+pytestmark = pytest.mark.usefixtures("float32_matmuls_module")  # float32 parity, also on a GPU (no TF32)
 
 CONFIG = ModelConfig(
     vocab_size=101,

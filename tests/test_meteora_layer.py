@@ -20,7 +20,7 @@ from meteora_jax.layers import MeteoRALinear
 from torch_reference import hf_logits, merged_hf_model, relative_error
 
 
-pytestmark = pytest.mark.usefixtures("float32_matmuls")  # float32 parity, also on a GPU (no TF32)
+pytestmark = pytest.mark.usefixtures("float32_matmuls_module")  # float32 parity, also on a GPU (no TF32)
 
 
 def _tiny_config(num_adapters=3, rank=4, top_k=2, targets=None, tie=False):

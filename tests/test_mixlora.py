@@ -17,6 +17,7 @@ from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_fun
 
 from meteora_jax.mixlora import MixLoRAFeedForward, load_balancing_loss
 
+pytestmark = pytest.mark.usefixtures("float32_matmuls_module")  # float32 parity, also on a GPU (no TF32)
 SEED = np.random.SeedSequence().entropy
 D, F, E, R, ALPHA = 16, 24, 5, 3, 6.0
 

@@ -16,7 +16,7 @@ from meteora_jax.config import ConfigError
 from meteora_jax.convert import WeightsError, load_hf_llama
 from torch_reference import hf_logits, random_hf_model, relative_error, tiny_hf_config
 
-pytestmark = pytest.mark.usefixtures("float32_matmuls")  # float32 parity, also on a GPU (no TF32)
+pytestmark = pytest.mark.usefixtures("float32_matmuls_module")  # float32 parity, also on a GPU (no TF32)
 
 TOL = 1e-4
 

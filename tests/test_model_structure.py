@@ -9,7 +9,7 @@ import pytest
 from meteora_jax import LlamaForCausalLM, MeteoRAConfig, ModelConfig, init_params
 from meteora_jax.model import param_logical_axes
 
-pytestmark = pytest.mark.usefixtures("float32_matmuls")  # float32 parity, also on a GPU (no TF32)
+pytestmark = pytest.mark.usefixtures("float32_matmuls_module")  # float32 parity, also on a GPU (no TF32)
 
 CONFIG = ModelConfig(
     vocab_size=64,

@@ -21,7 +21,7 @@ from meteora_jax import KVCache, LlamaForCausalLM, MeteoRAConfig, ModelConfig, i
 from meteora_jax.model import param_logical_axes, stack_layers, unstack_layers
 from torch_reference import relative_error
 
-pytestmark = pytest.mark.usefixtures("float32_matmuls")  # float32 parity, also on a GPU (no TF32)
+pytestmark = pytest.mark.usefixtures("float32_matmuls_module")  # float32 parity, also on a GPU (no TF32)
 
 _BASE = dict(
     vocab_size=101, hidden_size=48, intermediate_size=72, num_layers=3, num_heads=6, num_kv_heads=2, head_dim=8
