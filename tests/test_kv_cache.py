@@ -64,7 +64,8 @@ def test_prefill_then_decode_matches_full_recompute(left_pad):
 @pytest.mark.parametrize("per_layer", [False, True])
 def test_decode_never_sees_future_or_padding_slots(per_layer):
     """Garbage in unwritten slots and in padded slots must not change the logits (the scanned model
-    on a stacked cache, the unrolled one on per-layer arrays)."""
+    on a stacked cache, the unrolled one on per-layer arrays). The padded case had no padding, so
+    the causal mask alone passed it."""
     rng = np.random.default_rng(0)
     params = init_params(CONFIG, jax.random.key(0))
     model = LlamaForCausalLM(CONFIG, scan_layers=not per_layer)
@@ -79,6 +80,21 @@ def test_decode_never_sees_future_or_padding_slots(per_layer):
         dirty = clean.replace(k=clean.k + 1e3 * jax.random.normal(jax.random.key(1), clean.k.shape), v=clean.v - 7.0)
     a = model.apply({"params": params}, ids, cache=clean)
     b = model.apply({"params": params}, ids, cache=dirty)
+    np.testing.assert_allclose(a.logits, b.logits, rtol=1e-6, atol=1e-6)
+
+    # Padded slots: row 1 is left-padded by 3 slots; after its prefill, garbage is written into
+    # those slots (valid stays False) and must not reach the next decode step's logits.
+    rows = jnp.asarray(rng.integers(0, CONFIG.vocab_size, (2, 5)))
+    mask = jnp.asarray([[1, 1, 1, 1, 1], [0, 0, 0, 1, 1]])
+    prefill = model.apply({"params": params}, rows, attention_mask=mask, cache=KVCache.init(CONFIG, 2, 12,
+                                                                                              per_layer=per_layer))
+    def spoil(c):  # [(layers,) B, H_kv, S, hd]: row 1's slots 0-2
+        return c.at[..., 1, :, :3, :].set(1e3 * jax.random.normal(jax.random.key(2), c[..., 1, :, :3, :].shape))
+    spoiled = prefill.cache.replace(k=jax.tree.map(spoil, prefill.cache.k), v=jax.tree.map(spoil, prefill.cache.v))
+    assert not bool(spoiled.valid[1, :3].any())
+    step = jnp.asarray(rng.integers(0, CONFIG.vocab_size, (2, 1)))
+    a = model.apply({"params": params}, step, cache=prefill.cache)
+    b = model.apply({"params": params}, step, cache=spoiled)
     np.testing.assert_allclose(a.logits, b.logits, rtol=1e-6, atol=1e-6)
 
 
