@@ -727,6 +727,80 @@ def test_four_fake_devices_match_one(make_config):
 
 
 # ----------------------------------------------------------------------------------------------
+# Schedule and optimizer, against hand formulas
+
+
+def _schedule_hand(kind, peak, end, warmup, total, step):
+    """HF's shape: linear warmup 0 -> peak over `warmup` steps, then cosine (HF's cosine-with-warmup,
+    ending at `end` instead of 0) / linear decay to `end` at step `total`, or constant at peak."""
+    if step < warmup:
+        return peak * step / warmup
+    frac = (step - warmup) / (total - warmup)
+    if kind == "cosine":
+        return end + (peak - end) * 0.5 * (1 + np.cos(np.pi * frac))
+    if kind == "linear":
+        return peak + (end - peak) * frac
+    return peak
+
+
+@pytest.mark.parametrize("total,warmup", [(100, 10), (64, 0), (20, 40)], ids=["warmup", "no-warmup", "warmup-past-end"])
+@pytest.mark.parametrize("kind", ["cosine", "linear", "constant"])
+def test_schedule_matches_hand_formula(kind, total, warmup):
+    """The learning rate at step 0, mid-warmup, the end of warmup, mid-decay and the last step
+    (total - 1) of every schedule kind is the hand formula's, rtol 1e-5: guards against a warmup
+    left out (starting at peak), a decay that never happens or never reaches end_factor * lr, and
+    a warmup longer than the run not being cut at train.steps."""
+    rng = np.random.default_rng()
+    peak, end_factor = float(rng.uniform(1e-4, 1e-2)), float(rng.uniform(0.05, 0.5))
+    config = _tiny_config_module().get_config()
+    config.optimizer.update(learning_rate=peak)
+    config.schedule.update(kind=kind, warmup_steps=warmup, end_factor=end_factor)
+    schedule = train_lib.make_schedule(config.schedule, config.optimizer, total)
+    w = min(warmup, total)
+    steps = sorted({0, w // 2, w, w + (total - w) // 2, total - 1} & set(range(total)))
+    got = [float(schedule(s)) for s in steps]
+    want = [_schedule_hand(kind, peak, peak * end_factor, w, total, s) for s in steps]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-12, err_msg=f"steps {steps}")  # step 0: 0 (or peak)
+
+
+def test_optimizer_step_is_clip_then_adamw():
+    """Two `make_optimizer` updates of random params with huge random gradients (global norm far over
+    clip_norm) and weight_decay > 0 equal a hand (numpy, float64) clip-by-global-norm + AdamW (bias-
+    corrected moments, decoupled decay lr * wd * p, the schedule read at counts 0 and 1), rtol 1e-5.
+    Two steps, because Adam's first step is g / (|g| + eps) and hardly sees a uniform clip: the
+    second mixes two clipped gradients of different raw norms. Guards against the configured
+    clip_norm or weight_decay being ignored."""
+    rng = np.random.default_rng()
+    config = _tiny_config_module().get_config()
+    config.optimizer.update(b1=0.8, b2=0.95, eps=1e-6, weight_decay=0.1, clip_norm=0.5)
+    o = config.optimizer
+    lrs = [2e-2, 5e-3]
+    tx = train_lib.make_optimizer(o, lambda count: jnp.asarray(lrs, jnp.float32)[count])
+    params = {"a": rng.normal(size=(3, 5)).astype(np.float32), "b": {"c": rng.normal(size=(7,)).astype(np.float32)}}
+    state = tx.init(jax.tree.map(jnp.asarray, params))
+    flat_p = {k: v.astype(np.float64) for k, v in traverse_util.flatten_dict(params).items()}
+    m = {k: np.zeros_like(v) for k, v in flat_p.items()}
+    v = {k: np.zeros_like(x) for k, x in flat_p.items()}
+    for t, scale in ((1, 1e4), (2, 30.0)):
+        grads = {k: (scale * rng.normal(size=x.shape)).astype(np.float32) for k, x in flat_p.items()}
+        norm = np.sqrt(sum((g.astype(np.float64) ** 2).sum() for g in grads.values()))
+        assert norm > 10 * o.clip_norm
+        want = {}
+        for k, g in grads.items():
+            g = g.astype(np.float64) * o.clip_norm / norm
+            m[k] = o.b1 * m[k] + (1 - o.b1) * g
+            v[k] = o.b2 * v[k] + (1 - o.b2) * g**2
+            m_hat, v_hat = m[k] / (1 - o.b1**t), v[k] / (1 - o.b2**t)
+            want[k] = -lrs[t - 1] * (m_hat / (np.sqrt(v_hat) + o.eps) + o.weight_decay * flat_p[k])
+        p_tree = jax.tree.map(jnp.asarray, traverse_util.unflatten_dict({k: x.astype(np.float32) for k, x in flat_p.items()}))
+        updates, state = tx.update(jax.tree.map(jnp.asarray, traverse_util.unflatten_dict(grads)), state, p_tree)
+        got = traverse_util.flatten_dict(jax.device_get(updates))
+        for k in flat_p:
+            np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-9, err_msg=f"step {t}, {k}")
+            flat_p[k] = flat_p[k] + want[k]
+
+
+# ----------------------------------------------------------------------------------------------
 # Bad inputs: each fails in `prepare`, before any compute, with a clear message.
 
 
