@@ -414,6 +414,69 @@ def test_reference_checkpoint_round_trip(base_ckpt, tiny_hf_llama_dir, tmp_path,
         assert err <= TOL
 
 
+def test_reference_rslora_scaling_per_projection_rank(base_ckpt, tmp_path):
+    """--lora-alpha a0 a1 a2 --rslora stores lora_scaling = alpha_l / sqrt(r) per adapter, with r the
+    rank of each projection (4 for q/v_proj, 9 for down_proj here): guards against rsLoRA being
+    stored as alpha / r, against the alphas taken in another order, and against one rank for all
+    projections. Compared with float32 values, rtol 1e-6."""
+    from safetensors.torch import save_file
+
+    rng = np.random.default_rng()
+    _, base_config, _ = restore_checkpoint(base_ckpt)
+    seed = int(rng.integers(2**31))
+    state = _reference_state(base_config, rank=4, targets=("q_proj", "v_proj"), seed=seed)
+    state.update(_reference_state(base_config, rank=9, targets=("down_proj",), seed=seed + 1))
+    save_file(state, tmp_path / "meteora.safetensors")
+    alphas = [float(a) for a in rng.uniform(1.0, 32.0, 3)]
+    out = tmp_path / "out"
+    assert main(["reference", "--base", str(base_ckpt), str(tmp_path / "meteora.safetensors"),
+                 "--lora-alpha", *map(repr, alphas), "--rslora", "--names", "x,y,z", "-o", str(out), "--quiet"]) == 0
+    params, config, meta = restore_checkpoint(out)
+    assert config.meteora.rank == 9
+    ranks = {"q_proj": 4, "v_proj": 4, "down_proj": 9}
+    for projection, r in ranks.items():
+        want = [a / np.sqrt(r) for a in alphas]
+        block = "mlp" if projection == "down_proj" else "self_attn"
+        got = params["layers"][block][projection]["lora_scaling"]
+        assert got.shape == (config.num_layers, 3)
+        np.testing.assert_allclose(got, np.broadcast_to(np.float32(want), got.shape), rtol=1e-6, err_msg=projection)
+        for l, adapter in enumerate(meta["adapters"]):
+            np.testing.assert_allclose(adapter["scaling"][projection], want[l], rtol=1e-12, err_msg=(projection, l))
+    assert [(a["name"], a["lora_alpha"], a["use_rslora"]) for a in meta["adapters"]] == [
+        ("x", alphas[0], True), ("y", alphas[1], True), ("z", alphas[2], True)]
+    assert [a["ranks"] for a in meta["adapters"]] == [ranks] * 3
+
+
+def test_reference_per_adapter_scalings_keep_their_order(base_ckpt, tiny_hf_llama_dir, tmp_path, apply_fn):
+    """--scaling s0 s1 s2 (distinct) stores s_l as adapter l's lora_scaling in every projection and
+    layer and in the metadata, and adapter l forced on matches the base merged with s_l * B_l A_l
+    (relative error <= 1e-4): guards against the scalings stored in another order (e.g. reversed)."""
+    from safetensors.torch import save_file
+
+    rng = np.random.default_rng()
+    _, base_config, _ = restore_checkpoint(base_ckpt)
+    state = _reference_state(base_config, seed=int(rng.integers(2**31)))
+    save_file(state, tmp_path / "meteora.safetensors")
+    scalings = [float(s) for s in rng.permutation([0.5, 2.0, 3.5]) * rng.uniform(0.8, 1.25)]
+    out = tmp_path / "out"
+    assert main(["reference", "--base", str(base_ckpt), str(tmp_path / "meteora.safetensors"),
+                 "--scaling", *map(repr, scalings), "--names", "x,y,z", "-o", str(out), "--quiet"]) == 0
+    params, config, meta = restore_checkpoint(out)
+    for projection in config.meteora.targets:
+        block = "mlp" if projection == "down_proj" else "self_attn"
+        got = params["layers"][block][projection]["lora_scaling"]
+        np.testing.assert_array_equal(got, np.broadcast_to(np.float32(scalings), (config.num_layers, 3)), err_msg=projection)
+    assert [a["name"] for a in meta["adapters"]] == ["x", "y", "z"]
+    assert [a["scaling"] for a in meta["adapters"]] == [{p: s for p in config.meteora.targets} for s in scalings]
+    ids, mask, positions = _batch(config.vocab_size, seed=int(rng.integers(2**31)))
+    for index, scaling in enumerate(scalings):
+        want = hf_logits(_reference_merged_model(tiny_hf_llama_dir, state, index, rank=4, scaling=scaling), ids, mask, positions)
+        got = apply_fn(config, params, ids, mask, positions, Routing.force_adapter(index, 3))
+        err = relative_error(got, want, mask)
+        print(f"reference adapter {index} (scaling {scaling:.3f}): relative error {err:.2e}")
+        assert err <= TOL
+
+
 @pytest.mark.parametrize(
     "mutate,message",
     [
