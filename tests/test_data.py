@@ -349,6 +349,24 @@ def test_round_robin_is_exactly_balanced_and_covers_each_task(toy):
         assert max(counts.values()) - min(counts.values()) <= 1
 
 
+def test_each_epoch_is_a_fresh_permutation(toy):
+    """A task is read in epochs that are each a permutation of its examples (every one once) and are
+    reshuffled: epoch 0, 1 and 2 of a 25-example task come in three different orders. Guards against
+    every epoch reusing epoch 0's permutation (then the gates see the same order every epoch). Under
+    a correct reshuffle two epochs agree by chance with probability 1/25! ~ 6e-26 (3 pairs: < 2e-25).
+    Batch size 7 does not divide 25, so epochs change inside a batch."""
+    ds = toy["task2"]
+    index = {_row_key(row): i for i, row in enumerate(ds["input_ids"])}
+    assert len(index) == len(ds) == 25
+    it = data.BalancedBatchIterator({"task2": ds}, 7, seed=int(np.random.default_rng().integers(2**31)))
+    rows = np.concatenate([next(it)["input_ids"] for _ in range(11)])  # 77 rows >= 3 epochs
+    epochs = [[index[_row_key(r)] for r in rows[e * 25 : (e + 1) * 25]] for e in range(3)]
+    for order in epochs:
+        assert sorted(order) == list(range(25))
+    assert epochs[0] != epochs[1] and epochs[1] != epochs[2] and epochs[0] != epochs[2], epochs
+    assert it.state_dict()["epochs"] == [3]
+
+
 def test_uniform_mixing_proportions(toy):
     it = data.BalancedBatchIterator(toy, 8, seed=3, mixing="uniform")
     counts = collections.Counter()
