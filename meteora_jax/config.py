@@ -88,13 +88,39 @@ class MeteoRAConfig:
         return self.num_adapters > 0 and projection in self.targets
 
 
+@dataclasses.dataclass(frozen=True)
+class MixLoRAConfig:
+    """MixLoRA's FFN experts (`meteora_jax.mixlora`): num_experts LoRAs of rank `rank` (scaling
+    alpha / rank) on gate, up and down of every layer, top_k of them per token. num_experts = 0: off."""
+
+    num_experts: int = 0
+    rank: int = 8
+    alpha: float = 16.0
+    top_k: int = 2
+    kernel_impl: str = "auto"
+
+    def __post_init__(self):
+        # (The module's helpers come later: the default instance is built at import.)
+        integers = all(isinstance(v, numbers.Integral) and not isinstance(v, bool)
+                       for v in (self.num_experts, self.rank, self.top_k))
+        if not (integers and self.num_experts >= 0 and self.rank >= 1):
+            raise ConfigError(f"mixlora needs integers num_experts >= 0, rank >= 1 and top_k, got {self.num_experts!r}, "
+                              f"{self.rank!r}, {self.top_k!r}")
+        if isinstance(self.alpha, bool) or not (isinstance(self.alpha, numbers.Real) and 0 < self.alpha < math.inf):
+            raise ConfigError(f"mixlora.alpha={self.alpha!r} must be a finite positive number")
+        if self.kernel_impl not in MODEL_KERNEL_IMPLS:
+            raise ConfigError(f"mixlora.kernel_impl={self.kernel_impl!r}; choose one of {MODEL_KERNEL_IMPLS}")
+        if self.num_experts and not 1 <= self.top_k <= self.num_experts:
+            raise ConfigError(f"mixlora.top_k={self.top_k} must be between 1 and num_experts={self.num_experts}")
+
+
 _POSITIVE_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
                   "head_dim", "max_position_embeddings")
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """A LLaMA-architecture decoder with MeteoRA projections."""
+    """A LLaMA-architecture decoder with MeteoRA projections (and, optionally, MixLoRA FFN experts)."""
 
     vocab_size: int
     hidden_size: int
@@ -112,6 +138,7 @@ class ModelConfig:
     param_dtype: str = "float32"  # storage of base weights and adapters; gates are always float32
     remat: str = "none"  # "none" | "full" | "dots" (save matmul outputs)
     meteora: MeteoRAConfig = MeteoRAConfig()
+    mixlora: MixLoRAConfig = MixLoRAConfig()
 
     def __post_init__(self):
         for name in _POSITIVE_INTS:
@@ -131,6 +158,10 @@ class ModelConfig:
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ConfigError(f"{name}={getattr(self, name)!r}; choose one of {tuple(DTYPES)}")
+        shared = [p for p in MLP_PROJECTIONS if self.meteora.adapts(p)] if self.mixlora.num_experts else []
+        if shared:
+            raise ConfigError(f"mixlora puts its experts on the FFN, where meteora adapts {shared} too: "
+                              "give meteora.targets without the FFN projections")
 
     @property
     def compute_dtype(self):
@@ -171,6 +202,11 @@ class ModelConfig:
         if "targets" in meteora:
             meteora["targets"] = tuple(meteora["targets"])
         values["meteora"] = MeteoRAConfig(**meteora)
+        mixlora = dict(values.get("mixlora") or {})  # (absent from checkpoints written before it)
+        unknown = set(mixlora) - {f.name for f in dataclasses.fields(MixLoRAConfig)}
+        if unknown:
+            raise ConfigError(f"unknown model.mixlora config keys {sorted(unknown)}")
+        values["mixlora"] = MixLoRAConfig(**mixlora)
         return cls(**values)
 
     @classmethod

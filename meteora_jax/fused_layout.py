@@ -40,7 +40,10 @@ def fuse_layer(layer: Mapping, config: ModelConfig, where: str = "layer") -> dic
     """One decoder layer's params, separate projections -> fused groups. `where` names the layer
     in errors."""
     out = {key: value for key, value in layer.items() if key not in ("self_attn", "mlp")}
-    for block in ("self_attn", "mlp"):
+    # MixLoRA's FFN stays as it is: its experts sit between the projections (a nonlinearity apart).
+    blocks = ("self_attn",) if config.mixlora.num_experts else ("self_attn", "mlp")
+    out.update({block: layer[block] for block in ("self_attn", "mlp") if block not in blocks})
+    for block in blocks:
         source = dict(layer[block])
         fused = {}
         for group, names in FUSED_GROUPS.items():

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from meteora_jax.config import ModelConfig, RopeScaling
+from meteora_jax.mixlora import MixLoRAFeedForward
 from meteora_jax.routing import Routing
 from pallas_kernels import grouped_lora, routed_lora
 from pallas_kernels.lora_columns import extended_width, fill_lora_columns, side_products, side_splits
@@ -381,7 +382,11 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     """Pre-norm attention + pre-norm MLP with residuals. Shaped for `nn.scan` (and called the same
     way, with a static int layer index, when unrolled):
-    (carry=(h, cache), layer index, broadcast inputs...) -> ((h, cache), gate logits)."""
+    (carry=(h, cache), layer index, broadcast inputs...) -> ((h, cache), (gate logits, router logits)).
+
+    With `config.mixlora` on, the MLP is MixLoRA's (`meteora_jax.mixlora.MixLoRAFeedForward`, the
+    same in every layout: its experts do not fold into the fused layout's GEMMs) and the router
+    logits are [B, S, E] float32; otherwise they are None."""
 
     config: ModelConfig
     collect_gate_logits: bool = True
@@ -396,8 +401,17 @@ class DecoderLayer(nn.Module):
             norm("input_layernorm")(h), positions, query_slots, key_valid, cache, layer_index, cache_index, routing
         )
         h = h + attn_out
-        mlp_out, mlp_logits = MLP(cfg, self.fused, name="mlp")(norm("post_attention_layernorm")(h), routing)
+        mlp_in, router_logits = norm("post_attention_layernorm")(h), None
+        if cfg.mixlora.num_experts:
+            mix = cfg.mixlora
+            mlp_out, router_logits = MixLoRAFeedForward(
+                intermediate_size=cfg.intermediate_size, num_experts=mix.num_experts, rank=mix.rank, alpha=mix.alpha,
+                top_k=mix.top_k, kernel_impl=mix.kernel_impl, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
+                name="mlp")(mlp_in)
+            mlp_logits = {}
+        else:
+            mlp_out, mlp_logits = MLP(cfg, self.fused, name="mlp")(mlp_in, routing)
         h = h + mlp_out
         h = nn.with_logical_constraint(h, ("batch", "length", "embed"))
         gate_logits = {**attn_logits, **mlp_logits} if self.collect_gate_logits else {}
-        return (h, cache), gate_logits
+        return (h, cache), (gate_logits, router_logits)

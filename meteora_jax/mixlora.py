@@ -12,8 +12,8 @@ nonlinearity sits between an expert's projections, so each (token, slot) pair is
 x @ W_up are shared by the slots, and W_down is linear, so sum_j w_j (h_j @ W_down) is
 (sum_j w_j h_j) @ W_down.
 
-Status: this module (the FFN block and the loss) is tested against independent references; the
-model, configs and `scripts/train.py` do not use it yet (docs/mixlora.md: what remains).
+The model builds this block in every decoder layer when `ModelConfig.mixlora` has experts; training
+it (`scripts/train.py`) is not wired yet (docs/mixlora.md: what remains).
 """
 
 from __future__ import annotations
@@ -77,6 +77,7 @@ class MixLoRAFeedForward(nn.Module):
         if not (isinstance(self.top_k, int) and 1 <= self.top_k <= self.num_experts):
             raise ValueError(f"MixLoRA top_k={self.top_k!r} must be an integer in [1, num_experts={self.num_experts}]")
         D, F, E, k = x.shape[-1], self.intermediate_size, self.num_experts, self.top_k
+
         def projection(name, d_in, d_out, axes):
             arrays = ExpertProjection(d_out, axes, E, self.rank, self.param_dtype, name=name)(d_in)
             return (a.astype(self.dtype) for a in arrays)

@@ -84,6 +84,7 @@ class ModelOutput:
     logits: jax.Array  # [B, S, V] float32
     gate_logits: dict  # {projection: [num_layers, B, S, L] float32}; empty for a plain LLaMA
     cache: Optional[KVCache] = None
+    router_logits: Optional[jax.Array] = None  # [num_layers, B, S, E] float32 with MixLoRA experts, else None
 
 
 def _check_inputs(input_ids, attention_mask, positions, vocab_size: int) -> None:
@@ -160,10 +161,11 @@ class LlamaForCausalLM(nn.Module):
         if self.scan_layers and cache is not None and cache.per_layer:
             raise ValueError("the scanned model carries a stacked KV cache: KVCache.init(..., per_layer=False)")
         if self.scan_layers:
-            h, new_layer_caches, gate_logits = self._scanned_layers(h, layer_caches, broadcast)
+            h, new_layer_caches, (gate_logits, router_logits) = self._scanned_layers(h, layer_caches, broadcast)
         else:
             per_layer = cache is not None and cache.per_layer
-            h, new_layer_caches, gate_logits = self._unrolled_layers(h, layer_caches, per_layer, broadcast)
+            h, new_layer_caches, (gate_logits, router_logits) = self._unrolled_layers(h, layer_caches, per_layer,
+                                                                                      broadcast)
 
         h = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, cfg.weight_dtype, name="norm")(h)
         if cfg.tie_word_embeddings:
@@ -183,7 +185,8 @@ class LlamaForCausalLM(nn.Module):
             new_cache = KVCache(
                 k=new_layer_caches[0], v=new_layer_caches[1], valid=key_valid, index=cache_index + seq
             )
-        return ModelOutput(logits=logits.astype(jnp.float32), gate_logits=gate_logits, cache=new_cache)
+        return ModelOutput(logits=logits.astype(jnp.float32), gate_logits=gate_logits, cache=new_cache,
+                           router_logits=router_logits)
 
     def _scanned_layers(self, h, layer_caches, broadcast):
         """One traced layer body scanned over params["layers"] (leaves [num_layers, ...])."""
@@ -201,8 +204,8 @@ class LlamaForCausalLM(nn.Module):
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(cfg, self.collect_gate_logits, self.fused_projections, name="layers")
         layer_indices = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-        (h, layer_caches), gate_logits = layers((h, layer_caches), layer_indices, *broadcast)
-        return h, layer_caches, gate_logits
+        (h, layer_caches), logits = layers((h, layer_caches), layer_indices, *broadcast)
+        return h, layer_caches, logits  # logits: (gate logits, router logits), stacked over layers
 
     def _unrolled_layers(self, h, layer_caches, per_layer, broadcast):
         """params["layers_<i>"] applied in a Python loop; gate logits stacked as the scan stacks them.
@@ -225,8 +228,9 @@ class LlamaForCausalLM(nn.Module):
             layer_logits.append(logits)
         if per_layer:
             layer_caches = (tuple(new_ks), tuple(new_vs))
-        gate_logits = jax.tree.map(lambda *xs: jnp.stack(xs), *layer_logits)  # {proj: [num_layers, B, S, L]}
-        return h, layer_caches, gate_logits
+        # ({proj: [num_layers, B, S, L]}, [num_layers, B, S, E] or None), as the scan stacks them
+        logits = jax.tree.map(lambda *xs: jnp.stack(xs), *layer_logits)
+        return h, layer_caches, logits
 
 
 def init_params(config: ModelConfig, rng: jax.Array, batch: int = 1, seq: int = 8) -> dict:

@@ -258,6 +258,9 @@ def prepare(config) -> Setup:
     except model_ckpt.CheckpointError as e:
         raise TrainError(str(e)) from None
     names = model_ckpt.adapter_names(metadata)
+    # Its experts would train as frozen weights, with no balancing loss (docs/mixlora.md: not wired yet).
+    _check(not stored_config.mixlora.num_experts,
+           f"model checkpoint {path!r} has MixLoRA experts: MixLoRA training is not supported yet (docs/mixlora.md)")
     L = stored_config.meteora.num_adapters
     _check(L > 0, f"model checkpoint {path!r} has no adapters (num_adapters=0): there are no gates to train")
     _check(len(names) == L, f"model checkpoint {path!r}: metadata names {len(names)} adapters but it holds {L}")

@@ -140,3 +140,92 @@ def test_load_balancing_loss_extremes_by_hand():
     uniform = jnp.zeros((2, 1, 4, E))
     assert float(load_balancing_loss(uniform, jnp.ones((1, 4)), 2)) == pytest.approx(2.0, rel=1e-6)
     assert float(load_balancing_loss(uniform, jnp.zeros((1, 4)), 2)) == 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# In the model: ModelConfig.mixlora puts the block in every decoder layer.
+
+def _model_config(**mixlora):
+    from meteora_jax import MeteoRAConfig, ModelConfig
+    from meteora_jax.config import MixLoRAConfig
+
+    return ModelConfig(vocab_size=67, hidden_size=D, intermediate_size=F, num_layers=2, num_heads=2, num_kv_heads=1,
+                       head_dim=8, meteora=MeteoRAConfig(num_adapters=3, rank=2, targets=("q_proj", "v_proj")),
+                       mixlora=MixLoRAConfig(**{"num_experts": E, "rank": R, "alpha": ALPHA, **mixlora}))
+
+
+def _random_experts(params, salt, identical=False):
+    """Every expert_lora_a / expert_lora_b leaf random (B too), the same for every expert if `identical`."""
+    rng = _rng(salt)
+
+    def fill(path, leaf):
+        if path[-1].key not in ("expert_lora_a", "expert_lora_b"):
+            return leaf
+        shape = list(leaf.shape)  # [n_layers, E, ...]
+        if identical:
+            shape[1] = 1
+        value = rng.standard_normal(shape) / np.sqrt(shape[-2])
+        return jnp.asarray(np.broadcast_to(value, leaf.shape), leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(fill, params)
+
+
+def test_model_config_carries_mixlora_and_refuses_what_cannot_work():
+    from meteora_jax import MeteoRAConfig, ModelConfig
+    from meteora_jax.config import ConfigError
+
+    config = _model_config(top_k=1)
+    assert ModelConfig.from_dict(config.to_dict()) == config
+    stored = config.to_dict()
+    del stored["mixlora"]  # a checkpoint written before MixLoRA existed
+    assert ModelConfig.from_dict(stored).mixlora.num_experts == 0
+    for change, message in (({"experts": 4}, "unknown model.mixlora config keys"),
+                            ({"top_k": 9}, "mixlora.top_k=9 must be between 1 and num_experts=5"),
+                            ({"alpha": 0.0}, "mixlora.alpha=0.0 must be a finite positive number"),
+                            ({"rank": 2.5}, "mixlora needs integers")):
+        with pytest.raises(ConfigError, match=message):
+            ModelConfig.from_dict({**config.to_dict(), "mixlora": {**config.to_dict()["mixlora"], **change}})
+    with pytest.raises(ConfigError, match=r"meteora adapts \['up_proj'\] too"):
+        config.replace(meteora=MeteoRAConfig(num_adapters=3, targets=("q_proj", "up_proj")))
+
+
+def test_model_with_identical_experts_equals_transformers_with_merged_ffn():
+    """Whatever the router picks, identical experts mix to one: the FFN with W + alpha / r * A @ B on
+    gate, up and down. transformers' LLaMA with those merged kernels (and MeteoRA's q/v adapter 0,
+    forced here and merged there) gives the logits; float32, relative error <= 1e-5."""
+    from torch_reference import hf_logits, merged_hf_model, relative_error
+
+    from meteora_jax import LlamaForCausalLM, Routing, init_params
+
+    config = _model_config(top_k=2)
+    params = _random_experts(init_params(config, jax.random.key(int(SEED % 2**31))), 6, identical=True)
+    merged = jax.tree.map(np.asarray, params)
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        leaves = merged["layers"]["mlp"][name]
+        leaves["kernel"] = leaves["kernel"] + ALPHA / R * np.einsum(
+            "lir,lro->lio", leaves["expert_lora_a"][:, 0], leaves["expert_lora_b"][:, 0])
+    ids = _rng(7).integers(0, config.vocab_size, (2, 9))
+    first_adapter = np.array([1.0, 0.0, 0.0])
+    hf = merged_hf_model(config, merged, adapter_weights=first_adapter)
+    out = LlamaForCausalLM(config).apply({"params": params}, jnp.asarray(ids), routing=Routing(forced_weights=first_adapter))
+    assert out.router_logits.shape == (config.num_layers, 2, 9, E)
+    err = relative_error(out.logits, hf_logits(hf, ids))
+    assert err <= 1e-5, f"seed={SEED}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("layout", ["unrolled", "fused"])
+def test_generation_layouts_agree_with_distinct_experts(layout):
+    """The fused inference layout leaves MixLoRA's FFN as it is (its experts do not fold into one
+    GEMM): every layout generates the scanned model's tokens and logits."""
+    from meteora_jax import init_params
+    from meteora_jax.generate import Generator
+
+    config = _model_config(top_k=2)
+    params = _random_experts(init_params(config, jax.random.key(int(SEED % 2**31))), 8)
+    prompts = [[5, 17, 3, 40], [9, 8, 7, 6, 5, 4, 3, 2]]
+    want = Generator(config, params, pad_token_id=0, scan_layers=True).generate(prompts, max_new_tokens=5,
+                                                                               return_logits=True)
+    got = Generator(config, params, pad_token_id=0, scan_layers=False, fused_projections=layout == "fused").generate(
+        prompts, max_new_tokens=5, return_logits=True)
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    np.testing.assert_allclose(got.logits, want.logits, rtol=1e-5, atol=1e-5)
