@@ -180,7 +180,7 @@ def main(argv=None) -> int:
                         "elsewhere (--composite-out), or drop --build-composite to evaluate the existing one")
     # An output over an input (the composite set, a task's split file, the metrics file) destroyed it.
     check_outputs_apart(
-        p, [*([] if args.build_only else [("--output", args.output)]),
+        p, [*([] if args.build_only else [("--output", args.output), ("--routing-pictures", args.routing_pictures)]),
             *((f"--build-composite {n} (written to)", out) for n, out in build_paths.items())],
         [*(("--composite", path) for path in args.composite),
          ("--metrics", args.metrics if args.metrics and os.path.isfile(args.metrics) else None),
