@@ -146,8 +146,7 @@ def test_load_balancing_loss_extremes_by_hand():
 # In the model: ModelConfig.mixlora puts the block in every decoder layer.
 
 def _model_config(**mixlora):
-    from meteora_jax import MeteoRAConfig, ModelConfig
-    from meteora_jax.config import MixLoRAConfig
+    from meteora_jax import MeteoRAConfig, MixLoRAConfig, ModelConfig
 
     return ModelConfig(vocab_size=67, hidden_size=D, intermediate_size=F, num_layers=2, num_heads=2, num_kv_heads=1,
                        head_dim=8, meteora=MeteoRAConfig(num_adapters=3, rank=2, targets=("q_proj", "v_proj")),
