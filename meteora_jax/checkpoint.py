@@ -205,12 +205,18 @@ def save_checkpoint(
         param_shapes={k: [list(np.shape(v)), np.dtype(v.dtype).name] for k, v in flat.items()},
     )
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.parent / f"{_staging_prefix(path)}{uuid.uuid4().hex[:8]}"
+    suffix = uuid.uuid4().hex[:8]
+    staging = path.parent / f"{_staging_prefix(path)}{suffix}"
+    # Locked under a name remove_stale_staging does not match, then renamed (the lock stays on the
+    # folder): made and locked under the staging name, another save's cleanup could take it between
+    # the two steps.
+    unlocked = path.parent / f".{path.name}.new-{suffix}"
     lock = None
     try:
-        staging.mkdir()
+        unlocked.mkdir()
         with contextlib.suppress(OSError):  # (no flock there: other saves only report the folder)
-            lock = _lock(staging)  # so that another save's remove_stale_staging leaves it alone
+            lock = _lock(unlocked)  # so that another save's remove_stale_staging leaves it alone
+        os.rename(unlocked, staging)
         target = staging / "checkpoint"
         _checkpointer().save(
             target,
@@ -223,6 +229,7 @@ def save_checkpoint(
         replace_folder(target, path, staging / "previous")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(unlocked, ignore_errors=True)
         if lock is not None:
             os.close(lock)
     return path

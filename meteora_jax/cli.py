@@ -93,21 +93,20 @@ def check_writable(parser, flag: str, path: str, *, folder: bool = False) -> Non
         cli_fail(parser, problem)
 
 
-def check_outputs_apart(parser, outputs, inputs, *, data_roots=()) -> None:
+def check_outputs_apart(parser, outputs, inputs) -> None:
     """Stops the script if an output would overwrite something it reads or another output: an
-    output that is an input file or an existing file inside an input folder (a checkpoint), lies
-    anywhere inside a `data_roots` folder (whose files are found by listing it), or is the same
-    path as another output. `outputs`, `inputs` and `data_roots` are (flag, path) pairs; None
+    output that is an input file, or lies inside an input folder (a data root, a checkpoint, a
+    tokenizer: outputs stay out of what the script reads, so that a second run reads the same),
+    or is the same path as another output. `outputs` and `inputs` are (flag, path) pairs; None
     paths are skipped. Symlinks are followed, so two names for one file clash too."""
     outputs = [(flag, path) for flag, path in outputs if path]
     for flag, path in outputs:
         out = os.path.realpath(path)
-        for in_flag, in_path in [*inputs, *data_roots]:
+        for in_flag, in_path in inputs:
             if not in_path or not os.path.exists(in_path):
                 continue
             source = os.path.realpath(in_path)
-            inside = os.path.isdir(source) and os.path.commonpath([source, out]) == source
-            if inside and ((in_flag, in_path) in data_roots or os.path.isfile(out)):
+            if os.path.isdir(source) and os.path.commonpath([source, out]) == source:
                 cli_fail(parser, f"{flag} {path} lies inside {in_flag} {in_path}, which is read: write it elsewhere")
             if out == source:
                 cli_fail(parser, f"{flag} {path} is the {in_flag} file {in_path}, which is read: write it elsewhere")

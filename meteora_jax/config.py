@@ -175,8 +175,12 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable dict (stored in checkpoints)."""
-        return dataclasses.asdict(self)
+        """A JSON-serialisable dict (stored in checkpoints). Without MixLoRA experts it has no
+        "mixlora" key, so that code older than MixLoRA still reads the checkpoints it can run."""
+        values = dataclasses.asdict(self)
+        if not self.mixlora.num_experts:
+            del values["mixlora"]
+        return values
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "ModelConfig":

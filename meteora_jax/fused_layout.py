@@ -5,8 +5,9 @@ projection's routed delta folded into it.
     params = fuse_projections(params, config)             # this layout
     LlamaForCausalLM(config, scan_layers=False, fused_projections=True).apply({"params": params}, ...)
 
-Per decoder layer, `layers.FUSED_GROUPS` names four groups: q/k/v, o, gate/up and down. Each group
-becomes one `layers.FusedProjections` entry under its block ("self_attn" or "mlp"):
+Per decoder layer, `layers.FUSED_GROUPS` names four groups: q/k/v, o, gate/up and down (only the
+first two with MixLoRA experts in the FFN, which stays as it is). Each group becomes one
+`layers.FusedProjections` entry under its block ("self_attn" or "mlp"):
 
     kernel        [W, sum d_out]                  the group's kernels side by side, then each adapted
                                                   projection's lora_b ([L*r] rows under its columns),

@@ -19,6 +19,7 @@ it (`scripts/train.py`) is not wired yet (docs/mixlora.md: what remains).
 from __future__ import annotations
 
 import math
+import numbers
 
 import flax.linen as nn
 import jax
@@ -26,6 +27,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.grouped_lora import grouped_lora
 from pallas_kernels.grouped_lora_xla import top_k_routing
+
 
 class ExpertProjection(nn.Module):
     """One FFN projection's frozen kernel [d_in, d_out] and its experts' LoRAs, expert_lora_a
@@ -44,7 +46,8 @@ class ExpertProjection(nn.Module):
         E, r, (in_axis, out_axis) = self.num_experts, self.rank, self.axes
         kernel = self.param("kernel", nn.with_logical_partitioning(nn.initializers.lecun_normal(), self.axes),
                             (d_in, self.features), self.param_dtype)
-        a_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform", in_axis=1, out_axis=2)
+        # (batch_axis: each expert is its own [d_in, r] matrix; without it fan_in counted E * d_in.)
+        a_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform", in_axis=1, out_axis=2, batch_axis=(0,))
         lora_a = self.param("expert_lora_a", nn.with_logical_partitioning(a_init, ("adapters", in_axis, "lora_rank")),
                             (E, d_in, r), self.param_dtype)
         lora_b = self.param("expert_lora_b", nn.with_logical_partitioning(nn.initializers.zeros,
@@ -56,8 +59,8 @@ class ExpertProjection(nn.Module):
 class MixLoRAFeedForward(nn.Module):
     """A SwiGLU FFN with `num_experts` LoRA experts and a top-k router.
 
-    Params: `{gate,up,down}_proj/kernel` (frozen; named as `layers.MLP`'s, so a base checkpoint fills
-    them), `{gate,up,down}_proj/expert_lora_a [E, d_in, r]` and `expert_lora_b [E, r, d_out]`
+    Params: `{gate,up,down}_proj/kernel` (frozen; named as `layers.MLP`'s, so a base checkpoint's
+    kernels fit them), `{gate,up,down}_proj/expert_lora_a [E, d_in, r]` and `expert_lora_b [E, r, d_out]`
     (trainable; B starts at zero, so an untrained block is the base FFN), and `router [D, E]`
     float32 (trainable).
     Returns (y [..., D], router_logits [..., E] float32).
@@ -74,9 +77,9 @@ class MixLoRAFeedForward(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:  # x: [..., D]
-        if not (isinstance(self.top_k, int) and 1 <= self.top_k <= self.num_experts):
+        if not (isinstance(self.top_k, numbers.Integral) and 1 <= self.top_k <= self.num_experts):
             raise ValueError(f"MixLoRA top_k={self.top_k!r} must be an integer in [1, num_experts={self.num_experts}]")
-        D, F, E, k = x.shape[-1], self.intermediate_size, self.num_experts, self.top_k
+        D, F, E, k = x.shape[-1], self.intermediate_size, int(self.num_experts), int(self.top_k)
 
         def projection(name, d_in, d_out, axes):
             arrays = ExpertProjection(d_out, axes, E, self.rank, self.param_dtype, name=name)(d_in)

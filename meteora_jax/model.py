@@ -6,6 +6,7 @@
     out.logits       # [B, S, V] float32
     out.gate_logits  # {projection: [num_layers, B, S, L] float32}, for the gate loss
     out.cache        # the updated KVCache when one was passed in
+    out.router_logits  # [num_layers, B, S, E] float32 with MixLoRA experts (config.mixlora), else None
 
 A KV cache holds `S_max` slots per sequence. A call writes its `S` tokens into slots
 `cache.index .. cache.index + S - 1`; each query attends to the valid slots at or before its own.

@@ -182,10 +182,9 @@ def main(argv=None) -> int:
     check_outputs_apart(
         p, [*([] if args.build_only else [("--output", args.output), ("--routing-pictures", args.routing_pictures)]),
             *((f"--build-composite {n} (written to)", out) for n, out in build_paths.items())],
-        [*(("--composite", path) for path in args.composite),
+        [("--data-root", args.data_root), *(("--composite", path) for path in args.composite),
          ("--metrics", args.metrics if args.metrics and os.path.isfile(args.metrics) else None),
-         ("--checkpoint", args.checkpoint), ("--gates", args.gates), ("--tokenizer", args.tokenizer)],
-        data_roots=[("--data-root", args.data_root)])
+         ("--checkpoint", args.checkpoint), ("--gates", args.gates), ("--tokenizer", args.tokenizer)])
     if not args.build_only:
         if not args.checkpoint or not args.tokenizer:
             cli_fail(p, "--checkpoint and --tokenizer are required to evaluate")

@@ -50,7 +50,8 @@ def _check_outputs(parser, args) -> None:
                              "give them different places")
     # (--json over the prompts file replaced the prompts with the answers.)
     check_outputs_apart(parser, [("--json", args.json), ("--routing-pictures", args.routing_pictures)],
-                        [("--prompts-file", args.prompts_file), ("--checkpoint", args.checkpoint),
+                        [("--prompts-file", args.prompts_file if args.prompts_file and os.path.isfile(args.prompts_file)
+                          else None), ("--checkpoint", args.checkpoint),
                          ("--gates", args.gates), ("--tokenizer", args.tokenizer)])
 
 

@@ -167,6 +167,27 @@ def test_failed_save_leaves_nothing(saved, tmp_path, monkeypatch):
     assert read_metadata(path)["v"] == 1  # the old checkpoint survives a failed overwrite
 
 
+def test_a_cleanup_between_a_saves_mkdir_and_lock_leaves_it_alone(saved, tmp_path, monkeypatch, caplog):
+    """Another save's remove_stale_staging running after this save made its staging folder and before
+    it locked it took the folder for a killed save's and removed it (the save went on unlocked)."""
+    import meteora_jax.checkpoint as ckpt
+
+    _, params, config, _ = saved
+    path = tmp_path / "ckpt"
+    real_lock = ckpt._lock
+
+    def lock_after_a_concurrent_cleanup(folder):
+        ckpt.remove_stale_staging(path)  # another save of the same output, starting now
+        assert os.path.isdir(folder)
+        return real_lock(folder)
+
+    monkeypatch.setattr(ckpt, "_lock", lock_after_a_concurrent_cleanup)
+    with caplog.at_level("WARNING", logger="meteora_jax.checkpoint"):
+        save_checkpoint(path, params, config, {"v": 1})
+    assert not [r for r in caplog.records if "removed" in r.getMessage()]
+    assert read_metadata(path)["v"] == 1 and os.listdir(tmp_path) == ["ckpt"]
+
+
 def test_damaged_copies_are_named(saved, tmp_path):
     """A checkpoint cut short (an interrupted copy): its metadata or params cannot be read, and the
     error names the checkpoint and the part (they were a JSONDecodeError, or a tensorstore

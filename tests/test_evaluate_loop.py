@@ -205,7 +205,7 @@ def test_scripts_stop_on_bad_input_with_one_line(tiny_inference_world, tmp_path,
          "test.jsonl:1: missing field 'tasks'"),
         (evaluate, base + ["--data-root", str(data), "--build-composite", "2"] + ev_out,
          "reverse/test.jsonl:5: field 'response' must be str, got int"),
-        (evaluate, ["--checkpoint", str(tmp_path), "--tokenizer", w.tokenizer, "--data-root", w.data_root,
+        (evaluate, ["--checkpoint", str(built), "--tokenizer", w.tokenizer, "--data-root", w.data_root,
                     "--build-composite", "2"] + ev_out, "is not a meteora-jax checkpoint"),
         # Each of these failed only after every task was generated (a traceback, or nothing written),
         # or was taken silently.
@@ -236,6 +236,9 @@ def test_scripts_stop_on_bad_input_with_one_line(tiny_inference_world, tmp_path,
          f"lies inside --data-root {data}"),
         (evaluate, base + ["--data-root", str(data), "--build-composite", "2", "--composite-out",
                            str(outputs / "same.jsonl"), "--output", str(outputs / "same.jsonl")], "are the same file"),
+        # Outputs stay out of the folders read (a new file in the checkpoint was refused only on a rerun).
+        (evaluate, base + ["--data-root", str(data), "--output", os.path.join(w.model, "r.json")],
+         f"--output {os.path.join(w.model, 'r.json')} lies inside --checkpoint {w.model}"),
         # An unknown task failed only after the model had loaded; "," named the data root's own folder;
         # --build-only alone did nothing (exit 0); a missing metrics file was "not a JSON object".
         (evaluate, base + ["--data-root", str(data), "--tasks", "arith,nosuch"] + ev_out,

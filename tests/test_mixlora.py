@@ -109,11 +109,16 @@ def test_untrained_block_is_the_base_ffn():
         want = (jax.nn.silu(x @ p["gate_proj"]["kernel"]) * (x @ p["up_proj"]["kernel"])) @ p["down_proj"]["kernel"]
     assert _rel(y, want) <= 1e-6, f"seed={SEED}"
     assert not np.any(np.asarray(p["gate_proj"]["expert_lora_a"]) == 0), "A must be random, or B's gradient is zero"
+    # PEFT's bound for A, 1 / sqrt(d_in), per expert (the expert axis once counted into fan_in: sqrt(E) smaller).
+    for name, d_in in (("gate_proj", D), ("down_proj", F)):
+        a = np.abs(np.asarray(p[name]["expert_lora_a"]))
+        assert 0.9 / np.sqrt(d_in) < a.max() <= 1 / np.sqrt(d_in), (name, a.max())
 
 
 def test_top_k_out_of_range_is_refused():
     with pytest.raises(ValueError, match="top_k=6"):
         _block(6).init(jax.random.key(0), jnp.zeros((2, D)))
+    _block(np.int64(2)).init(jax.random.key(0), jnp.zeros((2, D)))  # a numpy integer, as configs accept
 
 
 @pytest.mark.parametrize("top_k", [1, 2, 3])
@@ -170,11 +175,13 @@ def _random_experts(params, salt, identical=False):
 
 
 def test_model_config_carries_mixlora_and_refuses_what_cannot_work():
-    from meteora_jax import MeteoRAConfig, ModelConfig
+    from meteora_jax import MeteoRAConfig, MixLoRAConfig, ModelConfig
     from meteora_jax.config import ConfigError
 
     config = _model_config(top_k=1)
     assert ModelConfig.from_dict(config.to_dict()) == config
+    # Without experts the stored dict has no "mixlora" key: code from before MixLoRA reads it.
+    assert "mixlora" not in config.replace(mixlora=MixLoRAConfig()).to_dict()
     stored = config.to_dict()
     del stored["mixlora"]  # a checkpoint written before MixLoRA existed
     assert ModelConfig.from_dict(stored).mixlora.num_experts == 0
