@@ -93,15 +93,15 @@ def check_writable(parser, flag: str, path: str, *, folder: bool = False) -> Non
         cli_fail(parser, problem)
 
 
-def check_outputs_apart(parser, outputs, inputs) -> None:
+def check_outputs_apart(parser, outputs, inputs, *, output_folders=()) -> None:
     """Stops the script if an output would overwrite something it reads or another output: an
     output that is an input file, or lies inside an input folder (a data root, a checkpoint, a
     tokenizer: outputs stay out of what the script reads, so that a second run reads the same),
-    or is the same path as another output. `outputs` and `inputs` are (flag, path) pairs; None
-    paths are skipped. Symlinks are followed, so two names for one file clash too."""
-    outputs = [(flag, path) for flag, path in outputs if path]
-    for flag, path in outputs:
-        out = os.path.realpath(path)
+    lies in the folder of an output named in `output_folders` (flags, e.g. a pictures folder), or
+    is the same path as another output. `outputs` and `inputs` are (flag, path) pairs; None paths
+    are skipped. Symlinks are followed, so two names for one file clash too."""
+    outputs = [(flag, path, os.path.realpath(path)) for flag, path in outputs if path]
+    for flag, path, out in outputs:
         for in_flag, in_path in inputs:
             if not in_path or not os.path.exists(in_path):
                 continue
@@ -110,7 +110,10 @@ def check_outputs_apart(parser, outputs, inputs) -> None:
                 cli_fail(parser, f"{flag} {path} lies inside {in_flag} {in_path}, which is read: write it elsewhere")
             if out == source:
                 cli_fail(parser, f"{flag} {path} is the {in_flag} file {in_path}, which is read: write it elsewhere")
-    for i, (flag, path) in enumerate(outputs):
-        for other_flag, other in outputs[i + 1:]:
-            if os.path.realpath(path) == os.path.realpath(other):
+        for other_flag, other, folder in outputs:
+            if other_flag in output_folders and other_flag != flag and os.path.commonpath([folder, out]) == folder:
+                cli_fail(parser, f"{flag} {path} lies in the {other_flag} folder {other}: give them different places")
+    for i, (flag, path, out) in enumerate(outputs):
+        for other_flag, _, other in outputs[i + 1:]:
+            if out == other:
                 cli_fail(parser, f"{flag} and {other_flag} are the same file {path}: give each its own")

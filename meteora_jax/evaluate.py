@@ -382,8 +382,9 @@ def _generate_batched(
         )
         for i, seq in zip(chunk, out.sequences()):
             answers[i] = tokenizer.decode(seq, skip_special_tokens=True).strip()
-        if _PROGRESS.get() is not None:
-            _PROGRESS.get().update(len(chunk))
+        bar = _PROGRESS.get()
+        if bar is not None:
+            bar.update(len(chunk))
     return answers
 
 

@@ -184,7 +184,8 @@ def main(argv=None) -> int:
             *((f"--build-composite {n} (written to)", out) for n, out in build_paths.items())],
         [("--data-root", args.data_root), *(("--composite", path) for path in args.composite),
          ("--metrics", args.metrics if args.metrics and os.path.isfile(args.metrics) else None),
-         ("--checkpoint", args.checkpoint), ("--gates", args.gates), ("--tokenizer", args.tokenizer)])
+         ("--checkpoint", args.checkpoint), ("--gates", args.gates), ("--tokenizer", args.tokenizer)],
+        output_folders={"--routing-pictures"})
     if not args.build_only:
         if not args.checkpoint or not args.tokenizer:
             cli_fail(p, "--checkpoint and --tokenizer are required to evaluate")

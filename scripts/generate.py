@@ -37,22 +37,19 @@ def _read_prompts(args) -> list[str]:
 
 def _check_outputs(parser, args) -> None:
     """Output paths, checked before any work (a bad one would otherwise fail after all of it)."""
-    from meteora_jax.cli import check_outputs_apart, check_writable, cli_fail
+    from meteora_jax.cli import check_outputs_apart, check_writable
 
     if args.json:
         check_writable(parser, "--json", args.json)
     if args.routing_pictures:
         check_writable(parser, "--routing-pictures", args.routing_pictures, folder=True)
-    if args.json and args.routing_pictures:
-        pictures = os.path.realpath(args.routing_pictures)
-        if os.path.commonpath([pictures, os.path.realpath(args.json)]) == pictures:
-            cli_fail(parser, f"--json {args.json} lies in the --routing-pictures folder {args.routing_pictures}: "
-                             "give them different places")
-    # (--json over the prompts file replaced the prompts with the answers.)
+    # (--json over the prompts file replaced the prompts with the answers; --json in the pictures'
+    # folder failed at the first picture, after generating.)
     check_outputs_apart(parser, [("--json", args.json), ("--routing-pictures", args.routing_pictures)],
                         [("--prompts-file", args.prompts_file if args.prompts_file and os.path.isfile(args.prompts_file)
                           else None), ("--checkpoint", args.checkpoint),
-                         ("--gates", args.gates), ("--tokenizer", args.tokenizer)])
+                         ("--gates", args.gates), ("--tokenizer", args.tokenizer)],
+                        output_folders={"--routing-pictures"})
 
 
 def main(argv=None) -> int:
