@@ -53,6 +53,7 @@ __all__ = [
     "load_task_datasets",
     "read_composite_jsonl",
     "read_jsonl",
+    "task_folders",
     "tokenize_records",
     "write_jsonl",
 ]
@@ -151,6 +152,18 @@ def write_jsonl(path: str | os.PathLike, records: Sequence[Mapping[str, Any]]) -
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
+def task_folders(root: str | os.PathLike) -> list[str]:
+    """The task names of a data root: its sub-folders (hidden ones left out), sorted. A model
+    without adapters (MixLoRA alone) trains on these; with adapters they must be adapter names."""
+    root = os.fspath(root)
+    if not os.path.isdir(root):
+        raise DataError(f"task data root {root!r} is not a folder")
+    folders = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
+    if not folders:
+        raise DataError(f"task data root {root!r} holds no task folders")
+    return folders
+
+
 def find_task_dirs(
     root: str | os.PathLike, adapter_names: Sequence[str], *, split: str = "train"
 ) -> dict[str, str]:
@@ -161,13 +174,9 @@ def find_task_dirs(
     task folder is a warning (its gate just gets no training signal).
     """
     root = os.fspath(root)
-    if not os.path.isdir(root):
-        raise DataError(f"task data root {root!r} is not a folder")
     if len(set(adapter_names)) != len(adapter_names):
         raise DataError(f"adapter names are not unique: {list(adapter_names)}")
-    folders = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
-    if not folders:
-        raise DataError(f"task data root {root!r} holds no task folders")
+    folders = task_folders(root)
     unknown = [d for d in folders if d not in adapter_names]
     if unknown:
         raise DataError(

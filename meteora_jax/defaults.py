@@ -40,6 +40,9 @@ def base_config() -> ml_collections.ConfigDict:
                 targets=ALL_PROJECTIONS,
                 kernel_impl="auto",
             ),
+            # MixLoRA's trainable FFN experts (docs/mixlora.md); num_experts 0: off. Over a
+            # checkpoint without experts, training adds them (new leaves, initialised from `seed`).
+            mixlora=dict(num_experts=0, rank=8, alpha=16.0, top_k=2, kernel_impl="auto"),
         )
     )
     _add_training_sections(config)
@@ -50,7 +53,7 @@ def _add_training_sections(config: ml_collections.ConfigDict) -> None:
     config.seed = 0
     # Converted model checkpoint (meteora_jax.checkpoint: base params + stacked adapters + gates,
     # its metadata lists the adapters in order). Its architecture wins over `model`; from `model`
-    # only dtype, remat, meteora.top_k and meteora.kernel_impl apply.
+    # only dtype, remat, meteora.top_k, meteora.kernel_impl and the mixlora section apply.
     config.model_checkpoint = ""
     config.tokenizer = ""  # the base model's HF tokenizer folder, or its .gguf file (transformers AutoTokenizer)
     config.workdir = "runs/train"  # train checkpoints, metrics.jsonl, TensorBoard events, gates/
@@ -77,6 +80,7 @@ def _add_training_sections(config: ml_collections.ConfigDict) -> None:
             batch_size=8,  # global, per optimizer step
             grad_accum_steps=1,  # micro-batches of batch_size / grad_accum_steps, scanned
             loss_coef=50.0,  # loss = lm + coef * gate (the original's 50)
+            router_aux_loss_coef=0.01,  # + this * MixLoRA's load-balancing loss (MixLoRA's 0.01)
             lora_dropout=0.0,  # dropout on the adapters' input while the gates train (the original's 0.1)
             eval_every=200,  # 0: only at the end
             eval_batch_size=8,

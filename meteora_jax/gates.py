@@ -4,13 +4,16 @@
     gates, names = load_gates(path)                       # inference (meteora_jax.generate)
     params = merge_params(gates, params)
 
-Only the gates are trained (`is_trainable`: leaves named "gate", `[n_layers, d_in, L]` float32 in
-the scanned layout), so a run's result is the gates alone, kept apart from the frozen model
-checkpoint they were trained on. An export folder holds
+Only the routers are trained: MeteoRA's gates (leaves named "gate", `[n_layers, d_in, L]` float32
+in the scanned layout) and, in a model with MixLoRA experts, their router and LoRA experts
+(`TRAINABLE_LEAVES`). So a run's result is that small tree alone, kept apart from the frozen model
+checkpoint it was trained on; it is called "the gates" below, as it is in MeteoRA. An export
+folder holds
 
-    gates/               Orbax checkpoint of the gates tree (`split_params(params)[0]`)
+    gates/               Orbax checkpoint of the trained tree (`split_params(params)[0]`)
     adapter_names.json   the adapters in gate-column order: must match the model checkpoint's
-    settings.json        optional: how the run routed and prompted (`train.run_settings`)
+    settings.json        optional: how the run routed and prompted (`train.run_settings`), and
+                         the MixLoRA experts' settings, which the checkpoint itself may lack
 
 This module needs no training dependencies (optax, datasets), so inference can load gates
 without them.
@@ -33,15 +36,16 @@ from jax.experimental import multihost_utils
 from meteora_jax.checkpoint import CheckpointError, check_shardings_fit, orbax_read
 from meteora_jax.files import replace_folder, written_whole
 
-TRAINABLE_LEAF = "gate"
+# MeteoRA's gates; MixLoRA's router and experts (named apart from MeteoRA's frozen lora_a / lora_b).
+TRAINABLE_LEAVES = ("gate", "router", "expert_lora_a", "expert_lora_b")
 GATE_SETTINGS_FILE = "settings.json"
 ADAPTER_NAMES_FILE = "adapter_names.json"
 _STAGED, _PREVIOUS = ".gates.new", ".gates.previous"  # an export being written, the one it replaces
 
 
 def is_trainable(path: tuple[str, ...]) -> bool:
-    """A param is trainable iff its leaf name is "gate" (MeteoRA routers)."""
-    return path[-1] == TRAINABLE_LEAF
+    """A param is trainable iff its leaf name is one of `TRAINABLE_LEAVES`."""
+    return path[-1] in TRAINABLE_LEAVES
 
 
 def split_params(params: Mapping) -> tuple[dict, dict]:
@@ -185,5 +189,5 @@ def load_gate_settings(path) -> dict:
 
 # The value types of `train.run_settings`' keys (other keys are kept as they are).
 _SETTING_TYPES = {"top_k": int, "kernel_impl": str, "dtype": str, "chat_template": bool, "lm_on_prompt": bool,
-                  "gate_scope": str}
-_TYPE_NAMES = {int: "an integer", str: "a string", bool: "true or false"}
+                  "gate_scope": str, "mixlora": dict}
+_TYPE_NAMES = {int: "an integer", str: "a string", bool: "true or false", dict: "an object"}

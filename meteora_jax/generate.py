@@ -32,18 +32,19 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from meteora_jax.config import ALL_PROJECTIONS, DTYPES, ModelConfig
+from meteora_jax.config import ALL_PROJECTIONS, DTYPES, MixLoRAConfig, ModelConfig
 from meteora_jax.fused_layout import fuse_projections
-from meteora_jax.gates import check_gates_fit, load_gate_settings, load_gates, merge_params
-from meteora_jax.model import KVCache, LlamaForCausalLM, unstack_layers
+from meteora_jax.gates import GATE_SETTINGS_FILE, check_gates_fit, load_gate_settings, load_gates, merge_params
+from meteora_jax.model import KVCache, LlamaForCausalLM, init_params, unstack_layers
 from meteora_jax.routing import Routing
 from pallas_kernels.routed_lora import check_routing_temperature
 
@@ -559,7 +560,8 @@ def load_for_inference(
 
     With gates, the config routes as the training run did: its top_k and compute dtype (recorded
     with the gates, see `meteora_jax.train.run_settings`) replace the checkpoint's. Explicit
-    `dtype` / `top_k` arguments win over both.
+    `dtype` / `top_k` arguments (MeteoRA's top_k) win over both. Gates of a run that trained
+    MixLoRA experts carry them and their settings: the config gets those experts.
     """
     from meteora_jax.checkpoint import abstract_params, adapter_names, model_config_of, read_metadata, restore_checkpoint
 
@@ -570,8 +572,12 @@ def load_for_inference(
         gate_tree, gate_names = load_gates(gates)
         if names and list(gate_names) != names:
             raise ValueError(f"gates in {gates!r} are for adapters {gate_names}, the checkpoint has {names}")
-        check_gates_fit(gate_tree, abstract_params(metadata), repr(gates))
         settings = load_gate_settings(gates)
+        abstract = abstract_params(metadata)
+        if "mixlora" in settings:  # experts the training run added: the checkpoint lacks them
+            config = _with_mixlora(config, settings["mixlora"], gates)
+            abstract = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+        check_gates_fit(gate_tree, abstract, repr(gates))
         if dtype is None:
             dtype = settings.get("dtype")
         if top_k is None:
@@ -584,6 +590,15 @@ def load_for_inference(
     if gates:
         params = merge_params(gate_tree, params)
     return params, config, names
+
+
+def _with_mixlora(config: ModelConfig, settings: Mapping[str, Any], gates: str) -> ModelConfig:
+    """`config` with the MixLoRA experts of a gate export's settings.json."""
+    try:
+        return config.replace(mixlora=MixLoRAConfig(**settings))
+    except (TypeError, ValueError) as e:  # an unknown key; values a MixLoRAConfig refuses
+        raise ValueError(f"{os.path.join(gates, GATE_SETTINGS_FILE)}: 'mixlora' does not fit the model checkpoint "
+                         f"({e})") from None
 
 
 _CHAT_FLAGS = {"auto": None, "yes": True, "no": False}

@@ -4,6 +4,7 @@
     paths.tokenizer   # HF tokenizer folder (byte-free BPE over the tasks' characters)
     paths.data_root   # <root>/{arith,reverse,shout}/{train,test}.jsonl
     paths.model       # model checkpoint: random tiny LLaMA + 3 random adapters + gates
+                      # (or a plain one with num_adapters 0, which MixLoRA trains its experts on)
 
 Three generated tasks with clearly distinct formats and characters, so a per-token gate can tell
 them apart:
@@ -137,13 +138,13 @@ def _spec_changes(old, new: dict) -> str:
     return describe_changes(old_flat, new_flat)
 
 
-def _paths(root: str) -> TinyWorld:
+def _paths(root: str, with_adapters: bool) -> TinyWorld:
     return TinyWorld(
         root=root,
         tokenizer=os.path.join(root, "tokenizer"),
         data_root=os.path.join(root, "data"),
         model=os.path.join(root, "model"),
-        adapter_names=TASKS,
+        adapter_names=TASKS if with_adapters else (),
     )
 
 
@@ -155,16 +156,19 @@ def build_tiny_world(
     n_test: int = 48,
     seed: int = 0,
 ) -> TinyWorld:
-    """Builds (or finds) the tiny world in `root` for a model with `len(TASKS)` adapters."""
+    """Builds (or finds) the tiny world in `root` for a model with `len(TASKS)` adapters, or none."""
     from meteora_jax.data import write_jsonl
     from meteora_jax.model import init_params
     from meteora_jax.checkpoint import save_checkpoint
 
     root = os.path.abspath(os.fspath(root))
-    if model_config.meteora.num_adapters != len(TASKS):
+    if model_config.meteora.num_adapters not in (0, len(TASKS)):
         raise TinyWorldError(
-            f"the tiny world has {len(TASKS)} tasks; model.meteora.num_adapters is {model_config.meteora.num_adapters}"
+            f"the tiny world has {len(TASKS)} tasks; model.meteora.num_adapters is {model_config.meteora.num_adapters} "
+            f"(give {len(TASKS)}, one adapter per task, or 0 for a plain model, as MixLoRA trains on)"
         )
+    if model_config.mixlora.num_experts:  # a converted checkpoint has none: training adds them
+        raise TinyWorldError("the tiny world's model has no MixLoRA experts: build it without model.mixlora")
     if os.path.exists(root) and not os.path.isdir(root):
         raise TinyWorldError(f"{root} is a file, not a folder: set config.tiny_world to a new folder")
     spec = _spec(model_config, n_train, n_test, seed)
@@ -174,7 +178,7 @@ def build_tiny_world(
         with open(stamp) as f:
             stored = json.load(f)
         if stored.get("digest") == digest or _files_spec(stored.get("spec")) == _files_spec(spec):
-            return _paths(root)
+            return _paths(root, bool(model_config.meteora.num_adapters))
         # Gates trained on the old world (e.g. runs/tiny/gates) would no longer fit its model.
         raise TinyWorldError(
             f"{root} holds a tiny world built for another model ({_spec_changes(stored.get('spec'), spec)}); "
@@ -187,7 +191,7 @@ def build_tiny_world(
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tiny-world-", dir=parent)
     try:
-        world = _paths(tmp)
+        world = _paths(tmp, bool(model_config.meteora.num_adapters))
         splits = {}
         for task in TASKS:
             records = task_records(task, n_train + n_test, seed)
@@ -202,7 +206,7 @@ def build_tiny_world(
                                  "is too small for it (nothing was written)")
         tokenizer.save_pretrained(world.tokenizer)
         params = init_params(model_config, jax.random.key(seed))
-        save_checkpoint(world.model, params, model_config, {"adapters": [{"name": task} for task in TASKS]})
+        save_checkpoint(world.model, params, model_config, {"adapters": [{"name": task} for task in world.adapter_names]})
         with open(os.path.join(tmp, "WORLD.json"), "w") as f:
             json.dump({"digest": digest, "spec": spec}, f, indent=1)
         if os.path.isdir(root) and not os.listdir(root):  # (a non-empty one: another builder's, same world)
@@ -215,4 +219,4 @@ def build_tiny_world(
     finally:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
-    return _paths(root)
+    return _paths(root, bool(model_config.meteora.num_adapters))

@@ -2,10 +2,17 @@
 
     result = train(config)        # config: an ml_collections ConfigDict (configs/*.py)
 
-Only the MeteoRA gates (`params[...]["gate"]`, `[n_layers, d_in, L]` float32) are trained. Params
-are split into a trainable tree (gates) and a frozen tree (base weights, LoRAs, scalings); only
+Only the MeteoRA gates (`params[...]["gate"]`, `[n_layers, d_in, L]` float32) are trained, and,
+when the model has MixLoRA FFN experts (`model.mixlora`, docs/mixlora.md), their router and LoRA
+experts with them (`gates.TRAINABLE_LEAVES`; "gates" below means that whole trainable tree). Params
+are split into a trainable tree and a frozen tree (base weights, MeteoRA's LoRAs, scalings); only
 the trainable tree is differentiated and has optimizer state. Compute runs in `model.dtype`
-(bf16 on the big configs); gates, gradients and AdamW moments stay float32.
+(bf16 on the big configs); trained leaves, gradients and AdamW moments stay float32.
+
+    loss = lm + train.loss_coef * gate + train.router_aux_loss_coef * balance
+
+gate: MeteoRA's gate cross-entropy against each token's task (0 without adapters); balance:
+MixLoRA's load-balancing loss over the routers (absent without experts).
 
 The step is `jax.jit`ted with explicit in/out shardings over a named mesh (`meteora_jax.sharding`):
 frozen params FSDP-sharded by the logical rules, gates and optimizer state sharded alike, batches
@@ -43,11 +50,12 @@ from meteora_jax import checkpoint as model_ckpt
 from meteora_jax import data as data_lib
 from meteora_jax import sharding as sharding_lib
 from meteora_jax.cli import unwritable
-from meteora_jax.config import ConfigError, ModelConfig, describe_changes
+from meteora_jax.config import MLP_PROJECTIONS, ConfigError, MixLoRAConfig, ModelConfig, describe_changes
 from meteora_jax.convert.common import sha256_file
 from meteora_jax.files import written_whole
 from meteora_jax.gates import export_gates, is_trainable, load_gate_settings, load_gates, merge_params, split_params
 from meteora_jax.loss import joint_loss, per_task_accuracy
+from meteora_jax.mixlora import load_balancing_loss
 from meteora_jax.model import LlamaForCausalLM, param_logical_axes
 from meteora_jax.routing import Routing
 
@@ -70,7 +78,7 @@ __all__ = [
     "train",
 ]
 
-_SUMMED_METRICS = ("gate_task_correct", "gate_task_count", "lm_tokens", "gate_tokens")
+_SUMMED_METRICS = ("gate_task_correct", "gate_task_count", "lm_tokens", "gate_tokens", "router_tokens")
 _SCHEDULES = ("cosine", "linear", "constant")
 
 
@@ -124,7 +132,7 @@ def make_optimizer(optimizer_cfg, schedule: optax.Schedule) -> optax.GradientTra
 @flax.struct.dataclass
 class TrainState:
     step: jax.Array  # [] int32: optimizer steps taken
-    gates: Any  # trainable params (nested dict of float32 [n_layers, d_in, L])
+    gates: Any  # trainable params, float32: the gates [n_layers, d_in, L] (+ MixLoRA's router and experts)
     opt_state: Any  # optax state of `gates` only
     rng: jax.Array  # [2] uint32, split every step (the LoRA dropout keys; resumed exactly)
 
@@ -140,8 +148,8 @@ class Setup:
     config: Any  # the ml_collections ConfigDict
     model_config: ModelConfig
     params: Any  # full params (host or default device)
-    adapter_names: list[str]
-    train_data: dict  # {task: datasets.Dataset}
+    adapter_names: list[str]  # the checkpoint's, in gate-column order ([] for MixLoRA alone)
+    train_data: dict  # {task: datasets.Dataset}; the tasks are the adapters, or the data root's folders
     eval_data: dict | None
     mesh: jax.sharding.Mesh
     rules: tuple
@@ -185,7 +193,8 @@ def _check_train_config(config) -> None:
         f"data.gate_scope={config.data.gate_scope!r}; choose one of {data_lib.GATE_SCOPES}",
     )
     # (A negative coefficient trains the gates away from each token's task; NaN stopped at step 1.)
-    _check(0 <= t.loss_coef < math.inf, f"train.loss_coef={t.loss_coef} must be a finite number >= 0")
+    for key in ("loss_coef", "router_aux_loss_coef"):
+        _check(0 <= t[key] < math.inf, f"train.{key}={t[key]} must be a finite number >= 0")
     _check(bool(config.workdir), "config.workdir is empty: give the run's folder")
     for key in ("workdir", "tiny_world"):  # before the world is built and the step compiled
         built = key == "tiny_world" and config[key] and os.path.isfile(os.path.join(str(config[key]), "WORLD.json"))
@@ -200,11 +209,39 @@ def _check_train_config(config) -> None:
 
 
 def _runtime_model_config(stored: ModelConfig, model_section) -> ModelConfig:
-    """The checkpoint's architecture with the config's run-time choices (dtype, remat, routing)."""
+    """The checkpoint's architecture with the config's run-time choices (dtype, remat, routing),
+    and the config's MixLoRA experts over a checkpoint that has none (`_mixlora_of`)."""
     meteora = dataclasses.replace(
         stored.meteora, top_k=int(model_section.meteora.top_k), kernel_impl=str(model_section.meteora.kernel_impl)
     )
-    return stored.replace(dtype=str(model_section.dtype), remat=str(model_section.remat), meteora=meteora)
+    return stored.replace(dtype=str(model_section.dtype), remat=str(model_section.remat), meteora=meteora,
+                          mixlora=_mixlora_of(stored.mixlora, model_section.mixlora))
+
+
+def _mixlora_of(stored: MixLoRAConfig, section) -> MixLoRAConfig:
+    """The run's MixLoRA experts. Over a checkpoint without experts: the config's (training adds
+    them). Over one with experts: the checkpoint's, routed with the config's top_k / kernel_impl
+    where the config turns them on too; a config asking for other experts is an error."""
+    try:
+        wanted = MixLoRAConfig(**dict(section))
+    except ConfigError as e:
+        raise TrainError(f"model.mixlora: {e}") from None
+    except TypeError as e:  # an unknown key
+        raise TrainError(f"model.mixlora: {e}") from None
+    if not stored.num_experts:
+        return wanted
+    if not wanted.num_experts:
+        return stored
+    shape = ("num_experts", "rank", "alpha")
+    if any(getattr(stored, k) != getattr(wanted, k) for k in shape):
+        have = ", ".join(f"{k}={getattr(stored, k)}" for k in shape)
+        asked = ", ".join(f"{k}={getattr(wanted, k)}" for k in shape)
+        raise TrainError(f"the model checkpoint has MixLoRA experts ({have}); model.mixlora asks for {asked}: "
+                         "give the checkpoint's, or model.mixlora.num_experts=0 to train them as they are")
+    try:
+        return dataclasses.replace(stored, top_k=wanted.top_k, kernel_impl=wanted.kernel_impl)
+    except ConfigError as e:
+        raise TrainError(f"model.mixlora: {e}") from None
 
 
 def _load_tokenizer(path: str):
@@ -241,7 +278,8 @@ def prepare(config) -> Setup:
         from meteora_jax.tiny import TinyWorldError, build_tiny_world
 
         try:
-            tiny_config = ModelConfig.from_dict(config.model)
+            # The world's model is a converted checkpoint: without MixLoRA experts (training adds them).
+            tiny_config = ModelConfig.from_dict(config.model).replace(mixlora=MixLoRAConfig())
         except ConfigError as e:
             raise TrainError(f"config.model: {e}") from None
         try:
@@ -258,22 +296,28 @@ def prepare(config) -> Setup:
     except model_ckpt.CheckpointError as e:
         raise TrainError(str(e)) from None
     names = model_ckpt.adapter_names(metadata)
-    # Its experts would train as frozen weights, with no balancing loss (docs/mixlora.md: not wired yet).
-    _check(not stored_config.mixlora.num_experts,
-           f"model checkpoint {path!r} has MixLoRA experts: MixLoRA training is not supported yet (docs/mixlora.md)")
     L = stored_config.meteora.num_adapters
-    _check(L > 0, f"model checkpoint {path!r} has no adapters (num_adapters=0): there are no gates to train")
     _check(len(names) == L, f"model checkpoint {path!r}: metadata names {len(names)} adapters but it holds {L}")
+    experts = _mixlora_of(stored_config.mixlora, config.model.mixlora).num_experts
+    ffn_adapters = [p for p in MLP_PROJECTIONS if stored_config.meteora.adapts(p)]
+    _check(not (experts and ffn_adapters),
+           f"model.mixlora puts experts on the FFN, where the adapters of model checkpoint {path!r} sit too "
+           f"({ffn_adapters}): give a checkpoint whose adapters leave the FFN alone, or a plain base model")
+    _check(L > 0 or experts, f"model checkpoint {path!r} has no adapters (num_adapters=0) and model.mixlora has no "
+                             "experts: nothing to train (give adapters, or model.mixlora.num_experts > 0)")
     top_k = int(config.model.meteora.top_k)
-    _check(1 <= top_k <= L, f"model.meteora.top_k={top_k} exceeds the checkpoint's {L} adapters (need 1 <= top_k <= {L})")
+    _check(not L or 1 <= top_k <= L,
+           f"model.meteora.top_k={top_k} exceeds the checkpoint's {L} adapters (need 1 <= top_k <= {L})")
     try:
         model_config = _runtime_model_config(stored_config, config.model)
     except ConfigError as e:
         raise TrainError(str(e)) from None
     # The mesh against the model's dimensions (abstract shapes only), before any data is tokenised.
-    abstract = model_ckpt.abstract_params(metadata)
+    stored_abstract = model_ckpt.abstract_params(metadata)
+    new_abstract = _new_leaves(model_config, stored_abstract, path)
     try:
-        shardings = sharding_lib.param_shardings(param_logical_axes(model_config), abstract, mesh, rules)
+        shardings = sharding_lib.param_shardings(param_logical_axes(model_config),
+                                                 merge_params(new_abstract, stored_abstract), mesh, rules)
     except sharding_lib.ShardingError as e:
         raise TrainError(str(e)) from None
     seq_len = int(config.data.seq_len)
@@ -294,76 +338,143 @@ def prepare(config) -> Setup:
         gate_scope=str(config.data.gate_scope),
     )
     _check(bool(config.data.root), "data.root is empty: give the folder of <task>/{train,test}.jsonl")
+    # The tasks are the adapters (a task's gate label is its adapter); without adapters (MixLoRA
+    # alone) they are whatever tasks the data root holds.
+    tasks = names or data_lib.task_folders(config.data.root)
     # Validate every file of both splits before tokenising any.
     for split in ["train"] + ([config.data.eval_split] if config.train.eval_every >= 0 else []):
-        for p in data_lib.find_task_dirs(config.data.root, names, split=split).values():
+        for p in data_lib.find_task_dirs(config.data.root, tasks, split=split).values():
             data_lib.read_jsonl(p)
-    train_data = data_lib.load_task_datasets(config.data.root, names, tokenizer, split="train", **kw)
+    train_data = data_lib.load_task_datasets(config.data.root, tasks, tokenizer, split="train", **kw)
     # Recorded with every checkpoint: a resume over edited files is told so.
-    train_files = {task: sha256_file(p) for task, p in data_lib.find_task_dirs(config.data.root, names).items()}
+    train_files = {task: sha256_file(p) for task, p in data_lib.find_task_dirs(config.data.root, tasks).items()}
     eval_data = None
     if config.train.eval_every >= 0:
-        eval_data = data_lib.load_task_datasets(config.data.root, names, tokenizer, split=config.data.eval_split, **kw)
+        eval_data = data_lib.load_task_datasets(config.data.root, tasks, tokenizer, split=config.data.eval_split, **kw)
     data_lib.BalancedBatchIterator(train_data, config.train.batch_size, seed=config.seed, mixing=config.data.mixing)
 
-    # Last: read the weights straight into their shardings (I/O only).
-    params, _, _ = model_ckpt.restore_checkpoint(path, shardings=shardings)
+    # Last: read the weights straight into their shardings (I/O only), then make the new leaves.
+    new_shardings, stored_shardings = _split_like(shardings, new_abstract)
+    params, _, _ = model_ckpt.restore_checkpoint(path, shardings=stored_shardings)
+    if new_abstract:
+        params = merge_params(_init_new_leaves(model_config, new_abstract, new_shardings, int(config.seed)), params)
     return Setup(config, model_config, params, names, train_data, eval_data, mesh, rules, shardings, train_files)
+
+
+_NEW_LEAF_NAMES = ("router", "expert_lora_a", "expert_lora_b")  # what training may add to a checkpoint
+_NEW_LEAVES_STREAM = 1  # folded into the seed's key: the new leaves' init draws apart from the dropout keys
+
+
+def _init_model(model_config: ModelConfig):
+    """key -> every param of the model, unboxed, with trained leaves made in float32 (as they train)."""
+    model = LlamaForCausalLM(model_config.replace(param_dtype="float32"))
+    return lambda key: nn.unbox(model.init(key, jnp.zeros((1, 1), jnp.int32))["params"])
+
+
+def _new_leaves(model_config: ModelConfig, stored_abstract, path: str) -> dict:
+    """The params the model has and the checkpoint lacks, as ShapeDtypeStructs: MixLoRA's router
+    and experts, when the run adds them to a checkpoint without. Anything else missing is an error."""
+    stored = traverse_util.flatten_dict(stored_abstract)
+    full = traverse_util.flatten_dict(jax.eval_shape(_init_model(model_config), jax.random.key(0)))
+    new = {k: v for k, v in full.items() if k not in stored}
+    odd = ["/".join(k) for k in new if k[-1] not in _NEW_LEAF_NAMES]
+    _check(not odd, f"model checkpoint {path!r} lacks {odd[:3]}, which its own architecture has: a damaged checkpoint?")
+    return traverse_util.unflatten_dict(new)
+
+
+def _split_like(tree, like) -> tuple[dict, dict]:
+    """tree -> (its leaves at the paths of `like`, the others)."""
+    flat, keys = traverse_util.flatten_dict(tree), traverse_util.flatten_dict(like).keys()
+    return (traverse_util.unflatten_dict({k: v for k, v in flat.items() if k in keys}),
+            traverse_util.unflatten_dict({k: v for k, v in flat.items() if k not in keys}))
+
+
+def _init_new_leaves(model_config: ModelConfig, new_abstract, shardings, seed: int) -> dict:
+    """The new leaves initialised as the model initialises them (MixLoRA: B zero, so the model
+    starts as the checkpoint), float32, from the run's seed, straight into their shardings. Under
+    jit only these leaves are computed: the rest of the model's init is dead code."""
+    init = _init_model(model_config)
+
+    def new_only(key):
+        flat = traverse_util.flatten_dict(init(key))
+        return traverse_util.unflatten_dict({k: flat[k] for k in traverse_util.flatten_dict(new_abstract)})
+
+    key = jax.random.fold_in(jax.random.PRNGKey(seed), _NEW_LEAVES_STREAM)
+    return jax.jit(new_only, out_shardings=shardings)(key)
 
 
 # ----------------------------------------------------------------------------------------------
 # Steps
 
 
-def _loss_fn(model, coef: float, top_k: int, lora_dropout: float = 0.0):
-    """(gates, frozen, batch[, dropout key]) -> (loss, metrics); the key only with lora_dropout > 0."""
+def _loss_fn(model, coef: float, top_k: int, lora_dropout: float = 0.0, aux_coef: float = 0.0):
+    """(gates, frozen, batch[, dropout key]) -> (loss, metrics); the key only with lora_dropout > 0.
+
+    loss = lm + coef * gate (`joint_loss`), + aux_coef * balance with MixLoRA experts: their
+    load-balancing loss over every layer's router and the unpadded tokens (metrics balance_loss and
+    router_tokens, the tokens it averages over)."""
     routing = Routing(lora_dropout=lora_dropout)
 
     def loss_fn(gates, frozen, batch, dropout_key=None):
         rngs = {"dropout": dropout_key} if lora_dropout else None
         out = model.apply({"params": merge_params(gates, frozen)}, batch["input_ids"], batch["attention_mask"],
                           routing=routing, rngs=rngs)
-        return joint_loss(out.logits, out.gate_logits, batch, coef=coef, top_k=top_k)
+        loss, metrics = joint_loss(out.logits, out.gate_logits, batch, coef=coef, top_k=top_k)
+        if not out.gate_logits:  # no adapters (MixLoRA alone): no gate terms to report
+            metrics = {k: v for k, v in metrics.items() if k not in _GATE_ONLY}
+        if out.router_logits is not None:
+            balance = load_balancing_loss(out.router_logits, batch["attention_mask"], model.config.mixlora.top_k)
+            loss = loss + aux_coef * balance
+            metrics.update(loss=loss, balance_loss=balance,
+                           router_tokens=jnp.sum(batch["attention_mask"].astype(jnp.float32)))
+        return loss, metrics
 
     return loss_fn
 
 
-_WEIGHTED_BY_LM = ("lm_loss",)
-_WEIGHTED_BY_GATE = ("gate_loss", "gate_acc_top1", "gate_acc_topk")
+_GATE_SUMS = ("gate_task_correct", "gate_task_count", "gate_layer_correct", "gate_layer_count")  # [L], [n_layers]
+_GATE_ONLY = ("gate_loss", "gate_acc_top1", "gate_acc_topk") + _GATE_SUMS
+# Each token-averaged metric and the count it averages over (accumulation weighs the micro-batches by it).
+_AVERAGED_OVER = {"lm_loss": "lm_tokens", "gate_loss": "gate_tokens", "gate_acc_top1": "gate_tokens",
+                  "gate_acc_topk": "gate_tokens", "balance_loss": "router_tokens"}
 
 
-def _token_totals(batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
-    """(LM targets, gate tokens) of a batch, counted exactly as `joint_loss` counts them."""
-    lm = jnp.sum(batch["lm_mask"][:, 1:].astype(jnp.float32))
-    gate = jnp.sum(batch["gate_mask"].astype(jnp.float32))
-    return lm, gate
+def _token_totals(batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    """The counts of `_AVERAGED_OVER` for a whole batch, counted as `_loss_fn` counts them."""
+    return {"lm_tokens": jnp.sum(batch["lm_mask"][:, 1:].astype(jnp.float32)),
+            "gate_tokens": jnp.sum(batch["gate_mask"].astype(jnp.float32)),
+            "router_tokens": jnp.sum(batch["attention_mask"].astype(jnp.float32))}
 
 
-def _token_weights(metrics: Mapping[str, jax.Array], lm_total: jax.Array, gate_total: jax.Array):
-    """A part's share of the whole: (its lm_tokens / lm_total, its gate_tokens / gate_total)."""
-    return metrics["lm_tokens"] / jnp.maximum(lm_total, 1.0), metrics["gate_tokens"] / jnp.maximum(gate_total, 1.0)
+def _token_weights(metrics: Mapping[str, jax.Array], totals: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    """A part's share of the whole, per count: {count: its count / the whole's}."""
+    return {k: metrics[k] / jnp.maximum(totals[k], 1.0) for k in totals if k in metrics}
 
 
-def _weighted_metrics(metrics: Mapping[str, jax.Array], w_lm: jax.Array, w_gate: jax.Array) -> dict:
+def _weighted_metrics(metrics: Mapping[str, jax.Array], weights: Mapping[str, jax.Array]) -> dict:
     """Per-part metrics scaled so that summing them over the parts gives the whole's metrics
     (token-weighted means; counts stay sums). `loss` is left out: rebuild it with `_with_loss`."""
     out = {}
     for k, v in metrics.items():
-        if k in _WEIGHTED_BY_LM:
-            out[k] = v * w_lm
-        elif k in _WEIGHTED_BY_GATE:
-            out[k] = v * w_gate
+        if k in _AVERAGED_OVER:
+            out[k] = v * weights[_AVERAGED_OVER[k]]
         elif k in _SUMMED_METRICS:
             out[k] = v
     return out
 
 
-def _with_loss(metrics: Mapping, coef: float) -> dict:
-    return dict(metrics, loss=metrics["lm_loss"] + coef * metrics["gate_loss"])
+def _combined_loss(metrics: Mapping, coef: float, aux_coef: float) -> jax.Array:
+    """lm + coef * gate (+ aux_coef * balance, with MixLoRA experts) of (weighted) metrics."""
+    loss = metrics["lm_loss"] + coef * metrics.get("gate_loss", 0.0)
+    return loss + aux_coef * metrics["balance_loss"] if "balance_loss" in metrics else loss
+
+
+def _with_loss(metrics: Mapping, coef: float, aux_coef: float = 0.0) -> dict:
+    return dict(metrics, loss=_combined_loss(metrics, coef, aux_coef))
 
 
 def make_train_step(model, tx, *, coef: float, top_k: int, grad_accum_steps: int, batch_spec=None,
-                    lora_dropout: float = 0.0):
+                    lora_dropout: float = 0.0, aux_coef: float = 0.0):
     """(state, frozen, batch [B, S]) -> (state, metrics). Pure; jit it with shardings.
 
     lora_dropout > 0: the adapters' input is dropped out (`Routing.lora_dropout`) with a key drawn
@@ -372,15 +483,18 @@ def make_train_step(model, tx, *, coef: float, top_k: int, grad_accum_steps: int
     With grad_accum_steps = A > 1 the batch is split into A micro-batches and the step optimises the
     same objective as A = 1: lm is the masked mean over all LM targets of the batch and gate the
     masked mean over all its gate tokens. Each micro-batch's lm (gate) loss is weighted by its share
-    of the batch's LM targets (gate tokens), and the weighted gradients are summed.
+    of the batch's LM targets (gate tokens), and the weighted gradients are summed. MixLoRA's
+    balance loss is weighted by the micro-batch's share of unpadded tokens: the mean of its
+    micro-batches' values, not its value on the whole batch (a product of two means is not
+    additive), as gradient accumulation gives it in MixLoRA's own training.
     """
-    loss_fn = _loss_fn(model, coef, top_k, lora_dropout)
+    loss_fn = _loss_fn(model, coef, top_k, lora_dropout, aux_coef)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def weighted_loss(gates, frozen, mb, lm_total, gate_total, dropout_key):
+    def weighted_loss(gates, frozen, mb, totals, dropout_key):
         _, m = loss_fn(gates, frozen, mb, dropout_key)
-        w_lm, w_gate = _token_weights(m, lm_total, gate_total)
-        return m["lm_loss"] * w_lm + coef * m["gate_loss"] * w_gate, _weighted_metrics(m, w_lm, w_gate)
+        weighted = _weighted_metrics(m, _token_weights(m, totals))
+        return _combined_loss(weighted, coef, aux_coef), weighted
 
     weighted_grad_fn = jax.value_and_grad(weighted_loss, has_aux=True)
 
@@ -390,7 +504,7 @@ def make_train_step(model, tx, *, coef: float, top_k: int, grad_accum_steps: int
             (_, metrics), grads = grad_fn(state.gates, frozen, batch, dropout_key)
         else:
             A = grad_accum_steps
-            lm_total, gate_total = _token_totals(batch)  # of the whole batch, before splitting
+            totals = _token_totals(batch)  # of the whole batch, before splitting
 
             def split(x):  # [B, S] -> [A, B/A, S]: micro-batch a = rows a, a+A, ... (stays spread)
                 x = x.reshape(x.shape[0] // A, A, *x.shape[1:]).swapaxes(0, 1)
@@ -400,18 +514,17 @@ def make_train_step(model, tx, *, coef: float, top_k: int, grad_accum_steps: int
 
             micro = jax.tree.map(split, batch)
             first = jax.tree.map(lambda x: x[0], micro)
-            (_, m_shape), g_shape = jax.eval_shape(weighted_grad_fn, state.gates, frozen, first, lm_total, gate_total,
-                                                   dropout_key)
+            (_, m_shape), g_shape = jax.eval_shape(weighted_grad_fn, state.gates, frozen, first, totals, dropout_key)
             zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (m_shape, g_shape))
 
             def body(acc, indexed):
                 a, mb = indexed
                 key = jax.random.fold_in(dropout_key, a)
-                (_, m), g = weighted_grad_fn(state.gates, frozen, mb, lm_total, gate_total, key)
+                (_, m), g = weighted_grad_fn(state.gates, frozen, mb, totals, key)
                 return jax.tree.map(jnp.add, acc, (m, g)), None
 
             (metrics, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(A), micro))
-            metrics = _with_loss(metrics, coef)
+            metrics = _with_loss(metrics, coef, aux_coef)
         updates, opt_state = tx.update(grads, state.opt_state, state.gates)
         gates = optax.apply_updates(state.gates, updates)
         metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
@@ -420,9 +533,9 @@ def make_train_step(model, tx, *, coef: float, top_k: int, grad_accum_steps: int
     return step
 
 
-def make_eval_step(model, *, coef: float, top_k: int):
+def make_eval_step(model, *, coef: float, top_k: int, aux_coef: float = 0.0):
     """(gates, frozen, batch) -> metrics of the batch (loss terms, gate accuracy sums per task)."""
-    loss_fn = _loss_fn(model, coef, top_k)
+    loss_fn = _loss_fn(model, coef, top_k, aux_coef=aux_coef)
 
     def step(gates, frozen, batch):
         _, metrics = loss_fn(gates, frozen, batch)
@@ -435,11 +548,12 @@ def make_eval_step(model, *, coef: float, top_k: int):
 # Gates on their own (the files: meteora_jax.gates)
 
 
-def run_settings(config) -> dict:
+def run_settings(config, mixlora: MixLoRAConfig = MixLoRAConfig()) -> dict:
     """What inference needs to route and prompt as training did, exported with the gates
     (`gates.export_gates`): the run-time top_k, kernel_impl and compute dtype (config.model), and
-    data.chat_template / lm_on_prompt / gate_scope."""
-    return {
+    data.chat_template / lm_on_prompt / gate_scope; with MixLoRA experts, their settings (the
+    model's `mixlora`), which the model checkpoint lacks when training added them."""
+    settings = {
         "top_k": int(config.model.meteora.top_k),
         "kernel_impl": str(config.model.meteora.kernel_impl),
         "dtype": str(config.model.dtype),
@@ -447,6 +561,9 @@ def run_settings(config) -> dict:
         "lm_on_prompt": bool(config.data.lm_on_prompt),
         "gate_scope": str(config.data.gate_scope),
     }
+    if mixlora.num_experts:
+        settings["mixlora"] = dataclasses.asdict(mixlora)
+    return settings
 
 
 def _flat_config(config) -> dict:
@@ -615,11 +732,11 @@ class Trainer:
         self.state = init(gates, jax.random.PRNGKey(int(cfg.seed)))
 
         top_k = setup.model_config.meteora.top_k
-        coef = float(cfg.train.loss_coef)
+        coef, aux_coef = float(cfg.train.loss_coef), float(cfg.train.router_aux_loss_coef)
         batch_spec = tuple(self.batch_sharding.spec)
         step = make_train_step(
             self.model, self.tx, coef=coef, top_k=top_k, grad_accum_steps=int(cfg.train.grad_accum_steps), batch_spec=batch_spec,
-            lora_dropout=float(cfg.train.lora_dropout),
+            lora_dropout=float(cfg.train.lora_dropout), aux_coef=aux_coef,
         )
         with self._context():
             self.train_step = jax.jit(
@@ -629,7 +746,7 @@ class Trainer:
                 donate_argnums=(0,) if jax.default_backend() != "cpu" else (),
             )
             self.eval_step = jax.jit(
-                make_eval_step(self.model, coef=coef, top_k=top_k),
+                make_eval_step(self.model, coef=coef, top_k=top_k, aux_coef=aux_coef),
                 in_shardings=(self.gate_shardings, self.frozen_shardings, batch_shardings),
                 out_shardings=rep,
             )
@@ -719,31 +836,36 @@ class Trainer:
     # -- eval ------------------------------------------------------------------------------------
 
     def evaluate(self) -> dict[str, float]:
-        """Loss and gate accuracy (overall, per task and per decoder layer) on the eval split."""
+        """Loss and gate accuracy (overall, per task and per decoder layer) on the eval split; with
+        MixLoRA experts, their balance loss too."""
         cfg = self.config
-        # Token-weighted: lm_loss over all LM targets, gate metrics over all gate tokens, and
-        # loss = lm + coef * gate of those (as one batch holding the whole eval set would give).
-        sums = dict.fromkeys(_WEIGHTED_BY_LM + _WEIGHTED_BY_GATE, 0.0)
-        lm_total, gate_total, correct, count, layer_correct, layer_count = 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
+        # Token-weighted: each metric over all the tokens it counts (`_AVERAGED_OVER`), and loss =
+        # lm + coef * gate (+ aux * balance) of those, as one batch holding the whole eval set would
+        # give (the balance loss: the token-weighted mean of the batches' values).
+        sums, totals, vectors = {}, {}, {}
         for i, batch in enumerate(data_lib.eval_batches(self.setup.eval_data, int(cfg.train.eval_batch_size))):
             if cfg.train.eval_max_batches and i >= cfg.train.eval_max_batches:
                 break
             with self._context():
                 m = jax.device_get(self.eval_step(self.state.gates, self.frozen, sharding_lib.put_batch(batch, self.batch_sharding)))
-            n_lm, n_gate = float(m["lm_tokens"]), float(m["gate_tokens"])
-            for k in sums:
-                sums[k] += float(m[k]) * (n_lm if k in _WEIGHTED_BY_LM else n_gate)
-            lm_total, gate_total = lm_total + n_lm, gate_total + n_gate
-            correct, count = correct + m["gate_task_correct"], count + m["gate_task_count"]
-            layer_correct, layer_count = layer_correct + m["gate_layer_correct"], layer_count + m["gate_layer_count"]
-        out = {k: v / max(lm_total if k in _WEIGHTED_BY_LM else gate_total, 1.0) for k, v in sums.items()}
-        out = _with_loss(out, float(cfg.train.loss_coef))
-        per_task = np.asarray(per_task_accuracy(jnp.asarray(correct), jnp.asarray(count)))
-        for name, acc in zip(self.setup.adapter_names, np.atleast_1d(per_task)):
-            out[f"gate_acc/{name}"] = float(acc)
-        per_layer = np.asarray(per_task_accuracy(jnp.asarray(layer_correct), jnp.asarray(layer_count)))
-        for i, acc in enumerate(np.atleast_1d(per_layer)):
-            out[f"gate_acc_layer/{i}"] = float(acc)
+            for k, count_key in _AVERAGED_OVER.items():
+                if k in m:
+                    sums[k] = sums.get(k, 0.0) + float(m[k]) * float(m[count_key])
+            for k in set(_AVERAGED_OVER.values()) & m.keys():
+                totals[k] = totals.get(k, 0.0) + float(m[k])
+            for k in _GATE_SUMS if "gate_task_correct" in m else ():
+                vectors[k] = vectors.get(k, 0.0) + m[k]
+        out = {k: v / max(totals[_AVERAGED_OVER[k]], 1.0) for k, v in sums.items()}
+        out = _with_loss(out, float(cfg.train.loss_coef), float(cfg.train.router_aux_loss_coef))
+        if vectors:
+            per_task = np.asarray(per_task_accuracy(jnp.asarray(vectors["gate_task_correct"]),
+                                                    jnp.asarray(vectors["gate_task_count"])))
+            for name, acc in zip(self.setup.adapter_names, np.atleast_1d(per_task)):
+                out[f"gate_acc/{name}"] = float(acc)
+            per_layer = np.asarray(per_task_accuracy(jnp.asarray(vectors["gate_layer_correct"]),
+                                                     jnp.asarray(vectors["gate_layer_count"])))
+            for i, acc in enumerate(np.atleast_1d(per_layer)):
+                out[f"gate_acc_layer/{i}"] = float(acc)
         return out
 
     # -- loop ------------------------------------------------------------------------------------
@@ -799,15 +921,17 @@ class Trainer:
             scal = {k: float(np.mean([w[k] for w in window])) for k in window[0] if np.ndim(window[0][k]) == 0}
             scal["tokens_per_s"] = float(sum(w["gate_tokens"] for w in window)) / max(now - t_window, 1e-9)
             scal["lr"] = float(self.schedule(step_no - 1))
-            for k in ("lm_tokens", "gate_tokens"):
+            for k in ("lm_tokens", "gate_tokens", "router_tokens"):
                 scal.pop(k, None)
             last_train = scal
             history.append({"step": step_no, "split": "train", **scal})
             metric_log.write(step_no, "train", scal)
             if bar is not None:
-                bar.set_postfix(
-                    loss=f"{scal['loss']:.3f}", gate_acc=f"{scal['gate_acc_top1']:.3f}", tok_s=f"{scal['tokens_per_s']:.0f}"
-                )
+                routing = {"gate_acc": scal["gate_acc_top1"]} if "gate_acc_top1" in scal else {}
+                if "balance_loss" in scal:
+                    routing["balance"] = scal["balance_loss"]
+                bar.set_postfix(loss=f"{scal['loss']:.3f}", **{k: f"{v:.3f}" for k, v in routing.items()},
+                                tok_s=f"{scal['tokens_per_s']:.0f}")
             window, t_window = [], now
 
         def run_eval(step_no: int) -> None:
@@ -817,7 +941,7 @@ class Trainer:
             last_eval = self.evaluate()
             history.append({"step": step_no, "split": "eval", **last_eval})
             metric_log.write(step_no, "eval", last_eval)
-            shown = [k for k in last_eval if (k.startswith("gate_acc") and "layer/" not in k) or k == "loss"]
+            shown = [k for k in last_eval if (k.startswith("gate_acc") and "layer/" not in k) or k in ("loss", "balance_loss")]
             layers = [v for k, v in last_eval.items() if k.startswith("gate_acc_layer/")]
             msg = " ".join(f"{k}={last_eval[k]:.3f}" for k in shown)
             if layers:  # per-layer values go to the metric log; the line shows their range
@@ -878,7 +1002,8 @@ class Trainer:
         gates_dir = None
         if status == "done" and cfg.checkpoint.export_gates:
             gates_dir = export_gates(
-                os.path.join(self.workdir, "gates"), self.state.gates, self.setup.adapter_names, run_settings(cfg)
+                os.path.join(self.workdir, "gates"), self.state.gates, self.setup.adapter_names,
+                run_settings(cfg, self.setup.model_config.mixlora)
             )
         return {
             "status": status,

@@ -113,7 +113,12 @@ def main(argv):
         print(f"error: {e}", file=sys.stderr)
         return 2
     ev = summary["eval"]
-    acc = f", eval gate accuracy {ev['gate_acc_top1']:.3f}" if ev else ""
+    if not ev:
+        acc = ""
+    elif "gate_acc_top1" in ev:
+        acc = f", eval gate accuracy {ev['gate_acc_top1']:.3f}"
+    else:  # MixLoRA alone: no gates, a router
+        acc = f", eval LM loss {ev['lm_loss']:.3f}, balance loss {ev['balance_loss']:.3f}"
     if summary["resumed_from"]:
         print(f"resumed from the checkpoint at step {summary['resumed_from']} in {_CONFIG.value.workdir} "
               "(another workdir, or --config.checkpoint.resume=False, starts over)")

@@ -824,25 +824,6 @@ def _expect(config, error, match):
         train_lib.train(config)
 
 
-def test_a_mixlora_checkpoint_is_refused(make_config, no_compute, world, tmp_path):
-    """MixLoRA experts in the checkpoint would train as frozen weights without their balancing loss:
-    refused, naming the checkpoint, until MixLoRA training exists (docs/mixlora.md)."""
-    import dataclasses
-
-    from meteora_jax.checkpoint import model_config_of, read_metadata, save_checkpoint
-    from meteora_jax.config import MixLoRAConfig
-    from meteora_jax.model import init_params
-
-    metadata = read_metadata(world.model)
-    stored = model_config_of(world.model, metadata)
-    config = stored.replace(meteora=dataclasses.replace(stored.meteora, targets=("q_proj", "k_proj", "v_proj", "o_proj")),
-                            mixlora=MixLoRAConfig(num_experts=2, rank=2))
-    path = tmp_path / "mixlora_model"
-    save_checkpoint(path, init_params(config, jax.random.key(0)), config, metadata)
-    _expect(make_config(model_checkpoint=str(path)), train_lib.TrainError,
-            "has MixLoRA experts: MixLoRA training is not supported yet")
-
-
 def test_bad_missing_data_root(make_config, no_compute, tmp_path):
     _expect(make_config(data=dict(root=str(tmp_path / "nope"))), data_lib.DataError, "is not a folder")
 

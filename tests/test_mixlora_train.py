@@ -1,0 +1,337 @@
+"""MixLoRA training on the tiny world (CPU): the experts training adds to a plain checkpoint, the
+train step against a hand-written objective (LM loss + coef * balance loss) and its gradients, with
+and without accumulation, MeteoRA's gates trained beside the experts, export and inference, and bad
+input. The block and the balance loss themselves are tested against PyTorch and transformers in
+tests/test_mixlora.py."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import runpy
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import traverse_util
+
+from meteora_jax import data as data_lib
+from meteora_jax import train as train_lib
+from meteora_jax.checkpoint import model_config_of, read_metadata, restore_checkpoint, save_checkpoint
+from meteora_jax.config import MixLoRAConfig, ModelConfig
+from meteora_jax.gates import load_gate_settings, merge_params, split_params
+from meteora_jax.generate import load_for_inference
+from meteora_jax.model import LlamaForCausalLM, init_params
+from meteora_jax.tiny import TASKS, build_tiny_world
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MIXLORA_LEAVES = {"router", "expert_lora_a", "expert_lora_b"}
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def _config_file(name: str):
+    spec = importlib.util.spec_from_file_location(f"{name}_config", os.path.join(REPO, "configs", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+@pytest.fixture(scope="module")
+def plain_world(tmp_path_factory):
+    """configs/mixlora_tiny.py's world: the tiny tasks and a random plain model (no adapters)."""
+    model = ModelConfig.from_dict(_config_file("mixlora_tiny").model).replace(mixlora=MixLoRAConfig())
+    return build_tiny_world(tmp_path_factory.mktemp("plain") / "world", model)
+
+
+@pytest.fixture
+def make_config(plain_world, tmp_path):
+    """configs/mixlora_tiny.py on the module's world, writing into tmp_path; overrides as sections."""
+
+    def make(**sections):
+        config = _config_file("mixlora_tiny")
+        config.tiny_world = ""
+        config.model_checkpoint = plain_world.model
+        config.tokenizer = plain_world.tokenizer
+        config.data.root = plain_world.data_root
+        config.workdir = str(tmp_path / "run")
+        config.logging.update(progress=False, tensorboard=False, every=1)
+        config.train.update(steps=6, eval_every=-1)
+        config.checkpoint.update(every=0, export_gates=False)
+        for section, values in sections.items():
+            if isinstance(values, dict):
+                config[section].update(**values)
+            else:
+                config[section] = values
+        return config
+
+    return make
+
+
+@pytest.fixture
+def no_compute(monkeypatch):
+    def fail(*a, **k):
+        raise AssertionError("compute started before the bad input was reported")
+
+    monkeypatch.setattr(train_lib.Trainer, "__init__", fail)
+
+
+def _flat(tree):
+    return traverse_util.flatten_dict(jax.device_get(tree))
+
+
+def _batch(setup, size: int, seed: int = 0) -> dict:
+    return jax.tree.map(jnp.asarray, next(data_lib.BalancedBatchIterator(setup.train_data, size, seed=seed)))
+
+
+# ----------------------------------------------------------------------------------------------
+# The hand-written objective: lm + aux_coef * balance, straight from the papers' formulas.
+
+
+def _lm_by_hand(logits, batch):
+    """Mean next-token cross-entropy over lm_mask[:, 1:]."""
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    labels = jnp.where(batch["lm_mask"][:, 1:] > 0, batch["lm_labels"][:, 1:], 0)
+    ce = -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
+    mask = batch["lm_mask"][:, 1:].astype(jnp.float32)
+    return jnp.sum(ce * mask) / jnp.sum(mask)
+
+
+def _balance_by_hand(router_logits, attention_mask, top_k):
+    """Switch/Mixtral: E * sum_e (share of (layer, token) rows whose top-k holds e) * (mean prob of e),
+    over every layer's unpadded tokens. router_logits [n_layers, B, S, E]."""
+    E = router_logits.shape[-1]
+    probs = jax.nn.softmax(router_logits, axis=-1).reshape(-1, E)  # [(layer, token), E]
+    keep = jnp.broadcast_to(attention_mask[None] > 0, router_logits.shape[:-1]).reshape(-1)
+    rank = jnp.argsort(jnp.argsort(-probs, axis=-1), axis=-1)  # 0 = largest
+    chosen = (rank < top_k).astype(jnp.float32)
+    share = jnp.sum(chosen * keep[:, None], axis=0) / jnp.sum(keep)
+    mean_prob = jnp.sum(probs * keep[:, None], axis=0) / jnp.sum(keep)
+    return E * jnp.sum(share * mean_prob)
+
+
+def _objective(model, frozen, aux_coef):
+    def objective(trainable, batch):
+        out = model.apply({"params": merge_params(trainable, frozen)}, batch["input_ids"], batch["attention_mask"])
+        balance = _balance_by_hand(out.router_logits, batch["attention_mask"], model.config.mixlora.top_k)
+        return _lm_by_hand(out.logits, batch) + aux_coef * balance, balance
+
+    return objective
+
+
+def _sgd_step(model, trainable, frozen, batch, *, aux_coef, grad_accum_steps=1):
+    """One train step with plain SGD at learning rate 1: new params = params - grads."""
+    tx = optax.sgd(1.0)
+    step = train_lib.make_train_step(model, tx, coef=50.0, top_k=2, grad_accum_steps=grad_accum_steps,
+                                     aux_coef=aux_coef)
+    state = train_lib.TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable), jax.random.PRNGKey(0))
+    return jax.jit(step)(state, frozen, batch)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def test_prepare_adds_experts_that_start_as_the_checkpoint(make_config, plain_world, float32_matmuls):
+    """Over a plain checkpoint the router and experts are new float32 leaves: B zero (the model is the
+    checkpoint's), A non-zero within PEFT's bound, drawn from the run's seed. The tasks are the data
+    root's folders."""
+    setup = train_lib.prepare(make_config())
+    assert setup.adapter_names == [] and list(setup.train_data) == sorted(TASKS)
+    new = {k: v for k, v in _flat(setup.params).items() if k[-1] in MIXLORA_LEAVES}
+    assert sorted("/".join(k) for k in new) == sorted(
+        ["layers/mlp/router"] + [f"layers/mlp/{p}/expert_lora_{ab}" for p in ("gate_proj", "up_proj", "down_proj")
+                                 for ab in "ab"])
+    assert all(v.dtype == np.float32 for v in new.values())
+    for key, value in new.items():
+        if key[-1] == "expert_lora_b":
+            assert not np.any(value)
+        elif key[-1] == "expert_lora_a":  # [layers, E, d_in, r], kaiming-uniform: |a| <= 1 / sqrt(d_in)
+            assert np.any(value) and np.max(np.abs(value)) <= 1 / np.sqrt(value.shape[2]) + 1e-7
+
+    stored, stored_config, _ = restore_checkpoint(plain_world.model)
+    ids = jnp.asarray(np.random.default_rng().integers(4, 200, (2, 12)), jnp.int32)
+    want = LlamaForCausalLM(stored_config).apply({"params": stored}, ids).logits
+    got = LlamaForCausalLM(setup.model_config).apply({"params": setup.params}, ids).logits
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+    again = _flat(train_lib.prepare(make_config()).params)
+    other = _flat(train_lib.prepare(make_config(seed=1)).params)
+    a_key = ("layers", "mlp", "up_proj", "expert_lora_a")
+    np.testing.assert_array_equal(again[a_key], new[a_key])
+    assert not np.array_equal(other[a_key], new[a_key])
+
+
+@pytest.mark.parametrize("aux_coef", [0.0, 0.3])
+def test_train_step_follows_lm_plus_balance(make_config, aux_coef, float32_matmuls):
+    """The step trains the router and the experts, and only them, on lm + aux_coef * balance: its
+    loss and its update (SGD, lr 1) match the hand-written objective's value and gradient."""
+    setup = train_lib.prepare(make_config())
+    model = LlamaForCausalLM(setup.model_config)
+    trainable, frozen = split_params(setup.params)
+    assert {k[-1] for k in _flat(trainable)} == MIXLORA_LEAVES
+    # Non-zero B, so that every expert leaf has a gradient (B = 0 stops A's).
+    key = jax.random.key(np.random.default_rng().integers(2**31))
+    trainable = jax.tree_util.tree_map_with_path(
+        lambda path, x: 0.05 * jax.random.normal(key, x.shape) if path[-1].key == "expert_lora_b" else x, trainable)
+    batch = _batch(setup, 4)
+
+    state, metrics = _sgd_step(model, trainable, frozen, batch, aux_coef=aux_coef)
+    (value, balance), grads = jax.value_and_grad(_objective(model, frozen, aux_coef), has_aux=True)(trainable, batch)
+    np.testing.assert_allclose(metrics["loss"], value, rtol=1e-5)
+    np.testing.assert_allclose(metrics["balance_loss"], balance, rtol=1e-5)
+    assert "gate_loss" not in metrics  # no adapters: no gate terms
+    want = jax.tree.map(lambda p, g: p - g, trainable, grads)
+    for k, v in _flat(state.gates).items():
+        scale = np.max(np.abs(_flat(grads)[k]))
+        assert scale > 0, k
+        np.testing.assert_allclose(v, _flat(want)[k], rtol=0, atol=1e-5 * scale + 1e-7, err_msg=str(k))
+
+
+def test_accumulation_weighs_the_balance_by_tokens(make_config, float32_matmuls):
+    """With 2 micro-batches the LM term is the whole batch's and the balance term is the token-weighted
+    mean of the micro-batches' balance losses: value and update match that objective by hand."""
+    setup = train_lib.prepare(make_config())
+    model = LlamaForCausalLM(setup.model_config)
+    trainable, frozen = split_params(setup.params)
+    batch = _batch(setup, 4, seed=3)
+    batch["attention_mask"] = batch["attention_mask"].at[0, -5:].set(0)  # unequal micro-batch token counts
+    aux = 0.5
+    state, metrics = _sgd_step(model, trainable, frozen, batch, aux_coef=aux, grad_accum_steps=2)
+
+    objective = _objective(model, frozen, 0.0)
+    micro = [jax.tree.map(lambda x: x[a::2], batch) for a in range(2)]  # rows a, a + 2 (make_train_step's split)
+    tokens = [jnp.sum(m["attention_mask"]) for m in micro]
+
+    def by_hand(p):
+        out = model.apply({"params": merge_params(p, frozen)}, batch["input_ids"], batch["attention_mask"])
+        lm = _lm_by_hand(out.logits, batch)
+        balances = [objective(p, m)[1] for m in micro]
+        balance = sum(t * b for t, b in zip(tokens, balances)) / sum(tokens)
+        return lm + aux * balance, balance
+
+    (value, balance), grads = jax.value_and_grad(by_hand, has_aux=True)(trainable)
+    np.testing.assert_allclose(metrics["loss"], value, rtol=1e-5)
+    np.testing.assert_allclose(metrics["balance_loss"], balance, rtol=1e-5)
+    want = _flat(jax.tree.map(lambda p, g: p - g, trainable, grads))
+    for k, v in _flat(state.gates).items():
+        np.testing.assert_allclose(v, want[k], rtol=0, atol=1e-5 * np.max(np.abs(_flat(grads)[k])) + 1e-7)
+
+
+def test_training_lowers_the_lm_loss_and_exports_what_inference_loads(make_config, plain_world, float32_matmuls):
+    """configs/mixlora_tiny.py for 60 steps: the eval LM loss falls; the export holds the router and
+    experts with their settings; load_for_inference rebuilds the model (the trained logits), and
+    scripts/generate.py runs on it."""
+    config = make_config(train=dict(steps=60, eval_every=0), checkpoint=dict(export_gates=True))
+    trainer = train_lib.Trainer(train_lib.prepare(config))
+    try:
+        before = trainer.evaluate()
+        summary = trainer.run()
+    finally:
+        trainer.close()
+    after = summary["eval"]
+    assert after["lm_loss"] < before["lm_loss"] - 0.5, (before, after)
+    assert not any(k.startswith("gate_") for k in after)
+    assert 2.0 <= after["balance_loss"] < 3.0  # top-2 of 4: 2 when balanced, 8 when one pair takes all
+    np.testing.assert_allclose(after["loss"], after["lm_loss"] + 0.01 * after["balance_loss"], rtol=1e-6)
+
+    gates_dir = summary["gates_dir"]
+    assert load_gate_settings(gates_dir)["mixlora"] == dataclasses.asdict(trainer.setup.model_config.mixlora)
+    params, config_loaded, names = load_for_inference(plain_world.model, gates_dir)
+    assert names == [] and config_loaded.mixlora == trainer.setup.model_config.mixlora
+    trained = merge_params(trainer.state.gates, trainer.frozen)
+    ids = jnp.asarray(np.random.default_rng().integers(4, 200, (2, 10)), jnp.int32)
+    want = LlamaForCausalLM(trainer.setup.model_config).apply({"params": trained}, ids).logits
+    got = LlamaForCausalLM(config_loaded).apply({"params": params}, ids).logits
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+    generate = runpy.run_path(os.path.join(REPO, "scripts", "generate.py"), run_name="cli_script")["main"]
+    out = os.path.join(os.path.dirname(gates_dir), "out.jsonl")
+    assert generate(["--checkpoint", plain_world.model, "--tokenizer", plain_world.tokenizer, "--gates", gates_dir,
+                     "--prompt", "417+26=", "--max-new-tokens", "4", "--json", out]) == 0
+    with open(out) as f:
+        assert [json.loads(line)["prompt"] for line in f] == ["417+26="]
+
+
+def test_gates_and_experts_train_together(tmp_path, float32_matmuls):
+    """MeteoRA adapters on the attention projections and MixLoRA experts on the FFN: the gates, the
+    router and the experts all train, on lm + coef * gate + aux_coef * balance."""
+    config = _config_file("tiny")
+    config.model.meteora.targets = ATTENTION
+    config.model.mixlora.update(num_experts=2, rank=2, top_k=1)
+    config.tiny_world = str(tmp_path / "world")  # (the paths follow it)
+    config.workdir = str(tmp_path / "run")
+    config.train.update(steps=2, eval_every=-1)
+    config.logging.update(progress=False, tensorboard=False)
+    config.checkpoint.update(export_gates=False)
+    setup = train_lib.prepare(config)
+    assert setup.adapter_names == list(TASKS)
+    trainable, frozen = split_params(setup.params)
+    assert {k[-1] for k in _flat(trainable)} == MIXLORA_LEAVES | {"gate"}
+    model = LlamaForCausalLM(setup.model_config)
+    state, metrics = _sgd_step(model, trainable, frozen, _batch(setup, 6), aux_coef=0.2)
+    np.testing.assert_allclose(metrics["loss"],
+                               metrics["lm_loss"] + 50.0 * metrics["gate_loss"] + 0.2 * metrics["balance_loss"], rtol=1e-6)
+    assert metrics["balance_loss"] >= 1.0 - 1e-6  # top-1: 1 when balanced
+    moved = {k[-1] for k, v in _flat(state.gates).items() if not np.array_equal(v, _flat(trainable)[k])}
+    assert moved == {"gate", "router", "expert_lora_b"}  # (A has no gradient while B is zero)
+
+
+def test_a_checkpoint_with_experts_trains_them(make_config, plain_world, tmp_path, no_compute):
+    """A checkpoint that has experts trains those (the config's model.mixlora may leave them off or name
+    the same ones, with its own top_k); a config asking for other experts is refused."""
+    metadata = read_metadata(plain_world.model)
+    stored = model_config_of(plain_world.model, metadata).replace(mixlora=MixLoRAConfig(num_experts=3, rank=2))
+    path = str(tmp_path / "with_experts")
+    params = init_params(stored, jax.random.key(1))
+    save_checkpoint(path, params, stored, metadata)
+
+    setup = train_lib.prepare(make_config(model_checkpoint=path, model=dict(mixlora=dict(num_experts=0))))
+    assert setup.model_config.mixlora == stored.mixlora
+    key = ("layers", "mlp", "gate_proj", "expert_lora_a")
+    np.testing.assert_array_equal(_flat(setup.params)[key], np.asarray(traverse_util.flatten_dict(params)[key]))
+    same = make_config(model_checkpoint=path, model=dict(mixlora=dict(num_experts=3, rank=2, alpha=16.0, top_k=1)))
+    assert train_lib.prepare(same).model_config.mixlora.top_k == 1
+    with pytest.raises(train_lib.TrainError, match=r"has MixLoRA experts \(num_experts=3, rank=2, alpha=16.0\); "
+                                                   r"model.mixlora asks for num_experts=4, rank=4, alpha=8.0"):
+        train_lib.train(make_config(model_checkpoint=path))
+
+
+def test_bad_mixlora_settings_are_refused(make_config, tmp_path, no_compute):
+    """Before any compute, one message naming the setting."""
+    def expect(config, match):
+        with pytest.raises(train_lib.TrainError, match=match):
+            train_lib.train(config)
+
+    expect(make_config(model=dict(mixlora=dict(num_experts=0))), "has no adapters .* and model.mixlora has no experts")
+    expect(make_config(model=dict(mixlora=dict(top_k=5))),
+           r"model.mixlora: mixlora.top_k=5 must be between 1 and num_experts=4")
+    expect(make_config(model=dict(mixlora=dict(alpha=-1.0))), r"model.mixlora: mixlora.alpha=-1.0")
+    expect(make_config(train=dict(router_aux_loss_coef=-0.1)), r"train.router_aux_loss_coef=-0.1 must be a finite")
+    # A checkpoint whose adapters sit on the FFN: the experts would share those projections.
+    tiny = _config_file("tiny")
+    world = build_tiny_world(tmp_path / "adapted", ModelConfig.from_dict(tiny.model))
+    config = make_config(model_checkpoint=world.model)
+    config.model.meteora.num_adapters = 3
+    expect(config, r"puts experts on the FFN, where the adapters of model checkpoint .* sit too "
+                   r"\(\['gate_proj', 'up_proj', 'down_proj'\]\)")
+
+
+def test_an_export_with_broken_mixlora_settings_is_refused(make_config, plain_world, tmp_path):
+    """settings.json's mixlora section is checked when the export is loaded, naming the file."""
+    config = make_config(train=dict(steps=1), checkpoint=dict(export_gates=True))
+    gates_dir = train_lib.train(config)["gates_dir"]
+    settings_path = os.path.join(gates_dir, "settings.json")
+    with open(settings_path) as f:
+        settings = json.load(f)
+    for broken, match in (({**settings["mixlora"], "rank": 0}, r"'mixlora' does not fit .*rank >= 1"),
+                          ({**settings["mixlora"], "experts": 4}, r"'mixlora' does not fit .*experts"),
+                          ({**settings["mixlora"], "num_experts": 2}, "expert_lora_a has shape"),
+                          ("4 experts", r"'mixlora' must be an object")):
+        with open(settings_path, "w") as f:
+            json.dump({**settings, "mixlora": broken}, f)
+        with pytest.raises(ValueError, match=match) as info:
+            load_for_inference(plain_world.model, gates_dir)
+        assert "settings.json" in str(info.value) or "gates in" in str(info.value)
