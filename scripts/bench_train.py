@@ -4,6 +4,7 @@
     python scripts/bench_train.py --layers 16 --batch 4 --seq 2048 --steps 5
     python scripts/bench_train.py --mode gate          # one mode, prints one JSON line
     python scripts/bench_train.py --mode gate --mesh data=1,fsdp=2,tensor=1 --batch 8   # 2 GPUs
+    python scripts/bench_train.py --gate-impls "" --mixlora-impls auto   # MixLoRA against its baselines
 
 Random weights (bf16), configs/llama3_8b.py shapes, 28 adapters of rank 8, top-2, remat "full".
 Modes (each runs in a fresh process so that its peak memory is its own):
@@ -15,6 +16,11 @@ Modes (each runs in a fresh process so that its peak memory is its own):
   base_acts  plain LLaMA, LM loss, gradients of the RMSNorm scales only: the full backward
              through the activations of every layer without weight gradients, which is the
              work gate training has to do on top of its adapters.
+  mixlora    the real train step on plain LLaMA with MixLoRA experts in every FFN (--experts,
+             --expert-rank, --expert-top-k; no MeteoRA adapters): LM + 0.01 x balance loss, grads
+             and AdamW of the router and the experts.
+  mixlora_one  the same with one expert, top-1: one LoRA of --expert-rank on each FFN projection,
+             through the same code, the baseline that MixLoRA's k-fold per-pair work adds to.
 
 tokens/s = batch * seq / median step time; peak = the device's peak_bytes_in_use.
 """
@@ -31,10 +37,11 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-MODES = ("gate", "base_full", "base_acts")
+MODES = ("gate", "base_full", "base_acts", "mixlora", "mixlora_one")
+TRAIN_STEP_MODES = ("gate", "mixlora", "mixlora_one")  # the real train step of meteora_jax.train
 
 
-def _model_config(path: str, layers: int, adapters: int):
+def _model_config(path: str, layers: int, adapters: int, mixlora: dict | None = None):
     import importlib.util
 
     from meteora_jax.config import ModelConfig
@@ -45,7 +52,18 @@ def _model_config(path: str, layers: int, adapters: int):
     config = module.get_config()
     config.model.num_layers = layers
     config.model.meteora.num_adapters = adapters
+    if mixlora:
+        config.model.mixlora.update(**mixlora)
     return config, ModelConfig.from_dict(config.model)
+
+
+def _mixlora_of(mode: str, args) -> dict | None:
+    """The model.mixlora settings of a mode (None: no experts)."""
+    if mode == "mixlora":
+        return dict(num_experts=args.experts, rank=args.expert_rank, top_k=args.expert_top_k, kernel_impl=args.kernel_impl)
+    if mode == "mixlora_one":
+        return dict(num_experts=1, rank=args.expert_rank, top_k=1, kernel_impl=args.kernel_impl)
+    return None
 
 
 def run_mode(mode: str, args) -> dict:
@@ -58,7 +76,8 @@ def run_mode(mode: str, args) -> dict:
     from meteora_jax.loss import lm_loss
     from meteora_jax.model import LlamaForCausalLM
 
-    config, model_config = _model_config(args.config, args.layers, args.adapters if mode == "gate" else 0)
+    config, model_config = _model_config(args.config, args.layers, args.adapters if mode == "gate" else 0,
+                                         _mixlora_of(mode, args))
     if mode == "gate":
         import dataclasses
 
@@ -94,7 +113,7 @@ def run_mode(mode: str, args) -> dict:
             new_state, metrics = step_fn(carry, frozen, batch)
             return new_state, metrics["loss"]
 
-    elif mode == "gate":
+    elif mode in TRAIN_STEP_MODES:
         schedule = train_lib.make_schedule(config.schedule, config.optimizer, 1000)
         tx = train_lib.make_optimizer(config.optimizer, schedule)
         gates, frozen = train_lib.split_params(params)
@@ -104,7 +123,8 @@ def run_mode(mode: str, args) -> dict:
         )(gates)
         step_fn = jax.jit(
             train_lib.make_train_step(model, tx, coef=50.0, top_k=model_config.meteora.top_k, grad_accum_steps=1,
-                                      lora_dropout=args.lora_dropout),
+                                      lora_dropout=args.lora_dropout if mode == "gate" else 0.0,
+                                      aux_coef=float(config.train.router_aux_loss_coef)),
             donate_argnums=(0,),
         )
 
@@ -155,7 +175,11 @@ def run_mode(mode: str, args) -> dict:
         "batch": B,
         "seq": S,
         "params_b": n_params / 1e9,
-        "kernel_impl": model_config.meteora.kernel_impl,
+        "experts": (f"{model_config.mixlora.num_experts} x r{model_config.mixlora.rank} top-{model_config.mixlora.top_k}"
+                    if model_config.mixlora.num_experts else "-"),
+        "trained_params_m": (sum(x.size for x in jax.tree.leaves(carry.gates)) / 1e6
+                             if mode in TRAIN_STEP_MODES and not args.mesh else None),
+        "kernel_impl": (model_config.mixlora if model_config.mixlora.num_experts else model_config.meteora).kernel_impl,
         "lora_dropout": args.lora_dropout if mode == "gate" else 0.0,
         "compile_s": compile_s,
         "step_s": median,
@@ -225,9 +249,9 @@ def _check_args(parser, args) -> None:
     from meteora_jax.config import MODEL_KERNEL_IMPLS
     from meteora_jax.sharding import MESH_AXES
 
-    for flag in ("layers", "adapters", "batch", "seq", "steps", "timeout"):
+    for flag in ("layers", "adapters", "batch", "seq", "steps", "timeout", "experts", "expert_rank"):
         if getattr(args, flag) < 1:
-            cli_fail(parser, f"--{flag} {getattr(args, flag)} must be >= 1")
+            cli_fail(parser, f"--{flag.replace('_', '-')} {getattr(args, flag)} must be >= 1")
     if not os.path.isfile(args.config):
         cli_fail(parser, f"--config {args.config}: no such file")
     try:  # the config's own checks too, e.g. top_k <= --adapters
@@ -241,7 +265,11 @@ def _check_args(parser, args) -> None:
         cli_fail(parser, f"--lora-dropout {args.lora_dropout} must be in [0, 1)")
     if args.kernel_impl not in MODEL_KERNEL_IMPLS:
         cli_fail(parser, f"--kernel-impl {args.kernel_impl!r}: choose from {','.join(MODEL_KERNEL_IMPLS)}")
-    choice_list(parser, "--gate-impls", args.gate_impls, MODEL_KERNEL_IMPLS)
+    for flag in ("gate_impls", "mixlora_impls"):  # either may be empty: no such runs
+        if getattr(args, flag):
+            choice_list(parser, f"--{flag.replace('_', '-')}", getattr(args, flag), MODEL_KERNEL_IMPLS)
+    if not 1 <= args.expert_top_k <= args.experts:
+        cli_fail(parser, f"--expert-top-k {args.expert_top_k} must be in [1, --experts {args.experts}]")
     if args.mesh:
         if args.mode != "gate":  # the other modes would ignore it
             cli_fail(parser, f"--mesh runs --mode gate only, not --mode {args.mode}")
@@ -270,6 +298,11 @@ def main():
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--kernel-impl", default="xla", help="grouped_lora impl of --mode gate")
     parser.add_argument("--gate-impls", default="xla,auto", help="--mode all: gate runs, one per impl")
+    parser.add_argument("--mixlora-impls", default="",
+                        help="--mode all: mixlora and mixlora_one runs, one pair per impl (default: none)")
+    parser.add_argument("--experts", type=int, default=8, help="--mode mixlora: experts per FFN")
+    parser.add_argument("--expert-rank", type=int, default=16, help="--mode mixlora / mixlora_one: LoRA rank")
+    parser.add_argument("--expert-top-k", type=int, default=2, help="--mode mixlora: experts per token")
     parser.add_argument("--lora-dropout", type=float, default=None,
                         help="train.lora_dropout of the gate runs (default: the --config file's)")
     parser.add_argument("--timeout", type=int, default=240, help="--mode all: seconds per mode")
@@ -284,6 +317,7 @@ def main():
         print("RESULT " + json.dumps(run_mode(args.mode, args)), flush=True)
         return
     impls = [i for i in args.gate_impls.split(",") if i]
+    mixlora_impls = [i for i in args.mixlora_impls.split(",") if i]
 
     def save(results):
         if args.json:
@@ -291,16 +325,18 @@ def main():
             with open(args.json, "w") as f:
                 json.dump(results, f, indent=1)
 
-    runs = [("gate", impls[0])] + [("base_full", None), ("base_acts", None)] + [("gate", i) for i in impls[1:]]
+    runs = ([("gate", i) for i in impls[:1]] + [("base_full", None), ("base_acts", None)]
+            + [("gate", i) for i in impls[1:]] + [(m, i) for i in mixlora_impls for m in ("mixlora", "mixlora_one")])
     results = []
     for mode, impl in runs:
         cmd = [sys.executable, os.path.abspath(__file__), "--mode", mode] + [
             f"--{k.replace('_', '-')}={getattr(args, k)}"
-            for k in ("config", "layers", "adapters", "batch", "seq", "steps", "lora_dropout")
+            for k in ("config", "layers", "adapters", "batch", "seq", "steps", "lora_dropout", "experts", "expert_rank",
+                      "expert_top_k")
         ]
         if impl:
             cmd.append(f"--kernel-impl={impl}")
-        name = f"gate[{impl}]" if impl else mode
+        name = f"{mode}[{impl}]" if impl else mode
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
             out, err, code = proc.stdout, proc.stderr, proc.returncode
@@ -317,8 +353,9 @@ def main():
         save(results)
     save(results)
     ok = {r["mode"]: r for r in results if "error" not in r}
-    print(f"\n| run | layers | adapters | lora dropout | B x S | step s | tokens/s | peak GiB | vs base_full | vs base_acts |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print(f"\n| run | layers | adapters | experts | lora dropout | B x S | step s | tokens/s | peak GiB | vs base_full | "
+          "vs base_acts |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         if "error" in r:
             print(f"| {r['mode']} | failed: {r['error'][:80]} |")
@@ -327,7 +364,7 @@ def main():
             f"{r['tokens_per_s'] / ok[b]['tokens_per_s']:.2f}" if b in ok else "-" for b in ("base_full", "base_acts")
         ]
         print(
-            f"| {r['mode']} | {r['layers']} | {r['adapters']} | {r['lora_dropout']} | {r['batch']} x {r['seq']} | "
+            f"| {r['mode']} | {r['layers']} | {r['adapters']} | {r['experts']} | {r['lora_dropout']} | {r['batch']} x {r['seq']} | "
             f"{r['step_s']:.3f} | "
             f"{r['tokens_per_s']:.0f} | {r['peak_gib']:.1f} | {ratios[0]} | {ratios[1]} |"
         )

@@ -40,6 +40,10 @@ BAD_INPUTS = {
                                                "--out", "{out}"], "--layers"),
     "train_json_is_folder": ("bench_train", ["--timeout", "1", "--json", "{dir}"], "--json"),
     "train_dropout_one": ("bench_train", ["--timeout", "1", "--lora-dropout", "1", "--json", "{out}"], "--lora-dropout"),
+    "train_expert_top_k": ("bench_train", ["--timeout", "1", "--mixlora-impls", "auto", "--experts", "2",
+                                           "--expert-top-k", "3", "--json", "{out}"], "--expert-top-k"),
+    "train_mixlora_impl": ("bench_train", ["--timeout", "1", "--mixlora-impls", "xla_gather", "--json", "{out}"],
+                           "--mixlora-impls"),
 }
 
 
