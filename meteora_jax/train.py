@@ -486,7 +486,8 @@ def make_train_step(model, tx, *, coef: float, top_k: int, grad_accum_steps: int
     of the batch's LM targets (gate tokens), and the weighted gradients are summed. MixLoRA's
     balance loss is weighted by the micro-batch's share of unpadded tokens: the mean of its
     micro-batches' values, not its value on the whole batch (a product of two means is not
-    additive), as gradient accumulation gives it in MixLoRA's own training.
+    additive; MixLoRA's own training, an HF Trainer, averages the micro-batches' values too, with
+    equal weights).
     """
     loss_fn = _loss_fn(model, coef, top_k, lora_dropout, aux_coef)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
