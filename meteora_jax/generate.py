@@ -568,6 +568,8 @@ def load_for_inference(
     # Everything that can be wrong is checked on the metadata, before the weights are read.
     metadata = read_metadata(checkpoint)
     config, names = model_config_of(checkpoint, metadata), adapter_names(metadata)
+    if top_k is not None and not names:  # (it changed nothing: MixLoRA's top_k is its export's)
+        raise ValueError(f"top_k={top_k} routes MeteoRA's adapters, and the checkpoint {checkpoint!r} has none")
     if gates:
         gate_tree, gate_names = load_gates(gates)
         if names and list(gate_names) != names:
@@ -687,7 +689,7 @@ def add_inference_arguments(parser) -> None:
                         help="fused (default): per-layer weights with the projections that share an input as one "
                         "GEMM, fastest; unrolled: per-layer weights, one GEMM per projection; scan: one scanned "
                         "layer, much shorter compiles (better when many prompt-length buckets meet a small model)")
-    parser.add_argument("--top-k", type=int, default=None, help="routing top-k override (default: the gates' run)")
+    parser.add_argument("--top-k", type=int, default=None, help="MeteoRA's routing top-k (default: the gates' run)")
 
 
 def generator_from_args(args):

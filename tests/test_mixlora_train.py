@@ -241,6 +241,8 @@ def test_training_lowers_the_lm_loss_and_exports_what_inference_loads(make_confi
     assert load_gate_settings(gates_dir)["mixlora"] == dataclasses.asdict(trainer.setup.model_config.mixlora)
     params, config_loaded, names = load_for_inference(plain_world.model, gates_dir)
     assert names == [] and config_loaded.mixlora == trainer.setup.model_config.mixlora
+    with pytest.raises(ValueError, match="top_k=1 routes MeteoRA's adapters, and the checkpoint .* has none"):
+        load_for_inference(plain_world.model, gates_dir, top_k=1)  # (it would change nothing)
     trained = merge_params(trainer.state.gates, trainer.frozen)
     ids = jnp.asarray(np.random.default_rng().integers(4, 200, (2, 10)), jnp.int32)
     want = LlamaForCausalLM(trainer.setup.model_config).apply({"params": trained}, ids).logits
