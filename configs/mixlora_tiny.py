@@ -25,5 +25,5 @@ def get_config():
     config.model.mixlora.update(num_experts=4, rank=4, alpha=8.0, top_k=2)
     config.tiny_world = "runs/tiny_world_plain"  # (the world's paths follow it)
     config.workdir = "runs/mixlora_tiny"
-    config.train.router_aux_loss_coef = 0.01  # MixLoRA's
+    config.train.update(router_aux_loss_coef=0.01, lora_dropout=0.05)  # MixLoRA's
     return config

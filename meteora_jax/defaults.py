@@ -81,7 +81,9 @@ def _add_training_sections(config: ml_collections.ConfigDict) -> None:
             grad_accum_steps=1,  # micro-batches of batch_size / grad_accum_steps, scanned
             loss_coef=50.0,  # loss = lm + coef * gate (the original's 50)
             router_aux_loss_coef=0.01,  # + this * MixLoRA's load-balancing loss (MixLoRA's 0.01)
-            lora_dropout=0.0,  # dropout on the adapters' input while the gates train (the original's 0.1)
+            # Dropout on the adapters' input while the gates train (the original's 0.1), and on
+            # MixLoRA's experts' input (MixLoRA's 0.05).
+            lora_dropout=0.0,
             eval_every=200,  # 0: only at the end
             eval_batch_size=8,
             eval_max_batches=0,  # 0: the whole test split

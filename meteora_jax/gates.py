@@ -12,8 +12,9 @@ folder holds
 
     gates/               Orbax checkpoint of the trained tree (`split_params(params)[0]`)
     adapter_names.json   the adapters in gate-column order: must match the model checkpoint's
-    settings.json        optional: how the run routed and prompted (`train.run_settings`), and
-                         the MixLoRA experts' settings, which the checkpoint itself may lack
+    settings.json        how the run routed and prompted (`train.run_settings`), and the MixLoRA
+                         experts' settings, which the checkpoint itself may lack: optional for
+                         gates alone, needed for experts
 
 This module needs no training dependencies (optax, datasets), so inference can load gates
 without them.
@@ -36,8 +37,9 @@ from jax.experimental import multihost_utils
 from meteora_jax.checkpoint import CheckpointError, check_shardings_fit, orbax_read
 from meteora_jax.files import replace_folder, written_whole
 
-# MeteoRA's gates; MixLoRA's router and experts (named apart from MeteoRA's frozen lora_a / lora_b).
-TRAINABLE_LEAVES = ("gate", "router", "expert_lora_a", "expert_lora_b")
+# MixLoRA's router and experts (named apart from MeteoRA's frozen lora_a / lora_b), and MeteoRA's gates.
+MIXLORA_LEAVES = ("router", "expert_lora_a", "expert_lora_b")
+TRAINABLE_LEAVES = ("gate",) + MIXLORA_LEAVES
 GATE_SETTINGS_FILE = "settings.json"
 ADAPTER_NAMES_FILE = "adapter_names.json"
 _STAGED, _PREVIOUS = ".gates.new", ".gates.previous"  # an export being written, the one it replaces

@@ -40,10 +40,12 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from meteora_jax.config import ALL_PROJECTIONS, DTYPES, MixLoRAConfig, ModelConfig
 from meteora_jax.fused_layout import fuse_projections
-from meteora_jax.gates import GATE_SETTINGS_FILE, check_gates_fit, load_gate_settings, load_gates, merge_params
+from meteora_jax.gates import (GATE_SETTINGS_FILE, MIXLORA_LEAVES, check_gates_fit, load_gate_settings, load_gates,
+                               merge_params)
 from meteora_jax.model import KVCache, LlamaForCausalLM, init_params, unstack_layers
 from meteora_jax.routing import Routing
 from pallas_kernels.routed_lora import check_routing_temperature
@@ -579,6 +581,12 @@ def load_for_inference(
         if "mixlora" in settings:  # experts the training run added: the checkpoint lacks them
             config = _with_mixlora(config, settings["mixlora"], gates)
             abstract = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+        experts = any(key[-1] in MIXLORA_LEAVES for key in traverse_util.flatten_dict(gate_tree))
+        if experts and not config.mixlora.num_experts:  # (else: "the checkpoint has no expert_lora_a")
+            settings_path = os.path.join(gates, GATE_SETTINGS_FILE)
+            problem = "has no 'mixlora' experts" if os.path.exists(settings_path) else "is missing"
+            raise ValueError(f"gates in {gates!r} hold MixLoRA experts, and {settings_path}, which says how they were "
+                             f"built, {problem}")
         check_gates_fit(gate_tree, abstract, repr(gates))
         if dtype is None:
             dtype = settings.get("dtype")
@@ -599,8 +607,8 @@ def _with_mixlora(config: ModelConfig, settings: Mapping[str, Any], gates: str) 
     try:
         return config.replace(mixlora=MixLoRAConfig(**settings))
     except (TypeError, ValueError) as e:  # an unknown key; values a MixLoRAConfig refuses
-        raise ValueError(f"{os.path.join(gates, GATE_SETTINGS_FILE)}: 'mixlora' does not fit the model checkpoint "
-                         f"({e})") from None
+        raise ValueError(f"{os.path.join(gates, GATE_SETTINGS_FILE)}: 'mixlora' holds settings this checkpoint "
+                         f"cannot take ({e})") from None
 
 
 _CHAT_FLAGS = {"auto": None, "yes": True, "no": False}

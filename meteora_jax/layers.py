@@ -407,7 +407,7 @@ class DecoderLayer(nn.Module):
             mlp_out, router_logits = MixLoRAFeedForward(
                 intermediate_size=cfg.intermediate_size, num_experts=mix.num_experts, rank=mix.rank, alpha=mix.alpha,
                 top_k=mix.top_k, kernel_impl=mix.kernel_impl, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
-                name="mlp")(mlp_in)
+                name="mlp")(mlp_in, lora_dropout=routing.lora_dropout)
             mlp_logits = {}
         else:
             mlp_out, mlp_logits = MLP(cfg, self.fused, name="mlp")(mlp_in, routing)

@@ -12,8 +12,8 @@ nonlinearity sits between an expert's projections, so each (token, slot) pair is
 x @ W_up are shared by the slots, and W_down is linear, so sum_j w_j (h_j @ W_down) is
 (sum_j w_j h_j) @ W_down.
 
-The model builds this block in every decoder layer when `ModelConfig.mixlora` has experts; training
-it (`scripts/train.py`) is not wired yet (docs/mixlora.md: what remains).
+The model builds this block in every decoder layer when `ModelConfig.mixlora` has experts;
+`scripts/train.py` trains the router and the experts (docs/mixlora.md).
 """
 
 from __future__ import annotations
@@ -63,6 +63,9 @@ class MixLoRAFeedForward(nn.Module):
     kernels fit them), `{gate,up,down}_proj/expert_lora_a [E, d_in, r]` and `expert_lora_b [E, r, d_out]`
     (trainable; B starts at zero, so an untrained block is the base FFN), and `router [D, E]`
     float32 (trainable).
+    lora_dropout (training): dropout on each expert LoRA's input, one mask per (token, slot) and
+    projection, as PEFT's per-LoRA dropout; the router and the frozen GEMMs see the whole input.
+    Needs a "dropout" rng in `apply`.
     Returns (y [..., D], router_logits [..., E] float32).
     """
 
@@ -76,7 +79,7 @@ class MixLoRAFeedForward(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:  # x: [..., D]
+    def __call__(self, x: jax.Array, lora_dropout: float = 0.0) -> tuple[jax.Array, jax.Array]:  # x: [..., D]
         if not (isinstance(self.top_k, numbers.Integral) and 1 <= self.top_k <= self.num_experts):
             raise ValueError(f"MixLoRA top_k={self.top_k!r} must be an integer in [1, num_experts={self.num_experts}]")
         D, F, E, k = x.shape[-1], self.intermediate_size, int(self.num_experts), int(self.top_k)
@@ -101,14 +104,17 @@ class MixLoRAFeedForward(nn.Module):
         ones = jnp.ones(pairs.shape, self.dtype)
         rows = jnp.repeat(tokens, k, axis=0)  # [T*k, D]
 
+        def dropped(z):  # a LoRA's input; each call draws its own mask
+            return nn.Dropout(lora_dropout, deterministic=not lora_dropout)(z)
+
         def expert_in(w, a, b):  # the shared base GEMM once per token, each pair's delta on top
             base = jnp.repeat(jnp.dot(tokens, w), k, axis=0)  # [T*k, F]
-            return grouped_lora(rows, a, b, scaling, pairs, ones, impl=self.kernel_impl, base=base)
+            return grouped_lora(dropped(rows), a, b, scaling, pairs, ones, impl=self.kernel_impl, base=base)
 
         hidden = jax.nn.silu(expert_in(w_gate, a_gate, b_gate)) * expert_in(w_up, a_up, b_up)  # [T*k, F]
         pair_weight = expert_weight.astype(self.dtype).reshape(-1, 1)  # [T*k, 1]
         mixed_hidden = jnp.sum((hidden * pair_weight).reshape(-1, k, F), axis=1)  # [T, F]
-        deltas = grouped_lora(hidden, a_down, b_down, scaling, pairs, pair_weight, impl=self.kernel_impl)  # [T*k, D]
+        deltas = grouped_lora(dropped(hidden), a_down, b_down, scaling, pairs, pair_weight, impl=self.kernel_impl)  # [T*k, D]
         y = jnp.dot(mixed_hidden, w_down) + jnp.sum(deltas.reshape(-1, k, D), axis=1)
         return y.reshape(x.shape), router_logits.reshape(*x.shape[:-1], E)
 

@@ -29,8 +29,9 @@ class Routing:
     lora_dropout: in [0, 1); during gate training, the share of the adapters' input elements
       zeroed (the rest scaled by 1 / (1 - rate)), as the original's training does with 0.1; the gate
       sees the whole input. One mask per token serves its k adapters (the original draws one per
-      adapter: our kernels take one input row per token). Needs a "dropout" rng in `apply`; the
-      fused inference layout refuses it.
+      adapter: our kernels take one input row per token). MixLoRA's experts take it too, one mask
+      per (token, slot) and projection. Needs a "dropout" rng in `apply`; the fused inference
+      layout refuses it.
     """
 
     temperature: jax.Array | float = 1.0

@@ -53,7 +53,8 @@ from meteora_jax.cli import unwritable
 from meteora_jax.config import MLP_PROJECTIONS, ConfigError, MixLoRAConfig, ModelConfig, describe_changes
 from meteora_jax.convert.common import sha256_file
 from meteora_jax.files import written_whole
-from meteora_jax.gates import export_gates, is_trainable, load_gate_settings, load_gates, merge_params, split_params
+from meteora_jax.gates import (MIXLORA_LEAVES, export_gates, is_trainable, load_gate_settings, load_gates, merge_params,
+                               split_params)
 from meteora_jax.loss import joint_loss, per_task_accuracy
 from meteora_jax.mixlora import load_balancing_loss
 from meteora_jax.model import LlamaForCausalLM, param_logical_axes
@@ -224,9 +225,7 @@ def _mixlora_of(stored: MixLoRAConfig, section) -> MixLoRAConfig:
     where the config turns them on too; a config asking for other experts is an error."""
     try:
         wanted = MixLoRAConfig(**dict(section))
-    except ConfigError as e:
-        raise TrainError(f"model.mixlora: {e}") from None
-    except TypeError as e:  # an unknown key
+    except (ConfigError, TypeError) as e:  # a bad value; an unknown key
         raise TrainError(f"model.mixlora: {e}") from None
     if not stored.num_experts:
         return wanted
@@ -361,7 +360,6 @@ def prepare(config) -> Setup:
     return Setup(config, model_config, params, names, train_data, eval_data, mesh, rules, shardings, train_files)
 
 
-_NEW_LEAF_NAMES = ("router", "expert_lora_a", "expert_lora_b")  # what training may add to a checkpoint
 _NEW_LEAVES_STREAM = 1  # folded into the seed's key: the new leaves' init draws apart from the dropout keys
 
 
@@ -377,7 +375,7 @@ def _new_leaves(model_config: ModelConfig, stored_abstract, path: str) -> dict:
     stored = traverse_util.flatten_dict(stored_abstract)
     full = traverse_util.flatten_dict(jax.eval_shape(_init_model(model_config), jax.random.key(0)))
     new = {k: v for k, v in full.items() if k not in stored}
-    odd = ["/".join(k) for k in new if k[-1] not in _NEW_LEAF_NAMES]
+    odd = ["/".join(k) for k in new if k[-1] not in MIXLORA_LEAVES]  # (the only leaves training adds)
     _check(not odd, f"model checkpoint {path!r} lacks {odd[:3]}, which its own architecture has: a damaged checkpoint?")
     return traverse_util.unflatten_dict(new)
 
@@ -778,8 +776,9 @@ class Trainer:
     # -- checkpoints -----------------------------------------------------------------------------
 
     def _meta(self) -> dict:
-        return {"adapter_names": self.setup.adapter_names, "model_checkpoint": self.config.model_checkpoint,
-                "config": _flat_config(self.config), "train_files": self.setup.train_files}
+        return {"adapter_names": self.setup.adapter_names, "tasks": list(self.setup.train_data),
+                "model_checkpoint": self.config.model_checkpoint, "config": _flat_config(self.config),
+                "train_files": self.setup.train_files}
 
     def save(self, step: int) -> None:
         self.manager.save(
@@ -807,6 +806,12 @@ class Trainer:
                 f"checkpoint in {self.workdir} was trained with adapters {meta.get('adapter_names')}, "
                 f"this run has {self.setup.adapter_names}; use another workdir"
             )
+        tasks = list(self.setup.train_data)  # (without adapters: the data root's folders)
+        if "tasks" in meta and meta["tasks"] != tasks:  # (older checkpoints do not record them)
+            added, removed = [t for t in tasks if t not in meta["tasks"]], [t for t in meta["tasks"] if t not in tasks]
+            raise TrainError(f"checkpoint in {self.workdir} was trained on the tasks {meta['tasks']}; data.root "
+                             f"{self.config.data.root!r} now holds {tasks} (added {added}, removed {removed}): "
+                             "give the data root it trained on, or use another workdir")
         changes = describe_changes(meta["config"], _flat_config(self.config)) if meta.get("config") else ""
         edited = [t for t, digest in meta.get("train_files", {}).items() if self.setup.train_files.get(t) != digest]
         edits = f"the train.jsonl of {edited} changed since the checkpoint was written" if edited else ""
@@ -854,7 +859,7 @@ class Trainer:
                     sums[k] = sums.get(k, 0.0) + float(m[k]) * float(m[count_key])
             for k in set(_AVERAGED_OVER.values()) & m.keys():
                 totals[k] = totals.get(k, 0.0) + float(m[k])
-            for k in _GATE_SUMS if "gate_task_correct" in m else ():
+            for k in set(_GATE_SUMS) & m.keys():  # (none without adapters)
                 vectors[k] = vectors.get(k, 0.0) + m[k]
         out = {k: v / max(totals[_AVERAGED_OVER[k]], 1.0) for k, v in sums.items()}
         out = _with_loss(out, float(cfg.train.loss_coef), float(cfg.train.router_aux_loss_coef))

@@ -1,6 +1,8 @@
-r"""Trains the MeteoRA gates of a converted model on JSONL task data.
+r"""Trains the MeteoRA gates of a converted model on JSONL task data, and MixLoRA's router and FFN
+experts where the config's model.mixlora adds them (docs/mixlora.md).
 
     python scripts/train.py --config configs/tiny.py
+    python scripts/train.py --config configs/mixlora_tiny.py
     python scripts/train.py --config configs/llama3_8b.py \
         --config.model_checkpoint=/ckpt/llama3_8b_28 --config.tokenizer=/models/llama3_8b \
         --config.data.root=/data/tasks --config.train.steps=2000
@@ -113,12 +115,11 @@ def main(argv):
         print(f"error: {e}", file=sys.stderr)
         return 2
     ev = summary["eval"]
-    if not ev:
-        acc = ""
-    elif "gate_acc_top1" in ev:
-        acc = f", eval gate accuracy {ev['gate_acc_top1']:.3f}"
-    else:  # MixLoRA alone: no gates, a router
-        acc = f", eval LM loss {ev['lm_loss']:.3f}, balance loss {ev['balance_loss']:.3f}"
+    acc = ""
+    if ev:  # gate accuracy where there are gates (else the LM loss), and MixLoRA's balance loss
+        shown = [f"gate accuracy {ev['gate_acc_top1']:.3f}" if "gate_acc_top1" in ev else f"LM loss {ev['lm_loss']:.3f}"]
+        shown += [f"balance loss {ev['balance_loss']:.3f}"] if "balance_loss" in ev else []
+        acc = f", eval {', '.join(shown)}"
     if summary["resumed_from"]:
         print(f"resumed from the checkpoint at step {summary['resumed_from']} in {_CONFIG.value.workdir} "
               "(another workdir, or --config.checkpoint.resume=False, starts over)")

@@ -115,6 +115,27 @@ def test_untrained_block_is_the_base_ffn():
         assert 0.9 / np.sqrt(d_in) < a.max() <= 1 / np.sqrt(d_in), (name, a.max())
 
 
+def test_lora_dropout_reaches_the_expert_loras_only():
+    """lora_dropout drops each expert LoRA's input, not the frozen FFN's or the router's: with B zero
+    the block is the base FFN whatever the mask; with random B the output moves with the dropout key
+    and the router logits do not."""
+    x = jnp.asarray(_rng(5).standard_normal((2, 5, D)), jnp.float32)
+    block = _block(2)
+    fresh = block.init(jax.random.key(int(SEED % 2**31)), x)
+    keys = [{"dropout": jax.random.key(i)} for i in (1, 2)]
+    base_y, base_logits = block.apply(fresh, x)
+    for rngs in keys:
+        y, logits = block.apply(fresh, x, lora_dropout=0.5, rngs=rngs)
+        np.testing.assert_array_equal(y, base_y)
+        np.testing.assert_array_equal(logits, base_logits)
+    params = _params(2, 6)
+    (y1, l1), (y2, l2) = (block.apply(params, x, lora_dropout=0.5, rngs=rngs) for rngs in keys)
+    y0, l0 = block.apply(params, x)
+    assert _rel(y1, y2) > 1e-2 and _rel(y1, y0) > 1e-2
+    np.testing.assert_array_equal(l1, l0)
+    np.testing.assert_array_equal(l2, l0)
+
+
 def test_top_k_out_of_range_is_refused():
     with pytest.raises(ValueError, match="top_k=6"):
         _block(6).init(jax.random.key(0), jnp.zeros((2, D)))
