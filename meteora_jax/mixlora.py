@@ -134,13 +134,24 @@ def load_balancing_loss(
     """
     num_experts = router_logits.shape[-1]
     probs = jax.nn.softmax(router_logits.astype(jnp.float32), axis=-1)  # [G, B, S, E]
-    _, chosen = jax.lax.top_k(probs, top_k)  # [G, B, S, k]
-    chosen_share = jnp.sum(jax.nn.one_hot(chosen, num_experts, dtype=jnp.float32), axis=-2)  # [G, B, S, E]
     weight = jnp.broadcast_to(mask.astype(jnp.float32)[None, :, :, None], probs.shape[:-1] + (1,))
     rows = jnp.maximum(jnp.sum(weight), 1.0)
-    tokens_per_expert = jnp.sum(chosen_share * weight, axis=(0, 1, 2)) / rows  # [E]
+    tokens_per_expert = expert_counts(router_logits, mask, top_k) / rows  # [E]
     prob_per_expert = jnp.sum(probs * weight, axis=(0, 1, 2)) / rows  # [E]
     return num_experts * jnp.sum(tokens_per_expert * prob_per_expert)
+
+
+def expert_counts(
+    router_logits: jax.Array,  # [G, B, S, E]
+    mask: jax.Array,  # [B, S]: 1 on tokens that count
+    top_k: int,
+) -> jax.Array:  # [E] float32
+    """How many (block, unmasked token) rows chose each expert among their top-k: the experts'
+    loads, summing to k x the rows (a collapsed router puts them all on a few experts)."""
+    num_experts = router_logits.shape[-1]
+    _, chosen = jax.lax.top_k(router_logits.astype(jnp.float32), top_k)  # [G, B, S, k]
+    chosen_share = jnp.sum(jax.nn.one_hot(chosen, num_experts, dtype=jnp.float32), axis=-2)  # [G, B, S, E]
+    return jnp.einsum("gbse,bs->e", chosen_share, mask.astype(jnp.float32))
 
 
 def mixlora_scaling(alpha: float, rank: int) -> float:

@@ -56,7 +56,7 @@ from meteora_jax.files import written_whole
 from meteora_jax.gates import (MIXLORA_LEAVES, export_gates, is_trainable, load_gate_settings, load_gates, merge_params,
                                split_params)
 from meteora_jax.loss import joint_loss, per_task_accuracy
-from meteora_jax.mixlora import load_balancing_loss
+from meteora_jax.mixlora import expert_counts, load_balancing_loss
 from meteora_jax.model import LlamaForCausalLM, param_logical_axes
 from meteora_jax.routing import Routing
 
@@ -79,7 +79,7 @@ __all__ = [
     "train",
 ]
 
-_SUMMED_METRICS = ("gate_task_correct", "gate_task_count", "lm_tokens", "gate_tokens", "router_tokens")
+_SUMMED_METRICS = ("gate_task_correct", "gate_task_count", "lm_tokens", "gate_tokens", "router_tokens", "expert_tokens")
 _SCHEDULES = ("cosine", "linear", "constant")
 
 
@@ -409,8 +409,8 @@ def _loss_fn(model, coef: float, top_k: int, lora_dropout: float = 0.0, aux_coef
     """(gates, frozen, batch[, dropout key]) -> (loss, metrics); the key only with lora_dropout > 0.
 
     loss = lm + coef * gate (`joint_loss`), + aux_coef * balance with MixLoRA experts: their
-    load-balancing loss over every layer's router and the unpadded tokens (metrics balance_loss and
-    router_tokens, the tokens it averages over)."""
+    load-balancing loss over every layer's router and the unpadded tokens (metrics balance_loss,
+    router_tokens: the tokens it averages over, and expert_tokens [E]: the experts' loads)."""
     routing = Routing(lora_dropout=lora_dropout)
 
     def loss_fn(gates, frozen, batch, dropout_key=None):
@@ -421,10 +421,11 @@ def _loss_fn(model, coef: float, top_k: int, lora_dropout: float = 0.0, aux_coef
         if not out.gate_logits:  # no adapters (MixLoRA alone): no gate terms to report
             metrics = {k: v for k, v in metrics.items() if k not in _GATE_ONLY}
         if out.router_logits is not None:
-            balance = load_balancing_loss(out.router_logits, batch["attention_mask"], model.config.mixlora.top_k)
+            mask, k = batch["attention_mask"], model.config.mixlora.top_k
+            balance = load_balancing_loss(out.router_logits, mask, k)
             loss = loss + aux_coef * balance
-            metrics.update(loss=loss, balance_loss=balance,
-                           router_tokens=jnp.sum(batch["attention_mask"].astype(jnp.float32)))
+            metrics.update(loss=loss, balance_loss=balance, router_tokens=jnp.sum(mask.astype(jnp.float32)),
+                           expert_tokens=expert_counts(out.router_logits, mask, k))
         return loss, metrics
 
     return loss_fn
@@ -843,7 +844,8 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         """Loss and gate accuracy (overall, per task and per decoder layer) on the eval split; with
-        MixLoRA experts, their balance loss too."""
+        MixLoRA experts, their balance loss and each expert's share of the choices (expert_share/e,
+        1 / E each when balanced)."""
         cfg = self.config
         # Token-weighted: each metric over all the tokens it counts (`_AVERAGED_OVER`), and loss =
         # lm + coef * gate (+ aux * balance) of those, as one batch holding the whole eval set would
@@ -859,10 +861,14 @@ class Trainer:
                     sums[k] = sums.get(k, 0.0) + float(m[k]) * float(m[count_key])
             for k in set(_AVERAGED_OVER.values()) & m.keys():
                 totals[k] = totals.get(k, 0.0) + float(m[k])
-            for k in set(_GATE_SUMS) & m.keys():  # (none without adapters)
+            for k in set(_GATE_SUMS + ("expert_tokens",)) & m.keys():
                 vectors[k] = vectors.get(k, 0.0) + m[k]
         out = {k: v / max(totals[_AVERAGED_OVER[k]], 1.0) for k, v in sums.items()}
         out = _with_loss(out, float(cfg.train.loss_coef), float(cfg.train.router_aux_loss_coef))
+        if "expert_tokens" in vectors:
+            loads = np.asarray(vectors.pop("expert_tokens"))
+            for e, share in enumerate(loads / max(loads.sum(), 1.0)):
+                out[f"expert_share/{e}"] = float(share)
         if vectors:
             per_task = np.asarray(per_task_accuracy(jnp.asarray(vectors["gate_task_correct"]),
                                                     jnp.asarray(vectors["gate_task_count"])))
@@ -952,6 +958,9 @@ class Trainer:
             msg = " ".join(f"{k}={last_eval[k]:.3f}" for k in shown)
             if layers:  # per-layer values go to the metric log; the line shows their range
                 msg += f" gate_acc_layer=[{min(layers):.3f}..{max(layers):.3f}]"
+            shares = [v for k, v in last_eval.items() if k.startswith("expert_share/")]
+            if shares:
+                msg += f" expert_share=[{min(shares):.3f}..{max(shares):.3f}]"
             (bar.write if bar is not None else print)(f"eval step {step_no}: {msg}")
 
         try:

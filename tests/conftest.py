@@ -24,6 +24,26 @@ def child_env(**overrides: str) -> dict:
     return {**os.environ, "PYTHONPATH": pythonpath, **overrides}
 
 
+def quick_run_config(config, world, workdir, **sections):
+    """A tiny training config (configs/*.py's get_config()) pointed at a built tiny `world`: writing
+    into `workdir`, quiet, 6 steps, no eval, no checkpoints or export; `sections` override it
+    (a dict updates a section, anything else replaces the key)."""
+    config.tiny_world = ""
+    config.model_checkpoint = world.model
+    config.tokenizer = world.tokenizer
+    config.data.root = world.data_root
+    config.workdir = str(workdir)
+    config.logging.update(progress=False, tensorboard=False, every=1)
+    config.train.update(steps=6, eval_every=-1)
+    config.checkpoint.update(every=0, export_gates=False)
+    for section, values in sections.items():
+        if isinstance(values, dict):
+            config[section].update(**values)
+        else:
+            config[section] = values
+    return config
+
+
 @pytest.fixture
 def float32_matmuls():
     """float32 products in full float32 for one test: on a GPU, JAX's default runs float32 matmuls in

@@ -19,6 +19,7 @@ import optax
 import pytest
 from flax import traverse_util
 
+from conftest import quick_run_config
 from meteora_jax import data as data_lib
 from meteora_jax import train as train_lib
 from meteora_jax.checkpoint import model_config_of, read_metadata, restore_checkpoint, save_checkpoint
@@ -51,22 +52,8 @@ def plain_world(tmp_path_factory):
 def make_config(plain_world, tmp_path):
     """configs/mixlora_tiny.py on the module's world, writing into tmp_path; overrides as sections."""
 
-    def make(**sections):
-        config = _config_file("mixlora_tiny")
-        config.tiny_world = ""
-        config.model_checkpoint = plain_world.model
-        config.tokenizer = plain_world.tokenizer
-        config.data.root = plain_world.data_root
-        config.workdir = str(tmp_path / "run")
-        config.logging.update(progress=False, tensorboard=False, every=1)
-        config.train.update(steps=6, eval_every=-1)
-        config.checkpoint.update(every=0, export_gates=False)
-        for section, values in sections.items():
-            if isinstance(values, dict):
-                config[section].update(**values)
-            else:
-                config[section] = values
-        return config
+    def make(workdir="run", **sections):
+        return quick_run_config(_config_file("mixlora_tiny"), plain_world, tmp_path / workdir, **sections)
 
     return make
 
@@ -102,15 +89,16 @@ def _lm_by_hand(logits, batch):
 
 def _balance_by_hand(router_logits, attention_mask, top_k):
     """Switch/Mixtral: E * sum_e (share of (layer, token) rows whose top-k holds e) * (mean prob of e),
-    over every layer's unpadded tokens. router_logits [n_layers, B, S, E]."""
+    over every layer's unpadded tokens. router_logits [n_layers, B, S, E]. -> (loss, loads [E]: those
+    rows counted per expert)."""
     E = router_logits.shape[-1]
     probs = jax.nn.softmax(router_logits, axis=-1).reshape(-1, E)  # [(layer, token), E]
     keep = jnp.broadcast_to(attention_mask[None] > 0, router_logits.shape[:-1]).reshape(-1)
     rank = jnp.argsort(jnp.argsort(-probs, axis=-1), axis=-1)  # 0 = largest
     chosen = (rank < top_k).astype(jnp.float32)
-    share = jnp.sum(chosen * keep[:, None], axis=0) / jnp.sum(keep)
+    loads = jnp.sum(chosen * keep[:, None], axis=0)
     mean_prob = jnp.sum(probs * keep[:, None], axis=0) / jnp.sum(keep)
-    return E * jnp.sum(share * mean_prob)
+    return E * jnp.sum(loads / jnp.sum(keep) * mean_prob), loads
 
 
 def _gate_by_hand(gate_logits, batch):
@@ -128,9 +116,9 @@ def _gate_by_hand(gate_logits, batch):
 def _objective(model, frozen, aux_coef, gate_coef=0.0):
     def objective(trainable, batch):
         out = model.apply({"params": merge_params(trainable, frozen)}, batch["input_ids"], batch["attention_mask"])
-        balance = _balance_by_hand(out.router_logits, batch["attention_mask"], model.config.mixlora.top_k)
+        balance, loads = _balance_by_hand(out.router_logits, batch["attention_mask"], model.config.mixlora.top_k)
         gate = _gate_by_hand(out.gate_logits, batch) if gate_coef else 0.0
-        return _lm_by_hand(out.logits, batch) + gate_coef * gate + aux_coef * balance, balance
+        return _lm_by_hand(out.logits, batch) + gate_coef * gate + aux_coef * balance, (balance, loads)
 
     return objective
 
@@ -207,9 +195,11 @@ def test_train_step_follows_lm_plus_balance(make_config, aux_coef, float32_matmu
     batch = _batch(setup, 4)
 
     state, metrics = _sgd_step(model, trainable, frozen, batch, aux_coef=aux_coef)
-    (value, balance), grads = jax.value_and_grad(_objective(model, frozen, aux_coef), has_aux=True)(trainable, batch)
+    (value, (balance, loads)), grads = jax.value_and_grad(_objective(model, frozen, aux_coef), has_aux=True)(
+        trainable, batch)
     np.testing.assert_allclose(metrics["loss"], value, rtol=1e-5)
     np.testing.assert_allclose(metrics["balance_loss"], balance, rtol=1e-5)
+    np.testing.assert_array_equal(metrics["expert_tokens"], loads)  # the experts' loads, counted
     assert "gate_loss" not in metrics  # no adapters: no gate terms
     _check_update(state.gates, trainable, grads)
 
@@ -233,7 +223,7 @@ def test_accumulation_weighs_the_balance_by_tokens(make_config, float32_matmuls)
     def by_hand(p):
         out = model.apply({"params": merge_params(p, frozen)}, batch["input_ids"], batch["attention_mask"])
         lm = _lm_by_hand(out.logits, batch)
-        balances = [objective(p, m)[1] for m in micro]
+        balances = [objective(p, m)[1][0] for m in micro]
         balance = sum(t * b for t, b in zip(tokens, balances)) / sum(tokens)
         return lm + aux * balance, balance
 
@@ -257,6 +247,8 @@ def test_training_lowers_the_lm_loss_and_exports_what_inference_loads(make_confi
     after = summary["eval"]
     assert after["lm_loss"] < before["lm_loss"] - 0.5, (before, after)
     assert not any(k.startswith("gate_") for k in after)
+    shares = [after[f"expert_share/{e}"] for e in range(4)]
+    assert abs(sum(shares) - 1) < 1e-6 and min(shares) > 0.05, shares  # every expert in use
     assert 2.0 <= after["balance_loss"] < 3.0  # top-2 of 4: 2 when balanced, 8 when one pair takes all
     np.testing.assert_allclose(after["loss"], after["lm_loss"] + 0.01 * after["balance_loss"], rtol=1e-6)
 
@@ -300,7 +292,7 @@ def test_a_resumed_run_matches_an_uninterrupted_one(make_config, tmp_path):
     resumed = make_config(train=dict(steps=3), checkpoint=dict(every=3), schedule=constant)
     train_lib.train(resumed)
     resumed.train.steps = 6
-    whole = make_config(train=dict(steps=6), workdir=str(tmp_path / "whole"), schedule=constant)
+    whole = make_config("whole", train=dict(steps=6), schedule=constant)
     states = []
     for config in (resumed, whole):
         trainer = train_lib.Trainer(train_lib.prepare(config))
@@ -348,7 +340,7 @@ def test_gates_and_experts_train_together(tmp_path, float32_matmuls):
     model = LlamaForCausalLM(setup.model_config)
     trainable, batch = _with_random_b(trainable), _batch(setup, 6)
     state, metrics = _sgd_step(model, trainable, frozen, batch, aux_coef=0.2)
-    (value, balance), grads = jax.value_and_grad(_objective(model, frozen, 0.2, gate_coef=50.0), has_aux=True)(
+    (value, (balance, _)), grads = jax.value_and_grad(_objective(model, frozen, 0.2, gate_coef=50.0), has_aux=True)(
         trainable, batch)
     np.testing.assert_allclose(metrics["loss"], value, rtol=1e-5)
     np.testing.assert_allclose(metrics["balance_loss"], balance, rtol=1e-5)

@@ -20,7 +20,7 @@ import optax
 import pytest
 from flax import traverse_util
 
-from conftest import child_env
+from conftest import child_env, quick_run_config
 from meteora_jax import checkpoint as model_ckpt
 from meteora_jax import data as data_lib
 from meteora_jax import sharding as sharding_lib
@@ -50,21 +50,7 @@ def make_config(world, tmp_path):
     """Tiny config on the session's world, writing into tmp_path; overrides as keyword sections."""
 
     def make(workdir="run", **sections):
-        config = _tiny_config_module().get_config()
-        config.tiny_world = ""
-        config.model_checkpoint = world.model
-        config.tokenizer = world.tokenizer
-        config.data.root = world.data_root
-        config.workdir = str(tmp_path / workdir)
-        config.logging.update(progress=False, tensorboard=False, every=1)
-        config.train.update(steps=6, eval_every=-1)
-        config.checkpoint.update(every=0, export_gates=False)
-        for section, values in sections.items():
-            if isinstance(values, dict):
-                config[section].update(**values)
-            else:
-                config[section] = values
-        return config
+        return quick_run_config(_tiny_config_module().get_config(), world, tmp_path / workdir, **sections)
 
     return make
 
