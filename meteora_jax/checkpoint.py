@@ -24,6 +24,7 @@ import logging
 import os
 import re
 import shutil
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -120,6 +121,14 @@ def _staging_prefix(path: Path) -> str:
     return f".{path.name}.tmp-"
 
 
+def _unlocked_prefix(path: Path) -> str:
+    """...having made it as `<this prefix><the same digits>`, locked it, and renamed it."""
+    return f".{path.name}.new-"
+
+
+_UNLOCKED_STALE_S = 60  # a save renames its new folder within microseconds: older, empty ones were killed
+
+
 def _lock(folder: Path) -> int:
     """A descriptor of `folder` holding its exclusive flock, released when it is closed or the process
     dies (kill -9 included): marks a save in progress. OSError where it cannot (BlockingIOError:
@@ -145,6 +154,7 @@ def remove_stale_staging(path: str | os.PathLike) -> None:
         names = os.listdir(path.parent)
     except OSError:  # no folder yet, or not a folder: the caller reports that
         return
+    _remove_empty_unlocked(path, names)
     for staging in (path.parent / name for name in names if pattern.fullmatch(name)):
         if not staging.is_dir():
             continue
@@ -166,6 +176,26 @@ def remove_stale_staging(path: str | os.PathLike) -> None:
                 log.warning("put %s back from %s, where an interrupted overwrite had moved it", path, previous)
             shutil.rmtree(staging, ignore_errors=True)
             log.warning("removed %s, left by a save of %s that was interrupted", staging, path)
+        finally:
+            os.close(fd)
+
+
+def _remove_empty_unlocked(path: Path, names: list[str]) -> None:
+    """The empty folders of saves killed between making their folder and renaming it (see
+    `save_checkpoint`): empty, unlocked and older than a minute, so never a live save's."""
+    pattern = re.compile(re.escape(_unlocked_prefix(path)) + "[0-9a-f]{8}")
+    for folder in (path.parent / name for name in names if pattern.fullmatch(name)):
+        try:
+            if time.time() - folder.stat().st_mtime < _UNLOCKED_STALE_S or any(folder.iterdir()):
+                continue
+            fd = _lock(folder)
+        except OSError:  # gone, not a folder, or locked by a save in progress
+            continue
+        try:
+            folder.rmdir()
+            log.warning("removed %s, left empty by a save of %s that was interrupted", folder, path)
+        except OSError:
+            pass
         finally:
             os.close(fd)
 
@@ -210,7 +240,7 @@ def save_checkpoint(
     # Locked under a name remove_stale_staging does not match, then renamed (the lock stays on the
     # folder): made and locked under the staging name, another save's cleanup could take it between
     # the two steps.
-    unlocked = path.parent / f".{path.name}.new-{suffix}"
+    unlocked = path.parent / f"{_unlocked_prefix(path)}{suffix}"
     lock = None
     try:
         unlocked.mkdir()

@@ -188,6 +188,25 @@ def test_a_cleanup_between_a_saves_mkdir_and_lock_leaves_it_alone(saved, tmp_pat
     assert read_metadata(path)["v"] == 1 and os.listdir(tmp_path) == ["ckpt"]
 
 
+def test_an_empty_folder_of_a_killed_save_is_removed(saved, tmp_path, caplog):
+    """A save killed between making its folder and renaming it left an empty `.ckpt.new-XXXXXXXX` for
+    good. The next save removes it once it is a minute old; a fresh one (a save that may be renaming
+    it right now) and one that is not empty are left alone."""
+    _, params, config, _ = saved
+    path = tmp_path / "ckpt"
+    old, fresh, full = (tmp_path / f".ckpt.new-{suffix}" for suffix in ("0badf00d", "1badf00d", "2badf00d"))
+    for folder in (old, fresh, full):
+        folder.mkdir()
+    (full / "file").write_text("x")
+    for folder in (old, full):
+        os.utime(folder, (os.path.getmtime(folder) - 120,) * 2)
+    with caplog.at_level("WARNING", logger="meteora_jax.checkpoint"):
+        save_checkpoint(path, params, config, {"v": 1})
+    assert sorted(os.listdir(tmp_path)) == sorted(["ckpt", fresh.name, full.name])
+    assert [r.getMessage() for r in caplog.records if "left empty" in r.getMessage()] == [
+        f"removed {old}, left empty by a save of {path} that was interrupted"]
+
+
 def test_damaged_copies_are_named(saved, tmp_path):
     """A checkpoint cut short (an interrupted copy): its metadata or params cannot be read, and the
     error names the checkpoint and the part (they were a JSONDecodeError, or a tensorstore
