@@ -534,8 +534,9 @@ def save_chained_routing_picture(
     """Routing picture (PNG + HTML, `meteora_jax.viz`) of one composite sample answered in chained
     turns: the last turn is generated again with every earlier prompt and answer (`answers`, one per
     turn, as `generate_chained` returns them) in context, so the picture covers the whole
-    conversation (prefill routing of the earlier turns, decode routing of the last answer). Returns
-    the two paths."""
+    conversation (prefill routing of the earlier turns, decode routing of the last answer), and the
+    same of MixLoRA's experts where the model has them (`viz.save_routing_pictures`). Returns the
+    paths."""
     from meteora_jax import viz
     from meteora_jax.generate import encode_turns
 
@@ -547,10 +548,10 @@ def save_chained_routing_picture(
     full = ids + [int(t) for t in out.tokens[0, : out.lengths[0]]]
     pieces = viz.token_pieces(tokenizer, full)
     title = f"top-1 adapter share per token; turns: {', '.join(record['tasks'])}"
-    return [
-        viz.save_routing_png(stem + ".png", pieces, out.routing[0], adapter_names, prompt_length=len(ids), title=title),
-        viz.save_routing_html(stem + ".html", pieces, out.routing[0], adapter_names, prompt_length=len(ids)),
-    ]
+    return viz.save_routing_pictures(
+        stem, pieces, routing=out.routing[0] if out.routing else None, adapter_names=adapter_names,
+        expert_routing=out.expert_routing[0] if out.expert_routing else None,
+        num_experts=generator.config.mixlora.num_experts, prompt_length=len(ids), title=title)
 
 
 def evaluate_composite_records(
@@ -601,7 +602,8 @@ def evaluate_composite_records(
             from meteora_jax import viz
 
             folder, name = os.path.split(prefix)
-            viz.remove_earlier_pictures(folder or ".", name + "_", min(count, len(records)))
+            viz.remove_earlier_routing_pictures(folder or ".", name + "_", min(count, len(records)), adapters=bool(names),
+                                                experts=bool(generator.config.mixlora.num_experts))
     else:
         if adapter_for_task is not None:
             raise ValueError("oracle routing per segment needs mode 'turns'")

@@ -110,6 +110,11 @@ def _top1(gate_logits: dict, projections: tuple[str, ...]) -> jax.Array:
     return jnp.transpose(stacked, (1, 2, 0, 3)).astype(jnp.int32)
 
 
+def _top1_expert(router_logits: jax.Array) -> jax.Array:
+    """MixLoRA's router logits [n_layers, B, S, E] -> [B, S, n_layers] int32 top-1 expert."""
+    return jnp.transpose(jnp.argmax(router_logits, axis=-1), (1, 2, 0)).astype(jnp.int32)
+
+
 @dataclasses.dataclass
 class GenerationOutput:
     """What `Generator.generate` returns (numpy, one row per prompt)."""
@@ -121,6 +126,7 @@ class GenerationOutput:
     logits: Optional[np.ndarray] = None  # [B, N, V] float32: the logits each token was chosen from
     routing: Optional[list[np.ndarray]] = None  # per row [P_b + n_b, n_layers, n_proj] top-1 adapter
     projections: tuple[str, ...] = ()  # names of the last routing axis
+    expert_routing: Optional[list[np.ndarray]] = None  # per row [P_b + n_b, n_layers] top-1 MixLoRA expert
 
     def sequences(self, include_eos: bool = False) -> list[list[int]]:
         """Generated ids of each row, without padding (and without the EOS unless asked)."""
@@ -244,11 +250,14 @@ class Generator:
             last = model.apply(
                 variables, input_ids[:, -1:], mask[:, -1:], positions[:, -1:], head.cache, routing=routing
             )
-            gate_logits = jax.tree.map(lambda a, b: jnp.concatenate([a, b], axis=2), head.gate_logits, last.gate_logits)
+            # (gate logits [n_layers, B, S, L], router logits [n_layers, B, S, E]: S is axis 2)
+            gate_logits, router_logits = jax.tree.map(lambda a, b: jnp.concatenate([a, b], axis=2),
+                                                      (head.gate_logits, head.router_logits),
+                                                      (last.gate_logits, last.router_logits))
             cache, last_logits = last.cache, last.logits[:, -1]
         else:
             out = model.apply(variables, input_ids, mask, positions, cache, routing=routing)
-            gate_logits, cache, last_logits = out.gate_logits, out.cache, out.logits[:, -1]
+            gate_logits, router_logits, cache, last_logits = out.gate_logits, out.router_logits, out.cache, out.logits[:, -1]
 
         rng, key = jax.random.split(rng)
         first = choose(last_logits, key)
@@ -259,9 +268,13 @@ class Generator:
         state = dict(i=jnp.int32(0), tok=first, done=filler, cache=cache, tokens=tokens, rng=rng)
         if return_logits:
             state["logits"] = jnp.zeros((batch, n_buf, cfg.vocab_size), jnp.float32).at[:, 0].set(last_logits)
-        if collect_routing:
+        adapters, experts = collect_routing and bool(self.projections), collect_routing and router_logits is not None
+        if adapters:
             prompt_routing = jnp.where(mask[:, :, None, None], _top1(gate_logits, self.projections), -1)
             state["routing"] = jnp.full((batch, n_buf, cfg.num_layers, len(self.projections)), -1, jnp.int32)
+        if experts:
+            prompt_experts = jnp.where(mask[:, :, None], _top1_expert(router_logits), -1)
+            state["expert_routing"] = jnp.full((batch, n_buf, cfg.num_layers), -1, jnp.int32)
 
         # With routing pictures every generated token is also fed once (its routing is recorded);
         # otherwise the last one never needs a forward pass.
@@ -282,9 +295,12 @@ class Generator:
                 routing=routing,
             )
             new = dict(s)
-            if collect_routing:
+            if adapters:
                 top1 = jnp.where(s["done"][:, None, None], -1, _top1(out.gate_logits, self.projections)[:, 0])
                 new["routing"] = jax.lax.dynamic_update_index_in_dim(s["routing"], top1, i, axis=1)
+            if experts:
+                top1 = jnp.where(s["done"][:, None], -1, _top1_expert(out.router_logits)[:, 0])
+                new["expert_routing"] = jax.lax.dynamic_update_index_in_dim(s["expert_routing"], top1, i, axis=1)
             done = s["done"] | is_eos(tok)
             rng, key = jax.random.split(s["rng"])
             nxt = jnp.where(done, pad, choose(out.logits[:, 0], key))
@@ -299,9 +315,12 @@ class Generator:
         result = {"tokens": jnp.where(in_range[None], state["tokens"][:, :max_new_bucket], pad)}
         if return_logits:
             result["logits"] = state["logits"][:, :max_new_bucket]
-        if collect_routing:
+        if adapters:
             result["prompt_routing"] = prompt_routing
             result["routing"] = state["routing"][:, :max_new_bucket]
+        if experts:
+            result["prompt_expert_routing"] = prompt_experts
+            result["expert_routing"] = state["expert_routing"][:, :max_new_bucket]
         return result
 
     # ------------------------------------------------------------------------------------------
@@ -382,8 +401,8 @@ class Generator:
         check_sampling_options(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                routing_temperature=routing_temperature)
         L = self.config.meteora.num_adapters
-        if return_routing and L == 0:
-            raise ValueError("return_routing needs a model with adapters (num_adapters > 0)")
+        if return_routing and L == 0 and not self.config.mixlora.num_experts:
+            raise ValueError("return_routing needs a model with adapters (num_adapters > 0) or MixLoRA experts")
         eos = self.eos_token_ids if eos_token_ids is None else tuple(int(t) for t in eos_token_ids)
         ids, mask, rows = self._pack(prompts)
         self.check_lengths(rows, max_new_tokens)
@@ -423,7 +442,8 @@ class Generator:
         routing_temperature (1.0): the gate softmax temperature (MeteoRA); force_adapter (None):
           route every token to that adapter with weight 1.
         return_routing (False): also return the gate's top-1 adapter of every prompt and generated
-          token per layer and projection (computed even when routing is forced).
+          token per layer and projection (computed even when routing is forced), and with MixLoRA
+          experts the router's top-1 expert per layer (`expert_routing`).
         return_logits (False): also return the logits each generated token was chosen from.
         eos_token_ids (None): overrides the generator's EOS ids for this call (same count: no
           recompilation).
@@ -447,12 +467,14 @@ class Generator:
         )
         if "logits" in result:
             out.logits = np.asarray(result["logits"][:n, :max_new_tokens])
+        def per_row(prompt_part, generated):  # each row's prompt (left-padded) and its generated tokens
+            plen = prompt_part.shape[1]
+            return [np.concatenate([prompt_part[b, plen - len(rows[b]) :], generated[b, : lengths[b]]]) for b in range(n)]
+
         if "routing" in result:
-            plen = result["prompt_routing"].shape[1]
-            out.routing = [
-                np.concatenate([result["prompt_routing"][b, plen - len(rows[b]) :], result["routing"][b, : lengths[b]]])
-                for b in range(n)
-            ]
+            out.routing = per_row(result["prompt_routing"], result["routing"])
+        if "expert_routing" in result:
+            out.expert_routing = per_row(result["prompt_expert_routing"], result["expert_routing"])
         return out
 
 

@@ -2,11 +2,13 @@
 
 Input everywhere is a token's top-1 adapter per layer and projection, `routing [T, n_layers,
 n_proj]` int (-1: not routed), as `Generator.generate(..., return_routing=True).routing[b]` or
-`generate.token_routing(config, params, ids)` give it.
+`generate.token_routing(config, params, ids)` give it. MixLoRA's experts draw alike, from their
+router's top-1 expert per layer (`.expert_routing[b]`, [T, n_layers]) with `what="expert"`.
 
     shares = routing_shares(routing, L)            # [T, L]: fraction of (layer, projection) picks
     save_routing_png(path, pieces, routing, names)  # heatmaps: shares, and per-layer majority
     save_routing_html(path, pieces, routing, names) # tokens coloured by their dominant adapter
+    save_routing_pictures(stem, pieces, ...)        # both, for the adapters and for the experts
 
 `pieces` are the tokens' surface strings (`token_pieces(tokenizer, ids)`).
 """
@@ -28,9 +30,11 @@ __all__ = [
     "dominant_adapter",
     "layer_majority",
     "remove_earlier_pictures",
+    "remove_earlier_routing_pictures",
     "routing_html",
     "routing_shares",
     "save_routing_html",
+    "save_routing_pictures",
     "save_routing_png",
     "token_pieces",
 ]
@@ -96,6 +100,18 @@ def token_pieces(tokenizer, token_ids: Sequence[int]) -> list[str]:
     return pieces
 
 
+# What a picture's indices name: (the word, what its top-1 choices are counted across, the per-layer
+# heatmap's title: MixLoRA has one router per layer).
+_WHAT = {"adapter": ("adapter", "layers and projections", "majority adapter per layer"),
+         "expert": ("expert", "layers", "top-1 expert per layer")}
+
+
+def _words(what: str) -> tuple[str, str, str]:
+    if what not in _WHAT:
+        raise ValueError(f"what={what!r}: choose one of {tuple(_WHAT)}")
+    return _WHAT[what]
+
+
 def _check(pieces, routing, adapter_names):
     routing = np.asarray(routing)
     if routing.ndim != 3:
@@ -144,11 +160,14 @@ def routing_figure(
     *,
     prompt_length: int | None = None,
     title: str | None = None,
+    what: str = "adapter",
 ):
     """A matplotlib Figure with two heatmaps over the tokens, column t of both at the same x: top,
     each adapter's share of the token's top-1 picks across layers and projections; bottom, each
     layer's majority adapter. The colour bar and the legend sit in a column of their own, so the
-    heatmaps share their width. A dashed line marks where the prompt ends."""
+    heatmaps share their width. A dashed line marks where the prompt ends. what="expert": the same
+    for MixLoRA's experts (one router per layer)."""
+    word, across, per_layer = _words(what)
     # The object API with the Agg canvas: no pyplot state, works under any backend.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.colors import ListedColormap
@@ -170,7 +189,7 @@ def routing_figure(
     im = ax_share.imshow(shares.T, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
     ax_share.set_yticks(range(L), [_mathtext_plain(n) for n in adapter_names])
     ax_share.set_xticks([])
-    ax_share.set_title(_mathtext_plain(title or "top-1 adapter share across layers and projections"))
+    ax_share.set_title(_mathtext_plain(title or f"top-1 {word} share across {across}"))
     ax_bar.axis("off")
     fig.colorbar(im, cax=ax_bar.inset_axes([0.0, 0.0, min(0.15 / side, 1.0), 1.0]))
 
@@ -183,7 +202,7 @@ def routing_figure(
     ax_layer.set_xticks(range(0, T, every), [_label(p) for p in pieces[::every]], rotation=90, fontsize=7)
     if every > 1:
         ax_layer.set_xlabel(f"one label every {every} tokens (the HTML page shows them all)", fontsize=7)
-    ax_layer.set_title("majority adapter per layer")
+    ax_layer.set_title(per_layer)
     ax_key.axis("off")
     handles = [Rectangle((0, 0), 1, 1, color=c) for c in colors[1:]]
     ax_key.legend(handles, [_mathtext_plain(n) for n in adapter_names], loc="upper left", fontsize=7, frameon=False)
@@ -203,10 +222,11 @@ def save_routing_png(
     prompt_length: int | None = None,
     title: str | None = None,
     dpi: int = 100,
+    what: str = "adapter",
 ) -> str:
     """Writes `routing_figure(...)` as a PNG; returns the path. The file is replaced only once the
     picture is complete."""
-    fig = routing_figure(pieces, routing, adapter_names, prompt_length=prompt_length, title=title)
+    fig = routing_figure(pieces, routing, adapter_names, prompt_length=prompt_length, title=title, what=what)
     path = os.fspath(path)
     with written_whole(path, "wb") as f:
         fig.savefig(f, dpi=dpi, format="png")
@@ -220,12 +240,15 @@ def routing_html(
     *,
     prompt_length: int | None = None,
     title: str | None = None,
+    what: str = "adapter",
 ) -> str:
     """A self-contained HTML page (inline CSS, no scripts or external files): every token in the
     colour of its dominant adapter, its per-adapter shares in a tooltip, and a legend. `title`
-    defaults to "MeteoRA routing". Its styles apply only inside its `meteora-routing` block, so the
-    page can also be shown inline (a notebook's `display(HTML(...))`) without restyling the host."""
-    title = title or "MeteoRA routing"
+    defaults to "MeteoRA routing" ("MixLoRA routing" for what="expert"). Its styles apply only
+    inside its `meteora-routing` block, so the page can also be shown inline (a notebook's
+    `display(HTML(...))`) without restyling the host."""
+    word, across, _ = _words(what)
+    title = title or ("MeteoRA routing" if what == "adapter" else "MixLoRA routing")
     routing = _check(pieces, routing, adapter_names)
     L = len(adapter_names)
     shares = routing_shares(routing, L)
@@ -257,8 +280,8 @@ def routing_html(
   vertical-align: middle; }}
 </style></head><body><div class="meteora-routing">
 <h2>{html.escape(title)}</h2>
-<p>Each token is coloured by its dominant adapter: the one picked most often as top-1 across all
-layers and projections (hover for the shares).</p>
+<p>Each token is coloured by its dominant {word}: the one picked most often as top-1 across all
+{across} (hover for the shares).</p>
 <div class="legend">{legend}</div>
 <div class="text">{"".join(spans)}</div>
 </div></body></html>
@@ -274,13 +297,50 @@ def save_routing_html(path: str | os.PathLike, pieces, routing, adapter_names, *
     return path
 
 
-def remove_earlier_pictures(folder: str | os.PathLike, prefix: str, kept: int) -> list[str]:
-    """Deletes `<folder>/<prefix><n>.png` and `.html` for every number n >= kept: the pictures an
-    earlier run drew past this run's (`prompt_007.png` of an earlier run of eight prompts, beside
-    this run's five, would pass for one of them). Returns the removed paths, sorted."""
+def save_routing_pictures(
+    stem: str,
+    pieces: Sequence[str],
+    *,
+    routing: np.ndarray | None = None,  # [T, n_layers, n_proj]: the gates' top-1 adapters
+    adapter_names: Sequence[str] = (),
+    expert_routing: np.ndarray | None = None,  # [T, n_layers]: the MixLoRA routers' top-1 experts
+    num_experts: int = 0,
+    prompt_length: int | None = None,
+    title: str | None = None,  # of the adapters' pictures
+) -> list[str]:
+    """One sequence's pictures, PNG + HTML: `<stem>.*` of MeteoRA's adapters where the model has
+    some, and `<stem>_experts.*` of MixLoRA's experts where it has those. Returns the paths."""
+    def draw(path_stem, routing_, names, title_, what):
+        options = dict(prompt_length=prompt_length, title=title_, what=what)
+        return [save_routing_png(path_stem + ".png", pieces, routing_, names, **options),
+                save_routing_html(path_stem + ".html", pieces, routing_, names, **options)]
+
+    paths = []
+    if routing is not None and len(adapter_names):
+        paths += draw(stem, routing, adapter_names, title, "adapter")
+    if expert_routing is not None and num_experts:  # one router per layer: a routing of one "projection"
+        names = [f"expert {e}" for e in range(num_experts)]
+        paths += draw(stem + EXPERTS_SUFFIX, np.asarray(expert_routing)[:, :, None], names, None, "expert")
+    return paths
+
+
+EXPERTS_SUFFIX = "_experts"  # `save_routing_pictures`' MixLoRA pictures: <stem>_experts.png / .html
+
+
+def remove_earlier_routing_pictures(folder, prefix: str, kept: int, *, adapters: bool, experts: bool) -> list[str]:
+    """`remove_earlier_pictures` for both kinds of `save_routing_pictures`: those numbered `kept`
+    and past of a kind this run draws, and all of a kind it does not (another model's)."""
+    return [path for suffix, drawn in (("", adapters), (EXPERTS_SUFFIX, experts))
+            for path in remove_earlier_pictures(folder, prefix, kept if drawn else 0, suffix)]
+
+
+def remove_earlier_pictures(folder: str | os.PathLike, prefix: str, kept: int, suffix: str = "") -> list[str]:
+    """Deletes `<folder>/<prefix><n><suffix>.png` and `.html` for every number n >= kept: the
+    pictures an earlier run drew past this run's (`prompt_007.png` of an earlier run of eight
+    prompts, beside this run's five, would pass for one of them). Returns the removed paths, sorted."""
     if not os.path.isdir(folder):  # nothing drawn here yet
         return []
-    pattern = re.compile(re.escape(prefix) + r"([0-9]+)\.(?:png|html)")
+    pattern = re.compile(re.escape(prefix) + r"([0-9]+)" + re.escape(suffix) + r"\.(?:png|html)")
     removed = []
     for name in sorted(os.listdir(folder)):
         match = pattern.fullmatch(name)

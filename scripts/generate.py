@@ -71,8 +71,8 @@ def main(argv=None) -> int:
     p.add_argument("--routing-temperature", type=float, default=1.0)
     p.add_argument("--json", default=None, help="also write {prompt, output} lines to this JSONL file")
     p.add_argument("--routing-pictures", default=None,
-                   help="folder for a PNG + HTML routing picture per prompt, prompt_NNN (an earlier run's further "
-                   "ones are removed)")
+                   help="folder for PNG + HTML routing pictures per prompt: prompt_NNN of the adapters, "
+                   "prompt_NNN_experts of MixLoRA's experts (an earlier run's further ones are removed)")
     add_inference_arguments(p)
     args = p.parse_args(argv)
 
@@ -103,13 +103,15 @@ def main(argv=None) -> int:
         force, chat = opts.force_adapter, opts.chat_template
         prompt_ids = [encode_prompt(tokenizer, q, chat_template=chat) for q in prompts]
         generator.check_prompts(prompt_ids, args.max_new_tokens)  # all of them, before the first batch
-        if args.routing_pictures and generator.config.meteora.num_adapters == 0:
-            raise ValueError(f"--routing-pictures: the model in {args.checkpoint} has no adapters to route to")
+        experts = generator.config.mixlora.num_experts
+        if args.routing_pictures and not (generator.config.meteora.num_adapters or experts):
+            raise ValueError(f"--routing-pictures: the model in {args.checkpoint} has no adapters or MixLoRA experts "
+                             "to route to")
     except ValueError as e:
         cli_fail(p, str(e))
     pictures = bool(args.routing_pictures)
 
-    records, routed = [], []  # routed: (prompt number, token pieces, routing, prompt length)
+    records, routed = [], []  # routed: (prompt number, token pieces, routing, expert routing, prompt length)
     for start in range(0, len(prompts), args.batch_size):
         chunk, ids = prompts[start : start + args.batch_size], prompt_ids[start : start + args.batch_size]
         out = generator.generate(
@@ -128,21 +130,25 @@ def main(argv=None) -> int:
             print(f"### prompt {start + j}\n{q}\n### output\n{text}\n", flush=True)
             if pictures:
                 full = ids[j] + [int(t) for t in out.tokens[j, : out.lengths[j]]]
-                routed.append((start + j, viz.token_pieces(tokenizer, full), out.routing[j], len(ids[j])))
+                experts_j = out.expert_routing[j] if out.expert_routing else None
+                adapters_j = out.routing[j] if out.routing else None
+                routed.append((start + j, viz.token_pieces(tokenizer, full), adapters_j, experts_j, len(ids[j])))
     if args.json:
         write_jsonl(args.json, records)  # whole or not at all
     # Forced routing: every token used that adapter; the pictures show what the gates would pick.
     title = None if force is None else f"forced to {names[force]}; colours: the gates' own top-1 choices (unused)"
-    for number, pieces, routing, prompt_length in routed:
-        stem = os.path.join(args.routing_pictures, f"prompt_{number:03d}")
-        viz.save_routing_png(stem + ".png", pieces, routing, names, prompt_length=prompt_length, title=title)
-        viz.save_routing_html(stem + ".html", pieces, routing, names, prompt_length=prompt_length, title=title)
+    for number, pieces, routing, expert_routing, prompt_length in routed:
+        viz.save_routing_pictures(os.path.join(args.routing_pictures, f"prompt_{number:03d}"), pieces, routing=routing,
+                                  adapter_names=names, expert_routing=expert_routing, num_experts=experts,
+                                  prompt_length=prompt_length, title=title)
     if pictures:
-        removed = viz.remove_earlier_pictures(args.routing_pictures, "prompt_", len(prompts))
+        removed = viz.remove_earlier_routing_pictures(args.routing_pictures, "prompt_", len(prompts), adapters=bool(names),
+                                                      experts=bool(experts))
         if removed:
             print(f"removed {len(removed)} routing pictures of an earlier run from {args.routing_pictures}", file=sys.stderr)
-        print(f"routing pictures: {os.path.join(args.routing_pictures, 'prompt_NNN')}.png and .html, "
-              f"NNN = 000 to {len(prompts) - 1:03d}", file=sys.stderr)
+        stem = os.path.join(args.routing_pictures, "prompt_NNN")
+        kinds = ([f"{stem}.png and .html"] if names else []) + ([f"{stem}{viz.EXPERTS_SUFFIX}.png and .html"] if experts else [])
+        print(f"routing pictures: {' and '.join(kinds)}, NNN = 000 to {len(prompts) - 1:03d}", file=sys.stderr)
     return 0
 
 

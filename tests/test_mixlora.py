@@ -256,3 +256,29 @@ def test_generation_layouts_agree_with_distinct_experts(layout):
         prompts, max_new_tokens=5, return_logits=True)
     np.testing.assert_array_equal(got.tokens, want.tokens)
     np.testing.assert_allclose(got.logits, want.logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["scan", "split_prefill"])
+def test_generation_reports_each_tokens_expert(layout, float32_matmuls):
+    """return_routing gives, beside the adapters' routing, every prompt and generated token's top-1
+    expert per layer: the argmax of the router logits of one forward pass over the whole sequence.
+    (The scanned model stacks its layers' router logits in its scan; the fused layout, here with the
+    prompt in two calls, stacks them itself.)"""
+    from meteora_jax import init_params
+    from meteora_jax.generate import Generator
+    from meteora_jax.model import LlamaForCausalLM
+
+    config = _model_config(top_k=2)
+    params = _random_experts(init_params(config, jax.random.key(int(SEED % 2**31))), 9)
+    options = dict(scan_layers=layout == "scan", fused_projections=layout == "fused")
+    if layout == "split_prefill":  # the prompt runs in two calls (all but its last token, then that one)
+        options["max_prefill_logits_bytes"] = 1
+    prompts = [[5, 17, 3, 40], [9, 8, 7, 6, 5, 4, 3, 2]]
+    out = Generator(config, params, pad_token_id=0, **options).generate(prompts, max_new_tokens=5, return_routing=True)
+    model = LlamaForCausalLM(config)
+    for b, prompt in enumerate(prompts):
+        full = prompt + [int(t) for t in out.tokens[b, : out.lengths[b]]]
+        router_logits = model.apply({"params": params}, jnp.asarray([full], jnp.int32)).router_logits  # [n_layers, 1, S, E]
+        want = np.asarray(jnp.argmax(router_logits[:, 0], axis=-1)).T  # [S, n_layers]
+        np.testing.assert_array_equal(out.expert_routing[b], want, err_msg=f"seed={SEED}, row {b}")
+        assert out.routing[b].shape == (len(full), config.num_layers, 2)  # the adapters' (q, v) too

@@ -266,10 +266,12 @@ def test_training_lowers_the_lm_loss_and_exports_what_inference_loads(make_confi
 
     generate = runpy.run_path(os.path.join(REPO, "scripts", "generate.py"), run_name="cli_script")["main"]
     out = os.path.join(os.path.dirname(gates_dir), "out.jsonl")
+    pictures = os.path.join(os.path.dirname(gates_dir), "pictures")
     assert generate(["--checkpoint", plain_world.model, "--tokenizer", plain_world.tokenizer, "--gates", gates_dir,
-                     "--prompt", "417+26=", "--max-new-tokens", "4", "--json", out]) == 0
+                     "--prompt", "417+26=", "--max-new-tokens", "4", "--json", out, "--routing-pictures", pictures]) == 0
     with open(out) as f:
         assert [json.loads(line)["prompt"] for line in f] == ["417+26="]
+    assert sorted(os.listdir(pictures)) == ["prompt_000_experts.html", "prompt_000_experts.png"]  # (no adapters)
 
 
 def test_lora_dropout_reaches_the_experts(make_config):

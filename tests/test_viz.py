@@ -198,3 +198,41 @@ def test_remove_earlier_pictures(tmp_path):
     removed = remove_earlier_pictures(tmp_path, "c+3_", 1)  # "+": a regex character in a set name
     assert removed == [str(tmp_path / n) for n in ("c+3_01.html", "c+3_01.png", "c+3_12.png")]
     assert sorted(os.listdir(tmp_path)) == sorted(set(names) - {"c+3_01.html", "c+3_01.png", "c+3_12.png"})
+
+
+def test_routing_pictures_of_adapters_and_of_experts(tmp_path):
+    """save_routing_pictures draws `<stem>.*` of the adapters and `<stem>_experts.*` of MixLoRA's
+    experts (one router per layer), each only where the model has them; the expert pictures say
+    "expert" where the adapter ones say "adapter"."""
+    pieces = ["<s>", " a", " b", " c"]
+    experts = np.array([[0, 3], [1, 1], [3, 2], [-1, -1]])  # [T, n_layers] top-1 expert; -1: not routed
+    both = viz.save_routing_pictures(str(tmp_path / "both"), pieces, routing=ROUTING, adapter_names=NAMES,
+                                     expert_routing=experts, num_experts=4, prompt_length=2)
+    assert [os.path.basename(p) for p in both] == ["both.png", "both.html", "both_experts.png", "both_experts.html"]
+    assert viz.save_routing_pictures(str(tmp_path / "a"), pieces, routing=ROUTING, adapter_names=NAMES) == [
+        str(tmp_path / "a.png"), str(tmp_path / "a.html")]
+    assert viz.save_routing_pictures(str(tmp_path / "e"), pieces, routing=None, adapter_names=(),
+                                     expert_routing=experts, num_experts=4) == [
+        str(tmp_path / "e_experts.png"), str(tmp_path / "e_experts.html")]
+    page = open(tmp_path / "e_experts.html", encoding="utf-8").read()
+    assert "MixLoRA routing" in page and "dominant expert" in page and "across all\nlayers (" in page
+    assert all(f"expert {e}" in page for e in range(4)) and "adapter" not in page
+    colors = viz.adapter_colors(4)
+    parser = _Spans()
+    parser.feed(page)
+    for (style, _), dom in zip(parser.tokens, [0, 1, 2]):  # ties (token 0: 0 and 3) go to the lower index
+        assert f"border-bottom:3px solid {colors[dom]}" in style
+    figure = viz.routing_figure(pieces, experts[:, :, None], [f"expert {e}" for e in range(4)], what="expert")
+    assert [ax.get_title() for ax in figure.axes[:3:2]] == ["top-1 expert share across layers", "top-1 expert per layer"]
+    with pytest.raises(ValueError, match="what='experts': choose one of"):
+        viz.routing_html(pieces, ROUTING, NAMES, what="experts")
+
+
+def test_remove_earlier_routing_pictures_of_both_kinds(tmp_path):
+    """Past `kept` of a kind this run draws, all of a kind it does not draw (another model's)."""
+    names = ["p_00.png", "p_01.html", "p_00_experts.png", "p_01_experts.html", "p_00_experts.txt"]
+    for name in names:
+        (tmp_path / name).write_text("x")
+    removed = viz.remove_earlier_routing_pictures(tmp_path, "p_", 1, adapters=False, experts=True)
+    assert removed == [str(tmp_path / n) for n in ("p_00.png", "p_01.html", "p_01_experts.html")]
+    assert sorted(os.listdir(tmp_path)) == ["p_00_experts.png", "p_00_experts.txt"]
