@@ -94,3 +94,16 @@ def test_defaults_pass_the_checks(tmp_path, monkeypatch):
         with pytest.raises(_Reached):
             main() if script in ("bench_kernels", "bench_train") else main([])
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_bench_train_mixlora_one_is_one_expert_at_top_1():
+    """mixlora_one, the one-LoRA baseline, has one expert at top-1 whatever --experts / --expert-top-k
+    say (at top-2 of 1 expert it could not be built), with the same rank and impl as mixlora."""
+    import types
+
+    bench = runpy.run_path(os.path.join(REPO, "scripts", "bench_train.py"), run_name="bench")
+    args = types.SimpleNamespace(experts=8, expert_rank=16, expert_top_k=2, kernel_impl="xla")
+    got = {mode: bench["_model_config"](os.path.join(REPO, "configs", "tiny.py"), 1, 0, bench["_mixlora_of"](mode, args))[1]
+           for mode in ("mixlora", "mixlora_one")}
+    assert [(c.mixlora.num_experts, c.mixlora.top_k, c.mixlora.rank, c.mixlora.kernel_impl) for c in got.values()] == [
+        (8, 2, 16, "xla"), (1, 1, 16, "xla")]

@@ -285,6 +285,17 @@ def test_missing_folders_and_files(tmp_path, tiny_tokenizer):
         data.load_task_datasets(tmp_path, ["qa"], tiny_tokenizer, split="test", seq_len=1)
 
 
+def test_task_folders_are_the_visible_sub_folders(tmp_path):
+    """A model without adapters trains on the data root's folders: sorted, hidden ones (.git,
+    .ipynb_checkpoints) and files left out."""
+    for name in ("shout", "arith", ".git", ".ipynb_checkpoints"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "notes.txt").write_text("x")
+    assert data.task_folders(tmp_path) == ["arith", "shout"]
+    with pytest.raises(DataError, match="holds no task folders"):
+        data.task_folders(tmp_path / ".git")
+
+
 # ------------------------------------------------------------------------------------------------
 # Batching
 

@@ -134,6 +134,26 @@ def test_lora_dropout_reaches_the_expert_loras_only():
     assert _rel(y1, y2) > 1e-2 and _rel(y1, y0) > 1e-2
     np.testing.assert_array_equal(l1, l0)
     np.testing.assert_array_equal(l2, l0)
+    # The down projection's LoRA is dropped too: with only its B non-zero, the output still moves.
+    down_only = jax.tree_util.tree_map_with_path(
+        lambda path, a: jnp.zeros_like(a) if path[-1].key == "expert_lora_b" and path[-2].key != "down_proj" else a,
+        params)
+    assert _rel(block.apply(down_only, x, lora_dropout=0.5, rngs=keys[0])[0], block.apply(down_only, x)[0]) > 1e-3
+
+
+def test_lora_dropout_draws_a_mask_per_slot(monkeypatch):
+    """One mask per (token, slot), as PEFT's per-LoRA dropout: a token's k rows into the gate
+    projection's LoRAs are dropped apart."""
+    import meteora_jax.mixlora as mixlora
+
+    inputs, product = [], mixlora.grouped_lora
+    monkeypatch.setattr(mixlora, "grouped_lora", lambda x, *a, **k: (inputs.append(x), product(x, *a, **k))[1])
+    x = jnp.asarray(_rng(7).standard_normal((6, D)), jnp.float32) + 10.0  # no zero element before dropout
+    params = _params(2, 8)
+    inputs.clear()  # (the init's own calls)
+    _block(2).apply(params, x, lora_dropout=0.5, rngs={"dropout": jax.random.key(3)})
+    kept = np.asarray(inputs[0]).reshape(6, 2, D) != 0  # the gate projection's LoRA input, [T, k, D]
+    assert np.any(kept[:, 0] != kept[:, 1]) and not kept.all()
 
 
 def test_top_k_out_of_range_is_refused():

@@ -10,7 +10,10 @@ import dataclasses
 import importlib.util
 import json
 import os
+import re
 import runpy
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -19,8 +22,9 @@ import optax
 import pytest
 from flax import traverse_util
 
-from conftest import quick_run_config
+from conftest import child_env, quick_run_config
 from meteora_jax import data as data_lib
+from meteora_jax import sharding as sharding_lib
 from meteora_jax import train as train_lib
 from meteora_jax.checkpoint import model_config_of, read_metadata, restore_checkpoint, save_checkpoint
 from meteora_jax.config import MixLoRAConfig, ModelConfig
@@ -230,6 +234,7 @@ def test_accumulation_weighs_the_balance_by_tokens(make_config, float32_matmuls)
     (value, balance), grads = jax.value_and_grad(by_hand, has_aux=True)(trainable)
     np.testing.assert_allclose(metrics["loss"], value, rtol=1e-5)
     np.testing.assert_allclose(metrics["balance_loss"], balance, rtol=1e-5)
+    np.testing.assert_array_equal(metrics["expert_tokens"], objective(trainable, batch)[1][1])  # loads: summed
     _check_update(state.gates, trainable, grads)
 
 
@@ -281,10 +286,12 @@ def test_lora_dropout_reaches_the_experts(make_config):
     model = LlamaForCausalLM(setup.model_config)
     trainable, frozen = split_params(setup.params)
     trainable, batch = _with_random_b(trainable), _batch(setup, 4)
-    plain = train_lib._loss_fn(model, 50.0, 2, lora_dropout=0.0, aux_coef=0.01)(trainable, frozen, batch)[0]
+    plain = train_lib._loss_fn(model, 50.0, 2, lora_dropout=0.0, aux_coef=0.01)
+    keyless = float(plain(trainable, frozen, batch)[0])
+    assert float(plain(trainable, frozen, batch, jax.random.PRNGKey(1))[0]) == keyless  # (no rng used)
     dropped = train_lib._loss_fn(model, 50.0, 2, lora_dropout=0.5, aux_coef=0.01)
     one, two = (float(dropped(trainable, frozen, batch, jax.random.PRNGKey(i))[0]) for i in (1, 2))
-    assert len({float(plain), one, two}) == 3
+    assert len({keyless, one, two}) == 3
 
 
 def test_a_resumed_run_matches_an_uninterrupted_one(make_config, tmp_path):
@@ -296,10 +303,10 @@ def test_a_resumed_run_matches_an_uninterrupted_one(make_config, tmp_path):
     resumed.train.steps = 6
     whole = make_config("whole", train=dict(steps=6), schedule=constant)
     states = []
-    for config in (resumed, whole):
+    for config, start in ((resumed, 3), (whole, None)):
         trainer = train_lib.Trainer(train_lib.prepare(config))
         try:
-            trainer.run()
+            assert trainer.run()["resumed_from"] == start
             states.append(_flat(trainer.state.gates))
         finally:
             trainer.close()
@@ -320,6 +327,9 @@ def test_resuming_over_other_task_folders_names_them(make_config, plain_world, t
     config.train.steps = 4
     with pytest.raises(train_lib.TrainError, match=r"trained on the tasks \['arith', 'reverse', 'shout'\]; data.root .* "
                                                    r"now holds .* \(added \['arith2'\], removed \[\]\)"):
+        train_lib.train(config)
+    shutil.rmtree(root / "shout")
+    with pytest.raises(train_lib.TrainError, match=r"\(added \['arith2'\], removed \['shout'\]\)"):
         train_lib.train(config)
 
 
@@ -350,9 +360,10 @@ def test_gates_and_experts_train_together(tmp_path, float32_matmuls):
     _check_update(state.gates, trainable, grads)
 
 
-def test_a_checkpoint_with_experts_trains_them(make_config, plain_world, tmp_path, no_compute):
-    """A checkpoint that has experts trains those (the config's model.mixlora may leave them off or name
-    the same ones, with its own top_k); a config asking for other experts is refused."""
+def test_a_checkpoint_with_experts_gives_them_to_the_run(make_config, plain_world, tmp_path, no_compute):
+    """A checkpoint that has experts gives the run those (the config's model.mixlora may leave them off
+    or name the same ones, with its own top_k); a config asking for other experts (another count, rank
+    or alpha) is refused."""
     metadata = read_metadata(plain_world.model)
     stored = model_config_of(plain_world.model, metadata).replace(mixlora=MixLoRAConfig(num_experts=3, rank=2))
     path = str(tmp_path / "with_experts")
@@ -368,6 +379,10 @@ def test_a_checkpoint_with_experts_trains_them(make_config, plain_world, tmp_pat
     with pytest.raises(train_lib.TrainError, match=r"has MixLoRA experts \(num_experts=3, rank=2, alpha=16.0\); "
                                                    r"model.mixlora asks for num_experts=4, rank=4, alpha=8.0"):
         train_lib.train(make_config(model_checkpoint=path))
+    for change in (dict(rank=4), dict(alpha=8.0)):
+        asked = make_config(model_checkpoint=path, model=dict(mixlora={"num_experts": 3, "rank": 2, "alpha": 16.0, **change}))
+        with pytest.raises(train_lib.TrainError, match=r"has MixLoRA experts \(num_experts=3, rank=2, alpha=16.0\)"):
+            train_lib.train(asked)
 
 
 def test_bad_mixlora_settings_are_refused(make_config, tmp_path, no_compute):
@@ -411,3 +426,58 @@ def test_an_export_with_broken_mixlora_settings_is_refused(make_config, plain_wo
     os.remove(settings_path)
     with pytest.raises(ValueError, match=r"hold MixLoRA experts, and .*settings.json, .* is missing"):
         load_for_inference(plain_world.model, gates_dir)
+
+
+def test_evaluate_weighs_every_eval_batch(make_config):
+    """The eval's expert shares are the loads summed over every eval batch, and its balance loss the
+    batches' values weighted by their unpadded tokens (not the last batch's, nor an equal mean)."""
+    trainer = train_lib.Trainer(train_lib.prepare(make_config(train=dict(eval_every=0, eval_batch_size=4))))
+    try:
+        got = trainer.evaluate()
+        loads, weighted, tokens = 0.0, 0.0, 0.0
+        for batch in data_lib.eval_batches(trainer.setup.eval_data, 4):
+            with trainer._context():
+                m = jax.device_get(trainer.eval_step(trainer.state.gates, trainer.frozen,
+                                                     sharding_lib.put_batch(batch, trainer.batch_sharding)))
+            loads = loads + m["expert_tokens"]
+            weighted += float(m["balance_loss"]) * float(m["router_tokens"])
+            tokens += float(m["router_tokens"])
+    finally:
+        trainer.close()
+    np.testing.assert_allclose([got[f"expert_share/{e}"] for e in range(4)], loads / loads.sum(), rtol=1e-6)
+    np.testing.assert_allclose(got["balance_loss"], weighted / tokens, rtol=1e-6)
+
+
+def test_a_checkpoint_lacking_a_base_leaf_is_refused(plain_world):
+    """Only MixLoRA's leaves may be new: a checkpoint without an FFN kernel would have trained over a
+    random frozen one."""
+    config = model_config_of(plain_world.model, read_metadata(plain_world.model))
+    stored = traverse_util.flatten_dict(jax.eval_shape(lambda: init_params(config, jax.random.key(0))))
+    del stored[("layers", "mlp", "up_proj", "kernel")]
+    with pytest.raises(train_lib.TrainError, match=r"lacks \['layers/mlp/up_proj/kernel'\]"):
+        train_lib._new_leaves(config.replace(mixlora=MixLoRAConfig(num_experts=2)), traverse_util.unflatten_dict(stored),
+                              "ckpt")
+
+
+def test_new_leaves_are_float32_over_a_bf16_model():
+    """They train in float32 (as the gates): made in bf16 they would start rounded."""
+    config = ModelConfig.from_dict(_config_file("mixlora_tiny").model).replace(param_dtype="bfloat16")
+    stored = jax.eval_shape(lambda: init_params(config.replace(mixlora=MixLoRAConfig()), jax.random.key(0)))
+    new = train_lib._new_leaves(config, stored, "ckpt")
+    one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    leaves = _flat(train_lib._init_new_leaves(config, new, jax.tree.map(lambda _: one_device, new), 0))
+    assert {k[-1] for k in leaves} == MIXLORA_LEAVES and all(v.dtype == np.float32 for v in leaves.values())
+
+
+def test_the_train_script_reports_the_lm_and_balance_losses(plain_world, tmp_path):
+    """scripts/train.py's last line, for a model without gates: the eval LM loss and balance loss."""
+    command = [sys.executable, os.path.join(REPO, "scripts", "train.py"),
+               f"--config={os.path.join(REPO, 'configs', 'mixlora_tiny.py')}", "--config.tiny_world=",
+               f"--config.model_checkpoint={plain_world.model}", f"--config.tokenizer={plain_world.tokenizer}",
+               f"--config.data.root={plain_world.data_root}", f"--config.workdir={tmp_path / 'run'}",
+               "--config.train.steps=1", "--config.train.eval_every=0", "--config.train.eval_max_batches=1",
+               "--config.logging.progress=False", "--config.logging.tensorboard=False"]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600, env=child_env())
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    last = proc.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"done at step 1, eval LM loss \d+\.\d{3}, balance loss \d+\.\d{3}; gates: .*gates", last), last
