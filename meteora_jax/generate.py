@@ -467,6 +467,7 @@ class Generator:
         )
         if "logits" in result:
             out.logits = np.asarray(result["logits"][:n, :max_new_tokens])
+
         def per_row(prompt_part, generated):  # each row's prompt (left-padded) and its generated tokens
             plen = prompt_part.shape[1]
             return [np.concatenate([prompt_part[b, plen - len(rows[b]) :], generated[b, : lengths[b]]]) for b in range(n)]
