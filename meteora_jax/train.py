@@ -209,14 +209,14 @@ def _check_train_config(config) -> None:
                f"config.workdir={config.workdir!r} lies inside config.data.root={config.data.root!r}: give it its own folder")
 
 
-def _runtime_model_config(stored: ModelConfig, model_section) -> ModelConfig:
-    """The checkpoint's architecture with the config's run-time choices (dtype, remat, routing),
-    and the config's MixLoRA experts over a checkpoint that has none (`_mixlora_of`)."""
+def _runtime_model_config(stored: ModelConfig, model_section, mixlora: MixLoRAConfig) -> ModelConfig:
+    """The checkpoint's architecture with the config's run-time choices (dtype, remat, routing)
+    and the run's MixLoRA experts (`_mixlora_of`)."""
     meteora = dataclasses.replace(
         stored.meteora, top_k=int(model_section.meteora.top_k), kernel_impl=str(model_section.meteora.kernel_impl)
     )
     return stored.replace(dtype=str(model_section.dtype), remat=str(model_section.remat), meteora=meteora,
-                          mixlora=_mixlora_of(stored.mixlora, model_section.mixlora))
+                          mixlora=mixlora)
 
 
 def _mixlora_of(stored: MixLoRAConfig, section) -> MixLoRAConfig:
@@ -297,7 +297,8 @@ def prepare(config) -> Setup:
     names = model_ckpt.adapter_names(metadata)
     L = stored_config.meteora.num_adapters
     _check(len(names) == L, f"model checkpoint {path!r}: metadata names {len(names)} adapters but it holds {L}")
-    experts = _mixlora_of(stored_config.mixlora, config.model.mixlora).num_experts
+    mixlora = _mixlora_of(stored_config.mixlora, config.model.mixlora)
+    experts = mixlora.num_experts
     ffn_adapters = [p for p in MLP_PROJECTIONS if stored_config.meteora.adapts(p)]
     _check(not (experts and ffn_adapters),
            f"model.mixlora puts experts on the FFN, where the adapters of model checkpoint {path!r} sit too "
@@ -308,7 +309,7 @@ def prepare(config) -> Setup:
     _check(not L or 1 <= top_k <= L,
            f"model.meteora.top_k={top_k} exceeds the checkpoint's {L} adapters (need 1 <= top_k <= {L})")
     try:
-        model_config = _runtime_model_config(stored_config, config.model)
+        model_config = _runtime_model_config(stored_config, config.model, mixlora)
     except ConfigError as e:
         raise TrainError(str(e)) from None
     # The mesh against the model's dimensions (abstract shapes only), before any data is tokenised.

@@ -101,12 +101,12 @@ def token_pieces(tokenizer, token_ids: Sequence[int]) -> list[str]:
 
 
 # What a picture's indices name: (the word, what its top-1 choices are counted across, the per-layer
-# heatmap's title: MixLoRA has one router per layer).
-_WHAT = {"adapter": ("adapter", "layers and projections", "majority adapter per layer"),
-         "expert": ("expert", "layers", "top-1 expert per layer")}
+# heatmap's title: MixLoRA has one router per layer, the HTML page's default title).
+_WHAT = {"adapter": ("adapter", "layers and projections", "majority adapter per layer", "MeteoRA routing"),
+         "expert": ("expert", "layers", "top-1 expert per layer", "MixLoRA routing")}
 
 
-def _words(what: str) -> tuple[str, str, str]:
+def _words(what: str) -> tuple[str, str, str, str]:
     if what not in _WHAT:
         raise ValueError(f"what={what!r}: choose one of {tuple(_WHAT)}")
     return _WHAT[what]
@@ -167,7 +167,7 @@ def routing_figure(
     layer's majority adapter. The colour bar and the legend sit in a column of their own, so the
     heatmaps share their width. A dashed line marks where the prompt ends. what="expert": the same
     for MixLoRA's experts (one router per layer)."""
-    word, across, per_layer = _words(what)
+    word, across, per_layer, _ = _words(what)
     # The object API with the Agg canvas: no pyplot state, works under any backend.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.colors import ListedColormap
@@ -247,8 +247,8 @@ def routing_html(
     defaults to "MeteoRA routing" ("MixLoRA routing" for what="expert"). Its styles apply only
     inside its `meteora-routing` block, so the page can also be shown inline (a notebook's
     `display(HTML(...))`) without restyling the host."""
-    word, across, _ = _words(what)
-    title = title or ("MeteoRA routing" if what == "adapter" else "MixLoRA routing")
+    word, across, _, default_title = _words(what)
+    title = title or default_title
     routing = _check(pieces, routing, adapter_names)
     L = len(adapter_names)
     shares = routing_shares(routing, L)
